@@ -1,0 +1,38 @@
+"""nnslim: make PyTorch models smaller and faster.
+
+Public API (everything else is implementation):
+
+* transforms: :class:`Prune`, :class:`Quantize`, :class:`Compose`, and the base
+  :class:`Transform` for your own;
+* :func:`profile` and :class:`Profile`;
+* :func:`save` and :func:`load`;
+* :class:`Report`.
+"""
+
+from ._version import __version__
+from .core.report import Report
+from .core.serialize import register_class
+from .core.transform import Compose, Context, Transform
+from .graph.trace import Graph, trace
+from .io.save import load, save
+from .profiling import Profile, profile, register_formula
+from .transforms.prune import Prune
+from .transforms.quantize import Quantize
+
+__all__ = [
+    "Compose",
+    "Context",
+    "Graph",
+    "Profile",
+    "Prune",
+    "Quantize",
+    "Report",
+    "Transform",
+    "__version__",
+    "load",
+    "profile",
+    "register_class",
+    "register_formula",
+    "save",
+    "trace",
+]

@@ -1,0 +1,211 @@
+"""Model inputs: the one form nnslim passes around, and running a model on them.
+
+``example_inputs`` and calibration batches may be given as a tensor, a tuple/list of tensors
+(positional arguments) or a dict of keyword tensors (Hugging Face models). :class:`Inputs`
+holds either form, moves between devices and calls the model.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["Inputs", "as_inputs", "calibration_batches", "run_model", "first_tensor"]
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """Positional and keyword arguments for one forward call."""
+
+    args: tuple[Any, ...] = ()
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def call(self, model: nn.Module) -> Any:
+        """Run ``model(*args, **kwargs)``."""
+        return model(*self.args, **self.kwargs)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """All tensors in the inputs, in order."""
+        return [t for t in _flatten(list(self.args) + list(self.kwargs.values()))]
+
+    def to(self, device: torch.device | str) -> Inputs:
+        """A copy with every tensor moved to ``device``."""
+        return Inputs(
+            tuple(_to(a, device) for a in self.args),
+            {k: _to(v, device) for k, v in self.kwargs.items()},
+        )
+
+    def as_tuple(self) -> tuple[Any, ...] | dict[str, Any]:
+        """The form torch-pruning and ``torch.export`` take."""
+        if self.kwargs and not self.args:
+            return dict(self.kwargs)
+        return self.args
+
+
+def _flatten(obj: Any) -> Iterator[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for o in obj:
+            yield from _flatten(o)
+    elif isinstance(obj, Mapping):
+        for o in obj.values():
+            yield from _flatten(o)
+
+
+def _to(obj: Any, device: torch.device | str) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to(o, device) for o in obj)
+    if isinstance(obj, Mapping):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def as_inputs(example_inputs: Any, *, what: str = "example_inputs") -> Inputs | None:
+    """Normalise user inputs to :class:`Inputs` (``None`` stays ``None``).
+
+    Raises:
+        TypeError: if ``example_inputs`` is not a tensor, tuple/list or dict.
+    """
+    if example_inputs is None:
+        return None
+    if isinstance(example_inputs, Inputs):
+        return example_inputs
+    if isinstance(example_inputs, torch.Tensor):
+        return Inputs((example_inputs,))
+    if isinstance(example_inputs, Mapping):
+        bad = [k for k in example_inputs if not isinstance(k, str)]
+        if bad:
+            raise TypeError(f"{what}: dict keys must be argument names (str), got {bad!r}.")
+        return Inputs((), dict(example_inputs))
+    if isinstance(example_inputs, (tuple, list)):
+        return Inputs(tuple(example_inputs))
+    if hasattr(example_inputs, "keys") and hasattr(example_inputs, "__getitem__"):
+        # transformers BatchEncoding and similar mappings
+        return Inputs((), {k: example_inputs[k] for k in example_inputs.keys()})
+    raise TypeError(
+        f"{what} must be a tensor, a tuple of tensors (positional arguments) or a dict of "
+        f"keyword tensors; got {type(example_inputs).__name__}. Wrap a single input as "
+        f"`torch.randn(1, 3, 224, 224)` or several as `(x, mask)`."
+    )
+
+
+def _positional_capacity(model: nn.Module) -> int | None:
+    """How many positional arguments ``model.forward`` takes (``None``: unbounded)."""
+    try:
+        sig = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return None
+    n = 0
+    for p in sig.parameters.values():
+        if p.kind is p.VAR_POSITIONAL:
+            return None
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            n += 1
+    return n
+
+
+def calibration_batches(model: nn.Module, calibration: Iterable[Any] | None) -> list[Inputs]:
+    """Turn calibration data into a list of :class:`Inputs`.
+
+    Each batch takes the forms of ``example_inputs``. A tuple longer than the model's
+    positional arguments is cut to fit, so a classification loader yielding ``(x, y)`` works
+    for a model whose forward takes only ``x``.
+
+    Raises:
+        TypeError: if ``calibration`` is not iterable or a batch has the wrong type.
+        ValueError: if ``calibration`` yields no batch.
+    """
+    if calibration is None:
+        return []
+    if isinstance(calibration, (torch.Tensor, Mapping)):
+        raise TypeError(
+            "calibration must be an iterable of batches (a DataLoader, a list of tensors, ...), "
+            f"got a single {type(calibration).__name__}. Wrap one batch as `[batch]`."
+        )
+    try:
+        it = iter(calibration)
+    except TypeError:
+        raise TypeError(
+            f"calibration must be an iterable of batches, got {type(calibration).__name__}."
+        ) from None
+    cap = _positional_capacity(model)
+    out = []
+    for i, batch in enumerate(it):
+        inp = as_inputs(batch, what=f"calibration batch {i}")
+        if inp is None:
+            raise TypeError(f"calibration batch {i} is None; every batch must hold inputs.")
+        if cap is not None and len(inp.args) > cap and not inp.kwargs:
+            inp = Inputs(inp.args[:cap])
+        out.append(inp)
+    if not out:
+        raise ValueError("calibration yielded no batch; pass at least one batch of inputs.")
+    return out
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU if it has none)."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def run_model(model: nn.Module, inputs: Inputs, *, what: str = "example_inputs") -> Any:
+    """Run the model once without gradients, turning failures into a clear error.
+
+    Raises:
+        ValueError: if the inputs live on another device than the model, or the forward fails.
+    """
+    dev = model_device(model)
+    for t in inputs.tensors():
+        if t.device.type != dev.type and dev.type != "meta":
+            raise ValueError(
+                f"{what} are on {t.device} but {type(model).__name__} is on {dev}; move them "
+                f"with `.to({str(dev)!r})`."
+            )
+    try:
+        with torch.no_grad():
+            return inputs.call(model)
+    except Exception as e:
+        shapes = [tuple(t.shape) for t in inputs.tensors()]
+        raise ValueError(
+            f"{type(model).__name__}.forward failed on {what} (tensor shapes {shapes}): "
+            f"{type(e).__name__}: {e}. Check that the inputs match what the model expects."
+        ) from e
+
+
+def first_tensor(output: Any) -> torch.Tensor | None:
+    """The main tensor of a model output: the tensor itself, ``.logits``, the first of a tuple."""
+    if isinstance(output, torch.Tensor):
+        return output
+    for name in ("logits", "last_hidden_state", "prediction_logits"):
+        t = getattr(output, name, None)
+        if isinstance(t, torch.Tensor):
+            return t
+    if isinstance(output, Mapping):
+        for v in output.values():
+            t = first_tensor(v)
+            if t is not None:
+                return t
+    if isinstance(output, (tuple, list)):
+        for v in output:
+            t = first_tensor(v)
+            if t is not None:
+                return t
+    return None
+
+
+def output_tensors(output: Any) -> list[torch.Tensor]:
+    """Every tensor in a model output (ModelOutput, tuple, dict), in order."""
+    if hasattr(output, "to_tuple") and callable(output.to_tuple):
+        output = output.to_tuple()
+    return list(_flatten(output))

@@ -1,0 +1,109 @@
+"""Snapshots that put a model back exactly as it was when a transform fails.
+
+A :class:`Snapshot` keeps every module's attribute dictionary (shallow copies of the parameter,
+buffer, child and hook tables, deep copies of plain attributes such as Hugging Face configs) and a
+handle on every parameter and buffer's storage. :meth:`Snapshot.restore` puts the same objects
+back, so references the user holds (an optimizer over ``model.parameters()``, a submodule) stay
+valid.
+
+Transforms that never write into existing tensors in place (all built-in ones) snapshot without
+copying weights. Others (``copy_tensors=True``, the default for user transforms) clone them.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["Snapshot"]
+
+
+class _TensorState:
+    __slots__ = ("alias", "clone", "grad", "obj", "requires_grad", "version")
+
+    def __init__(self, t: torch.Tensor, copy_tensors: bool) -> None:
+        self.obj = t
+        self.alias = t.detach()  # same storage, same version counter
+        self.version = self.alias._version
+        self.clone = t.detach().clone() if copy_tensors and t.device.type != "meta" else None
+        self.requires_grad = t.requires_grad
+        self.grad = t.grad if isinstance(t, nn.Parameter) else None
+
+
+class Snapshot:
+    """The state of ``model`` now, restorable in place.
+
+    Args:
+        model: the model to snapshot.
+        copy_tensors: clone every parameter and buffer (needed when the code that runs next may
+            write into them in place).
+    """
+
+    def __init__(self, model: nn.Module, *, copy_tensors: bool = True) -> None:
+        self.model = model
+        self.copy_tensors = copy_tensors
+        modules = list(model.modules())
+        tensors: dict[int, _TensorState] = {}
+        memo: dict[int, Any] = {}
+        for m in modules:
+            memo[id(m)] = m
+            for t in list(m._parameters.values()) + list(m._buffers.values()):
+                if t is not None and id(t) not in tensors:
+                    tensors[id(t)] = _TensorState(t, copy_tensors)
+                    memo[id(t)] = t
+        self._tensors = tensors
+        self._dicts: list[tuple[nn.Module, dict[str, Any]]] = []
+        for m in modules:
+            saved: dict[str, Any] = {}
+            for k, v in m.__dict__.items():
+                if isinstance(v, dict):
+                    saved[k] = v.copy()
+                elif isinstance(v, (nn.Module, torch.Tensor)) or callable(v):
+                    saved[k] = v
+                else:
+                    try:
+                        saved[k] = copy.deepcopy(v, memo)
+                    except Exception:
+                        saved[k] = v
+            self._dicts.append((m, saved))
+
+    def restore(self) -> None:
+        """Put every module, attribute, parameter and buffer back as it was.
+
+        Raises:
+            RuntimeError: if a tensor was modified in place and the snapshot holds no copy of it
+                (a transform declared ``_copy_on_snapshot = False`` but wrote in place).
+        """
+        for m, saved in self._dicts:
+            current = m.__dict__
+            for k in [k for k in current if k not in saved]:
+                del current[k]
+            for k, v in saved.items():
+                current[k] = v.copy() if isinstance(v, dict) else v
+        for st in self._tensors.values():
+            t = st.obj
+            if st.alias._version != st.version:
+                if st.clone is None:
+                    raise RuntimeError(
+                        "a tensor of the model was modified in place by a transform that "
+                        "promised not to, so it cannot be restored; this is a bug in that "
+                        "transform (set `_copy_on_snapshot = True` on it)."
+                    )
+                t.data = st.clone
+            elif (
+                t.data.untyped_storage().data_ptr() != st.alias.untyped_storage().data_ptr()
+                or t.shape != st.alias.shape
+                or t.dtype != st.alias.dtype
+                or t.stride() != st.alias.stride()
+            ):
+                t.data = st.alias
+            if isinstance(t, nn.Parameter):
+                t.requires_grad_(st.requires_grad)
+                t.grad = st.grad
+
+    @property
+    def tensor_objects(self) -> dict[int, torch.Tensor]:
+        return {k: st.obj for k, st in self._tensors.items()}

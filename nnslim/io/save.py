@@ -1,0 +1,225 @@
+"""``nnslim.save`` and ``nnslim.load``: safetensors weights plus the record of structural edits.
+
+The file is a single ``.safetensors`` file. Its metadata holds the JSON record of every
+transform applied (see :mod:`nnslim.io.record`); ``load`` replays the record on a freshly built
+base model, then loads the weights. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._version import __version__
+from ..core.snapshot import Snapshot
+from .atomic import atomic_path
+from .record import describe, fingerprint, replay
+
+__all__ = ["load", "save"]
+
+FORMAT = "nnslim/1"
+RECORD_ATTR = "_nnslim_record"
+
+
+def _record_of(model: nn.Module) -> dict[str, Any]:
+    rec = model.__dict__.get(RECORD_ATTR)
+    nested = [p for p, m in model.named_modules() if p and RECORD_ATTR in m.__dict__]
+    if nested:
+        raise ValueError(
+            f"transforms were applied to submodules {nested[:3]} rather than to the model being "
+            f"saved; save those submodules themselves, or apply the transforms to the whole model "
+            f"with `select=` to restrict them."
+        )
+    if rec is None:
+        return {"format": 1, "base": fingerprint(describe(model)), "entries": [], "unsaveable": ""}
+    return rec
+
+
+def save(model: nn.Module, path: str | os.PathLike[str]) -> None:
+    """Save a (compressed) model: weights in safetensors plus the record of its edits.
+
+    The write is atomic: the file at ``path`` is either the old one or the complete new one.
+
+    Args:
+        model: the model, as returned by transforms (or :func:`load`).
+        path: the file to write (conventionally ``*.safetensors``).
+
+    Raises:
+        TypeError: if ``model`` is not an ``nn.Module``.
+        ValueError: if a transform made a change that cannot be recorded (the message names it).
+
+    Example:
+        >>> import torch, nnslim, tempfile, os
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        >>> path = os.path.join(tempfile.mkdtemp(), "m.safetensors")
+        >>> nnslim.save(model, path)
+        >>> nnslim.load(path, torch.nn.Sequential(torch.nn.Linear(4, 4)))[0].weight.shape
+        torch.Size([4, 4])
+    """
+    from safetensors.torch import save_file
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"save: expected an nn.Module, got {type(model).__name__}.")
+    record = _record_of(model)
+    if record.get("unsaveable"):
+        raise ValueError(
+            f"this model cannot be saved with nnslim.save: {record['unsaveable']}. Save the "
+            f"state_dict instead, or register the module classes with nnslim.register_class."
+        )
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[Any, str] = {}
+    for name, t in model.state_dict().items():
+        if t.device.type == "meta":
+            raise ValueError(f"save: tensor {name!r} is on the meta device and holds no values.")
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        if key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = t.detach().to("cpu").contiguous()
+    metadata = {
+        "format": FORMAT,
+        "nnslim_version": __version__,
+        "record": json.dumps(record),
+        "aliases": json.dumps(aliases),
+    }
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def _read_header(path: str | os.PathLike[str]) -> dict[str, str]:
+    from safetensors import safe_open
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"load: no file at {os.fspath(path)!r}.")
+    try:
+        with safe_open(os.fspath(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:
+        raise ValueError(
+            f"load: {os.fspath(path)!r} is not a readable safetensors file ({e}); it may be "
+            f"truncated or corrupt."
+        ) from e
+    if meta.get("format") != FORMAT:
+        raise ValueError(
+            f"load: {os.fspath(path)!r} was not written by nnslim.save (format "
+            f"{meta.get('format')!r}, expected {FORMAT!r})."
+        )
+    return meta
+
+
+def _check_base(base: nn.Module, expected: dict[str, Any]) -> None:
+    got = fingerprint(describe(base))
+    problems = []
+    exp_m, got_m = expected.get("modules", {}), got["modules"]
+    missing = [p for p in exp_m if p not in got_m]
+    extra = [p for p in got_m if p not in exp_m]
+    retyped = [f"{p} ({got_m[p]} != {exp_m[p]})" for p in exp_m if p in got_m and got_m[p] != exp_m[p]]
+    exp_t, got_t = expected.get("tensors", {}), got["tensors"]
+    reshaped = [
+        f"{k} {got_t[k]} != {exp_t[k]}" for k in exp_t if k in got_t and got_t[k] != exp_t[k]
+    ]
+    missing_t = [k for k in exp_t if k not in got_t]
+    for label, items in (
+        ("modules missing from the base", missing),
+        ("modules the saved base did not have", extra),
+        ("modules of another type", retyped),
+        ("tensors of another shape", reshaped),
+        ("tensors missing from the base", missing_t),
+    ):
+        if items:
+            problems.append(f"{label}: {', '.join(items[:4])}" + (" ..." if len(items) > 4 else ""))
+    if problems:
+        raise ValueError(
+            "load: the base model does not match the one the file was made from; "
+            + "; ".join(problems)
+            + ". Build the base exactly as before compression (same class and config)."
+        )
+
+
+def load(
+    path: str | os.PathLike[str],
+    base: nn.Module,
+    *,
+    device: str | torch.device | None = None,
+) -> nn.Module:
+    """Rebuild a model saved with :func:`save` from a freshly built, uncompressed ``base``.
+
+    The record of edits is replayed on ``base`` (in place), then the weights are loaded. If
+    anything fails, ``base`` is left as it was.
+
+    Args:
+        path: the file written by :func:`save`.
+        base: a new instance of the original architecture (same class and config).
+        device: where to put the weights (default: the base's device).
+
+    Returns:
+        ``base``, now the compressed model.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: corrupt file, or a base that does not match (the message lists what
+            differs).
+    """
+    from safetensors.torch import load_file
+
+    if not isinstance(base, nn.Module):
+        raise TypeError(f"load: base must be an nn.Module, got {type(base).__name__}.")
+    meta = _read_header(path)
+    try:
+        record = json.loads(meta["record"])
+        aliases = json.loads(meta.get("aliases", "{}"))
+    except (KeyError, json.JSONDecodeError) as e:
+        raise ValueError(f"load: the record in {os.fspath(path)!r} is corrupt ({e}).") from e
+    _check_base(base, record.get("base", {}))
+    if device is None:
+        p = next(iter(base.parameters()), None)
+        device = p.device if p is not None and p.device.type != "meta" else torch.device("cpu")
+    snap = Snapshot(base, copy_tensors=False)
+    try:
+        for i, entry in enumerate(record.get("entries", [])):
+            try:
+                replay(base, entry["ops"], device=device)
+            except ValueError as e:
+                name = entry.get("transform", {}).get("_type", "?")
+                raise ValueError(f"load: replaying step {i} ({name}) failed: {e}") from e
+        try:
+            state = load_file(os.fspath(path), device=str(device))
+        except Exception as e:
+            raise ValueError(f"load: cannot read the weights in {os.fspath(path)!r}: {e}") from e
+        _load_state(base, state, aliases)
+    except BaseException:
+        snap.restore()
+        raise
+    base.__dict__[RECORD_ATTR] = record
+    return base
+
+
+def _load_state(model: nn.Module, state: dict[str, torch.Tensor], aliases: dict[str, str]) -> None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state and k not in aliases]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [
+        f"{k}: file {tuple(state[k].shape)} {state[k].dtype}, model {tuple(v.shape)} {v.dtype}"
+        for k, v in expected.items()
+        if k in state and (state[k].shape != v.shape)
+    ]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing from the file: {missing[:4]}")
+        if unexpected:
+            parts.append(f"not in the model: {unexpected[:4]}")
+        if wrong:
+            parts.append(f"shape differs: {wrong[:4]}")
+        raise ValueError("load: the weights do not fit the rebuilt model; " + "; ".join(parts))
+    meta_params = any(t.device.type == "meta" for t in expected.values())
+    full = dict(state)
+    for k, v in aliases.items():
+        full.setdefault(k, state[v])
+    model.load_state_dict(full, strict=True, assign=meta_params)

@@ -1,0 +1,80 @@
+"""Wall-clock latency: the median of repeated timed runs after warm-up."""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..core.inputs import Inputs
+
+__all__ = ["Latency", "measure_latency", "num_threads"]
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Latency statistics in milliseconds."""
+
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    runs: int
+    threads: int
+
+    def __str__(self) -> str:
+        return (
+            f"{self.median_ms:.3f} ms median (p10 {self.p10_ms:.3f}, p90 {self.p90_ms:.3f}; "
+            f"{self.runs} runs, {self.threads} threads)"
+        )
+
+
+@contextlib.contextmanager
+def num_threads(n: int | None) -> Iterator[int]:
+    """Temporarily set ``torch.set_num_threads`` (``None`` keeps the current setting)."""
+    old = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(old)
+
+
+def measure_latency(
+    model: nn.Module,
+    inputs: Inputs,
+    *,
+    warmup: int = 3,
+    repeat: int = 20,
+    threads: int | None = None,
+    min_time_s: float = 0.0,
+) -> Latency:
+    """Time ``model(*inputs)`` under ``torch.no_grad()``.
+
+    Args:
+        model: the model (its train/eval mode is left as it is).
+        inputs: the inputs.
+        warmup: untimed runs first.
+        repeat: timed runs (at least this many).
+        threads: torch intra-op threads for the measurement (``None``: current setting).
+        min_time_s: keep timing until this much time has passed (more runs for fast models).
+    """
+    times: list[float] = []
+    with num_threads(threads) as nt, torch.no_grad():
+        for _ in range(warmup):
+            inputs.call(model)
+        start = time.perf_counter()
+        while len(times) < repeat or (time.perf_counter() - start) < min_time_s:
+            t0 = time.perf_counter()
+            inputs.call(model)
+            times.append((time.perf_counter() - t0) * 1e3)
+            if len(times) > 100 * max(repeat, 1):
+                break
+    times.sort()
+    q = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
+    return Latency(statistics.median(times), q[0], q[-1], len(times), nt)

@@ -1,0 +1,446 @@
+"""``nnslim.profile``: FLOPs, MACs, parameters, bytes, memory and latency, per module."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core.inputs import Inputs, as_inputs, output_tensors, run_model
+from ..core.table import format_table, human
+from .counter import OpCounter, Tally
+from .latency import Latency, measure_latency
+
+__all__ = ["Comparison", "ModuleProfile", "Profile", "profile"]
+
+
+@dataclass
+class ModuleProfile:
+    """Figures for one module, its children included."""
+
+    path: str
+    type: str
+    macs: int = 0
+    other_flops: int = 0
+    params: int = 0
+    param_bytes: int = 0
+    calls: int = 0
+
+    @property
+    def flops(self) -> int:
+        """FLOPs of matrix work (``2 * macs``) plus the other FLOPs."""
+        return 2 * self.macs + self.other_flops
+
+
+@dataclass
+class Profile:
+    """The result of :func:`profile`.
+
+    Attributes:
+        macs: multiply-accumulates of matrix work (matmul, convolution, attention).
+        other_flops: FLOPs of everything else (pointwise, normalisation, softmax, pooling).
+        params: number of weights, tied weights counted once; packed and shared weights count
+            the weights they stand for.
+        param_bytes: bytes that hold the weights (packed storage at its real size).
+        buffer_bytes: bytes of other persistent buffers (BatchNorm statistics, masks...).
+        zero_params: weights equal to zero (in parameters of two or more dimensions).
+        peak_bytes: peak bytes of live tensors during one forward pass (parameters, buffers,
+            inputs, activations and temporaries), ``None`` if memory was not tracked.
+        static_bytes: bytes live before the forward (parameters, buffers, inputs).
+        backward_peak_bytes: peak during forward + backward, if requested.
+        backward_macs: MACs of the backward pass, if requested.
+        latency: latency statistics if requested.
+        modules: per-module figures (inclusive of children), keyed by path (``""`` is the model).
+        unsupported: operators without a cost formula, mapped to the modules that ran them;
+            they were counted as zero.
+    """
+
+    macs: int
+    other_flops: int
+    params: int
+    param_bytes: int
+    buffer_bytes: int
+    zero_params: int
+    peak_bytes: int | None
+    static_bytes: int
+    modules: dict[str, ModuleProfile] = field(default_factory=dict)
+    unsupported: dict[str, list[str]] = field(default_factory=dict)
+    latency: Latency | None = None
+    backward_macs: int | None = None
+    backward_peak_bytes: int | None = None
+
+    @property
+    def flops(self) -> int:
+        """All FLOPs: ``2 * macs + other_flops``."""
+        return 2 * self.macs + self.other_flops
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of weights (in tensors of two or more dimensions) that are zero."""
+        return self.zero_params / self.params if self.params else 0.0
+
+    @property
+    def activation_peak_bytes(self) -> int | None:
+        """Peak bytes above what was live before the forward."""
+        return None if self.peak_bytes is None else self.peak_bytes - self.static_bytes
+
+    def summary(self) -> dict[str, Any]:
+        """The headline figures as a flat dict."""
+        return {
+            "macs": self.macs,
+            "flops": self.flops,
+            "other_flops": self.other_flops,
+            "params": self.params,
+            "param_bytes": self.param_bytes,
+            "buffer_bytes": self.buffer_bytes,
+            "sparsity": self.sparsity,
+            "peak_bytes": self.peak_bytes,
+            "activation_peak_bytes": self.activation_peak_bytes,
+            "backward_macs": self.backward_macs,
+            "backward_peak_bytes": self.backward_peak_bytes,
+            "latency_ms": self.latency.median_ms if self.latency else None,
+            "threads": self.latency.threads if self.latency else None,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything, JSON-ready: the summary, the per-module tree and unsupported operators."""
+        return {
+            **self.summary(),
+            "latency": None
+            if self.latency is None
+            else {
+                "median_ms": self.latency.median_ms,
+                "p10_ms": self.latency.p10_ms,
+                "p90_ms": self.latency.p90_ms,
+                "runs": self.latency.runs,
+                "threads": self.latency.threads,
+            },
+            "modules": {
+                p: {
+                    "type": m.type,
+                    "macs": m.macs,
+                    "flops": m.flops,
+                    "other_flops": m.other_flops,
+                    "params": m.params,
+                    "param_bytes": m.param_bytes,
+                    "calls": m.calls,
+                }
+                for p, m in self.modules.items()
+            },
+            "unsupported": self.unsupported,
+        }
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    def table(self, depth: int = 1) -> str:
+        """The per-module breakdown down to ``depth`` levels below the model, as text."""
+        total = max(self.macs, 1)
+        rows = []
+        for path, m in self.modules.items():
+            d = 0 if path == "" else path.count(".") + 1
+            if d > depth:
+                continue
+            name = "  " * d + (path.rsplit(".", 1)[-1] if path else "(model)")
+            rows.append(
+                [
+                    name,
+                    m.type,
+                    human(m.params),
+                    human(m.macs),
+                    human(m.other_flops),
+                    f"{100 * m.macs / total:.1f}%",
+                ]
+            )
+        head = (
+            f"MACs {human(self.macs)}  FLOPs {human(self.flops)} (other {human(self.other_flops)})"
+            f"  params {human(self.params)}  weights {human(self.param_bytes, 'B')}"
+        )
+        if self.peak_bytes is not None:
+            head += f"  peak memory {human(self.peak_bytes, 'B')}"
+        if self.latency is not None:
+            head += f"\nlatency {self.latency}"
+        parts = [head, format_table(["module", "type", "params", "MACs", "other FLOPs", "MACs %"], rows)]
+        if self.unsupported:
+            ops = ", ".join(f"{op} (in {', '.join(p or '(model)' for p in paths[:3])})" for op, paths in self.unsupported.items())
+            parts.append(f"counted as zero (no formula): {ops}")
+        return "\n".join(parts)
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def compare(self, after: Profile) -> Comparison:
+        """Before/after ratios, with this profile as "before"."""
+        return Comparison(self, after)
+
+    def __sub__(self, other: Profile) -> Comparison:
+        return self.compare(other)
+
+
+_METRICS = [
+    ("MACs", "macs", ""),
+    ("FLOPs", "flops", ""),
+    ("params", "params", ""),
+    ("weight bytes", "param_bytes", "B"),
+    ("sparsity", "sparsity", ""),
+    ("peak memory", "peak_bytes", "B"),
+    ("latency ms", "latency_ms", ""),
+]
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Before/after figures of two profiles and their ratios (after / before)."""
+
+    before: Profile
+    after: Profile
+
+    def ratio(self, metric: str) -> float | None:
+        """``after / before`` for a summary metric (``"macs"``, ``"params"``, ``"param_bytes"``...)."""
+        b = self.before.summary().get(metric)
+        a = self.after.summary().get(metric)
+        if a is None or b is None or b == 0:
+            return None
+        return a / b
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            key: {
+                "before": self.before.summary()[key],
+                "after": self.after.summary()[key],
+                "ratio": self.ratio(key),
+            }
+            for _, key, _ in _METRICS
+        }
+
+    def table(self) -> str:
+        rows = []
+        for label, key, unit in _METRICS:
+            b = self.before.summary()[key]
+            a = self.after.summary()[key]
+            if a is None and b is None:
+                continue
+            if key == "sparsity":
+                rows.append([label, f"{b:.1%}", f"{a:.1%}", "-"])
+                continue
+            if key == "latency_ms":
+                fmt = (lambda v: "-" if v is None else f"{v:.3f}")
+            else:
+                fmt = (lambda v, u=unit: human(v, u))
+            r = self.ratio(key)
+            rows.append([label, fmt(b), fmt(a), "-" if r is None else f"{r:.3f}x"])
+        return format_table(["", "before", "after", "ratio"], rows)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put every module in eval mode, then restore each module's own flag."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, t in modes:
+            m.training = t
+
+
+def _storage_key(t: torch.Tensor) -> Any:
+    if t.device.type == "meta":
+        return ("meta", id(t))
+    st = t.untyped_storage()
+    return (t.device.type, st.data_ptr(), st.nbytes())
+
+
+def _weights(model: nn.Module) -> tuple[int, int, int, int, dict[str, tuple[int, int]]]:
+    """Params, param bytes, buffer bytes, zero weights; and per-module (params, bytes) own."""
+    seen: set[Any] = set()
+    params = pbytes = bbytes = zeros = 0
+    own: dict[str, tuple[int, int]] = {}
+    for path, m in model.named_modules():
+        weight_bufs = {}
+        info = getattr(m, "nnslim_weight_buffers", None)
+        if callable(info):
+            weight_bufs = info()
+        mp = mb = 0
+        for name, p in m._parameters.items():
+            if p is None:
+                continue
+            key = _storage_key(p)
+            if key in seen:
+                continue
+            seen.add(key)
+            nbytes = p.untyped_storage().nbytes() if p.device.type != "meta" else p.numel() * p.element_size()
+            mp += p.numel()
+            mb += nbytes
+            if p.dim() >= 2 and p.device.type != "meta":
+                zeros += int((p.detach() == 0).sum())
+        for name, b in m._buffers.items():
+            if b is None or name in m._non_persistent_buffers_set:
+                continue
+            key = _storage_key(b)
+            if key in seen:
+                continue
+            seen.add(key)
+            nbytes = b.numel() * b.element_size()
+            if name in weight_bufs:
+                mp += int(weight_bufs[name])
+                mb += nbytes
+            else:
+                bbytes += nbytes
+        zero_info = getattr(m, "nnslim_zero_weights", None)
+        if callable(zero_info):
+            zeros += int(zero_info())
+        params += mp
+        pbytes += mb
+        own[path] = (mp, mb)
+    return params, pbytes, bbytes, zeros, own
+
+
+def profile(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    latency: bool = False,
+    memory: bool = True,
+    backward: bool = False,
+    threads: int | None = None,
+    warmup: int = 3,
+    repeat: int = 20,
+) -> Profile:
+    """Profile one forward pass of ``model`` on ``example_inputs``.
+
+    MACs and FLOPs are counted at the dispatcher level, so functional code, ``@``, ``einsum``,
+    ``addmm`` (Hugging Face ``Conv1D``), grouped/depthwise convolutions and fused attention
+    kernels are all counted, with and without gradients. The model runs in eval mode (each
+    module's mode is restored afterwards).
+
+    Args:
+        model: any ``nn.Module``.
+        example_inputs: a tensor, tuple of tensors or dict of keyword tensors.
+        latency: also time the forward (median of ``repeat`` runs after ``warmup``).
+        memory: track the peak memory of live tensors during the forward.
+        backward: also run a backward pass (sum of floating outputs) and record its MACs and
+            the forward+backward memory peak.
+        threads: torch threads for the latency measurement (``None``: current setting).
+        warmup: untimed runs before timing.
+        repeat: timed runs.
+
+    Returns:
+        A :class:`Profile`.
+
+    Raises:
+        TypeError: if the inputs have the wrong type.
+        ValueError: if the forward fails on the inputs or they are on another device.
+
+    Example:
+        >>> import torch, nnslim
+        >>> p = nnslim.profile(torch.nn.Linear(64, 32), torch.randn(8, 64))
+        >>> p.macs, p.params
+        (16384, 2080)
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"profile: expected an nn.Module, got {type(model).__name__}.")
+    inputs = as_inputs(example_inputs)
+    if inputs is None:
+        raise TypeError("profile: example_inputs is required (a tensor, tuple or dict).")
+    params, pbytes, bbytes, zeros, own = _weights(model)
+    with eval_mode(model):
+        run_model(model, inputs)  # clear error if the forward fails; warms up lazy modules
+        counter = OpCounter(model, track_memory=memory)
+        state = list(model.parameters()) + list(model.buffers()) + inputs.tensors()
+        with counter, torch.no_grad():
+            counter.start_memory(state)
+            static = counter.memory.current if counter.memory else 0
+            inputs.call(model)
+        peak = counter.memory.peak if counter.memory else None
+        back_macs = back_peak = None
+        if backward:
+            back_macs, back_peak = _backward(model, inputs, memory)
+        lat = (
+            measure_latency(model, inputs, warmup=warmup, repeat=repeat, threads=threads)
+            if latency
+            else None
+        )
+    if not memory:
+        static = sum(t.untyped_storage().nbytes() for t in state if t.device.type != "meta")
+    modules, total_macs, total_other = _tree(model, counter.tallies, own)
+    unsupported: dict[str, list[str]] = {}
+    for path, tally in counter.tallies.items():
+        for op in tally.unsupported:
+            unsupported.setdefault(op, []).append(path)
+    return Profile(
+        macs=total_macs,
+        other_flops=total_other,
+        params=params,
+        param_bytes=pbytes,
+        buffer_bytes=bbytes,
+        zero_params=zeros,
+        peak_bytes=peak,
+        static_bytes=static,
+        modules=modules,
+        unsupported=unsupported,
+        latency=lat,
+        backward_macs=back_macs,
+        backward_peak_bytes=back_peak,
+    )
+
+
+def _backward(model: nn.Module, inputs: Inputs, memory: bool) -> tuple[int, int | None]:
+    counter = OpCounter(model, track_memory=memory)
+    state = list(model.parameters()) + list(model.buffers()) + inputs.tensors()
+    grads = [p.grad for p in model.parameters()]
+    with counter:
+        counter.start_memory(state)
+        with torch.enable_grad():
+            out = inputs.call(model)
+            loss = sum(t.float().sum() for t in output_tensors(out) if t.is_floating_point() and t.requires_grad)
+            counter.phase = "backward"
+            if isinstance(loss, torch.Tensor):
+                loss.backward()
+    for p, g in zip(model.parameters(), grads):
+        p.grad = g
+    return counter.backward.macs, (counter.memory.peak if counter.memory else None)
+
+
+def _tree(
+    model: nn.Module, tallies: dict[str, Tally], own: dict[str, tuple[int, int]]
+) -> tuple[dict[str, ModuleProfile], int, int]:
+    modules: dict[str, ModuleProfile] = {}
+    for path, m in model.named_modules():
+        mp, mb = own.get(path, (0, 0))
+        t = tallies.get(path)
+        modules[path] = ModuleProfile(
+            path,
+            type(m).__name__,
+            macs=t.macs if t else 0,
+            other_flops=t.other_flops if t else 0,
+            params=mp,
+            param_bytes=mb,
+            calls=t.calls if t else 0,
+        )
+    # costs charged to paths of shared modules that named_modules deduplicated
+    for path, t in tallies.items():
+        if path not in modules:
+            modules[path] = ModuleProfile(path, "?", t.macs, t.other_flops, 0, 0, t.calls)
+    # roll children up into parents (deepest first)
+    for path in sorted(modules, key=lambda p: -(p.count(".") + 1 if p else 0)):
+        if path == "":
+            continue
+        parent = path.rpartition(".")[0]
+        while parent not in modules and parent:
+            parent = parent.rpartition(".")[0]
+        pm, cm = modules[parent], modules[path]
+        pm.macs += cm.macs
+        pm.other_flops += cm.other_flops
+        pm.params += cm.params
+        pm.param_bytes += cm.param_bytes
+    root = modules[""]
+    return modules, root.macs, root.other_flops

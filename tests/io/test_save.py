@@ -1,0 +1,208 @@
+import dataclasses
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import nnslim
+from nnslim.testing import model_state
+from nnslim.testing.checks import _assert_same_state
+from tests.models import TinyCNN, TinyMLP
+
+
+class Block(nn.Module):
+    def __init__(self, d=8):
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+
+    def forward(self, x):
+        return x + torch.tanh(self.lin(x))
+
+
+class Stack(nn.Module):
+    def __init__(self, n=3, d=8):
+        super().__init__()
+        self.config = _Cfg(n_layers=n, hidden=d)
+        self.layers = nn.ModuleList(Block(d) for _ in range(n))
+        self.head = nn.Linear(d, 2)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+class _Cfg:
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+    def to_dict(self):
+        return dict(self.__dict__)
+
+
+@dataclasses.dataclass(frozen=True)
+class TieLayers(nnslim.Transform):
+    """Cross-layer sharing: every block uses block 0 (alias), and a config field changes."""
+
+    def _apply(self, model, ctx, report):
+        for i in range(1, len(model.layers)):
+            model.layers[i] = model.layers[0]
+            report.changed(f"layers.{i}", "tied", target="layers.0")
+        model.config.shared = True
+
+
+@dataclasses.dataclass(frozen=True)
+class TieWeights(nnslim.Transform):
+    """Parameter-level tying and a new buffer."""
+
+    def _apply(self, model, ctx, report):
+        model.layers[1].lin.weight = model.layers[0].lin.weight
+        model.layers[2].register_buffer("mask", torch.ones(8, dtype=torch.bool))
+        report.changed("layers.1.lin", "tied weight")
+        report.changed("layers.2", "mask")
+
+
+@dataclasses.dataclass(frozen=True)
+class WrapHead(nnslim.Transform):
+    """Moves an existing module inside a new container (recorded as a reference)."""
+
+    def _apply(self, model, ctx, report):
+        model.head = nn.Sequential(nn.LayerNorm(8), model.head)
+        report.changed("head", "wrapped")
+
+
+def _out(model, x):
+    model.eval()
+    with torch.no_grad():
+        return model(x)
+
+
+def test_plain_model_round_trip(tmp_path):
+    m = TinyMLP()
+    path = tmp_path / "m.safetensors"
+    nnslim.save(m, path)
+    m2 = nnslim.load(path, TinyMLP())
+    x = torch.randn(3, 16)
+    assert torch.equal(_out(m, x), _out(m2, x))
+
+
+@pytest.mark.parametrize("transform", [TieLayers(), TieWeights(), WrapHead()], ids=lambda t: type(t).__name__)
+def test_structural_edits_replay(tmp_path, transform):
+    torch.manual_seed(0)
+    m = Stack()
+    transform.apply(m)
+    x = torch.randn(4, 8)
+    path = tmp_path / "m.safetensors"
+    nnslim.save(m, path)
+    m2 = nnslim.load(path, Stack())
+    assert str(m2) == str(m)
+    assert torch.equal(_out(m, x), _out(m2, x))
+    if isinstance(transform, TieLayers):
+        assert m2.layers[2] is m2.layers[0]
+        assert m2.config.shared is True
+        assert nnslim.profile(m2, x).params == nnslim.profile(m, x).params
+    if isinstance(transform, TieWeights):
+        assert m2.layers[1].lin.weight is m2.layers[0].lin.weight
+        assert m2.layers[2].mask.dtype == torch.bool
+
+
+def test_tied_weights_are_stored_once(tmp_path):
+    import json
+
+    from safetensors import safe_open
+
+    m = Stack()
+    TieWeights().apply(m)
+    path = tmp_path / "a.safetensors"
+    nnslim.save(m, path)
+    with safe_open(str(path), "pt") as f:
+        keys = set(f.keys())
+        aliases = json.loads(f.metadata()["aliases"])
+    assert "layers.0.lin.weight" in keys and "layers.1.lin.weight" not in keys
+    assert aliases == {"layers.1.lin.weight": "layers.0.lin.weight"}
+
+
+def test_pruned_and_quantized_round_trip(tmp_path):
+    torch.manual_seed(0)
+    m = TinyCNN().eval()
+    x = torch.randn(2, 3, 16, 16)
+    nnslim.Compose([nnslim.Prune(ratio=0.5), nnslim.Quantize()]).apply(m, x)
+    path = tmp_path / "m.safetensors"
+    nnslim.save(m, path)
+    m2 = nnslim.load(path, TinyCNN())
+    assert torch.equal(_out(m, x), _out(m2, x))
+    # saved again after loading: the record travels
+    nnslim.save(m2, tmp_path / "again.safetensors")
+    m3 = nnslim.load(tmp_path / "again.safetensors", TinyCNN())
+    assert torch.equal(_out(m, x), _out(m3, x))
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "m.safetensors"
+    nnslim.save(TinyMLP(), path)
+    good = path.read_bytes()
+
+    import safetensors.torch
+
+    def crash(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        nnslim.save(TinyMLP(), path)
+    assert path.read_bytes() == good
+    assert sorted(os.listdir(tmp_path)) == ["m.safetensors"]
+
+
+def test_corrupt_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "m.safetensors"
+    nnslim.save(TinyMLP(), path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated or corrupt|cannot read the weights"):
+        nnslim.load(path, TinyMLP())
+    path.write_bytes(b"\x00" * 20)
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        nnslim.load(path, TinyMLP())
+
+
+def test_foreign_safetensors_file_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.ones(2)}, str(path))
+    with pytest.raises(ValueError, match="not written by nnslim.save"):
+        nnslim.load(path, TinyMLP())
+
+
+def test_mismatched_base_names_what_differs(tmp_path):
+    path = tmp_path / "m.safetensors"
+    nnslim.save(TinyMLP(hidden=32), path)
+    base = TinyMLP(hidden=24)
+    before = model_state(base)
+    with pytest.raises(ValueError, match=r"tensors of another shape: fc1.weight \[24, 16\] != \[32, 16\]"):
+        nnslim.load(path, base)
+    _assert_same_state(before, model_state(base), "after a failed load")
+    with pytest.raises(ValueError, match="modules missing from the base: fc1"):
+        nnslim.load(path, nn.Sequential(nn.Linear(16, 4)))
+
+
+def test_missing_file():
+    with pytest.raises(FileNotFoundError, match="no file at"):
+        nnslim.load("/nonexistent/m.safetensors", TinyMLP())
+
+
+def test_unrecordable_edit_refuses_to_save(tmp_path):
+    @dataclasses.dataclass(frozen=True)
+    class AddLambda(nnslim.Transform):
+        def _apply(self, model, ctx, report):
+            model.fc1.hook = lambda x: x
+            report.changed("fc1", "odd")
+
+    m = TinyMLP()
+    AddLambda().apply(m)
+    with pytest.raises(ValueError, match="cannot be saved with nnslim.save.*AddLambda.*hook"):
+        nnslim.save(m, tmp_path / "m.safetensors")

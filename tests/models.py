@@ -1,0 +1,31 @@
+"""Small models shared by the tests."""
+
+import torch
+
+
+class TinyMLP(torch.nn.Module):
+    def __init__(self, d_in=16, hidden=32, d_out=4):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(d_in, hidden)
+        self.act = torch.nn.ReLU()
+        self.fc2 = torch.nn.Linear(hidden, hidden)
+        self.fc3 = torch.nn.Linear(hidden, d_out)
+
+    def forward(self, x):
+        return self.fc3(self.act(self.fc2(self.act(self.fc1(x)))))
+
+
+class TinyCNN(torch.nn.Module):
+    def __init__(self, width=8, classes=5):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, width, 3, padding=1)
+        self.bn1 = torch.nn.BatchNorm2d(width)
+        self.conv2 = torch.nn.Conv2d(width, 2 * width, 3, padding=1)
+        self.bn2 = torch.nn.BatchNorm2d(2 * width)
+        self.pool = torch.nn.AdaptiveAvgPool2d(1)
+        self.fc = torch.nn.Linear(2 * width, classes)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.fc(self.pool(x).flatten(1))
