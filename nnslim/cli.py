@@ -17,7 +17,9 @@ __all__ = ["main"]
 def _load_factory(spec: str) -> Any:
     mod, sep, name = spec.partition(":")
     if not sep or not mod or not name:
-        raise SystemExit(f"nnslim: expected MODULE:FACTORY (like torchvision.models:resnet18), got {spec!r}")
+        raise SystemExit(
+            f"nnslim: expected MODULE:FACTORY (like torchvision.models:resnet18), got {spec!r}"
+        )
     try:
         obj = importlib.import_module(mod)
     except ImportError as e:
@@ -33,16 +35,25 @@ def _shape(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(s) for s in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a comma-separated shape like 1,3,224,224, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated shape like 1,3,224,224, got {text!r}"
+        ) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="nnslim", description="Make PyTorch models smaller and faster.")
+    parser = argparse.ArgumentParser(
+        prog="nnslim", description="Make PyTorch models smaller and faster."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("demo", help="train, compress and compare a small CNN on scikit-learn digits")
     p = sub.add_parser("profile", help="profile a model built by MODULE:FACTORY")
-    p.add_argument("factory", help="MODULE:FACTORY, called with no arguments (e.g. torchvision.models:resnet18)")
-    p.add_argument("--input-shape", type=_shape, default=(1, 3, 224, 224), help="example input shape")
+    p.add_argument(
+        "factory",
+        help="MODULE:FACTORY, called with no arguments (e.g. torchvision.models:resnet18)",
+    )
+    p.add_argument(
+        "--input-shape", type=_shape, default=(1, 3, 224, 224), help="example input shape"
+    )
     p.add_argument("--depth", type=int, default=1, help="module tree depth in the table")
     p.add_argument("--latency", action="store_true", help="also measure latency")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")

@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .core.inputs import Inputs
 from .core.table import format_table, human
 from .io.save import save
 from .profiling import measure_latency, profile
-from .core.inputs import Inputs
 from .transforms.prune import Prune
 from .transforms.quantize import Quantize
 
@@ -47,7 +47,9 @@ class DigitsCNN(nn.Module):
             nn.AdaptiveAvgPool2d(1),
             nn.Flatten(),
         )
-        self.classifier = nn.Sequential(nn.Linear(4 * width, 128), nn.ReLU(), nn.Linear(128, classes))
+        self.classifier = nn.Sequential(
+            nn.Linear(4 * width, 128), nn.ReLU(), nn.Linear(128, classes)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
@@ -150,7 +152,15 @@ def main(print_fn: Callable[[str], None] = print, epochs: int = 12) -> list[dict
 
     base = rows[0]
     table = format_table(
-        ["model", "accuracy", "params", "MACs", "size on disk", "latency (bs 64, 1 thread)", "vs baseline"],
+        [
+            "model",
+            "accuracy",
+            "params",
+            "MACs",
+            "size on disk",
+            "latency (bs 64, 1 thread)",
+            "vs baseline",
+        ],
         [
             [
                 r["model"],
@@ -168,8 +178,10 @@ def main(print_fn: Callable[[str], None] = print, epochs: int = 12) -> list[dict
         title="\nnnslim demo: before/after",
     )
     print_fn(table)
-    print_fn(f"\n(done in {time.perf_counter() - t0:.1f} s, torch {torch.__version__}, "
-             f"{torch.get_num_threads()} threads)")
+    print_fn(
+        f"\n(done in {time.perf_counter() - t0:.1f} s, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads)"
+    )
     return rows
 
 

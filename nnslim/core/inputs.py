@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["Inputs", "as_inputs", "calibration_batches", "run_model", "first_tensor"]
+__all__ = ["Inputs", "as_inputs", "calibration_batches", "first_tensor", "run_model"]
 
 
 @dataclass(frozen=True)

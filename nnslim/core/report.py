@@ -123,8 +123,10 @@ class Report:
 
     def table(self, max_rows: int = 40) -> str:
         """A readable summary: profile before/after, then changed and skipped modules."""
-        parts = [f"{self.transform}: {len(self.all_changes())} modules changed, "
-                 f"{len(self.all_skips())} left alone"]
+        parts = [
+            f"{self.transform}: {len(self.all_changes())} modules changed, "
+            f"{len(self.all_skips())} left alone"
+        ]
         if self.before is not None and self.after is not None:
             parts.append(self.before.compare(self.after).table())
         for step in self.steps:

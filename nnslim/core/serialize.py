@@ -148,7 +148,9 @@ def decode_tagged(data: dict[str, Any]) -> Any:
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(raw) - fields)
     if unknown:
-        raise ValueError(f"{name} JSON has unknown fields {unknown}; expected some of {sorted(fields)}")
+        raise ValueError(
+            f"{name} JSON has unknown fields {unknown}; expected some of {sorted(fields)}"
+        )
     return cls(**{k: decode_value(v) for k, v in raw.items()})
 
 

@@ -11,7 +11,9 @@ def _owner(owner: str, name: str) -> str:
     return f"{owner}({name}=...)" if owner else name
 
 
-def check_type(owner: str, name: str, value: Any, types: type | tuple[type, ...], hint: str = "") -> None:
+def check_type(
+    owner: str, name: str, value: Any, types: type | tuple[type, ...], hint: str = ""
+) -> None:
     """Raise ``TypeError`` unless ``value`` is an instance of ``types``."""
     if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
         ok = False
@@ -53,7 +55,15 @@ def check_fraction(
     return v
 
 
-def check_int(owner: str, name: str, value: Any, *, low: int | None = None, high: int | None = None, hint: str = "") -> int:
+def check_int(
+    owner: str,
+    name: str,
+    value: Any,
+    *,
+    low: int | None = None,
+    high: int | None = None,
+    hint: str = "",
+) -> int:
     """Check an integer in ``[low, high]``."""
     check_type(owner, name, value, int)
     if (low is not None and value < low) or (high is not None and value > high):

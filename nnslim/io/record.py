@@ -26,7 +26,7 @@ from torch import nn
 
 from ..core.serialize import class_path, lookup_class
 
-__all__ = ["ModuleState", "describe", "diff", "replay", "fingerprint", "NotRecordable"]
+__all__ = ["ModuleState", "NotRecordable", "describe", "diff", "fingerprint", "replay"]
 
 _SKIP_ATTRS = {"training", "_nnslim_record", "_is_hf_initialized"}
 
@@ -370,7 +370,9 @@ def _apply_update(model: nn.Module, m: nn.Module, upd: dict[str, Any], device: A
         setattr(cfg, k, _decode_simple(v))
 
 
-def _build(model: nn.Module, spec: dict[str, Any], refs: dict[str, nn.Module], device: Any) -> nn.Module:
+def _build(
+    model: nn.Module, spec: dict[str, Any], refs: dict[str, nn.Module], device: Any
+) -> nn.Module:
     if "ref" in spec:
         m = refs.get(spec["ref"])
         if m is None:

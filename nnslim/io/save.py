@@ -76,7 +76,13 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> None:
     for name, t in model.state_dict().items():
         if t.device.type == "meta":
             raise ValueError(f"save: tensor {name!r} is on the meta device and holds no values.")
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        key = (
+            t.untyped_storage().data_ptr(),
+            t.storage_offset(),
+            tuple(t.shape),
+            t.stride(),
+            t.dtype,
+        )
         if key in seen:
             aliases[name] = seen[key]
             continue
@@ -119,7 +125,9 @@ def _check_base(base: nn.Module, expected: dict[str, Any]) -> None:
     exp_m, got_m = expected.get("modules", {}), got["modules"]
     missing = [p for p in exp_m if p not in got_m]
     extra = [p for p in got_m if p not in exp_m]
-    retyped = [f"{p} ({got_m[p]} != {exp_m[p]})" for p in exp_m if p in got_m and got_m[p] != exp_m[p]]
+    retyped = [
+        f"{p} ({got_m[p]} != {exp_m[p]})" for p in exp_m if p in got_m and got_m[p] != exp_m[p]
+    ]
     exp_t, got_t = expected.get("tensors", {}), got["tensors"]
     reshaped = [
         f"{k} {got_t[k]} != {exp_t[k]}" for k in exp_t if k in got_t and got_t[k] != exp_t[k]

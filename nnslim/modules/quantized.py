@@ -89,7 +89,8 @@ class Int8Linear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        bias = self.bias is not None
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={bias}"
 
 
 class Int8Conv2d(nn.Module):
@@ -158,6 +159,13 @@ class Int8Conv2d(nn.Module):
 
     def dequantize(self) -> torch.Tensor:
         return self.qweight.float() * self.scale.view(-1, 1, 1, 1)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}, groups={self.groups}, "
+            f"bias={self.bias is not None}"
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.dequantize().to(x.dtype)

@@ -48,7 +48,9 @@ class Profile:
             the weights they stand for.
         param_bytes: bytes that hold the weights (packed storage at its real size).
         buffer_bytes: bytes of other persistent buffers (BatchNorm statistics, masks...).
-        zero_params: weights equal to zero (in parameters of two or more dimensions).
+        zero_params: weights equal to zero, in weight tensors (two or more dimensions, packed
+            weights included).
+        weight_count: number of weights in those tensors (the denominator of ``sparsity``).
         peak_bytes: peak bytes of live tensors during one forward pass (parameters, buffers,
             inputs, activations and temporaries), ``None`` if memory was not tracked.
         static_bytes: bytes live before the forward (parameters, buffers, inputs).
@@ -66,6 +68,7 @@ class Profile:
     param_bytes: int
     buffer_bytes: int
     zero_params: int
+    weight_count: int
     peak_bytes: int | None
     static_bytes: int
     modules: dict[str, ModuleProfile] = field(default_factory=dict)
@@ -82,7 +85,7 @@ class Profile:
     @property
     def sparsity(self) -> float:
         """Fraction of weights (in tensors of two or more dimensions) that are zero."""
-        return self.zero_params / self.params if self.params else 0.0
+        return self.zero_params / self.weight_count if self.weight_count else 0.0
 
     @property
     def activation_peak_bytes(self) -> int | None:
@@ -165,9 +168,15 @@ class Profile:
             head += f"  peak memory {human(self.peak_bytes, 'B')}"
         if self.latency is not None:
             head += f"\nlatency {self.latency}"
-        parts = [head, format_table(["module", "type", "params", "MACs", "other FLOPs", "MACs %"], rows)]
+        parts = [
+            head,
+            format_table(["module", "type", "params", "MACs", "other FLOPs", "MACs %"], rows),
+        ]
         if self.unsupported:
-            ops = ", ".join(f"{op} (in {', '.join(p or '(model)' for p in paths[:3])})" for op, paths in self.unsupported.items())
+            ops = ", ".join(
+                f"{op} (in {', '.join(p or '(model)' for p in paths[:3])})"
+                for op, paths in self.unsupported.items()
+            )
             parts.append(f"counted as zero (no formula): {ops}")
         return "\n".join(parts)
 
@@ -201,7 +210,7 @@ class Comparison:
     after: Profile
 
     def ratio(self, metric: str) -> float | None:
-        """``after / before`` for a summary metric (``"macs"``, ``"params"``, ``"param_bytes"``...)."""
+        """``after / before`` for a summary metric (``"macs"``, ``"params"``, ...)."""
         b = self.before.summary().get(metric)
         a = self.after.summary().get(metric)
         if a is None or b is None or b == 0:
@@ -228,16 +237,20 @@ class Comparison:
             if key == "sparsity":
                 rows.append([label, f"{b:.1%}", f"{a:.1%}", "-"])
                 continue
-            if key == "latency_ms":
-                fmt = (lambda v: "-" if v is None else f"{v:.3f}")
-            else:
-                fmt = (lambda v, u=unit: human(v, u))
             r = self.ratio(key)
-            rows.append([label, fmt(b), fmt(a), "-" if r is None else f"{r:.3f}x"])
+            rows.append(
+                [label, _fmt(b, key, unit), _fmt(a, key, unit), "-" if r is None else f"{r:.3f}x"]
+            )
         return format_table(["", "before", "after", "ratio"], rows)
 
     def __str__(self) -> str:
         return self.table()
+
+
+def _fmt(value: Any, key: str, unit: str) -> str:
+    if key == "latency_ms":
+        return "-" if value is None else f"{value:.3f}"
+    return human(value, unit)
 
 
 @contextlib.contextmanager
@@ -259,10 +272,10 @@ def _storage_key(t: torch.Tensor) -> Any:
     return (t.device.type, st.data_ptr(), st.nbytes())
 
 
-def _weights(model: nn.Module) -> tuple[int, int, int, int, dict[str, tuple[int, int]]]:
-    """Params, param bytes, buffer bytes, zero weights; and per-module (params, bytes) own."""
+def _weights(model: nn.Module) -> tuple[int, int, int, int, int, dict[str, tuple[int, int]]]:
+    """Params, param bytes, buffer bytes, zero weights, weight count; per-module own figures."""
     seen: set[Any] = set()
-    params = pbytes = bbytes = zeros = 0
+    params = pbytes = bbytes = zeros = wcount = 0
     own: dict[str, tuple[int, int]] = {}
     for path, m in model.named_modules():
         weight_bufs = {}
@@ -270,18 +283,24 @@ def _weights(model: nn.Module) -> tuple[int, int, int, int, dict[str, tuple[int,
         if callable(info):
             weight_bufs = info()
         mp = mb = 0
-        for name, p in m._parameters.items():
+        for p in m._parameters.values():
             if p is None:
                 continue
             key = _storage_key(p)
             if key in seen:
                 continue
             seen.add(key)
-            nbytes = p.untyped_storage().nbytes() if p.device.type != "meta" else p.numel() * p.element_size()
+            nbytes = (
+                p.untyped_storage().nbytes()
+                if p.device.type != "meta"
+                else p.numel() * p.element_size()
+            )
             mp += p.numel()
             mb += nbytes
-            if p.dim() >= 2 and p.device.type != "meta":
-                zeros += int((p.detach() == 0).sum())
+            if p.dim() >= 2:
+                wcount += p.numel()
+                if p.device.type != "meta":
+                    zeros += int((p.detach() == 0).sum())
         for name, b in m._buffers.items():
             if b is None or name in m._non_persistent_buffers_set:
                 continue
@@ -292,6 +311,7 @@ def _weights(model: nn.Module) -> tuple[int, int, int, int, dict[str, tuple[int,
             nbytes = b.numel() * b.element_size()
             if name in weight_bufs:
                 mp += int(weight_bufs[name])
+                wcount += int(weight_bufs[name])
                 mb += nbytes
             else:
                 bbytes += nbytes
@@ -301,7 +321,7 @@ def _weights(model: nn.Module) -> tuple[int, int, int, int, dict[str, tuple[int,
         params += mp
         pbytes += mb
         own[path] = (mp, mb)
-    return params, pbytes, bbytes, zeros, own
+    return params, pbytes, bbytes, zeros, wcount, own
 
 
 def profile(
@@ -351,7 +371,7 @@ def profile(
     inputs = as_inputs(example_inputs)
     if inputs is None:
         raise TypeError("profile: example_inputs is required (a tensor, tuple or dict).")
-    params, pbytes, bbytes, zeros, own = _weights(model)
+    params, pbytes, bbytes, zeros, wcount, own = _weights(model)
     with eval_mode(model):
         run_model(model, inputs)  # clear error if the forward fails; warms up lazy modules
         counter = OpCounter(model, track_memory=memory)
@@ -383,6 +403,7 @@ def profile(
         param_bytes=pbytes,
         buffer_bytes=bbytes,
         zero_params=zeros,
+        weight_count=wcount,
         peak_bytes=peak,
         static_bytes=static,
         modules=modules,
@@ -401,7 +422,11 @@ def _backward(model: nn.Module, inputs: Inputs, memory: bool) -> tuple[int, int 
         counter.start_memory(state)
         with torch.enable_grad():
             out = inputs.call(model)
-            loss = sum(t.float().sum() for t in output_tensors(out) if t.is_floating_point() and t.requires_grad)
+            loss = sum(
+                t.float().sum()
+                for t in output_tensors(out)
+                if t.is_floating_point() and t.requires_grad
+            )
             counter.phase = "backward"
             if isinstance(loss, torch.Tensor):
                 loss.backward()

@@ -40,8 +40,8 @@ __all__ = [
     "check_report_complete",
     "check_save_load",
     "check_transform",
-    "parametrize_with_checks",
     "model_state",
+    "parametrize_with_checks",
 ]
 
 
@@ -96,7 +96,12 @@ def model_state(model: nn.Module) -> dict[str, Any]:
         if cfg is not None and hasattr(cfg, "to_dict"):
             attrs["config"] = json.dumps(cfg.to_dict(), sort_keys=True, default=str)
         tensors = {
-            name: (id(t), tuple(t.shape), t.dtype, t.detach().clone() if t.device.type != "meta" else None)
+            name: (
+                id(t),
+                tuple(t.shape),
+                t.dtype,
+                t.detach().clone() if t.device.type != "meta" else None,
+            )
             for name, t in list(m._parameters.items()) + list(m._buffers.items())
             if t is not None
         }
@@ -125,12 +130,22 @@ def _assert_same_state(before: dict[str, Any], after: dict[str, Any], what: str)
                 f"{what}: {name}.{t} changed from {bshape} {bdtype} to {ashape} {adtype}"
             )
             if bval is not None:
-                assert torch.equal(aval, bval), f"{what}: values of {name}.{t} changed"
+                assert _same_values(aval, bval), f"{what}: values of {name}.{t} changed"
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if torch.equal(a, b):
+        return True
+    if a.is_floating_point() and a.shape == b.shape:
+        return bool(((a == b) | (a.isnan() & b.isnan())).all())
+    return False
 
 
 def _dict_diff(b: dict[str, Any], a: dict[str, Any]) -> str:
     keys = sorted(set(a) | set(b))
-    return ", ".join(f"{k}: {b.get(k)!r} -> {a.get(k)!r}" for k in keys if a.get(k) != b.get(k))[:300]
+    return ", ".join(f"{k}: {b.get(k)!r} -> {a.get(k)!r}" for k in keys if a.get(k) != b.get(k))[
+        :300
+    ]
 
 
 # -- the checks ---------------------------------------------------------------------------------

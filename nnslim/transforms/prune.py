@@ -68,10 +68,13 @@ class Prune(Transform):
 
     def __post_init__(self) -> None:
         given = [n for n in ("ratio", "macs", "params") if getattr(self, n) is not None]
-        if len(given) != 1:
+        sel = normalize_selector(self.select)
+        per_module = sel is not None and all(v is not None for _, v in sel)
+        if len(given) > 1 or (not given and not per_module):
             raise ValueError(
-                f"Prune: give exactly one of ratio=, macs=, params= (got {given or 'none'}); "
-                f"for example Prune(ratio=0.3) or Prune(macs=0.5)."
+                f"Prune: give exactly one of ratio=, macs=, params= (got {given or 'none'}), or "
+                f"per-module ratios as select={{name: ratio}}; for example Prune(ratio=0.3) or "
+                f"Prune(macs=0.5)."
             )
         if self.ratio is not None:
             check_fraction("Prune", "ratio", self.ratio)
@@ -84,7 +87,6 @@ class Prune(Transform):
         if self.round_to is not None:
             check_int("Prune", "round_to", self.round_to, low=1)
         check_int("Prune", "steps", self.steps, low=1, high=1000)
-        sel = normalize_selector(self.select)
         if sel is not None:
             for key, v in sel:
                 if v is not None:
@@ -103,7 +105,7 @@ class Prune(Transform):
         for p in list(chosen):
             if p in outputs and not explicit:
                 del chosen[p]
-        for p, m in eligible:
+        for p, _ in eligible:
             if p in outputs and p not in chosen:
                 report.skipped(p, "produces the model output (its channels are the output's)")
             elif p not in chosen:
@@ -114,7 +116,7 @@ class Prune(Transform):
                 "the model output or was excluded."
             )
         before = {p: (shape_of(m), _shapes(m)) for p, m in model.named_modules()}
-        if self.ratio is not None or all(v is not None for v in chosen.values()):
+        if self.macs is None and self.params is None:
             ratio = self.ratio or 0.0
             self._prune(model, inputs, chosen, ratio)
         else:

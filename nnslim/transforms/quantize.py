@@ -60,12 +60,10 @@ class Quantize(Transform):
 
     def _apply(self, model: nn.Module, ctx: Context, report: Report) -> None:
         eligible = [
-            (p, m)
-            for p, m in model.named_modules()
-            if type(m) in (nn.Linear, nn.Conv2d) and p
+            (p, m) for p, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d) and p
         ]
         chosen = dict(self.resolve(model, self.select, self.exclude, eligible=eligible))
-        for p, m in eligible:
+        for p, _ in eligible:
             if p not in chosen:
                 report.skipped(p, "not selected")
         for p, m in model.named_modules():
@@ -85,4 +83,6 @@ class Quantize(Transform):
         for path, q in new.items():
             old = model.get_submodule(path)
             _set_module(model, path, q)
-            report.changed(path, "quantized", shape_of(old), shape_of(q), bits=8, scheme=self.scheme)
+            report.changed(
+                path, "quantized", shape_of(old), shape_of(q), bits=8, scheme=self.scheme
+            )

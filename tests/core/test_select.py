@@ -30,7 +30,9 @@ def test_exclude_removes():
 
 
 def test_unknown_name_suggests_close_match():
-    with pytest.raises(ValueError, match=r"no module named 'conv3'.*Did you mean \['conv2', 'conv1'\]"):
+    with pytest.raises(
+        ValueError, match=r"no module named 'conv3'.*Did you mean \['conv2', 'conv1'\]"
+    ):
         _resolve(TinyCNN(), "conv3")
 
 

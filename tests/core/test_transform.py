@@ -19,9 +19,11 @@ class ScaleBias(nnslim.Transform):
     select: Any = nn.Linear
 
     def _apply(self, model, ctx, report):
-        for path, _ in self.resolve(model, self.select, eligible=[
-            (p, m) for p, m in model.named_modules() if isinstance(m, nn.Linear)
-        ]):
+        for path, _ in self.resolve(
+            model,
+            self.select,
+            eligible=[(p, m) for p, m in model.named_modules() if isinstance(m, nn.Linear)],
+        ):
             m = model.get_submodule(path)
             m.bias = nn.Parameter(m.bias.detach() * self.factor)
             report.changed(path, "scaled bias", factor=self.factor)
@@ -178,7 +180,9 @@ def test_report_to_dict_is_json(cnn):
     d = json.loads(report.to_json())
     assert d["transform"] == "Prune"
     assert {c["path"] for c in d["changes"]} >= {"conv1", "bn1", "conv2"}
-    assert d["skips"] == [{"path": "fc", "reason": "produces the model output (its channels are the output's)"}]
+    assert d["skips"] == [
+        {"path": "fc", "reason": "produces the model output (its channels are the output's)"}
+    ]
     assert d["after"]["macs"] < d["before"]["macs"]
 
 

@@ -87,7 +87,9 @@ def test_plain_model_round_trip(tmp_path):
     assert torch.equal(_out(m, x), _out(m2, x))
 
 
-@pytest.mark.parametrize("transform", [TieLayers(), TieWeights(), WrapHead()], ids=lambda t: type(t).__name__)
+@pytest.mark.parametrize(
+    "transform", [TieLayers(), TieWeights(), WrapHead()], ids=lambda t: type(t).__name__
+)
 def test_structural_edits_replay(tmp_path, transform):
     torch.manual_seed(0)
     m = Stack()
@@ -183,7 +185,9 @@ def test_mismatched_base_names_what_differs(tmp_path):
     nnslim.save(TinyMLP(hidden=32), path)
     base = TinyMLP(hidden=24)
     before = model_state(base)
-    with pytest.raises(ValueError, match=r"tensors of another shape: fc1.weight \[24, 16\] != \[32, 16\]"):
+    with pytest.raises(
+        ValueError, match=r"tensors of another shape: fc1.weight \[24, 16\] != \[32, 16\]"
+    ):
         nnslim.load(path, base)
     _assert_same_state(before, model_state(base), "after a failed load")
     with pytest.raises(ValueError, match="modules missing from the base: fc1"):

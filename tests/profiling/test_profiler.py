@@ -1,0 +1,247 @@
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import nnslim
+from nnslim.modules.quantized import Int8Linear
+from nnslim.profiling.counter import OpCounter
+from tests.models import TinyCNN
+
+
+def macs_of(module, *inputs, grad=False):
+    module.eval()
+    counter = OpCounter(module)
+    with torch.set_grad_enabled(grad), counter:
+        module(*inputs)
+    return sum(t.macs for t in counter.tallies.values())
+
+
+def test_linear_exact():
+    p = nnslim.profile(nn.Linear(64, 32), torch.randn(8, 64))
+    assert p.macs == 8 * 64 * 32
+    assert p.flops == 2 * 8 * 64 * 32 + 8 * 32  # bias adds are "other" FLOPs
+    assert p.other_flops == 8 * 32
+    assert p.params == 64 * 32 + 32
+    assert p.param_bytes == 4 * (64 * 32 + 32)
+
+
+@given(
+    groups=st.sampled_from([1, 2, 4]),
+    k=st.integers(1, 3),
+    hw=st.integers(3, 9),
+    stride=st.integers(1, 2),
+    batch=st.integers(1, 3),
+)
+def test_conv2d_exact_grouped(groups, k, hw, stride, batch):
+    conv = nn.Conv2d(8, 16, k, stride=stride, padding=1, groups=groups)
+    x = torch.randn(batch, 8, hw, hw)
+    out = conv(x)
+    expected = out.numel() * (8 // groups) * k * k
+    p = nnslim.profile(conv, x)
+    assert p.macs == expected
+    assert p.other_flops == out.numel()  # bias
+
+
+def test_depthwise_conv_exact():
+    conv = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False)
+    assert nnslim.profile(conv, torch.randn(1, 8, 6, 6)).macs == 8 * 36 * 9
+
+
+def test_transposed_conv_exact():
+    conv = nn.ConvTranspose2d(4, 6, 3, stride=2)
+    assert nnslim.profile(conv, torch.randn(1, 4, 5, 5)).macs == 4 * 25 * 6 * 9
+
+
+class SDPA(nn.Module):
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_sdpa_counted_with_and_without_grad(grad):
+    q, k, v = torch.randn(2, 4, 16, 8), torch.randn(2, 4, 12, 8), torch.randn(2, 4, 12, 8)
+    assert macs_of(SDPA(), q, k, v, grad=grad) == 2 * 4 * 16 * 12 * (8 + 8)
+
+
+def test_sdpa_matches_torch_flop_counter_where_it_counts():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    q, k, v = (torch.randn(2, 4, 16, 8) for _ in range(3))
+    with torch.enable_grad(), FlopCounterMode(display=False) as fc:
+        # the math path (explicit matmuls) is what FlopCounterMode can count
+        s = (q @ k.transpose(-1, -2)) * 8**-0.5
+        _ = s.softmax(-1) @ v
+    assert nnslim.profile(SDPA(), (q, k, v)).macs == fc.get_total_flops() // 2
+
+
+class MHA(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
+
+    def forward(self, x):
+        return self.attn(x, x, x, need_weights=False)[0]
+
+
+def test_multihead_attention_fused_and_unfused_agree():
+    x = torch.randn(2, 5, 16)
+    expected = 3 * 2 * 5 * 16 * 16 + 2 * 4 * 5 * 5 * (4 + 4) + 2 * 5 * 16 * 16
+    assert macs_of(MHA(), x, grad=False) == expected  # fused _native_multi_head_attention
+    assert macs_of(MHA(), x, grad=True) == expected  # unfused path
+    assert nnslim.profile(MHA(), x).macs == expected
+
+
+def test_transformer_encoder_layer_fast_path_agrees():
+    layer = nn.TransformerEncoderLayer(16, 4, dim_feedforward=32, batch_first=True)
+    x = torch.randn(2, 5, 16)
+    mha = 3 * 2 * 5 * 16 * 16 + 2 * 4 * 5 * 5 * 8 + 2 * 5 * 16 * 16
+    ffn = 2 * 5 * (16 * 32 + 32 * 16)
+    assert macs_of(layer, x, grad=False) == mha + ffn
+    assert macs_of(layer, x, grad=True) == mha + ffn
+
+
+class Functional(nn.Module):
+    """@, einsum, F.linear, addmm (GPT-2 Conv1D style) and bmm."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 12))
+        self.b = nn.Parameter(torch.randn(12))
+
+    def forward(self, x):  # x: (3, 4, 8)
+        a = x @ self.w  # 3*4*8*12
+        b = torch.einsum("bik,kj->bij", x, self.w)  # same
+        c = F.linear(x, self.w.t())  # same
+        d = torch.addmm(self.b, x.reshape(-1, 8), self.w)  # same, + bias
+        e = torch.bmm(a, a.transpose(1, 2))  # 3*4*12*4
+        return a.sum() + b.sum() + c.sum() + d.sum() + e.sum()
+
+
+def test_functional_matmuls_all_counted():
+    p = nnslim.profile(Functional(), torch.randn(3, 4, 8))
+    assert p.macs == 4 * (3 * 4 * 8 * 12) + 3 * 4 * 12 * 4
+    assert p.unsupported == {}
+
+
+def test_tiny_transformer_total_and_tree():
+    torch.manual_seed(0)
+    d, ff, n_tok, vocab = 16, 32, 6, 50
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(vocab, d)
+            self.block = nn.TransformerEncoderLayer(d, 2, ff, batch_first=True)
+            self.lm_head = nn.Linear(d, vocab, bias=False)
+            self.lm_head.weight = self.emb.weight  # tied
+
+        def forward(self, ids):
+            return self.lm_head(self.block(self.emb(ids)))
+
+    model = Tiny()
+    p = nnslim.profile(model, torch.randint(0, vocab, (1, n_tok)))
+    block = (
+        3 * n_tok * d * d + 2 * n_tok * n_tok * (d // 2) * 2 + n_tok * d * d + n_tok * 2 * d * ff
+    )
+    assert p.modules["block"].macs == block
+    assert p.modules["lm_head"].macs == n_tok * d * vocab
+    assert p.macs == block + n_tok * d * vocab
+    unique = sum(t.numel() for t in {id(t): t for t in model.parameters()}.values())
+    assert p.params == unique  # tied embedding counted once
+    assert p.modules[""].params == unique
+
+
+def test_int8_storage_bytes_are_real():
+    q = Int8Linear.from_float(nn.Linear(64, 32))
+    p = nnslim.profile(q, torch.randn(2, 64))
+    assert p.params == 64 * 32 + 32
+    assert p.param_bytes == 64 * 32 * 1 + 32 * 4 + 32 * 4  # int8 weight, fp32 scale, fp32 bias
+    assert p.macs == 2 * 64 * 32
+
+
+def test_memory_peak_of_a_linear_is_its_output():
+    lin = nn.Linear(1000, 1000, bias=False)
+    p = nnslim.profile(lin, torch.randn(10, 1000))
+    assert p.static_bytes == 1000 * 1000 * 4 + 10 * 1000 * 4
+    assert p.activation_peak_bytes == 10 * 1000 * 4
+
+
+def test_memory_frees_dead_activations():
+    seq = nn.Sequential(*[nn.Linear(256, 256, bias=False) for _ in range(6)])
+    p = nnslim.profile(seq, torch.randn(64, 256))
+    one = 64 * 256 * 4
+    # never more than two activations alive at once in a chain
+    assert one <= p.activation_peak_bytes <= 2 * one
+
+
+def test_backward_profile():
+    p = nnslim.profile(nn.Linear(32, 16), torch.randn(4, 32), backward=True)
+    assert p.backward_macs == 4 * 32 * 16  # weight gradient only (input needs no grad)
+    assert p.backward_peak_bytes >= p.peak_bytes
+
+
+def test_unsupported_ops_are_listed_by_module():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = nn.Identity()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return torch.cdist(self.lin(x), x)
+
+    p = nnslim.profile(Odd(), torch.randn(4, 3))
+    assert p.unsupported == {"aten._cdist_forward": [""]}
+    assert "aten._cdist_forward" in p.table()
+    assert p.macs == 4 * 3 * 3
+
+
+def test_forward_failure_and_device_mismatch_are_clear():
+    with pytest.raises(ValueError, match=r"Linear.forward failed on example_inputs.*\(2, 5\)"):
+        nnslim.profile(nn.Linear(4, 4), torch.randn(2, 5))
+    with pytest.raises(ValueError, match="are on meta but Linear is on cpu"):
+        nnslim.profile(nn.Linear(4, 4), torch.randn(2, 4, device="meta"))
+    with pytest.raises(TypeError, match="expected an nn.Module"):
+        nnslim.profile("model", torch.randn(1))
+
+
+def test_modes_are_restored_and_batchnorm_stats_untouched():
+    m = TinyCNN().train()
+    stats = m.bn1.running_mean.clone()
+    nnslim.profile(m, torch.randn(2, 3, 8, 8))
+    assert m.training and m.bn1.training
+    assert torch.equal(m.bn1.running_mean, stats)
+
+
+def test_tree_table_dict_and_compare():
+    m = TinyCNN()
+    x = torch.randn(1, 3, 8, 8)
+    a = nnslim.profile(m, x, latency=True, repeat=3)
+    assert a.modules["conv1"].macs == 8 * 64 * 3 * 9
+    assert a.modules[""].macs == sum(a.modules[n].macs for n in ("conv1", "conv2", "fc"))
+    d = json.loads(a.to_json())
+    assert d["modules"]["conv2"]["macs"] == 16 * 64 * 8 * 9
+    assert d["latency"]["threads"] == torch.get_num_threads()
+    table = a.table(depth=1)
+    assert "conv1" in table and "MACs" in table
+    nnslim.Prune(ratio=0.5).apply(m, x)
+    b = nnslim.profile(m, x)
+    cmp = a - b
+    assert cmp.ratio("macs") == pytest.approx(b.macs / a.macs)
+    assert "ratio" in str(cmp) and "MACs" in str(cmp)
+    assert cmp.to_dict()["params"]["after"] == b.params
+
+
+def test_sparsity_reported():
+    lin = nn.Linear(10, 10)
+    with torch.no_grad():
+        lin.weight[:5] = 0
+    p = nnslim.profile(lin, torch.randn(1, 10))
+    assert p.zero_params == 50
+    assert p.weight_count == 100
+    assert p.sparsity == pytest.approx(0.5)

@@ -1,0 +1,102 @@
+"""Every built-in transform, and a user-written one, passes the conformance kit."""
+
+import dataclasses
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import nnslim
+from nnslim.testing import (
+    TransformCase,
+    check_atomic_failure,
+    check_report_complete,
+    check_save_load,
+    parametrize_with_checks,
+)
+from tests.models import TinyCNN, TinyMLP
+
+
+def make_cnn():
+    torch.manual_seed(0)
+    return TinyCNN()
+
+
+def make_mlp():
+    torch.manual_seed(0)
+    return TinyMLP()
+
+
+@dataclasses.dataclass(frozen=True)
+class DropHalfBias(nnslim.Transform):
+    """The docs' example of a user transform."""
+
+    factor: float = 0.5
+    select: Any = nn.Linear
+
+    def _apply(self, model, ctx, report):
+        eligible = [(p, m) for p, m in model.named_modules() if isinstance(m, nn.Linear)]
+        for path, _ in self.resolve(model, self.select, eligible=eligible):
+            m = model.get_submodule(path)
+            m.bias = nn.Parameter(m.bias.detach() * self.factor)
+            report.changed(path, "scaled bias", factor=self.factor)
+
+
+CNN_X = torch.randn(2, 3, 12, 12)
+MLP_X = torch.randn(4, 16)
+
+CASES = [
+    TransformCase(nnslim.Prune(ratio=0.5), make_cnn, CNN_X, id="prune-cnn"),
+    TransformCase(nnslim.Prune(macs=0.6, importance="l1"), make_mlp, MLP_X, id="prune-mlp-macs"),
+    TransformCase(nnslim.Quantize(), make_cnn, CNN_X, id="quantize-cnn"),
+    TransformCase(
+        nnslim.Compose([nnslim.Prune(ratio=0.25), nnslim.Quantize()]), make_cnn, CNN_X, id="compose"
+    ),
+    TransformCase(DropHalfBias(), make_mlp, MLP_X, id="user-transform"),
+]
+
+
+@parametrize_with_checks(CASES)
+def test_conformance(case, check):
+    check(case)
+
+
+# -- the kit catches broken transforms -----------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Unreported(nnslim.Transform):
+    def _apply(self, model, ctx, report):
+        model.fc1 = nn.Linear(16, 32)
+
+
+@dataclasses.dataclass(frozen=True)
+class LiesAboutCopies(nnslim.Transform):
+    _copy_on_snapshot = False
+
+    def _apply(self, model, ctx, report):
+        with torch.no_grad():
+            model.fc1.weight.mul_(2)
+        report.changed("fc1", "doubled")
+
+
+@dataclasses.dataclass(frozen=True)
+class ForgetsAttr(nnslim.Transform):
+    def _apply(self, model, ctx, report):
+        model.fc1.out_features = 99  # not a real change; load can replay it but outputs match
+        model.fc2.weight = nn.Parameter(torch.zeros(32, 32))
+        report.changed("fc1", "odd")
+        report.changed("fc2", "zeroed")
+
+
+def test_kit_catches_unreported_change():
+    with pytest.raises(AssertionError, match="module 'fc1' was changed .* does not list it"):
+        check_report_complete(TransformCase(Unreported(), make_mlp, MLP_X))
+
+
+def test_kit_catches_in_place_writes_without_copy():
+    with pytest.raises(RuntimeError, match="modified in place"):
+        check_atomic_failure(TransformCase(LiesAboutCopies(), make_mlp, MLP_X))
+
+
+def test_kit_save_load_passes_for_recorded_attribute_changes():
+    check_save_load(TransformCase(ForgetsAttr(), make_mlp, MLP_X))
