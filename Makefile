@@ -24,13 +24,13 @@ demo: $(VENV)/.demo-installed
 # The whole suite: unit tests and doctests, then the model-zoo group.
 test: $(VENV)/.dev-installed
 	$(BIN)/python -m pytest -q -m "not zoo" $(PYTEST_ARGS)
-	$(BIN)/python -m pytest -q -m zoo -p no:doctest tests $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m zoo tests $(PYTEST_ARGS)
 
 test-fast: $(VENV)/.dev-installed
 	$(BIN)/python -m pytest -q -m "not zoo" $(PYTEST_ARGS)
 
 test-zoo: $(VENV)/.dev-installed
-	$(BIN)/python -m pytest -q -m zoo -p no:doctest tests $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -m zoo tests $(PYTEST_ARGS)
 
 docs: $(VENV)/.dev-installed
 	$(BIN)/python -m sphinx -W --keep-going -b html docs docs/_build/html
