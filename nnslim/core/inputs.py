@@ -159,12 +159,8 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def run_model(model: nn.Module, inputs: Inputs, *, what: str = "example_inputs") -> Any:
-    """Run the model once without gradients, turning failures into a clear error.
-
-    Raises:
-        ValueError: if the inputs live on another device than the model, or the forward fails.
-    """
+def check_device(model: nn.Module, inputs: Inputs, what: str = "example_inputs") -> None:
+    """Raise ``ValueError`` if the inputs live on another device than the model."""
     dev = model_device(model)
     for t in inputs.tensors():
         if t.device.type != dev.type and dev.type != "meta":
@@ -172,15 +168,29 @@ def run_model(model: nn.Module, inputs: Inputs, *, what: str = "example_inputs")
                 f"{what} are on {t.device} but {type(model).__name__} is on {dev}; move them "
                 f"with `.to({str(dev)!r})`."
             )
+
+
+def forward_error(model: nn.Module, inputs: Inputs, e: BaseException, what: str) -> ValueError:
+    """The error to raise when ``model``'s forward failed on ``inputs``."""
+    shapes = [tuple(t.shape) for t in inputs.tensors()]
+    return ValueError(
+        f"{type(model).__name__}.forward failed on {what} (tensor shapes {shapes}): "
+        f"{type(e).__name__}: {e}. Check that the inputs match what the model expects."
+    )
+
+
+def run_model(model: nn.Module, inputs: Inputs, *, what: str = "example_inputs") -> Any:
+    """Run the model once without gradients, turning failures into a clear error.
+
+    Raises:
+        ValueError: if the inputs live on another device than the model, or the forward fails.
+    """
+    check_device(model, inputs, what)
     try:
         with torch.no_grad():
             return inputs.call(model)
     except Exception as e:
-        shapes = [tuple(t.shape) for t in inputs.tensors()]
-        raise ValueError(
-            f"{type(model).__name__}.forward failed on {what} (tensor shapes {shapes}): "
-            f"{type(e).__name__}: {e}. Check that the inputs match what the model expects."
-        ) from e
+        raise forward_error(model, inputs, e, what) from e
 
 
 def first_tensor(output: Any) -> torch.Tensor | None:

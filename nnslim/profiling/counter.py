@@ -8,6 +8,7 @@ tensor storage the operators create, through weak references, to measure peak me
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -16,8 +17,6 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
-from torch.utils.weak import WeakIdKeyDictionary
 
 from .formulas import cost_of
 
@@ -35,31 +34,34 @@ class Tally:
 
 
 class _MemoryTracker:
-    """Bytes held by live tensor storages; the peak since :meth:`start`."""
+    """Bytes held by live tensor storages, and their peak.
+
+    Storages are keyed by their C++ address; a weak reference to each storage's Python object
+    (which torch keeps alive as long as the storage lives) tells when it is freed.
+    """
 
     def __init__(self) -> None:
-        self._live: WeakIdKeyDictionary = WeakIdKeyDictionary()
-        self._refs: list[weakref.ref] = []
+        self._live: dict[int, weakref.ref] = {}
         self.current = 0
         self.peak = 0
 
     def add(self, t: torch.Tensor) -> None:
-        if t.device.type == "meta":
+        if t.is_meta:
             return
         st = t.untyped_storage()
-        if st in self._live:
+        key = st._cdata
+        if key in self._live:
             return
         nbytes = st.nbytes()
-        self._live[st] = nbytes
+        self._live[key] = weakref.ref(st, functools.partial(self._release, key, nbytes))
         self.current += nbytes
-        self.peak = max(self.peak, self.current)
-        self._refs.append(weakref.ref(st, self._make_release(nbytes)))
+        if self.current > self.peak:
+            self.peak = self.current
 
-    def _make_release(self, nbytes: int):
-        def release(_ref: weakref.ref) -> None:
+    def _release(self, key: int, nbytes: int, _ref: weakref.ref) -> None:
+        if self._live.get(key) is _ref:
+            del self._live[key]
             self.current -= nbytes
-
-        return release
 
 
 class OpCounter(TorchDispatchMode):
@@ -129,8 +131,10 @@ class OpCounter(TorchDispatchMode):
             tally.macs += int(cost[0])
             tally.other_flops += int(cost[1])
         if self.memory is not None:
-            flat, _ = tree_flatten(out)
-            for t in flat:
-                if isinstance(t, torch.Tensor):
-                    self.memory.add(t)
+            if isinstance(out, torch.Tensor):
+                self.memory.add(out)
+            elif isinstance(out, (tuple, list)):
+                for t in out:
+                    if isinstance(t, torch.Tensor):
+                        self.memory.add(t)
         return out

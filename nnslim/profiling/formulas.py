@@ -28,6 +28,8 @@ Cost = tuple[int, int]
 Formula = Callable[[Sequence[Any], dict[str, Any], Any], Cost]
 
 _FORMULAS: dict[Any, Formula] = {}
+#: operator overload -> its cost function (``None``: no formula), filled on first use
+_CACHE: dict[Any, Formula | None] = {}
 
 
 def register_formula(*ops: Any) -> Callable[[Formula], Formula]:
@@ -44,6 +46,7 @@ def register_formula(*ops: Any) -> Callable[[Formula], Formula]:
     def deco(fn: Formula) -> Formula:
         for op in ops:
             _FORMULAS[_packet(op)] = fn
+        _CACHE.clear()
         return fn
 
     return deco
@@ -488,33 +491,56 @@ def _packet_tags(packet: Any) -> frozenset[Any]:
     return frozenset(tags)
 
 
-def cost_of(func: Any, args: Sequence[Any], kwargs: dict[str, Any], out: Any) -> Cost | None:
-    """``(macs, other_flops)`` of one operator call, or ``None`` if there is no formula."""
+def _classify(func: Any) -> Formula | None:
+    """The cost function for one operator overload (``None``: no formula)."""
     packet = _packet(func)
     f = _FORMULAS.get(packet)
     if f is not None:
-        return f(args, kwargs, out)
+        return f
     if packet in FREE_OPS:
-        return 0, 0
+        return _free
     tags = _packet_tags(packet)
     if torch.Tag.inplace_view in tags:
-        return 0, 0
+        return _free
     schema = getattr(func, "_schema", None)
     if (
         schema is not None
         and schema.returns
         and all(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns)
     ):
-        return 0, 0  # views
+        return _free  # views
     if torch.Tag.pointwise in tags:
-        try:
-            t = _first_tensor(out)
-        except (ValueError, TypeError):
-            return 0, 0
-        if t.dtype == torch.bool:
-            return 0, 0
-        return 0, ELEMENT_COSTS["pointwise"] * t.numel()
+        return _pointwise
     if torch.Tag.reduction in tags:
-        x = next((a for a in args if isinstance(a, torch.Tensor)), None)
-        return 0, (ELEMENT_COSTS["reduction"] * x.numel() if x is not None else 0)
+        return _reduction
     return None
+
+
+def _free(args: Sequence[Any], kwargs: dict[str, Any], out: Any) -> Cost:
+    return 0, 0
+
+
+def _pointwise(args: Sequence[Any], kwargs: dict[str, Any], out: Any) -> Cost:
+    try:
+        t = _first_tensor(out)
+    except (ValueError, TypeError):
+        return 0, 0
+    if t.dtype == torch.bool:
+        return 0, 0
+    return 0, ELEMENT_COSTS["pointwise"] * t.numel()
+
+
+def _reduction(args: Sequence[Any], kwargs: dict[str, Any], out: Any) -> Cost:
+    x = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    return 0, (ELEMENT_COSTS["reduction"] * x.numel() if x is not None else 0)
+
+
+def cost_of(func: Any, args: Sequence[Any], kwargs: dict[str, Any], out: Any) -> Cost | None:
+    """``(macs, other_flops)`` of one operator call, or ``None`` if there is no formula."""
+    try:
+        f = _CACHE[func]
+    except KeyError:
+        f = _CACHE[func] = _classify(func)
+    except TypeError:  # unhashable callables
+        f = _classify(func)
+    return None if f is None else f(args, kwargs, out)

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.inputs import Inputs, as_inputs, output_tensors, run_model
+from ..core.inputs import Inputs, as_inputs, check_device, forward_error, output_tensors
 from ..core.table import format_table, human
 from .counter import OpCounter, Tally
 from .latency import Latency, measure_latency
@@ -300,7 +300,7 @@ def _weights(model: nn.Module) -> tuple[int, int, int, int, int, dict[str, tuple
             if p.dim() >= 2:
                 wcount += p.numel()
                 if p.device.type != "meta":
-                    zeros += int((p.detach() == 0).sum())
+                    zeros += p.numel() - int(torch.count_nonzero(p.detach()))
         for name, b in m._buffers.items():
             if b is None or name in m._non_persistent_buffers_set:
                 continue
@@ -371,15 +371,17 @@ def profile(
     inputs = as_inputs(example_inputs)
     if inputs is None:
         raise TypeError("profile: example_inputs is required (a tensor, tuple or dict).")
-    params, pbytes, bbytes, zeros, wcount, own = _weights(model)
+    check_device(model, inputs)
     with eval_mode(model):
-        run_model(model, inputs)  # clear error if the forward fails; warms up lazy modules
         counter = OpCounter(model, track_memory=memory)
         state = list(model.parameters()) + list(model.buffers()) + inputs.tensors()
-        with counter, torch.no_grad():
-            counter.start_memory(state)
-            static = counter.memory.current if counter.memory else 0
-            inputs.call(model)
+        try:
+            with counter, torch.no_grad():
+                counter.start_memory(state)
+                static = counter.memory.current if counter.memory else 0
+                inputs.call(model)
+        except Exception as e:
+            raise forward_error(model, inputs, e, "example_inputs") from e
         peak = counter.memory.peak if counter.memory else None
         back_macs = back_peak = None
         if backward:
@@ -389,6 +391,7 @@ def profile(
             if latency
             else None
         )
+    params, pbytes, bbytes, zeros, wcount, own = _weights(model)  # after: lazy modules built
     if not memory:
         static = sum(t.untyped_storage().nbytes() for t in state if t.device.type != "meta")
     modules, total_macs, total_other = _tree(model, counter.tallies, own)
