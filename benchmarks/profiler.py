@@ -18,7 +18,6 @@ import warnings
 from typing import Any
 
 import torch
-
 from _common import median_time, print_table, write_json
 
 import nnslim
@@ -131,7 +130,9 @@ def run(models: dict[str, Any]) -> list[dict[str, Any]]:
                     }
                 )
             except Exception as e:  # a peer that fails is a result too
-                records.append({"model": name, "tool": tool, "failed": f"{type(e).__name__}: {e}"[:120]})
+                records.append(
+                    {"model": name, "tool": tool, "failed": f"{type(e).__name__}: {e}"[:120]}
+                )
     return records
 
 

@@ -14,6 +14,7 @@ from .core.report import Report
 from .core.serialize import register_class
 from .core.transform import Compose, Context, Transform
 from .graph.trace import Graph, trace
+from .io import hf
 from .io.save import load, save
 from .profiling import Profile, profile, register_formula
 from .transforms.prune import Prune
@@ -29,6 +30,7 @@ __all__ = [
     "Report",
     "Transform",
     "__version__",
+    "hf",
     "load",
     "profile",
     "register_class",

@@ -24,6 +24,8 @@ class Inputs:
 
     args: tuple[Any, ...] = ()
     kwargs: Mapping[str, Any] = field(default_factory=dict)
+    #: what a calibration batch held beyond the model's arguments (labels of ``(x, y)``)
+    targets: tuple[Any, ...] = ()
 
     def call(self, model: nn.Module) -> Any:
         """Run ``model(*args, **kwargs)``."""
@@ -38,6 +40,7 @@ class Inputs:
         return Inputs(
             tuple(_to(a, device) for a in self.args),
             {k: _to(v, device) for k, v in self.kwargs.items()},
+            tuple(_to(a, device) for a in self.targets),
         )
 
     def as_tuple(self) -> tuple[Any, ...] | dict[str, Any]:
@@ -143,7 +146,7 @@ def calibration_batches(model: nn.Module, calibration: Iterable[Any] | None) -> 
         if inp is None:
             raise TypeError(f"calibration batch {i} is None; every batch must hold inputs.")
         if cap is not None and len(inp.args) > cap and not inp.kwargs:
-            inp = Inputs(inp.args[:cap])
+            inp = Inputs(inp.args[:cap], targets=inp.args[cap:])
         out.append(inp)
     if not out:
         raise ValueError("calibration yielded no batch; pass at least one batch of inputs.")

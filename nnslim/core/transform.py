@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import abc
-import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, final
 
 from torch import nn
 
 from ..io.record import NotRecordable, describe, diff, fingerprint
+from .config import Config, check_is_frozen_dataclass, type_name
 from .inputs import Inputs, as_inputs, calibration_batches
 from .report import Report
-from .serialize import TYPE_REGISTRY, decode_tagged, encode_tagged
 from .snapshot import Snapshot
 
 if TYPE_CHECKING:
@@ -55,14 +54,8 @@ class Context:
         return self.calibration
 
 
-def _type_name(cls: type) -> str:
-    if cls.__module__.startswith("nnslim."):
-        return cls.__name__
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
 @dataclass(frozen=True)
-class Transform(abc.ABC):
+class Transform(Config, abc.ABC):
     """Base class of every model transform.
 
     A Transform is a frozen dataclass that holds only configuration. Subclasses implement
@@ -86,14 +79,11 @@ class Transform(abc.ABC):
     must be imported before its JSON is read).
     """
 
-    VERSION: ClassVar[int] = 1
     #: Set to ``False`` only if ``_apply`` never writes into existing tensors in place: the
     #: snapshot then skips copying the weights.
     _copy_on_snapshot: ClassVar[bool] = True
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        TYPE_REGISTRY[_type_name(cls)] = cls
+    #: Said when the model's forward fails after the transform.
+    _forward_failure_hint: ClassVar[str] = "Please report this with the model and config."
 
     # -- the protocol -------------------------------------------------------------------------
     @abc.abstractmethod
@@ -132,7 +122,7 @@ class Transform(abc.ABC):
             TypeError: if the model or inputs have the wrong type.
             ValueError: for bad configuration or inputs; the model is unchanged.
         """
-        _check_is_dataclass(type(self))
+        check_is_frozen_dataclass(type(self))
         if not isinstance(model, nn.Module):
             raise TypeError(
                 f"{type(self).__name__}.apply: expected an nn.Module, got {type(model).__name__}."
@@ -188,7 +178,7 @@ class Transform(abc.ABC):
     def _execute(self, model: nn.Module, ctx: Context, before: Profile | None = None) -> Report:
         from ..profiling.profiler import profile
 
-        report = Report(_type_name(type(self)), self.to_dict())
+        report = Report(type_name(type(self)), self.to_dict())
         if ctx.inputs is not None:
             report.before = before if before is not None else profile(model, ctx.inputs)
         self._apply(model, ctx, report)
@@ -198,48 +188,9 @@ class Transform(abc.ABC):
             except ValueError as e:
                 raise RuntimeError(
                     f"{type(self).__name__} left a model whose forward fails: {e.__cause__ or e}"
-                    f". The model was restored; please report this with the model and config."
+                    f". The model was restored. {self._forward_failure_hint}"
                 ) from e
         return report
-
-    # -- serialization ------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        """``{"_type", "_version", "_data"}``: the JSON form of this transform."""
-        _check_is_dataclass(type(self))
-        return encode_tagged(self, _type_name(type(self)))
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Transform:
-        """Rebuild a transform from :meth:`to_dict` output.
-
-        Raises:
-            ValueError: unknown type, newer version, unknown fields.
-            TypeError: if the data is not a dict, or names a type that is not a ``cls``.
-        """
-        if not isinstance(data, dict):
-            raise TypeError(f"from_dict expects a dict, got {type(data).__name__}.")
-        obj = decode_tagged(data)
-        if not isinstance(obj, cls):
-            raise TypeError(f"JSON describes a {type(obj).__name__}, not a {cls.__name__}.")
-        return obj
-
-    def to_json(self, **kwargs: Any) -> str:
-        """The JSON string form (see :meth:`to_dict`)."""
-        return json.dumps(self.to_dict(), **kwargs)
-
-    @classmethod
-    def from_json(cls, text: str) -> Transform:
-        """Inverse of :meth:`to_json`."""
-        return cls.from_dict(json.loads(text))
-
-
-def _check_is_dataclass(cls: type) -> None:
-    params = cls.__dict__.get("__dataclass_params__")
-    if params is None or not params.frozen:
-        raise TypeError(
-            f"{cls.__name__} must be decorated with `@dataclasses.dataclass(frozen=True)`: a "
-            f"Transform holds only configuration, as frozen dataclass fields."
-        )
 
 
 def _append_record(
@@ -248,11 +199,14 @@ def _append_record(
     old = model.__dict__.get(RECORD_ATTR)
     if old is None:
         old = {"format": 1, "base": fingerprint(before), "entries": [], "unsaveable": ""}
+        base_config = before[""].extra.get("hf_config") if "" in before else None
+        if base_config is not None:
+            old["hf_base_config"] = base_config
     entry = {"transform": t.to_dict(), "ops": ops or []}
     model.__dict__[RECORD_ATTR] = {
         **old,
         "entries": [*old["entries"], entry],
-        "unsaveable": old["unsaveable"] or (f"{_type_name(type(t))}: {why}" if ops is None else ""),
+        "unsaveable": old["unsaveable"] or (f"{type_name(type(t))}: {why}" if ops is None else ""),
     }
 
 

@@ -3,16 +3,18 @@
 torch-pruning traces the autograd graph of one forward pass and finds the groups of coupled
 layers (a convolution's output channels, the BatchNorm after it, the next convolution's input
 channels, residual partners...). :class:`Graph` wraps it with what nnslim needs on top: module
-paths, the layers whose outputs reach the model output (never pruned by default), and modes and
-errors that do not surprise.
+paths, the layers whose outputs reach the model output (never pruned by default), attention
+modules with their heads, fixes for torch-pruning on torch 2.x, and bounds so that tracing
+never hangs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -20,11 +22,22 @@ import torch_pruning as tp
 from torch import nn
 
 from ..core.inputs import Inputs, as_inputs, output_tensors, run_model
+from .attention import AttentionSpec, find_attention, unknown_attention_layers
+from .tp_compat import TraceError, conv1d_type, customized_pruners, guard, torch_pruning_fixes
 
-__all__ = ["Graph", "trace"]
+__all__ = ["Graph", "GroupInfo", "TraceError", "root_types", "trace"]
 
-#: Layer types whose output channels are the roots of pruning groups.
-ROOT_TYPES: tuple[type, ...] = (nn.modules.conv._ConvNd, nn.Linear)
+#: Default bounds: a group larger than this many coupled items, or tracing/grouping longer than
+#: this many seconds, ends in a TraceError naming the module.
+MAX_GROUP = 20_000
+TIME_LIMIT_S = 600.0
+
+
+def root_types() -> tuple[type, ...]:
+    """Layer types whose output channels are the roots of pruning groups."""
+    c = conv1d_type()
+    base: tuple[type, ...] = (nn.modules.conv._ConvNd, nn.Linear)
+    return (*base, c) if c is not None else base
 
 
 @contextlib.contextmanager
@@ -39,6 +52,21 @@ def preserve_modes(model: nn.Module) -> Iterator[None]:
 
 
 @dataclass
+class GroupInfo:
+    """One group of coupled channels.
+
+    Attributes:
+        root: the layer whose output channels define the group.
+        channels: how many channels the root has.
+        members: ``(path, "out" | "in" | op)`` for every coupled layer.
+    """
+
+    root: str
+    channels: int
+    members: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass
 class Graph:
     """The dependency graph of a model.
 
@@ -46,12 +74,18 @@ class Graph:
         model: the traced model.
         inputs: the example inputs used.
         dg: torch-pruning's ``DependencyGraph`` (an escape hatch; its API is torch-pruning's).
+        output_grad_fns: autograd nodes of the traced outputs.
+        attention: attention modules found, with their heads.
+        seconds: time spent tracing.
     """
 
     model: nn.Module
     inputs: Inputs
     dg: Any
     output_grad_fns: list[Any]
+    attention: list[AttentionSpec] = field(default_factory=list)
+    seconds: float = 0.0
+    time_limit: float | None = TIME_LIMIT_S
 
     @property
     def paths(self) -> dict[int, str]:
@@ -69,6 +103,7 @@ class Graph:
         block of a backbone whose features are the output).
         """
         paths = self.paths
+        roots = root_types()
         by_fn = {n.grad_fn: n for n in self.dg.module2node.values() if n.grad_fn is not None}
         stack = [by_fn[f] for f in self.output_grad_fns if f in by_fn]
         found: list[str] = []
@@ -79,7 +114,7 @@ class Graph:
                 continue
             seen.add(id(node))
             m = node.module
-            if isinstance(m, ROOT_TYPES) or isinstance(m, nn.Embedding):
+            if isinstance(m, (*roots, nn.Embedding)):
                 if id(m) in paths:
                     found.append(paths[id(m)])
                 continue
@@ -87,58 +122,199 @@ class Graph:
         order = {p: i for i, p in enumerate(paths.values())}
         return sorted(set(found), key=lambda p: order.get(p, 0))
 
+    def dynamic_split_roots(self, candidates: list[str]) -> dict[str, str]:
+        """Roots whose groups pass through a split sized at run time (``chunk``, ``split(n)``).
 
-def trace(
+        Such splits cut at fixed positions of whatever they receive, so unevenly pruned inputs
+        would shift the cut; those groups are left alone.
+        """
+        splits = {
+            id(n)
+            for n in self.dg.module2node.values()
+            if n.type == tp.ops.OPTYPE.SPLIT and hasattr(n.grad_fn, "_saved_split_size")
+        }
+        if not splits:
+            return {}
+        named = dict(self.model.named_modules())
+        out: dict[str, str] = {}
+        where = [""]
+        with torch_pruning_fixes(MAX_GROUP), guard(self.time_limit, "checking splits", where):
+            for p in candidates:
+                m = named[p]
+                if m not in self.dg.module2node:
+                    continue
+                where[0] = p
+                pruner = self.dg.get_pruner_of_module(m)
+                n = pruner.get_out_channels(m) if pruner is not None else None
+                if not n:
+                    continue
+                group = self.dg.get_pruning_group(m, pruner.prune_out_channels, list(range(n)))
+                if any(id(item.dep.target) in splits for item in group):
+                    out[p] = "feeds torch.chunk/split by size, which cannot follow uneven pruning"
+        return out
+
+    def unknown_attention(self) -> dict[str, str]:
+        """Projections inside attention modules whose heads nnslim cannot prune, with reasons."""
+        return unknown_attention_layers(self.model, self.attention)
+
+    def groups(self, ignored: list[str] | None = None) -> list[GroupInfo]:
+        """Every group of coupled channels rooted at a Conv/Linear output, in model order.
+
+        Raises:
+            TraceError: if a group grows without bound or enumeration exceeds the time limit.
+        """
+        named = dict(self.model.named_modules())
+        ign = [named[p] for p in (ignored or []) if p in named]
+        paths = self.paths
+        where = [""]
+        out: list[GroupInfo] = []
+        with (
+            torch_pruning_fixes(MAX_GROUP),
+            guard(self.time_limit, "building pruning groups", where),
+        ):
+            for g in _iter_groups(self.dg, ign, where, paths):
+                root = g[0].dep.target.module
+                info = GroupInfo(paths.get(id(root), "?"), len(g[0].idxs))
+                for item in g:
+                    dep = item.dep
+                    mod = dep.target.module
+                    if not isinstance(mod, nn.Module) or id(mod) not in paths:
+                        continue
+                    kind = (
+                        "out"
+                        if self.dg.is_out_channel_pruning_fn(dep.handler)
+                        else "in"
+                        if self.dg.is_in_channel_pruning_fn(dep.handler)
+                        else "other"
+                    )
+                    info.members.append((paths[id(mod)], kind))
+                out.append(info)
+        return out
+
+
+def _iter_groups(
+    dg: Any, ignored: list[nn.Module], where: list[str], paths: dict[int, str]
+) -> Iterator[Any]:
+    """``dg.get_all_groups`` with the current root recorded in ``where`` for error messages."""
+    visited: set[int] = set()
+    ignored_ids = {id(m) for m in ignored} | {id(m) for m in dg.IGNORED_LAYERS_IN_TRACING}
+    roots = root_types()
+    order = {mid: i for i, mid in enumerate(paths)}
+    modules = sorted(
+        (m for m in dg.module2node if isinstance(m, nn.Module)),
+        key=lambda m: order.get(id(m), 1 << 30),
+    )
+    for m in modules:
+        if id(m) in ignored_ids or id(m) in visited or not isinstance(m, roots):
+            continue
+        pruner = dg.get_pruner_of_module(m)
+        if pruner is None or pruner.get_out_channels(m) is None:
+            continue
+        where[0] = paths.get(id(m), type(m).__name__)
+        group = dg.get_pruning_group(
+            m, pruner.prune_out_channels, list(range(pruner.get_out_channels(m)))
+        )
+        prunable = True
+        for dep, _ in group:
+            if dg.is_out_channel_pruning_fn(dep.handler):
+                visited.add(id(dep.target.module))
+                if id(dep.target.module) in ignored_ids:
+                    prunable = False
+        if prunable:
+            yield group
+
+
+def build_dependency(
     model: nn.Module,
-    example_inputs: Any,
+    inputs: Inputs,
     *,
-    ignored: list[nn.Module] | None = None,
-    customized_pruners: dict[Any, Any] | None = None,
+    time_limit: float | None = TIME_LIMIT_S,
     unwrapped_parameters: dict[nn.Parameter, int] | None = None,
-) -> Graph:
-    """Trace ``model`` on ``example_inputs`` and build its dependency graph.
-
-    Every tensor in the output (a tensor, a tuple, a dict, a Hugging Face ``ModelOutput``) is
-    traced, so heads such as BERT's pooler are part of the graph. The model's train/eval flags
-    are preserved.
-
-    Args:
-        model: any ``nn.Module``.
-        example_inputs: a tensor, a tuple of tensors or a dict of keyword tensors.
-        ignored: modules to leave out of the trace.
-        customized_pruners: torch-pruning pruners for custom layer types.
-        unwrapped_parameters: parameters used outside modules, with their pruning dim.
-
-    Returns:
-        The :class:`Graph`.
-
-    Raises:
-        ValueError: if the forward fails on the inputs.
-    """
-    inputs = as_inputs(example_inputs)
-    if inputs is None:
-        raise TypeError("trace: example_inputs is required.")
-    run_model(model, inputs)
+) -> tuple[Any, list[Any]]:
+    """Build torch-pruning's DependencyGraph with nnslim's fixes, pruners and bounds."""
     dg = tp.DependencyGraph()
     outputs: list[torch.Tensor] = []
+
+    def forward_fn(m: nn.Module, _: Any) -> Any:
+        return _call(m, inputs)
 
     def output_transform(out: Any) -> list[torch.Tensor]:
         outputs[:] = [t for t in output_tensors(out) if t.grad_fn is not None]
         return outputs
 
-    def forward_fn(m: nn.Module, _: Any) -> Any:
-        return inputs.call(m)
-
-    with preserve_modes(model), torch.enable_grad(), warnings.catch_warnings():
+    with (
+        preserve_modes(model),
+        torch.enable_grad(),
+        warnings.catch_warnings(),
+        torch_pruning_fixes(MAX_GROUP),
+        guard(time_limit, f"tracing {type(model).__name__}"),
+    ):
         warnings.simplefilter("ignore")
         dg.build_dependency(
             model,
             example_inputs=inputs.as_tuple(),
             forward_fn=forward_fn,
             output_transform=output_transform,
-            ignored_layers=ignored,
-            customized_pruners=customized_pruners,
+            customized_pruners=customized_pruners(),
             unwrapped_parameters=unwrapped_parameters,
             verbose=False,
         )
-    return Graph(model, inputs, dg, [t.grad_fn for t in outputs])
+    return dg, [t.grad_fn for t in outputs]
+
+
+def _call(model: nn.Module, inputs: Inputs) -> Any:
+    """Forward for tracing: Hugging Face models without a KV cache (it adds cycles)."""
+    kwargs = dict(inputs.kwargs)
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "use_cache", False) and "use_cache" not in kwargs:
+        kwargs["use_cache"] = False
+    return model(*inputs.args, **kwargs)
+
+
+def trace(
+    model: nn.Module, example_inputs: Any, *, time_limit: float | None = TIME_LIMIT_S
+) -> Graph:
+    """Trace ``model`` on ``example_inputs`` and build its dependency graph.
+
+    Every tensor in the output (a tensor, a tuple, a dict, a Hugging Face ``ModelOutput``) is
+    traced, so heads such as BERT's pooler are part of the graph. Hugging Face ``Conv1D`` layers
+    are pruning roots like Linear layers. The model's train/eval flags are preserved.
+
+    Args:
+        model: any ``nn.Module``.
+        example_inputs: a tensor, a tuple of tensors or a dict of keyword tensors.
+        time_limit: seconds before tracing (and later group building) gives up with a
+            :class:`TraceError` naming the module it was at; ``None`` for no limit.
+
+    Returns:
+        The :class:`Graph`.
+
+    Raises:
+        ValueError: if the forward fails on the inputs.
+        TraceError: if tracing exceeds its bounds.
+
+    Example:
+        >>> import torch, nnslim
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> g = nnslim.trace(model, torch.randn(1, 4))
+        >>> g.output_layers()
+        ['2']
+        >>> [(i.root, i.members) for i in g.groups(ignored=g.output_layers())]
+        [('0', [('0', 'out'), ('2', 'in')])]
+    """
+    inputs = as_inputs(example_inputs)
+    if inputs is None:
+        raise TypeError("trace: example_inputs is required.")
+    run_model(model, inputs)
+    t0 = time.perf_counter()
+    dg, grad_fns = build_dependency(model, inputs, time_limit=time_limit)
+    return Graph(
+        model,
+        inputs,
+        dg,
+        grad_fns,
+        attention=find_attention(model),
+        seconds=time.perf_counter() - t0,
+        time_limit=time_limit,
+    )

@@ -17,6 +17,7 @@ afterwards. Values are never pickled.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -94,6 +95,7 @@ class ModuleState:
     other_attrs: list[str]
     config: dict[str, Any] | None
     children: dict[str, nn.Module] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _state(m: nn.Module) -> ModuleState:
@@ -119,8 +121,19 @@ def _state(m: nn.Module) -> ModuleState:
 
 
 def describe(model: nn.Module) -> dict[str, ModuleState]:
-    """``{path: ModuleState}`` for every module path (shared modules appear at each path)."""
-    return {p: _state(m) for p, m in model.named_modules(remove_duplicate=False)}
+    """``{path: ModuleState}`` for every module path (shared modules appear at each path).
+
+    The root's state also keeps the full Hugging Face config (``extra["hf_config"]``), so the
+    original architecture can be rebuilt (see :mod:`nnslim.io.hf`).
+    """
+    states = {p: _state(m) for p, m in model.named_modules(remove_duplicate=False)}
+    cfg = model.__dict__.get("config")
+    if cfg is not None and callable(getattr(cfg, "to_dict", None)) and "" in states:
+        try:
+            states[""].extra["hf_config"] = json.loads(cfg.to_json_string())
+        except Exception:
+            pass
+    return states
 
 
 def fingerprint(states: dict[str, ModuleState]) -> dict[str, Any]:

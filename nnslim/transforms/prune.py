@@ -1,8 +1,10 @@
-"""``Prune``: remove channels, heads and hidden units for real, dependency-graph aware."""
+"""``Prune``: remove channels, heads and hidden units for real, or sparsify with masks."""
 
 from __future__ import annotations
 
 import copy
+import re
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,40 +12,60 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from ..core.calibrate import LayerStats, collect
 from ..core.describe import shape_of
+from ..core.inputs import Inputs
 from ..core.report import Report
 from ..core.select import normalize_selector
 from ..core.transform import Context, Transform
-from ..core.validate import check_choice, check_fraction, check_int
-from ..graph.trace import ROOT_TYPES, preserve_modes, trace
+from ..core.validate import check_choice, check_fraction, check_int, check_type
+from ..graph.attention import AttentionSpec, find_attention
+from ..graph.scoring import GroupScorer
+from ..graph.tp_compat import guard, torch_pruning_fixes
+from ..graph.trace import MAX_GROUP as MAX_GROUP_DEFAULT
+from ..graph.trace import Graph, _call, preserve_modes, root_types, trace
+from ..modules.masks import MASK_NAME
+from .importance import IMPORTANCE_NAMES, Importance, as_importance
+from .sparsity import nm_mask, parse_pattern, unstructured_masks
 
 __all__ = ["Prune"]
 
-IMPORTANCES = ("l1", "l2", "random")
 SCOPES = ("local", "global")
+STRUCTURES = ("channels", "unstructured", "N:M (e.g. '2:4')")
 
 
 @dataclass(frozen=True)
 class Prune(Transform):
-    """Structured pruning: remove whole channels (and the layers coupled to them).
+    """Pruning: remove whole channels and attention heads, or zero single weights with masks.
 
-    Exactly one of ``ratio``, ``macs`` and ``params`` sets how much to remove.
+    With ``structure="channels"`` (the default) channels are removed for real: every layer
+    coupled to a channel (the BatchNorm after a convolution, the next layer's inputs, residual
+    partners, concatenations) shrinks with it, found by the dependency graph. Attention modules
+    lose whole heads (with grouped-query attention, the same number inside every key/value
+    group) and their head attributes and Hugging Face config fields are updated. The layers that
+    produce the model output (classifier, LM head) are never pruned unless selected by name.
+
+    With ``structure="unstructured"`` or ``"2:4"`` (any ``"N:M"``) the weights keep their shape:
+    the least important entries are set to zero and a ``weight_mask`` buffer records them.
+
+    Exactly one of ``ratio``, ``macs`` and ``params`` sets how much to remove (or per-module
+    ratios in ``select``); N:M needs none.
 
     Args:
-        ratio: fraction of output channels removed from each selected layer's group, in
-            ``[0, 1)``. With ``select`` as a mapping, the values are per-module ratios.
-        macs: target MACs as a fraction of the original, in ``(0, 1]``.
-        params: target parameter count as a fraction of the original, in ``(0, 1]``.
-        importance: how channels are ranked: ``"l2"`` or ``"l1"`` (weight magnitude of the
-            whole coupled group), ``"random"`` (a baseline).
-        scope: ``"local"`` (the same ratio in every group) or ``"global"`` (rank channels
-            across all groups).
-        select: layers whose output channels may be pruned (names, ``re:`` patterns, types,
-            or a mapping to per-layer ratios). Default: every Conv/Linear except the layers
-            that produce the model output.
+        ratio: fraction removed in ``[0, 1)``: of each group's channels and each attention's
+            heads, or of each layer's weights (unstructured).
+        macs: target MACs as a fraction of the original, in ``(0, 1]`` (channels only).
+        params: target parameters as a fraction of the original, in ``(0, 1]`` (channels only).
+        importance: ``"l2"``/``"l1"`` (magnitude), ``"taylor"`` (needs calibration),
+            ``"wanda"`` (activation-aware, needs calibration), ``"random"``, or an
+            :class:`~nnslim.Importance` of your own.
+        scope: ``"local"`` (the same ratio everywhere) or ``"global"`` (rank across layers).
+        structure: ``"channels"``, ``"unstructured"`` or ``"N:M"`` such as ``"2:4"``.
+        select: layers to prune: names, ``re:`` patterns, types, or a mapping to per-layer
+            ratios. For attention, select the query projection (or GPT-2's ``c_attn``).
         exclude: layers never pruned.
         round_to: keep channel counts multiples of this (8 suits fast kernels).
-        steps: prune in this many equal steps (iterative pruning).
+        steps: prune channels in this many equal steps (iterative pruning).
 
     Example:
         >>> import torch, nnslim
@@ -57,24 +79,50 @@ class Prune(Transform):
     ratio: float | None = None
     macs: float | None = None
     params: float | None = None
-    importance: str = "l2"
+    importance: Any = "l2"
     scope: str = "local"
+    structure: str = "channels"
     select: Any = None
     exclude: Any = None
     round_to: int | None = None
     steps: int = 1
 
     _copy_on_snapshot = False
+    _forward_failure_hint = (
+        "Channel counts written into the forward as constants (split sizes, reshape shapes) "
+        "cannot follow pruning: exclude the layers that feed them (exclude=[...])."
+    )
 
     def __post_init__(self) -> None:
+        check_type("Prune", "structure", self.structure, str)
+        nm = parse_pattern(self.structure)
+        if self.structure not in ("channels", "unstructured") and nm is None:
+            raise ValueError(
+                f"Prune(structure=...): unknown value {self.structure!r}; supported: "
+                f"{', '.join(STRUCTURES)}."
+            )
         given = [n for n in ("ratio", "macs", "params") if getattr(self, n) is not None]
         sel = normalize_selector(self.select)
         per_module = sel is not None and all(v is not None for _, v in sel)
-        if len(given) > 1 or (not given and not per_module):
+        if nm is not None:
+            n, m = nm
+            if not 0 < n < m:
+                raise ValueError(f"Prune(structure={self.structure!r}): need 0 < N < M.")
+            if given:
+                raise ValueError(
+                    f"Prune(structure={self.structure!r}) keeps {n} of every {m} weights; do not "
+                    f"also give {given[0]}=."
+                )
+        elif len(given) > 1 or (not given and not per_module):
             raise ValueError(
                 f"Prune: give exactly one of ratio=, macs=, params= (got {given or 'none'}), or "
                 f"per-module ratios as select={{name: ratio}}; for example Prune(ratio=0.3) or "
                 f"Prune(macs=0.5)."
+            )
+        if self.structure != "channels" and (self.macs is not None or self.params is not None):
+            raise ValueError(
+                "Prune: macs=/params= targets apply to structure='channels'; zeroed weights "
+                "do not reduce MACs. Use ratio= for unstructured sparsity."
             )
         if self.ratio is not None:
             check_fraction("Prune", "ratio", self.ratio)
@@ -82,7 +130,10 @@ class Prune(Transform):
             v = getattr(self, name)
             if v is not None:
                 check_fraction("Prune", name, v, low_inclusive=False, high_inclusive=True)
-        check_choice("Prune", "importance", self.importance, IMPORTANCES)
+        if isinstance(self.importance, str):
+            check_choice("Prune", "importance", self.importance, IMPORTANCE_NAMES)
+        elif not isinstance(self.importance, Importance):
+            as_importance(self.importance)  # raises the TypeError
         check_choice("Prune", "scope", self.scope, SCOPES)
         if self.round_to is not None:
             check_int("Prune", "round_to", self.round_to, low=1)
@@ -95,76 +146,101 @@ class Prune(Transform):
 
     # ------------------------------------------------------------------------------------------
     def _apply(self, model: nn.Module, ctx: Context, report: Report) -> None:
-        inputs = ctx.require_inputs("Prune", "to trace the dependency graph")
+        inputs = ctx.require_inputs("Prune", "to trace the model")
+        imp = as_importance(self.importance)
+        if self.structure != "channels":
+            self._sparsify(model, ctx, report, imp, inputs)
+            return
         graph = trace(model, inputs)
-        outputs = set(graph.output_layers())
+        plan = self._plan(model, graph, report)
+        stats = self._stats(model, ctx, imp, plan.all_layers)
+        before = {p: (shape_of(m), _shapes(m), _heads(plan, p)) for p, m in model.named_modules()}
+        if self.macs is None and self.params is None:
+            _prune_model(model, inputs, graph, plan, self, imp, stats, self.ratio or 0.0)
+        else:
+            self._prune_to_target(model, inputs, plan, imp, stats, report)
+        for p, m in model.named_modules():
+            if p not in before:
+                continue
+            old_desc, old_shapes, old_heads = before[p]
+            heads = _heads(plan, p)
+            if old_shapes != _shapes(m) or old_heads != heads:
+                details = (
+                    {"heads": f"{old_heads}->{heads}"}
+                    if heads is not None and old_heads != heads
+                    else {}
+                )
+                report.changed(p, "pruned", old_desc, shape_of(m), **details)
+        for note in update_hf_config(model, plan.attention):
+            report.note(note)
+
+    # -- planning -------------------------------------------------------------------------------
+    def _plan(self, model: nn.Module, graph: Graph, report: Report) -> _Plan:
         named = dict(model.named_modules())
-        eligible = [(p, named[p]) for p in graph.layers() if isinstance(named[p], ROOT_TYPES)]
-        explicit = self.select is not None
+        outputs = set(graph.output_layers())
+        attention = graph.attention
+        proj = {p for s in attention for p in s.projections}
+        unknown = graph.unknown_attention()
+        roots = root_types()
+        layer_paths = [p for p in graph.layers() if isinstance(named[p], roots)]
+        channel_roots = [p for p in layer_paths if p not in proj and p not in unknown]
+        unknown = {**unknown, **graph.dynamic_split_roots(channel_roots)}
+        channel_roots = [p for p in channel_roots if p not in unknown]
+        head_keys = {(s.q or s.qkv): s for s in attention}
+        eligible = [(p, named[p]) for p in named if p in set(channel_roots) | set(head_keys)]
+        explicit = set()
+        sel = normalize_selector(self.select)
+        if sel is not None:
+            explicit = {k for k, _ in sel if isinstance(k, str) and not k.startswith("re:")}
         chosen = dict(self.resolve(model, self.select, self.exclude, eligible=eligible))
         for p in list(chosen):
-            if p in outputs and not explicit:
+            if p in outputs and p not in explicit:
                 del chosen[p]
-        for p, _ in eligible:
+        for p in channel_roots:
             if p in outputs and p not in chosen:
                 report.skipped(p, "produces the model output (its channels are the output's)")
             elif p not in chosen:
-                report.skipped(p, "not selected" if explicit else "excluded")
+                report.skipped(p, "not selected" if self.select is not None else "excluded")
+        for p, reason in unknown.items():
+            report.skipped(p, reason)
+        for key, spec in head_keys.items():
+            if key not in chosen:
+                report.skipped(
+                    spec.path, "attention not selected" if self.select is not None else "excluded"
+                )
         if not chosen:
             raise ValueError(
                 "Prune: no layer left to prune after select/exclude; every candidate produces "
-                "the model output or was excluded."
+                "the model output, is excluded, or is an attention projection nnslim cannot "
+                "prune by heads."
             )
-        before = {p: (shape_of(m), _shapes(m)) for p, m in model.named_modules()}
-        if self.macs is None and self.params is None:
-            ratio = self.ratio or 0.0
-            self._prune(model, inputs, chosen, ratio)
-        else:
-            self._prune_to_target(model, inputs, chosen, report)
-        for p, m in model.named_modules():
-            if p in before and before[p][1] != _shapes(m):
-                report.changed(p, "pruned", before[p][0], shape_of(m))
+        heads = {head_keys[p].path: chosen[p] for p in chosen if p in head_keys}
+        channels = {p: v for p, v in chosen.items() if p not in head_keys}
+        frozen = [p for p in layer_paths if p not in channels] + [
+            p for p, m in named.items() if isinstance(m, nn.MultiheadAttention)
+        ]
+        return _Plan(attention, heads, channels, frozen, layer_paths)
 
-    def _pruner(self, model: nn.Module, inputs: Any, chosen: dict[str, Any], ratio: float) -> Any:
-        named = dict(model.named_modules())
-        ignored = [m for p, m in named.items() if isinstance(m, ROOT_TYPES) and p not in chosen]
-        per_layer = {named[p]: v for p, v in chosen.items() if v is not None}
-        imp = {
-            "l1": lambda: tp.importance.GroupMagnitudeImportance(p=1),
-            "l2": lambda: tp.importance.GroupMagnitudeImportance(p=2),
-            "random": lambda: tp.importance.RandomImportance(),
-        }[self.importance]()
-
-        def forward_fn(m: nn.Module, _: Any) -> Any:
-            return inputs.call(m)
-
-        from ..core.inputs import output_tensors
-
-        return tp.pruner.MetaPruner(
-            model,
-            example_inputs=inputs.as_tuple(),
-            importance=imp,
-            global_pruning=self.scope == "global",
-            pruning_ratio=ratio,
-            pruning_ratio_dict=per_layer or None,
-            iterative_steps=self.steps,
-            ignored_layers=ignored,
-            round_to=self.round_to,
-            forward_fn=forward_fn,
-            output_transform=lambda out: [t for t in output_tensors(out) if t.grad_fn is not None],
+    def _stats(
+        self, model: nn.Module, ctx: Context, imp: Importance, layers: list[str]
+    ) -> dict[str, LayerStats]:
+        if not (imp.needs_grad or imp.needs_activations):
+            return {}
+        batches = ctx.require_calibration(
+            f"Prune(importance={self.importance!r})", "to measure gradients or activations"
         )
-
-    def _prune(self, model: nn.Module, inputs: Any, chosen: dict[str, Any], ratio: float) -> None:
-        import warnings
-
-        with preserve_modes(model), torch.enable_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            pruner = self._pruner(model, inputs, chosen, ratio)
-            for _ in range(self.steps):
-                pruner.step()
+        named = dict(model.named_modules())
+        watched = {p: named[p] for p in layers if hasattr(named[p], "weight")}
+        return collect(model, batches, watched, norms=imp.needs_activations, grads=imp.needs_grad)
 
     def _prune_to_target(
-        self, model: nn.Module, inputs: Any, chosen: dict[str, Any], report: Report
+        self,
+        model: nn.Module,
+        inputs: Inputs,
+        plan: _Plan,
+        imp: Importance,
+        stats: dict[str, LayerStats],
+        report: Report,
     ) -> None:
         from ..profiling.profiler import profile
 
@@ -172,27 +248,341 @@ class Prune(Transform):
         target = float(self.macs if self.macs is not None else self.params)  # type: ignore[arg-type]
         base = getattr(profile(model, inputs, memory=False), metric)
         goal = target * base
-        lo, hi, best = 0.0, 0.99, None
-        for _ in range(12):
+        lo, hi, best, best_value = 0.0, 0.99, None, None
+        for _ in range(10):
             mid = (lo + hi) / 2
             trial = copy.deepcopy(model)
-            names = dict(trial.named_modules())
-            self._prune(trial, inputs, {p: chosen[p] for p in chosen if p in names}, mid)
+            _prune_model(trial, inputs, None, plan, self, imp, stats, mid)
             value = getattr(profile(trial, inputs, memory=False), metric)
+            del trial
             if value <= goal:
-                best, hi = mid, mid
+                best, hi, best_value = mid, mid, value
+                if (goal - value) / base < 0.01:
+                    break
             else:
                 lo = mid
-            if best is not None and abs(value - goal) / base < 0.005:
-                break
         if best is None:
             best = hi
             report.note(
-                f"target {metric}={target} not reachable with the selected layers; pruned at "
+                f"target {metric}={target} is not reachable with the selected layers; pruned at "
                 f"ratio {best:.3f}"
             )
-        self._prune(model, inputs, chosen, best)
-        report.note(f"ratio {best:.3f} reaches {metric} <= {target} of the original")
+        _prune_model(model, inputs, None, plan, self, imp, stats, best)
+        if best_value is not None:
+            report.note(
+                f"ratio {best:.3f} gives {metric} {best_value / base:.3f} of the original "
+                f"(target {target})"
+            )
+
+    # -- sparsity -------------------------------------------------------------------------------
+    def _sparsify(
+        self, model: nn.Module, ctx: Context, report: Report, imp: Importance, inputs: Inputs
+    ) -> None:
+        roots = root_types()
+        named = dict(model.named_modules())
+        outputs = set(output_layers_by_identity(model, inputs))
+        eligible = [(p, m) for p, m in named.items() if p and isinstance(m, roots)]
+        sel = normalize_selector(self.select)
+        explicit = (
+            {k for k, _ in sel if isinstance(k, str) and not k.startswith("re:")} if sel else set()
+        )
+        chosen = dict(self.resolve(model, self.select, self.exclude, eligible=eligible))
+        for p in list(chosen):
+            if p in outputs and p not in explicit:
+                del chosen[p]
+                report.skipped(p, "produces the model output")
+        for p, _ in eligible:
+            if p not in chosen and p not in outputs:
+                report.skipped(p, "not selected" if self.select is not None else "excluded")
+        nm = parse_pattern(self.structure)
+        if nm is not None:
+            for p in list(chosen):
+                w = named[p].weight
+                row = w.shape[0] if type(named[p]).__name__ == "Conv1D" else w[0].numel()
+                if row % nm[1]:
+                    del chosen[p]
+                    report.skipped(
+                        p, f"input width {row} is not a multiple of {nm[1]} ({self.structure})"
+                    )
+        if not chosen:
+            raise ValueError("Prune: no layer left to sparsify after select/exclude.")
+        stats = self._stats(model, ctx, imp, list(chosen))
+        layers = {p: named[p] for p in chosen}
+        scores = {}
+        for p, m in layers.items():
+            st = stats.get(p)
+            scores[p] = imp.score(
+                m.weight,
+                module=m,
+                grad=st.grad if st else None,
+                input_norm=st.input_norm if st else None,
+            )
+        if nm is not None:
+            masks = {p: nm_mask(layers[p], s, *nm) for p, s in scores.items()}
+        else:
+            ratios = {p: (v if v is not None else self.ratio or 0.0) for p, v in chosen.items()}
+            masks = unstructured_masks(
+                layers, scores, ratios, imp, self.scope == "global", self.ratio or 0.0
+            )
+        for p, keep in masks.items():
+            m = layers[p]
+            old = m._buffers.get(MASK_NAME)
+            if old is not None:
+                keep = keep & old.to(torch.bool)
+            w = m.weight
+            m.weight = nn.Parameter(w.detach() * keep.to(w.dtype), requires_grad=w.requires_grad)
+            m.register_buffer(MASK_NAME, keep.to(torch.bool))
+            zeros = 1.0 - float(keep.float().mean())
+            report.changed(
+                p,
+                "sparsified",
+                shape_of(m),
+                f"{zeros:.1%} zeros",
+                sparsity=round(zeros, 4),
+                pattern=self.structure,
+            )
+
+
+@dataclass
+class _Plan:
+    attention: list[AttentionSpec]
+    heads: dict[str, Any]  # attention path -> per-module ratio (or None)
+    channels: dict[str, Any]  # root layer path -> per-module ratio (or None)
+    frozen: list[str]  # layers torch-pruning must not prune
+    all_layers: list[str]
+
+
+def _heads(plan: _Plan, path: str) -> int | None:
+    for s in plan.attention:
+        if s.path == path:
+            return s.heads
+    return None
+
+
+def _prune_model(
+    model: nn.Module,
+    inputs: Inputs,
+    graph: Graph | None,
+    plan: _Plan,
+    cfg: Prune,
+    imp: Importance,
+    stats: dict[str, LayerStats],
+    ratio: float,
+) -> None:
+    """Prune ``model`` (the original or a copy) at ``ratio``: channels, then attention heads."""
+    named = dict(model.named_modules())
+    by_id = {id(named[p]): st for p, st in stats.items() if p in named}
+    ties = _ties(model)
+    if plan.channels:
+        if graph is None or graph.model is not model:
+            graph = trace(model, inputs)
+        scorer = GroupScorer(imp, by_id, graph.dg)
+        ignored = [named[p] for p in plan.frozen if p in named]
+        per_layer = {named[p]: v for p, v in plan.channels.items() if v is not None and p in named}
+        where = [""]
+        with (
+            preserve_modes(model),
+            torch.enable_grad(),
+            warnings.catch_warnings(),
+            torch_pruning_fixes(MAX_GROUP_DEFAULT),
+            _reuse_graph(graph.dg),
+            guard(graph.time_limit, "pruning channels", where),
+        ):
+            warnings.simplefilter("ignore")
+            pruner = tp.pruner.MetaPruner(
+                model,
+                example_inputs=inputs.as_tuple(),
+                importance=scorer,
+                global_pruning=cfg.scope == "global",
+                pruning_ratio=ratio,
+                pruning_ratio_dict=per_layer or None,
+                iterative_steps=cfg.steps,
+                ignored_layers=ignored,
+                round_to=cfg.round_to,
+                forward_fn=lambda m, _: _call(m, inputs),
+                root_module_types=list(root_types()),
+                customized_pruners=None,
+            )
+            for _ in range(cfg.steps):
+                scorer.reset()
+                pruner.step()
+    _retie(model, ties)
+    if plan.heads:
+        specs = {s.path: s for s in find_attention(model)}
+        for path, value in plan.heads.items():
+            spec = specs.get(path)
+            if spec is None:
+                continue
+            r = value if value is not None else ratio
+            n = spec.removable(r)
+            if n <= 0:
+                continue
+            scorer_ = GroupScorer(imp, by_id, None)
+            remove = spec.choose(spec.head_scores(model, scorer_.element_scores), n)
+            spec.prune_heads(model, remove)
+            for s in plan.attention:
+                if s.path == path:
+                    s.heads, s.kv_heads = spec.heads, spec.kv_heads
+
+
+def _ties(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
+    """Parameters shared by several modules: ``[[(module, name), ...], ...]``."""
+    owners: dict[int, list[tuple[nn.Module, str]]] = {}
+    for m in model.modules():
+        for name, p in m._parameters.items():
+            if p is not None:
+                owners.setdefault(id(p), []).append((m, name))
+    return [o for o in owners.values() if len(o) > 1]
+
+
+def _retie(model: nn.Module, ties: list[list[tuple[nn.Module, str]]]) -> None:
+    """Share tied parameters again after pruning replaced them with separate copies."""
+    for owners in ties:
+        first_m, first_n = owners[0]
+        p = first_m._parameters[first_n]
+        for m, n in owners[1:]:
+            q = m._parameters[n]
+            if q is p:
+                continue
+            if q is None or p is None or q.shape != p.shape or not torch.equal(q, p):
+                raise RuntimeError(
+                    f"pruning split the tied parameter {type(first_m).__name__}.{first_n} "
+                    f"unevenly ({tuple(p.shape)} vs {tuple(q.shape)}); exclude one of the layers "
+                    f"that share it"
+                )
+            m._parameters[n] = p
+
+
+class _reuse_graph:
+    """Make torch-pruning's MetaPruner use an already built DependencyGraph."""
+
+    def __init__(self, dg: Any) -> None:
+        self.dg = dg
+
+    def __enter__(self) -> None:
+        self.saved = tp.dependency.DependencyGraph.build_dependency
+        dg = self.dg
+
+        def build_dependency(_self: Any, model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+            ignored_params = kwargs.get("ignored_params")
+            if ignored_params:
+                dg.ignored_params = ignored_params
+            return dg
+
+        tp.dependency.DependencyGraph.build_dependency = build_dependency
+
+    def __exit__(self, *exc: Any) -> None:
+        tp.dependency.DependencyGraph.build_dependency = self.saved
+
+
+def output_layers_by_identity(model: nn.Module, inputs: Inputs) -> list[str]:
+    """Layers whose output tensor is (a view of) a model output, found with forward hooks."""
+    from ..core.inputs import output_tensors
+
+    produced: dict[int, str] = {}
+    handles = []
+    for p, m in model.named_modules():
+        if isinstance(m, root_types()):
+
+            def hook(_m: nn.Module, _a: Any, out: Any, p: str = p) -> None:
+                if isinstance(out, torch.Tensor):
+                    produced[out.untyped_storage().data_ptr()] = p
+
+            handles.append(m.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            out = _call(model, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    found = []
+    for t in output_tensors(out):
+        p = produced.get(t.untyped_storage().data_ptr())
+        if p is not None:
+            found.append(p)
+    return found
+
+
+# -- Hugging Face configs -----------------------------------------------------------------------
+_WIDTH_FIELDS = [
+    (
+        "intermediate_size",
+        re.compile(r"(.*\.)?(mlp\.(up_proj|gate_proj|fc1)|intermediate\.dense)$"),
+    ),
+    ("n_inner", re.compile(r"(.*\.)?mlp\.c_fc$")),
+    ("encoder_ffn_dim", re.compile(r"(.*\.)?encoder\.layers\.\d+\.fc1$")),
+    ("decoder_ffn_dim", re.compile(r"(.*\.)?decoder\.layers\.\d+\.fc1$")),
+]
+
+
+def _reads_head_dim(module: nn.Module) -> bool:
+    """Whether an attention class takes its head size from ``config.head_dim``."""
+    import inspect
+
+    try:
+        src = inspect.getsource(type(module).__init__)
+    except (OSError, TypeError):
+        return False
+    return "config.head_dim" in src or '"head_dim"' in src
+
+
+def update_hf_config(model: nn.Module, attention: list[AttentionSpec]) -> list[str]:
+    """Bring a Hugging Face config in line with the pruned widths; notes on what it cannot say."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or not hasattr(cfg, "to_dict"):
+        return []
+    notes: list[str] = []
+    named = dict(model.named_modules())
+    for key, pattern in _WIDTH_FIELDS:
+        if not hasattr(cfg, key):
+            continue
+        widths = {
+            (m.out_features if isinstance(m, nn.Linear) else getattr(m, "nf", None))
+            for p, m in named.items()
+            if pattern.fullmatch(p)
+        }
+        widths.discard(None)
+        if len(widths) == 1:
+            w = widths.pop()
+            if getattr(cfg, key) != w:
+                setattr(cfg, key, w)
+        elif len(widths) > 1:
+            notes.append(
+                f"config.{key} cannot describe per-layer widths {sorted(widths)}; reload the "
+                f"model with nnslim.load, not from_pretrained"
+            )
+    if attention:
+        for prefix, field in (
+            ("encoder", "encoder_attention_heads"),
+            ("decoder", "decoder_attention_heads"),
+            ("", "num_attention_heads"),
+        ):
+            specs = [s for s in attention if not prefix or f"{prefix}." in f"{s.path}."]
+            if not specs or not hasattr(cfg, field):
+                continue
+            heads = {s.heads for s in specs}
+            kv = {s.kv_heads for s in specs}
+            dims = {s.head_dim for s in specs}
+            if len(heads) > 1 or len(kv) > 1 or len(dims) > 1:
+                notes.append(
+                    f"attention modules kept different head counts; config.{field} cannot say "
+                    f"so: reload with nnslim.load"
+                )
+                continue
+            h, k, d = heads.pop(), kv.pop(), dims.pop()
+            if getattr(cfg, field) == h:
+                continue
+            setattr(cfg, field, h)
+            if not prefix and getattr(cfg, "num_key_value_heads", None) is not None:
+                cfg.num_key_value_heads = k
+            cfg.head_dim = d
+            if not _reads_head_dim(specs[0].module):
+                notes.append(
+                    f"{type(specs[0].module).__name__} derives its head size from the hidden size "
+                    f"and config.{field}, so from_pretrained cannot rebuild {h} heads of size {d}; "
+                    f"reload with nnslim.load (or nnslim.hf.from_pretrained)"
+                )
+    return notes
 
 
 def _shapes(m: nn.Module) -> tuple[tuple[int, ...], ...]:

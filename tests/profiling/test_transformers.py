@@ -44,7 +44,10 @@ def test_llama_exact_with_and_without_grad(kv_heads):
 
 def test_bert_with_pooler_counts_everything():
     cfg = transformers.BertConfig(
-        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
         vocab_size=300,
     )
     model = transformers.BertModel(cfg).eval()

@@ -1,0 +1,294 @@
+"""Attention heads: find them, score them, remove whole heads, update attributes and configs.
+
+torch-pruning, given no head information, keeps rows scattered across heads, and it does not
+update attributes such as ``num_heads`` or Hugging Face config fields. nnslim handles attention
+itself: :func:`find_attention` recognises attention modules by their projections (separate
+``q/k/v`` + output projection, as in Llama, BERT, ViT, Whisper, or a fused ``c_attn`` as in
+GPT-2), :meth:`AttentionSpec.prune_heads` removes whole heads from every projection (with GQA,
+the same number of query heads inside each key/value group, so groups stay consistent) and
+updates the module's head attributes. The projections are then kept out of channel pruning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from .tp_compat import CONV1D_PRUNER, conv1d_type
+
+__all__ = ["AttentionSpec", "find_attention"]
+
+_Q = ("q_proj", "query", "q", "wq", "q_lin")
+_K = ("k_proj", "key", "k", "wk", "k_lin")
+_V = ("v_proj", "value", "v", "wv", "v_lin")
+_O = ("o_proj", "out_proj", "dense", "wo", "out_lin", "c_proj")
+_HEADS = ("num_heads", "num_attention_heads", "n_heads", "n_head")
+_KV_HEADS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
+_HEAD_DIM = ("head_dim", "attention_head_size", "head_size")
+
+
+def _child(m: nn.Module, names: tuple[str, ...]) -> tuple[str, nn.Module] | None:
+    for n in names:
+        c = m._modules.get(n)
+        if c is not None and _is_proj(c):
+            return n, c
+    return None
+
+
+def _is_proj(m: nn.Module) -> bool:
+    c = conv1d_type()
+    return isinstance(m, nn.Linear) or (c is not None and isinstance(m, c))
+
+
+def _out_features(m: nn.Module) -> int:
+    return m.out_features if isinstance(m, nn.Linear) else m.nf
+
+
+def _in_features(m: nn.Module) -> int:
+    return m.in_features if isinstance(m, nn.Linear) else m.weight.shape[0]
+
+
+def _attr(m: nn.Module, names: tuple[str, ...]) -> int | None:
+    for n in names:
+        v = m.__dict__.get(n)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None
+
+
+@dataclass
+class AttentionSpec:
+    """One attention module and the projections that carry its heads.
+
+    Attributes:
+        path: the attention module's path.
+        module: the attention module (whose head attributes get updated).
+        q, k, v: paths of the query/key/value projections (``None`` when fused).
+        qkv: path of a fused projection (GPT-2's ``c_attn``), else ``None``.
+        o: path of the output projection.
+        heads: query heads; kv_heads: key/value heads (``< heads`` for GQA); head_dim.
+    """
+
+    path: str
+    module: nn.Module
+    o: str
+    heads: int
+    kv_heads: int
+    head_dim: int
+    q: str | None = None
+    k: str | None = None
+    v: str | None = None
+    qkv: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def projections(self) -> list[str]:
+        return [p for p in (self.q, self.k, self.v, self.qkv, self.o) if p is not None]
+
+    @property
+    def groups(self) -> int:
+        """Query heads per key/value head."""
+        return self.heads // self.kv_heads
+
+    # -- scores ---------------------------------------------------------------------------------
+    def head_scores(self, model: nn.Module, elem: Any) -> torch.Tensor:
+        """Importance of each query head: its rows of q (and k, v without GQA) and columns of o.
+
+        ``elem(module) -> element scores shaped like module.weight``.
+        """
+        hd, h = self.head_dim, self.heads
+        score = torch.zeros(h)
+
+        def rows(path: str, offset: int = 0, n: int = h) -> torch.Tensor:
+            m = model.get_submodule(path)
+            s = elem(m)
+            s = s.t() if not isinstance(m, nn.Linear) else s  # Conv1D (in, out) -> (out, in)
+            block = s[offset : offset + n * hd].reshape(n, hd, -1)
+            return block.sum(dim=(1, 2)).float().cpu()
+
+        def cols(path: str) -> torch.Tensor:
+            m = model.get_submodule(path)
+            s = elem(m)
+            s = s if not isinstance(m, nn.Linear) else s.t()  # -> (in, out)
+            return s[: h * hd].reshape(h, hd, -1).sum(dim=(1, 2)).float().cpu()
+
+        if self.qkv is not None:
+            score += rows(self.qkv, 0)
+            score += rows(self.qkv, h * hd)
+            score += rows(self.qkv, 2 * h * hd)
+        else:
+            score += rows(self.q)  # type: ignore[arg-type]
+            if self.kv_heads == self.heads:
+                score += rows(self.k) + rows(self.v)  # type: ignore[arg-type]
+        score += cols(self.o)
+        return score
+
+    # -- pruning --------------------------------------------------------------------------------
+    def choose(self, scores: torch.Tensor, n_remove: int) -> list[int]:
+        """Query heads to remove: the lowest-scoring, the same number inside each KV group."""
+        if self.kv_heads == self.heads:
+            return sorted(scores.argsort()[:n_remove].tolist())
+        g = self.groups
+        per_group = n_remove // self.kv_heads
+        out: list[int] = []
+        for j in range(self.kv_heads):
+            block = scores[j * g : (j + 1) * g]
+            out.extend(j * g + int(i) for i in block.argsort()[:per_group])
+        return sorted(out)
+
+    def removable(self, ratio: float) -> int:
+        """How many query heads ``ratio`` removes (whole KV groups stay consistent; >= 1 kept)."""
+        if self.kv_heads == self.heads:
+            return min(int(ratio * self.heads), self.heads - 1)
+        per_group = min(int(ratio * self.groups), self.groups - 1)
+        return per_group * self.kv_heads
+
+    def prune_heads(self, model: nn.Module, remove: list[int]) -> None:
+        """Remove query heads ``remove`` (and their K/V heads without GQA)."""
+        if not remove:
+            return
+        hd = self.head_dim
+        chans = [h * hd + d for h in remove for d in range(hd)]
+        mha = self.kv_heads == self.heads
+
+        def out_fn(m: nn.Module) -> Any:
+            return (
+                tp.prune_linear_out_channels
+                if isinstance(m, nn.Linear)
+                else CONV1D_PRUNER.prune_out_channels
+            )
+
+        def in_fn(m: nn.Module) -> Any:
+            return (
+                tp.prune_linear_in_channels
+                if isinstance(m, nn.Linear)
+                else CONV1D_PRUNER.prune_in_channels
+            )
+
+        if self.qkv is not None:
+            m = model.get_submodule(self.qkv)
+            width = self.heads * hd
+            fused = chans + [width + c for c in chans] + [2 * width + c for c in chans]
+            out_fn(m)(m, fused)
+        else:
+            q = model.get_submodule(self.q)  # type: ignore[arg-type]
+            out_fn(q)(q, chans)
+            if mha:
+                for p in (self.k, self.v):
+                    m = model.get_submodule(p)  # type: ignore[arg-type]
+                    out_fn(m)(m, chans)
+        o = model.get_submodule(self.o)
+        in_fn(o)(o, chans)
+        new_heads = self.heads - len(remove)
+        new_kv = new_heads if mha else self.kv_heads
+        self._update_attrs(new_heads, new_kv)
+        self.heads, self.kv_heads = new_heads, new_kv
+
+    def _update_attrs(self, heads: int, kv_heads: int) -> None:
+        m = self.module
+        d = m.__dict__
+        for n in _HEADS:
+            if isinstance(d.get(n), int):
+                d[n] = heads
+        for n in _KV_HEADS:
+            if isinstance(d.get(n), int):
+                d[n] = kv_heads
+        if isinstance(d.get("num_key_value_groups"), int):
+            d["num_key_value_groups"] = heads // kv_heads
+        for n in ("all_head_size", "inner_dim"):
+            if isinstance(d.get(n), int):
+                d[n] = heads * self.head_dim
+        if self.qkv is not None and isinstance(d.get("split_size"), int):
+            d["split_size"] = heads * self.head_dim
+
+
+def _heads_of(m: nn.Module, q_out: int) -> tuple[int | None, int | None]:
+    heads = _attr(m, _HEADS)
+    hd = _attr(m, _HEAD_DIM)
+    cfg = m.__dict__.get("config")
+    if heads is None and cfg is not None and hd is None:
+        heads = getattr(cfg, "num_attention_heads", None)
+    if hd is None and heads:
+        hd = q_out // heads
+    if heads is None and hd:
+        heads = q_out // hd
+    return heads, hd
+
+
+def find_attention(model: nn.Module) -> list[AttentionSpec]:
+    """Every attention module nnslim knows how to prune by heads."""
+    specs: list[AttentionSpec] = []
+    named = dict(model.named_modules())
+    for path, m in named.items():
+
+        def join(n: str, p: str = path) -> str:
+            return f"{p}.{n}" if p else n
+
+        q, k, v = _child(m, _Q), _child(m, _K), _child(m, _V)
+        if q and k and v:
+            o = _child(m, _O)
+            o_path = join(o[0]) if o else None
+            if o is None:
+                # BERT / HF ViT: the output projection lives in the parent's `output.dense`
+                parent_path = path.rpartition(".")[0] if "." in path else ""
+                parent = named.get(parent_path)
+                out = parent._modules.get("output") if parent is not None else None
+                dense = out._modules.get("dense") if out is not None else None
+                if dense is not None and _is_proj(dense):
+                    o_path = f"{parent_path}.output.dense" if parent_path else "output.dense"
+            if o_path is None:
+                continue
+            q_out = _out_features(q[1])
+            heads, hd = _heads_of(m, q_out)
+            if not heads or not hd or heads * hd != q_out:
+                continue
+            k_out = _out_features(k[1])
+            if k_out % hd or _out_features(v[1]) != k_out:
+                continue
+            kv = k_out // hd
+            if heads % kv:
+                continue
+            o_mod = named[o_path]
+            if _in_features(o_mod) != q_out:
+                continue
+            specs.append(
+                AttentionSpec(
+                    path, m, o_path, heads, kv, hd, q=join(q[0]), k=join(k[0]), v=join(v[0])
+                )
+            )
+            continue
+        c = conv1d_type()
+        qkv = m._modules.get("c_attn")
+        proj = m._modules.get("c_proj")
+        if c is not None and isinstance(qkv, c) and isinstance(proj, c):
+            heads, hd = _heads_of(m, _in_features(proj))
+            if heads and hd and qkv.nf == 3 * heads * hd:
+                specs.append(
+                    AttentionSpec(path, m, join("c_proj"), heads, heads, hd, qkv=join("c_attn"))
+                )
+    return specs
+
+
+def unknown_attention_layers(model: nn.Module, known: list[AttentionSpec]) -> dict[str, str]:
+    """Projections inside attention-looking modules nnslim cannot prune by heads, with reasons."""
+    covered = {p for s in known for p in s.projections}
+    out: dict[str, str] = {}
+    for path, m in model.named_modules():
+        if isinstance(m, nn.MultiheadAttention):
+            for n, c in m.named_modules():
+                if n and isinstance(c, nn.Linear):
+                    out[f"{path}.{n}"] = (
+                        "nn.MultiheadAttention ties its heads to the embedding width"
+                    )
+            continue
+        name = type(m).__name__.lower()
+        if "attention" in name or name.endswith("attn"):
+            for n, c in m._modules.items():
+                full = f"{path}.{n}" if path else n
+                if c is not None and _is_proj(c) and full not in covered:
+                    out[full] = f"inside {type(m).__name__}, whose head layout nnslim does not know"
+    return out

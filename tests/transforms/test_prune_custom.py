@@ -1,0 +1,211 @@
+"""Pruning custom modules: concat, split, chunk, residual adds, grouped convs, weight tying;
+importances; unstructured and N:M sparsity."""
+
+import dataclasses
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import nnslim
+from nnslim.modules.masks import apply_masks
+from nnslim.transforms.importance import Importance, Magnitude, Taylor, Wanda
+
+
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.grouped = nn.Conv2d(16, 16, 3, padding=1, groups=4)
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.left = nn.Conv2d(8, 8, 1)
+        self.right = nn.Conv2d(8, 8, 1)
+        self.fuse = nn.Conv2d(16, 12, 1)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = x + torch.relu(self.dw(torch.relu(self.grouped(x))))  # residual
+        a, b = torch.chunk(x, 2, dim=1)  # chunk
+        y = torch.cat([self.left(a), self.right(b)], dim=1)  # concat
+        c, d = torch.split(y, y.shape[1] // 2, dim=1)  # split
+        y = torch.cat([d, c], dim=1)
+        return self.head(self.fuse(y).mean((2, 3)))
+
+
+class Tied(nn.Module):
+    def __init__(self, vocab=50, d=16, hidden=32):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.up = nn.Linear(d, hidden)
+        self.down = nn.Linear(hidden, d)
+        self.out = nn.Linear(d, vocab, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        h = h + self.down(torch.relu(self.up(h)))
+        return self.out(h)
+
+
+def test_branchy_prunes_consistently():
+    torch.manual_seed(0)
+    m = Branchy().eval()
+    x = torch.randn(1, 3, 8, 8)
+    report = nnslim.Prune(ratio=0.5).apply(m, x)
+    assert m(x).shape == (1, 3)
+    assert report.after.macs < report.before.macs
+    assert m.grouped.out_channels % m.grouped.groups == 0
+    assert m.dw.groups == m.dw.in_channels == m.dw.out_channels
+
+
+class Hardcoded(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.b = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        y, _ = torch.split(self.a(x), [4, 4], dim=1)  # sizes written into the code
+        return self.b(y)
+
+
+def test_hardcoded_split_fails_cleanly():
+    m = Hardcoded().eval()
+    with pytest.raises(RuntimeError, match="restored. Channel counts written into the forward"):
+        nnslim.Prune(ratio=0.5).apply(m, torch.randn(1, 3, 4, 4))
+    assert m.a.out_channels == 8
+
+
+def test_weight_tying_kept():
+    torch.manual_seed(0)
+    m = Tied().eval()
+    ids = torch.randint(0, 50, (1, 6))
+    nnslim.Prune(ratio=0.5).apply(m, ids)
+    assert m.out.weight is m.emb.weight
+    assert m.up.out_features == 16 and m(ids).shape == (1, 6, 50)
+
+
+def test_user_importance_is_an_extension_point():
+    @dataclasses.dataclass(frozen=True)
+    class KeepFirst(Importance):
+        """Channels earlier in the weight matter more."""
+
+        def score(self, weight, *, module, grad=None, input_norm=None):
+            ranks = torch.arange(weight.shape[0], 0, -1, dtype=torch.float32)
+            return ranks.reshape(-1, *([1] * (weight.dim() - 1))).expand_as(weight).clone()
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    w = m[0].weight.detach().clone()
+    t = nnslim.Prune(ratio=0.5, importance=KeepFirst())
+    assert nnslim.Transform.from_json(t.to_json()) == t
+    t.apply(m, torch.randn(1, 4))
+    assert torch.equal(m[0].weight, w[:4])
+
+
+@pytest.mark.parametrize("importance", ["taylor", "wanda"])
+def test_data_aware_importances_need_calibration(importance):
+    m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    with pytest.raises(ValueError, match="needs calibration data"):
+        nnslim.Prune(ratio=0.5, importance=importance).apply(m, torch.randn(1, 4))
+
+
+def test_wanda_prefers_channels_with_large_inputs():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    with torch.no_grad():
+        m[0].weight.fill_(1.0)
+        m[0].bias.zero_()
+        m[2].weight.fill_(1.0)
+    # inputs make hidden units 0..3 large, 4..7 small
+    scale = torch.tensor([10.0] * 4 + [0.1] * 4)
+    with torch.no_grad():
+        m[0].weight.mul_(scale[:, None])
+        m[2].weight.div_(scale[None, :])  # equal magnitude products through the layer
+    calib = [torch.rand(16, 4) for _ in range(2)]
+    nnslim.Prune(ratio=0.5, importance="wanda").apply(m, calibration=calib)
+    # fc2's inputs from units 0..3 are 100x larger: those channels are kept
+    assert torch.allclose(m[0].weight, torch.full((4, 4), 10.0))
+
+
+def test_taylor_uses_labels_from_loader():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    loader = [(torch.randn(8, 4), torch.randint(0, 3, (8,))) for _ in range(2)]
+    report = nnslim.Prune(ratio=0.25, importance="taylor").apply(m, calibration=loader)
+    assert m[0].out_features == 12
+    assert [c.path for c in report.changes] == ["0", "2"]
+
+
+def test_unstructured_magnitude_sparsity_and_masks(tmp_path):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    x = torch.randn(2, 16)
+    report = nnslim.Prune(ratio=0.5, structure="unstructured").apply(m, x)
+    assert m[0].weight_mask.dtype == torch.bool
+    assert float((m[0].weight == 0).float().mean()) == pytest.approx(0.5)
+    assert [s.path for s in report.skips] == ["2"]  # the output layer
+    assert report.after.sparsity == pytest.approx(16 * 32 * 0.5 / (16 * 32 + 32 * 4))
+    # masks survive save/load and are re-applied after training steps
+    nnslim.save(m, tmp_path / "m.safetensors")
+    m2 = nnslim.load(
+        tmp_path / "m.safetensors", nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    )
+    assert torch.equal(m2[0].weight_mask, m[0].weight_mask)
+    with torch.no_grad():
+        m2[0].weight.add_(1.0)
+    assert apply_masks(m2) == 1
+    assert torch.equal(m2[0].weight == 0, ~m[0].weight_mask)
+    assert os.path.getsize(tmp_path / "m.safetensors") > 0
+
+
+def test_two_four_sparsity():
+    torch.manual_seed(0)
+    m = nn.Sequential(
+        nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2)
+    ).eval()
+    calib = [torch.randn(4, 16)]
+    report = nnslim.Prune(structure="2:4", importance="wanda").apply(m, calibration=calib)
+    groups = m[0].weight.reshape(8, -1, 4)
+    assert ((groups != 0).sum(-1) <= 2).all()
+    assert (m[0].weight_mask.reshape(8, -1, 4).sum(-1) == 2).all()
+    assert [c.path for c in report.changes] == ["0", "2"]
+
+
+def test_n_m_skips_layers_that_do_not_divide():
+    m = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    report = nnslim.Prune(structure="2:4", select=["0", "2"]).apply(m, torch.randn(1, 6))
+    assert ("0", "input width 6 is not a multiple of 4 (2:4)") in [
+        (s.path, s.reason) for s in report.skips
+    ]
+
+
+def test_global_unstructured_uses_one_threshold():
+    torch.manual_seed(0)
+    m = nn.Sequential(
+        nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)
+    ).eval()
+    with torch.no_grad():
+        m[2].weight.mul_(100)
+    nnslim.Prune(ratio=0.4, structure="unstructured", scope="global").apply(m, torch.randn(1, 8))
+    assert float((m[0].weight == 0).float().mean()) > 0.75  # the small layer takes the cut
+    assert float((m[2].weight == 0).float().mean()) < 0.05
+
+
+def test_bad_structure_config():
+    with pytest.raises(ValueError, match="unknown value 'blocks'"):
+        nnslim.Prune(ratio=0.5, structure="blocks")
+    with pytest.raises(ValueError, match="keeps 2 of every 4 weights; do not also give ratio="):
+        nnslim.Prune(ratio=0.5, structure="2:4")
+    with pytest.raises(ValueError, match="need 0 < N < M"):
+        nnslim.Prune(structure="4:4")
+    with pytest.raises(ValueError, match="targets apply to structure='channels'"):
+        nnslim.Prune(macs=0.5, structure="unstructured")
+
+
+def test_importance_json_round_trip():
+    for imp in (Magnitude(p=1), Taylor(), Wanda()):
+        t = nnslim.Prune(ratio=0.2, importance=imp)
+        assert nnslim.Transform.from_json(t.to_json()) == t
