@@ -17,6 +17,8 @@ from .graph.trace import Graph, trace
 from .io import hf
 from .io.save import load, save
 from .profiling import Profile, profile, register_formula
+from .modules.masks import apply_masks
+from .transforms.importance import Importance
 from .transforms.prune import Prune
 from .transforms.quantize import Quantize
 
@@ -24,12 +26,14 @@ __all__ = [
     "Compose",
     "Context",
     "Graph",
+    "Importance",
     "Profile",
     "Prune",
     "Quantize",
     "Report",
     "Transform",
     "__version__",
+    "apply_masks",
     "hf",
     "load",
     "profile",

@@ -183,10 +183,39 @@ class AttentionSpec:
                     out_fn(m)(m, chans)
         o = model.get_submodule(self.o)
         in_fn(o)(o, chans)
+        if self.extra.get("swin"):
+            self._prune_swin(model, remove)
         new_heads = self.heads - len(remove)
         new_kv = new_heads if mha else self.kv_heads
         self._update_attrs(new_heads, new_kv)
         self.heads, self.kv_heads = new_heads, new_kv
+
+    def _prune_swin(self, model: nn.Module, remove: list[int]) -> None:
+        """torchvision Swin: per-head bias tables and scales; switch to the prunable twin."""
+        from ..modules import swin
+
+        m = self.module
+        keep = [h for h in range(self.heads) if h not in set(remove)]
+        idx = torch.tensor(keep)
+
+        def cut(t: torch.Tensor, dim: int) -> nn.Parameter:
+            return nn.Parameter(
+                t.detach().index_select(dim, idx.to(t.device)), requires_grad=t.requires_grad
+            )
+
+        if "relative_position_bias_table" in m._parameters:
+            m.relative_position_bias_table = cut(m.relative_position_bias_table, 1)
+        if "logit_scale" in m._parameters:
+            m.logit_scale = cut(m.logit_scale, 0)
+        cpb = m._modules.get("cpb_mlp")
+        if cpb is not None:
+            last = cpb[-1]
+            tp.prune_linear_out_channels(last, [h for h in remove])
+        if not isinstance(m, (swin.HeadPrunableSwinAttention, swin.HeadPrunableSwinAttentionV2)):
+            new = swin.convert(m, self.head_dim)
+            parent, _, name = self.path.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, name, new)
+            self.module = new
 
     def _update_attrs(self, heads: int, kv_heads: int) -> None:
         m = self.module
@@ -261,6 +290,16 @@ def find_attention(model: nn.Module) -> list[AttentionSpec]:
                 )
             )
             continue
+        if _is_swin(m):
+            qkv_m, proj = m._modules.get("qkv"), m._modules.get("proj")
+            heads = _attr(m, ("num_heads",))
+            if isinstance(qkv_m, nn.Linear) and isinstance(proj, nn.Linear) and heads:
+                hd = qkv_m.out_features // 3 // heads
+                if hd * 3 * heads == qkv_m.out_features and proj.in_features == heads * hd:
+                    spec = AttentionSpec(path, m, join("proj"), heads, heads, hd, qkv=join("qkv"))
+                    spec.extra["swin"] = True
+                    specs.append(spec)
+            continue
         c = conv1d_type()
         qkv = m._modules.get("c_attn")
         proj = m._modules.get("c_proj")
@@ -271,6 +310,14 @@ def find_attention(model: nn.Module) -> list[AttentionSpec]:
                     AttentionSpec(path, m, join("c_proj"), heads, heads, hd, qkv=join("c_attn"))
                 )
     return specs
+
+
+def _is_swin(m: nn.Module) -> bool:
+    try:
+        from torchvision.models.swin_transformer import ShiftedWindowAttention
+    except Exception:  # pragma: no cover - torchvision missing
+        return False
+    return isinstance(m, ShiftedWindowAttention)
 
 
 def unknown_attention_layers(model: nn.Module, known: list[AttentionSpec]) -> dict[str, str]:

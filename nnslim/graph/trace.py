@@ -21,7 +21,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from ..core.inputs import Inputs, as_inputs, output_tensors, run_model
+from ..core.inputs import Inputs, as_inputs, forward_error, output_tensors
 from .attention import AttentionSpec, find_attention, unknown_attention_layers
 from .tp_compat import TraceError, conv1d_type, customized_pruners, guard, torch_pruning_fixes
 
@@ -263,12 +263,32 @@ def build_dependency(
 
 
 def _call(model: nn.Module, inputs: Inputs) -> Any:
-    """Forward for tracing: Hugging Face models without a KV cache (it adds cycles)."""
+    """Forward for tracing: Hugging Face models without a KV cache (it adds cycles); models on
+    the ``meta`` device run under a FakeTensorMode (no memory, and code that inspects values,
+    such as Hugging Face's mask helpers, sees a tracing run)."""
     kwargs = dict(inputs.kwargs)
     config = getattr(model, "config", None)
     if config is not None and getattr(config, "use_cache", False) and "use_cache" not in kwargs:
         kwargs["use_cache"] = False
-    return model(*inputs.args, **kwargs)
+    with fake_mode_if_meta(model):
+        return model(*inputs.args, **kwargs)
+
+
+def is_meta(model: nn.Module) -> bool:
+    """Whether the model's parameters live on the ``meta`` device."""
+    p = next(iter(model.parameters()), None)
+    return p is not None and p.device.type == "meta"
+
+
+@contextlib.contextmanager
+def fake_mode_if_meta(model: nn.Module) -> Iterator[None]:
+    if not is_meta(model):
+        yield
+        return
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        yield
 
 
 def trace(
@@ -306,7 +326,11 @@ def trace(
     inputs = as_inputs(example_inputs)
     if inputs is None:
         raise TypeError("trace: example_inputs is required.")
-    run_model(model, inputs)
+    try:
+        with torch.no_grad():
+            _call(model, inputs)
+    except Exception as e:
+        raise forward_error(model, inputs, e, "example_inputs") from e
     t0 = time.perf_counter()
     dg, grad_fns = build_dependency(model, inputs, time_limit=time_limit)
     return Graph(

@@ -175,6 +175,48 @@ class Prune(Transform):
             report.note(note)
 
     # -- planning -------------------------------------------------------------------------------
+    def plan(self, model: nn.Module, example_inputs: Any) -> PrunePlan:
+        """What ``apply`` would remove, without changing the model: a structural dry run.
+
+        Works on models built on the ``meta`` device (no weights allocated), so a large model's
+        pruning can be planned before it is loaded. Only ``structure="channels"`` with
+        ``ratio=`` or per-module ratios can be planned (targets need real pruning to measure).
+
+        Returns:
+            A :class:`PrunePlan`: heads and channels before and after, per group, and the
+            modules left alone with reasons.
+        """
+        if self.structure != "channels" or self.macs is not None or self.params is not None:
+            raise ValueError(
+                "Prune.plan: only structure='channels' with ratio= (or per-module ratios) can be "
+                "planned without pruning."
+            )
+        from ..core.inputs import as_inputs
+
+        inputs = as_inputs(example_inputs)
+        if inputs is None:
+            raise TypeError("Prune.plan: example_inputs is required.")
+        graph = trace(model, inputs)
+        report = Report("Prune.plan")
+        plan = self._plan(model, graph, report)
+        named = dict(model.named_modules())
+        groups = graph.groups(ignored=plan.frozen)
+        ratio = self.ratio or 0.0
+        channels = []
+        for g in groups:
+            if g.root not in plan.channels:
+                continue
+            r = plan.channels[g.root] if plan.channels[g.root] is not None else ratio
+            keep = _kept(g.channels, r, self.round_to)
+            channels.append((g.root, g.channels, keep, [p for p, _ in g.members]))
+        heads = []
+        for path, value in plan.heads.items():
+            spec = next(s for s in plan.attention if s.path == path)
+            r = value if value is not None else ratio
+            heads.append((path, spec.heads, spec.heads - spec.removable(r), spec.kv_heads))
+        del named
+        return PrunePlan(channels, heads, [(s.path, s.reason) for s in report.skips], graph.seconds)
+
     def _plan(self, model: nn.Module, graph: Graph, report: Report) -> _Plan:
         named = dict(model.named_modules())
         outputs = set(graph.output_layers())
@@ -341,6 +383,46 @@ class Prune(Transform):
                 sparsity=round(zeros, 4),
                 pattern=self.structure,
             )
+
+
+def _kept(channels: int, ratio: float, round_to: int | None) -> int:
+    """Channels kept by torch-pruning's local rule (including its rounding)."""
+    keep = int(channels * (1 - ratio))
+    if round_to and keep % round_to:
+        keep += round_to - keep % round_to
+    return min(max(keep, 1), channels)
+
+
+@dataclass
+class PrunePlan:
+    """The result of :meth:`Prune.plan`.
+
+    Attributes:
+        channels: ``(root, channels, kept, coupled layers)`` per group to prune.
+        heads: ``(attention, heads, kept heads, key/value heads)`` per attention module.
+        skips: ``(module, reason)`` for every candidate left alone.
+        trace_seconds: time spent tracing.
+    """
+
+    channels: list[tuple[str, int, int, list[str]]]
+    heads: list[tuple[str, int, int, int]]
+    skips: list[tuple[str, str]]
+    trace_seconds: float
+
+    def table(self, max_rows: int = 20) -> str:
+        from ..core.table import format_table
+
+        parts = []
+        if self.heads:
+            rows = [[p, h, k, kv] for p, h, k, kv in self.heads[:max_rows]]
+            parts.append(format_table(["attention", "heads", "kept", "kv heads"], rows))
+        if self.channels:
+            rows = [[r, c, k, len(m)] for r, c, k, m in self.channels[:max_rows]]
+            parts.append(format_table(["group root", "channels", "kept", "coupled"], rows))
+        return "\n\n".join(parts)
+
+    def __str__(self) -> str:
+        return self.table()
 
 
 @dataclass

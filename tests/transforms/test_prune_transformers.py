@@ -217,3 +217,32 @@ def test_trace_guard_names_the_module(monkeypatch):
     g = nnslim.trace(model.eval(), x, time_limit=1.0)
     with pytest.raises(TraceError, match=r"did not finish within 1 s \(at model\.layers\.0\."):
         g.groups()
+
+
+def test_plan_on_meta_matches_apply():
+    cfg = tf.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        vocab_size=300,
+    )
+    with torch.device("meta"):
+        meta = tf.LlamaForCausalLM(cfg).eval()
+    t = nnslim.Prune(ratio=0.5, round_to=8)
+    plan = t.plan(meta, {"input_ids": torch.zeros(1, 4, dtype=torch.long, device="meta")})
+    assert meta.model.layers[0].mlp.up_proj.weight.device.type == "meta"  # nothing allocated
+    assert [h[1:] for h in plan.heads] == [(8, 4, 2), (8, 4, 2)]
+    assert [c[:3] for c in plan.channels] == [
+        ("model.layers.0.mlp.gate_proj", 176, 88),
+        ("model.layers.1.mlp.gate_proj", 176, 88),
+    ]
+    assert "model.layers.0.mlp.up_proj" in plan.channels[0][3]
+    assert "lm_head" in [p for p, _ in plan.skips]
+    torch.manual_seed(0)
+    real = tf.LlamaForCausalLM(cfg).eval()
+    t.apply(real, ids())
+    assert real.model.layers[0].mlp.gate_proj.out_features == 88
+    assert real.model.layers[0].self_attn.q_proj.out_features == 4 * 8
+    assert "gate_proj" in str(plan)
