@@ -19,7 +19,6 @@ import time
 import warnings
 
 import torch
-
 from _common import print_table, write_json
 
 import nnslim

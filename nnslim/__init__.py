@@ -16,8 +16,8 @@ from .core.transform import Compose, Context, Transform
 from .graph.trace import Graph, trace
 from .io import hf
 from .io.save import load, save
-from .profiling import Profile, profile, register_formula
 from .modules.masks import apply_masks
+from .profiling import Profile, profile, register_formula
 from .transforms.importance import Importance
 from .transforms.prune import Prune
 from .transforms.quantize import Quantize

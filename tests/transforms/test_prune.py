@@ -174,3 +174,13 @@ def test_only_output_layers_selected_is_an_error():
 def test_untraceable_forward_is_clear():
     with pytest.raises(ValueError, match="TinyCNN.forward failed"):
         nnslim.Prune(ratio=0.5).apply(TinyCNN(), torch.randn(1, 4, 8, 8))
+
+
+def test_iterative_steps_reach_the_same_sizes():
+    a, b = TinyMLP(hidden=32), TinyMLP(hidden=32)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 16)
+    nnslim.Prune(ratio=0.5).apply(a, x)
+    report = nnslim.Prune(ratio=0.5, steps=4).apply(b, x)
+    assert (a.fc1.out_features, a.fc2.out_features) == (b.fc1.out_features, b.fc2.out_features) == (16, 16)
+    assert report.after.params == nnslim.profile(a, x).params
