@@ -20,7 +20,7 @@ from .modules.masks import apply_masks
 from .profiling import Profile, profile, register_formula
 from .transforms.importance import Importance
 from .transforms.prune import Prune
-from .transforms.quantize import Quantize
+from .transforms.quantize import Quantize, convert
 
 __all__ = [
     "Compose",
@@ -34,6 +34,7 @@ __all__ = [
     "Transform",
     "__version__",
     "apply_masks",
+    "convert",
     "hf",
     "load",
     "profile",

@@ -54,6 +54,26 @@ CASES = [
         nnslim.Compose([nnslim.Prune(ratio=0.25), nnslim.Quantize()]), make_cnn, CNN_X, id="compose"
     ),
     TransformCase(DropHalfBias(), make_mlp, MLP_X, id="user-transform"),
+    TransformCase(
+        nnslim.Quantize(scheme="int8-dynamic"), make_mlp, MLP_X, id="quantize-int8-dynamic"
+    ),
+    TransformCase(
+        nnslim.Quantize(scheme="int4", group_size=32, select=["fc2"]),
+        make_mlp,
+        MLP_X,
+        id="quantize-int4",
+    ),
+    TransformCase(
+        nnslim.Quantize(scheme="int8", method="gptq"),
+        make_mlp,
+        MLP_X,
+        calibration=[torch.randn(8, 16) for _ in range(2)],
+        id="quantize-gptq",
+    ),
+    TransformCase(nnslim.Quantize(qat=True), make_mlp, MLP_X, id="quantize-qat"),
+    TransformCase(
+        nnslim.Prune(ratio=0.5, structure="unstructured"), make_mlp, MLP_X, id="prune-unstructured"
+    ),
 ]
 
 

@@ -158,3 +158,162 @@ def collect(
         for p in model.parameters():
             p.grad = saved_grads.get(id(p))
     return stats
+
+
+# -- block-sequential calibration -------------------------------------------------------------
+class _Stop(Exception):
+    pass
+
+
+def block_of(path: str, named: dict[str, nn.Module]) -> str | None:
+    """The repeated block holding ``path``: the outermost prefix ``X.N`` that is an item of a
+    ModuleList/Sequential (``model.layers.3`` for ``model.layers.3.mlp.up_proj``)."""
+    parts = path.split(".")
+    for i in range(1, len(parts)):
+        if parts[i].isdigit():
+            container = ".".join(parts[:i])
+            if (
+                isinstance(named.get(container), (nn.ModuleList, nn.Sequential))
+                and i < len(parts) - 1
+            ):
+                return ".".join(parts[: i + 1])
+    return None
+
+
+def _replace_first(args: tuple[Any, ...], value: Any) -> tuple[Any, ...]:
+    return (value, *args[1:]) if args else args
+
+
+def run_sequential(
+    model: nn.Module,
+    batches: list[Inputs],
+    layers: dict[str, nn.Module],
+    process: Any,
+    *,
+    norms: bool = False,
+    gram: bool = False,
+    rows: int = 0,
+) -> None:
+    """Calibrate ``layers`` block by block, calling ``process(paths, stats)`` after each block.
+
+    Layers are grouped by their repeated block (a transformer layer, a ResNet stage...). The
+    statistics of a block's layers are gathered with every earlier block already processed
+    (quantized), as GPTQ prescribes, and only one block's statistics are held at a time.
+    Consecutive blocks of one container are fed the previous block's outputs directly; the
+    rest runs the model up to the block.
+
+    Args:
+        model: the model.
+        batches: calibration inputs.
+        layers: path -> layer to calibrate.
+        process: ``process(paths, stats)``: may replace the layers (the block object stays).
+        norms, gram: statistics to gather (see :func:`collect`).
+        rows: keep up to this many input rows per layer in ``stats.extra["rows"]``.
+    """
+    named = dict(model.named_modules())
+    order = {p: i for i, p in enumerate(named)}
+    groups: dict[str | None, list[str]] = {}
+    for p in sorted(layers, key=lambda p: order[p]):
+        b = block_of(p, named)
+        groups.setdefault(b if b is not None else p, []).append(p)
+    keys = list(groups)
+    cached: list[tuple[tuple[Any, ...], dict[str, Any]]] | None = None
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        for gi, key in enumerate(keys):
+            paths = groups[key]
+            block = named.get(key) if key is not None and key not in layers else None
+            stats = {p: LayerStats() for p in paths}
+            handles = [_stat_hook(named[p], stats[p], norms, gram, rows) for p in paths]
+            try:
+                if block is not None and cached is not None:
+                    with torch.no_grad():
+                        for a, k in cached:
+                            block(*a, **k)
+                else:
+                    cached = _run_until(model, batches, block if block is not None else named[key])
+            finally:
+                for h in handles:
+                    h.remove()
+            process(paths, stats)
+            nxt = keys[gi + 1] if gi + 1 < len(keys) else None
+            if (
+                block is not None
+                and cached is not None
+                and nxt is not None
+                and _consecutive(key, nxt, named)
+            ):
+                with torch.no_grad():
+                    outs = []
+                    for a, k in cached:
+                        out = block(*a, **k)
+                        out = out[0] if isinstance(out, (tuple, list)) else out
+                        outs.append((_replace_first(a, out), k))
+                cached = outs
+            else:
+                cached = None
+    finally:
+        for m, t in modes:
+            m.training = t
+
+
+def _consecutive(a: str | None, b: str | None, named: dict[str, nn.Module]) -> bool:
+    if a is None or b is None:
+        return False
+    pa, _, ia = a.rpartition(".")
+    pb, _, ib = b.rpartition(".")
+    return pa == pb and ia.isdigit() and ib.isdigit() and int(ib) == int(ia) + 1 and b in named
+
+
+def _run_until(
+    model: nn.Module, batches: list[Inputs], stop_at: nn.Module
+) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
+    """Run batches until ``stop_at`` has run; return its inputs (args, kwargs) per batch."""
+    captured: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+
+    def pre(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        captured.append((args, dict(kwargs)))
+
+    def post(*_: Any) -> None:
+        raise _Stop
+
+    h1 = stop_at.register_forward_pre_hook(pre, with_kwargs=True)
+    h2 = stop_at.register_forward_hook(post)
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                try:
+                    batch.call(model)
+                except _Stop:
+                    pass
+    finally:
+        h1.remove()
+        h2.remove()
+    return captured
+
+
+def _stat_hook(m: nn.Module, st: LayerStats, norms: bool, gram: bool, keep_rows: int) -> Any:
+    def hook(_mod: nn.Module, args: tuple[Any, ...], _out: Any) -> None:
+        x = args[0] if args else None
+        if not isinstance(x, torch.Tensor):
+            return
+        r = _rows(m, x.detach()).float()
+        st.rows += r.shape[0]
+        if norms:
+            sq = r.pow(2).sum(0)
+            st.sq_sum = sq if st.sq_sum is None else st.sq_sum + sq
+            amax = r.abs().amax(0)
+            prev = st.extra.get("amax")
+            st.extra["amax"] = amax if prev is None else torch.maximum(prev, amax)
+            st.extra["abs_sum"] = r.abs().sum(0) + st.extra.get("abs_sum", 0)
+        if gram and not isinstance(m, nn.modules.conv._ConvNd):
+            g = r.t() @ r
+            st.gram = g if st.gram is None else st.gram + g
+        if keep_rows:
+            have = st.extra.setdefault("rows", [])
+            n = sum(t.shape[0] for t in have)
+            if n < keep_rows:
+                have.append(r[: keep_rows - n].clone())
+
+    return m.register_forward_hook(hook)

@@ -2,16 +2,42 @@
 
 Every module stores its integer weights and scales as buffers (so ``state_dict`` and
 :func:`nnslim.save` write the real, small tensors) and reports them to the profiler through
-``nnslim_weight_buffers``.
+``nnslim_weight_buffers``. Kernel-specific packed layouts are built lazily on first use and
+kept outside the state (they are a cache, not data).
+
+Kernels (all in core torch, chosen per call; measured in ``benchmarks/quantize.py``):
+
+* :class:`Int8Linear` (weight-only): ``aten._weight_int8pack_mm`` on bf16 activations when
+  ``in_features % 8 == 0`` (the kernel mis-computes other widths), else a dequantized matmul.
+* :class:`Int8DynamicLinear`: activations quantized per token at run time; oneDNN's u8s8 GEMM
+  (``onednn.qlinear_pointwise``) where available, else ``torch._int_mm``.
+* :class:`Int4Linear` (weight-only, group-wise asymmetric): ``aten._weight_int4pack_mm_for_cpu``
+  on bf16 activations (output rows padded to a multiple of 16 for the kernel).
+* :class:`Int8Conv2d`: int8 storage, dequantized per forward.
 """
 
 from __future__ import annotations
+
+import weakref
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Int8Conv2d", "Int8Linear", "quantize_per_channel"]
+__all__ = [
+    "Int4Linear",
+    "Int8Conv2d",
+    "Int8DynamicLinear",
+    "Int8Linear",
+    "pack_int4",
+    "quantize_groupwise",
+    "quantize_per_channel",
+    "unpack_int4",
+]
+
+# packed kernel layouts, per module (rebuilt on demand; never saved)
+_PACKED: weakref.WeakKeyDictionary[nn.Module, tuple[Any, ...]] = weakref.WeakKeyDictionary()
 
 
 def quantize_per_channel(w: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -26,15 +52,77 @@ def quantize_per_channel(w: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, 
     amax = flat.abs().amax(dim=1)
     scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
     q = torch.round(flat / scale[:, None]).clamp(-qmax, qmax).to(torch.int8)
-    return q.reshape(w.shape), scale
+    return q.reshape(w.shape).contiguous(), scale
 
 
-class Int8Linear(nn.Module):
-    """``nn.Linear`` with int8 weights (per-output-channel scales), weight-only.
+def quantize_groupwise(
+    w: torch.Tensor, group_size: int, bits: int = 4
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric group-wise quantization along the input dim of ``w`` ``(out, in)``.
 
-    When ``in_features`` is a multiple of 8 it runs ``aten._weight_int8pack_mm`` on bf16
-    activations (the fast CPU kernel; the output goes back to the input dtype); otherwise it
-    dequantizes the weight and runs a float matmul (the kernel mis-computes for other widths).
+    Returns:
+        ``(q, scale, minimum)``: integer codes ``q`` in ``[0, 2**bits - 1]`` (int32,
+        ``(out, in)``), and per-group ``scale`` and ``minimum`` of shape ``(out, in/group)``
+        with ``w ~= q * scale + minimum``.
+    """
+    out, inp = w.shape
+    levels = 2**bits - 1
+    g = w.detach().float().reshape(out, inp // group_size, group_size)
+    mn = g.amin(-1)
+    mx = g.amax(-1)
+    scale = ((mx - mn) / levels).clamp_min(1e-8)
+    q = torch.round((g - mn[..., None]) / scale[..., None]).clamp(0, levels).to(torch.int32)
+    return q.reshape(out, inp).contiguous(), scale, mn
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Two 4-bit codes per byte: ``(out, in)`` int codes -> ``(out, in/2)`` uint8 (high nibble first)."""
+    q = q.to(torch.uint8)
+    return ((q[:, 0::2] << 4) | q[:, 1::2]).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_int4`, as int32 codes."""
+    hi = (packed >> 4).to(torch.int32)
+    lo = (packed & 0xF).to(torch.int32)
+    return torch.stack([hi, lo], dim=-1).reshape(packed.shape[0], -1)
+
+
+def _linear_weight(m: nn.Module) -> torch.Tensor:
+    """``(out, in)`` weight of an ``nn.Linear`` or Hugging Face ``Conv1D``."""
+    if isinstance(m, nn.Linear):
+        return m.weight
+    return m.weight.t()  # Conv1D stores (in, out)
+
+
+def _check_finite(w: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(w).all():
+        raise ValueError(f"{what} has NaN or Inf weights; fix or exclude it before quantizing.")
+
+
+class _QuantLinearBase(nn.Module):
+    in_features: int
+    out_features: int
+
+    def _init_bias(self, bias: bool) -> None:
+        self.bias = nn.Parameter(torch.zeros(self.out_features)) if bias else None
+
+    def _finish(self, y: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        y = y.to(dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(dtype)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def _smooth(self, x: torch.Tensor) -> torch.Tensor:
+        s = self._buffers.get("smooth")
+        return x if s is None else x / s.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class Int8Linear(_QuantLinearBase):
+    """``nn.Linear`` with int8 weights (symmetric, per output channel), weight-only.
 
     Args:
         in_features: input width.
@@ -48,18 +136,17 @@ class Int8Linear(nn.Module):
         self.out_features = out_features
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scale", torch.ones(out_features))
-        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self._init_bias(bias)
 
     @classmethod
-    def from_float(cls, linear: nn.Module) -> Int8Linear:
-        """Quantize a ``nn.Linear`` (round to nearest)."""
-        w = linear.weight
+    def from_float(cls, linear: nn.Module, weight: torch.Tensor | None = None) -> Int8Linear:
+        """Quantize an ``nn.Linear``/``Conv1D`` (round to nearest, or a given ``weight``)."""
+        w = _linear_weight(linear) if weight is None else weight
         m = cls(w.shape[1], w.shape[0], bias=linear.bias is not None)
         q, s = quantize_per_channel(w)
-        m.qweight = q.to(w.device)
-        m.scale = s.to(w.device)
+        m.qweight, m.scale = q.to(w.device), s.to(w.device)
         if linear.bias is not None:
-            m.bias = nn.Parameter(linear.bias.detach().clone())
+            m.bias = nn.Parameter(linear.bias.detach().float().clone())
         return m
 
     def nnslim_weight_buffers(self) -> dict[str, int]:
@@ -81,16 +168,244 @@ class Int8Linear(nn.Module):
         if self.in_features % 8 == 0 and x.device.type == "cpu":
             y = torch.ops.aten._weight_int8pack_mm(
                 x2.to(torch.bfloat16), self.qweight, self.scale.to(torch.bfloat16)
-            ).to(x.dtype)
+            )
         else:
-            y = F.linear(x2, self.dequantize().to(x.dtype))
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y.reshape(*shape[:-1], self.out_features)
+            y = F.linear(x2.float(), self.dequantize())
+        return self._finish(y, shape, x.dtype)
+
+
+def _onednn_available() -> bool:
+    return hasattr(torch.ops, "onednn") and hasattr(torch.ops.onednn, "qlinear_pointwise")
+
+
+_VNNI: bool | None = None
+
+
+def cpu_has_vnni() -> bool:
+    """Whether this x86 CPU has VNNI (u8 x s8 dot products without int16 saturation)."""
+    global _VNNI
+    if _VNNI is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                flags = f.read()
+            _VNNI = "avx512_vnni" in flags or "avx_vnni" in flags or "amx_int8" in flags
+        except OSError:
+            _VNNI = False
+    return _VNNI
+
+
+class Int8DynamicLinear(_QuantLinearBase):
+    """``nn.Linear`` with int8 weights and int8 activations quantized per token at run time.
+
+    ``smooth`` (optional, per input channel) divides the activations before quantization; the
+    weight was multiplied by it (SmoothQuant), which moves activation outliers into the weight.
+    """
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = True, smooth: bool = False
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scale", torch.ones(out_features))
+        if smooth:
+            self.register_buffer("smooth", torch.ones(in_features))
+        self._init_bias(bias)
+
+    @classmethod
+    def from_float(
+        cls,
+        linear: nn.Module,
+        weight: torch.Tensor | None = None,
+        smooth: torch.Tensor | None = None,
+    ) -> Int8DynamicLinear:
+        """Quantize (``weight`` already multiplied by ``smooth`` when given)."""
+        w = _linear_weight(linear) if weight is None else weight
+        m = cls(w.shape[1], w.shape[0], bias=linear.bias is not None, smooth=smooth is not None)
+        q, s = quantize_per_channel(w)
+        m.qweight, m.scale = q.to(w.device), s.to(w.device)
+        if smooth is not None:
+            m.smooth = smooth.detach().float().to(w.device)
+        if linear.bias is not None:
+            m.bias = nn.Parameter(linear.bias.detach().float().clone())
+        return m
+
+    nnslim_weight_buffers = Int8Linear.nnslim_weight_buffers
+    nnslim_zero_weights = Int8Linear.nnslim_zero_weights
+
+    def nnslim_describe(self) -> str:
+        return f"Int8DynamicLinear {self.in_features}->{self.out_features}"
+
+    def dequantize(self) -> torch.Tensor:
+        w = self.qweight.float() * self.scale[:, None]
+        s = self._buffers.get("smooth")
+        return w if s is None else w / s[None, :]
+
+    def _packed(self) -> Any:
+        cached = _PACKED.get(self)
+        if cached is None or cached[0] is not self.qweight:
+            cached = (self.qweight, torch.ops.onednn.qlinear_prepack(self.qweight, None))
+            _PACKED[self] = cached
+        return cached[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = self._smooth(x.reshape(-1, shape[-1]).float())
+        if x.device.type == "cpu" and _onednn_available():
+            # without VNNI, u8 x s8 pairs are summed in int16 and saturate: use 7-bit
+            # activations (as fbgemm's reduce_range does)
+            half = 127 if cpu_has_vnni() else 63
+            sx = (x2.abs().amax(dim=1, keepdim=True) / half).clamp_min(1e-12)
+            xq = (torch.round(x2 / sx) + (half + 1)).clamp(0, 2 * half + 1).to(torch.uint8)
+            zp = torch.zeros(self.out_features, dtype=torch.int64)
+            y = torch.ops.onednn.qlinear_pointwise(
+                xq,
+                1.0,
+                half + 1,
+                self._packed(),
+                self.scale,
+                zp,
+                None,
+                1.0,
+                0,
+                torch.float32,
+                "none",
+                [],
+                "",
+            )
+            y = y * sx
+        else:
+            sx = (x2.abs().amax(dim=1, keepdim=True) / 127).clamp_min(1e-12)
+            xq = torch.round(x2 / sx).clamp(-127, 127).to(torch.int8)
+            y = torch._int_mm(xq, self.qweight.t()).float() * sx * self.scale
+        return self._finish(y, shape, x.dtype)
+
+
+class Int4Linear(_QuantLinearBase):
+    """``nn.Linear`` with 4-bit weights, asymmetric per group of ``group_size`` inputs.
+
+    Storage: two codes per byte plus a bf16 scale and minimum per group, about 1/7.5 of fp32
+    at group size 128. ``smooth`` (optional) divides the activations (activation-aware scaling).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        group_size: int = 128,
+        smooth: bool = False,
+    ) -> None:
+        super().__init__()
+        if in_features % group_size or in_features % 2:
+            raise ValueError(
+                f"Int4Linear: group_size {group_size} must divide in_features {in_features}"
+            )
+        self.in_features = in_features
+        self.out_features = out_features
+        self.group_size = group_size
+        groups = in_features // group_size
+        self.register_buffer(
+            "qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8)
+        )
+        self.register_buffer("scales", torch.ones(out_features, groups, dtype=torch.bfloat16))
+        self.register_buffer("mins", torch.zeros(out_features, groups, dtype=torch.bfloat16))
+        if smooth:
+            self.register_buffer("smooth", torch.ones(in_features))
+        self._init_bias(bias)
+
+    @classmethod
+    def from_codes(
+        cls,
+        linear: nn.Module,
+        q: torch.Tensor,
+        scale: torch.Tensor,
+        minimum: torch.Tensor,
+        group_size: int,
+        smooth: torch.Tensor | None = None,
+    ) -> Int4Linear:
+        """Build from integer codes and group parameters (see :func:`quantize_groupwise`)."""
+        out, inp = q.shape
+        m = cls(
+            inp, out, bias=linear.bias is not None, group_size=group_size, smooth=smooth is not None
+        )
+        dev = q.device
+        m.qweight = pack_int4(q).to(dev)
+        m.scales = scale.to(torch.bfloat16).to(dev)
+        m.mins = minimum.to(torch.bfloat16).to(dev)
+        if smooth is not None:
+            m.smooth = smooth.detach().float().to(dev)
+        if linear.bias is not None:
+            m.bias = nn.Parameter(linear.bias.detach().float().clone())
+        return m
+
+    @classmethod
+    def from_float(
+        cls,
+        linear: nn.Module,
+        group_size: int = 128,
+        weight: torch.Tensor | None = None,
+        smooth: torch.Tensor | None = None,
+    ) -> Int4Linear:
+        """Quantize (round to nearest)."""
+        w = _linear_weight(linear) if weight is None else weight
+        q, s, mn = quantize_groupwise(w, group_size)
+        return cls.from_codes(linear, q, s, mn, group_size, smooth)
+
+    def nnslim_weight_buffers(self) -> dict[str, int]:
+        return {"qweight": self.qweight.numel() * 2, "scales": 0, "mins": 0}
+
+    def nnslim_zero_weights(self) -> int:
+        return 0
+
+    def nnslim_describe(self) -> str:
+        return f"Int4Linear {self.in_features}->{self.out_features} g{self.group_size}"
 
     def extra_repr(self) -> str:
-        bias = self.bias is not None
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={bias}"
+        return super().extra_repr() + f", group_size={self.group_size}"
+
+    def dequantize(self) -> torch.Tensor:
+        q = unpack_int4(self.qweight).float().reshape(self.out_features, -1, self.group_size)
+        w = q * self.scales.float()[..., None] + self.mins.float()[..., None]
+        w = w.reshape(self.out_features, self.in_features)
+        s = self._buffers.get("smooth")
+        return w if s is None else w / s[None, :]
+
+    def _packed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        cached = _PACKED.get(self)
+        if cached is None or cached[0] is not self.qweight:
+            q = unpack_int4(self.qweight)
+            n = self.out_features
+            pad = (-n) % 16
+            scales, mins = self.scales.float(), self.mins.float()
+            if pad:
+                q = torch.cat([q, torch.zeros(pad, q.shape[1], dtype=q.dtype, device=q.device)])
+                scales = torch.cat([scales, torch.ones(pad, scales.shape[1], device=q.device)])
+                mins = torch.cat([mins, torch.zeros(pad, mins.shape[1], device=q.device)])
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 2)
+            # the kernel computes (q - 8) * scale + zero: zero = minimum + 8 * scale
+            sz = (
+                torch.stack([scales.t(), (mins + 8 * scales).t()], dim=-1)
+                .to(torch.bfloat16)
+                .contiguous()
+            )
+            cached = (self.qweight, packed, sz)
+            _PACKED[self] = cached
+        return cached[1], cached[2]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = self._smooth(x.reshape(-1, shape[-1]))
+        if x.device.type == "cpu":
+            packed, sz = self._packed()
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x2.to(torch.bfloat16), packed, self.group_size, sz
+            )
+            y = y[:, : self.out_features]
+        else:
+            y = F.linear(x2.float(), self.dequantize())
+        return self._finish(y, shape, x.dtype)
 
 
 class Int8Conv2d(nn.Module):

@@ -46,9 +46,12 @@ class _MemoryTracker:
         self.peak = 0
 
     def add(self, t: torch.Tensor) -> None:
-        if t.is_meta:
+        if t.is_meta or t.layout != torch.strided:
+            return  # no storage to track (opaque kernel layouts, sparse)
+        try:
+            st = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):
             return
-        st = t.untyped_storage()
         key = st._cdata
         if key in self._live:
             return

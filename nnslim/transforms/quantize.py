@@ -8,16 +8,28 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.calibrate import LayerStats, run_sequential
 from ..core.describe import shape_of
 from ..core.report import Report
 from ..core.select import normalize_selector
 from ..core.transform import Context, Transform
-from ..core.validate import check_choice
-from ..modules.quantized import Int8Conv2d, Int8Linear
+from ..core.validate import check_choice, check_fraction, check_int, check_type
+from ..graph.tp_compat import conv1d_type
+from ..modules.fake_quant import FakeQuantLinear
+from ..modules.quantized import (
+    Int4Linear,
+    Int8Conv2d,
+    Int8DynamicLinear,
+    Int8Linear,
+    _linear_weight,
+)
+from .gptq import gptq
 
-__all__ = ["Quantize"]
+__all__ = ["SCHEMES", "Quantize", "convert"]
 
-SCHEMES = ("int8",)
+SCHEMES = ("int8", "int8-dynamic", "int4")
+METHODS = ("rtn", "gptq")
+GROUP_SIZES = (32, 64, 128)
 
 
 def _set_module(model: nn.Module, path: str, new: nn.Module) -> None:
@@ -25,15 +37,39 @@ def _set_module(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, name, new)
 
 
+def _is_linear(m: nn.Module) -> bool:
+    c = conv1d_type()
+    return type(m) is nn.Linear or (c is not None and isinstance(m, c))
+
+
 @dataclass(frozen=True)
 class Quantize(Transform):
-    """Replace Linear and Conv2d layers with integer-weight modules.
+    """Replace Linear (and Hugging Face ``Conv1D``) layers with integer-weight modules.
+
+    Schemes:
+
+    * ``"int8"``: int8 weights, symmetric per output channel; activations stay float
+      (:class:`~nnslim.modules.quantized.Int8Linear`). Conv2d layers get int8 storage.
+    * ``"int8-dynamic"``: int8 weights and int8 activations quantized per token at run time
+      (:class:`~nnslim.modules.quantized.Int8DynamicLinear`).
+    * ``"int4"``: 4-bit weights, asymmetric per group of ``group_size`` inputs
+      (:class:`~nnslim.modules.quantized.Int4Linear`).
 
     Args:
-        scheme: ``"int8"`` (weight-only, per-output-channel). With ``select`` as a mapping,
-            the values are per-layer schemes.
-        select: layers to quantize (default: every Linear and Conv2d).
+        scheme: the scheme; with ``select`` as a mapping, its values are per-layer schemes.
+        group_size: inputs per group for int4: 32, 64 or 128.
+        method: ``"rtn"`` (round to nearest) or ``"gptq"`` (second-order, needs calibration;
+            processed block by block, so only one block's statistics are held at a time).
+        smooth: activation-aware scaling (needs calibration): for ``int8-dynamic`` the
+            SmoothQuant migration strength in ``[0, 1]``; for ``int4`` a fixed AWQ exponent in
+            ``[0, 1]`` or ``"auto"`` to search it per layer. ``None``: off.
+        qat: insert fake-quant modules for quantization-aware training instead; turn them
+            into integer modules with :func:`nnslim.convert` after fine-tuning.
+        select: layers to quantize (default: every Linear/Conv1D, and Conv2d for int8).
         exclude: layers to keep in float.
+
+    Embeddings and the LM head (an output layer tied to, or as wide as, an embedding) stay in
+    float unless selected by name; the report lists them.
 
     Example:
         >>> import torch, nnslim
@@ -44,6 +80,10 @@ class Quantize(Transform):
     """
 
     scheme: str = "int8"
+    group_size: int = 128
+    method: str = "rtn"
+    smooth: Any = None
+    qat: bool = False
     select: Any = None
     exclude: Any = None
 
@@ -51,38 +91,258 @@ class Quantize(Transform):
 
     def __post_init__(self) -> None:
         check_choice("Quantize", "scheme", self.scheme, SCHEMES)
+        check_int("Quantize", "group_size", self.group_size)
+        check_choice("Quantize", "group_size", self.group_size, GROUP_SIZES)
+        check_choice("Quantize", "method", self.method, METHODS)
+        check_type("Quantize", "qat", self.qat, bool)
+        if self.smooth is not None:
+            if isinstance(self.smooth, str):
+                check_choice("Quantize", "smooth", self.smooth, ("auto",))
+            else:
+                check_fraction("Quantize", "smooth", self.smooth, high_inclusive=True)
         sel = normalize_selector(self.select)
         if sel is not None:
             for key, v in sel:
                 if v is not None:
                     check_choice("Quantize", f"select[{key!r}]", v, SCHEMES)
         normalize_selector(self.exclude, "exclude")
+        if self.qat and (self.method != "rtn" or self.smooth is not None):
+            raise ValueError(
+                "Quantize(qat=True) trains the rounding; do not combine it with gptq or smooth."
+            )
 
+    # ------------------------------------------------------------------------------------------
     def _apply(self, model: nn.Module, ctx: Context, report: Report) -> None:
+        named = dict(model.named_modules())
         eligible = [
-            (p, m) for p, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d) and p
+            (p, m) for p, m in named.items() if p and (_is_linear(m) or type(m) is nn.Conv2d)
         ]
+        sel = normalize_selector(self.select)
+        explicit = (
+            {k for k, _ in sel if isinstance(k, str) and not k.startswith("re:")} if sel else set()
+        )
         chosen = dict(self.resolve(model, self.select, self.exclude, eligible=eligible))
-        for p, _ in eligible:
-            if p not in chosen:
-                report.skipped(p, "not selected")
-        for p, m in model.named_modules():
-            if p and not isinstance(m, (nn.Linear, nn.Conv2d)) and isinstance(m, nn.Embedding):
+        heads = _lm_heads(model, ctx)
+        for p, m in named.items():
+            if isinstance(m, nn.Embedding) and p:
                 report.skipped(p, "embeddings stay in float")
-        new: dict[str, nn.Module] = {}
-        for path in chosen:
-            m = model.get_submodule(path)
-            w = m.weight
+        for p in list(chosen):
+            if p in heads and p not in explicit:
+                del chosen[p]
+                report.skipped(p, "LM head stays in float (select it by name to quantize it)")
+        for p, _ in eligible:
+            if p not in chosen and p not in heads:
+                report.skipped(p, "not selected" if self.select is not None else "excluded")
+        plan: dict[str, str] = {}
+        for p, value in chosen.items():
+            m = named[p]
+            scheme = value or self.scheme
+            if type(m) is nn.Conv2d:
+                if scheme != "int8" or self.qat:
+                    if p in explicit or value is not None:
+                        raise ValueError(
+                            f"Quantize: module {p} ({shape_of(m)}) is a Conv2d; convolutions support "
+                            f"only int8 weight storage (scheme='int8', no QAT). Exclude it or use int8."
+                        )
+                    report.skipped(p, f"Conv2d has no {scheme} kernel (int8 storage only)")
+                    continue
+            w = _linear_weight(m) if _is_linear(m) else m.weight
             if not torch.isfinite(w).all():
                 raise ValueError(
-                    f"Quantize: module {path} ({shape_of(m)}) has NaN or Inf weights; fix or "
-                    f"exclude it (exclude=[{path!r}])."
+                    f"Quantize: module {p} ({shape_of(m)}) has NaN or Inf weights; fix or exclude "
+                    f"it (exclude=[{p!r}])."
                 )
-            q = Int8Linear.from_float(m) if isinstance(m, nn.Linear) else Int8Conv2d.from_float(m)
-            new[path] = q
-        for path, q in new.items():
-            old = model.get_submodule(path)
-            _set_module(model, path, q)
-            report.changed(
-                path, "quantized", shape_of(old), shape_of(q), bits=8, scheme=self.scheme
+            if scheme == "int4" and _is_linear(m) and w.shape[1] % self.group_size:
+                raise ValueError(
+                    f"Quantize: group_size {self.group_size} does not divide the {w.shape[1]} input "
+                    f"features of {p} ({shape_of(m)}); use one of {GROUP_SIZES} that divides it, or "
+                    f"exclude the module."
+                )
+            plan[p] = scheme
+        if not plan:
+            raise ValueError("Quantize: no layer left to quantize after select/exclude.")
+        if self.qat:
+            for p, scheme in plan.items():
+                old = named[p]
+                new = FakeQuantLinear.from_float(old, scheme, self.group_size)
+                _set_module(model, p, new)
+                report.changed(
+                    p, "fake-quantized (QAT)", shape_of(old), shape_of(new), scheme=scheme
+                )
+            return
+        needs_data = self.method == "gptq" or self.smooth is not None
+        if not needs_data:
+            for p, scheme in plan.items():
+                self._replace(model, report, p, named[p], scheme, None)
+            return
+        batches = ctx.require_calibration(
+            f"Quantize(method={self.method!r}, smooth={self.smooth!r})", "to measure activations"
+        )
+        linears = {p: named[p] for p in plan if _is_linear(named[p])}
+        for p in plan:
+            if p not in linears:
+                self._replace(model, report, p, named[p], plan[p], None)
+
+        def process(paths: list[str], stats: dict[str, LayerStats]) -> None:
+            for p in paths:
+                self._replace(model, report, p, linears[p], plan[p], stats[p])
+
+        run_sequential(
+            model,
+            batches,
+            linears,
+            process,
+            norms=self.smooth is not None,
+            gram=self.method == "gptq",
+            rows=256
+            if self.smooth == "auto"
+            or (self.smooth is not None and any(plan[p] == "int4" for p in linears))
+            else 0,
+        )
+
+    def _replace(
+        self,
+        model: nn.Module,
+        report: Report,
+        path: str,
+        old: nn.Module,
+        scheme: str,
+        st: LayerStats | None,
+    ) -> None:
+        details: dict[str, Any] = {"scheme": scheme, "method": self.method}
+        if type(old) is nn.Conv2d:
+            new: nn.Module = Int8Conv2d.from_float(old)
+            details["method"] = "rtn"
+        else:
+            w = _linear_weight(old).detach().float()
+            smooth = None
+            if st is not None and self.smooth is not None and scheme in ("int8-dynamic", "int4"):
+                smooth, alpha = _smoothing(w, st, scheme, self.smooth, self.group_size)
+                details["smooth_alpha"] = round(alpha, 3)
+                w = w * smooth[None, :]
+            if self.method == "gptq" and st is not None and st.gram is not None:
+                gram = st.gram
+                if smooth is not None:  # inputs are divided by smooth: X' = X / s
+                    gram = gram / smooth[:, None] / smooth[None, :]
+                if scheme == "int4":
+                    codes, scale, mn = gptq(w, gram, bits=4, group_size=self.group_size)
+                    new = Int4Linear.from_codes(old, codes, scale, mn, self.group_size, smooth)
+                else:
+                    codes, scale, _ = gptq(w, gram, bits=8)
+                    cls = Int8DynamicLinear if scheme == "int8-dynamic" else Int8Linear
+                    new = cls.from_float(old, weight=codes.float() * scale[:, None])
+                    if smooth is not None and isinstance(new, Int8DynamicLinear):
+                        new = Int8DynamicLinear.from_float(
+                            old, weight=codes.float() * scale[:, None], smooth=smooth
+                        )
+            else:
+                if scheme == "int4":
+                    new = Int4Linear.from_float(old, self.group_size, weight=w, smooth=smooth)
+                elif scheme == "int8-dynamic":
+                    new = Int8DynamicLinear.from_float(old, weight=w, smooth=smooth)
+                else:
+                    new = Int8Linear.from_float(old, weight=w)
+            if scheme == "int4":
+                details["group_size"] = self.group_size
+        details["bits"] = 4 if scheme == "int4" else 8
+        _set_module(model, path, new)
+        report.changed(path, "quantized", shape_of(old), shape_of(new), **details)
+
+
+def _smoothing(
+    w: torch.Tensor, st: LayerStats, scheme: str, smooth: Any, group_size: int
+) -> tuple[torch.Tensor, float]:
+    """Per-input-channel scales ``s`` (weights times ``s``, inputs divided by ``s``)."""
+    eps = 1e-5
+    if scheme == "int8-dynamic":
+        alpha = 0.5 if smooth == "auto" else float(smooth)
+        x_max = st.extra["amax"].clamp_min(eps)
+        w_max = w.abs().amax(0).clamp_min(eps)
+        s = (x_max.pow(alpha) / w_max.pow(1 - alpha)).clamp_min(eps)
+        return s, alpha
+    # AWQ: s = mean|x|^alpha, alpha chosen to minimise the output error of the rounded weight
+    x_mean = (st.extra["abs_sum"] / max(st.rows, 1)).clamp_min(eps)
+    rows = torch.cat(st.extra.get("rows", []), 0) if st.extra.get("rows") else None
+    alphas = [float(smooth)] if smooth != "auto" else [i / 10 for i in range(11)]
+    best: tuple[float, torch.Tensor, float] | None = None
+    for a in alphas:
+        s = x_mean.pow(a)
+        s = s / (s.max() * s.min()).sqrt()
+        if rows is None or len(alphas) == 1:
+            return s, a
+        wq = _fake_int4(w * s[None, :], group_size) / s[None, :]
+        err = float(((rows @ wq.t()) - (rows @ w.t())).pow(2).mean())
+        if best is None or err < best[0]:
+            best = (err, s, a)
+    if best is None:  # pragma: no cover - alphas is never empty
+        raise RuntimeError("AWQ search evaluated no exponent")
+    return best[1], best[2]
+
+
+def _fake_int4(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    out, inp = w.shape
+    g = w.reshape(out, inp // group_size, group_size)
+    mn, mx = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    scale = ((mx - mn) / 15).clamp_min(1e-8)
+    return (torch.round((g - mn) / scale).clamp(0, 15) * scale + mn).reshape(out, inp)
+
+
+def _lm_heads(model: nn.Module, ctx: Context) -> set[str]:
+    """Output layers that act as LM heads: tied to an embedding, or as wide as one."""
+    named = dict(model.named_modules())
+    emb_weights = {id(m.weight) for m in named.values() if isinstance(m, nn.Embedding)}
+    vocab = {m.num_embeddings for m in named.values() if isinstance(m, nn.Embedding)}
+    heads = set()
+    for p, m in named.items():
+        if not _is_linear(m):
+            continue
+        out = m.out_features if isinstance(m, nn.Linear) else m.nf
+        tied = id(m.weight) in emb_weights
+        if (
+            tied
+            or p.endswith("lm_head")
+            or (out in vocab and out > 1000 and _is_output(model, p, ctx))
+        ):
+            heads.add(p)
+    return heads
+
+
+def _is_output(model: nn.Module, path: str, ctx: Context) -> bool:
+    if ctx.inputs is None:
+        return True
+    from .prune import output_layers_by_identity
+
+    return path in output_layers_by_identity(model, ctx.inputs)
+
+
+@dataclass(frozen=True)
+class ConvertQAT(Transform):
+    """Turn fake-quant (QAT) modules into integer modules (see :func:`convert`)."""
+
+    _copy_on_snapshot = False
+
+    def _apply(self, model: nn.Module, ctx: Context, report: Report) -> None:
+        found = [(p, m) for p, m in model.named_modules() if isinstance(m, FakeQuantLinear)]
+        if not found:
+            raise ValueError(
+                "convert: the model has no fake-quant modules; apply Quantize(qat=True) first."
             )
+        for p, m in found:
+            w = m.weight.detach().float()
+            if m.scheme == "int4":
+                new: nn.Module = Int4Linear.from_float(m, m.group_size, weight=w)
+            elif m.scheme == "int8-dynamic":
+                new = Int8DynamicLinear.from_float(m, weight=w)
+            else:
+                new = Int8Linear.from_float(m, weight=w)
+            _set_module(model, p, new)
+            report.changed(p, "converted", shape_of(m), shape_of(new), scheme=m.scheme)
+
+
+def convert(model: nn.Module, example_inputs: Any = None) -> Report:
+    """Replace every fake-quant module left by ``Quantize(qat=True)`` with its integer twin.
+
+    The integer module computes exactly what the fake-quant module computed in its forward
+    (same grid), now with packed weights and integer kernels.
+    """
+    return ConvertQAT().apply(model, example_inputs)

@@ -182,5 +182,9 @@ def test_iterative_steps_reach_the_same_sizes():
     x = torch.randn(2, 16)
     nnslim.Prune(ratio=0.5).apply(a, x)
     report = nnslim.Prune(ratio=0.5, steps=4).apply(b, x)
-    assert (a.fc1.out_features, a.fc2.out_features) == (b.fc1.out_features, b.fc2.out_features) == (16, 16)
+    assert (
+        (a.fc1.out_features, a.fc2.out_features)
+        == (b.fc1.out_features, b.fc2.out_features)
+        == (16, 16)
+    )
     assert report.after.params == nnslim.profile(a, x).params

@@ -79,7 +79,7 @@ def test_quantize_model_shrinks_weights_4x(cnn):
 def test_quantize_select_and_exclude(cnn):
     report = nnslim.Quantize(exclude="fc").apply(cnn, torch.randn(1, 3, 8, 8))
     assert isinstance(cnn.fc, nn.Linear)
-    assert ("fc", "not selected") in [(s.path, s.reason) for s in report.skips]
+    assert ("fc", "excluded") in [(s.path, s.reason) for s in report.skips]
 
 
 def test_embeddings_are_skipped_and_listed():
@@ -101,3 +101,206 @@ def test_nan_weights_name_the_module(cnn):
     with pytest.raises(ValueError, match=r"module conv2 \(Conv2d 8->16 k3x3\) has NaN or Inf"):
         nnslim.Quantize().apply(cnn)
     _assert_same_state(before, model_state(cnn), "after NaN error")
+
+
+# -- schemes ---------------------------------------------------------------------------------------
+from nnslim.modules.quantized import (
+    Int4Linear,
+    Int8DynamicLinear,
+    pack_int4,
+    quantize_groupwise,
+    unpack_int4,
+)
+
+
+@given(k=st.sampled_from([32, 64, 128]), n=st.integers(1, 40), m=st.integers(1, 6))
+def test_int4_matches_its_dequantized_weight(k, n, m):
+    torch.manual_seed(0)
+    lin = nn.Linear(k, n)
+    q = Int4Linear.from_float(lin, group_size=32)
+    x = torch.randn(m, k)
+    with torch.no_grad():
+        ref = nn.functional.linear(x, q.dequantize(), lin.bias)
+        assert rel_err(q(x), ref) < 0.01  # bf16 activations only
+
+
+def test_int4_error_and_size_on_gaussian_weights():
+    torch.manual_seed(0)
+    lin = nn.Linear(512, 256)
+    with torch.no_grad():
+        lin.weight.normal_()
+    q = Int4Linear.from_float(lin, group_size=128)
+    x = torch.randn(16, 512)
+    with torch.no_grad():
+        assert rel_err(q(x), lin(x)) < 0.12
+    p = nnslim.profile(q, x)
+    fp32 = nnslim.profile(lin, x)
+    weight_bytes = p.param_bytes - 256 * 4  # minus the fp32 bias
+    assert (
+        weight_bytes == 512 * 256 // 2 + 2 * 2 * 256 * 4
+    )  # nibbles + bf16 scale and min per group
+    assert (fp32.param_bytes - 256 * 4) / weight_bytes > 7
+
+
+def test_int4_pack_round_trip():
+    q = torch.randint(0, 16, (5, 8))
+    assert torch.equal(unpack_int4(pack_int4(q)), q)
+    codes, scale, mn = quantize_groupwise(torch.randn(4, 64), 32)
+    assert codes.min() >= 0 and codes.max() <= 15 and scale.shape == (4, 2)
+
+
+def test_int8_dynamic_error_bounded():
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 128)
+    q = Int8DynamicLinear.from_float(lin)
+    x = torch.randn(8, 256)
+    with torch.no_grad():
+        assert rel_err(q(x), lin(x)) < 0.03  # 7-bit activations on CPUs without VNNI
+
+
+def test_schemes_replace_modules_and_report_bits():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+    report = nnslim.Quantize(
+        scheme="int8", group_size=32, select={"0": "int4", "2": "int8-dynamic"}
+    ).apply(m, torch.randn(2, 64))
+    assert [type(x).__name__ for x in m if not isinstance(x, nn.ReLU)] == [
+        "Int4Linear",
+        "Int8DynamicLinear",
+        "Linear",
+    ]
+    bits = {c.path: c.details["bits"] for c in report.changes}
+    assert bits == {"0": 4, "2": 8}
+
+
+def test_group_size_must_divide_and_names_the_module(cnn):
+    m = nn.Sequential(nn.Linear(48, 8))
+    before = m[0].weight.clone()
+    with pytest.raises(
+        ValueError, match=r"group_size 32 does not divide the 48 input features of 0"
+    ):
+        nnslim.Quantize(scheme="int4", group_size=32).apply(m)
+    assert torch.equal(m[0].weight, before) and isinstance(m[0], nn.Linear)
+    with pytest.raises(ValueError, match="supported: 32, 64, 128"):
+        nnslim.Quantize(scheme="int4", group_size=48)
+
+
+def test_conv_has_only_int8_storage():
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+    report = nnslim.Quantize(scheme="int4", group_size=32).apply(m, torch.randn(1, 3, 8, 8))
+    assert ("0", "Conv2d has no int4 kernel (int8 storage only)") in [
+        (s.path, s.reason) for s in report.skips
+    ]
+    assert type(m[2]).__name__ == "Int4Linear"
+    with pytest.raises(ValueError, match="conv2 .* is a Conv2d; convolutions support only int8"):
+        nnslim.Quantize(scheme="int4", select={"conv2": "int4"}).apply(
+            TinyCNN(), torch.randn(1, 3, 8, 8)
+        )
+
+
+# -- calibration ----------------------------------------------------------------------------------
+def correlated_inputs(n, k, seed=0):
+    """Inputs that live near a k/4-dimensional subspace (the same for every seed)."""
+    mix = torch.randn(k // 4, k, generator=torch.Generator().manual_seed(1234))
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, k // 4, generator=g) @ mix + 0.1 * torch.randn(n, k, generator=g)
+
+
+@pytest.mark.parametrize("scheme", ["int4", "int8"])
+def test_gptq_beats_round_to_nearest_on_layer_output(scheme):
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(128, 64))
+    calib = [correlated_inputs(256, 128, s) for s in range(2)]
+    test = correlated_inputs(256, 128, 9)
+    with torch.no_grad():
+        ref = base(test)
+    errs = {}
+    for method in ("rtn", "gptq"):
+        m = nn.Sequential(nn.Linear(128, 64))
+        m.load_state_dict(base.state_dict())
+        nnslim.Quantize(scheme=scheme, group_size=32, method=method).apply(m, calibration=calib)
+        with torch.no_grad():
+            errs[method] = rel_err(m(test), ref)
+    assert errs["gptq"] < 0.8 * errs["rtn"], errs
+
+
+def test_smoothquant_helps_with_outlier_channels():
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(64, 32))
+    scale = torch.ones(64)
+    scale[:4] = 50.0  # outlier input channels
+    calib = [torch.randn(64, 64) * scale for _ in range(2)]
+    test = torch.randn(64, 64) * scale
+    with torch.no_grad():
+        ref = base(test)
+    errs = {}
+    for smooth in (None, 0.5):
+        m = nn.Sequential(nn.Linear(64, 32))
+        m.load_state_dict(base.state_dict())
+        nnslim.Quantize(scheme="int8-dynamic", smooth=smooth).apply(m, calibration=calib)
+        with torch.no_grad():
+            errs[smooth] = rel_err(m(test), ref)
+    assert errs[0.5] < 0.7 * errs[None], errs
+
+
+def test_awq_auto_no_worse_than_rtn_int4():
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(128, 64))
+    scale = torch.ones(128)
+    scale[:8] = 20.0
+    calib = [torch.randn(128, 128) * scale for _ in range(2)]
+    test = torch.randn(128, 128) * scale
+    with torch.no_grad():
+        ref = base(test)
+    errs = {}
+    for smooth in (None, "auto"):
+        m = nn.Sequential(nn.Linear(128, 64))
+        m.load_state_dict(base.state_dict())
+        report = nnslim.Quantize(scheme="int4", group_size=32, smooth=smooth).apply(
+            m, calibration=calib
+        )
+        with torch.no_grad():
+            errs[smooth] = rel_err(m(test), ref)
+    assert errs["auto"] <= errs[None] * 1.001, errs
+    assert "smooth_alpha" in report.changes[0].details
+
+
+def test_calibration_methods_need_data():
+    with pytest.raises(ValueError, match="needs calibration data"):
+        nnslim.Quantize(method="gptq").apply(nn.Sequential(nn.Linear(8, 8)), torch.randn(1, 8))
+
+
+def test_bad_smooth_and_qat_combinations():
+    with pytest.raises(ValueError, match=r"smooth=...\): expected a number in \[0.0, 1.0\]"):
+        nnslim.Quantize(scheme="int8-dynamic", smooth=1.5)
+    with pytest.raises(ValueError, match="do not combine it with gptq"):
+        nnslim.Quantize(qat=True, method="gptq")
+
+
+# -- QAT ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("scheme", ["int8", "int4", "int8-dynamic"])
+def test_qat_trains_then_converts_to_the_same_function(scheme):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 4))
+    x = torch.randn(16, 64)
+    y = torch.randint(0, 4, (16,))
+    nnslim.Quantize(scheme=scheme, group_size=32, qat=True, select=["0", "2"]).apply(m, x)
+    assert type(m[0]).__name__ == "FakeQuantLinear"
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    w0 = m[0].weight.detach().clone()
+    loss = nn.functional.cross_entropy(m(x), y)
+    loss.backward()
+    assert m[0].weight.grad is not None and m[0].weight.grad.abs().sum() > 0  # straight-through
+    opt.step()
+    assert not torch.equal(m[0].weight, w0)
+    with torch.no_grad():
+        fake = m(x)
+    report = nnslim.convert(m, x)
+    assert [c.path for c in report.changes] == ["0", "2"]
+    with torch.no_grad():
+        assert rel_err(m(x), fake) < 0.03  # same grid; kernels use bf16/7-bit activations
+
+
+def test_convert_without_fake_quant_modules():
+    with pytest.raises(ValueError, match="no fake-quant modules"):
+        nnslim.convert(nn.Sequential(nn.Linear(4, 4)))

@@ -1,0 +1,120 @@
+"""GPTQ (Frantar et al. 2023): second-order weight quantization, one layer at a time.
+
+Columns are quantized left to right; the error of each is spread over the columns not yet
+quantized, weighted by the inverse Hessian ``H = 2 X^T X / n`` of the layer's inputs, so that
+the layer's output (not its weight) stays close. Blocked, with lazy updates, as in the
+reference implementation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+__all__ = ["gptq", "rtn_int4_grid", "rtn_int8_grid"]
+
+#: ``grid(w_cols) -> (quantize, params)``: ``quantize(col) -> (codes, dequantized)``
+Grid = Callable[
+    [torch.Tensor], tuple[Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]], object]
+]
+
+
+def rtn_int8_grid(
+    w: torch.Tensor,
+) -> tuple[torch.Tensor, Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]]:
+    """Symmetric per-row int8 grid fixed from the whole weight: ``(scale, quantize)``."""
+    amax = w.abs().amax(dim=1)
+    scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+
+    def quantize(col: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q = torch.round(col / scale).clamp(-127, 127)
+        return q, q * scale
+
+    return scale, quantize
+
+
+def rtn_int4_grid(
+    cols: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]]:
+    """Asymmetric 4-bit grid for one group of columns: ``(scale, minimum, quantize)``."""
+    mn = cols.amin(dim=1)
+    mx = cols.amax(dim=1)
+    scale = ((mx - mn) / 15).clamp_min(1e-8)
+
+    def quantize(col: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q = torch.round((col - mn) / scale).clamp(0, 15)
+        return q, q * scale + mn
+
+    return scale, mn, quantize
+
+
+@torch.no_grad()
+def gptq(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    *,
+    bits: int,
+    group_size: int | None = None,
+    block_size: int = 128,
+    damp: float = 0.01,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Quantize ``weight`` ``(out, in)`` given the input Hessian ``(in, in)``.
+
+    Args:
+        weight: the float weight.
+        hessian: ``X^T X`` summed over calibration rows (any positive scale).
+        bits: 8 (symmetric per row) or 4 (asymmetric per group of ``group_size`` inputs).
+        group_size: columns per group for 4 bits.
+        block_size: columns per lazy-update block.
+        damp: fraction of the mean diagonal added to the Hessian (numerical stability).
+
+    Returns:
+        ``(codes, scale, minimum)``: integer codes ``(out, in)``; for 8 bits ``scale`` per row
+        and ``minimum`` ``None``; for 4 bits ``scale`` and ``minimum`` per ``(out, group)``.
+    """
+    W = weight.detach().float().clone()
+    rows, cols = W.shape
+    H = hessian.detach().float().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(cols, device=H.device)
+    try:
+        L = torch.linalg.cholesky(H)
+    except RuntimeError:
+        H += 0.1 * torch.mean(torch.diag(H)) * torch.eye(cols, device=H.device)
+        L = torch.linalg.cholesky(H)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+
+    codes = torch.zeros(rows, cols, dtype=torch.int32, device=W.device)
+    if bits == 8:
+        scale8, quant8 = rtn_int8_grid(W)
+        scales: torch.Tensor = scale8
+        mins = None
+    else:
+        if group_size is None or cols % group_size:
+            raise ValueError(f"group_size {group_size} must divide {cols} input features")
+        scales = torch.zeros(rows, cols // group_size, device=W.device)
+        mins = torch.zeros(rows, cols // group_size, device=W.device)
+        block_size = max(group_size, (block_size // group_size) * group_size)
+    quant = quant8 if bits == 8 else None
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            c = i1 + i
+            if bits != 8 and c % group_size == 0:  # type: ignore[operator]
+                s, mn, quant = rtn_int4_grid(W1[:, i : i + group_size])
+                scales[:, c // group_size] = s  # type: ignore[operator]
+                mins[:, c // group_size] = mn  # type: ignore[index,operator]
+            w = W1[:, i]
+            q, dq = quant(w)  # type: ignore[misc]
+            codes[:, c] = q.to(torch.int32)
+            err = (w - dq) / Hinv1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return codes, scales, mins
