@@ -18,6 +18,7 @@ from .io import hf
 from .io.save import load, save
 from .modules.masks import apply_masks
 from .profiling import Profile, profile, register_formula
+from .transforms.factorize import Factorize
 from .transforms.importance import Importance
 from .transforms.prune import Prune
 from .transforms.quantize import Quantize, convert
@@ -25,6 +26,7 @@ from .transforms.quantize import Quantize, convert
 __all__ = [
     "Compose",
     "Context",
+    "Factorize",
     "Graph",
     "Importance",
     "Profile",

@@ -74,6 +74,19 @@ CASES = [
     TransformCase(
         nnslim.Prune(ratio=0.5, structure="unstructured"), make_mlp, MLP_X, id="prune-unstructured"
     ),
+    TransformCase(
+        nnslim.Factorize(rank=4, select=["fc1", "fc2"]), make_mlp, MLP_X, id="factorize-rank"
+    ),
+    TransformCase(
+        nnslim.Factorize(ratio=0.5, select=["fc1", "fc2"]),
+        make_mlp,
+        MLP_X,
+        calibration=[torch.randn(8, 16) for _ in range(2)],
+        id="factorize-aware",
+    ),
+    TransformCase(
+        nnslim.Factorize(ratio=0.5, select=["conv2"]), make_cnn, CNN_X, id="factorize-tucker"
+    ),
 ]
 
 

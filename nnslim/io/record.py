@@ -296,6 +296,9 @@ class _Differ:
             "tensors": self._tensors_of(path, st),
             "children": children,
         }
+        none_params = [n for n, t in obj._parameters.items() if t is None]
+        if none_params:
+            spec["none_params"] = none_params
         if st.config is not None:
             raise NotRecordable(f"module {path} holds a config object; it cannot be rebuilt")
         return spec
@@ -406,6 +409,8 @@ def _build(
     for name, child in spec["children"].items():
         m._modules[name] = None if child is None else _build(model, child, refs, device)
     _apply_tensors(model, m, spec["tensors"], device)
+    for name in spec.get("none_params", []):
+        m._parameters[name] = None
     return m
 
 

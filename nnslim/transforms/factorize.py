@@ -1,0 +1,573 @@
+"""``Factorize``: low-rank layers that cut parameters and FLOPs, with ranks chosen from data."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core.calibrate import LayerStats, run_sequential
+from ..core.describe import shape_of
+from ..core.inputs import Inputs
+from ..core.report import Report
+from ..core.select import normalize_selector
+from ..core.transform import Context, Transform
+from ..core.validate import check_choice, check_fraction, check_int, check_type
+from ..graph.tp_compat import conv1d_type
+from ..modules.factorized import FactorizedConv2d, FactorizedLinear
+
+__all__ = ["Factorize", "spatial_svd", "svd_factors", "tucker2"]
+
+CONV_KINDS = ("tucker", "spatial")
+
+
+def _is_linear(m: nn.Module) -> bool:
+    c = conv1d_type()
+    return type(m) is nn.Linear or (c is not None and isinstance(m, c))
+
+
+def _weight(m: nn.Module) -> torch.Tensor:
+    """``(out, in)`` weight of a Linear/Conv1D."""
+    return m.weight.detach().float() if isinstance(m, nn.Linear) else m.weight.detach().float().t()
+
+
+def _set_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, name, new)
+
+
+@dataclass(frozen=True)
+class Factorize(Transform):
+    """Replace big matrices and convolutions with products of thinner ones.
+
+    ``nn.Linear`` (and Hugging Face ``Conv1D``) becomes two Linear layers through a truncated
+    SVD; ``nn.Conv2d`` a Tucker-2 chain (1x1, k x k core, 1x1) or, with ``conv="spatial"``, a
+    ``k x 1`` then ``1 x k`` pair. With calibration data, Linear layers are factorized
+    activation-aware (SVD-LLM): the weight is whitened with the Cholesky factor of the layer's
+    input statistics before the SVD, so truncation minimises the output error, not the weight
+    error. Layers are processed block by block, each seeing the already factorized ones.
+
+    Exactly one way to choose ranks:
+
+    Args:
+        rank: a fixed rank for every selected layer (or per layer via ``select={name: rank}``).
+        ratio: fraction of each layer's parameters kept, in ``(0, 1]``.
+        energy: keep the smallest rank whose singular values hold this fraction of the squared
+            total, in ``(0, 1]``.
+        params: global budget: parameters of the whole model, as a fraction of the original;
+            rank goes where the singular values say it matters most per parameter.
+        macs: global budget in MACs (needs example inputs), like ``params``.
+        conv: ``"tucker"`` or ``"spatial"`` for Conv2d layers.
+        activation_aware: whiten with calibration statistics (default: whenever calibration
+            data is given).
+        select: layers to factorize (default every Linear/Conv1D/Conv2d); a mapping gives
+            per-layer ranks.
+        exclude: layers to leave alone.
+
+    A layer whose factorized form would cost as many FLOPs as the original (rank at or above
+    ``m*n/(m+n)`` for a Linear) is skipped and listed in the report.
+
+    Example:
+        >>> import torch, nnslim
+        >>> model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+        >>> report = nnslim.Factorize(rank=8, select=["0"]).apply(model, torch.randn(2, 64))
+        >>> model[0]
+        FactorizedLinear(
+          in_features=64, out_features=64, rank=8
+          (first): Linear(in_features=64, out_features=8, bias=False)
+          (second): Linear(in_features=8, out_features=64, bias=True)
+        )
+    """
+
+    rank: int | None = None
+    ratio: float | None = None
+    energy: float | None = None
+    params: float | None = None
+    macs: float | None = None
+    conv: str = "tucker"
+    activation_aware: bool | None = None
+    select: Any = None
+    exclude: Any = None
+
+    _copy_on_snapshot = False
+
+    def __post_init__(self) -> None:
+        given = [
+            n for n in ("rank", "ratio", "energy", "params", "macs") if getattr(self, n) is not None
+        ]
+        sel = normalize_selector(self.select)
+        per_module = sel is not None and all(v is not None for _, v in sel)
+        if len(given) > 1 or (not given and not per_module):
+            raise ValueError(
+                f"Factorize: give exactly one of rank=, ratio=, energy=, params=, macs= (got "
+                f"{given or 'none'}), or per-layer ranks as select={{name: rank}}."
+            )
+        if self.rank is not None:
+            check_int(
+                "Factorize", "rank", self.rank, low=1, hint="A rank of 0 would remove the layer."
+            )
+        for name in ("ratio", "energy", "params", "macs"):
+            v = getattr(self, name)
+            if v is not None:
+                check_fraction("Factorize", name, v, low_inclusive=False, high_inclusive=True)
+        check_choice("Factorize", "conv", self.conv, CONV_KINDS)
+        if self.activation_aware is not None:
+            check_type("Factorize", "activation_aware", self.activation_aware, bool)
+        if sel is not None:
+            for key, v in sel:
+                if v is not None:
+                    check_int("Factorize", f"select[{key!r}]", v, low=1)
+        normalize_selector(self.exclude, "exclude")
+
+    # ------------------------------------------------------------------------------------------
+    def _apply(self, model: nn.Module, ctx: Context, report: Report) -> None:
+        named = dict(model.named_modules())
+        eligible = [
+            (p, m) for p, m in named.items() if p and (_is_linear(m) or type(m) is nn.Conv2d)
+        ]
+        chosen = dict(self.resolve(model, self.select, self.exclude, eligible=eligible))
+        for p, _ in eligible:
+            if p not in chosen:
+                report.skipped(p, "not selected" if self.select is not None else "excluded")
+        for p in list(chosen):
+            m = named[p]
+            if type(m) is nn.Conv2d and m.groups != 1:
+                del chosen[p]
+                report.skipped(p, f"grouped convolution (groups={m.groups}) is already factorized")
+            elif type(m) is nn.Conv2d and self.conv == "tucker" and m.kernel_size == (1, 1):
+                del chosen[p]
+                report.skipped(
+                    p,
+                    "1x1 convolution: a Tucker-2 chain would not be smaller (use a rank on it as a Linear)",
+                )
+            elif not torch.isfinite(m.weight).all():
+                raise ValueError(f"Factorize: module {p} ({shape_of(m)}) has NaN or Inf weights.")
+        if not chosen:
+            raise ValueError("Factorize: no layer left to factorize after select/exclude.")
+        aware = (
+            self.activation_aware if self.activation_aware is not None else bool(ctx.calibration)
+        )
+        if aware and not ctx.calibration:
+            ctx.require_calibration(
+                "Factorize(activation_aware=True)", "to whiten the layer inputs"
+            )
+        spatial = _spatial_sizes(
+            model, ctx.inputs, [p for p in chosen if type(named[p]) is nn.Conv2d]
+        )
+        linears = {p: named[p] for p in chosen if _is_linear(named[p])}
+        convs = {p: named[p] for p in chosen if type(named[p]) is nn.Conv2d}
+        ranks: dict[str, Any] = {p: chosen[p] for p in chosen}
+        if self.params is not None or self.macs is not None:
+            ranks = self._budget(model, ctx, linears, convs, spatial, aware, report)
+        for p, conv in convs.items():
+            self._factorize_conv(model, report, p, conv, ranks.get(p), spatial.get(p))
+        if not linears:
+            return
+        if aware:
+
+            def process(paths: list[str], stats: dict[str, LayerStats]) -> None:
+                for p in paths:
+                    self._factorize_linear(
+                        model, report, p, linears[p], ranks.get(p), stats[p].gram
+                    )
+
+            run_sequential(model, ctx.calibration, linears, process, gram=True)
+        else:
+            for p, m in linears.items():
+                self._factorize_linear(model, report, p, m, ranks.get(p), None)
+
+    # -- rank choice ----------------------------------------------------------------------------
+    def _rank_for(self, p: str, sv: torch.Tensor, m: int, n: int, fixed: Any) -> int:
+        """The rank for a layer: ``fixed`` is a per-layer int rank, or a float fraction of
+        parameters kept (from the global budget)."""
+        full = min(m, n)
+        if isinstance(fixed, int):
+            r = fixed
+        elif isinstance(fixed, float):
+            r = max(1, int(fixed * m * n / (m + n)))
+        elif self.rank is not None:
+            r = self.rank
+        elif self.ratio is not None:
+            r = max(1, int(self.ratio * m * n / (m + n)))
+        elif self.energy is not None:
+            e = sv.pow(2)
+            cum = torch.cumsum(e, 0) / e.sum().clamp_min(1e-30)
+            r = int((cum < self.energy - 1e-7).sum()) + 1
+        else:
+            r = full
+        if r > full:
+            raise ValueError(
+                f"Factorize: rank {r} is larger than possible for {p} ({m}x{n}: at most {full}); "
+                f"choose a rank <= {full}."
+            )
+        return r
+
+    def _budget(
+        self,
+        model: nn.Module,
+        ctx: Context,
+        linears: dict[str, nn.Module],
+        convs: dict[str, nn.Module],
+        spatial: dict[str, tuple[int, int, int, int]],
+        aware: bool,
+        report: Report,
+    ) -> dict[str, Any]:
+        """Spend a global parameter/MAC budget greedily on the largest sigma^2 per unit cost."""
+        from ..profiling.profiler import profile
+
+        metric = "macs" if self.macs is not None else "params"
+        fraction = float(self.macs if self.macs is not None else self.params)  # type: ignore[arg-type]
+        inputs = ctx.inputs
+        if metric == "macs":
+            inputs = ctx.require_inputs("Factorize(macs=...)", "to count MACs")
+        prof = profile(model, inputs, memory=False) if inputs is not None else None
+        total = (
+            getattr(prof, metric)
+            if prof is not None
+            else sum(p.numel() for p in model.parameters())
+        )
+        if prof is not None and metric == "params":
+            total = prof.params
+        stats: dict[str, LayerStats] = {}
+        if aware and linears:
+            from ..core.calibrate import collect
+
+            stats = collect(model, ctx.calibration, linears, gram=True)
+        # per layer: cost per unit of rank, full cost, singular values (sensitivity)
+        entries = []
+        for p, m in linears.items():
+            w = _weight(m)
+            out, inp = w.shape
+            rows = (
+                (prof.modules[p].macs / (out * inp))
+                if prof is not None and metric == "macs" and p in prof.modules
+                else 1.0
+            )
+            sv = _whitened_singular_values(w, stats[p].gram if p in stats else None)
+            entries.append((p, sv, (out + inp) * rows, out * inp * rows))
+        for p, m in convs.items():
+            hin, win, hout, wout = spatial.get(p, (1, 1, 1, 1))
+            o, i, kh, kw = m.weight.shape
+            mat = m.weight.detach().float().reshape(o, -1)
+            sv = torch.linalg.svdvals(mat)
+            scale = hout * wout if metric == "macs" else 1.0
+            # cost per rank of a Tucker chain with rank_in = rank_out = r, linearised at r
+            entries.append((p, sv, (i + o + kh * kw) * scale, o * i * kh * kw * scale))
+        selected_full = sum(e[3] for e in entries)
+        budget = fraction * total - (total - selected_full)
+        if budget <= 0:
+            report.note(
+                f"budget {metric}={fraction} is below what the unselected layers cost; every layer gets rank 1"
+            )
+        candidates = []
+        for idx, (_, sv, unit, _) in enumerate(entries):
+            energy = sv.pow(2)
+            for r, e in enumerate(energy.tolist()):
+                candidates.append((e / unit, idx, r))
+        candidates.sort(reverse=True)
+        ranks = [1] * len(entries)
+        spent = sum(e[2] for e in entries)  # rank 1 everywhere
+        for _, idx, r in candidates:
+            if r == 0:
+                continue
+            if r != ranks[idx]:
+                continue  # ranks are taken in order per layer
+            unit = entries[idx][2]
+            if spent + unit > budget:
+                continue
+            ranks[idx] = r + 1
+            spent += unit
+        # as the fraction of each layer's cost kept (>= 1: stays dense)
+        out: dict[str, Any] = {p: r * unit / full for (p, _, unit, full), r in zip(entries, ranks)}
+        report.note(
+            f"global {metric} budget {fraction}: fractions kept "
+            f"{ {p: round(v, 3) for p, v in out.items()} }"
+        )
+        return out
+
+    # -- Linear ---------------------------------------------------------------------------------
+    def _factorize_linear(
+        self,
+        model: nn.Module,
+        report: Report,
+        p: str,
+        m: nn.Module,
+        fixed: Any,
+        gram: torch.Tensor | None,
+    ) -> None:
+        w = _weight(m)
+        out, inp = w.shape
+        if isinstance(fixed, float) and fixed >= 1.0:
+            report.skipped(p, "the budget keeps it dense (factorized would cost more)")
+            return
+        sv = _whitened_singular_values(w, gram)
+        r = self._rank_for(p, sv, out, inp, fixed)
+        breakeven = out * inp / (out + inp)
+        if r >= breakeven:
+            report.skipped(
+                p, f"rank {r} >= {breakeven:.1f}: the factorized form would cost more FLOPs"
+            )
+            return
+        first, second = svd_factors(w, r, gram)
+        new = FactorizedLinear(inp, out, r, bias=m.bias is not None).to(m.weight.device)
+        with torch.no_grad():
+            new.first.weight.copy_(first)
+            new.second.weight.copy_(second)
+            if m.bias is not None:
+                new.second.bias.copy_(m.bias.detach().float())
+        new = new.to(m.weight.dtype)
+        kept = r * (out + inp) / (out * inp)
+        err = float((second @ first - w).norm() / w.norm().clamp_min(1e-30))
+        _set_module(model, p, new)
+        report.changed(
+            p,
+            "factorized",
+            shape_of(m),
+            shape_of(new),
+            rank=r,
+            params_kept=round(kept, 4),
+            weight_error=round(err, 4),
+            whitened=gram is not None,
+        )
+
+    # -- Conv2d ---------------------------------------------------------------------------------
+    def _factorize_conv(
+        self,
+        model: nn.Module,
+        report: Report,
+        p: str,
+        m: nn.Conv2d,
+        fixed: Any,
+        sizes: tuple[int, int, int, int] | None,
+    ) -> None:
+        if isinstance(fixed, float) and fixed >= 1.0:
+            report.skipped(p, "the budget keeps it dense (factorized would cost more)")
+            return
+        w = m.weight.detach().float()
+        o, i, kh, kw = w.shape
+        hin, win, hout, wout = sizes if sizes is not None else (1, 1, 1, 1)
+        dense_macs = o * i * kh * kw * hout * wout
+        if self.conv == "spatial":
+            sv = torch.linalg.svdvals(w.permute(1, 2, 0, 3).reshape(i * kh, o * kw))
+            r = self._rank_for(p, sv, i * kh, o * kw, fixed)
+            # k x 1 conv at (hout, win) then 1 x k at (hout, wout)
+            cost = r * i * kh * hout * win + o * r * kw * hout * wout
+            if cost >= dense_macs and sizes is not None or r * (i * kh + o * kw) >= o * i * kh * kw:
+                report.skipped(
+                    p, f"rank {r}: the spatial split would cost as much as the convolution"
+                )
+                return
+            v, h = spatial_svd(w, r)
+            first = nn.Conv2d(
+                i,
+                r,
+                (kh, 1),
+                stride=(m.stride[0], 1),
+                padding=(m.padding[0], 0),
+                dilation=(m.dilation[0], 1),
+                bias=False,
+            )
+            second = nn.Conv2d(
+                r,
+                o,
+                (1, kw),
+                stride=(1, m.stride[1]),
+                padding=(0, m.padding[1]),
+                dilation=(1, m.dilation[1]),
+                bias=m.bias is not None,
+            )
+            with torch.no_grad():
+                first.weight.copy_(v)
+                second.weight.copy_(h)
+                if m.bias is not None:
+                    second.bias.copy_(m.bias.detach())
+            layers = nn.Sequential(first, second)
+            ranks: tuple[int, ...] = (r,)
+            approx = torch.einsum("rih,orw->oihw", v[..., 0], h[:, :, 0, :])
+        else:
+            s0 = torch.linalg.svdvals(w.reshape(o, -1))
+            s1 = torch.linalg.svdvals(w.transpose(0, 1).reshape(i, -1))
+            if isinstance(fixed, float):
+                r_out = r_in = _tucker_rank_for_params(o, i, kh * kw, fixed * o * i * kh * kw)
+            elif fixed is not None:
+                r_out = r_in = int(fixed)
+                if r_out > min(o, i * kh * kw) or r_in > min(i, o * kh * kw):
+                    raise ValueError(
+                        f"Factorize: rank {int(fixed)} is larger than possible for {p} ({shape_of(m)}); "
+                        f"at most {min(o, i)}."
+                    )
+            elif self.rank is not None:
+                r_out = r_in = self.rank
+                if self.rank > min(o, i):
+                    raise ValueError(
+                        f"Factorize: rank {self.rank} is larger than possible for {p} "
+                        f"({shape_of(m)}): at most {min(o, i)}."
+                    )
+            elif self.energy is not None:
+                r_out = self._rank_for(p, s0, o, i * kh * kw, None)
+                r_in = self._rank_for(p, s1, i, o * kh * kw, None)
+            else:
+                target = (self.ratio or 1.0) * o * i * kh * kw
+                r_out = r_in = _tucker_rank_for_params(o, i, kh * kw, target)
+            r_out, r_in = min(r_out, o), min(r_in, i)
+            u_in, core, u_out = tucker2(w, r_in, r_out)
+            cost_params = r_in * i + r_out * r_in * kh * kw + o * r_out
+            cost = (
+                r_in * i * hin * win
+                + r_out * r_in * kh * kw * hout * wout
+                + o * r_out * hout * wout
+            )
+            if cost_params >= o * i * kh * kw or (sizes is not None and cost >= dense_macs):
+                report.skipped(
+                    p,
+                    f"ranks ({r_in}, {r_out}): the Tucker chain would cost as much as the convolution",
+                )
+                return
+            first = nn.Conv2d(i, r_in, 1, bias=False)
+            mid = nn.Conv2d(
+                r_in,
+                r_out,
+                (kh, kw),
+                stride=m.stride,
+                padding=m.padding,
+                dilation=m.dilation,
+                bias=False,
+                padding_mode=m.padding_mode,
+            )
+            last = nn.Conv2d(r_out, o, 1, bias=m.bias is not None)
+            with torch.no_grad():
+                first.weight.copy_(u_in.t()[:, :, None, None])
+                mid.weight.copy_(core)
+                last.weight.copy_(u_out[:, :, None, None])
+                if m.bias is not None:
+                    last.bias.copy_(m.bias.detach())
+            layers = nn.Sequential(first, mid, last)
+            ranks = (r_in, r_out)
+            approx = torch.einsum("rshw,or,is->oihw", core, u_out, u_in)
+        new = FactorizedConv2d(layers, self.conv, i, o, ranks).to(
+            device=m.weight.device, dtype=m.weight.dtype
+        )
+        err = float((approx - w).norm() / w.norm().clamp_min(1e-30))
+        kept = sum(c.weight.numel() for c in layers) / w.numel()
+        _set_module(model, p, new)
+        report.changed(
+            p,
+            "factorized",
+            shape_of(m),
+            shape_of(new),
+            ranks=ranks,
+            params_kept=round(kept, 4),
+            weight_error=round(err, 4),
+        )
+
+
+def svd_factors(
+    w: torch.Tensor, rank: int, gram: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(first (rank, in), second (out, rank))`` with ``second @ first ~= w``.
+
+    With ``gram`` (``X^T X`` of the inputs) the truncation minimises ``||(w - second @ first) X||``
+    (SVD-LLM whitening); at full rank the product equals ``w`` to float precision.
+    """
+    if gram is not None:
+        s_chol, s_inv = _whitening(gram)
+        u, sv, vh = torch.linalg.svd(w.double() @ s_chol.double(), full_matrices=False)
+    else:
+        u, sv, vh = torch.linalg.svd(w.double(), full_matrices=False)
+        s_inv = None
+    sq = sv[:rank].sqrt()
+    first = sq[:, None] * vh[:rank]
+    if s_inv is not None:
+        first = first @ s_inv.double()
+    second = u[:, :rank] * sq[None, :]
+    return first.float(), second.float()
+
+
+def tucker2(
+    w: torch.Tensor, r_in: int, r_out: int, iterations: int = 2
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tucker-2 of a conv weight ``(o, i, kh, kw)``: ``(u_in (i, r_in), core, u_out (o, r_out))``
+    with ``w ~= core x_0 u_out x_1 u_in`` (HOSVD initialisation, HOOI refinement)."""
+    o, i = w.shape[:2]
+    w = w.double()
+    u_out = torch.linalg.svd(w.reshape(o, -1), full_matrices=False)[0][:, :r_out]
+    u_in = torch.linalg.svd(w.transpose(0, 1).reshape(i, -1), full_matrices=False)[0][:, :r_in]
+    for _ in range(iterations):
+        t = torch.einsum("oihw,ir->orhw", w, u_in)
+        u_out = torch.linalg.svd(t.reshape(o, -1), full_matrices=False)[0][:, :r_out]
+        t = torch.einsum("oihw,or->rihw", w, u_out)
+        u_in = torch.linalg.svd(t.transpose(0, 1).reshape(i, -1), full_matrices=False)[0][:, :r_in]
+    core = torch.einsum("oihw,or,is->rshw", w, u_out, u_in)
+    return u_in.float(), core.float(), u_out.float()
+
+
+def spatial_svd(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Spatial split of ``(o, i, kh, kw)``: ``(v (rank, i, kh, 1), h (o, rank, 1, kw))``."""
+    o, i, kh, kw = w.shape
+    mat = w.double().permute(1, 2, 0, 3).reshape(i * kh, o * kw)
+    u, sv, vh = torch.linalg.svd(mat, full_matrices=False)
+    sq = sv[:rank].sqrt()
+    v = (u[:, :rank] * sq).reshape(i, kh, rank).permute(2, 0, 1).unsqueeze(-1)
+    h = (sq[:, None] * vh[:rank]).reshape(rank, o, kw).permute(1, 0, 2).unsqueeze(2)
+    return v.float(), h.float()
+
+
+def _tucker_rank_for_params(o: int, i: int, k2: int, target: float) -> int:
+    """Largest r with r*i + r*r*k2 + o*r <= target."""
+    a, b = k2, i + o
+    r = int((-b + math.sqrt(b * b + 4 * a * target)) / (2 * a))
+    return max(1, min(r, o, i))
+
+
+def _whitening(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cholesky factor ``S`` of ``X^T X`` (damped) and its inverse."""
+    g = gram.double()
+    n = g.shape[0]
+    damp = 1e-6 * torch.diagonal(g).mean().clamp_min(1e-12)
+    for _ in range(6):
+        try:
+            s = torch.linalg.cholesky(g + damp * torch.eye(n, dtype=g.dtype, device=g.device))
+            break
+        except RuntimeError:
+            damp = damp * 100
+    else:  # pragma: no cover - pathological
+        s = torch.eye(n, dtype=g.dtype, device=g.device)
+    s_inv = torch.linalg.solve_triangular(
+        s, torch.eye(n, dtype=g.dtype, device=g.device), upper=False
+    )
+    return s.float(), s_inv.float()
+
+
+def _whitened_singular_values(w: torch.Tensor, gram: torch.Tensor | None) -> torch.Tensor:
+    if gram is None:
+        return torch.linalg.svdvals(w)
+    s, _ = _whitening(gram)
+    return torch.linalg.svdvals(w @ s)
+
+
+def _spatial_sizes(
+    model: nn.Module, inputs: Inputs | None, paths: list[str]
+) -> dict[str, tuple[int, int, int, int]]:
+    """``(h_in, w_in, h_out, w_out)`` of convolutions, from one forward (empty without inputs)."""
+    if inputs is None or not paths:
+        return {}
+    sizes: dict[str, tuple[int, int, int, int]] = {}
+    handles = []
+    named = dict(model.named_modules())
+    for p in paths:
+
+        def hook(_m: nn.Module, args: Any, out: Any, p: str = p) -> None:
+            x = args[0]
+            sizes[p] = (x.shape[-2], x.shape[-1], out.shape[-2], out.shape[-1])
+
+        handles.append(named[p].register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            inputs.call(model)
+    finally:
+        for h in handles:
+            h.remove()
+    return sizes

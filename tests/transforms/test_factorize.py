@@ -1,0 +1,200 @@
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import nnslim
+from nnslim.modules.factorized import FactorizedConv2d, FactorizedLinear
+from nnslim.testing import model_state
+from nnslim.testing.checks import _assert_same_state
+from nnslim.transforms.factorize import spatial_svd, svd_factors, tucker2
+from tests.models import TinyMLP
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@given(
+    out=st.integers(1, 24), inp=st.integers(1, 24), rows=st.integers(1, 6), seed=st.integers(0, 999)
+)
+def test_full_rank_svd_reproduces_the_layer(out, inp, rows, seed):
+    torch.manual_seed(seed)
+    lin = nn.Linear(inp, out)
+    r = min(out, inp)
+    first, second = svd_factors(lin.weight.detach(), r)
+    fl = FactorizedLinear(inp, out, r)
+    with torch.no_grad():
+        fl.first.weight.copy_(first)
+        fl.second.weight.copy_(second)
+        fl.second.bias.copy_(lin.bias)
+        x = torch.randn(rows, inp)
+        assert torch.allclose(fl(x), lin(x), atol=1e-5, rtol=1e-4)
+
+
+@given(
+    o=st.integers(1, 8), i=st.integers(1, 8), k=st.sampled_from([1, 3]), seed=st.integers(0, 999)
+)
+def test_full_rank_tucker_and_spatial_reproduce_the_weight(o, i, k, seed):
+    torch.manual_seed(seed)
+    w = torch.randn(o, i, k, k)
+    u_in, core, u_out = tucker2(w, i, o)
+    assert torch.allclose(torch.einsum("rshw,or,is->oihw", core, u_out, u_in), w, atol=1e-5)
+    v, h = spatial_svd(w, min(i * k, o * k))
+    assert torch.allclose(torch.einsum("rih,orw->oihw", v[..., 0], h[:, :, 0, :]), w, atol=1e-5)
+
+
+def test_whitened_full_rank_is_exact_and_truncation_minimises_output_error():
+    torch.manual_seed(0)
+    w = torch.randn(32, 48)
+    mix = torch.randn(8, 48)
+    x = torch.randn(512, 8) @ mix + 0.05 * torch.randn(512, 48)
+    gram = x.t() @ x
+    first, second = svd_factors(w, 32, gram)
+    assert torch.allclose(second @ first, w, atol=1e-4)
+    plain = svd_factors(w, 8)
+    aware = svd_factors(w, 8, gram)
+    err_plain = rel(x @ (plain[1] @ plain[0]).t(), x @ w.t())
+    err_aware = rel(x @ (aware[1] @ aware[0]).t(), x @ w.t())
+    assert err_aware < 0.5 * err_plain
+
+
+def test_rank_replaces_linear_and_reduces_params():
+    m = TinyMLP(d_in=64, hidden=64)
+    x = torch.randn(4, 64)
+    report = nnslim.Factorize(rank=8, select=["fc1", "fc2"]).apply(m, x)
+    assert isinstance(m.fc1, FactorizedLinear) and m.fc1.rank == 8
+    assert report.after.params < report.before.params
+    assert report.after.macs < report.before.macs
+    assert report.changes[0].details["rank"] == 8
+
+
+def test_breakeven_layers_are_skipped_and_listed():
+    m = TinyMLP(d_in=16, hidden=32, d_out=4)
+    report = nnslim.Factorize(rank=4).apply(m, torch.randn(2, 16))
+    skips = dict((s.path, s.reason) for s in report.skips)
+    assert "rank 4 >= 3.6: the factorized form would cost more FLOPs" in skips["fc3"]  # 32x4
+    assert isinstance(m.fc1, FactorizedLinear)
+
+
+def test_energy_threshold_picks_the_rank():
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 64, bias=False)
+    with torch.no_grad():
+        u, _, vh = torch.linalg.svd(torch.randn(64, 64))
+        s = torch.tensor([10.0, 5.0, 1.0] + [0.01] * 61)
+        lin.weight.copy_(u @ torch.diag(s) @ vh)
+    m = nn.Sequential(lin)
+    report = nnslim.Factorize(energy=0.99).apply(m, torch.randn(2, 64))
+    assert report.changes[0].details["rank"] == 2  # 100+25 of 126 = 0.992
+
+
+def test_ratio_keeps_the_parameter_fraction():
+    m = nn.Sequential(nn.Linear(128, 128, bias=False))
+    nnslim.Factorize(ratio=0.5).apply(m, torch.randn(2, 128))
+    kept = sum(p.numel() for p in m.parameters()) / (128 * 128)
+    assert 0.45 <= kept <= 0.5
+
+
+def test_global_params_budget_is_met_and_spends_rank_where_it_matters():
+    torch.manual_seed(0)
+    m = nn.Sequential(
+        nn.Linear(64, 64, bias=False),
+        nn.ReLU(),
+        nn.Linear(64, 64, bias=False),
+        nn.ReLU(),
+        nn.Linear(64, 4),
+    )
+    with torch.no_grad():
+        u, _, vh = torch.linalg.svd(torch.randn(64, 64))
+        m[0].weight.copy_(u[:, :4] @ torch.diag(torch.tensor([9.0, 8, 7, 6])) @ vh[:4])  # rank 4
+    x = torch.randn(2, 64)
+    report = nnslim.Factorize(params=0.5, select=["0", "2"]).apply(m, x)
+    assert report.after.params <= 0.5 * report.before.params
+    ranks = {c.path: c.details["rank"] for c in report.changes}
+    assert ranks["0"] <= 6 < ranks["2"]  # the low-rank layer needs little
+
+
+def test_activation_aware_is_default_with_calibration():
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(48, 32), nn.ReLU(), nn.Linear(32, 4))
+    mix = torch.randn(6, 48)
+    calib = [torch.randn(64, 6) @ mix + 0.05 * torch.randn(64, 48) for _ in range(2)]
+    test = torch.randn(64, 6) @ mix + 0.05 * torch.randn(64, 48)
+    with torch.no_grad():
+        ref = base(test)
+    errs = {}
+    for aware in (False, True):
+        m = nn.Sequential(nn.Linear(48, 32), nn.ReLU(), nn.Linear(32, 4))
+        m.load_state_dict(base.state_dict())
+        kwargs = {} if aware else {"activation_aware": False}
+        report = nnslim.Factorize(rank=6, select=["0"], **kwargs).apply(m, calibration=calib)
+        assert report.changes[0].details["whitened"] is aware
+        with torch.no_grad():
+            errs[aware] = rel(m(test), ref)
+    assert errs[True] < 0.5 * errs[False], errs
+
+
+def test_tucker_and_spatial_conv():
+    torch.manual_seed(0)
+    for kind in ("tucker", "spatial"):
+        m = nn.Sequential(nn.Conv2d(32, 64, 3, padding=1, stride=2), nn.ReLU(), nn.Conv2d(64, 8, 1))
+        x = torch.randn(1, 32, 16, 16)
+        shape = m(x).shape
+        report = nnslim.Factorize(ratio=0.4, conv=kind, select=["0"]).apply(m, x)
+        assert isinstance(m[0], FactorizedConv2d) and m[0].kind == kind
+        assert m(x).shape == shape
+        assert report.after.params < report.before.params and report.after.macs < report.before.macs
+
+
+def test_grouped_and_pointwise_convs_are_skipped():
+    m = nn.Sequential(
+        nn.Conv2d(8, 8, 3, groups=4, padding=1),
+        nn.Conv2d(8, 16, 1),
+        nn.Flatten(),
+        nn.Linear(16 * 36, 4),
+    )
+    report = nnslim.Factorize(ratio=0.5, select=["0", "1", "3"]).apply(m, torch.randn(1, 8, 6, 6))
+    skips = dict((s.path, s.reason) for s in report.skips)
+    assert "grouped convolution" in skips["0"] and "1x1 convolution" in skips["1"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"rank": 0}, ValueError, r"rank=...\): expected an integer in \[1, inf\], got 0"),
+        ({"energy": 0.0}, ValueError, r"energy=...\): expected a number in \(0.0, 1.0\]"),
+        ({"energy": 1.5}, ValueError, r"expected a number in \(0.0, 1.0\]"),
+        ({"rank": 2, "ratio": 0.5}, ValueError, "exactly one of"),
+        ({"ratio": 0.5, "conv": "cp"}, ValueError, "unknown value 'cp'"),
+    ],
+)
+def test_bad_config(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        nnslim.Factorize(**kwargs)
+
+
+def test_rank_larger_than_possible_leaves_model_untouched():
+    m = TinyMLP(d_in=16, hidden=32)
+    before = model_state(m)
+    with pytest.raises(
+        ValueError, match=r"rank 20 is larger than possible for fc1 \(32x16: at most 16\)"
+    ):
+        nnslim.Factorize(rank=20, select=["fc1"]).apply(m, torch.randn(2, 16))
+    _assert_same_state(before, model_state(m), "after a bad rank")
+
+
+def test_factorized_model_trains_and_round_trips(tmp_path):
+    torch.manual_seed(0)
+    m = TinyMLP(d_in=32, hidden=64)
+    x = torch.randn(8, 32)
+    nnslim.Factorize(rank=4, select=["fc1", "fc2"]).apply(m, x)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    loss = m(x).pow(2).mean()
+    loss.backward()
+    opt.step()
+    nnslim.save(m, tmp_path / "m.safetensors")
+    back = nnslim.load(tmp_path / "m.safetensors", TinyMLP(d_in=32, hidden=64))
+    with torch.no_grad():
+        assert torch.equal(back(x), m(x))
