@@ -249,7 +249,7 @@ class Factorize(Transform):
             sv = _whitened_singular_values(w, stats[p].gram if p in stats else None)
             entries.append((p, sv, (out + inp) * rows, out * inp * rows))
         for p, m in convs.items():
-            hin, win, hout, wout = spatial.get(p, (1, 1, 1, 1))
+            _, _, hout, wout = spatial.get(p, (1, 1, 1, 1))
             o, i, kh, kw = m.weight.shape
             mat = m.weight.detach().float().reshape(o, -1)
             sv = torch.linalg.svdvals(mat)
@@ -355,7 +355,7 @@ class Factorize(Transform):
             r = self._rank_for(p, sv, i * kh, o * kw, fixed)
             # k x 1 conv at (hout, win) then 1 x k at (hout, wout)
             cost = r * i * kh * hout * win + o * r * kw * hout * wout
-            if cost >= dense_macs and sizes is not None or r * (i * kh + o * kw) >= o * i * kh * kw:
+            if (cost >= dense_macs and sizes is not None) or r * (i * kh + o * kw) >= o * i * kh * kw:
                 report.skipped(
                     p, f"rank {r}: the spatial split would cost as much as the convolution"
                 )
