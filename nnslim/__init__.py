@@ -18,6 +18,7 @@ from .io import hf
 from .io.save import load, save
 from .modules.masks import apply_masks
 from .profiling import Profile, profile, register_formula
+from .train import Distillation, Regularization, Trainer, TrainOptions, TrainResult
 from .transforms.factorize import Factorize
 from .transforms.importance import Importance
 from .transforms.prune import Prune
@@ -26,13 +27,18 @@ from .transforms.quantize import Quantize, convert
 __all__ = [
     "Compose",
     "Context",
+    "Distillation",
     "Factorize",
     "Graph",
     "Importance",
     "Profile",
     "Prune",
     "Quantize",
+    "Regularization",
     "Report",
+    "TrainOptions",
+    "TrainResult",
+    "Trainer",
     "Transform",
     "__version__",
     "apply_masks",

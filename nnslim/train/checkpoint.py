@@ -1,0 +1,109 @@
+"""Training checkpoints: model (nnslim.save), optimizer, scheduler, RNG states and position.
+
+A checkpoint is a directory ``step-000123`` holding ``model.safetensors`` (written by
+:func:`nnslim.save`, so the compressed structure is checked on resume) and ``state.pt``
+(optimizer and scheduler state dicts, RNG states, counters; loaded with ``weights_only=True``).
+It is written under a temporary name and renamed into place, then ``latest`` is updated
+atomically, so a kill at any moment leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..io.atomic import atomic_path
+from ..io.save import save
+
+__all__ = ["latest_checkpoint", "load_checkpoint", "rng_state", "save_checkpoint", "set_rng_state"]
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG state that training touches, in a form ``weights_only`` loading accepts."""
+    np_state = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "python": [*internal, version, gauss],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    py = state["python"]
+    random.setstate((py[-2], tuple(py[:-2]), py[-1]))
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
+
+
+def save_checkpoint(
+    directory: str | os.PathLike[str],
+    step: int,
+    model: nn.Module,
+    state: dict[str, Any],
+    keep: int = 2,
+) -> Path:
+    """Write checkpoint ``step`` atomically; keep the newest ``keep`` checkpoints."""
+    root = Path(directory)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:09d}"
+    tmp = root / f".step-{step:09d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save(model, tmp / "model.safetensors")
+    torch.save(state, tmp / "state.pt")
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    with atomic_path(root / "latest") as t:
+        t.write_text(final.name)
+    existing = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
+    for old in existing[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(directory: str | os.PathLike[str]) -> Path | None:
+    """The newest complete checkpoint directory, or ``None``."""
+    root = Path(directory)
+    pointer = root / "latest"
+    if pointer.exists():
+        p = root / pointer.read_text().strip()
+        if (p / "state.pt").exists() and (p / "model.safetensors").exists():
+            return p
+    done = sorted(p for p in root.glob("step-*") if (p / "state.pt").exists())
+    return done[-1] if done else None
+
+
+def load_checkpoint(path: Path, model: nn.Module) -> dict[str, Any]:
+    """Load weights into ``model`` (same structure) and return the saved training state.
+
+    Raises:
+        ValueError: if the checkpoint does not fit the model.
+    """
+    from safetensors.torch import load_file
+
+    state = torch.load(path / "state.pt", weights_only=True)
+    weights = load_file(str(path / "model.safetensors"))
+    own = model.state_dict()
+    unknown = [k for k in weights if k not in own]
+    wrong = [k for k in weights if k in own and weights[k].shape != own[k].shape]
+    if unknown or wrong:
+        raise ValueError(
+            f"resume: the checkpoint at {path} does not fit this model (unknown tensors "
+            f"{unknown[:3]}, other shapes {wrong[:3]}); build and compress the model exactly as in "
+            f"the interrupted run before resuming."
+        )
+    # tied tensors are stored once; their aliases take the model's own (shared) tensor
+    model.load_state_dict({**own, **weights}, strict=True)
+    return state

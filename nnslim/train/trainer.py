@@ -1,0 +1,628 @@
+"""``nnslim.Trainer``: fine-tune a compressed model to win back accuracy."""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.inputs import as_inputs, first_tensor
+from ..core.validate import check_choice, check_fraction, check_int
+from ..modules.masks import apply_masks
+from .checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+
+__all__ = ["Distillation", "Regularization", "TrainOptions", "TrainResult", "Trainer"]
+
+
+@dataclass(frozen=True)
+class Distillation:
+    """Knowledge distillation from the teacher given to the :class:`Trainer`.
+
+    Attributes:
+        temperature: softening temperature of the KL term on logits.
+        alpha: weight of the distillation terms (the task loss gets ``1 - alpha``; without
+            targets the distillation terms alone are used).
+        features: student module path -> teacher module path whose outputs are matched with a
+            mean squared error (shapes must agree: pick layers pruning did not narrow, such as
+            residual-stream block outputs).
+        feature_weight: weight of the feature terms.
+    """
+
+    temperature: float = 4.0
+    alpha: float = 0.5
+    features: dict[str, str] = field(default_factory=dict)
+    feature_weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class Regularization:
+    """Penalties added to the loss.
+
+    Attributes:
+        l1: L1 on weights (tensors of two or more dims).
+        l2: L2 on weights.
+        group_lasso: sum over the channel groups that ``Prune`` would remove of the L2 norm of
+            each channel's coupled weights (sparsity training before pruning; needs the
+            dependency graph, built from the first batch).
+        bn_l1: L1 on BatchNorm scales (network slimming).
+    """
+
+    l1: float = 0.0
+    l2: float = 0.0
+    group_lasso: float = 0.0
+    bn_l1: float = 0.0
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """Less common training settings.
+
+    Attributes:
+        precision: ``"fp32"`` or ``"bf16"`` (autocast on CPU).
+        accumulate: micro-batches per optimizer step.
+        clip_grad_norm: clip the gradient norm to this (``None``: no clipping).
+        eval_every: evaluate every this many optimizer steps (and at the end).
+        patience: stop after this many evaluations without improvement (``None``: never).
+        checkpoint_every: checkpoint every this many optimizer steps (with ``checkpoint_dir``).
+        verbose: progress bar; ``None`` shows it only on a terminal.
+        strategy: ``"ddp"`` or ``"fsdp"`` under ``torchrun``.
+    """
+
+    precision: str = "fp32"
+    accumulate: int = 1
+    clip_grad_norm: float | None = None
+    eval_every: int | None = None
+    patience: int | None = None
+    checkpoint_every: int = 100
+    verbose: bool | None = None
+    strategy: str = "ddp"
+
+
+@dataclass
+class TrainResult:
+    """What :meth:`Trainer.fit` did.
+
+    Attributes:
+        steps: optimizer steps taken (including before a resume).
+        history: ``{"step", "loss"}`` per step and ``{"step", "metric"}`` per evaluation.
+        best_metric: the best evaluation (``None`` without ``evaluate``).
+        stopped_early: whether early stopping ended training (the best weights were restored).
+    """
+
+    steps: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_metric: float | None = None
+    stopped_early: bool = False
+
+    @property
+    def losses(self) -> list[float]:
+        return [h["loss"] for h in self.history if "loss" in h]
+
+
+def _split(batch: Any) -> tuple[Any, Any]:
+    """``(inputs, targets)`` of a batch: ``(x, y)`` pairs, dicts (targets under ``labels``), or
+    inputs alone."""
+    if isinstance(batch, dict):
+        return batch, batch.get("labels")
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    return batch, None
+
+
+def _call(model: nn.Module, inputs: Any) -> Any:
+    inp = as_inputs(inputs)
+    if inp is None:
+        raise ValueError("a batch holds no inputs")
+    return inp.call(model)
+
+
+class Trainer:
+    """Fine-tune any ``nn.Module``, optionally distilling from the uncompressed model.
+
+    Args:
+        loss: ``"cross_entropy"``, ``"mse"``, a callable ``(outputs, targets) -> loss``, or
+            ``None``: cross-entropy for integer targets, MSE for float ones, and a Hugging Face
+            output's own ``.loss`` for dict batches with ``labels``.
+        optimizer: an optimizer class (default ``torch.optim.SGD``) or a callable
+            ``params -> optimizer``.
+        lr: learning rate (for an optimizer class).
+        scheduler: a callable ``optimizer -> LR scheduler``, stepped every optimizer step.
+        teacher: the model to distil from (kept in eval mode, never updated).
+        distillation: how to distil (see :class:`Distillation`).
+        regularization: penalties (see :class:`Regularization`).
+        evaluate: ``model -> float`` (higher is better) for evaluation and early stopping.
+        options: see :class:`TrainOptions`.
+
+    Example:
+        >>> import torch, nnslim
+        >>> model = torch.nn.Linear(4, 2)
+        >>> data = [(torch.randn(8, 4), torch.randint(0, 2, (8,))) for _ in range(4)]
+        >>> result = nnslim.Trainer(lr=0.1, options=nnslim.TrainOptions(verbose=False)).fit(model, data)
+        >>> result.steps
+        4
+    """
+
+    def __init__(
+        self,
+        loss: str | Callable[..., torch.Tensor] | None = None,
+        optimizer: Any = torch.optim.SGD,
+        lr: float = 0.01,
+        scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
+        teacher: nn.Module | None = None,
+        distillation: Distillation | None = None,
+        regularization: Regularization | None = None,
+        evaluate: Callable[[nn.Module], float] | None = None,
+        options: TrainOptions | None = None,
+    ) -> None:
+        if isinstance(loss, str):
+            check_choice("Trainer", "loss", loss, ("cross_entropy", "mse"))
+        elif loss is not None and not callable(loss):
+            raise TypeError(
+                f"Trainer(loss=...): expected a name or a callable, got {type(loss).__name__}."
+            )
+        check_fraction("Trainer", "lr", lr, low=0.0, high=1e3, low_inclusive=False)
+        self.loss = loss
+        self.optimizer = optimizer
+        self.lr = lr
+        self.scheduler = scheduler
+        self.teacher = teacher
+        self.distillation = distillation or Distillation()
+        self.regularization = regularization or Regularization()
+        self.evaluate = evaluate
+        self.options = options or TrainOptions()
+        o = self.options
+        check_choice("TrainOptions", "precision", o.precision, ("fp32", "bf16"))
+        check_choice("TrainOptions", "strategy", o.strategy, ("ddp", "fsdp"))
+        check_int("TrainOptions", "accumulate", o.accumulate, low=1)
+        check_int("TrainOptions", "checkpoint_every", o.checkpoint_every, low=1)
+        check_fraction("Distillation", "alpha", self.distillation.alpha, high_inclusive=True)
+
+    # -- the loop -------------------------------------------------------------------------------
+    def fit(
+        self,
+        model: nn.Module,
+        data: Iterable[Any],
+        *,
+        epochs: int = 1,
+        max_steps: int | None = None,
+        checkpoint_dir: str | os.PathLike[str] | None = None,
+        resume: bool = False,
+    ) -> TrainResult:
+        """Train ``model`` in place on ``data`` (an iterable of batches, re-iterated per epoch).
+
+        With ``checkpoint_dir``, model, optimizer, scheduler, RNG states and position are saved
+        atomically every ``options.checkpoint_every`` steps and at the end; ``resume=True``
+        continues from the newest checkpoint and reaches the same weights as an uninterrupted
+        run (same data order, same thread count).
+
+        Raises:
+            ValueError: an empty loader, a NaN/Inf loss (the model keeps its last good
+                weights; the last good checkpoint stays on disk), a checkpoint that does not
+                fit.
+        """
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"Trainer.fit: expected an nn.Module, got {type(model).__name__}.")
+        check_int("Trainer.fit", "epochs", epochs, low=1)
+        o = self.options
+        dist = _Distributed.setup(model, o.strategy)
+        net = dist.wrap(model)
+        params = [p for p in net.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("Trainer.fit: the model has no trainable parameters.")
+        opt = (
+            self.optimizer(params, lr=self.lr)
+            if isinstance(self.optimizer, type)
+            else self.optimizer(params)
+        )
+        sched = self.scheduler(opt) if self.scheduler is not None else None
+        result = TrainResult()
+        start_epoch, position, epoch_rng, resume_rng = 0, 0, None, None
+        group_lasso = _GroupLasso(model, self.regularization.group_lasso)
+        if self.regularization.group_lasso:
+            first = next(iter(data), None)
+            if first is None:
+                raise ValueError("Trainer.fit: the data yielded no batch; pass a non-empty loader.")
+            group_lasso.setup(_split(first)[0])
+        if resume:
+            if checkpoint_dir is None:
+                raise ValueError("Trainer.fit(resume=True) needs checkpoint_dir=.")
+            ckpt = latest_checkpoint(checkpoint_dir)
+            if ckpt is not None:
+                state = load_checkpoint(ckpt, model)
+                opt.load_state_dict(state["optimizer"])
+                if sched is not None and state.get("scheduler") is not None:
+                    sched.load_state_dict(state["scheduler"])
+                result.steps = int(state["step"])
+                result.history = [dict(h) for h in state.get("history", [])]
+                result.best_metric = state.get("best_metric")
+                start_epoch, position = int(state["epoch"]), int(state["position"])
+                epoch_rng = state["epoch_rng"]
+                resume_rng = state["rng"]
+            else:
+                resume = False
+        features = _FeatureTaps(model, self.teacher, self.distillation.features)
+        if self.teacher is not None:
+            self.teacher.eval()
+        bar = _progress(o.verbose, max_steps, dist.rank)
+        best_state: dict[str, torch.Tensor] | None = None
+        bad_evals = 0
+        done = False
+        net.train()
+        try:
+            for epoch in range(start_epoch, epochs):
+                if epoch_rng is not None and epoch == start_epoch and resume:
+                    set_rng_state(epoch_rng)
+                epoch_rng = rng_state()
+                iterator = iter(data)
+                if resume and epoch == start_epoch and resume_rng is not None:
+                    for _ in range(position):
+                        next(iterator, None)
+                    set_rng_state(resume_rng)
+                consumed = position if (resume and epoch == start_epoch) else 0
+                seen_any = consumed > 0
+                micro = 0
+                for batch in iterator:
+                    index = consumed
+                    consumed += 1
+                    seen_any = True
+                    if index % dist.world != dist.rank:
+                        continue
+                    loss = self._loss(net, model, batch, features, group_lasso)
+                    if not torch.isfinite(loss):
+                        where = (
+                            f"; the last good checkpoint is in {checkpoint_dir}"
+                            if checkpoint_dir
+                            else ""
+                        )
+                        raise ValueError(
+                            f"Trainer: the loss is {loss.item()} at step {result.steps + 1}; stopped "
+                            f"before updating the weights{where}. Lower the learning rate or check the data."
+                        )
+                    (loss / o.accumulate).backward()
+                    micro += 1
+                    if micro % o.accumulate:
+                        continue
+                    if o.clip_grad_norm is not None:
+                        torch.nn.utils.clip_grad_norm_(params, o.clip_grad_norm)
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    if sched is not None:
+                        sched.step()
+                    apply_masks(model)
+                    result.steps += 1
+                    result.history.append({"step": result.steps, "loss": float(loss.detach())})
+                    bar.update(loss=float(loss.detach()))
+                    if (
+                        self.evaluate is not None
+                        and o.eval_every
+                        and result.steps % o.eval_every == 0
+                    ):
+                        stop, best_state, bad_evals = self._eval(
+                            model, result, best_state, bad_evals
+                        )
+                        bar.update(metric=result.history[-1]["metric"], step=False)
+                        if stop:
+                            done = True
+                    if (
+                        checkpoint_dir is not None
+                        and dist.rank == 0
+                        and (result.steps % o.checkpoint_every == 0)
+                    ):
+                        self._checkpoint(
+                            checkpoint_dir, model, opt, sched, result, epoch, consumed, epoch_rng
+                        )
+                    if done or (max_steps is not None and result.steps >= max_steps):
+                        done = True
+                        break
+                if not seen_any:
+                    raise ValueError(
+                        "Trainer.fit: the data yielded no batch; pass a non-empty loader."
+                    )
+                position = 0
+                resume = False
+                if done:
+                    break
+            if self.evaluate is not None and not result.stopped_early:
+                _, best_state, bad_evals = self._eval(model, result, best_state, bad_evals)
+            if result.stopped_early and best_state is not None:
+                model.load_state_dict(best_state)
+            if checkpoint_dir is not None and dist.rank == 0:
+                self._checkpoint(checkpoint_dir, model, opt, sched, result, epochs, 0, rng_state())
+        finally:
+            features.close()
+            bar.close()
+            dist.barrier()
+        return result
+
+    # -- pieces ---------------------------------------------------------------------------------
+    def _loss(
+        self,
+        net: nn.Module,
+        model: nn.Module,
+        batch: Any,
+        features: _FeatureTaps,
+        lasso: _GroupLasso,
+    ) -> torch.Tensor:
+        inputs, targets = _split(batch)
+        o = self.options
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=o.precision == "bf16"):
+            outputs = _call(net, inputs)
+            main = first_tensor(outputs)
+            d = self.distillation
+            task = self._task_loss(outputs, main, targets)
+            total = (
+                task
+                if task is not None
+                else torch.zeros((), device=main.device if main is not None else "cpu")
+            )
+            if self.teacher is not None:
+                with torch.no_grad():
+                    t_out = first_tensor(_call(self.teacher, inputs))
+                kd = self._kd(main, t_out) + d.feature_weight * features.loss()
+                total = kd if task is None else (1 - d.alpha) * task + d.alpha * kd
+            elif task is None:
+                raise ValueError(
+                    "Trainer: the batch has no targets and there is no teacher; give (inputs, "
+                    "targets) batches or a teacher to distil from."
+                )
+        total = total.float() + self._penalty(model) + lasso.penalty()
+        return total
+
+    def _task_loss(
+        self, outputs: Any, main: torch.Tensor | None, targets: Any
+    ) -> torch.Tensor | None:
+        if callable(self.loss) and not isinstance(self.loss, str):
+            return self.loss(outputs, targets) if targets is not None else None
+        hf_loss = getattr(outputs, "loss", None)
+        if self.loss is None and isinstance(hf_loss, torch.Tensor):
+            return hf_loss
+        if targets is None or main is None:
+            return None
+        kind = self.loss or ("cross_entropy" if not targets.is_floating_point() else "mse")
+        if kind == "cross_entropy":
+            return F.cross_entropy(main.reshape(-1, main.shape[-1]).float(), targets.reshape(-1))
+        return F.mse_loss(main.float(), targets.float())
+
+    def _kd(self, student: torch.Tensor | None, teacher: torch.Tensor | None) -> torch.Tensor:
+        if student is None or teacher is None:
+            return torch.zeros(())
+        t = self.distillation.temperature
+        s = student.reshape(-1, student.shape[-1]).float()
+        tt = teacher.reshape(-1, teacher.shape[-1]).float()
+        return (
+            F.kl_div(F.log_softmax(s / t, -1), F.softmax(tt / t, -1), reduction="batchmean") * t * t
+        )
+
+    def _penalty(self, model: nn.Module) -> torch.Tensor:
+        r = self.regularization
+        total = torch.zeros(())
+        if r.l1 or r.l2:
+            for p in model.parameters():
+                if p.requires_grad and p.dim() >= 2:
+                    if r.l1:
+                        total = total + r.l1 * p.abs().sum()
+                    if r.l2:
+                        total = total + r.l2 * p.pow(2).sum()
+        if r.bn_l1:
+            for m in model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None:
+                    total = total + r.bn_l1 * m.weight.abs().sum()
+        return total
+
+    def _eval(
+        self, model: nn.Module, result: TrainResult, best_state: Any, bad: int
+    ) -> tuple[bool, Any, int]:
+        was = model.training
+        model.eval()
+        with torch.no_grad():
+            metric = float(self.evaluate(model))  # type: ignore[misc]
+        model.train(was)
+        result.history.append({"step": result.steps, "metric": metric})
+        if result.best_metric is None or metric > result.best_metric:
+            result.best_metric = metric
+            return False, copy.deepcopy(model.state_dict()), 0
+        bad += 1
+        patience = self.options.patience
+        if patience is not None and bad >= patience:
+            result.stopped_early = True
+            return True, best_state, bad
+        return False, best_state, bad
+
+    def _checkpoint(
+        self,
+        directory: Any,
+        model: nn.Module,
+        opt: Any,
+        sched: Any,
+        result: TrainResult,
+        epoch: int,
+        position: int,
+        epoch_rng: Any,
+    ) -> None:
+        state = {
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict() if sched is not None else None,
+            "step": result.steps,
+            "epoch": epoch,
+            "position": position,
+            "epoch_rng": epoch_rng,
+            "rng": rng_state(),
+            "history": result.history,
+            "best_metric": result.best_metric,
+        }
+        save_checkpoint(directory, result.steps, model, state)
+
+
+class _FeatureTaps:
+    """Forward hooks capturing matched student/teacher features."""
+
+    def __init__(
+        self, student: nn.Module, teacher: nn.Module | None, pairs: dict[str, str]
+    ) -> None:
+        self.handles: list[Any] = []
+        self.s: dict[str, torch.Tensor] = {}
+        self.t: dict[str, torch.Tensor] = {}
+        self.pairs = dict(pairs)
+        if not pairs:
+            return
+        if teacher is None:
+            raise ValueError("Distillation(features=...) needs a teacher.")
+        for sp, tpath in pairs.items():
+            for model, store, path in ((student, self.s, sp), (teacher, self.t, tpath)):
+                try:
+                    mod = model.get_submodule(path)
+                except AttributeError:
+                    raise ValueError(f"Distillation(features=...): no module {path!r}.") from None
+
+                def hook(
+                    _m: nn.Module, _a: Any, out: Any, store: dict = store, key: str = sp
+                ) -> None:
+                    store[key] = first_tensor(out)
+
+                self.handles.append(mod.register_forward_hook(hook))
+
+    def loss(self) -> torch.Tensor:
+        total = torch.zeros(())
+        for key in self.pairs:
+            s, t = self.s.get(key), self.t.get(key)
+            if s is None or t is None:
+                continue
+            if s.shape != t.shape:
+                raise ValueError(
+                    f"Distillation(features=...): {key!r} has shape {tuple(s.shape)} but the "
+                    f"teacher's {self.pairs[key]!r} has {tuple(t.shape)}; match layers whose width "
+                    f"pruning kept (block outputs in the residual stream)."
+                )
+            total = total + F.mse_loss(s.float(), t.detach().float())
+        return total
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+class _GroupLasso:
+    """Group lasso over the channel groups of the dependency graph (built lazily)."""
+
+    def __init__(self, model: nn.Module, weight: float) -> None:
+        self.model = model
+        self.weight = weight
+        self.groups: list[list[tuple[torch.Tensor, int]]] | None = None
+        self.example: Any = None
+
+    def setup(self, example: Any) -> None:
+        from ..graph.trace import trace
+
+        g = trace(self.model, example)
+        named = dict(self.model.named_modules())
+        self.groups = []
+        for info in g.groups(ignored=g.output_layers()):
+            parts = []
+            for path, kind in info.members:
+                m = named.get(path)
+                w = getattr(m, "weight", None)
+                if not isinstance(w, torch.Tensor) or w.dim() < 1 or kind not in ("out", "in"):
+                    continue
+                dim = 0 if kind == "out" or w.dim() == 1 else 1
+                if type(m).__name__ == "Conv1D" and w.dim() == 2:
+                    dim = 1 - dim
+                parts.append((w, dim))
+            if parts:
+                self.groups.append(parts)
+
+    def penalty(self) -> torch.Tensor:
+        if not self.weight:
+            return torch.zeros(())
+        if self.groups is None:
+            raise ValueError(
+                "Regularization(group_lasso=...) is set up by Trainer.fit; this is a bug"
+            )
+        total = torch.zeros(())
+        for parts in self.groups:
+            n = min(w.shape[d] for w, d in parts)
+            sq = torch.zeros(n)
+            for w, d in parts:
+                sq = sq + w.transpose(0, d).reshape(w.shape[d], -1)[:n].pow(2).sum(1)
+            total = total + sq.clamp_min(1e-12).sqrt().sum()
+        return self.weight * total
+
+
+class _Progress:
+    def __init__(self, bar: Any) -> None:
+        self.bar = bar
+        self.post: dict[str, str] = {}
+
+    def update(
+        self, loss: float | None = None, metric: float | None = None, step: bool = True
+    ) -> None:
+        if self.bar is None:
+            return
+        if loss is not None:
+            self.post["loss"] = f"{loss:.4g}"
+        if metric is not None:
+            self.post["metric"] = f"{metric:.4g}"
+        self.bar.set_postfix(self.post, refresh=False)
+        if step:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _progress(verbose: bool | None, total: int | None, rank: int) -> _Progress:
+    show = sys.stderr.isatty() if verbose is None else verbose
+    if not show or rank != 0:
+        return _Progress(None)
+    from tqdm.auto import tqdm
+
+    return _Progress(tqdm(total=total, desc="fine-tune", unit="step"))
+
+
+class _Distributed:
+    """torch.distributed under torchrun: process group, DDP/FSDP wrapping, batch sharding."""
+
+    def __init__(self, rank: int, world: int, enabled: bool, strategy: str) -> None:
+        self.rank, self.world, self.enabled, self.strategy = rank, world, enabled, strategy
+
+    @classmethod
+    def setup(cls, model: nn.Module, strategy: str) -> _Distributed:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls(0, 1, False, strategy)
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group(backend="gloo" if not torch.cuda.is_available() else "nccl")
+        return cls(dist.get_rank(), dist.get_world_size(), True, strategy)
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        if not self.enabled:
+            return model
+        if self.strategy == "fsdp":
+            from torch.distributed.fsdp import fully_shard
+
+            fully_shard(model)
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model)
+
+    def barrier(self) -> None:
+        if self.enabled:
+            import torch.distributed as dist
+
+            dist.barrier()

@@ -1,0 +1,257 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import nnslim
+from tests.models import TinyCNN
+from tests.train.scripts import make_data, make_model
+
+QUIET = nnslim.TrainOptions(verbose=False)
+
+
+def blobs(n=128, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 8, generator=g)
+    y = (x[:, 0] + x[:, 1] > 0).long()
+    return [(x[i : i + 16], y[i : i + 16]) for i in range(0, n, 16)]
+
+
+def accuracy(model, data):
+    with torch.no_grad():
+        return sum(float((model(x).argmax(-1) == y).float().mean()) for x, y in data) / len(data)
+
+
+def test_fit_learns_and_counts_steps():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    data = blobs()
+    before = accuracy(model, data)
+    result = nnslim.Trainer(lr=0.2, options=QUIET).fit(model, data, epochs=5)
+    assert result.steps == 5 * len(data)
+    assert accuracy(model, data) > max(before, 0.9)
+    assert result.losses[-1] < result.losses[0]
+
+
+def test_optimizer_class_scheduler_and_mse():
+    model = nn.Linear(4, 1)
+    data = [(torch.randn(8, 4), torch.randn(8, 1)) for _ in range(3)]
+    seen = []
+    trainer = nnslim.Trainer(
+        loss="mse",
+        optimizer=torch.optim.Adam,
+        lr=0.05,
+        options=QUIET,
+        scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: seen.append(s) or 1.0),
+    )
+    trainer.fit(model, data)
+    assert seen == [0, 1, 2, 3]
+
+
+def test_distillation_without_targets_moves_student_to_teacher():
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    student = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    data = [torch.randn(32, 8) for _ in range(8)]
+
+    def gap():
+        with torch.no_grad():
+            x = torch.cat(data)
+            return float(
+                nn.functional.kl_div(
+                    student(x).log_softmax(-1), teacher(x).softmax(-1), reduction="batchmean"
+                )
+            )
+
+    before = gap()
+    nnslim.Trainer(optimizer=torch.optim.Adam, lr=0.01, teacher=teacher, options=QUIET).fit(
+        student, data, epochs=10
+    )
+    assert gap() < 0.5 * before
+
+
+def test_feature_matching_checks_shapes():
+    teacher = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2)).eval()
+    student = nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 2))
+    trainer = nnslim.Trainer(
+        teacher=teacher, distillation=nnslim.Distillation(features={"0": "0"}), options=QUIET
+    )
+    with pytest.raises(
+        ValueError, match=r"'0' has shape \(4, 12\) but the teacher's '0' has \(4, 16\)"
+    ):
+        trainer.fit(student, [(torch.randn(4, 8), torch.randint(0, 2, (4,)))])
+    ok = nnslim.Trainer(
+        teacher=teacher, distillation=nnslim.Distillation(features={"2": "2"}), options=QUIET
+    )
+    assert ok.fit(student, [(torch.randn(4, 8), torch.randint(0, 2, (4,)))]).steps == 1
+
+
+def test_regularization_shrinks_what_it_targets():
+    torch.manual_seed(0)
+    data = [(torch.randn(2, 3, 8, 8), torch.randint(0, 5, (2,))) for _ in range(4)]
+    plain, reg = TinyCNN(), TinyCNN()
+    reg.load_state_dict(plain.state_dict())
+    nnslim.Trainer(lr=0.01, options=QUIET).fit(plain, data, epochs=3)
+    nnslim.Trainer(
+        lr=0.01,
+        regularization=nnslim.Regularization(l1=1e-3, bn_l1=1e-2, group_lasso=1e-2),
+        options=QUIET,
+    ).fit(reg, data, epochs=3)
+    assert reg.bn1.weight.abs().sum() < plain.bn1.weight.abs().sum()
+    assert reg.conv1.weight.abs().sum() < plain.conv1.weight.abs().sum()
+
+
+def test_accumulation_equals_a_bigger_batch():
+    torch.manual_seed(0)
+    a = nn.Linear(6, 3)
+    b = nn.Linear(6, 3)
+    b.load_state_dict(a.state_dict())
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    nnslim.Trainer(lr=0.1, options=QUIET).fit(a, [(x, y)])
+    nnslim.Trainer(lr=0.1, options=nnslim.TrainOptions(verbose=False, accumulate=2)).fit(
+        b, [(x[:8], y[:8]), (x[8:], y[8:])]
+    )
+    assert torch.allclose(a.weight, b.weight, atol=1e-6)
+
+
+def test_bf16_and_clipping_run():
+    model = nn.Linear(4, 2)
+    w = model.weight.detach().clone()
+    data = [(torch.randn(8, 4) * 100, torch.randint(0, 2, (8,)))]
+    opts = nnslim.TrainOptions(verbose=False, precision="bf16", clip_grad_norm=0.01)
+    nnslim.Trainer(lr=1.0, options=opts).fit(model, data)
+    assert 0 < float((model.weight.detach() - w).norm()) <= 0.0101
+
+
+def test_early_stopping_restores_the_best_weights():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    scores = iter([0.5, 0.9, 0.7, 0.6, 0.4, 0.3])
+    snapshots = []
+
+    def evaluate(m):
+        snapshots.append(m.weight.detach().clone())
+        return next(scores)
+
+    opts = nnslim.TrainOptions(verbose=False, eval_every=1, patience=2)
+    result = nnslim.Trainer(lr=0.5, evaluate=evaluate, options=opts).fit(
+        model, [(torch.randn(8, 4), torch.randint(0, 2, (8,))) for _ in range(10)]
+    )
+    assert result.stopped_early and result.steps == 4 and result.best_metric == 0.9
+    assert torch.equal(model.weight, snapshots[1])
+
+
+def test_masks_stay_applied_during_training():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    nnslim.Prune(ratio=0.5, structure="unstructured").apply(model, torch.randn(1, 8))
+    zeros = model[0].weight == 0
+    nnslim.Trainer(lr=0.5, options=QUIET).fit(model, blobs(), epochs=2)
+    assert (model[0].weight[zeros] == 0).all()
+    assert (model[0].weight[~zeros] != 0).all()
+
+
+def test_silent_when_not_verbose(capsys):
+    nnslim.Trainer(options=nnslim.TrainOptions(verbose=False)).fit(
+        nn.Linear(4, 2), [(torch.randn(2, 4), torch.tensor([0, 1]))]
+    )
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""
+
+
+def test_nan_loss_stops_with_clear_error_and_keeps_weights():
+    model = nn.Linear(4, 2)
+    good = model.weight.detach().clone()
+    data = [(torch.full((2, 4), float("nan")), torch.tensor([0, 1]))]
+    with pytest.raises(ValueError, match=r"the loss is nan at step 1; stopped before updating"):
+        nnslim.Trainer(options=QUIET).fit(model, data)
+    assert torch.equal(model.weight, good)
+
+
+def test_empty_loader_and_bad_options():
+    with pytest.raises(ValueError, match="yielded no batch"):
+        nnslim.Trainer(options=QUIET).fit(nn.Linear(2, 2), [])
+    with pytest.raises(ValueError, match="unknown value 'fp16'"):
+        nnslim.Trainer(options=nnslim.TrainOptions(precision="fp16"))
+    with pytest.raises(ValueError, match="needs checkpoint_dir"):
+        nnslim.Trainer(options=QUIET).fit(nn.Linear(2, 2), [torch.randn(1, 2)], resume=True)
+
+
+def test_hf_batches_use_the_model_loss():
+    tf = pytest.importorskip("transformers")
+    cfg = tf.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32)
+    model = tf.GPT2LMHeadModel(cfg)
+    ids = torch.randint(0, 64, (2, 8))
+    result = nnslim.Trainer(optimizer=torch.optim.AdamW, lr=1e-2, options=QUIET).fit(
+        model, [{"input_ids": ids, "labels": ids}] * 5
+    )
+    assert result.losses[-1] < result.losses[0]
+
+
+def _run(args, env=None):
+    return subprocess.run(
+        [sys.executable, "-m", "tests.train.scripts", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
+    )
+
+
+def test_resume_after_kill_reaches_the_same_weights(tmp_path):
+    full = _run(["resume", str(tmp_path / "a"), str(tmp_path / "full.pt"), "0"])
+    assert full.returncode == 0, full.stderr
+    killed = _run(["resume", str(tmp_path / "b"), str(tmp_path / "resumed.pt"), "17"])
+    assert killed.returncode == -9  # SIGKILL mid-training
+    assert not (tmp_path / "resumed.pt").exists()
+    resumed = _run(["resume", str(tmp_path / "b"), str(tmp_path / "resumed.pt"), "0"])
+    assert resumed.returncode == 0, resumed.stderr
+    a = torch.load(tmp_path / "full.pt")
+    b = torch.load(tmp_path / "resumed.pt")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_torchrun_ddp_matches_single_process_on_the_global_batch(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29517",
+            "-m",
+            "tests.train.scripts",
+            "ddp",
+            str(tmp_path / "ddp.pt"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ddp = torch.load(tmp_path / "ddp.pt")
+    # one process, each step on the concatenation of the two ranks' batches
+    torch.set_num_threads(1)
+    torch.manual_seed(3)
+    model = make_model()
+    model[2].p = 0.0
+    data = make_data(batch_size=8)
+
+    class Merged:
+        def __iter__(self):
+            batches = list(iter(data))
+            for i in range(0, len(batches) - 1, 2):
+                (x0, y0), (x1, y1) = batches[i], batches[i + 1]
+                yield torch.cat([x0, x1]), torch.cat([y0, y1])
+
+    nnslim.Trainer(lr=0.1, options=QUIET).fit(model, Merged(), epochs=2)
+    for k, v in model.state_dict().items():
+        assert torch.allclose(v, ddp[k], atol=1e-5), k
