@@ -18,7 +18,15 @@ from .io import hf
 from .io.save import load, save
 from .modules.masks import apply_masks
 from .profiling import Profile, profile, register_formula
-from .train import Distillation, Regularization, Trainer, TrainOptions, TrainResult
+from .train import (
+    CompressionResult,
+    Distillation,
+    Regularization,
+    Trainer,
+    TrainOptions,
+    TrainResult,
+    compress,
+)
 from .transforms.factorize import Factorize
 from .transforms.importance import Importance
 from .transforms.prune import Prune
@@ -26,6 +34,7 @@ from .transforms.quantize import Quantize, convert
 
 __all__ = [
     "Compose",
+    "CompressionResult",
     "Context",
     "Distillation",
     "Factorize",
@@ -42,6 +51,7 @@ __all__ = [
     "Transform",
     "__version__",
     "apply_masks",
+    "compress",
     "convert",
     "hf",
     "load",

@@ -1,4 +1,10 @@
-"""The ``nnslim`` command line: ``nnslim demo``, ``nnslim profile MODULE:FACTORY``."""
+"""The ``nnslim`` command line.
+
+* ``nnslim demo``: the digits demo.
+* ``nnslim profile MODULE:FACTORY``: profile a model built by calling ``FACTORY()``.
+* ``nnslim compress --recipe recipe.json MODULE:FACTORY``: apply a recipe (the JSON form of a
+  Transform or Compose) and print the report; ``--output`` saves the result.
+"""
 
 from __future__ import annotations
 
@@ -57,6 +63,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--depth", type=int, default=1, help="module tree depth in the table")
     p.add_argument("--latency", action="store_true", help="also measure latency")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    c = sub.add_parser(
+        "compress", help="apply a recipe (JSON transform) to a model built by MODULE:FACTORY"
+    )
+    c.add_argument("factory", help="MODULE:FACTORY, called with no arguments")
+    c.add_argument(
+        "--recipe", required=True, help="JSON file: the to_dict() form of a Transform or Compose"
+    )
+    c.add_argument(
+        "--input-shape", type=_shape, default=(1, 3, 224, 224), help="example input shape"
+    )
+    c.add_argument("--output", help="save the compressed model here (nnslim.save)")
+    c.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
 
     if args.command == "demo":
@@ -70,6 +88,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = _load_factory(args.factory)()
         prof = profile(model, torch.randn(*args.input_shape), latency=args.latency)
         print(json.dumps(prof.to_dict(), indent=1) if args.json else prof.table(depth=args.depth))
+        return 0
+    if args.command == "compress":
+        from .core.transform import Transform
+        from .io.save import save
+
+        try:
+            with open(args.recipe) as f:
+                recipe = Transform.from_json(f.read())
+        except (OSError, ValueError, TypeError) as e:
+            raise SystemExit(f"nnslim: cannot read the recipe {args.recipe!r}: {e}") from None
+        model = _load_factory(args.factory)()
+        model.eval()
+        report = recipe.apply(model, torch.randn(*args.input_shape))
+        print(report.to_json(indent=1) if args.json else report.table())
+        if args.output:
+            save(model, args.output)
+            print(f"saved to {args.output}")
         return 0
     return 2  # pragma: no cover
 

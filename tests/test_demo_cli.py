@@ -43,3 +43,37 @@ def test_python_dash_m_works():
         [sys.executable, "-m", "nnslim", "--help"], capture_output=True, text=True, check=True
     )
     assert "profile" in out.stdout and "demo" in out.stdout
+
+
+def test_cli_compress_with_recipe(tmp_path, capsys):
+    import nnslim
+
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(nnslim.Compose([nnslim.Prune(ratio=0.5), nnslim.Quantize()]).to_json())
+    out = tmp_path / "m.safetensors"
+    code = cli.main(
+        [
+            "compress",
+            "--recipe",
+            str(recipe),
+            "tests.models:TinyCNN",
+            "--input-shape",
+            "1,3,8,8",
+            "--output",
+            str(out),
+        ]
+    )
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "Compose" in text and "Prune" in text and "saved to" in text
+    from tests.models import TinyCNN
+
+    model = nnslim.load(out, TinyCNN())
+    assert type(model.conv1).__name__ == "Int8Conv2d" and model.conv1.out_channels == 4
+
+
+def test_cli_compress_bad_recipe(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"_type": "Nope"}')
+    with pytest.raises(SystemExit, match="cannot read the recipe"):
+        cli.main(["compress", "--recipe", str(bad), "tests.models:TinyCNN"])

@@ -1,5 +1,15 @@
 """Training: the Trainer and the compress-until-target loop."""
 
+from .loop import CompressionResult, compress, schedule
 from .trainer import Distillation, Regularization, Trainer, TrainOptions, TrainResult
 
-__all__ = ["Distillation", "Regularization", "TrainOptions", "TrainResult", "Trainer"]
+__all__ = [
+    "CompressionResult",
+    "Distillation",
+    "Regularization",
+    "TrainOptions",
+    "TrainResult",
+    "Trainer",
+    "compress",
+    "schedule",
+]

@@ -355,7 +355,9 @@ class Factorize(Transform):
             r = self._rank_for(p, sv, i * kh, o * kw, fixed)
             # k x 1 conv at (hout, win) then 1 x k at (hout, wout)
             cost = r * i * kh * hout * win + o * r * kw * hout * wout
-            if (cost >= dense_macs and sizes is not None) or r * (i * kh + o * kw) >= o * i * kh * kw:
+            if (cost >= dense_macs and sizes is not None) or r * (
+                i * kh + o * kw
+            ) >= o * i * kh * kw:
                 report.skipped(
                     p, f"rank {r}: the spatial split would cost as much as the convolution"
                 )

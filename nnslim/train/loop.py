@@ -1,0 +1,258 @@
+"""``nnslim.compress``: compress a step, measure, stop when the requirement is met, else adjust
+and repeat."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from ..core.inputs import as_inputs
+from ..core.table import format_table, human
+from ..core.transform import Compose, Transform
+from ..core.validate import check_fraction, check_int
+from ..profiling.profiler import profile
+
+__all__ = ["CompressionResult", "compress", "schedule"]
+
+TARGETS = ("macs", "params", "param_bytes", "latency_ms")
+
+
+def schedule(t: Transform, steps: int) -> list[Transform]:
+    """Split ``t`` into ``steps`` smaller transforms that together do what ``t`` does.
+
+    ``Prune`` with a ratio removes ``1 - (1 - r)^(1/steps)`` per step (the same fraction of what
+    is left), with a MACs/params target ``t^(1/steps)`` of the current model per step, and
+    unstructured sparsity grows linearly; ``Compose`` is split part by part; other transforms
+    are one step.
+    """
+    from ..transforms.prune import Prune
+
+    if isinstance(t, Compose):
+        return [s for part in t.transforms for s in schedule(part, steps)]
+    if isinstance(t, Prune) and steps > 1 and t.structure != "2:4" and ":" not in t.structure:
+        if t.structure == "unstructured" and t.ratio is not None:
+            return [dataclasses.replace(t, ratio=t.ratio * (k + 1) / steps) for k in range(steps)]
+        if t.ratio is not None:
+            r = 1 - (1 - t.ratio) ** (1 / steps)
+            return [dataclasses.replace(t, ratio=r) for _ in range(steps)]
+        if t.macs is not None:
+            return [dataclasses.replace(t, macs=t.macs ** (1 / steps)) for _ in range(steps)]
+        if t.params is not None:
+            return [dataclasses.replace(t, params=t.params ** (1 / steps)) for _ in range(steps)]
+    return [t]
+
+
+@dataclass
+class CompressionResult:
+    """What :func:`compress` found.
+
+    Attributes:
+        model: the most compressed model whose metric stayed within the tolerance (a copy;
+            the original model itself is the last state tried).
+        history: one row per step: transform, metric, MACs, params, bytes, latency, whether it
+            was kept.
+        baseline: the original model's row.
+        reached: whether the target was reached within the tolerance.
+    """
+
+    model: nn.Module
+    history: list[dict[str, Any]] = field(default_factory=list)
+    baseline: dict[str, Any] = field(default_factory=dict)
+    reached: bool = False
+
+    def table(self) -> str:
+        rows = [self._row("original", self.baseline)]
+        for h in self.history:
+            rows.append(self._row(h["transform"], h))
+        verdict = "target reached" if self.reached else "target not reached"
+        return format_table(
+            ["step", "metric", "MACs", "params", "weight bytes", "latency ms", "kept"],
+            rows,
+            title=verdict,
+        )
+
+    def _row(self, name: str, h: dict[str, Any]) -> list[Any]:
+        lat = h.get("latency_ms")
+        return [
+            name,
+            f"{h['metric']:.4g}",
+            human(h["macs"]),
+            human(h["params"]),
+            human(h["param_bytes"], "B"),
+            "-" if lat is None else f"{lat:.3f}",
+            "yes" if h.get("kept", True) else "no",
+        ]
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def plot(self, path: str | None = None, size: str = "params") -> Any:
+        """Metric against size (``"params"``, ``"macs"``, ``"param_bytes"``); needs matplotlib."""
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError as e:
+            raise ImportError(
+                "CompressionResult.plot needs matplotlib: pip install matplotlib"
+            ) from e
+        points = [self.baseline, *self.history]
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.plot([p[size] for p in points], [p["metric"] for p in points], "o-")
+        for p in points:
+            if not p.get("kept", True):
+                ax.plot(p[size], p["metric"], "rx")
+        ax.set_xlabel(size)
+        ax.set_ylabel("metric")
+        ax.invert_xaxis()
+        fig.tight_layout()
+        if path is not None:
+            fig.savefig(path)
+        return fig
+
+
+def compress(
+    model: nn.Module,
+    transforms: Transform | Sequence[Transform],
+    *,
+    evaluate: Callable[[nn.Module], float],
+    target: dict[str, float],
+    tolerance: float,
+    example_inputs: Any,
+    trainer: Any = None,
+    train_data: Iterable[Any] | None = None,
+    steps: int = 5,
+    calibration: Any = None,
+) -> CompressionResult:
+    """Compress in small steps until ``target`` is reached or the metric drops too far.
+
+    Each step applies the next piece of :func:`schedule` (``transforms`` split in ``steps``),
+    fine-tunes with ``trainer`` on ``train_data`` when given, evaluates and profiles. A step
+    that drops the metric by more than ``tolerance`` is undone and retried once at half its
+    size; if that also fails, the loop stops. It stops with success once every ``target``
+    (fractions of the original: ``macs``, ``params``, ``param_bytes``, ``latency_ms``) is met.
+
+    Args:
+        model: the model (changed in place through the steps).
+        transforms: a transform or a list (applied in order).
+        evaluate: ``model -> metric`` (higher is better), e.g. validation accuracy.
+        target: e.g. ``{"macs": 0.5}``: at most half the original MACs.
+        tolerance: the largest drop of the metric accepted, ``>= 0``.
+        example_inputs: inputs for profiling and for transforms that trace.
+        trainer: a :class:`~nnslim.Trainer` to fine-tune after each step.
+        train_data: batches for the trainer.
+        steps: how finely to split each transform.
+        calibration: calibration batches for data-aware transforms.
+
+    Returns:
+        A :class:`CompressionResult`.
+
+    Raises:
+        ValueError: for a negative tolerance, an unknown target, or a trainer without data.
+    """
+    if not callable(evaluate):
+        raise TypeError("compress(evaluate=...): expected a callable model -> metric.")
+    check_fraction("compress", "tolerance", tolerance, low=0.0, high=float("inf"))
+    check_int("compress", "steps", steps, low=1)
+    if not isinstance(target, dict) or not target:
+        raise ValueError(
+            f"compress(target=...): expected a dict like {{'macs': 0.5}}, got {target!r}."
+        )
+    for k, v in target.items():
+        if k not in TARGETS:
+            raise ValueError(
+                f"compress(target=...): unknown key {k!r}; supported: {', '.join(TARGETS)}."
+            )
+        check_fraction("compress", f"target[{k!r}]", v, low_inclusive=False, high_inclusive=True)
+    if trainer is not None and train_data is None:
+        raise ValueError("compress: a trainer needs train_data=.")
+    if isinstance(transforms, Transform):
+        transforms = [transforms]
+    pieces = [s for t in transforms for s in schedule(t, steps)]
+    inputs = as_inputs(example_inputs)
+    latency = "latency_ms" in target
+
+    def measure(m: nn.Module, metric: float, name: str) -> dict[str, Any]:
+        p = profile(m, inputs, latency=latency, memory=False)
+        s = p.summary()
+        return {
+            "transform": name,
+            "metric": metric,
+            "macs": s["macs"],
+            "params": s["params"],
+            "param_bytes": s["param_bytes"],
+            "latency_ms": s["latency_ms"],
+        }
+
+    base_metric = float(evaluate(model))
+    baseline = measure(model, base_metric, "original")
+    result = CompressionResult(model=copy.deepcopy(model), baseline=baseline)
+
+    def reached(row: dict[str, Any]) -> bool:
+        return all(row[k] is not None and row[k] <= v * baseline[k] for k, v in target.items())
+
+    if reached(baseline):
+        result.reached = True
+        return result
+    best = result.model
+    for piece in pieces:
+        attempt = piece
+        for retry in range(2):
+            candidate = copy.deepcopy(best)
+            attempt.apply(candidate, example_inputs, calibration=calibration)
+            if trainer is not None:
+                trainer.fit(candidate, train_data)
+            metric = float(evaluate(candidate))
+            row = measure(candidate, metric, _name(attempt))
+            row["kept"] = base_metric - metric <= tolerance
+            result.history.append(row)
+            if row["kept"]:
+                best = candidate
+                break
+            smaller = _halve(attempt)
+            if smaller is None or retry == 1:
+                _adopt(model, best)
+                result.model = best
+                return result
+            attempt = smaller
+        if reached(result.history[-1]) and result.history[-1]["kept"]:
+            result.reached = True
+            break
+    _adopt(model, best)
+    result.model = best
+    return result
+
+
+def _name(t: Transform) -> str:
+    fields = {
+        f.name: getattr(t, f.name) for f in dataclasses.fields(t) if getattr(t, f.name) != f.default
+    }
+    inner = ", ".join(
+        f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v!r}" for k, v in fields.items()
+    )
+    return f"{type(t).__name__}({inner})"
+
+
+def _halve(t: Transform) -> Transform | None:
+    """The same step at half its size (``None`` when it has no size)."""
+    from ..transforms.prune import Prune
+
+    if isinstance(t, Prune):
+        if t.ratio is not None and t.structure == "channels":
+            return dataclasses.replace(t, ratio=t.ratio / 2)
+        if t.macs is not None:
+            return dataclasses.replace(t, macs=(1 + t.macs) / 2)
+        if t.params is not None:
+            return dataclasses.replace(t, params=(1 + t.params) / 2)
+    return None
+
+
+def _adopt(model: nn.Module, best: nn.Module) -> None:
+    """Make ``model`` (the caller's object) the best model found."""
+    model.__dict__.update(copy.deepcopy(best).__dict__)

@@ -1,0 +1,151 @@
+import pytest
+import torch
+from torch import nn
+
+import nnslim
+from nnslim.train.loop import schedule
+from tests.train.test_trainer import QUIET, accuracy, blobs
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2)
+    )
+
+
+def trained():
+    m = mlp()
+    nnslim.Trainer(lr=0.2, options=QUIET).fit(m, blobs(), epochs=5)
+    return m
+
+
+X = torch.randn(1, 8)
+
+
+def test_schedule_splits_prune_geometrically():
+    parts = schedule(nnslim.Prune(ratio=0.75), 2)
+    assert [round(p.ratio, 4) for p in parts] == [0.5, 0.5]
+    parts = schedule(nnslim.Compose([nnslim.Prune(macs=0.25), nnslim.Quantize()]), 2)
+    assert [type(p).__name__ for p in parts] == ["Prune", "Prune", "Quantize"]
+    assert parts[0].macs == pytest.approx(0.5)
+    assert [
+        p.ratio for p in schedule(nnslim.Prune(ratio=0.6, structure="unstructured"), 3)
+    ] == pytest.approx([0.2, 0.4, 0.6])
+
+
+def test_reaches_the_target_within_tolerance():
+    m = trained()
+    data = blobs()
+    result = nnslim.compress(
+        m,
+        nnslim.Prune(macs=0.4),
+        evaluate=lambda mm: accuracy(mm, data),
+        target={"macs": 0.45},
+        tolerance=0.2,
+        example_inputs=X,
+        steps=3,
+    )
+    assert result.reached
+    assert len(result.history) <= 3 and all(h["kept"] for h in result.history)
+    assert result.history[-1]["macs"] <= 0.45 * result.baseline["macs"]
+    assert (
+        nnslim.profile(m, X).macs == result.history[-1]["macs"]
+    )  # the caller's model is the result
+    assert "target reached" in str(result)
+
+
+def test_stops_when_the_metric_drops_too_far_and_keeps_the_best():
+    m = trained()
+    scores = iter([1.0, 0.95, 0.5, 0.4])  # baseline, step 1 ok, step 2 bad, halved retry bad
+    result = nnslim.compress(
+        m,
+        nnslim.Prune(ratio=0.9),
+        evaluate=lambda mm: next(scores),
+        target={"params": 0.05},
+        tolerance=0.1,
+        example_inputs=X,
+        steps=3,
+    )
+    assert not result.reached
+    assert [h["kept"] for h in result.history] == [True, False, False]
+    assert "ratio=0.268" in result.history[2]["transform"]  # the step was retried at half size
+    assert nnslim.profile(result.model, X).params == result.history[0]["params"]
+
+
+def test_fine_tunes_between_steps():
+    m = trained()
+    data = blobs()
+    calls = []
+
+    class Spy(nnslim.Trainer):
+        def fit(self, model, data, **kw):
+            calls.append(1)
+            return super().fit(model, data, **kw)
+
+    nnslim.compress(
+        m,
+        nnslim.Prune(ratio=0.5),
+        evaluate=lambda mm: accuracy(mm, data),
+        target={"macs": 0.3},
+        tolerance=1.0,
+        example_inputs=X,
+        steps=2,
+        trainer=Spy(lr=0.1, options=QUIET),
+        train_data=data,
+    )
+    assert len(calls) == 2
+
+
+def test_target_already_met_returns_at_once():
+    m = mlp()
+    result = nnslim.compress(
+        m,
+        nnslim.Prune(ratio=0.5),
+        evaluate=lambda mm: 1.0,
+        target={"macs": 1.0},
+        tolerance=0.0,
+        example_inputs=X,
+    )
+    assert result.reached and result.history == []
+
+
+def test_bad_arguments():
+    m = mlp()
+    kw = dict(evaluate=lambda mm: 1.0, example_inputs=X)
+    with pytest.raises(
+        ValueError, match=r"tolerance=...\): expected a number in \[0.0, inf\), got -0.1"
+    ):
+        nnslim.compress(m, nnslim.Prune(ratio=0.5), target={"macs": 0.5}, tolerance=-0.1, **kw)
+    with pytest.raises(ValueError, match="unknown key 'flops'"):
+        nnslim.compress(m, nnslim.Prune(ratio=0.5), target={"flops": 0.5}, tolerance=0.1, **kw)
+    with pytest.raises(ValueError, match="needs train_data"):
+        nnslim.compress(
+            m,
+            nnslim.Prune(ratio=0.5),
+            target={"macs": 0.5},
+            tolerance=0.1,
+            trainer=nnslim.Trainer(),
+            **kw,
+        )
+
+
+def test_plot_needs_matplotlib_or_draws(tmp_path):
+    m = trained()
+    result = nnslim.compress(
+        m,
+        nnslim.Prune(ratio=0.5),
+        evaluate=lambda mm: 1.0,
+        target={"macs": 0.5},
+        tolerance=0.1,
+        example_inputs=X,
+        steps=1,
+    )
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="pip install matplotlib"):
+            result.plot()
+        return
+    result.plot(tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").stat().st_size > 0
