@@ -15,13 +15,13 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .core.inputs import Inputs
 from .core.table import format_table, human
 from .io.save import save
 from .profiling import measure_latency, profile
+from .train import Distillation, Trainer, TrainOptions
 from .transforms.prune import Prune
 from .transforms.quantize import Quantize
 
@@ -82,25 +82,18 @@ def train(
     teacher: nn.Module | None = None,
     seed: int = 0,
 ) -> None:
-    """A plain training loop (Adam, batch 64), with optional distillation from ``teacher``."""
+    """Train with :class:`nnslim.Trainer` (Adam, batch 64), distilling from ``teacher``."""
+    from torch.utils.data import DataLoader, TensorDataset
+
     torch.manual_seed(seed)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(x))
-        for i in range(0, len(x), 64):
-            idx = perm[i : i + 64]
-            logits = model(x[idx])
-            loss = F.cross_entropy(logits, y[idx])
-            if teacher is not None:
-                with torch.no_grad():
-                    t = teacher(x[idx])
-                loss = 0.5 * loss + 0.5 * 4.0 * F.kl_div(
-                    F.log_softmax(logits / 2, -1), F.softmax(t / 2, -1), reduction="batchmean"
-                )
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    loader = DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True)
+    Trainer(
+        optimizer=torch.optim.Adam,
+        lr=lr,
+        teacher=teacher,
+        distillation=Distillation(temperature=2.0, alpha=0.5),
+        options=TrainOptions(verbose=False),
+    ).fit(model, loader, epochs=epochs)
     model.eval()
 
 
