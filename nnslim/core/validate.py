@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["check_choice", "check_fraction", "check_int", "check_type"]
+__all__ = ["all_finite", "check_choice", "check_fraction", "check_int", "check_type"]
 
 
 def _owner(owner: str, name: str) -> str:
@@ -87,3 +87,14 @@ def check_choice(owner: str, name: str, value: Any, choices: tuple[Any, ...] | l
             f"{', '.join(repr(c) for c in choices)}.{hint}"
         )
     return value
+
+
+def all_finite(t: Any) -> bool:
+    """Whether a tensor holds no NaN or Inf (one reduction: ``max |t|`` propagates both)."""
+    if t.numel() == 0:
+        return True
+    return (
+        bool(t.isfinite().all())
+        if not t.is_floating_point()
+        else bool(t.detach().abs().amax().isfinite())
+    )

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.validate import all_finite
+
 __all__ = [
     "Int4Linear",
     "Int8Conv2d",
@@ -96,7 +98,7 @@ def _linear_weight(m: nn.Module) -> torch.Tensor:
 
 
 def _check_finite(w: torch.Tensor, what: str) -> None:
-    if not torch.isfinite(w).all():
+    if not all_finite(w):
         raise ValueError(f"{what} has NaN or Inf weights; fix or exclude it before quantizing.")
 
 

@@ -15,7 +15,7 @@ from ..core.inputs import Inputs
 from ..core.report import Report
 from ..core.select import normalize_selector
 from ..core.transform import Context, Transform
-from ..core.validate import check_choice, check_fraction, check_int, check_type
+from ..core.validate import all_finite, check_choice, check_fraction, check_int, check_type
 from ..graph.tp_compat import conv1d_type
 from ..modules.factorized import FactorizedConv2d, FactorizedLinear
 
@@ -143,7 +143,7 @@ class Factorize(Transform):
                     p,
                     "1x1 convolution: a Tucker-2 chain would not be smaller (use a rank on it as a Linear)",
                 )
-            elif not torch.isfinite(m.weight).all():
+            elif not all_finite(m.weight):
                 raise ValueError(f"Factorize: module {p} ({shape_of(m)}) has NaN or Inf weights.")
         if not chosen:
             raise ValueError("Factorize: no layer left to factorize after select/exclude.")

@@ -13,7 +13,7 @@ from ..core.describe import shape_of
 from ..core.report import Report
 from ..core.select import normalize_selector
 from ..core.transform import Context, Transform
-from ..core.validate import check_choice, check_fraction, check_int, check_type
+from ..core.validate import all_finite, check_choice, check_fraction, check_int, check_type
 from ..graph.tp_compat import conv1d_type
 from ..modules.fake_quant import FakeQuantLinear
 from ..modules.quantized import (
@@ -147,7 +147,7 @@ class Quantize(Transform):
                     report.skipped(p, f"Conv2d has no {scheme} kernel (int8 storage only)")
                     continue
             w = _linear_weight(m) if _is_linear(m) else m.weight
-            if not torch.isfinite(w).all():
+            if not all_finite(w):
                 raise ValueError(
                     f"Quantize: module {p} ({shape_of(m)}) has NaN or Inf weights; fix or exclude "
                     f"it (exclude=[{p!r}])."
