@@ -19,12 +19,18 @@ import copy
 import warnings
 
 import torch
-
 from _common import print_table, write_json
 
 import nnslim
 from nnslim.core.inputs import as_inputs, first_tensor
 from nnslim.profiling import measure_latency
+
+
+def ids(seed: int) -> dict[str, torch.Tensor]:
+    """A batch of random token ids (2 x 128)."""
+    return {
+        "input_ids": torch.randint(0, 8000, (2, 128), generator=torch.Generator().manual_seed(seed))
+    }
 
 
 def resnet50(quick):
@@ -40,9 +46,14 @@ def bert(quick):
 
     torch.manual_seed(0)
     d = 256 if quick else 512
-    cfg = transformers.BertConfig(hidden_size=d, num_hidden_layers=4, num_attention_heads=8, intermediate_size=4 * d, vocab_size=8000)
+    cfg = transformers.BertConfig(
+        hidden_size=d,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        intermediate_size=4 * d,
+        vocab_size=8000,
+    )
     m = transformers.BertModel(cfg, add_pooling_layer=False).eval()
-    ids = lambda s: {"input_ids": torch.randint(0, 8000, (2, 128), generator=torch.Generator().manual_seed(s))}  # noqa: E731
     return m, ids(99), [ids(s) for s in range(4)], torch.nn.Linear
 
 
@@ -51,9 +62,15 @@ def llama(quick):
 
     torch.manual_seed(0)
     d = 256 if quick else 512
-    cfg = transformers.LlamaConfig(hidden_size=d, intermediate_size=int(2.75 * d), num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, vocab_size=8000)
+    cfg = transformers.LlamaConfig(
+        hidden_size=d,
+        intermediate_size=int(2.75 * d),
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        vocab_size=8000,
+    )
     m = transformers.LlamaForCausalLM(cfg).eval()
-    ids = lambda s: {"input_ids": torch.randint(0, 8000, (2, 128), generator=torch.Generator().manual_seed(s))}  # noqa: E731
     return m, ids(99), [ids(s) for s in range(4)], "re:model\\.layers\\..*"
 
 
@@ -69,7 +86,9 @@ def run(name, build, quick):
         variants += [(True, r) for r in (0.5, 0.7)]
     for aware, ratio in variants:
         m = copy.deepcopy(base)
-        report = nnslim.Factorize(ratio=ratio, select=select, activation_aware=aware).apply(m, x, calibration=calib if aware else None)
+        report = nnslim.Factorize(ratio=ratio, select=select, activation_aware=aware).apply(
+            m, x, calibration=calib if aware else None
+        )
         with torch.no_grad():
             out = first_tensor(inputs.call(m)).float()
         lat = measure_latency(m, inputs, repeat=5 if quick else 10, threads=1).median_ms
@@ -94,21 +113,43 @@ def main():
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     records = []
-    for name, build in (("resnet50 (Tucker-2, 3x3 convs)", resnet50), ("BERT-shaped", bert), ("Llama-shaped", llama)):
+    for name, build in (
+        ("resnet50 (Tucker-2, 3x3 convs)", resnet50),
+        ("BERT-shaped", bert),
+        ("Llama-shaped", llama),
+    ):
         records += run(name, build, args.quick)
     print_table(
-        ["model", "params kept (layers)", "aware", "factorized", "MACs ratio", "params ratio", "latency ratio (1 thread)", "latency / MACs", "output error"],
+        [
+            "model",
+            "params kept (layers)",
+            "aware",
+            "factorized",
+            "MACs ratio",
+            "params ratio",
+            "latency ratio (1 thread)",
+            "latency / MACs",
+            "output error",
+        ],
         [
             [
-                r["model"], r["ratio"], "yes" if r["activation_aware"] else "no", r["layers"], f"{r['macs_ratio']:.3f}",
-                f"{r['params_ratio']:.3f}", f"{r['latency_ratio']:.3f}", f"{r['latency_ratio'] / r['macs_ratio']:.2f}",
+                r["model"],
+                r["ratio"],
+                "yes" if r["activation_aware"] else "no",
+                r["layers"],
+                f"{r['macs_ratio']:.3f}",
+                f"{r['params_ratio']:.3f}",
+                f"{r['latency_ratio']:.3f}",
+                f"{r['latency_ratio'] / r['macs_ratio']:.2f}",
                 f"{100 * r['rel_error']:.1f}%",
             ]
             for r in records
         ],
         title="Factorize",
     )
-    print(f"wrote {write_json('factorize' + ('-quick' if args.quick else ''), {'records': records})}")
+    print(
+        f"wrote {write_json('factorize' + ('-quick' if args.quick else ''), {'records': records})}"
+    )
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Public API (everything else is implementation):
 
-* transforms: :class:`Prune`, :class:`Quantize`, :class:`Compose`, and the base
+* transforms: :class:`Prune`, :class:`Quantize`, :class:`Factorize`, :class:`ShareWeights`,
+  :class:`Compose`, and the base
   :class:`Transform` for your own;
 * :func:`profile` and :class:`Profile`;
 * :func:`save` and :func:`load`;
@@ -31,6 +32,7 @@ from .transforms.factorize import Factorize
 from .transforms.importance import Importance
 from .transforms.prune import Prune
 from .transforms.quantize import Quantize, convert
+from .transforms.share import ShareWeights
 
 __all__ = [
     "Compose",
@@ -45,6 +47,7 @@ __all__ = [
     "Quantize",
     "Regularization",
     "Report",
+    "ShareWeights",
     "TrainOptions",
     "TrainResult",
     "Trainer",

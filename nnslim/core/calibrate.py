@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .inputs import Inputs, first_tensor
+from .modules import is_hf_conv1d
 
 __all__ = ["LayerStats", "collect", "layer_input_dim"]
 
@@ -44,17 +45,13 @@ class LayerStats:
         return None if self.sq_sum is None else self.sq_sum.sqrt()
 
 
-def _is_conv1d_hf(m: nn.Module) -> bool:
-    return type(m).__name__ == "Conv1D" and hasattr(m, "nf")
-
-
 def layer_input_dim(m: nn.Module) -> int | None:
     """The input-channel count of a Linear, convolution or Hugging Face Conv1D."""
     if isinstance(m, nn.Linear):
         return m.in_features
     if isinstance(m, nn.modules.conv._ConvNd):
         return m.in_channels
-    if _is_conv1d_hf(m):
+    if is_hf_conv1d(m):
         return m.weight.shape[0]
     return None
 

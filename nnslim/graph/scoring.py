@@ -15,17 +15,14 @@ import torch_pruning as tp
 from torch import nn
 
 from ..core.calibrate import LayerStats
+from ..core.modules import is_hf_conv1d
 
 __all__ = ["GroupScorer", "channel_scores"]
 
 
-def _is_conv1d(m: Any) -> bool:
-    return type(m).__name__ == "Conv1D" and hasattr(m, "nf")
-
-
 def _as_out_major(m: nn.Module, s: torch.Tensor) -> torch.Tensor:
     """Element scores with output channels first: (out, in_per_group, ...)."""
-    if _is_conv1d(m):
+    if is_hf_conv1d(m):
         return s.t()
     if isinstance(m, nn.Embedding):
         return s.t()  # (dim, num): the embedding dim is what gets pruned

@@ -12,6 +12,7 @@ from torch import nn
 from ..core.calibrate import LayerStats, run_sequential
 from ..core.describe import shape_of
 from ..core.inputs import Inputs
+from ..core.modules import set_module
 from ..core.report import Report
 from ..core.select import normalize_selector
 from ..core.transform import Context, Transform
@@ -32,11 +33,6 @@ def _is_linear(m: nn.Module) -> bool:
 def _weight(m: nn.Module) -> torch.Tensor:
     """``(out, in)`` weight of a Linear/Conv1D."""
     return m.weight.detach().float() if isinstance(m, nn.Linear) else m.weight.detach().float().t()
-
-
-def _set_module(model: nn.Module, path: str, new: nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, name, new)
 
 
 @dataclass(frozen=True)
@@ -321,7 +317,7 @@ class Factorize(Transform):
         new = new.to(m.weight.dtype)
         kept = r * (out + inp) / (out * inp)
         err = float((second @ first - w).norm() / w.norm().clamp_min(1e-30))
-        _set_module(model, p, new)
+        set_module(model, p, new)
         report.changed(
             p,
             "factorized",
@@ -454,7 +450,7 @@ class Factorize(Transform):
         )
         err = float((approx - w).norm() / w.norm().clamp_min(1e-30))
         kept = sum(c.weight.numel() for c in layers) / w.numel()
-        _set_module(model, p, new)
+        set_module(model, p, new)
         report.changed(
             p,
             "factorized",

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..core.calibrate import LayerStats, run_sequential
 from ..core.describe import shape_of
+from ..core.modules import set_module
 from ..core.report import Report
 from ..core.select import normalize_selector
 from ..core.transform import Context, Transform
@@ -30,11 +31,6 @@ __all__ = ["SCHEMES", "Quantize", "convert"]
 SCHEMES = ("int8", "int8-dynamic", "int4")
 METHODS = ("rtn", "gptq")
 GROUP_SIZES = (32, 64, 128)
-
-
-def _set_module(model: nn.Module, path: str, new: nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, name, new)
 
 
 def _is_linear(m: nn.Module) -> bool:
@@ -165,7 +161,7 @@ class Quantize(Transform):
             for p, scheme in plan.items():
                 old = named[p]
                 new = FakeQuantLinear.from_float(old, scheme, self.group_size)
-                _set_module(model, p, new)
+                set_module(model, p, new)
                 report.changed(
                     p, "fake-quantized (QAT)", shape_of(old), shape_of(new), scheme=scheme
                 )
@@ -245,7 +241,7 @@ class Quantize(Transform):
             if scheme == "int4":
                 details["group_size"] = self.group_size
         details["bits"] = 4 if scheme == "int4" else 8
-        _set_module(model, path, new)
+        set_module(model, path, new)
         report.changed(path, "quantized", shape_of(old), shape_of(new), **details)
 
 
@@ -335,7 +331,7 @@ class ConvertQAT(Transform):
                 new = Int8DynamicLinear.from_float(m, weight=w)
             else:
                 new = Int8Linear.from_float(m, weight=w)
-            _set_module(model, p, new)
+            set_module(model, p, new)
             report.changed(p, "converted", shape_of(m), shape_of(new), scheme=m.scheme)
 
 
