@@ -34,7 +34,7 @@ def _site_path(package: str) -> Path | None:
 def _idx(path: Path) -> torch.Tensor:
     with gzip.open(path, "rb") as f:
         data = f.read()
-    magic, = struct.unpack(">I", data[:4])
+    (magic,) = struct.unpack(">I", data[:4])
     ndim = magic & 0xFF
     dims = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
     arr = torch.frombuffer(bytearray(data[4 + 4 * ndim :]), dtype=torch.uint8)
@@ -43,9 +43,16 @@ def _idx(path: Path) -> torch.Tensor:
 
 def fashion_mnist() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """``(x_train, y_train, x_test, y_test)``: float images in [0, 1] ``(N, 1, 28, 28)``."""
-    files = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
+    files = [
+        "train-images-idx3-ubyte.gz",
+        "train-labels-idx1-ubyte.gz",
+        "t10k-images-idx3-ubyte.gz",
+        "t10k-labels-idx1-ubyte.gz",
+    ]
     if not all((FASHION_DIR / f).exists() for f in files):
-        MISSING["fashion-mnist"] = f"not found in {FASHION_DIR}: apt-get install dataset-fashion-mnist"
+        MISSING["fashion-mnist"] = (
+            f"not found in {FASHION_DIR}: apt-get install dataset-fashion-mnist"
+        )
         return None
     xtr, ytr, xte, yte = (_idx(FASHION_DIR / f) for f in files)
     return xtr.float().unsqueeze(1) / 255, ytr.long(), xte.float().unsqueeze(1) / 255, yte.long()
@@ -103,7 +110,9 @@ def smollm2() -> tuple[Any, Any] | None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(root), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(root), gguf_file=gguf.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(root), gguf_file=gguf.name, dtype=torch.float32
+    )
     return model.eval(), tok
 
 
@@ -113,7 +122,9 @@ def wiki_text(max_chars: int | None = None) -> str | None:
     if root is None:
         MISSING["wiki"] = "pip install gensim"
         return None
-    f = next((root / "test" / "test_data").glob("enwiki-latest-pages-articles1*shortened.bz2"), None)
+    f = next(
+        (root / "test" / "test_data").glob("enwiki-latest-pages-articles1*shortened.bz2"), None
+    )
     if f is None:
         MISSING["wiki"] = "gensim test data has no enwiki dump"
         return None

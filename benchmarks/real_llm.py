@@ -81,26 +81,62 @@ def main() -> None:
         seconds = time.perf_counter() - t0
         ppl = perplexity(m, evals)
         p = nnslim.profile(m, evals[0], memory=False)
-        rows.append({"variant": name, "perplexity": ppl, "params": p.params, "param_bytes": p.param_bytes, "sparsity": p.sparsity, "seconds": seconds})
+        rows.append(
+            {
+                "variant": name,
+                "perplexity": ppl,
+                "params": p.params,
+                "param_bytes": p.param_bytes,
+                "sparsity": p.sparsity,
+                "seconds": seconds,
+            }
+        )
         print(f"  {name}: ppl {ppl:.3f} ({seconds:.0f} s)", flush=True)
 
     run("fp32", None, False)
     run("int8 (weight-only, RTN)", nnslim.Quantize(scheme="int8", select=blocks), False)
     # SmolLM2's width 576 is not a multiple of 128: group size 64
     run("int4 g64 RTN", nnslim.Quantize(scheme="int4", group_size=64, select=blocks), False)
-    run("int4 g64 GPTQ", nnslim.Quantize(scheme="int4", group_size=64, method="gptq", select=blocks), True)
-    run("50% unstructured magnitude", nnslim.Prune(ratio=0.5, structure="unstructured", select=blocks), False)
-    run("50% unstructured Wanda", nnslim.Prune(ratio=0.5, structure="unstructured", importance="wanda", select=blocks), True)
+    run(
+        "int4 g64 GPTQ",
+        nnslim.Quantize(scheme="int4", group_size=64, method="gptq", select=blocks),
+        True,
+    )
+    run(
+        "50% unstructured magnitude",
+        nnslim.Prune(ratio=0.5, structure="unstructured", select=blocks),
+        False,
+    )
+    run(
+        "50% unstructured Wanda",
+        nnslim.Prune(ratio=0.5, structure="unstructured", importance="wanda", select=blocks),
+        True,
+    )
     run("2:4 Wanda", nnslim.Prune(structure="2:4", importance="wanda", select=blocks), True)
-    run("Factorize 80% params, plain", nnslim.Factorize(ratio=0.8, select=blocks, activation_aware=False), False)
+    run(
+        "Factorize 80% params, plain",
+        nnslim.Factorize(ratio=0.8, select=blocks, activation_aware=False),
+        False,
+    )
     run("Factorize 80% params, activation-aware", nnslim.Factorize(ratio=0.8, select=blocks), True)
     fp = rows[0]["perplexity"]
     print_table(
         ["variant", "perplexity", "vs fp32", "weight bytes", "sparsity"],
-        [[r["variant"], f"{r['perplexity']:.3f}", f"{r['perplexity'] / fp:.3f}x", f"{r['param_bytes'] / 2**20:.1f} MiB", f"{r['sparsity']:.1%}"] for r in rows],
+        [
+            [
+                r["variant"],
+                f"{r['perplexity']:.3f}",
+                f"{r['perplexity'] / fp:.3f}x",
+                f"{r['param_bytes'] / 2**20:.1f} MiB",
+                f"{r['sparsity']:.1%}",
+            ]
+            for r in rows
+        ],
         title=f"SmolLM2-135M-Instruct, Wikipedia (gensim test data), {len(evals)} windows of {WINDOW} tokens",
     )
-    print(f"wrote {write_json('real_llm' + ('-quick' if args.quick else ''), {'rows': rows, 'windows': len(evals), 'calibration_windows': len(calib)})}")
+    print(
+        f"wrote {write_json('real_llm' + ('-quick' if args.quick else ''), {'rows': rows, 'windows': len(evals), 'calibration_windows': len(calib)})}"
+    )
 
 
 if __name__ == "__main__":
