@@ -34,6 +34,8 @@ class Context:
 
     inputs: Inputs | None
     calibration: list[Inputs] = field(default_factory=list)
+    #: per-step edit records gathered by Compose
+    records: list[Any] = field(default_factory=list)
 
     def require_inputs(self, who: str, why: str) -> Inputs:
         """The example inputs, or a ``ValueError`` that says why ``who`` needs them."""
@@ -136,15 +138,11 @@ class Transform(Config, abc.ABC):
         snap = Snapshot(model, copy_tensors=self._needs_copy())
         try:
             report = self._execute(model, ctx)
-            try:
-                ops: list[dict[str, Any]] | None = diff(before_state, model)
-                why = ""
-            except NotRecordable as e:
-                ops, why = None, str(e)
+            entries = ctx.records if isinstance(self, Compose) else [_record_step(self, before_state, model)]
         except BaseException:
             snap.restore()
             raise
-        _append_record(model, self, ops, why, before_state)
+        _append_record(model, entries, before_state)
         return report
 
     # -- helpers for subclasses ---------------------------------------------------------------
@@ -193,21 +191,28 @@ class Transform(Config, abc.ABC):
         return report
 
 
-def _append_record(
-    model: nn.Module, t: Transform, ops: list[dict[str, Any]] | None, why: str, before: Any
-) -> None:
+def _record_step(t: Transform, before: Any, model: nn.Module) -> tuple[Transform, Any, str]:
+    """``(transform, ops or None, why not recordable)`` for one step."""
+    try:
+        return t, diff(before, model), ""
+    except NotRecordable as e:
+        return t, None, str(e)
+
+
+def _append_record(model: nn.Module, steps: list[tuple[Transform, Any, str]], before: Any) -> None:
     old = model.__dict__.get(RECORD_ATTR)
     if old is None:
         old = {"format": 1, "base": fingerprint(before), "entries": [], "unsaveable": ""}
         base_config = before[""].extra.get("hf_config") if "" in before else None
         if base_config is not None:
             old["hf_base_config"] = base_config
-    entry = {"transform": t.to_dict(), "ops": ops or []}
-    model.__dict__[RECORD_ATTR] = {
-        **old,
-        "entries": [*old["entries"], entry],
-        "unsaveable": old["unsaveable"] or (f"{type_name(type(t))}: {why}" if ops is None else ""),
-    }
+    entries = list(old["entries"])
+    unsaveable = old["unsaveable"]
+    for t, ops, why in steps:
+        entries.append({"transform": t.to_dict(), "ops": ops or []})
+        if ops is None and not unsaveable:
+            unsaveable = f"{type_name(type(t))}: {why}"
+    model.__dict__[RECORD_ATTR] = {**old, "entries": entries, "unsaveable": unsaveable}
 
 
 @dataclass(frozen=True, init=False)
@@ -256,6 +261,11 @@ class Compose(Transform):
     def _apply(self, model: nn.Module, ctx: Context, report: Report) -> None:
         prev = report.before
         for t in self.transforms:
+            # each step's structural edits are recorded on their own, so that a later step may
+            # change what an earlier one moved
+            before = describe(model) if not isinstance(t, Compose) else None
             step = t._execute(model, ctx, before=prev)
+            if before is not None:
+                ctx.records.append(_record_step(t, before, model))
             report.steps.append(step)
             prev = step.after

@@ -210,3 +210,18 @@ def test_unrecordable_edit_refuses_to_save(tmp_path):
     AddLambda().apply(m)
     with pytest.raises(ValueError, match="cannot be saved with nnslim.save.*AddLambda.*hook"):
         nnslim.save(m, tmp_path / "m.safetensors")
+
+
+def test_compose_records_each_step_so_moves_and_changes_replay(tmp_path):
+    torch.manual_seed(0)
+    m = Stack()
+    nnslim.Compose([WrapHead(), nnslim.Quantize(select="head.1")]).apply(m)
+    assert type(m.head[1]).__name__ == "Int8Linear"
+    assert [e["transform"]["_type"] for e in m._nnslim_record["entries"]] == [
+        "tests.io.test_save.WrapHead",
+        "Quantize",
+    ]
+    nnslim.save(m, tmp_path / "m.safetensors")
+    back = nnslim.load(tmp_path / "m.safetensors", Stack())
+    x = torch.randn(3, 8)
+    assert torch.equal(_out(back, x), _out(m, x))
