@@ -43,8 +43,8 @@ class DropHalfBias(nnslim.Transform):
             report.changed(path, "scaled bias", factor=self.factor)
 
 
-CNN_X = torch.randn(2, 3, 12, 12)
-MLP_X = torch.randn(4, 16)
+CNN_X = torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(0))
+MLP_X = torch.randn(4, 16, generator=torch.Generator().manual_seed(1))
 
 CASES = [
     TransformCase(nnslim.Prune(ratio=0.5), make_cnn, CNN_X, id="prune-cnn"),
