@@ -137,7 +137,7 @@ def collect(
                 with torch.enable_grad():
                     for p in model.parameters():
                         p.grad = None
-                    loss = calibration_loss(batch.call(model), batch.targets)
+                    loss = calibration_loss(batch.call_stateless(model), batch.targets)
                     watched = [(p, m.weight) for p, m in layers.items() if m.weight.requires_grad]
                     gs = torch.autograd.grad(loss, [w for _, w in watched], allow_unused=True)
                 for (path, _), g in zip(watched, gs):
@@ -146,7 +146,7 @@ def collect(
                         st.grad = g.detach() if st.grad is None else st.grad + g.detach()
             else:
                 with torch.no_grad():
-                    batch.call(model)
+                    batch.call_stateless(model)
     finally:
         for h in handles:
             h.remove()
@@ -281,7 +281,7 @@ def _run_until(
         with torch.no_grad():
             for batch in batches:
                 try:
-                    batch.call(model)
+                    batch.call_stateless(model)
                 except _Stop:
                     pass
     finally:

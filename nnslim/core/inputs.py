@@ -31,6 +31,15 @@ class Inputs:
         """Run ``model(*args, **kwargs)``."""
         return model(*self.args, **self.kwargs)
 
+    def call_stateless(self, model: nn.Module) -> Any:
+        """Run the model without a Hugging Face KV cache (``use_cache=False``), for passes that
+        gather statistics: a cache carried between calls would change what later layers see."""
+        kwargs = dict(self.kwargs)
+        config = getattr(model, "config", None)
+        if config is not None and getattr(config, "use_cache", False) and "use_cache" not in kwargs:
+            kwargs["use_cache"] = False
+        return model(*self.args, **kwargs)
+
     def tensors(self) -> list[torch.Tensor]:
         """All tensors in the inputs, in order."""
         return [t for t in _flatten(list(self.args) + list(self.kwargs.values()))]

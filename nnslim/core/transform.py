@@ -138,7 +138,11 @@ class Transform(Config, abc.ABC):
         snap = Snapshot(model, copy_tensors=self._needs_copy())
         try:
             report = self._execute(model, ctx)
-            entries = ctx.records if isinstance(self, Compose) else [_record_step(self, before_state, model)]
+            entries = (
+                ctx.records
+                if isinstance(self, Compose)
+                else [_record_step(self, before_state, model)]
+            )
         except BaseException:
             snap.restore()
             raise

@@ -9,6 +9,7 @@ reference implementation.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -58,6 +59,7 @@ def gptq(
     group_size: int | None = None,
     block_size: int = 128,
     damp: float = 0.01,
+    act_order: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Quantize ``weight`` ``(out, in)`` given the input Hessian ``(in, in)``.
 
@@ -68,6 +70,9 @@ def gptq(
         group_size: columns per group for 4 bits.
         block_size: columns per lazy-update block.
         damp: fraction of the mean diagonal added to the Hessian (numerical stability).
+        act_order: quantize columns in order of decreasing Hessian diagonal (inputs with the
+            most energy first). Group grids are then fixed up front from the original weight
+            ("static groups"), so groups stay contiguous in storage.
 
     Returns:
         ``(codes, scale, minimum)``: integer codes ``(out, in)``; for 8 bits ``scale`` per row
@@ -79,6 +84,15 @@ def gptq(
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
+    static: list[Any] | None = None
+    if bits != 8 and act_order:
+        if group_size is None or cols % group_size:
+            raise ValueError(f"group_size {group_size} must divide {cols} input features")
+        static = [rtn_int4_grid(W[:, g : g + group_size]) for g in range(0, cols, group_size)]
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols)
+    inv = torch.argsort(perm)
+    W = W[:, perm]
+    H = H[perm][:, perm]
     H += damp * torch.mean(torch.diag(H)) * torch.eye(cols, device=H.device)
     try:
         L = torch.linalg.cholesky(H)
@@ -106,7 +120,9 @@ def gptq(
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             c = i1 + i
-            if bits != 8 and c % group_size == 0:  # type: ignore[operator]
+            if static is not None:
+                _, _, quant = static[int(perm[c]) // group_size]  # type: ignore[operator]
+            elif bits != 8 and c % group_size == 0:  # type: ignore[operator]
                 s, mn, quant = rtn_int4_grid(W1[:, i : i + group_size])
                 scales[:, c // group_size] = s  # type: ignore[operator]
                 mins[:, c // group_size] = mn  # type: ignore[index,operator]
@@ -117,4 +133,9 @@ def gptq(
             W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    codes = codes[:, inv]
+    if static is not None:
+        for gi, (s, mn, _) in enumerate(static):
+            scales[:, gi] = s  # type: ignore[index]
+            mins[:, gi] = mn  # type: ignore[index]
     return codes, scales, mins

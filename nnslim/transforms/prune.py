@@ -146,11 +146,11 @@ class Prune(Transform):
 
     # ------------------------------------------------------------------------------------------
     def _apply(self, model: nn.Module, ctx: Context, report: Report) -> None:
-        inputs = ctx.require_inputs("Prune", "to trace the model")
         imp = as_importance(self.importance)
         if self.structure != "channels":
-            self._sparsify(model, ctx, report, imp, inputs)
+            self._sparsify(model, ctx, report, imp, ctx.inputs)
             return
+        inputs = ctx.require_inputs("Prune", "to trace the model")
         graph = trace(model, inputs)
         plan = self._plan(model, graph, report)
         stats = self._stats(model, ctx, imp, plan.all_layers)
@@ -318,11 +318,18 @@ class Prune(Transform):
 
     # -- sparsity -------------------------------------------------------------------------------
     def _sparsify(
-        self, model: nn.Module, ctx: Context, report: Report, imp: Importance, inputs: Inputs
+        self, model: nn.Module, ctx: Context, report: Report, imp: Importance, inputs: Inputs | None
     ) -> None:
         roots = root_types()
         named = dict(model.named_modules())
-        outputs = set(output_layers_by_identity(model, inputs))
+        if inputs is not None:
+            outputs = set(output_layers_by_identity(model, inputs))
+        else:
+            outputs = set()
+            report.note(
+                "no example inputs: the layers producing the output were not detected; exclude "
+                "the classifier or LM head explicitly if they must stay dense"
+            )
         eligible = [(p, m) for p, m in named.items() if p and isinstance(m, roots)]
         sel = normalize_selector(self.select)
         explicit = (
