@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from nnslim.core.table import format_table
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(os.environ.get("NNSLIM_BENCH_RESULTS", Path(__file__).resolve().parent / "results"))
 
 
 def environment() -> dict[str, Any]:

@@ -10,7 +10,7 @@ Published anchors on LLaMA-2-7B (WikiText-2): dense 5.12, magnitude 50% 14.89, W
 SparseGPT 6.51; GPTQ 4-bit stays within a few percent of fp16 while RTN does not at 3 bits.
 
     python benchmarks/real_llm.py            # 32 eval windows, 16 calibration windows
-    python benchmarks/real_llm.py --quick    # 4 eval windows, 4 calibration windows (< 2 min... see the test)
+    python benchmarks/real_llm.py --quick    # 2 eval windows, 2 calibration windows
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def main() -> None:
         print(f"skipped: {rd.MISSING}")
         sys.exit(0)
     base, tok = loaded
-    n_eval, n_cal = (4, 4) if args.quick else (32, 16)
+    n_eval, n_cal = (2, 2) if args.quick else (32, 16)
     evals = windows(tok, text, n_eval, 0)
     calib = [{"input_ids": w} for w in windows(tok, text, n_cal, n_eval)]
     blocks = "re:model\\.layers\\..*"

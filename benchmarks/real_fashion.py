@@ -1,0 +1,229 @@
+"""Table 1: a ResNet-style CNN on Fashion-MNIST, compressed, against torch-pruning used directly.
+
+The CNN is trained once (3 epochs, cached in ``benchmarks/.cache``), then each row compresses a
+copy: Prune to 50% MACs (+1 epoch of fine-tuning with distillation), Quantize int8, ShareWeights
+16 clusters (+1 epoch fine-tuning the centroids), Factorize to 60% of the parameters (+1 epoch),
+Prune + Quantize, and the peer: torch-pruning's MetaPruner with the same importance (group L2
+magnitude), pruned to the same MACs, with the same fine-tune. Columns: test accuracy (10,000
+images), MACs, bytes on disk (``nnslim.save``), CPU latency (batch 64, one thread, median) as a
+ratio to the baseline in the same run.
+
+    python benchmarks/real_fashion.py           # full data
+    python benchmarks/real_fashion.py --quick   # 6,000 training images, 1,000 test images
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import real_data as rd
+import torch
+import torch.nn.functional as F
+from _common import print_table, write_json
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import nnslim
+from nnslim.core.inputs import Inputs
+from nnslim.profiling import measure_latency
+
+CACHE = Path(__file__).resolve().parent / ".cache"
+
+
+class Block(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.short = (
+            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            if stride != 1 or cin != cout
+            else nn.Identity()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(y)) + self.short(x))
+
+
+class FashionNet(nn.Module):
+    """A small ResNet for 1x28x28 images."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(1, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
+        )
+        self.layer1 = Block(width, width, 1)
+        self.layer2 = Block(width, 2 * width, 2)
+        self.layer3 = Block(2 * width, 4 * width, 2)
+        self.fc = nn.Linear(4 * width, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer3(self.layer2(self.layer1(self.stem(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(x), 500):
+            correct += int((model(x[i : i + 500]).argmax(-1) == y[i : i + 500]).sum())
+    return correct / len(x)
+
+
+def fit(
+    model: nn.Module, loader: DataLoader, epochs: int, lr: float, teacher: nn.Module | None = None
+) -> None:
+    nnslim.Trainer(
+        optimizer=torch.optim.AdamW,
+        lr=lr,
+        teacher=teacher,
+        distillation=nnslim.Distillation(temperature=4.0, alpha=0.7),
+        scheduler=lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, epochs * len(loader)),
+        options=nnslim.TrainOptions(verbose=False),
+    ).fit(model, loader, epochs=epochs)
+    model.eval()
+
+
+def baseline(data, quick: bool) -> FashionNet:
+    xtr, ytr = data[0], data[1]
+    path = CACHE / ("fashion_net-quick.safetensors" if quick else "fashion_net.safetensors")
+    model = FashionNet()
+    if path.exists():
+        return nnslim.load(path, model).eval()
+    torch.manual_seed(0)
+    loader = DataLoader(TensorDataset(xtr, ytr), batch_size=128, shuffle=True)
+    t0 = time.perf_counter()
+    fit(model, loader, epochs=1 if quick else 3, lr=3e-3)
+    print(f"trained the baseline in {time.perf_counter() - t0:.0f} s", flush=True)
+    CACHE.mkdir(exist_ok=True)
+    nnslim.save(model, path)
+    return model
+
+
+def peer_torch_pruning(model: nn.Module, x: torch.Tensor, target_macs: float) -> nn.Module:
+    """torch-pruning's MetaPruner, group L2 magnitude, bisected to the same MACs."""
+    import torch_pruning as tp
+
+    base = nnslim.profile(model, x, memory=False).macs
+    lo, hi, best = 0.0, 0.95, None
+    for _ in range(10):
+        mid = (lo + hi) / 2
+        m = copy.deepcopy(model)
+        pruner = tp.pruner.MetaPruner(
+            m,
+            x,
+            importance=tp.importance.GroupMagnitudeImportance(p=2),
+            pruning_ratio=mid,
+            ignored_layers=[m.fc],
+        )
+        pruner.step()
+        macs = nnslim.profile(m, x, memory=False).macs
+        if macs <= target_macs * base:
+            best, hi = m, mid
+        else:
+            lo = mid
+    return best if best is not None else m
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    warnings.simplefilter("ignore")
+    data = rd.fashion_mnist()
+    if data is None:
+        print(f"skipped: {rd.MISSING}")
+        sys.exit(0)
+    xtr, ytr, xte, yte = data
+    if args.quick:
+        xtr, ytr, xte, yte = xtr[:6000], ytr[:6000], xte[:1000], yte[:1000]
+    torch.manual_seed(0)
+    train = DataLoader(TensorDataset(xtr, ytr), batch_size=128, shuffle=True)
+    tune_epochs = 1
+    base = baseline((xtr, ytr), args.quick)
+    example = xte[:64]
+    rows = []
+    lat_inputs = Inputs((xte[:64],))
+
+    def row(name: str, model: nn.Module, seconds: float = 0.0) -> None:
+        model.eval()
+        prof = nnslim.profile(model, example, memory=False)
+        with tempfile.TemporaryDirectory() as d:
+            nnslim.save(model, os.path.join(d, "m.safetensors"))
+            size = os.path.getsize(os.path.join(d, "m.safetensors"))
+        lat = measure_latency(
+            model, lat_inputs, warmup=3, repeat=10 if args.quick else 30, threads=1
+        ).median_ms
+        rows.append(
+            {
+                "variant": name,
+                "accuracy": accuracy(model, xte, yte),
+                "macs": prof.macs,
+                "bytes": size,
+                "latency_ms": lat,
+                "seconds": seconds,
+            }
+        )
+        print(f"  {name}: {rows[-1]['accuracy']:.4f}", flush=True)
+
+    def tuned(name, transform, finetune: bool, teacher: bool = True, calibration=None):
+        m = copy.deepcopy(base)
+        t0 = time.perf_counter()
+        transform.apply(m, example, calibration=calibration)
+        if finetune:
+            torch.manual_seed(0)
+            fit(m, train, tune_epochs, lr=1e-3, teacher=base if teacher else None)
+        row(name, m, time.perf_counter() - t0)
+        return m
+
+    row("baseline (fp32)", copy.deepcopy(base))
+    pruned = tuned("Prune 50% MACs + fine-tune (distilled)", nnslim.Prune(macs=0.5), True)
+    tuned("Quantize int8", nnslim.Quantize(scheme="int8"), False)
+    tuned("ShareWeights 16 clusters + centroid fine-tune", nnslim.ShareWeights(clusters=16), True)
+    tuned("Factorize 60% params + fine-tune", nnslim.Factorize(params=0.6), True)
+    both = copy.deepcopy(pruned)
+    nnslim.Quantize(scheme="int8").apply(both, example)
+    row("Prune 50% MACs + fine-tune, then int8", both)
+    t0 = time.perf_counter()
+    peer = peer_torch_pruning(
+        copy.deepcopy(base), example, target_macs=rows[1]["macs"] / rows[0]["macs"]
+    )
+    torch.manual_seed(0)
+    fit(peer, train, tune_epochs, lr=1e-3, teacher=base)
+    row(
+        "peer: torch-pruning MetaPruner (same importance, MACs, fine-tune)",
+        peer,
+        time.perf_counter() - t0,
+    )
+    b = rows[0]
+    print_table(
+        ["variant", "accuracy", "MACs", "bytes on disk", "latency (bs64, 1 thread)"],
+        [
+            [
+                r["variant"],
+                f"{100 * r['accuracy']:.2f}% ({100 * (r['accuracy'] - b['accuracy']):+.2f})",
+                f"{r['macs'] / 1e6:.2f}M ({r['macs'] / b['macs']:.2f}x)",
+                f"{r['bytes'] / 1024:.0f} kB ({r['bytes'] / b['bytes']:.2f}x)",
+                f"{r['latency_ms']:.2f} ms ({r['latency_ms'] / b['latency_ms']:.2f}x)",
+            ]
+            for r in rows
+        ],
+        title=f"Fashion-MNIST ({len(xtr)} train / {len(xte)} test images)",
+    )
+    print(f"wrote {write_json('real_fashion' + ('-quick' if args.quick else ''), {'rows': rows})}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""Table 2: all-MiniLM-L6-v2 sentence embeddings after compression.
+
+Quality: mean cosine between each compressed embedding and the fp32 one (Wikipedia sentences
+from the gensim wheel's test data), and the Spearman correlation of word-pair similarities with
+the human WordSim353 scores (gensim's test data). Calibration uses other Wikipedia sentences.
+Embeddings: mean pooling over tokens, L2-normalised (how the model is meant to be used).
+
+Rows: fp32, int8-dynamic, int4 (RTN and GPTQ, group 128), ShareWeights 16/64 clusters,
+Factorize at 80% of the encoder's parameters (plain and activation-aware), Prune 25% (heads
+and MLP width). Goals: int8 cosine >= 0.99 and WordSim within 0.01 of fp32; int4 GPTQ
+cosine >= 0.97.
+
+    python benchmarks/real_minilm.py           # 512 sentences
+    python benchmarks/real_minilm.py --quick   # 64 sentences, 100 word pairs
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import re
+import sys
+import warnings
+
+import real_data as rd
+import torch
+from _common import print_table, write_json
+
+import nnslim
+
+
+def sentences(text: str, n: int, skip: int = 0) -> list[str]:
+    parts = [s.strip() for s in re.split(r"(?<=[.!?])\s+", text) if 40 <= len(s.strip()) <= 300]
+    return parts[skip : skip + n]
+
+
+def embed(model, tok, texts: list[str], batch: int = 32) -> torch.Tensor:
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(texts), batch):
+            enc = tok(
+                texts[i : i + batch],
+                padding=True,
+                truncation=True,
+                max_length=128,
+                return_tensors="pt",
+            )
+            h = model(**enc).last_hidden_state
+            mask = enc["attention_mask"].unsqueeze(-1).float()
+            e = (h * mask).sum(1) / mask.sum(1)
+            out.append(torch.nn.functional.normalize(e, dim=-1))
+    return torch.cat(out)
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    def ranks(v):
+        t = torch.tensor(v)
+        r = torch.empty_like(t)
+        r[t.argsort()] = torch.arange(len(v), dtype=t.dtype)
+        return r
+
+    ra, rb = ranks(a), ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    warnings.simplefilter("ignore")
+    loaded, pairs, text = rd.minilm(), rd.wordsim353(), rd.wiki_text(max_chars=400_000)
+    if loaded is None or pairs is None or text is None:
+        print(f"skipped: {rd.MISSING}")
+        sys.exit(0)
+    base, tok = loaded
+    n = 64 if args.quick else 512
+    evals = sentences(text, n)
+    cal_text = sentences(text, 64 if args.quick else 256, skip=n)
+    calib = [
+        dict(
+            tok(
+                cal_text[i : i + 16],
+                padding=True,
+                truncation=True,
+                max_length=128,
+                return_tensors="pt",
+            )
+        )
+        for i in range(0, len(cal_text), 16)
+    ]
+    if args.quick:
+        pairs = pairs[:100]
+    words = sorted({w for a, b, _ in pairs for w in (a, b)})
+    ref = embed(base, tok, evals)
+    human = [s for _, _, s in pairs]
+    example = calib[0]
+    encoder = "re:encoder\\..*"
+
+    def wordsim(model) -> float:
+        e = dict(zip(words, embed(model, tok, words)))
+        return spearman([float(e[a] @ e[b]) for a, b, _ in pairs], human)
+
+    rows = []
+
+    def run(name, transform, data):
+        m = copy.deepcopy(base)
+        if transform is not None:
+            transform.apply(m, example, calibration=calib if data else None)
+        e = embed(m, tok, evals)
+        p = nnslim.profile(m, example, memory=False)
+        rows.append(
+            {
+                "variant": name,
+                "cosine": float((e * ref).sum(-1).mean()),
+                "min_cosine": float((e * ref).sum(-1).min()),
+                "wordsim": wordsim(m),
+                "param_bytes": p.param_bytes,
+                "macs": p.macs,
+            }
+        )
+        print(
+            f"  {name}: cosine {rows[-1]['cosine']:.4f}, wordsim {rows[-1]['wordsim']:.4f}",
+            flush=True,
+        )
+
+    run("fp32", None, False)
+    run("int8-dynamic", nnslim.Quantize(scheme="int8-dynamic", select=encoder), False)
+    run("int4 g128 RTN", nnslim.Quantize(scheme="int4", group_size=128, select=encoder), False)
+    run(
+        "int4 g128 GPTQ",
+        nnslim.Quantize(scheme="int4", group_size=128, method="gptq", select=encoder),
+        True,
+    )
+    run("ShareWeights 16 clusters", nnslim.ShareWeights(clusters=16, select=encoder), False)
+    run("ShareWeights 64 clusters", nnslim.ShareWeights(clusters=64, select=encoder), False)
+    run(
+        "Factorize 80% params, plain",
+        nnslim.Factorize(ratio=0.8, select=encoder, activation_aware=False),
+        False,
+    )
+    run("Factorize 80% params, activation-aware", nnslim.Factorize(ratio=0.8, select=encoder), True)
+    run("Prune 25% (heads and MLP width)", nnslim.Prune(ratio=0.25), False)
+    fp = rows[0]
+    print_table(
+        ["variant", "cosine to fp32 (mean / min)", "WordSim353 Spearman", "weight bytes", "MACs"],
+        [
+            [
+                r["variant"],
+                f"{r['cosine']:.4f} / {r['min_cosine']:.4f}",
+                f"{r['wordsim']:.4f} ({r['wordsim'] - fp['wordsim']:+.4f})",
+                f"{r['param_bytes'] / 2**20:.1f} MiB",
+                f"{r['macs'] / fp['macs']:.2f}x",
+            ]
+            for r in rows
+        ],
+        title=f"all-MiniLM-L6-v2: {len(evals)} Wikipedia sentences, {len(pairs)} WordSim353 pairs",
+    )
+    print(f"wrote {write_json('real_minilm' + ('-quick' if args.quick else ''), {'rows': rows})}")
+
+
+if __name__ == "__main__":
+    main()
