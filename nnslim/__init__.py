@@ -17,6 +17,7 @@ from .core.transform import Compose, Context, Transform
 from .graph.trace import Graph, trace
 from .io import hf
 from .io.save import load, save
+from .large import compress_checkpoint
 from .modules.masks import apply_masks
 from .profiling import Profile, profile, register_formula
 from .train import (
@@ -55,6 +56,7 @@ __all__ = [
     "__version__",
     "apply_masks",
     "compress",
+    "compress_checkpoint",
     "convert",
     "hf",
     "load",

@@ -8,7 +8,8 @@ are left as they were.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +20,46 @@ from torch import nn
 from .inputs import Inputs, first_tensor
 from .modules import is_hf_conv1d
 
-__all__ = ["LayerStats", "collect", "layer_input_dim"]
+__all__ = ["LayerStats", "collect", "layer_input_dim", "reduce_across_processes"]
+
+_REDUCE = [False]
+
+
+@contextlib.contextmanager
+def reduce_across_processes() -> Iterator[None]:
+    """Sum calibration statistics over all ``torch.distributed`` processes while active.
+
+    Each process runs its own share of the calibration batches; the statistics every
+    transform sees are the totals, so every process computes the same result.
+    """
+    _REDUCE[0] = True
+    try:
+        yield
+    finally:
+        _REDUCE[0] = False
+
+
+def _reduce(stats: dict[str, LayerStats]) -> None:
+    if not _REDUCE[0]:
+        return
+    import torch.distributed as dist
+
+    for st in stats.values():
+        for name in ("sq_sum", "gram", "grad"):
+            t = getattr(st, name)
+            if t is not None:
+                dist.all_reduce(t)
+        rows = torch.tensor([st.rows], dtype=torch.float64)
+        dist.all_reduce(rows)
+        st.rows = int(rows.item())
+        if "amax" in st.extra:
+            dist.all_reduce(st.extra["amax"], op=dist.ReduceOp.MAX)
+        if "abs_sum" in st.extra and isinstance(st.extra["abs_sum"], torch.Tensor):
+            dist.all_reduce(st.extra["abs_sum"])
+        if "rows" in st.extra:  # a row sample: everyone uses rank 0's
+            obj = [st.extra["rows"]]
+            dist.broadcast_object_list(obj, src=0)
+            st.extra["rows"] = obj[0]
 
 
 @dataclass
@@ -154,6 +194,7 @@ def collect(
             m.training = t
         for p in model.parameters():
             p.grad = saved_grads.get(id(p))
+    _reduce(stats)
     return stats
 
 
@@ -233,6 +274,7 @@ def run_sequential(
             finally:
                 for h in handles:
                     h.remove()
+            _reduce(stats)
             process(paths, stats)
             nxt = keys[gi + 1] if gi + 1 < len(keys) else None
             if (

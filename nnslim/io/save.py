@@ -178,6 +178,8 @@ def load(
 
     if not isinstance(base, nn.Module):
         raise TypeError(f"load: base must be an nn.Module, got {type(base).__name__}.")
+    if os.path.isdir(path):
+        return _load_directory(path, base, device)
     meta = _read_header(path)
     try:
         record = json.loads(meta["record"])
@@ -231,3 +233,93 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], aliases: dict[
     for k, v in aliases.items():
         full.setdefault(k, state[v])
     model.load_state_dict(full, strict=True, assign=meta_params)
+    if meta_params:
+        rebuild_meta_buffers(model)
+
+
+def recompute_buffers(m: nn.Module, names: list[str]) -> bool:
+    """Recompute buffers ``names`` of ``m`` by building a fresh twin from its config on the CPU
+    (rotary embedding frequencies and other values a module derives from its config)."""
+    cfg = m.__dict__.get("config")
+    if cfg is None:
+        return False
+    try:
+        with torch.device("cpu"):
+            fresh = type(m)(cfg)
+    except Exception:
+        return False
+    if not all(isinstance(fresh._buffers.get(n), torch.Tensor) for n in names):
+        return False
+    for n in names:
+        m._buffers[n] = fresh._buffers[n]
+    for k, v in fresh.__dict__.items():  # derived scalars (attention_scaling...)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            m.__dict__.setdefault(k, v)
+            m.__dict__[k] = v
+    return True
+
+
+def rebuild_meta_buffers(model: nn.Module) -> None:
+    """Give buffers that are not saved (rotary frequencies) their values on a ``meta`` base.
+
+    Raises:
+        ValueError: if a tensor stays on ``meta`` with no way to compute it.
+    """
+    left = []
+    for path, m in model.named_modules():
+        meta = [n for n, b in m._buffers.items() if b is not None and b.device.type == "meta"]
+        if meta and recompute_buffers(m, meta):
+            meta = []
+        left += [f"{path}.{n}" if path else n for n in meta]
+        left += [
+            f"{path}.{n}" if path else n
+            for n, p in m._parameters.items()
+            if p is not None and p.device.type == "meta"
+        ]
+    if left:
+        raise ValueError(
+            f"load: {left[:4]} are not in the file and stay on the meta device; build the base on "
+            f"the CPU instead."
+        )
+
+
+def _load_directory(path: str | os.PathLike[str], base: nn.Module, device: Any) -> nn.Module:
+    """A directory written by :func:`nnslim.compress_checkpoint`: ``nnslim.json`` plus shards."""
+    from safetensors.torch import load_file
+
+    root = os.fspath(path)
+    rec_path = os.path.join(root, "nnslim.json")
+    if not os.path.exists(rec_path):
+        raise ValueError(
+            f"load: {root!r} is a directory without nnslim.json; it was not written by nnslim."
+        )
+    try:
+        record = json.loads(open(rec_path).read())
+        index = json.loads(open(os.path.join(root, "model.safetensors.index.json")).read())[
+            "weight_map"
+        ]
+    except (OSError, KeyError, json.JSONDecodeError) as e:
+        raise ValueError(f"load: the record or index in {root!r} is unreadable ({e}).") from e
+    missing = sorted({f for f in index.values() if not os.path.exists(os.path.join(root, f))})
+    if missing:
+        raise ValueError(f"load: shard(s) {missing} are missing from {root!r}.")
+    _check_base(base, record.get("base", {}))
+    if device is None:
+        p = next(iter(base.parameters()), None)
+        device = p.device if p is not None and p.device.type != "meta" else torch.device("cpu")
+    snap = Snapshot(base, copy_tensors=False)
+    try:
+        for i, entry in enumerate(record.get("entries", [])):
+            try:
+                replay(base, entry["ops"], device=device)
+            except ValueError as e:
+                raise ValueError(f"load: replaying step {i} failed: {e}") from e
+        state: dict[str, torch.Tensor] = {}
+        for f in sorted(set(index.values())):
+            state.update(load_file(os.path.join(root, f), device=str(device)))
+        _load_state(base, state, record.get("aliases", {}))
+    except BaseException:
+        snap.restore()
+        raise
+    base.__dict__[RECORD_ATTR] = {k: v for k, v in record.items() if k != "aliases"}
+    return base

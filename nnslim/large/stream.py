@@ -1,0 +1,459 @@
+"""``nnslim.compress_checkpoint``: compress a model larger than memory, one block at a time.
+
+The model is built on the ``meta`` device from its config. The weights of the modules before
+the first block (embeddings) are read from the safetensors shards; calibration batches run up
+to the first block, and their inputs are kept. Then, block by block, the block's weights are
+read from the shards, the transform is applied to the block with its cached inputs as
+calibration, the block's (already compressed) outputs become the next block's inputs, the
+compressed tensors are written to a new sharded checkpoint, and the block goes back to
+``meta``. Memory held at any time: about one block plus the calibration activations.
+
+The output directory (``config.json``, ``model-*.safetensors``, ``model.safetensors.index.json``
+and ``nnslim.json``, the record of structural edits) is written under a temporary name and
+renamed at the end, so no half-written output ever looks complete, and the source is only read.
+``nnslim.load(output, base)`` rebuilds the compressed model (``base`` may live on ``meta``).
+
+Under ``torchrun`` the calibration batches are split across processes; each block's
+statistics are summed over all processes (``torch.distributed``, gloo on CPU) before the
+transform runs, so every process computes the same compressed block, and rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core.inputs import Inputs, as_inputs
+from ..core.report import Report
+from ..core.transform import RECORD_ATTR, Transform
+from ..io.record import describe, fingerprint
+from ..io.save import recompute_buffers
+
+__all__ = ["ShardedCheckpoint", "compress_checkpoint"]
+
+RECORD_FILE = "nnslim.json"
+INDEX = "model.safetensors.index.json"
+
+
+class _Stop(Exception):
+    pass
+
+
+@dataclass
+class ShardedCheckpoint:
+    """A Hugging Face directory of safetensors shards, read tensor by tensor.
+
+    Raises:
+        FileNotFoundError: no such directory, or a shard listed in the index is missing.
+    """
+
+    directory: Path
+    weight_map: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, directory: str | os.PathLike[str]) -> ShardedCheckpoint:
+        root = Path(directory)
+        if not root.is_dir():
+            raise FileNotFoundError(
+                f"compress_checkpoint: no checkpoint directory at {os.fspath(root)!r}."
+            )
+        index = root / INDEX
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        else:
+            single = root / "model.safetensors"
+            if not single.exists():
+                raise FileNotFoundError(
+                    f"compress_checkpoint: {os.fspath(root)!r} has neither {INDEX} nor "
+                    f"model.safetensors; save the model with save_pretrained(safe_serialization=True)."
+                )
+            from safetensors import safe_open
+
+            with safe_open(str(single), "pt") as f:
+                weight_map = {k: "model.safetensors" for k in f.keys()}
+        missing = sorted({f for f in weight_map.values() if not (root / f).exists()})
+        if missing:
+            raise FileNotFoundError(
+                f"compress_checkpoint: shard(s) {missing} listed in {INDEX} are missing from "
+                f"{os.fspath(root)!r}; the checkpoint is incomplete."
+            )
+        return cls(root, weight_map)
+
+    def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        """The named tensors (each shard opened once)."""
+        from safetensors import safe_open
+
+        by_file: dict[str, list[str]] = {}
+        for n in names:
+            if n not in self.weight_map:
+                raise KeyError(n)
+            by_file.setdefault(self.weight_map[n], []).append(n)
+        out = {}
+        for f, keys in by_file.items():
+            with safe_open(str(self.directory / f), "pt") as h:
+                for k in keys:
+                    out[k] = h.get_tensor(k)
+        return out
+
+
+def _blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The longest ModuleList of same-class modules (the transformer layers)."""
+    best: tuple[str, nn.ModuleList] | None = None
+    for path, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and len(m) >= 1 and len({type(c) for c in m}) == 1:
+            if best is None or len(m) > len(best[1]):
+                best = (path, m)
+    if best is None:
+        raise ValueError("compress_checkpoint: the model has no list of repeated blocks to stream.")
+    return best
+
+
+def _tie_groups(model: nn.Module) -> list[list[tuple[nn.Module, str, str]]]:
+    """Parameters shared by several modules: ``[[(module, name, full path), ...], ...]``."""
+    owners: dict[int, list[tuple[nn.Module, str, str]]] = {}
+    for path, m in model.named_modules(remove_duplicate=False):
+        for n, t in m._parameters.items():
+            if t is not None:
+                full = f"{path}.{n}" if path else n
+                owners.setdefault(id(t), []).append((m, n, full))
+    return [o for o in owners.values() if len(o) > 1]
+
+
+def _retie(groups: list[list[tuple[nn.Module, str, str]]], ckpt: ShardedCheckpoint) -> None:
+    """Share tied parameters again, keeping the one the checkpoint holds."""
+    for owners in groups:
+        keep = next((o for o in owners if o[2] in ckpt.weight_map), owners[0])
+        p = keep[0]._parameters[keep[1]]
+        for m, n, _ in owners:
+            m._parameters[n] = p
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class _Writer:
+    """Writes tensors into numbered shards under a temporary directory."""
+
+    def __init__(self, tmp: Path, shard_bytes: int) -> None:
+        self.tmp = tmp
+        self.shard_bytes = shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.size = 0
+        self.files: list[tuple[str, list[str]]] = []
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        for k, v in tensors.items():
+            self.pending[k] = v.detach().to("cpu").contiguous()
+            self.size += v.numel() * v.element_size()
+        if self.size >= self.shard_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self.pending:
+            return
+        name = f"part-{len(self.files):05d}.safetensors"
+        save_file(self.pending, str(self.tmp / name), metadata={"format": "pt"})
+        self.files.append((name, list(self.pending)))
+        self.pending, self.size = {}, 0
+
+    def finish(self) -> dict[str, str]:
+        self.flush()
+        n = len(self.files)
+        weight_map = {}
+        for i, (name, keys) in enumerate(self.files):
+            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(self.tmp / name, self.tmp / final)
+            weight_map.update({k: final for k in keys})
+        return weight_map
+
+
+def compress_checkpoint(
+    source: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    transform: Transform,
+    calibration: Iterable[Any],
+    *,
+    model_class: Any = None,
+    shard_size_mb: int = 1024,
+    progress: bool | None = None,
+) -> Report:
+    """Compress a Hugging Face checkpoint block by block into a new sharded checkpoint.
+
+    Args:
+        source: a directory written by ``save_pretrained`` (config and safetensors shards).
+            It is only read.
+        output: the new directory (must not exist).
+        transform: applied to each block with the block's calibration inputs (Quantize with
+            RTN or GPTQ, Factorize, Prune with unstructured/N:M sparsity, ShareWeights...).
+        calibration: batches of model inputs (``{"input_ids": ...}`` dicts or tensors).
+        model_class: the transformers class (default: ``AutoModelForCausalLM``).
+        shard_size_mb: size of the output shards.
+        progress: a progress bar per block with time left (default: on a terminal).
+
+    Returns:
+        A report with one step per block, and notes with the peak resident memory and the time
+        per block.
+
+    Raises:
+        FileNotFoundError: missing checkpoint or shard. ValueError: a config that does not
+        match the weights; an existing output directory. OSError: a failed write (the output
+        is removed; the source is untouched).
+    """
+    import sys
+
+    from transformers import AutoConfig
+
+    src = Path(source)
+    out = Path(output)
+    if out.exists():
+        raise ValueError(
+            f"compress_checkpoint: {os.fspath(out)!r} exists; choose a new output directory."
+        )
+    ckpt = ShardedCheckpoint.open(src)
+    config = AutoConfig.from_pretrained(str(src))
+    if model_class is None:
+        from transformers import AutoModelForCausalLM
+
+        model_class = AutoModelForCausalLM
+    build = getattr(model_class, "from_config", None) or model_class
+    with torch.device("meta"):
+        model = build(config)
+    model.eval()
+    for attr in ("use_cache",):
+        if hasattr(model.config, attr):
+            setattr(model.config, attr, False)
+    base_states = describe(model)
+    blocks_path, blocks = _blocks(model)
+    block_paths = [f"{blocks_path}.{i}" for i in range(len(blocks))]
+    rank, world = _rank_world()
+    batches = [as_inputs(b) for b in calibration]
+    if not batches:
+        raise ValueError("compress_checkpoint: calibration yielded no batch.")
+    mine = batches[rank::world]
+    report = Report(f"compress_checkpoint[{type(transform).__name__}]", transform.to_dict())
+    tmp = Path(
+        tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None)
+    )
+    writer = _Writer(tmp, shard_size_mb * 2**20)
+    entries: list[dict[str, Any]] = []
+    t_start = time.perf_counter()
+    try:
+        # everything outside the blocks: materialize (ties kept), run calibration up to block 0
+        ties = _tie_groups(model)
+        for p, m in model.named_modules():
+            if p == blocks_path or p.startswith(blocks_path + "."):
+                continue
+            _materialize_shallow(m, f"{p}." if p else "", ckpt)
+        _retie(ties, ckpt)
+        cached = _inputs_of(model, blocks[0], mine)
+        show = sys.stderr.isatty() if progress is None else progress
+        bar = None
+        if show and rank == 0:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(blocks), desc="compress blocks", unit="block")
+        per_block = []
+        for i, block in enumerate(blocks):
+            t0 = time.perf_counter()
+            prefix = f"{block_paths[i]}."
+            for sub_path, sub in block.named_modules():
+                _materialize_shallow(sub, f"{prefix}{sub_path}." if sub_path else prefix, ckpt)
+            calib = [Inputs(a, k) for a, k in cached]
+            step = _apply_block(transform, block, calib, world)
+            step.transform = f"{block_paths[i]}: {step.transform}"
+            report.steps.append(step)
+            rec = block.__dict__.pop(RECORD_ATTR, None) or {"entries": []}
+            for e in rec["entries"]:
+                entries.append(
+                    {
+                        "transform": e["transform"],
+                        "ops": [_prefix_op(op, block_paths[i]) for op in e["ops"]],
+                    }
+                )
+            if rec.get("unsaveable"):
+                raise ValueError(
+                    f"compress_checkpoint: block {i} cannot be recorded: {rec['unsaveable']}"
+                )
+            with torch.no_grad():
+                new_cached = []
+                for a, k in cached:
+                    o = block(*a, **k)
+                    o = o[0] if isinstance(o, (tuple, list)) else o
+                    new_cached.append(((o, *a[1:]), k))
+            cached = new_cached
+            if rank == 0:
+                writer.add({prefix + n: t for n, t in block.state_dict().items()})
+            block.to("meta")
+            per_block.append(time.perf_counter() - t0)
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        if rank == 0:
+            rest, aliases, seen = {}, {}, {}
+            for k, v in model.state_dict().items():
+                if k.startswith(blocks_path + ".") or v.device.type == "meta":
+                    continue
+                key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+                if key in seen:
+                    aliases[k] = seen[key]
+                    continue
+                seen[key] = k
+                rest[k] = v
+            writer.add(rest)
+            weight_map = writer.finish()
+            (tmp / INDEX).write_text(
+                json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1)
+            )
+            config.save_pretrained(str(tmp))
+            record = {
+                "format": 1,
+                "base": fingerprint(base_states),
+                "entries": entries,
+                "unsaveable": "",
+                "aliases": aliases,
+            }
+            (tmp / RECORD_FILE).write_text(json.dumps(record))
+            _fsync_dir(tmp)
+            os.replace(tmp, out)
+        _barrier(world)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    report.note(f"peak resident memory {_peak_rss_mb():.0f} MB")
+    report.note(
+        f"{len(blocks)} blocks in {time.perf_counter() - t_start:.1f} s, {sum(per_block) / len(per_block):.2f} s per block"
+    )
+    return report
+
+
+def _materialize_shallow(m: nn.Module, prefix: str, ckpt: ShardedCheckpoint) -> None:
+    """Materialize a module's own tensors (not its children's), if still on meta."""
+    own = list(m._parameters.items()) + list(m._buffers.items())
+    if not own or all(t is None or t.device.type != "meta" for _, t in own):
+        return
+    names = {n: f"{prefix}{n}" for n, t in own if t is not None}
+    present = {n: k for n, k in names.items() if k in ckpt.weight_map}
+    values = ckpt.read(present.values())
+    for n, t in own:
+        if t is None:
+            continue
+        if n in present:
+            v = values[present[n]]
+            if v.shape != t.shape:
+                raise ValueError(
+                    f"compress_checkpoint: the checkpoint does not match the config ({prefix}{n}: "
+                    f"checkpoint {tuple(v.shape)}, model {tuple(t.shape)}); use the config saved "
+                    f"with the weights."
+                )
+            new = v.to(t.dtype)
+        else:
+            new = torch.zeros(t.shape, dtype=t.dtype)
+        if n in m._parameters:
+            m._parameters[n] = nn.Parameter(new, requires_grad=t.requires_grad)
+        else:
+            m._buffers[n] = new
+    absent = [n for n in names if n not in present and n in m._buffers]
+    if absent:
+        recompute_buffers(m, absent)
+
+
+def _inputs_of(
+    model: nn.Module, block: nn.Module, batches: list[Inputs]
+) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
+    captured: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+
+    def pre(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        captured.append((args, dict(kwargs)))
+        raise _Stop
+
+    h = block.register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for b in batches:
+                try:
+                    b.call_stateless(model)
+                except _Stop:
+                    pass
+    finally:
+        h.remove()
+    return captured
+
+
+def _apply_block(transform: Transform, block: nn.Module, calib: list[Inputs], world: int) -> Report:
+    if world > 1:
+        from ..core import calibrate
+
+        with calibrate.reduce_across_processes():
+            return transform.apply(block, calib[0], calibration=calib)
+    return transform.apply(block, calib[0], calibration=calib)
+
+
+def _prefix_op(op: dict[str, Any], prefix: str) -> dict[str, Any]:
+    op = dict(op)
+    op["path"] = f"{prefix}.{op['path']}" if op["path"] else prefix
+    if "target" in op:
+        op["target"] = f"{prefix}.{op['target']}"
+    if "spec" in op:
+        op["spec"] = _prefix_spec(op["spec"], prefix)
+    if "tensors" in op:
+        op["tensors"] = {k: _prefix_tie(v, prefix) for k, v in op["tensors"].items()}
+    return op
+
+
+def _prefix_tie(spec: Any, prefix: str) -> Any:
+    if isinstance(spec, dict) and "tie" in spec:
+        return {**spec, "tie": f"{prefix}.{spec['tie']}"}
+    return spec
+
+
+def _prefix_spec(spec: dict[str, Any], prefix: str) -> dict[str, Any]:
+    spec = dict(spec)
+    for key in ("ref", "alias"):
+        if key in spec:
+            spec[key] = f"{prefix}.{spec[key]}" if spec[key] else prefix
+    if "children" in spec:
+        spec["children"] = {
+            n: (None if c is None else _prefix_spec(c, prefix)) for n, c in spec["children"].items()
+        }
+    if "tensors" in spec:
+        spec["tensors"] = {k: _prefix_tie(v, prefix) for k, v in spec["tensors"].items()}
+    return spec
+
+
+def _rank_world() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _fsync_dir(path: Path) -> None:
+    for f in path.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
