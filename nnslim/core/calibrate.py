@@ -160,8 +160,10 @@ def collect(
                 sq = rows.pow(2).sum(0)
                 st.sq_sum = sq if st.sq_sum is None else st.sq_sum + sq
             if gram and not isinstance(m, nn.modules.conv._ConvNd):
-                g = rows.t() @ rows
-                st.gram = g if st.gram is None else st.gram + g
+                if st.gram is None:
+                    st.gram = rows.t() @ rows
+                else:  # in place: no second (in, in) matrix
+                    st.gram.addmm_(rows.t(), rows)
 
         return hook
 
@@ -347,8 +349,10 @@ def _stat_hook(m: nn.Module, st: LayerStats, norms: bool, gram: bool, keep_rows:
             st.extra["amax"] = amax if prev is None else torch.maximum(prev, amax)
             st.extra["abs_sum"] = r.abs().sum(0) + st.extra.get("abs_sum", 0)
         if gram and not isinstance(m, nn.modules.conv._ConvNd):
-            g = r.t() @ r
-            st.gram = g if st.gram is None else st.gram + g
+            if st.gram is None:
+                st.gram = r.t() @ r
+            else:  # in place: no second (in, in) matrix
+                st.gram.addmm_(r.t(), r)
         if keep_rows:
             have = st.extra.setdefault("rows", [])
             n = sum(t.shape[0] for t in have)

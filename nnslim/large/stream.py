@@ -20,6 +20,8 @@ transform runs, so every process computes the same compressed block, and rank 0 
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import os
 import resource
@@ -139,12 +141,29 @@ def _retie(groups: list[list[tuple[nn.Module, str, str]]], ckpt: ShardedCheckpoi
             m._parameters[n] = p
 
 
+def _release_memory() -> None:
+    """Give freed memory back to the system between blocks.
+
+    glibc keeps freed blocks in its arenas; without trimming, the resident size grows by a
+    fraction of a block with every block (fragmentation), even though nothing is kept.
+    """
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class _Writer:
-    """Writes tensors into numbered shards under a temporary directory."""
+    """Writes tensors into numbered shards under a temporary directory.
+
+    A shard is written as soon as the pending tensors reach ``shard_bytes`` (``save_file``
+    briefly holds a second copy of them), so the writer holds about that much at any time.
+    """
 
     def __init__(self, tmp: Path, shard_bytes: int) -> None:
         self.tmp = tmp
@@ -157,8 +176,8 @@ class _Writer:
         for k, v in tensors.items():
             self.pending[k] = v.detach().to("cpu").contiguous()
             self.size += v.numel() * v.element_size()
-        if self.size >= self.shard_bytes:
-            self.flush()
+            if self.size >= self.shard_bytes:
+                self.flush()
 
     def flush(self) -> None:
         from safetensors.torch import save_file
@@ -188,7 +207,7 @@ def compress_checkpoint(
     calibration: Iterable[Any],
     *,
     model_class: Any = None,
-    shard_size_mb: int = 1024,
+    shard_size_mb: int = 128,
     progress: bool | None = None,
 ) -> Report:
     """Compress a Hugging Face checkpoint block by block into a new sharded checkpoint.
@@ -201,7 +220,9 @@ def compress_checkpoint(
             RTN or GPTQ, Factorize, Prune with unstructured/N:M sparsity, ShareWeights...).
         calibration: batches of model inputs (``{"input_ids": ...}`` dicts or tensors).
         model_class: the transformers class (default: ``AutoModelForCausalLM``).
-        shard_size_mb: size of the output shards.
+        shard_size_mb: each block is written to a shard of its own as soon as it is done; the
+            tensors outside the blocks go to shards of at most about this size (a larger
+            tensor gets a shard of its own).
         progress: a progress bar per block with time left (default: on a terminal).
 
     Returns:
@@ -236,7 +257,7 @@ def compress_checkpoint(
     for attr in ("use_cache",):
         if hasattr(model.config, attr):
             setattr(model.config, attr, False)
-    base_states = describe(model)
+    base = fingerprint(describe(model))  # not the states: they would keep every module alive
     blocks_path, blocks = _blocks(model)
     block_paths = [f"{blocks_path}.{i}" for i in range(len(blocks))]
     rank, world = _rank_world()
@@ -260,6 +281,9 @@ def compress_checkpoint(
             _materialize_shallow(m, f"{p}." if p else "", ckpt)
         _retie(ties, ckpt)
         cached = _inputs_of(model, blocks[0], mine)
+        # the embeddings (and the head) go back to meta while the blocks stream; they are read
+        # again at the end to be written, so only one of them is held at a time
+        model.to("meta")
         show = sys.stderr.isatty() if progress is None else progress
         bar = None
         if show and rank == 0:
@@ -297,24 +321,17 @@ def compress_checkpoint(
             cached = new_cached
             if rank == 0:
                 writer.add({prefix + n: t for n, t in block.state_dict().items()})
+                writer.flush()  # a shard per block: nothing of it stays in memory
             block.to("meta")
+            del calib, step
+            _release_memory()
             per_block.append(time.perf_counter() - t0)
             if bar is not None:
                 bar.update(1)
         if bar is not None:
             bar.close()
         if rank == 0:
-            rest, aliases, seen = {}, {}, {}
-            for k, v in model.state_dict().items():
-                if k.startswith(blocks_path + ".") or v.device.type == "meta":
-                    continue
-                key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
-                if key in seen:
-                    aliases[k] = seen[key]
-                    continue
-                seen[key] = k
-                rest[k] = v
-            writer.add(rest)
+            aliases = _write_rest(model, blocks_path, ties, ckpt, writer)
             weight_map = writer.finish()
             (tmp / INDEX).write_text(
                 json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1)
@@ -322,7 +339,7 @@ def compress_checkpoint(
             config.save_pretrained(str(tmp))
             record = {
                 "format": 1,
-                "base": fingerprint(base_states),
+                "base": base,
                 "entries": entries,
                 "unsaveable": "",
                 "aliases": aliases,
@@ -339,6 +356,47 @@ def compress_checkpoint(
         f"{len(blocks)} blocks in {time.perf_counter() - t_start:.1f} s, {sum(per_block) / len(per_block):.2f} s per block"
     )
     return report
+
+
+def _write_rest(
+    model: nn.Module,
+    blocks_path: str,
+    ties: list[list[tuple[nn.Module, str, str]]],
+    ckpt: ShardedCheckpoint,
+    writer: _Writer,
+) -> dict[str, str]:
+    """Write the tensors outside the blocks, one module at a time; returns the tied aliases."""
+    aliases: dict[str, str] = {}
+    for owners in ties:
+        keep = next((o for o in owners if o[2] in ckpt.weight_map), owners[0])
+        aliases.update({o[2]: keep[2] for o in owners if o[2] != keep[2]})
+    for p, m in model.named_modules():
+        if p == blocks_path or p.startswith(blocks_path + "."):
+            continue
+        prefix = f"{p}." if p else ""
+        own = [
+            (n, t)
+            for n, t in [*m._parameters.items(), *m._buffers.items()]
+            if t is not None
+            and n not in m._non_persistent_buffers_set
+            and prefix + n not in aliases
+        ]
+        if not own:
+            continue
+        if all(prefix + n in ckpt.weight_map for n, _ in own):
+            values = ckpt.read(prefix + n for n, _ in own)
+            tensors = {prefix + n: values[prefix + n].to(t.dtype) for n, t in own}
+        else:  # parameters the checkpoint lacks, buffers computed at construction
+            _materialize_shallow(m, prefix, ckpt)
+            tensors = {prefix + n: getattr(m, n) for n, _ in own}
+        writer.add(tensors)
+        del tensors
+        for n, _ in own:  # back to meta: one module's tensors held at a time
+            if n in m._parameters:
+                m._parameters[n] = nn.Parameter(m._parameters[n].to("meta"), requires_grad=False)
+            else:
+                m._buffers[n] = m._buffers[n].to("meta")
+    return aliases
 
 
 def _materialize_shallow(m: nn.Module, prefix: str, ckpt: ShardedCheckpoint) -> None:

@@ -122,6 +122,12 @@ class _QuantLinearBase(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        # ``.to()``, ``.cuda()``, ``.to("meta")``...: the packed kernel layout is rebuilt for the
+        # new tensors on the next forward, and its memory is freed now
+        _PACKED.pop(self, None)
+        return super()._apply(fn, recurse)
+
 
 class Int8Linear(_QuantLinearBase):
     """``nn.Linear`` with int8 weights (symmetric, per output channel), weight-only.

@@ -486,6 +486,10 @@ class _Palettized(nn.Module):
             _CACHE[self] = hit
         return hit[1]
 
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        _CACHE.pop(self, None)  # moved or converted: the cached weight is stale, free it now
+        return super()._apply(fn, recurse)
+
     @property
     def weight(self) -> torch.Tensor:
         """The clustered weight (rebuilt, or the cached copy): read-only."""

@@ -60,6 +60,7 @@ def gptq(
     block_size: int = 128,
     damp: float = 0.01,
     act_order: bool = True,
+    consume: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Quantize ``weight`` ``(out, in)`` given the input Hessian ``(in, in)``.
 
@@ -73,6 +74,7 @@ def gptq(
         act_order: quantize columns in order of decreasing Hessian diagonal (inputs with the
             most energy first). Group grids are then fixed up front from the original weight
             ("static groups"), so groups stay contiguous in storage.
+        consume: overwrite ``hessian`` (float32) instead of copying it, to save memory.
 
     Returns:
         ``(codes, scale, minimum)``: integer codes ``(out, in)``; for 8 bits ``scale`` per row
@@ -80,7 +82,10 @@ def gptq(
     """
     W = weight.detach().float().clone()
     rows, cols = W.shape
-    H = hessian.detach().float().clone()
+    if consume and hessian.dtype == torch.float32:
+        H = hessian.detach()
+    else:
+        H = hessian.detach().float().clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
@@ -91,17 +96,29 @@ def gptq(
         static = [rtn_int4_grid(W[:, g : g + group_size]) for g in range(0, cols, group_size)]
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols)
     inv = torch.argsort(perm)
-    W = W[:, perm]
-    H = H[perm][:, perm]
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(cols, device=H.device)
+    # (in, in) matrices dominate the memory: every step below writes its result back into H,
+    # so at most two are alive at once
+    if act_order:
+        W = W[:, perm]
+        H.copy_(H[perm])
+        H.copy_(H[:, perm])
+    H.diagonal().add_(damp * torch.mean(torch.diag(H)))
     try:
-        L = torch.linalg.cholesky(H)
+        tmp = torch.linalg.cholesky(H)
     except RuntimeError:
-        H += 0.1 * torch.mean(torch.diag(H)) * torch.eye(cols, device=H.device)
-        L = torch.linalg.cholesky(H)
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+        H.diagonal().add_(0.1 * torch.mean(torch.diag(H)))
+        tmp = torch.linalg.cholesky(H)
+    H.copy_(tmp)
+    del tmp
+    tmp = torch.cholesky_inverse(H)
+    H.copy_(tmp)
+    del tmp
+    tmp = torch.linalg.cholesky(H, upper=True)
+    H.copy_(tmp)
+    del tmp
+    Hinv = H
 
-    codes = torch.zeros(rows, cols, dtype=torch.int32, device=W.device)
+    codes = torch.zeros(rows, cols, dtype=torch.int8, device=W.device)
     if bits == 8:
         scale8, quant8 = rtn_int8_grid(W)
         scales: torch.Tensor = scale8
@@ -128,7 +145,7 @@ def gptq(
                 mins[:, c // group_size] = mn  # type: ignore[index,operator]
             w = W1[:, i]
             q, dq = quant(w)  # type: ignore[misc]
-            codes[:, c] = q.to(torch.int32)
+            codes[:, c] = q.to(torch.int8)
             err = (w - dq) / Hinv1[i, i]
             W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
             Err1[:, i] = err

@@ -180,8 +180,8 @@ class Quantize(Transform):
                 self._replace(model, report, p, named[p], plan[p], None)
 
         def process(paths: list[str], stats: dict[str, LayerStats]) -> None:
-            for p in paths:
-                self._replace(model, report, p, linears[p], plan[p], stats[p])
+            for p in paths:  # each layer's statistics are dropped once used
+                self._replace(model, report, p, linears[p], plan[p], stats.pop(p))
 
         run_sequential(
             model,
@@ -217,14 +217,17 @@ class Quantize(Transform):
                 details["smooth_alpha"] = round(alpha, 3)
                 w = w * smooth[None, :]
             if self.method == "gptq" and st is not None and st.gram is not None:
-                gram = st.gram
                 if smooth is not None:  # inputs are divided by smooth: X' = X / s
-                    gram = gram / smooth[:, None] / smooth[None, :]
+                    st.gram = st.gram / smooth[:, None] / smooth[None, :]
+                # gptq consumes the statistics' Hessian (st.gram is emptied): one (in, in)
+                # matrix fewer held while it runs
                 if scheme == "int4":
-                    codes, scale, mn = gptq(w, gram, bits=4, group_size=self.group_size)
+                    codes, scale, mn = gptq(
+                        w, _take_gram(st), bits=4, group_size=self.group_size, consume=True
+                    )
                     new = Int4Linear.from_codes(old, codes, scale, mn, self.group_size, smooth)
                 else:
-                    codes, scale, _ = gptq(w, gram, bits=8)
+                    codes, scale, _ = gptq(w, _take_gram(st), bits=8, consume=True)
                     cls = Int8DynamicLinear if scheme == "int8-dynamic" else Int8Linear
                     new = cls.from_float(old, weight=codes.float() * scale[:, None])
                     if smooth is not None and isinstance(new, Int8DynamicLinear):
@@ -243,6 +246,13 @@ class Quantize(Transform):
         details["bits"] = 4 if scheme == "int4" else 8
         set_module(model, path, new)
         report.changed(path, "quantized", shape_of(old), shape_of(new), **details)
+
+
+def _take_gram(st: LayerStats) -> torch.Tensor:
+    gram, st.gram = st.gram, None
+    if gram is None:
+        raise RuntimeError("Quantize: the layer's Hessian was already used")
+    return gram
 
 
 def _smoothing(

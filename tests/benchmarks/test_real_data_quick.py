@@ -18,8 +18,12 @@ pytestmark = pytest.mark.zoo
 
 
 def _run(script: str, tmp_path: Path) -> dict:
-    env = {**os.environ, "NNSLIM_BENCH_RESULTS": str(tmp_path),
-        "NNSLIM_BENCH_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "NNSLIM_BENCH_RESULTS": str(tmp_path),
+        "NNSLIM_BENCH_CACHE": str(tmp_path / "cache"),
+        "HF_HUB_OFFLINE": "1",
+    }
     proc = subprocess.run(
         [sys.executable, str(BENCH / script), "--quick"],
         capture_output=True,

@@ -304,3 +304,20 @@ def test_qat_trains_then_converts_to_the_same_function(scheme):
 def test_convert_without_fake_quant_modules():
     with pytest.raises(ValueError, match="no fake-quant modules"):
         nnslim.convert(nn.Sequential(nn.Linear(4, 4)))
+
+
+def test_packed_layouts_are_dropped_when_moved():
+    """Moving a quantized layer (``.to("meta")`` while streaming) frees its packed kernel copy."""
+    from nnslim.modules import quantized
+
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 48)
+    x = torch.randn(3, 64)
+    for cls in (quantized.Int4Linear, quantized.Int8DynamicLinear):
+        m = cls.from_float(lin, 32) if cls is quantized.Int4Linear else cls.from_float(lin)
+        y = m(x)
+        assert quantized._PACKED.get(m) is not None
+        m.to("meta")
+        assert quantized._PACKED.get(m) is None
+        m.to_empty(device="cpu")  # and a later forward rebuilds it for the new tensors
+        assert m(x).shape == y.shape
