@@ -183,7 +183,7 @@ class Factorize(Transform):
         if isinstance(fixed, int):
             r = fixed
         elif isinstance(fixed, float):
-            r = max(1, int(fixed * m * n / (m + n)))
+            r = max(1, int(fixed * m * n / (m + n) + 1e-6))
         elif self.rank is not None:
             r = self.rank
         elif self.ratio is not None:
@@ -232,8 +232,9 @@ class Factorize(Transform):
             from ..core.calibrate import collect
 
             stats = collect(model, ctx.calibration, linears, gram=True)
-        # per layer: cost per unit of rank, full cost, singular values (sensitivity)
-        entries = []
+        # per layer: singular values (sensitivity), the cost of going from rank r to r + 1,
+        # the dense cost, and whether it is a convolution (given an integer rank)
+        entries: list[tuple[str, torch.Tensor, Any, float, bool]] = []
         for p, m in linears.items():
             w = _weight(m)
             out, inp = w.shape
@@ -243,15 +244,31 @@ class Factorize(Transform):
                 else 1.0
             )
             sv = _whitened_singular_values(w, stats[p].gram if p in stats else None)
-            entries.append((p, sv, (out + inp) * rows, out * inp * rows))
+            unit = (out + inp) * rows
+            entries.append((p, sv, lambda r, u=unit: u, out * inp * rows, False))
         for p, m in convs.items():
-            _, _, hout, wout = spatial.get(p, (1, 1, 1, 1))
+            hin, win, hout, wout = spatial.get(p, (1, 1, 1, 1))
             o, i, kh, kw = m.weight.shape
-            mat = m.weight.detach().float().reshape(o, -1)
-            sv = torch.linalg.svdvals(mat)
-            scale = hout * wout if metric == "macs" else 1.0
-            # cost per rank of a Tucker chain with rank_in = rank_out = r, linearised at r
-            entries.append((p, sv, (i + o + kh * kw) * scale, o * i * kh * kw * scale))
+            a_in, a_out, a_mid = (
+                (hin * win, hout * wout, hout * win) if metric == "macs" else (1, 1, 1)
+            )
+            w = m.weight.detach().float()
+            if self.conv == "spatial":
+                sv = torch.linalg.svdvals(w.permute(1, 2, 0, 3).reshape(i * kh, o * kw))
+                step = i * kh * a_mid + o * kw * a_out  # k x 1 then 1 x k, linear in r
+
+                def marginal(r: int, step: float = step) -> float:
+                    return step
+            else:
+                # Tucker-2 with rank_in = rank_out = r: r*i + r*r*k*k + o*r
+                sv = torch.linalg.svdvals(w.reshape(o, -1))[: min(o, i)]
+
+                def marginal(
+                    r: int, lin: float = i * a_in + o * a_out, k2: float = kh * kw * a_out
+                ) -> float:
+                    return lin + (2 * r + 1) * k2
+
+            entries.append((p, sv, marginal, o * i * kh * kw * a_out, True))
         selected_full = sum(e[3] for e in entries)
         budget = fraction * total - (total - selected_full)
         if budget <= 0:
@@ -259,28 +276,35 @@ class Factorize(Transform):
                 f"budget {metric}={fraction} is below what the unselected layers cost; every layer gets rank 1"
             )
         candidates = []
-        for idx, (_, sv, unit, _) in enumerate(entries):
+        for idx, (_, sv, marginal, _, _) in enumerate(entries):
             energy = sv.pow(2)
             for r, e in enumerate(energy.tolist()):
-                candidates.append((e / unit, idx, r))
+                candidates.append((e / marginal(r), idx, r))
         candidates.sort(reverse=True)
         ranks = [1] * len(entries)
-        spent = sum(e[2] for e in entries)  # rank 1 everywhere
+        spent = sum(e[2](0) for e in entries)  # rank 1 everywhere
         for _, idx, r in candidates:
             if r == 0:
                 continue
             if r != ranks[idx]:
                 continue  # ranks are taken in order per layer
-            unit = entries[idx][2]
+            unit = entries[idx][2](r)
             if spent + unit > budget:
                 continue
             ranks[idx] = r + 1
             spent += unit
-        # as the fraction of each layer's cost kept (>= 1: stays dense)
-        out: dict[str, Any] = {p: r * unit / full for (p, _, unit, full), r in zip(entries, ranks)}
+        # linear layers: the fraction of their cost kept (>= 1: stays dense); convolutions:
+        # their rank, or 1.0 (stays dense) where that rank costs as much as the convolution
+        out: dict[str, Any] = {}
+        for (p, _, marginal, full, conv), r in zip(entries, ranks):
+            cost = sum(marginal(k) for k in range(r))
+            if conv:
+                out[p] = r if cost < full else 1.0
+            else:
+                out[p] = cost / full
         report.note(
-            f"global {metric} budget {fraction}: fractions kept "
-            f"{ {p: round(v, 3) for p, v in out.items()} }"
+            f"global {metric} budget {fraction}: kept (fraction of a linear layer's cost, or a "
+            f"convolution's rank) { ({p: round(v, 3) for p, v in out.items()}) }"
         )
         return out
 
