@@ -52,10 +52,16 @@ def llama(quick: bool) -> nn.Module:
 
 
 def linear_bytes(model: nn.Module) -> int:
-    """Bytes of the weights of Linear-like layers (packed storage and scales included)."""
+    """Bytes of the weights of Linear-like layers (packed storage and scales included).
+
+    The LM head is left out for every variant: nnslim keeps it in float by default while the
+    torch.ao peer quantizes it, and counting it would compare different things.
+    """
     total = 0
-    for m in model.modules():
-        if isinstance(m, nn.Linear) and "lm_head" not in type(m).__name__:
+    for path, m in model.named_modules():
+        if path.split(".")[-1] == "lm_head":
+            continue
+        if isinstance(m, nn.Linear):
             total += m.weight.numel() * m.weight.element_size()
         info = getattr(m, "nnslim_weight_buffers", None)
         if callable(info):

@@ -20,6 +20,7 @@ from ..profiling.profiler import profile
 __all__ = ["CompressionResult", "compress", "schedule"]
 
 TARGETS = ("macs", "params", "param_bytes", "latency_ms")
+_ALIASES = {"bytes": "param_bytes", "latency": "latency_ms"}
 
 
 def schedule(t: Transform, steps: int) -> list[Transform]:
@@ -136,7 +137,8 @@ def compress(
     fine-tunes with ``trainer`` on ``train_data`` when given, evaluates and profiles. A step
     that drops the metric by more than ``tolerance`` is undone and retried once at half its
     size; if that also fails, the loop stops. It stops with success once every ``target``
-    (fractions of the original: ``macs``, ``params``, ``param_bytes``, ``latency_ms``) is met.
+    (fractions of the original: ``macs``, ``params``, ``param_bytes`` (or ``bytes``),
+    ``latency_ms`` (or ``latency``)) is met.
 
     Args:
         model: the model (changed in place through the steps).
@@ -164,6 +166,7 @@ def compress(
         raise ValueError(
             f"compress(target=...): expected a dict like {{'macs': 0.5}}, got {target!r}."
         )
+    target = {_ALIASES.get(k, k): v for k, v in target.items()}
     for k, v in target.items():
         if k not in TARGETS:
             raise ValueError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import os
 import sys
 from collections.abc import Callable, Iterable
@@ -232,10 +233,13 @@ class Trainer:
         start_epoch, position, epoch_rng, resume_rng = 0, 0, None, None
         group_lasso = _GroupLasso(model, self.regularization.group_lasso)
         if self.regularization.group_lasso:
-            first = next(iter(data), None)
+            it = iter(data)
+            first = next(it, None)
             if first is None:
                 raise ValueError("Trainer.fit: the data yielded no batch; pass a non-empty loader.")
             group_lasso.setup(_split(first)[0])
+            if it is data:  # a one-shot iterator: put the batch back, it is trained on too
+                data = itertools.chain([first], it)
         if resume:
             if checkpoint_dir is None:
                 raise ValueError("Trainer.fit(resume=True) needs checkpoint_dir=.")

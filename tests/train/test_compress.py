@@ -110,6 +110,20 @@ def test_target_already_met_returns_at_once():
     assert result.reached and result.history == []
 
 
+def test_bytes_is_an_alias_of_param_bytes():
+    m = mlp()
+    result = nnslim.compress(
+        m,
+        nnslim.Quantize(scheme="int8"),
+        evaluate=lambda mm: 1.0,
+        target={"bytes": 0.5},
+        tolerance=0.0,
+        example_inputs=X,
+    )
+    assert result.reached
+    assert result.history[-1]["param_bytes"] <= 0.5 * result.baseline["param_bytes"]
+
+
 def test_bad_arguments():
     m = mlp()
     kw = dict(evaluate=lambda mm: 1.0, example_inputs=X)

@@ -104,6 +104,15 @@ def test_regularization_shrinks_what_it_targets():
     assert reg.conv1.weight.abs().sum() < plain.conv1.weight.abs().sum()
 
 
+def test_group_lasso_setup_does_not_eat_a_batch_of_a_one_shot_iterator():
+    torch.manual_seed(0)
+    data = [(torch.randn(2, 3, 8, 8), torch.randint(0, 5, (2,))) for _ in range(4)]
+    result = nnslim.Trainer(
+        lr=0.01, regularization=nnslim.Regularization(group_lasso=1e-2), options=QUIET
+    ).fit(TinyCNN(), iter(data), epochs=1)
+    assert result.steps == 4
+
+
 def test_accumulation_equals_a_bigger_batch():
     torch.manual_seed(0)
     a = nn.Linear(6, 3)
