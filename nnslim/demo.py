@@ -2,7 +2,9 @@
 
 Trains a small CNN on the 8x8 digits that ship inside scikit-learn (no download), profiles it,
 prunes it to half its MACs with a short fine-tune, quantizes it to int8, and prints a
-before/after table: accuracy, parameters, MACs, size on disk and CPU latency.
+before/after table: accuracy, parameters, MACs, size on disk and CPU latency. Two side rows
+show the other transforms on the pruned model: factorized (with a short fine-tune) and
+weight-shared.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ from .core.table import format_table, human
 from .io.save import save
 from .profiling import measure_latency, profile
 from .train import Distillation, Trainer, TrainOptions
+from .transforms.factorize import Factorize
 from .transforms.prune import Prune
 from .transforms.quantize import Quantize
+from .transforms.share import ShareWeights
 
 __all__ = ["DigitsCNN", "load_digits", "main"]
 
@@ -138,6 +142,17 @@ def main(print_fn: Callable[[str], None] = print, epochs: int = 12) -> list[dict
     rows.append(_row("pruned to 50% MACs", model, x_test, y_test))
     train(model, x_train, y_train, epochs=max(epochs // 2, 1), lr=1e-3, teacher=teacher)
     rows.append(_row("  + fine-tuned (distilled)", model, x_test, y_test))
+
+    # the other two transforms, each on a copy of the pruned model (side branches of the table)
+    for name, alt_t, tune in (
+        ("  (alt.) + factorized, 70% params, tuned", Factorize(params=0.7), True),
+        ("  (alt.) + weights shared, 16 values", ShareWeights(clusters=16), False),
+    ):
+        alt = copy.deepcopy(model)
+        alt_t.apply(alt, x_test[:1])
+        if tune:
+            train(alt, x_train, y_train, epochs=max(epochs // 4, 1), lr=1e-3, teacher=teacher)
+        rows.append(_row(name, alt, x_test, y_test))
 
     report = Quantize(scheme="int8").apply(model, x_test[:1])
     print_fn(f"\n{report.table(max_rows=8)}")
