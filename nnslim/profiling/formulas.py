@@ -117,6 +117,16 @@ def _int4pack(args, kwargs, out) -> Cost:
     return x.shape[0] * x.shape[1] * out.shape[-1], 0
 
 
+def _qlinear(args, kwargs, out) -> Cost:
+    x = args[0]
+    return x.numel() // x.shape[-1] * x.shape[-1] * out.shape[-1], 0
+
+
+# oneDNN's u8 x s8 linear (int8-dynamic layers on CPU): only present in builds with oneDNN
+if hasattr(torch.ops, "onednn") and hasattr(torch.ops.onednn, "qlinear_pointwise"):
+    register_formula(torch.ops.onednn.qlinear_pointwise)(_qlinear)
+
+
 @register_formula(aten.convolution, aten._convolution)
 def _conv(args, kwargs, out) -> Cost:
     x, w, bias = args[0], args[1], args[2]

@@ -164,6 +164,19 @@ def test_int8_storage_bytes_are_real():
     assert p.macs == 2 * 64 * 32
 
 
+
+@pytest.mark.parametrize("scheme", ["int8", "int8-dynamic", "int4"])
+def test_quantized_kernels_count_the_same_macs(scheme):
+    """Every integer kernel path (oneDNN u8s8, _int_mm, int8/int4 packed) has a formula."""
+    m = nn.Sequential(nn.Linear(64, 32))
+    x = torch.randn(3, 5, 64)
+    before = nnslim.profile(m, x, memory=False)
+    nnslim.Quantize(scheme=scheme, group_size=32).apply(m, x)
+    after = nnslim.profile(m, x, memory=False)
+    assert after.macs == before.macs == 15 * 64 * 32
+    assert not after.unsupported
+
+
 def test_memory_peak_of_a_linear_is_its_output():
     lin = nn.Linear(1000, 1000, bias=False)
     p = nnslim.profile(lin, torch.randn(10, 1000))
