@@ -164,7 +164,6 @@ def test_int8_storage_bytes_are_real():
     assert p.macs == 2 * 64 * 32
 
 
-
 @pytest.mark.parametrize("scheme", ["int8", "int8-dynamic", "int4"])
 def test_quantized_kernels_count_the_same_macs(scheme):
     """Every integer kernel path (oneDNN u8s8, _int_mm, int8/int4 packed) has a formula."""
