@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 from _common import print_table, write_json
+from prune import plan_7b
 
 
 def config_for(size_gb: float):
@@ -107,28 +108,6 @@ def child(src: str, out: str, batches: int, seq: int) -> None:
     )
 
 
-def plan_7b() -> float:
-    import transformers
-
-    import nnslim
-
-    cfg = transformers.LlamaConfig(
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=32000,
-    )
-    t0 = time.perf_counter()
-    with torch.device("meta"):
-        model = transformers.LlamaForCausalLM(cfg).eval()
-    nnslim.Prune(ratio=0.25, round_to=64).plan(
-        model, {"input_ids": torch.zeros(1, 8, dtype=torch.long, device="meta")}
-    )
-    return time.perf_counter() - t0
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-gb", type=float, default=12.0)
@@ -185,7 +164,7 @@ def main() -> None:
         out_size = sum(f.stat().st_size for f in (work / "out").glob("*.safetensors"))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    plan = plan_7b()
+    plan = plan_7b()["seconds"]  # the same planning run as benchmarks/prune.py
     rows = [
         [
             "checkpoint (fp32)",
