@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -186,6 +187,27 @@ def load(
         aliases = json.loads(meta.get("aliases", "{}"))
     except (KeyError, json.JSONDecodeError) as e:
         raise ValueError(f"load: the record in {os.fspath(path)!r} is corrupt ({e}).") from e
+
+    def read(dev: torch.device) -> dict[str, torch.Tensor]:
+        try:
+            return load_file(os.fspath(path), device=str(dev))
+        except Exception as e:
+            raise ValueError(f"load: cannot read the weights in {os.fspath(path)!r}: {e}") from e
+
+    _rebuild(base, record, device, read, aliases)
+    base.__dict__[RECORD_ATTR] = record
+    return base
+
+
+def _rebuild(
+    base: nn.Module,
+    record: dict[str, Any],
+    device: Any,
+    read: Callable[[torch.device], dict[str, torch.Tensor]],
+    aliases: dict[str, str],
+) -> None:
+    """Replay ``record`` on ``base`` and load the weights ``read(device)`` returns; on any
+    failure, ``base`` is put back as it was."""
     _check_base(base, record.get("base", {}))
     if device is None:
         p = next(iter(base.parameters()), None)
@@ -198,16 +220,10 @@ def load(
             except ValueError as e:
                 name = entry.get("transform", {}).get("_type", "?")
                 raise ValueError(f"load: replaying step {i} ({name}) failed: {e}") from e
-        try:
-            state = load_file(os.fspath(path), device=str(device))
-        except Exception as e:
-            raise ValueError(f"load: cannot read the weights in {os.fspath(path)!r}: {e}") from e
-        _load_state(base, state, aliases)
+        _load_state(base, read(device), aliases)
     except BaseException:
         snap.restore()
         raise
-    base.__dict__[RECORD_ATTR] = record
-    return base
 
 
 def _load_state(model: nn.Module, state: dict[str, torch.Tensor], aliases: dict[str, str]) -> None:
@@ -303,23 +319,13 @@ def _load_directory(path: str | os.PathLike[str], base: nn.Module, device: Any) 
     missing = sorted({f for f in index.values() if not os.path.exists(os.path.join(root, f))})
     if missing:
         raise ValueError(f"load: shard(s) {missing} are missing from {root!r}.")
-    _check_base(base, record.get("base", {}))
-    if device is None:
-        p = next(iter(base.parameters()), None)
-        device = p.device if p is not None and p.device.type != "meta" else torch.device("cpu")
-    snap = Snapshot(base, copy_tensors=False)
-    try:
-        for i, entry in enumerate(record.get("entries", [])):
-            try:
-                replay(base, entry["ops"], device=device)
-            except ValueError as e:
-                raise ValueError(f"load: replaying step {i} failed: {e}") from e
+
+    def read(dev: torch.device) -> dict[str, torch.Tensor]:
         state: dict[str, torch.Tensor] = {}
         for f in sorted(set(index.values())):
-            state.update(load_file(os.path.join(root, f), device=str(device)))
-        _load_state(base, state, record.get("aliases", {}))
-    except BaseException:
-        snap.restore()
-        raise
+            state.update(load_file(os.path.join(root, f), device=str(dev)))
+        return state
+
+    _rebuild(base, record, device, read, record.get("aliases", {}))
     base.__dict__[RECORD_ATTR] = {k: v for k, v in record.items() if k != "aliases"}
     return base
