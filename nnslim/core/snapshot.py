@@ -12,13 +12,42 @@ copying weights. Others (``copy_tensors=True``, the default for user transforms)
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["Snapshot"]
+__all__ = ["Snapshot", "no_rollback", "rollback_enabled"]
+
+_NO_ROLLBACK: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "nnslim_no_rollback", default=False
+)
+
+
+@contextlib.contextmanager
+def no_rollback() -> Iterator[None]:
+    """Within this block, transforms keep no snapshot and free what they replace.
+
+    For callers that throw the whole model away when a transform fails (the block-by-block
+    :func:`~nnslim.compress_checkpoint`): a replaced module's weights are released as soon as
+    its replacement is in place, instead of being held until the transform returns, so memory
+    never holds a block's original weights and its new ones at once. A transform that fails in
+    this block leaves the model half-changed.
+    """
+    token = _NO_ROLLBACK.set(True)
+    try:
+        yield
+    finally:
+        _NO_ROLLBACK.reset(token)
+
+
+def rollback_enabled() -> bool:
+    """``False`` inside :func:`no_rollback`."""
+    return not _NO_ROLLBACK.get()
 
 
 class _TensorState:

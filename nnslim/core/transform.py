@@ -12,7 +12,7 @@ from ..io.record import NotRecordable, describe, diff, fingerprint
 from .config import Config, check_is_frozen_dataclass, type_name
 from .inputs import Inputs, as_inputs, calibration_batches
 from .report import Report
-from .snapshot import Snapshot
+from .snapshot import Snapshot, rollback_enabled
 
 if TYPE_CHECKING:
     from ..profiling.profiler import Profile
@@ -135,7 +135,7 @@ class Transform(Config, abc.ABC):
             inputs = batches[0]
         ctx = Context(inputs, batches)
         before_state = describe(model)
-        snap = Snapshot(model, copy_tensors=self._needs_copy())
+        snap = Snapshot(model, copy_tensors=self._needs_copy()) if rollback_enabled() else None
         try:
             report = self._execute(model, ctx)
             entries = (
@@ -144,7 +144,8 @@ class Transform(Config, abc.ABC):
                 else [_record_step(self, before_state, model)]
             )
         except BaseException:
-            snap.restore()
+            if snap is not None:
+                snap.restore()
             raise
         _append_record(model, entries, before_state)
         return report

@@ -20,6 +20,7 @@ transform runs, so every process computes the same compressed block, and rank 0 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import json
@@ -38,6 +39,7 @@ from torch import nn
 
 from ..core.inputs import Inputs, as_inputs
 from ..core.report import Report
+from ..core.snapshot import no_rollback
 from ..core.transform import RECORD_ATTR, Transform
 from ..io.record import describe, fingerprint
 from ..io.save import recompute_buffers
@@ -453,12 +455,15 @@ def _inputs_of(
 
 
 def _apply_block(transform: Transform, block: nn.Module, calib: list[Inputs], world: int) -> Report:
-    if world > 1:
-        from ..core import calibrate
+    # no rollback: a failure discards the whole output, so each replaced layer's original
+    # weights are freed as soon as its replacement is in place
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(no_rollback())
+        if world > 1:
+            from ..core import calibrate
 
-        with calibrate.reduce_across_processes():
-            return transform.apply(block, calib[0], calibration=calib)
-    return transform.apply(block, calib[0], calibration=calib)
+            stack.enter_context(calibrate.reduce_across_processes())
+        return transform.apply(block, calib[0], calibration=calib)
 
 
 def _prefix_op(op: dict[str, Any], prefix: str) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from torch import nn
 from ..core.calibrate import LayerStats, run_sequential
 from ..core.describe import shape_of
 from ..core.inputs import Inputs
-from ..core.modules import set_module
+from ..core.modules import replace_module
 from ..core.report import Report
 from ..core.select import normalize_selector
 from ..core.transform import Context, Transform
@@ -341,7 +341,6 @@ class Factorize(Transform):
         new = new.to(m.weight.dtype)
         kept = r * (out + inp) / (out * inp)
         err = float((second @ first - w).norm() / w.norm().clamp_min(1e-30))
-        set_module(model, p, new)
         report.changed(
             p,
             "factorized",
@@ -352,6 +351,7 @@ class Factorize(Transform):
             weight_error=round(err, 4),
             whitened=gram is not None,
         )
+        replace_module(model, p, new)
 
     # -- Conv2d ---------------------------------------------------------------------------------
     def _factorize_conv(
@@ -474,7 +474,6 @@ class Factorize(Transform):
         )
         err = float((approx - w).norm() / w.norm().clamp_min(1e-30))
         kept = sum(c.weight.numel() for c in layers) / w.numel()
-        set_module(model, p, new)
         report.changed(
             p,
             "factorized",
@@ -484,6 +483,7 @@ class Factorize(Transform):
             params_kept=round(kept, 4),
             weight_error=round(err, 4),
         )
+        replace_module(model, p, new)
 
 
 def svd_factors(

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..core.calibrate import LayerStats, run_sequential
 from ..core.describe import shape_of
-from ..core.modules import set_module
+from ..core.modules import replace_module
 from ..core.report import Report
 from ..core.select import normalize_selector
 from ..core.transform import Context, Transform
@@ -161,10 +161,10 @@ class Quantize(Transform):
             for p, scheme in plan.items():
                 old = named[p]
                 new = FakeQuantLinear.from_float(old, scheme, self.group_size)
-                set_module(model, p, new)
                 report.changed(
                     p, "fake-quantized (QAT)", shape_of(old), shape_of(new), scheme=scheme
                 )
+                replace_module(model, p, new)
             return
         needs_data = self.method == "gptq" or self.smooth is not None
         if not needs_data:
@@ -244,8 +244,8 @@ class Quantize(Transform):
             if scheme == "int4":
                 details["group_size"] = self.group_size
         details["bits"] = 4 if scheme == "int4" else 8
-        set_module(model, path, new)
         report.changed(path, "quantized", shape_of(old), shape_of(new), **details)
+        replace_module(model, path, new)
 
 
 def _take_gram(st: LayerStats) -> torch.Tensor:
@@ -341,8 +341,8 @@ class ConvertQAT(Transform):
                 new = Int8DynamicLinear.from_float(m, weight=w)
             else:
                 new = Int8Linear.from_float(m, weight=w)
-            set_module(model, p, new)
             report.changed(p, "converted", shape_of(m), shape_of(new), scheme=m.scheme)
+            replace_module(model, p, new)
 
 
 def convert(model: nn.Module, example_inputs: Any = None) -> Report:

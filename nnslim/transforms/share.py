@@ -14,7 +14,7 @@ from torch import nn
 from ..core.calibrate import collect
 from ..core.describe import shape_of
 from ..core.inputs import Inputs, output_tensors
-from ..core.modules import is_hf_conv1d, set_module
+from ..core.modules import is_hf_conv1d, replace_module, set_module
 from ..core.report import Report
 from ..core.select import normalize_selector
 from ..core.transform import Context, Transform
@@ -397,12 +397,12 @@ class ShareWeights(Transform):
                 details["sensitivity"] = imp is not None
             first = None
             for where in locations[id(old)]:
-                set_module(model, where, new)
                 if first is None:
                     first = where
                     report.changed(where, "palettized", shape_of(old), shape_of(new), **details)
                 else:
                     report.changed(where, "palettized", shape_of(old), shape_of(new), same_as=first)
+                replace_module(model, where, new)
 
     def _group_size(self, out: int) -> int:
         if self.granularity == "tensor":

@@ -60,3 +60,56 @@ def test_restores_data_swaps_and_config_objects():
     snap.restore()
     assert m.config.hidden == 8
     _assert_same_state(before, model_state(m), "after restore")
+
+
+def test_replace_module_frees_old_weights_only_without_rollback():
+    from nnslim.core.modules import replace_module
+    from nnslim.core.snapshot import no_rollback, rollback_enabled
+
+    shared = nn.Linear(4, 4)
+    m = nn.Sequential(nn.Linear(4, 4), shared, shared)
+    first = m[0]
+    replace_module(m, "0", nn.Linear(4, 4))  # rollback on: nothing is freed
+    assert first.weight.shape == (4, 4)
+    assert rollback_enabled()
+    with no_rollback():
+        assert not rollback_enabled()
+        old = m[0]
+        keep_bias = nn.Linear(4, 4)
+        keep_bias.bias = old.bias  # the new module reuses the old bias: kept
+        replace_module(m, "0", keep_bias)
+        assert old.weight.numel() == 0 and old.bias.shape == (4,)
+        replace_module(m, "1", nn.Linear(4, 4))  # still used at "2": kept
+        assert shared.weight.shape == (4, 4)
+        replace_module(m, "2", nn.Linear(4, 4))
+        assert shared.weight.numel() == 0
+    assert rollback_enabled()
+
+
+@pytest.mark.parametrize("which", ["gptq", "factorize", "share"])
+def test_transforms_without_rollback_give_the_same_model_and_record(which):
+    import nnslim
+    from nnslim.core.snapshot import no_rollback
+    from nnslim.core.transform import RECORD_ATTR
+
+    torch.manual_seed(0)
+    x = torch.randn(16, 32)
+    t = {
+        "gptq": nnslim.Quantize(scheme="int4", group_size=32, method="gptq"),
+        "factorize": nnslim.Factorize(rank=8),
+        "share": nnslim.ShareWeights(clusters=8),
+    }[which]
+
+    def build():
+        torch.manual_seed(1)
+        return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32))
+
+    a, b = build(), build()
+    originals = [b[0].weight, b[2].weight]
+    t.apply(a, x, calibration=[x])
+    with no_rollback():
+        t.apply(b, x, calibration=[x])
+    torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
+    assert [w.numel() for w in originals] == [0, 0]  # released as they were replaced
+    assert a.__dict__[RECORD_ATTR]["entries"] == b.__dict__[RECORD_ATTR]["entries"]
+
