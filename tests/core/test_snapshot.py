@@ -112,4 +112,3 @@ def test_transforms_without_rollback_give_the_same_model_and_record(which):
     torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
     assert [w.numel() for w in originals] == [0, 0]  # released as they were replaced
     assert a.__dict__[RECORD_ATTR]["entries"] == b.__dict__[RECORD_ATTR]["entries"]
-
