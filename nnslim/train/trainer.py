@@ -219,7 +219,29 @@ class Trainer:
         check_int("Trainer.fit", "epochs", epochs, low=1)
         o = self.options
         dist = _Distributed.setup(model, o.strategy)
+        if dist.enabled and o.strategy == "fsdp" and checkpoint_dir is not None:
+            raise ValueError(
+                "Trainer.fit: checkpoint_dir is not supported with strategy='fsdp' yet (the "
+                "optimizer state is sharded across processes); use strategy='ddp' to checkpoint."
+            )
         net = dist.wrap(model)
+        try:
+            return self._fit(model, net, dist, data, epochs, max_steps, checkpoint_dir, resume)
+        finally:
+            dist.unwrap(model)
+
+    def _fit(
+        self,
+        model: nn.Module,
+        net: nn.Module,
+        dist: _Distributed,
+        data: Iterable[Any],
+        epochs: int,
+        max_steps: int | None,
+        checkpoint_dir: str | os.PathLike[str] | None,
+        resume: bool,
+    ) -> TrainResult:
+        o = self.options
         params = [p for p in net.parameters() if p.requires_grad]
         if not params:
             raise ValueError("Trainer.fit: the model has no trainable parameters.")
@@ -624,6 +646,36 @@ class _Distributed:
         from torch.nn.parallel import DistributedDataParallel
 
         return DistributedDataParallel(model)
+
+    def unwrap(self, model: nn.Module) -> None:
+        """Undo FSDP: every process gets the full trained weights in a plain module again."""
+        if not self.enabled or self.strategy != "fsdp":
+            return
+        import torch.distributed._composable_state as composable
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
+        from torch.distributed.fsdp import FSDPModule
+
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+        for m in model.modules():
+            if not isinstance(m, FSDPModule):
+                continue
+            state = composable._module_state_mapping.pop(m, None)
+            state = state() if callable(state) else state
+            for hooks in (m._forward_pre_hooks, m._forward_hooks):
+                for key, hook in list(hooks.items()):
+                    if state is not None and getattr(hook, "__self__", None) is state:
+                        del hooks[key]
+            m.__class__ = next(b for b in type(m).__bases__ if b is not FSDPModule)
+        plain: dict[int, nn.Parameter] = {}  # tied parameters stay tied
+        for name, p in list(model.named_parameters(remove_duplicate=False)):
+            if id(p) not in plain:
+                plain[id(p)] = nn.Parameter(full[name].detach().clone(), p.requires_grad)
+            owner, _, leaf = name.rpartition(".")
+            mod = model.get_submodule(owner) if owner else model
+            mod._parameters[leaf] = plain[id(p)]
 
     def barrier(self) -> None:
         if self.enabled:

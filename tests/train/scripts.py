@@ -55,21 +55,40 @@ def resume_main(ckpt, out, kill_at):
     torch.save({k: v for k, v in model.state_dict().items()}, out)
 
 
-def ddp_main(out):
+def ddp_main(out, strategy="ddp"):
     torch.set_num_threads(1)
     torch.manual_seed(3)
     model = make_model()
     model[2].p = 0.0  # no dropout: ranks draw different masks than one process would
     data = make_data(batch_size=8)
-    nnslim.Trainer(lr=0.1, options=nnslim.TrainOptions(verbose=False)).fit(model, data, epochs=2)
+    opts = nnslim.TrainOptions(verbose=False, strategy=strategy)
+    if strategy == "fsdp":  # refused before anything is wrapped
+        try:
+            nnslim.Trainer(options=opts).fit(model, data, checkpoint_dir=out + ".ckpt")
+            raise AssertionError("fsdp with checkpoint_dir was accepted")
+        except ValueError as e:
+            assert "strategy='fsdp'" in str(e), e
+    nnslim.Trainer(lr=0.1, options=opts).fit(model, data, epochs=2)
+    # after fit the model is a plain module again, with the full weights on every rank
+    assert type(model) is nn.Sequential, type(model)
+    assert all(type(p) is nn.Parameter for p in model.parameters())
+    model(torch.randn(2, 8))
+    state = model.state_dict()
+    if strategy == "fsdp":  # every rank holds the same full weights
+        import torch.distributed as dist
+
+        for v in state.values():
+            other = v.clone()
+            dist.broadcast(other, 0)
+            assert torch.equal(other, v)
     if int(os.environ.get("RANK", "0")) == 0:
-        torch.save(model.state_dict(), out)
+        torch.save(state, out)
 
 
 if __name__ == "__main__":
     cmd = sys.argv[1]
     if cmd == "resume":
         resume_main(sys.argv[2], sys.argv[3], int(sys.argv[4]))
-    elif cmd == "ddp":
-        ddp_main(sys.argv[2])
+    elif cmd in ("ddp", "fsdp"):
+        ddp_main(sys.argv[2], cmd)
     print(json.dumps({"ok": True}))

@@ -224,7 +224,8 @@ def test_resume_after_kill_reaches_the_same_weights(tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
-def test_torchrun_ddp_matches_single_process_on_the_global_batch(tmp_path):
+@pytest.mark.parametrize("strategy,port", [("ddp", 29517), ("fsdp", 29518)])
+def test_torchrun_matches_single_process_on_the_global_batch(tmp_path, strategy, port):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [
@@ -234,10 +235,10 @@ def test_torchrun_ddp_matches_single_process_on_the_global_batch(tmp_path):
             "--nproc_per_node",
             "2",
             "--master_port",
-            "29517",
+            str(port),
             "-m",
             "tests.train.scripts",
-            "ddp",
+            strategy,
             str(tmp_path / "ddp.pt"),
         ],
         capture_output=True,
@@ -264,3 +265,60 @@ def test_torchrun_ddp_matches_single_process_on_the_global_batch(tmp_path):
     nnslim.Trainer(lr=0.1, options=QUIET).fit(model, Merged(), epochs=2)
     for k, v in model.state_dict().items():
         assert torch.allclose(v, ddp[k], atol=1e-5), k
+
+
+def _loss(model, data):
+    with torch.no_grad():
+        return sum(float(nn.functional.cross_entropy(model(x), y)) for x, y in data) / len(data)
+
+
+def test_fine_tuning_keeps_compressed_layers_what_they_are():
+    """QAT, factorized and palettized layers train and stay quantizable/low-rank/clustered."""
+    data = blobs()
+    torch.manual_seed(0)
+
+    def fresh():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 2))
+
+    # QAT: the float weights move, and convert gives the function that was trained
+    qat = fresh()
+    nnslim.Quantize(scheme="int8", qat=True).apply(qat, torch.randn(2, 8))
+    w0 = qat[0].weight.detach().clone()
+    before = _loss(qat, data)
+    nnslim.Trainer(lr=0.2, options=QUIET).fit(qat, data, epochs=5)
+    assert type(qat[0]).__name__ == "FakeQuantLinear" and not torch.equal(qat[0].weight, w0)
+    assert _loss(qat, data) < before
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        fake = qat(x)
+    nnslim.convert(qat)
+    assert type(qat[0]).__name__ == "Int8Linear"
+    with torch.no_grad():  # same grid; the int8 kernel rounds activations (bf16/7-bit)
+        assert float((qat(x) - fake).norm() / fake.norm()) < 0.03
+
+    # factorized: both factors train, the rank stays
+    fac = fresh()
+    nnslim.Factorize(rank=2, select=["0"]).apply(fac, torch.randn(2, 8))
+    first, second = fac[0].first.weight.detach().clone(), fac[0].second.weight.detach().clone()
+    before = _loss(fac, data)
+    nnslim.Trainer(lr=0.2, options=QUIET).fit(fac, data, epochs=5)
+    assert fac[0].first.weight.shape == (2, 8) and fac[0].second.weight.shape == (32, 2)
+    assert not torch.equal(fac[0].first.weight, first)
+    assert not torch.equal(fac[0].second.weight, second)
+    assert _loss(fac, data) < before
+
+    # palettized: only the centroids train; every weight stays on its (moved) centroid
+    pal = fresh()
+    nnslim.ShareWeights(clusters=4, select=["0"]).apply(pal, torch.randn(2, 8))
+    codes, book = pal[0].codes().clone(), pal[0].codebook.detach().clone()
+    before = _loss(pal, data)
+    nnslim.Trainer(lr=0.2, options=QUIET).fit(pal, data, epochs=5)
+    assert torch.equal(pal[0].codes(), codes) and not torch.equal(pal[0].codebook, book)
+    with torch.no_grad():
+        w = pal[0].weight
+        assert torch.unique(w).numel() <= 4 * pal[0].codebook.shape[0]
+        group = torch.arange(w.shape[0]) // pal[0].group_size
+        rebuilt = pal[0].codebook.index_select(0, group).gather(1, codes).reshape(w.shape)
+        assert torch.equal(w, rebuilt)
+    assert _loss(pal, data) < before
