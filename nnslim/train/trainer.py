@@ -79,7 +79,10 @@ class TrainOptions:
         patience: stop after this many evaluations without improvement (``None``: never).
         checkpoint_every: checkpoint every this many optimizer steps (with ``checkpoint_dir``).
         verbose: progress bar; ``None`` shows it only on a terminal.
-        strategy: ``"ddp"`` or ``"fsdp"`` under ``torchrun``.
+        strategy: ``"ddp"`` or ``"fsdp"`` under ``torchrun``. With ``"fsdp"`` parameters,
+            gradients and optimizer state are sharded across the processes while ``fit`` runs;
+            afterwards every process holds the full trained weights in the plain module again.
+            ``checkpoint_dir`` needs ``"ddp"``.
     """
 
     precision: str = "fp32"
