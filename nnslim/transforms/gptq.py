@@ -37,10 +37,39 @@ def rtn_int8_grid(
 
 def rtn_int4_grid(
     cols: torch.Tensor,
+    importance: torch.Tensor | None = None,
+    *,
+    shrink: float = 0.0,
+    steps: int = 20,
 ) -> tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]]:
-    """Asymmetric 4-bit grid for one group of columns: ``(scale, minimum, quantize)``."""
+    """Asymmetric 4-bit grid for one group of columns: ``(scale, minimum, quantize)``.
+
+    Args:
+        cols: ``(rows, group)`` weights.
+        importance: per-column weights of the squared rounding error in the clipping search
+            (the Hessian diagonal, for GPTQ); ``None``: plain squared error.
+        shrink: with ``shrink > 0``, each row's range is narrowed about its centre by up to
+            this fraction (``steps`` candidates) to the one with the least rounding error; an
+            outlier then no longer stretches the grid for the whole group. ``0``: min/max.
+    """
     mn = cols.amin(dim=1)
     mx = cols.amax(dim=1)
+    if shrink > 0:
+        centre, half = (mx + mn) / 2, (mx - mn) / 2
+        imp = importance if importance is not None else torch.ones(cols.shape[1])
+        best = torch.full_like(mn, float("inf"))
+        lo_best, hi_best = mn.clone(), mx.clone()
+        for k in range(steps + 1):
+            f = 1 - shrink * k / steps
+            lo, hi = centre - f * half, centre + f * half
+            s = ((hi - lo) / 15).clamp_min(1e-8)
+            q = torch.round((cols - lo[:, None]) / s[:, None]).clamp(0, 15)
+            err = ((q * s[:, None] + lo[:, None] - cols) ** 2 * imp[None, :]).sum(1)
+            better = err < best
+            best = torch.where(better, err, best)
+            lo_best = torch.where(better, lo, lo_best)
+            hi_best = torch.where(better, hi, hi_best)
+        mn, mx = lo_best, hi_best
     scale = ((mx - mn) / 15).clamp_min(1e-8)
 
     def quantize(col: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,6 +89,7 @@ def gptq(
     block_size: int = 128,
     damp: float = 0.01,
     act_order: bool = True,
+    clip: float = 0.0,
     consume: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Quantize ``weight`` ``(out, in)`` given the input Hessian ``(in, in)``.
@@ -74,6 +104,9 @@ def gptq(
         act_order: quantize columns in order of decreasing Hessian diagonal (inputs with the
             most energy first). Group grids are then fixed up front from the original weight
             ("static groups"), so groups stay contiguous in storage.
+        clip: 4-bit groups search a range narrowed by up to this fraction for the least
+            rounding error weighted by the Hessian diagonal (see :func:`rtn_int4_grid`);
+            ``0``: each group's min/max.
         consume: overwrite ``hessian`` (float32) instead of copying it, to save memory.
 
     Returns:
@@ -89,11 +122,15 @@ def gptq(
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
+    hdiag = torch.diag(H).clone()
     static: list[Any] | None = None
     if bits != 8 and act_order:
         if group_size is None or cols % group_size:
             raise ValueError(f"group_size {group_size} must divide {cols} input features")
-        static = [rtn_int4_grid(W[:, g : g + group_size]) for g in range(0, cols, group_size)]
+        static = [
+            rtn_int4_grid(W[:, g : g + group_size], hdiag[g : g + group_size], shrink=clip)
+            for g in range(0, cols, group_size)
+        ]
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols)
     inv = torch.argsort(perm)
     # (in, in) matrices dominate the memory: every step below writes its result back into H,
@@ -140,7 +177,9 @@ def gptq(
             if static is not None:
                 _, _, quant = static[int(perm[c]) // group_size]  # type: ignore[operator]
             elif bits != 8 and c % group_size == 0:  # type: ignore[operator]
-                s, mn, quant = rtn_int4_grid(W1[:, i : i + group_size])
+                s, mn, quant = rtn_int4_grid(
+                    W1[:, i : i + group_size], hdiag[c : c + group_size], shrink=clip
+                )
                 scales[:, c // group_size] = s  # type: ignore[operator]
                 mins[:, c // group_size] = mn  # type: ignore[index,operator]
             w = W1[:, i]

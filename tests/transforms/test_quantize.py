@@ -224,6 +224,46 @@ def test_gptq_beats_round_to_nearest_on_layer_output(scheme):
     assert errs["gptq"] < 0.8 * errs["rtn"], errs
 
 
+@given(
+    rows=st.integers(1, 8),
+    group=st.sampled_from([4, 16, 32]),
+    seed=st.integers(0, 2**16),
+    shrink=st.sampled_from([0.1, 0.2, 0.5]),
+)
+def test_clipped_int4_grid_never_rounds_worse_than_min_max(rows, group, seed, shrink):
+    from nnslim.transforms.gptq import rtn_int4_grid
+
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, group, generator=g) ** 3  # heavy tails
+    imp = torch.rand(group, generator=g) + 0.1
+    s0, mn0, q0 = rtn_int4_grid(w)
+    torch.testing.assert_close(mn0, w.amin(1))
+    torch.testing.assert_close(s0, ((w.amax(1) - w.amin(1)) / 15).clamp_min(1e-8))
+    s1, mn1, q1 = rtn_int4_grid(w, imp, shrink=shrink)
+    assert (s1 <= s0 + 1e-7).all()  # narrower or equal, never wider
+
+    def err(q):
+        return ((q(w.T)[1].T - w) ** 2 * imp).sum(1)
+
+    assert (err(q1) <= err(q0) * (1 + 1e-5) + 1e-9).all()
+
+
+def test_gptq_clipping_lowers_the_output_error_with_heavy_tails():
+    from nnslim.transforms.gptq import gptq
+
+    torch.manual_seed(0)
+    x = torch.randn(2048, 256) @ (torch.randn(256, 256) * 0.1 + torch.eye(256))
+    x[:, :4] *= 10
+    w = torch.distributions.StudentT(4).sample((256, 256)) * 0.02
+    ref = x @ w.T
+    errs = []
+    for clip in (0.0, 0.2):
+        codes, s, mn = gptq(w, x.T @ x, bits=4, group_size=64, clip=clip)
+        wq = (codes.float().reshape(256, -1, 64) * s[..., None] + mn[..., None]).reshape(256, 256)
+        errs.append(float((x @ wq.T - ref).norm() / ref.norm()))
+    assert errs[1] < 0.97 * errs[0], errs
+
+
 def test_smoothquant_helps_with_outlier_channels():
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(64, 32))
