@@ -135,8 +135,9 @@ def compress(
 
     Each step applies the next piece of :func:`schedule` (``transforms`` split in ``steps``),
     fine-tunes with ``trainer`` on ``train_data`` when given, evaluates and profiles. A step
-    that drops the metric by more than ``tolerance`` is undone and retried once at half its
-    size; if that also fails, the loop stops. It stops with success once every ``target``
+    that drops the metric by more than ``tolerance`` is undone and retried once, gentler (half
+    the pruning; a factorization keeping halfway to everything; twice the clusters; int8
+    instead of int4); if that also fails, the loop stops. It stops with success once every ``target``
     (fractions of the original: ``macs``, ``params``, ``param_bytes`` (or ``bytes``),
     ``latency_ms`` (or ``latency``)) is met.
 
@@ -243,8 +244,15 @@ def _name(t: Transform) -> str:
 
 
 def _halve(t: Transform) -> Transform | None:
-    """The same step at half its size (``None`` when it has no size)."""
+    """The same step, gentler: half its size (``None`` when it cannot be made gentler).
+
+    Prune removes half as much; Factorize keeps halfway to everything (twice the rank for a
+    fixed rank); ShareWeights gets twice the clusters; int4 Quantize becomes int8.
+    """
+    from ..transforms.factorize import Factorize
     from ..transforms.prune import Prune
+    from ..transforms.quantize import Quantize
+    from ..transforms.share import ShareWeights
 
     if isinstance(t, Prune):
         if t.ratio is not None and t.structure == "channels":
@@ -253,6 +261,17 @@ def _halve(t: Transform) -> Transform | None:
             return dataclasses.replace(t, macs=(1 + t.macs) / 2)
         if t.params is not None:
             return dataclasses.replace(t, params=(1 + t.params) / 2)
+    if isinstance(t, Factorize):
+        for name in ("ratio", "energy", "params", "macs"):
+            value = getattr(t, name)
+            if isinstance(value, float):
+                return dataclasses.replace(t, **{name: (1 + value) / 2})
+        if isinstance(t.rank, int):
+            return dataclasses.replace(t, rank=2 * t.rank)
+    if isinstance(t, ShareWeights) and isinstance(t.clusters, int) and t.clusters < 65536:
+        return dataclasses.replace(t, clusters=min(2 * t.clusters, 65536))
+    if isinstance(t, Quantize) and t.scheme == "int4" and not t.qat:
+        return dataclasses.replace(t, scheme="int8", method=t.method, smooth=None)
     return None
 
 

@@ -73,6 +73,43 @@ def test_stops_when_the_metric_drops_too_far_and_keeps_the_best():
     assert nnslim.profile(result.model, X).params == result.history[0]["params"]
 
 
+def test_every_transform_has_a_gentler_retry():
+    from nnslim.train.loop import _halve
+
+    assert _halve(nnslim.Factorize(params=0.6)).params == pytest.approx(0.8)
+    assert _halve(nnslim.Factorize(ratio=0.5)).ratio == pytest.approx(0.75)
+    assert _halve(nnslim.Factorize(rank=8)).rank == 16
+    assert _halve(nnslim.ShareWeights(clusters=16)).clusters == 32
+    q = _halve(nnslim.Quantize(scheme="int4", method="gptq", group_size=64))
+    assert (q.scheme, q.method) == ("int8", "gptq")
+    assert _halve(nnslim.Quantize(scheme="int8")) is None
+    assert _halve(nnslim.Prune(structure="2:4")) is None
+
+
+def test_a_failed_int4_step_is_retried_as_int8():
+    m = trained()
+    x = torch.randn(64, 8)
+    with torch.no_grad():
+        ref = m(x)
+
+    def closeness(mm):  # 1 - relative output error: int4 loses 0.014, int8 0.002
+        with torch.no_grad():
+            return 1 - float((mm(x) - ref).norm() / ref.norm())
+
+    result = nnslim.compress(
+        m,
+        nnslim.Quantize(scheme="int4", group_size=32, select=["2"]),
+        evaluate=closeness,
+        target={"bytes": 0.5},
+        tolerance=0.006,
+        example_inputs=X,
+    )
+    assert [h["kept"] for h in result.history] == [False, True]
+    assert "int4" in result.history[0]["transform"] and "int4" not in result.history[1]["transform"]
+    assert result.reached
+    assert type(m[2]).__name__ == "Int8Linear"
+
+
 def test_fine_tunes_between_steps():
     m = trained()
     data = blobs()
