@@ -290,6 +290,13 @@ def find_attention(model: nn.Module) -> list[AttentionSpec]:
                 )
             )
             continue
+        if _is_head_prunable_mha(m):
+            specs.append(
+                AttentionSpec(
+                    path, m, join("out_proj"), m.num_heads, m.num_heads, m.head_dim, qkv=join("qkv")
+                )
+            )
+            continue
         if _is_swin(m):
             qkv_m, proj = m._modules.get("qkv"), m._modules.get("proj")
             heads = _attr(m, ("num_heads",))
@@ -318,6 +325,43 @@ def _is_swin(m: nn.Module) -> bool:
     except Exception:  # pragma: no cover - torchvision missing
         return False
     return isinstance(m, ShiftedWindowAttention)
+
+
+def _is_head_prunable_mha(m: nn.Module) -> bool:
+    from ..modules.mha import HeadPrunableMultiheadAttention
+
+    return isinstance(m, HeadPrunableMultiheadAttention)
+
+
+def to_head_prunable(model: nn.Module) -> list[str]:
+    """Replace every convertible ``nn.MultiheadAttention`` by its head-prunable twin (the same
+    function, sharing the parameters); returns their paths."""
+    from ..modules.mha import HeadPrunableMultiheadAttention, convertible
+
+    done = []
+    for path, m in list(model.named_modules()):
+        if isinstance(m, nn.MultiheadAttention) and convertible(m) is None and path:
+            parent, _, name = path.rpartition(".")
+            setattr(
+                model.get_submodule(parent) if parent else model,
+                name,
+                HeadPrunableMultiheadAttention.from_torch(m),
+            )
+            done.append(path)
+    return done
+
+
+def back_to_torch(model: nn.Module, paths: list[str]) -> None:
+    """Turn the twins at ``paths`` whose heads were all kept back into ``nn.MultiheadAttention``."""
+    for path in paths:
+        m = model.get_submodule(path)
+        if not _is_head_prunable_mha(m):
+            continue
+        m.embed_dim = m.qkv.in_features  # the residual width may have been pruned too
+        orig = m.to_torch()
+        if orig is not None:
+            parent, _, name = path.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, name, orig)
 
 
 def unknown_attention_layers(model: nn.Module, known: list[AttentionSpec]) -> dict[str, str]:

@@ -17,9 +17,10 @@ from ..core.describe import shape_of
 from ..core.inputs import Inputs
 from ..core.report import Report
 from ..core.select import normalize_selector
+from ..core.snapshot import Snapshot
 from ..core.transform import Context, Transform
 from ..core.validate import check_choice, check_fraction, check_int, check_type
-from ..graph.attention import AttentionSpec, find_attention
+from ..graph.attention import AttentionSpec, back_to_torch, find_attention, to_head_prunable
 from ..graph.scoring import GroupScorer
 from ..graph.tp_compat import guard, torch_pruning_fixes
 from ..graph.trace import MAX_GROUP as MAX_GROUP_DEFAULT
@@ -151,6 +152,9 @@ class Prune(Transform):
             self._sparsify(model, ctx, report, imp, ctx.inputs)
             return
         inputs = ctx.require_inputs("Prune", "to trace the model")
+        # nn.MultiheadAttention ties its heads to the embedding width: work on a twin with
+        # separate projections (the same function), turned back where no head was removed
+        converted = to_head_prunable(model)
         graph = trace(model, inputs)
         plan = self._plan(model, graph, report)
         stats = self._stats(model, ctx, imp, plan.all_layers)
@@ -173,6 +177,7 @@ class Prune(Transform):
                 report.changed(p, "pruned", old_desc, shape_of(m), **details)
         for note in update_hf_config(model, plan.attention):
             report.note(note)
+        back_to_torch(model, converted)
 
     # -- planning -------------------------------------------------------------------------------
     def plan(self, model: nn.Module, example_inputs: Any) -> PrunePlan:
@@ -196,6 +201,14 @@ class Prune(Transform):
         inputs = as_inputs(example_inputs)
         if inputs is None:
             raise TypeError("Prune.plan: example_inputs is required.")
+        snap = Snapshot(model, copy_tensors=False)  # the attention twins are put back after
+        try:
+            to_head_prunable(model)
+            return self._plan_dry(model, inputs)
+        finally:
+            snap.restore()
+
+    def _plan_dry(self, model: nn.Module, inputs: Any) -> PrunePlan:
         graph = trace(model, inputs)
         report = Report("Prune.plan")
         plan = self._plan(model, graph, report)
