@@ -58,6 +58,9 @@ def perplexity(model, wins: list[torch.Tensor]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--only", default=None, help="run fp32 and the variants whose name contains this text"
+    )
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
@@ -74,6 +77,8 @@ def main() -> None:
     rows = []
 
     def run(name: str, transform: nnslim.Transform | None, data: bool) -> None:
+        if args.only is not None and transform is not None and args.only not in name:
+            return
         m = copy.deepcopy(base)
         t0 = time.perf_counter()
         if transform is not None:
@@ -97,6 +102,12 @@ def main() -> None:
     run("int8 (weight-only, RTN)", nnslim.Quantize(scheme="int8", select=blocks), False)
     # SmolLM2's width 576 is not a multiple of 128: group size 64
     run("int4 g64 RTN", nnslim.Quantize(scheme="int4", group_size=64, select=blocks), False)
+    # the GGUF file is Q4_1: 4-bit, asymmetric, groups of 32; int4 g32 lands on its own grid
+    run(
+        "int4 g32 RTN (the GGUF's own grid)",
+        nnslim.Quantize(scheme="int4", group_size=32, select=blocks),
+        False,
+    )
     run(
         "int4 g64 GPTQ",
         nnslim.Quantize(scheme="int4", group_size=64, method="gptq", select=blocks),
@@ -135,7 +146,7 @@ def main() -> None:
         title=f"SmolLM2-135M-Instruct, Wikipedia (gensim test data), {len(evals)} windows of {WINDOW} tokens",
     )
     print(
-        f"wrote {write_json('real_llm' + ('-quick' if args.quick else ''), {'rows': rows, 'windows': len(evals), 'calibration_windows': len(calib)})}"
+        f"wrote {write_json('real_llm' + ('-quick' if args.quick else '') + ('-only' if args.only else ''), {'rows': rows, 'windows': len(evals), 'calibration_windows': len(calib)})}"
     )
 
 
