@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -114,15 +115,29 @@ def _row(name: str, model: nn.Module, x_test: torch.Tensor, y_test: torch.Tensor
         path = os.path.join(d, "m.safetensors")
         save(model, path)
         size = os.path.getsize(path)
-    lat = measure_latency(model, Inputs((x_test[:64],)), warmup=5, repeat=30, threads=1)
     return {
         "model": name,
         "accuracy": accuracy(model, x_test, y_test),
         "params": prof.params,
         "macs": prof.macs,
         "bytes_on_disk": size,
-        "latency_ms": lat.median_ms,
+        "latency_ms": None,
+        "_model": copy.deepcopy(model).eval(),
     }
+
+
+def _latencies(rows: list[dict[str, Any]], x: torch.Tensor, rounds: int = 5) -> None:
+    """Time every row's model in turns (round-robin), so that a slow spell of a shared machine
+    falls on all of them alike; each row gets the median of its rounds' medians."""
+    inputs = Inputs((x,))
+    per_row: list[list[float]] = [[] for _ in rows]
+    for _ in range(rounds):
+        for i, r in enumerate(rows):
+            lat = measure_latency(r["_model"], inputs, warmup=2, repeat=10, threads=1)
+            per_row[i].append(lat.median_ms)
+    for r, times in zip(rows, per_row):
+        r["latency_ms"] = statistics.median(times)
+        del r["_model"]
 
 
 def main(print_fn: Callable[[str], None] = print, epochs: int = 12) -> list[dict[str, Any]]:
@@ -158,6 +173,7 @@ def main(print_fn: Callable[[str], None] = print, epochs: int = 12) -> list[dict
     print_fn(f"\n{report.table(max_rows=8)}")
     rows.append(_row("  + int8 weights", model, x_test, y_test))
 
+    _latencies(rows, x_test[:64])
     base = rows[0]
     table = format_table(
         [
