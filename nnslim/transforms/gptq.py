@@ -65,7 +65,9 @@ def rtn_int4_grid(
             s = ((hi - lo) / 15).clamp_min(1e-8)
             q = torch.round((cols - lo[:, None]) / s[:, None]).clamp(0, 15)
             err = ((q * s[:, None] + lo[:, None] - cols) ** 2 * imp[None, :]).sum(1)
-            better = err < best
+            # clearly better only: near-ties keep the wider range, so that Hessians summed in
+            # another order (across processes) choose the same grid
+            better = err < best * (1 - 1e-4)
             best = torch.where(better, err, best)
             lo_best = torch.where(better, lo, lo_best)
             hi_best = torch.where(better, hi, hi_best)
