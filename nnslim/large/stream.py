@@ -266,6 +266,11 @@ def compress_checkpoint(
     batches = [as_inputs(b) for b in calibration]
     if not batches:
         raise ValueError("compress_checkpoint: calibration yielded no batch.")
+    if len(batches) < world:
+        raise ValueError(
+            f"compress_checkpoint: {len(batches)} calibration batches for {world} processes; "
+            f"give every process at least one batch (more batches, or fewer processes)."
+        )
     mine = batches[rank::world]
     report = Report(f"compress_checkpoint[{type(transform).__name__}]", transform.to_dict())
     tmp = Path(

@@ -212,6 +212,18 @@ def test_existing_output_is_refused(llama_ckpt, tmp_path):
         )
 
 
+def test_fewer_batches_than_processes_is_refused(llama_ckpt, tmp_path, monkeypatch):
+    from nnslim.large import stream
+
+    _, src = llama_ckpt
+    monkeypatch.setattr(stream, "_rank_world", lambda: (0, 8))
+    with pytest.raises(ValueError, match="calibration batches for 8 processes"):
+        nnslim.compress_checkpoint(
+            src, tmp_path / "out", nnslim.Quantize(), calib(), progress=False
+        )
+    assert not (tmp_path / "out").exists()
+
+
 def test_torchrun_two_processes_match_one(llama_ckpt, tmp_path):
     _, src = llama_ckpt
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
