@@ -333,14 +333,44 @@ def _is_head_prunable_mha(m: nn.Module) -> bool:
     return isinstance(m, HeadPrunableMultiheadAttention)
 
 
-def to_head_prunable(model: nn.Module) -> list[str]:
-    """Replace every convertible ``nn.MultiheadAttention`` by its head-prunable twin (the same
-    function, sharing the parameters); returns their paths."""
+def to_head_prunable(model: nn.Module, inputs: Any) -> list[str]:
+    """Replace every convertible ``nn.MultiheadAttention`` used for self-attention (query, key
+    and value the same tensor on ``inputs``) by its head-prunable twin (the same function,
+    sharing the parameters); returns their paths. Cross-attention modules stay as they are:
+    their fused projection would be applied in slices the tracer cannot follow."""
     from ..modules.mha import HeadPrunableMultiheadAttention, convertible
+    from .trace import _call, preserve_modes
 
+    candidates = {
+        id(m): path
+        for path, m in model.named_modules()
+        if isinstance(m, nn.MultiheadAttention) and convertible(m) is None and path
+    }
+    if not candidates:
+        return []
+    self_attention: dict[int, bool] = {}
+
+    def pre(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        q = args[0] if args else kwargs.get("query")
+        k = args[1] if len(args) > 1 else kwargs.get("key")
+        v = args[2] if len(args) > 2 else kwargs.get("value")
+        self_attention[id(m)] = self_attention.get(id(m), True) and q is k and k is v
+
+    handles = [
+        m.register_forward_pre_hook(pre, with_kwargs=True)
+        for m in model.modules()
+        if id(m) in candidates
+    ]
+    try:
+        with preserve_modes(model), torch.no_grad():
+            model.eval()
+            _call(model, inputs)
+    finally:
+        for h in handles:
+            h.remove()
     done = []
     for path, m in list(model.named_modules()):
-        if isinstance(m, nn.MultiheadAttention) and convertible(m) is None and path:
+        if id(m) in candidates and self_attention.get(id(m), False):
             parent, _, name = path.rpartition(".")
             setattr(
                 model.get_submodule(parent) if parent else model,
@@ -370,11 +400,12 @@ def unknown_attention_layers(model: nn.Module, known: list[AttentionSpec]) -> di
     out: dict[str, str] = {}
     for path, m in model.named_modules():
         if isinstance(m, nn.MultiheadAttention):
+            from ..modules.mha import convertible
+
+            why = convertible(m) or "used for cross-attention (query is not the key)"
             for n, c in m.named_modules():
                 if n and isinstance(c, nn.Linear):
-                    out[f"{path}.{n}"] = (
-                        "nn.MultiheadAttention ties its heads to the embedding width"
-                    )
+                    out[f"{path}.{n}"] = f"nn.MultiheadAttention {why}: its heads are kept"
             continue
         name = type(m).__name__.lower()
         if "attention" in name or name.endswith("attn"):

@@ -154,7 +154,7 @@ class Prune(Transform):
         inputs = ctx.require_inputs("Prune", "to trace the model")
         # nn.MultiheadAttention ties its heads to the embedding width: work on a twin with
         # separate projections (the same function), turned back where no head was removed
-        converted = to_head_prunable(model)
+        converted = to_head_prunable(model, inputs)
         graph = trace(model, inputs)
         plan = self._plan(model, graph, report)
         stats = self._stats(model, ctx, imp, plan.all_layers)
@@ -203,7 +203,7 @@ class Prune(Transform):
             raise TypeError("Prune.plan: example_inputs is required.")
         snap = Snapshot(model, copy_tensors=False)  # the attention twins are put back after
         try:
-            to_head_prunable(model)
+            to_head_prunable(model, inputs)
             return self._plan_dry(model, inputs)
         finally:
             snap.restore()

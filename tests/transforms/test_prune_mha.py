@@ -173,3 +173,29 @@ def test_quantized_twin_still_does_cross_attention():
     with torch.no_grad():
         for got, want in ((twin(q, mem, mem)[0], ref), (twin(q, q, q)[0], self_ref)):
             assert float((got - want).norm() / want.norm()) < 0.02
+
+
+class CrossAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.mem = nn.Linear(32, 32)
+        self.mlp = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, x):
+        m = self.mem(x)
+        x = x + self.attn(x, m, m, need_weights=False)[0]
+        return self.head(x + self.mlp(x))
+
+
+@pytest.mark.parametrize("importance", ["l2", "wanda"])
+def test_cross_attention_keeps_its_heads_and_the_rest_prunes(importance):
+    torch.manual_seed(0)
+    model = CrossAttention().eval()
+    x = torch.randn(2, 5, 32)
+    report = nnslim.Prune(ratio=0.5, importance=importance).apply(model, x, calibration=[x, x])
+    assert type(model.attn) is nn.MultiheadAttention and model.attn.num_heads == 4
+    assert model.mlp[0].out_features == 32
+    assert any("cross-attention" in s.reason for s in report.skips)
+    assert model(x).shape == (2, 5, 3)
