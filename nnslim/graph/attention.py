@@ -18,6 +18,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from ..core.modules import set_module
 from .tp_compat import CONV1D_PRUNER, conv1d_type
 
 __all__ = ["AttentionSpec", "find_attention"]
@@ -213,8 +214,7 @@ class AttentionSpec:
             tp.prune_linear_out_channels(last, [h for h in remove])
         if not isinstance(m, (swin.HeadPrunableSwinAttention, swin.HeadPrunableSwinAttentionV2)):
             new = swin.convert(m, self.head_dim)
-            parent, _, name = self.path.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, name, new)
+            set_module(model, self.path, new)
             self.module = new
 
     def _update_attrs(self, heads: int, kv_heads: int) -> None:
@@ -342,7 +342,7 @@ def to_head_prunable(model: nn.Module, inputs: Any) -> list[str]:
     from .trace import _call, preserve_modes
 
     candidates = {
-        id(m): path
+        path: m
         for path, m in model.named_modules()
         if isinstance(m, nn.MultiheadAttention) and convertible(m) is None and path
     }
@@ -356,11 +356,7 @@ def to_head_prunable(model: nn.Module, inputs: Any) -> list[str]:
         v = args[2] if len(args) > 2 else kwargs.get("value")
         self_attention[id(m)] = self_attention.get(id(m), True) and q is k and k is v
 
-    handles = [
-        m.register_forward_pre_hook(pre, with_kwargs=True)
-        for m in model.modules()
-        if id(m) in candidates
-    ]
+    handles = [m.register_forward_pre_hook(pre, with_kwargs=True) for m in candidates.values()]
     try:
         with preserve_modes(model), torch.no_grad():
             model.eval()
@@ -369,14 +365,9 @@ def to_head_prunable(model: nn.Module, inputs: Any) -> list[str]:
         for h in handles:
             h.remove()
     done = []
-    for path, m in list(model.named_modules()):
-        if id(m) in candidates and self_attention.get(id(m), False):
-            parent, _, name = path.rpartition(".")
-            setattr(
-                model.get_submodule(parent) if parent else model,
-                name,
-                HeadPrunableMultiheadAttention.from_torch(m),
-            )
+    for path, m in candidates.items():
+        if self_attention.get(id(m), False):
+            set_module(model, path, HeadPrunableMultiheadAttention.from_torch(m))
             done.append(path)
     return done
 
@@ -390,8 +381,7 @@ def back_to_torch(model: nn.Module, paths: list[str]) -> None:
         m.embed_dim = m.qkv.in_features  # the residual width may have been pruned too
         orig = m.to_torch()
         if orig is not None:
-            parent, _, name = path.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, name, orig)
+            set_module(model, path, orig)
 
 
 def unknown_attention_layers(model: nn.Module, known: list[AttentionSpec]) -> dict[str, str]:

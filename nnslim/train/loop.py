@@ -137,9 +137,9 @@ def compress(
     fine-tunes with ``trainer`` on ``train_data`` when given, evaluates and profiles. A step
     that drops the metric by more than ``tolerance`` is undone and retried once, gentler (half
     the pruning; a factorization keeping halfway to everything; twice the clusters; int8
-    instead of int4); if that also fails, the loop stops. It stops with success once every ``target``
-    (fractions of the original: ``macs``, ``params``, ``param_bytes`` (or ``bytes``),
-    ``latency_ms`` (or ``latency``)) is met.
+    instead of int4); if that also fails, the loop stops. It stops with success once every
+    ``target`` (fractions of the original: ``macs``, ``params``, ``param_bytes`` (or
+    ``bytes``), ``latency_ms`` (or ``latency``)) is met.
 
     Args:
         model: the model (changed in place through the steps).
@@ -271,7 +271,7 @@ def _halve(t: Transform) -> Transform | None:
     if isinstance(t, ShareWeights) and isinstance(t.clusters, int) and t.clusters < 65536:
         return dataclasses.replace(t, clusters=min(2 * t.clusters, 65536))
     if isinstance(t, Quantize) and t.scheme == "int4" and not t.qat:
-        return dataclasses.replace(t, scheme="int8", method=t.method, smooth=None)
+        return dataclasses.replace(t, scheme="int8", smooth=None)
     return None
 
 

@@ -133,7 +133,7 @@ def gptq(
             rtn_int4_grid(W[:, g : g + group_size], hdiag[g : g + group_size], shrink=clip)
             for g in range(0, cols, group_size)
         ]
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols)
+    perm = torch.argsort(hdiag, descending=True) if act_order else torch.arange(cols)
     inv = torch.argsort(perm)
     # (in, in) matrices dominate the memory: every step below writes its result back into H,
     # so at most two are alive at once
