@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -40,7 +40,12 @@ def _record_of(model: nn.Module) -> dict[str, Any]:
     return rec
 
 
-def save(model: nn.Module, path: str | os.PathLike[str]) -> None:
+def save(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
+) -> None:
     """Save a (compressed) model: weights in safetensors plus the record of its edits.
 
     The write is atomic: the file at ``path`` is either the old one or the complete new one.
@@ -48,10 +53,13 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> None:
     Args:
         model: the model, as returned by transforms (or :func:`load`).
         path: the file to write (conventionally ``*.safetensors``).
+        state_dict: the tensors to write instead of ``model.state_dict()``, with the same keys
+            (for example the full weights gathered from a model sharded with FSDP).
 
     Raises:
         TypeError: if ``model`` is not an ``nn.Module``.
-        ValueError: if a transform made a change that cannot be recorded (the message names it).
+        ValueError: if a transform made a change that cannot be recorded (the message names
+            it), or ``state_dict`` does not have the model's keys.
 
     Example:
         >>> import torch, nnslim, tempfile, os
@@ -61,11 +69,27 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> None:
         >>> nnslim.load(path, torch.nn.Sequential(torch.nn.Linear(4, 4)))[0].weight.shape
         torch.Size([4, 4])
     """
-    from safetensors.torch import save_file
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"save: expected an nn.Module, got {type(model).__name__}.")
-    record = _record_of(model)
+    if state_dict is None:
+        state_dict = model.state_dict()
+    else:
+        own = set(model.state_dict())
+        if set(state_dict) != own:
+            missing, extra = sorted(own - set(state_dict)), sorted(set(state_dict) - own)
+            raise ValueError(
+                f"save: state_dict= must have the keys of {type(model).__name__}.state_dict() "
+                f"(missing {missing[:3]}, unknown {extra[:3]})."
+            )
+    write_weights(path, _record_of(model), state_dict)
+
+
+def write_weights(
+    path: str | os.PathLike[str], record: dict[str, Any], state: Mapping[str, torch.Tensor]
+) -> None:
+    """Write ``state`` and the edit ``record`` (see :func:`save`) atomically to ``path``."""
+    from safetensors.torch import save_file
+
     if record.get("unsaveable"):
         raise ValueError(
             f"this model cannot be saved with nnslim.save: {record['unsaveable']}. Save the "
@@ -74,7 +98,7 @@ def save(model: nn.Module, path: str | os.PathLike[str]) -> None:
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[Any, str] = {}
-    for name, t in model.state_dict().items():
+    for name, t in state.items():
         if t.device.type == "meta":
             raise ValueError(f"save: tensor {name!r} is on the meta device and holds no values.")
         key = (

@@ -3,15 +3,19 @@
 A checkpoint is a directory ``step-000123`` holding ``model.safetensors`` (written by
 :func:`nnslim.save`, so the compressed structure is checked on resume) and ``state.pt``
 (optimizer and scheduler state dicts, RNG states, counters; loaded with ``weights_only=True``).
+Weights and optimizer state are full (never sharded) and the optimizer state is keyed by
+parameter name, so a run checkpointed under FSDP resumes on one process and the other way round.
 It is written under a temporary name and renamed into place, then ``latest`` is updated
 atomically, so a kill at any moment leaves the previous checkpoint intact.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +24,16 @@ import torch
 from torch import nn
 
 from ..io.atomic import atomic_path
-from ..io.save import save
+from ..io.save import _record_of, write_weights
 
-__all__ = ["latest_checkpoint", "load_checkpoint", "rng_state", "save_checkpoint", "set_rng_state"]
+__all__ = [
+    "latest_checkpoint",
+    "load_checkpoint",
+    "read_checkpoint",
+    "rng_state",
+    "save_checkpoint",
+    "set_rng_state",
+]
 
 
 def rng_state() -> dict[str, Any]:
@@ -50,15 +61,26 @@ def save_checkpoint(
     model: nn.Module,
     state: dict[str, Any],
     keep: int = 2,
+    *,
+    weights: Mapping[str, torch.Tensor] | None = None,
+    record: dict[str, Any] | None = None,
 ) -> Path:
-    """Write checkpoint ``step`` atomically; keep the newest ``keep`` checkpoints."""
+    """Write checkpoint ``step`` atomically; keep the newest ``keep`` checkpoints.
+
+    ``weights`` replaces ``model.state_dict()`` (full weights gathered from a sharded model) and
+    ``record`` the model's edit record (taken before sharding changed the module classes).
+    """
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:09d}"
     tmp = root / f".step-{step:09d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save(model, tmp / "model.safetensors")
+    write_weights(
+        tmp / "model.safetensors",
+        _record_of(model) if record is None else record,
+        model.state_dict() if weights is None else weights,
+    )
     torch.save(state, tmp / "state.pt")
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
@@ -85,25 +107,41 @@ def latest_checkpoint(directory: str | os.PathLike[str]) -> Path | None:
     return done[-1] if done else None
 
 
-def load_checkpoint(path: Path, model: nn.Module) -> dict[str, Any]:
-    """Load weights into ``model`` (same structure) and return the saved training state.
+def read_checkpoint(path: Path, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The full weights (tied tensors under each of their names) and training state at ``path``.
 
     Raises:
         ValueError: if the checkpoint does not fit the model.
     """
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     state = torch.load(path / "state.pt", weights_only=True)
-    weights = load_file(str(path / "model.safetensors"))
+    file = path / "model.safetensors"
+    weights = load_file(str(file))
+    with safe_open(str(file), framework="pt") as f:
+        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+    for alias, target in aliases.items():
+        weights[alias] = weights[target]
     own = model.state_dict()
     unknown = [k for k in weights if k not in own]
-    wrong = [k for k in weights if k in own and weights[k].shape != own[k].shape]
-    if unknown or wrong:
+    wrong = [k for k in weights if k in own and tuple(weights[k].shape) != tuple(own[k].shape)]
+    missing = [k for k in own if k not in weights]
+    if unknown or wrong or missing:
         raise ValueError(
             f"resume: the checkpoint at {path} does not fit this model (unknown tensors "
-            f"{unknown[:3]}, other shapes {wrong[:3]}); build and compress the model exactly as in "
-            f"the interrupted run before resuming."
+            f"{unknown[:3]}, other shapes {wrong[:3]}, missing {missing[:3]}); build and compress "
+            f"the model exactly as in the interrupted run before resuming."
         )
-    # tied tensors are stored once; their aliases take the model's own (shared) tensor
-    model.load_state_dict({**own, **weights}, strict=True)
+    return weights, state
+
+
+def load_checkpoint(path: Path, model: nn.Module) -> dict[str, Any]:
+    """Load weights into ``model`` (same structure, not sharded) and return the training state.
+
+    Raises:
+        ValueError: if the checkpoint does not fit the model.
+    """
+    weights, state = read_checkpoint(path, model)
+    model.load_state_dict(weights, strict=True)
     return state

@@ -16,10 +16,11 @@ from torch import nn
 
 from ..core.inputs import as_inputs, first_tensor
 from ..core.validate import check_choice, check_fraction, check_int
+from ..io.save import _record_of
 from ..modules.masks import apply_masks
 from .checkpoint import (
     latest_checkpoint,
-    load_checkpoint,
+    read_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -79,10 +80,14 @@ class TrainOptions:
         patience: stop after this many evaluations without improvement (``None``: never).
         checkpoint_every: checkpoint every this many optimizer steps (with ``checkpoint_dir``).
         verbose: progress bar; ``None`` shows it only on a terminal.
-        strategy: ``"ddp"`` or ``"fsdp"`` under ``torchrun``. With ``"fsdp"`` parameters,
+        strategy: ``"ddp"`` or ``"fsdp"`` under ``torchrun``. Every process reads the same
+            batches and trains on one of each group of ``WORLD_SIZE`` consecutive batches (a
+            last, smaller group is skipped), so one step sees the global batch. With ``"fsdp"`` parameters,
             gradients and optimizer state are sharded across the processes while ``fit`` runs;
             afterwards every process holds the full trained weights in the plain module again.
-            ``checkpoint_dir`` needs ``"ddp"``.
+            Checkpoints hold full weights and optimizer state either way (gathered to process
+            0, which writes them; every process reads them on resume, so ``checkpoint_dir``
+            must be a directory all processes see).
     """
 
     precision: str = "fp32"
@@ -222,14 +227,20 @@ class Trainer:
         check_int("Trainer.fit", "epochs", epochs, low=1)
         o = self.options
         dist = _Distributed.setup(model, o.strategy)
-        if dist.enabled and o.strategy == "fsdp" and checkpoint_dir is not None:
-            raise ValueError(
-                "Trainer.fit: checkpoint_dir is not supported with strategy='fsdp' yet (the "
-                "optimizer state is sharded across processes); use strategy='ddp' to checkpoint."
-            )
+        # the edit record is taken before FSDP swaps the module classes
+        record = _record_of(model) if checkpoint_dir is not None else None
         net = dist.wrap(model)
         try:
-            return self._fit(model, net, dist, data, epochs, max_steps, checkpoint_dir, resume)
+            return self._fit(
+                model,
+                net,
+                dist,
+                data,
+                epochs,
+                max_steps,
+                _Checkpoints(checkpoint_dir, record),
+                resume,
+            )
         finally:
             dist.unwrap(model)
 
@@ -241,10 +252,11 @@ class Trainer:
         data: Iterable[Any],
         epochs: int,
         max_steps: int | None,
-        checkpoint_dir: str | os.PathLike[str] | None,
+        ckpts: _Checkpoints,
         resume: bool,
     ) -> TrainResult:
         o = self.options
+        checkpoint_dir = ckpts.directory
         params = [p for p in net.parameters() if p.requires_grad]
         if not params:
             raise ValueError("Trainer.fit: the model has no trainable parameters.")
@@ -270,8 +282,8 @@ class Trainer:
                 raise ValueError("Trainer.fit(resume=True) needs checkpoint_dir=.")
             ckpt = latest_checkpoint(checkpoint_dir)
             if ckpt is not None:
-                state = load_checkpoint(ckpt, model)
-                opt.load_state_dict(state["optimizer"])
+                weights, state = read_checkpoint(ckpt, model)
+                dist.load(model, opt, weights, state["optimizer"])
                 if sched is not None and state.get("scheduler") is not None:
                     sched.load_state_dict(state["scheduler"])
                 result.steps = int(state["step"])
@@ -289,6 +301,9 @@ class Trainer:
         best_state: dict[str, torch.Tensor] | None = None
         bad_evals = 0
         done = False
+        # where a checkpoint written at the end resumes: after the last epoch, or (stopped by
+        # max_steps) at the batch after the last step, with the RNG state of that moment
+        end: tuple[int, int, Any, Any] | None = None
         net.train()
         try:
             for epoch in range(start_epoch, epochs):
@@ -303,12 +318,19 @@ class Trainer:
                 consumed = position if (resume and epoch == start_epoch) else 0
                 seen_any = consumed > 0
                 micro = 0
+                mine: Any = None
                 for batch in iterator:
-                    index = consumed
+                    # under torchrun the batches come in groups of one per process; a process
+                    # trains on its batch once the whole group has been read, so every process
+                    # steps together, checkpoints the same position and skips a last, partial
+                    # group (one process: groups of one)
+                    if consumed % dist.world == dist.rank:
+                        mine = batch
                     consumed += 1
                     seen_any = True
-                    if index % dist.world != dist.rank:
+                    if consumed % dist.world:
                         continue
+                    batch, mine = mine, None
                     loss = self._loss(net, model, batch, features, group_lasso)
                     if not torch.isfinite(loss):
                         where = (
@@ -345,15 +367,11 @@ class Trainer:
                         bar.update(metric=result.history[-1]["metric"], step=False)
                         if stop:
                             done = True
-                    if (
-                        checkpoint_dir is not None
-                        and dist.rank == 0
-                        and (result.steps % o.checkpoint_every == 0)
-                    ):
-                        self._checkpoint(
-                            checkpoint_dir, model, opt, sched, result, epoch, consumed, epoch_rng
-                        )
+                    if checkpoint_dir is not None and result.steps % o.checkpoint_every == 0:
+                        ckpts.save(dist, model, opt, sched, result, epoch, consumed, epoch_rng)
                     if done or (max_steps is not None and result.steps >= max_steps):
+                        if not result.stopped_early:
+                            end = (epoch, consumed, epoch_rng, rng_state())
                         done = True
                         break
                 if not seen_any:
@@ -368,8 +386,9 @@ class Trainer:
                 _, best_state, bad_evals = self._eval(model, result, best_state, bad_evals)
             if result.stopped_early and best_state is not None:
                 model.load_state_dict(best_state)
-            if checkpoint_dir is not None and dist.rank == 0:
-                self._checkpoint(checkpoint_dir, model, opt, sched, result, epochs, 0, rng_state())
+            if checkpoint_dir is not None:
+                e, pos, e_rng, rng = end or (epochs, 0, rng_state(), rng_state())
+                ckpts.save(dist, model, opt, sched, result, e, pos, e_rng, rng)
         finally:
             features.close()
             bar.close()
@@ -470,9 +489,17 @@ class Trainer:
             return True, best_state, bad
         return False, best_state, bad
 
-    def _checkpoint(
+
+@dataclass
+class _Checkpoints:
+    """Where checkpoints go, and the model's edit record to write with them."""
+
+    directory: str | os.PathLike[str] | None
+    record: dict[str, Any] | None
+
+    def save(
         self,
-        directory: Any,
+        dist: _Distributed,
         model: nn.Module,
         opt: Any,
         sched: Any,
@@ -480,19 +507,26 @@ class Trainer:
         epoch: int,
         position: int,
         epoch_rng: Any,
+        rng: Any = None,
     ) -> None:
+        """Gather full weights and optimizer state (every process calls), write on process 0."""
+        weights, optimizer = dist.full_state(model, opt)
+        if dist.rank != 0:
+            return
         state = {
-            "optimizer": opt.state_dict(),
+            "optimizer": optimizer,
             "scheduler": sched.state_dict() if sched is not None else None,
             "step": result.steps,
             "epoch": epoch,
             "position": position,
             "epoch_rng": epoch_rng,
-            "rng": rng_state(),
+            "rng": rng_state() if rng is None else rng,
             "history": result.history,
             "best_metric": result.best_metric,
         }
-        save_checkpoint(directory, result.steps, model, state)
+        save_checkpoint(
+            self.directory, result.steps, model, state, weights=weights, record=self.record
+        )
 
 
 class _FeatureTaps:
@@ -649,6 +683,75 @@ class _Distributed:
         from torch.nn.parallel import DistributedDataParallel
 
         return DistributedDataParallel(model)
+
+    @property
+    def sharded(self) -> bool:
+        return self.enabled and self.strategy == "fsdp"
+
+    def full_state(
+        self, model: nn.Module, opt: torch.optim.Optimizer
+    ) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any] | None]:
+        """Full weights and optimizer state (keyed by parameter name) on process 0.
+
+        Under FSDP every process must call this (the shards are gathered); the other processes
+        get ``(None, None)``.
+        """
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        if self.sharded:
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            weights = get_model_state_dict(model, options=options)
+            optimizer = get_optimizer_state_dict(model, opt, options=options)
+            return (weights, optimizer) if self.rank == 0 else (None, None)
+        if self.rank != 0:
+            return None, None
+        options = StateDictOptions(full_state_dict=True)
+        return model.state_dict(), get_optimizer_state_dict(model, opt, options=options)
+
+    def load(
+        self,
+        model: nn.Module,
+        opt: torch.optim.Optimizer,
+        weights: dict[str, torch.Tensor],
+        optimizer: dict[str, Any],
+    ) -> None:
+        """Load full weights and optimizer state (every process calls; FSDP shards them)."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True)
+        by_position = any(
+            isinstance(p, int) for g in optimizer.get("param_groups", []) for p in g["params"]
+        )
+        if not by_position:
+            try:
+                set_optimizer_state_dict(model, opt, optimizer, options=options)
+            except (KeyError, ValueError, RuntimeError) as e:
+                raise ValueError(
+                    f"Trainer.fit(resume=True): the checkpoint's optimizer state does not fit "
+                    f"this {type(opt).__name__} ({type(e).__name__}: {e}); use the optimizer and "
+                    f"scheduler of the interrupted run."
+                ) from e
+        elif not self.sharded:  # an older checkpoint: optimizer state keyed by position
+            opt.load_state_dict(optimizer)
+        else:
+            raise ValueError(
+                "Trainer.fit(resume=True): this checkpoint keys the optimizer state by position "
+                "(written by an older nnslim) and cannot be sharded by FSDP; resume it with "
+                "strategy='ddp' or on one process."
+            )
+        # weights last: an optimizer state that does not fit leaves the model untouched
+        if self.sharded:
+            set_model_state_dict(model, weights, options=options)
+        else:
+            model.load_state_dict(weights, strict=True)
 
     def unwrap(self, model: nn.Module) -> None:
         """Undo FSDP: every process gets the full trained weights in a plain module again."""

@@ -1,4 +1,5 @@
 import os
+import shutil
 import subprocess
 import sys
 
@@ -224,10 +225,30 @@ def test_resume_after_kill_reaches_the_same_weights(tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
-@pytest.mark.parametrize("strategy,port", [("ddp", 29517), ("fsdp", 29518)])
-def test_torchrun_matches_single_process_on_the_global_batch(tmp_path, strategy, port):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
+def test_resume_with_another_optimizer_setup_is_refused_and_keeps_the_model(tmp_path):
+    opts = nnslim.TrainOptions(verbose=False, checkpoint_every=2)
+    step_lr = lambda o: torch.optim.lr_scheduler.StepLR(o, 5, 0.5)  # noqa: E731
+    adamw = nnslim.Trainer(optimizer=torch.optim.AdamW, lr=0.01, options=opts, scheduler=step_lr)
+    adamw.fit(make_model(), make_data(), max_steps=4, checkpoint_dir=tmp_path)
+    model = make_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    no_scheduler = nnslim.Trainer(optimizer=torch.optim.AdamW, lr=0.01, options=opts)
+    with pytest.raises(ValueError, match="optimizer state does not fit this AdamW"):
+        no_scheduler.fit(model, make_data(), checkpoint_dir=tmp_path, resume=True)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    # the same setup resumes where max_steps stopped it (position, RNG, AdamW moments) and
+    # reaches the weights of an uninterrupted run
+    result = adamw.fit(model, make_data(), max_steps=6, checkpoint_dir=tmp_path, resume=True)
+    assert result.steps == 6
+    straight = make_model()
+    adamw.fit(straight, make_data(), max_steps=6)
+    for k, v in straight.state_dict().items():
+        assert torch.equal(v, model.state_dict()[k]), k
+
+
+def _torchrun(port, args):
+    return subprocess.run(
         [
             sys.executable,
             "-m",
@@ -238,14 +259,18 @@ def test_torchrun_matches_single_process_on_the_global_batch(tmp_path, strategy,
             str(port),
             "-m",
             "tests.train.scripts",
-            strategy,
-            str(tmp_path / "ddp.pt"),
+            *args,
         ],
         capture_output=True,
         text=True,
-        env=env,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
         cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
     )
+
+
+@pytest.mark.parametrize("strategy,port", [("ddp", 29517), ("fsdp", 29518)])
+def test_torchrun_matches_single_process_on_the_global_batch(tmp_path, strategy, port):
+    proc = _torchrun(port, [strategy, str(tmp_path / "ddp.pt")])
     assert proc.returncode == 0, proc.stderr[-2000:]
     ddp = torch.load(tmp_path / "ddp.pt")
     # one process, each step on the concatenation of the two ranks' batches
@@ -265,6 +290,51 @@ def test_torchrun_matches_single_process_on_the_global_batch(tmp_path, strategy,
     nnslim.Trainer(lr=0.1, options=QUIET).fit(model, Merged(), epochs=2)
     for k, v in model.state_dict().items():
         assert torch.allclose(v, ddp[k], atol=1e-5), k
+
+
+def test_fsdp_checkpoint_resume_after_kill_reaches_the_same_weights(tmp_path):
+    """Under FSDP the checkpoint gathers full weights and optimizer state (AdamW moments,
+    scheduler, RNG) to rank 0; a run killed mid-training resumes to the uninterrupted result."""
+    full = _torchrun(29519, ["resume", str(tmp_path / "a"), str(tmp_path / "full.pt"), "0", "fsdp"])
+    assert full.returncode == 0, full.stderr[-2000:]
+    killed = _torchrun(
+        29520, ["resume", str(tmp_path / "b"), str(tmp_path / "resumed.pt"), "11", "fsdp"]
+    )
+    assert killed.returncode != 0  # the ranks killed themselves at step 11
+    assert not (tmp_path / "resumed.pt").exists()
+    from nnslim.train.checkpoint import latest_checkpoint
+
+    ckpt = latest_checkpoint(tmp_path / "b")
+    assert ckpt is not None and ckpt.name == "step-000000010"
+    # the checkpoint holds a plain model (full tensors, the unsharded edit record)
+    plain = nnslim.load(ckpt / "model.safetensors", make_model())
+    assert plain[0].weight.shape == (32, 8)
+    optimizer = torch.load(ckpt / "state.pt", weights_only=True)["optimizer"]
+    assert optimizer["state"]["0.weight"]["exp_avg"].shape == (32, 8)  # full, keyed by name
+    # the same checkpoint resumes on one process: weights and AdamW moments carry over
+    shutil.copytree(tmp_path / "b", tmp_path / "one")
+    opts = nnslim.TrainOptions(verbose=False, checkpoint_every=1)
+    step_lr = lambda o: torch.optim.lr_scheduler.StepLR(o, 5, 0.5)  # noqa: E731
+    trainer = nnslim.Trainer(optimizer=torch.optim.AdamW, lr=0.01, options=opts, scheduler=step_lr)
+    one = trainer.fit(
+        make_model(),
+        make_data(),
+        epochs=3,
+        checkpoint_dir=tmp_path / "one",
+        resume=True,
+        max_steps=11,
+    )
+    assert one.steps == 11
+    after = torch.load(latest_checkpoint(tmp_path / "one") / "state.pt", weights_only=True)
+    assert int(after["optimizer"]["state"]["0.weight"]["step"]) == 11
+    resumed = _torchrun(
+        29521, ["resume", str(tmp_path / "b"), str(tmp_path / "resumed.pt"), "0", "fsdp"]
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = torch.load(tmp_path / "full.pt")
+    b = torch.load(tmp_path / "resumed.pt")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
 
 
 def _loss(model, data):
