@@ -225,3 +225,23 @@ def test_compose_records_each_step_so_moves_and_changes_replay(tmp_path):
     back = nnslim.load(tmp_path / "m.safetensors", Stack())
     x = torch.randn(3, 8)
     assert torch.equal(_out(back, x), _out(m, x))
+
+
+def test_save_given_state_dict(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    gathered = {k: torch.full_like(v, 0.5) for k, v in model.state_dict().items()}
+    nnslim.save(model, tmp_path / "m.safetensors", state_dict=gathered)
+    loaded = nnslim.load(
+        tmp_path / "m.safetensors", nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    )
+    assert all(torch.equal(v, torch.full_like(v, 0.5)) for v in loaded.state_dict().values())
+    with pytest.raises(ValueError, match=r"missing \['2.bias'\], unknown \['extra'\]"):
+        nnslim.save(
+            model,
+            tmp_path / "bad.safetensors",
+            state_dict={
+                **{k: v for k, v in gathered.items() if k != "2.bias"},
+                "extra": torch.ones(1),
+            },
+        )
+    assert not (tmp_path / "bad.safetensors").exists()
