@@ -12,6 +12,7 @@ from typing import Any
 from torch import nn
 
 from ..core.inputs import as_inputs
+from ..core.select import normalize_selector
 from ..core.table import format_table, human
 from ..core.transform import Compose, Transform
 from ..core.validate import check_fraction, check_int
@@ -28,10 +29,13 @@ def schedule(t: Transform, steps: int) -> list[Transform]:
 
     ``Prune`` with a ratio removes ``1 - (1 - r)^(1/steps)`` per step (the same fraction of what
     is left), with a MACs/params target ``t^(1/steps)`` of the current model per step, and
-    unstructured sparsity grows linearly; ``Compose`` is split part by part; other transforms
-    are one step.
+    unstructured sparsity grows linearly; ``ShareWeights`` halves its clusters each step down
+    to ``clusters`` (16 in 3 steps: 64, 32, 16; each step clusters the layer's current values
+    again); ``Compose`` is split part by part; other transforms are one step.
     """
+    from ..modules.shared import MAX_CLUSTERS
     from ..transforms.prune import Prune
+    from ..transforms.share import ShareWeights
 
     if isinstance(t, Compose):
         return [s for part in t.transforms for s in schedule(part, steps)]
@@ -45,6 +49,15 @@ def schedule(t: Transform, steps: int) -> list[Transform]:
             return [dataclasses.replace(t, macs=t.macs ** (1 / steps)) for _ in range(steps)]
         if t.params is not None:
             return [dataclasses.replace(t, params=t.params ** (1 / steps)) for _ in range(steps)]
+    if (
+        isinstance(t, ShareWeights)
+        and steps > 1
+        and isinstance(t.clusters, int)
+        and t.across_layers is None
+        and not any(v is not None for _, v in normalize_selector(t.select) or [])
+    ):
+        ks = sorted({min(t.clusters << k, MAX_CLUSTERS) for k in range(steps)}, reverse=True)
+        return [dataclasses.replace(t, clusters=k) for k in ks]
     return [t]
 
 
@@ -209,7 +222,16 @@ def compress(
         attempt = piece
         for retry in range(2):
             candidate = copy.deepcopy(best)
-            attempt.apply(candidate, example_inputs, calibration=calibration)
+            try:
+                attempt.apply(candidate, example_inputs, calibration=calibration)
+            except ValueError:
+                if retry == 0:
+                    raise
+                # the gentler step does not apply to this model (e.g. ShareWeights with twice
+                # the clusters on layers the previous step already shared that finely)
+                _adopt(model, best)
+                result.model = best
+                return result
             if trainer is not None:
                 trainer.fit(candidate, train_data)
             metric = float(evaluate(candidate))

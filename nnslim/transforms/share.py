@@ -296,12 +296,12 @@ class ShareWeights(Transform):
         if default_k is None:  # pragma: no cover - guarded by _apply
             return
         named = dict(model.named_modules())
-        eligible = [(p, m) for p, m in named.items() if p and _eligible(m)]
+        # palettized layers are candidates too: one with more clusters than asked is clustered
+        # again from its current values (how compress() shares weights in steps)
+        eligible = [(p, m) for p, m in named.items() if p and (_eligible(m) or _palettized(m))]
         for p, m in named.items():
             w = m._parameters.get("weight")
-            if isinstance(m, (PalettizedLinear, PalettizedConv2d)):
-                report.skipped(p, "already palettized")
-            elif w is not None and w.dim() >= 2 and not (p and _eligible(m)):
+            if w is not None and w.dim() >= 2 and not (p and _eligible(m)):
                 why = (
                     "the root module cannot be replaced; wrap it in a container"
                     if not p and _eligible(m)
@@ -327,9 +327,15 @@ class ShareWeights(Transform):
         for p, value in chosen.items():
             m = named[p]
             k = int(value) if value is not None else default_k
+            if _palettized(m) and m.clusters <= k:
+                report.skipped(p, f"already palettized with {m.clusters} clusters (<= {k})")
+                continue
             w = _weight2d(m)
+            own = m._parameters.get("weight")
             others = [
-                path for key, path in tied.get(id(m.weight), {}).items() if key != (id(m), "weight")
+                path
+                for key, path in (tied.get(id(own), {}) if own is not None else {}).items()
+                if key != (id(m), "weight")
             ]
             if others:
                 why = (
@@ -364,7 +370,13 @@ class ShareWeights(Transform):
                 f"{_OWNER}: no layer left to palettize ({why}). Lower clusters, change "
                 f"select/exclude, or use clusters=None for cross-layer sharing alone."
             )
-        importance = self._importance(model, ctx, {p: named[p] for p in plan}, report)
+        dense = {p: named[p] for p in plan if not _palettized(named[p])}
+        importance = self._importance(model, ctx, dense, report) if dense else {}
+        if self.sensitivity and len(dense) < len(plan):
+            report.note(
+                "palettized layers clustered again are weighted by their current values only "
+                "(no weight gradient exists for them)"
+            )
         locations = _locations(model)
         for p, (k, gs, keep_zeros) in plan.items():
             old = named[p]
@@ -379,7 +391,7 @@ class ShareWeights(Transform):
                 seed=self.seed,
             )
             book = book.to(w.device)
-            if type(old) is nn.Conv2d:
+            if isinstance(old, (nn.Conv2d, PalettizedConv2d)):
                 new: nn.Module = PalettizedConv2d.from_codes(old, book, codes, gs, zero_code)
             else:
                 new = PalettizedLinear.from_codes(old, book, codes, gs, zero_code)
@@ -444,8 +456,18 @@ class ShareWeights(Transform):
 
 
 # -- helpers ------------------------------------------------------------------------------------
+def _palettized(m: nn.Module) -> bool:
+    return isinstance(m, (PalettizedLinear, PalettizedConv2d))
+
+
 def _weight2d(m: nn.Module) -> torch.Tensor:
-    """The weight as ``(out, n)``, with a ``weight_mask`` applied (masked entries are zero)."""
+    """The weight as ``(out, n)``, with a ``weight_mask`` applied (masked entries are zero).
+
+    A palettized layer gives its current clustered weight.
+    """
+    if _palettized(m):
+        w = m.dequantize().detach()
+        return w.reshape(w.shape[0], -1)
     w = m.weight.detach()
     mask = m._buffers.get(MASK_NAME)
     if isinstance(mask, torch.Tensor) and mask.shape == w.shape:

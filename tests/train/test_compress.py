@@ -200,3 +200,48 @@ def test_plot_needs_matplotlib_or_draws(tmp_path):
         return
     result.plot(tmp_path / "curve.png")
     assert (tmp_path / "curve.png").stat().st_size > 0
+
+
+def test_schedule_halves_share_weights_clusters_down_to_the_target():
+    parts = schedule(nnslim.ShareWeights(clusters=16), 3)
+    assert [p.clusters for p in parts] == [64, 32, 16]
+    assert len(schedule(nnslim.ShareWeights(clusters=16, select={"0": 8}), 3)) == 1
+    assert len(schedule(nnslim.ShareWeights(clusters=16, across_layers="auto"), 3)) == 1
+
+
+def test_share_weights_in_steps_stops_at_the_first_step_that_meets_the_target():
+    m = trained()
+    data = blobs()
+    result = nnslim.compress(
+        m,
+        nnslim.ShareWeights(clusters=4),
+        evaluate=lambda mm: accuracy(mm, data),
+        target={"bytes": 0.21},  # 64 clusters keep 0.25 of the bytes, 32 keep 0.20 (float biases)
+        tolerance=0.5,
+        example_inputs=X,
+        steps=5,
+    )
+    assert result.reached
+    assert [h["transform"] for h in result.history] == [
+        "ShareWeights(clusters=64)",
+        "ShareWeights(clusters=32)",
+    ]
+    assert {mod.clusters for mod in m.modules() if hasattr(mod, "clusters")} == {32}
+
+
+def test_a_failed_share_step_whose_retry_cannot_apply_keeps_the_best():
+    m = trained()
+    scores = iter([1.0, 1.0, 0.0])  # baseline, 8 clusters fine, 4 clusters too far
+    result = nnslim.compress(
+        m,
+        nnslim.ShareWeights(clusters=4),
+        evaluate=lambda mm: next(scores),
+        target={"bytes": 0.01},
+        tolerance=0.1,
+        example_inputs=X,
+        steps=2,
+    )
+    # the retry (8 clusters again) has nothing left to do: the 8-cluster model is the result
+    assert not result.reached
+    assert [h["kept"] for h in result.history] == [True, False]
+    assert {mod.clusters for mod in m.modules() if hasattr(mod, "clusters")} == {8}

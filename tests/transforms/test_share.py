@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -340,6 +340,54 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path):
     back = nnslim.load(path, make_cnn()).eval()
     assert isinstance(back.conv1, PalettizedConv2d) and back.conv1.codebook.shape == (2, 32)
     assert torch.equal(back.conv1.indices, model.conv1.indices)
+    with torch.no_grad():
+        assert torch.equal(back(X_CNN), model(X_CNN))
+
+
+@settings(deadline=None, max_examples=15)
+@given(
+    distinct=st.integers(2, 6),
+    granularity=st.sampled_from(["tensor", "channel", 2]),
+    seed=st.integers(0, 1000),
+)
+def test_clustering_a_palettized_layer_again_is_exact_when_it_uses_few_values(
+    distinct, granularity, seed
+):
+    """A layer palettized to 64 clusters but holding only ``distinct`` values per codebook is
+    clustered again to 8 (how compress() shares weights in steps) without changing the output."""
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(96, 5))
+    for i, cls in ((0, PalettizedConv2d), (3, PalettizedLinear)):
+        book = torch.randn(1, 64, generator=g)
+        used = torch.randperm(64, generator=g)[:distinct]
+        rows = model[i].weight.shape[0]
+        codes = used[torch.randint(0, distinct, (rows, model[i].weight[0].numel()), generator=g)]
+        model[i] = cls.from_codes(model[i], book, codes)
+    x = torch.randn(2, 3, 4, 4, generator=g)
+    with torch.no_grad():
+        ref = model(x)
+    report = ShareWeights(clusters=8, granularity=granularity).apply(model, x)
+    assert report.touched == ["0", "3"]
+    assert all(model[i].clusters <= min(8, distinct) and model[i].bits <= 3 for i in (0, 3))
+    with torch.no_grad():
+        assert torch.equal(model(x), ref)
+
+
+def test_palettized_layers_at_or_below_the_clusters_are_left_alone(tmp_path):
+    model = make_cnn().eval()
+    ShareWeights(clusters=32, granularity=4).apply(model, X_CNN)
+    before = model_state(model)
+    with pytest.raises(ValueError, match=r"already palettized with 32 clusters \(<= 32\)"):
+        ShareWeights(clusters=32, select=["conv1", "conv2"]).apply(model, X_CNN)
+    _assert_same_state(before, model_state(model), "after the error")
+    # a second, coarser step: fewer clusters, a smaller file, saved and loaded back exactly
+    report = ShareWeights(clusters=8, granularity=4).apply(model, X_CNN)
+    assert set(report.touched) == {"conv1", "conv2", "fc"}
+    assert model.conv1.clusters == 8 and 0 < report.changes[0].details["error"] < 0.5
+    path = tmp_path / "m.safetensors"
+    nnslim.save(model, path)
+    back = nnslim.load(path, make_cnn()).eval()
+    assert back.conv1.codebook.shape == (2, 8)
     with torch.no_grad():
         assert torch.equal(back(X_CNN), model(X_CNN))
 
