@@ -29,11 +29,14 @@ def schedule(t: Transform, steps: int) -> list[Transform]:
 
     ``Prune`` with a ratio removes ``1 - (1 - r)^(1/steps)`` per step (the same fraction of what
     is left), with a MACs/params target ``t^(1/steps)`` of the current model per step, and
-    unstructured sparsity grows linearly; ``ShareWeights`` halves its clusters each step down
-    to ``clusters`` (16 in 3 steps: 64, 32, 16; each step clusters the layer's current values
-    again); ``Compose`` is split part by part; other transforms are one step.
+    unstructured sparsity grows linearly; ``Factorize`` with ``ratio``/``params``/``macs``
+    keeps ``x^(1/steps)`` per step (each step truncates the already factorized layers to a lower
+    rank); ``ShareWeights`` halves its clusters each step down to ``clusters`` (16 in 3 steps:
+    64, 32, 16; each step clusters the layers' current values again); ``Compose`` is split part
+    by part; other transforms (Quantize, a fixed rank or energy) are one step.
     """
     from ..modules.shared import MAX_CLUSTERS
+    from ..transforms.factorize import Factorize
     from ..transforms.prune import Prune
     from ..transforms.share import ShareWeights
 
@@ -49,6 +52,15 @@ def schedule(t: Transform, steps: int) -> list[Transform]:
             return [dataclasses.replace(t, macs=t.macs ** (1 / steps)) for _ in range(steps)]
         if t.params is not None:
             return [dataclasses.replace(t, params=t.params ** (1 / steps)) for _ in range(steps)]
+    if (
+        isinstance(t, Factorize)
+        and steps > 1
+        and not any(v is not None for _, v in normalize_selector(t.select) or [])
+    ):
+        for name in ("ratio", "params", "macs"):
+            value = getattr(t, name)
+            if value is not None:
+                return [dataclasses.replace(t, **{name: value ** (1 / steps)})] * steps
     if (
         isinstance(t, ShareWeights)
         and steps > 1

@@ -35,6 +35,66 @@ def _weight(m: nn.Module) -> torch.Tensor:
     return m.weight.detach().float() if isinstance(m, nn.Linear) else m.weight.detach().float().t()
 
 
+def _dense_equivalent(m: nn.Module) -> tuple[nn.Module, tuple[int, ...]]:
+    """A plain Linear/Conv2d computing what a factorized layer computes, and the layer's ranks.
+
+    The chains hold no bias before their last layer and their 1x1 / k x 1 / 1 x k parts pad
+    like the whole kernel would, so the product of the factors is the layer, exactly.
+    """
+    with torch.no_grad():
+        if isinstance(m, FactorizedLinear):
+            first, second = m.first, m.second
+            dense: nn.Module = nn.Linear(
+                m.in_features, m.out_features, bias=second.bias is not None
+            ).to(device=second.weight.device, dtype=second.weight.dtype)
+            dense.weight.copy_(second.weight.float() @ first.weight.float())
+            bias = second.bias
+            ranks: tuple[int, ...] = (m.rank,)
+        elif m.kind == "tucker":
+            first, mid, last = m.layers
+            w = torch.einsum(
+                "ob,bahw,ai->oihw",
+                last.weight[:, :, 0, 0].float(),
+                mid.weight.float(),
+                first.weight[:, :, 0, 0].float(),
+            )
+            dense = nn.Conv2d(
+                m.in_channels,
+                m.out_channels,
+                mid.kernel_size,
+                stride=mid.stride,
+                padding=mid.padding,
+                dilation=mid.dilation,
+                bias=last.bias is not None,
+                padding_mode=mid.padding_mode,
+            ).to(device=last.weight.device, dtype=last.weight.dtype)
+            dense.weight.copy_(w)
+            bias, ranks = last.bias, tuple(m.ranks)
+        else:  # spatial: k x 1 then 1 x k
+            first, second = m.layers
+            w = torch.einsum(
+                "rih,orw->oihw", first.weight[..., 0].float(), second.weight[:, :, 0, :].float()
+            )
+            dense = nn.Conv2d(
+                m.in_channels,
+                m.out_channels,
+                (first.kernel_size[0], second.kernel_size[1]),
+                stride=(first.stride[0], second.stride[1]),
+                padding=(first.padding[0], second.padding[1]),
+                dilation=(first.dilation[0], second.dilation[1]),
+                bias=second.bias is not None,
+            ).to(device=second.weight.device, dtype=second.weight.dtype)
+            dense.weight.copy_(w)
+            bias, ranks = second.bias, tuple(m.ranks)
+        if bias is not None:
+            dense.bias.copy_(bias)
+    return dense, ranks
+
+
+def _factorized(m: nn.Module) -> bool:
+    return isinstance(m, (FactorizedLinear, FactorizedConv2d))
+
+
 @dataclass(frozen=True)
 class Factorize(Transform):
     """Replace big matrices and convolutions with products of thinner ones.
@@ -121,15 +181,34 @@ class Factorize(Transform):
     # ------------------------------------------------------------------------------------------
     def _apply(self, model: nn.Module, ctx: Context, report: Report) -> None:
         named = dict(model.named_modules())
+        # factorized layers are candidates as whole layers (their product is truncated to a
+        # lower rank: how compress() factorizes in steps); their inner layers are not
+        owners = [p for p, m in named.items() if _factorized(m)]
         eligible = [
-            (p, m) for p, m in named.items() if p and (_is_linear(m) or type(m) is nn.Conv2d)
+            (p, m)
+            for p, m in named.items()
+            if p
+            and not any(p.startswith(o + ".") for o in owners)
+            and (_is_linear(m) or type(m) is nn.Conv2d or _factorized(m))
         ]
         chosen = dict(self.resolve(model, self.select, self.exclude, eligible=eligible))
         for p, _ in eligible:
             if p not in chosen:
                 report.skipped(p, "not selected" if self.select is not None else "excluded")
+        # dense stand-ins of the chosen factorized layers, and their current ranks
+        dense: dict[str, nn.Module] = {}
+        now: dict[str, tuple[int, ...]] = {}
         for p in list(chosen):
             m = named[p]
+            if isinstance(m, FactorizedConv2d) and m.kind != self.conv:
+                del chosen[p]
+                report.skipped(
+                    p, f"factorized as {m.kind!r}; Factorize(conv={self.conv!r}) leaves it so"
+                )
+                continue
+            if _factorized(m):
+                dense[p], now[p] = _dense_equivalent(m)
+                m = dense[p]
             if type(m) is nn.Conv2d and m.groups != 1:
                 del chosen[p]
                 report.skipped(p, f"grouped convolution (groups={m.groups}) is already factorized")
@@ -150,16 +229,19 @@ class Factorize(Transform):
             ctx.require_calibration(
                 "Factorize(activation_aware=True)", "to whiten the layer inputs"
             )
+        layer = {p: dense.get(p, named[p]) for p in chosen}
         spatial = _spatial_sizes(
-            model, ctx.inputs, [p for p in chosen if type(named[p]) is nn.Conv2d]
+            model, ctx.inputs, [p for p in chosen if type(layer[p]) is nn.Conv2d]
         )
-        linears = {p: named[p] for p in chosen if _is_linear(named[p])}
-        convs = {p: named[p] for p in chosen if type(named[p]) is nn.Conv2d}
+        linears = {p: layer[p] for p in chosen if _is_linear(layer[p])}
+        convs = {p: layer[p] for p in chosen if type(layer[p]) is nn.Conv2d}
         ranks: dict[str, Any] = {p: chosen[p] for p in chosen}
         if self.params is not None or self.macs is not None:
-            ranks = self._budget(model, ctx, linears, convs, spatial, aware, report)
+            ranks = self._budget(model, ctx, linears, convs, spatial, aware, report, now)
         for p, conv in convs.items():
-            self._factorize_conv(model, report, p, conv, ranks.get(p), spatial.get(p))
+            self._factorize_conv(
+                model, report, p, conv, ranks.get(p), spatial.get(p), now.get(p), named[p]
+            )
         if not linears:
             return
         if aware:
@@ -167,13 +249,24 @@ class Factorize(Transform):
             def process(paths: list[str], stats: dict[str, LayerStats]) -> None:
                 for p in paths:
                     self._factorize_linear(
-                        model, report, p, linears[p], ranks.get(p), stats[p].gram
+                        model,
+                        report,
+                        p,
+                        linears[p],
+                        ranks.get(p),
+                        stats[p].gram,
+                        now.get(p),
+                        named[p],
                     )
 
-            run_sequential(model, ctx.calibration, linears, process, gram=True)
+            run_sequential(
+                model, ctx.calibration, {p: named[p] for p in linears}, process, gram=True
+            )
         else:
             for p, m in linears.items():
-                self._factorize_linear(model, report, p, m, ranks.get(p), None)
+                self._factorize_linear(
+                    model, report, p, m, ranks.get(p), None, now.get(p), named[p]
+                )
 
     # -- rank choice ----------------------------------------------------------------------------
     def _rank_for(self, p: str, sv: torch.Tensor, m: int, n: int, fixed: Any) -> int:
@@ -210,8 +303,13 @@ class Factorize(Transform):
         spatial: dict[str, tuple[int, int, int, int]],
         aware: bool,
         report: Report,
+        now: dict[str, tuple[int, ...]],
     ) -> dict[str, Any]:
-        """Spend a global parameter/MAC budget greedily on the largest sigma^2 per unit cost."""
+        """Spend a global parameter/MAC budget greedily on the largest sigma^2 per unit cost.
+
+        A layer already factorized (``now``: its ranks) costs what its ranks cost and can only
+        go down in rank.
+        """
         from ..profiling.profiler import profile
 
         metric = "macs" if self.macs is not None else "params"
@@ -231,21 +329,25 @@ class Factorize(Transform):
         if aware and linears:
             from ..core.calibrate import collect
 
-            stats = collect(model, ctx.calibration, linears, gram=True)
+            named = dict(model.named_modules())
+            stats = collect(model, ctx.calibration, {p: named[p] for p in linears}, gram=True)
         # per layer: singular values (sensitivity), the cost of going from rank r to r + 1,
         # the dense cost, and whether it is a convolution (given an integer rank)
         entries: list[tuple[str, torch.Tensor, Any, float, bool]] = []
         for p, m in linears.items():
             w = _weight(m)
             out, inp = w.shape
+            per_row = now[p][0] * (out + inp) if p in now else out * inp
             rows = (
-                (prof.modules[p].macs / (out * inp))
+                (prof.modules[p].macs / per_row)
                 if prof is not None and metric == "macs" and p in prof.modules
                 else 1.0
             )
             sv = _whitened_singular_values(w, stats[p].gram if p in stats else None)
+            if p in now:
+                sv = sv[: now[p][0]]
             unit = (out + inp) * rows
-            entries.append((p, sv, lambda r, u=unit: u, out * inp * rows, False))
+            entries.append((p, sv, lambda r, u=unit: u, per_row * rows, False))
         for p, m in convs.items():
             hin, win, hout, wout = spatial.get(p, (1, 1, 1, 1))
             o, i, kh, kw = m.weight.shape
@@ -253,12 +355,17 @@ class Factorize(Transform):
                 (hin * win, hout * wout, hout * win) if metric == "macs" else (1, 1, 1)
             )
             w = m.weight.detach().float()
+            full = o * i * kh * kw * a_out
             if self.conv == "spatial":
                 sv = torch.linalg.svdvals(w.permute(1, 2, 0, 3).reshape(i * kh, o * kw))
                 step = i * kh * a_mid + o * kw * a_out  # k x 1 then 1 x k, linear in r
 
                 def marginal(r: int, step: float = step) -> float:
                     return step
+
+                if p in now:
+                    sv = sv[: now[p][0]]
+                    full = now[p][0] * step
             else:
                 # Tucker-2 with rank_in = rank_out = r: r*i + r*r*k*k + o*r
                 sv = torch.linalg.svdvals(w.reshape(o, -1))[: min(o, i)]
@@ -268,7 +375,11 @@ class Factorize(Transform):
                 ) -> float:
                     return lin + (2 * r + 1) * k2
 
-            entries.append((p, sv, marginal, o * i * kh * kw * a_out, True))
+                if p in now:
+                    r_in, r_out = now[p]
+                    sv = sv[: min(r_in, r_out)]
+                    full = r_in * i * a_in + r_in * r_out * kh * kw * a_out + o * r_out * a_out
+            entries.append((p, sv, marginal, full, True))
         selected_full = sum(e[3] for e in entries)
         budget = fraction * total - (total - selected_full)
         if budget <= 0:
@@ -298,7 +409,9 @@ class Factorize(Transform):
         out: dict[str, Any] = {}
         for (p, _, marginal, full, conv), r in zip(entries, ranks):
             cost = sum(marginal(k) for k in range(r))
-            if conv:
+            if p in now:  # already factorized: a lower rank, or as it is
+                out[p] = r if r < min(now[p]) else 1.0
+            elif conv:
                 out[p] = r if cost < full else 1.0
             else:
                 out[p] = cost / full
@@ -317,14 +430,25 @@ class Factorize(Transform):
         m: nn.Module,
         fixed: Any,
         gram: torch.Tensor | None,
+        now: tuple[int, ...] | None = None,
+        original: nn.Module | None = None,
     ) -> None:
+        """Factorize ``m`` (at ``p``); ``now``: ``m`` stands in for a layer already factorized
+        at that rank (``original``), which only a lower rank replaces."""
         w = _weight(m)
         out, inp = w.shape
         if isinstance(fixed, float) and fixed >= 1.0:
-            report.skipped(p, "the budget keeps it dense (factorized would cost more)")
+            why = "keeps its rank" if now else "keeps it dense (factorized would cost more)"
+            report.skipped(p, f"the budget {why}")
             return
         sv = _whitened_singular_values(w, gram)
-        r = self._rank_for(p, sv, out, inp, fixed)
+        if now is not None and fixed is None and self.ratio is not None:
+            r = max(1, int(self.ratio * now[0]))  # a fraction of what the layer holds now
+        else:
+            r = self._rank_for(p, sv, out, inp, fixed)
+        if now is not None and r >= now[0]:
+            report.skipped(p, f"already factorized at rank {now[0]} (asked {r})")
+            return
         breakeven = out * inp / (out + inp)
         if r >= breakeven:
             report.skipped(
@@ -341,11 +465,13 @@ class Factorize(Transform):
         new = new.to(m.weight.dtype)
         kept = r * (out + inp) / (out * inp)
         err = float((second @ first - w).norm() / w.norm().clamp_min(1e-30))
+        extra = {"from_rank": now[0]} if now is not None else {}
         report.changed(
             p,
             "factorized",
-            shape_of(m),
+            shape_of(original if original is not None else m),
             shape_of(new),
+            **extra,
             rank=r,
             params_kept=round(kept, 4),
             weight_error=round(err, 4),
@@ -362,9 +488,14 @@ class Factorize(Transform):
         m: nn.Conv2d,
         fixed: Any,
         sizes: tuple[int, int, int, int] | None,
+        now: tuple[int, ...] | None = None,
+        original: nn.Module | None = None,
     ) -> None:
+        """Factorize ``m`` (at ``p``); ``now``: ``m`` stands in for a layer already factorized
+        with those ranks (``original``), which only lower ranks replace."""
         if isinstance(fixed, float) and fixed >= 1.0:
-            report.skipped(p, "the budget keeps it dense (factorized would cost more)")
+            why = "keeps its ranks" if now else "keeps it dense (factorized would cost more)"
+            report.skipped(p, f"the budget {why}")
             return
         w = m.weight.detach().float()
         o, i, kh, kw = w.shape
@@ -372,7 +503,13 @@ class Factorize(Transform):
         dense_macs = o * i * kh * kw * hout * wout
         if self.conv == "spatial":
             sv = torch.linalg.svdvals(w.permute(1, 2, 0, 3).reshape(i * kh, o * kw))
-            r = self._rank_for(p, sv, i * kh, o * kw, fixed)
+            if now is not None and fixed is None and self.ratio is not None:
+                r = max(1, int(self.ratio * now[0]))  # a fraction of what the layer holds now
+            else:
+                r = self._rank_for(p, sv, i * kh, o * kw, fixed)
+            if now is not None and r >= now[0]:
+                report.skipped(p, f"already factorized at rank {now[0]} (asked {r})")
+                return
             # k x 1 conv at (hout, win) then 1 x k at (hout, wout)
             cost = r * i * kh * hout * win + o * r * kw * hout * wout
             if (cost >= dense_macs and sizes is not None) or r * (
@@ -431,10 +568,18 @@ class Factorize(Transform):
             elif self.energy is not None:
                 r_out = self._rank_for(p, s0, o, i * kh * kw, None)
                 r_in = self._rank_for(p, s1, i, o * kh * kw, None)
+            elif now is not None:  # a fraction of what the layer holds now
+                held = now[0] * i + now[0] * now[1] * kh * kw + o * now[1]
+                r_out = r_in = _tucker_rank_for_params(o, i, kh * kw, (self.ratio or 1.0) * held)
             else:
                 target = (self.ratio or 1.0) * o * i * kh * kw
                 r_out = r_in = _tucker_rank_for_params(o, i, kh * kw, target)
             r_out, r_in = min(r_out, o), min(r_in, i)
+            if now is not None:
+                r_in, r_out = min(r_in, now[0]), min(r_out, now[1])
+                if (r_in, r_out) == tuple(now):
+                    report.skipped(p, f"already factorized at ranks {tuple(now)}")
+                    return
             u_in, core, u_out = tucker2(w, r_in, r_out)
             cost_params = r_in * i + r_out * r_in * kh * kw + o * r_out
             cost = (
@@ -474,11 +619,13 @@ class Factorize(Transform):
         )
         err = float((approx - w).norm() / w.norm().clamp_min(1e-30))
         kept = sum(c.weight.numel() for c in layers) / w.numel()
+        extra = {"from_ranks": tuple(now)} if now is not None else {}
         report.changed(
             p,
             "factorized",
-            shape_of(m),
+            shape_of(original if original is not None else m),
             shape_of(new),
+            **extra,
             ranks=ranks,
             params_kept=round(kept, 4),
             weight_error=round(err, 4),

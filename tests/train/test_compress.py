@@ -245,3 +245,28 @@ def test_a_failed_share_step_whose_retry_cannot_apply_keeps_the_best():
     assert not result.reached
     assert [h["kept"] for h in result.history] == [True, False]
     assert {mod.clusters for mod in m.modules() if hasattr(mod, "clusters")} == {8}
+
+
+def test_schedule_splits_factorize_geometrically():
+    parts = schedule(nnslim.Factorize(params=0.49), 2)
+    assert [round(p.params, 4) for p in parts] == [0.7, 0.7]
+    assert [round(p.ratio, 4) for p in schedule(nnslim.Factorize(ratio=0.25), 2)] == [0.5, 0.5]
+    assert len(schedule(nnslim.Factorize(rank=4), 3)) == 1
+    assert len(schedule(nnslim.Factorize(energy=0.9), 3)) == 1
+
+
+def test_factorize_in_steps_lowers_ranks_until_the_target():
+    m = trained()
+    data = blobs()
+    result = nnslim.compress(
+        m,
+        nnslim.Factorize(params=0.3, select=["2"]),
+        evaluate=lambda mm: accuracy(mm, data),
+        target={"params": 0.6},
+        tolerance=0.5,
+        example_inputs=X,
+        steps=3,
+    )
+    assert result.reached and len(result.history) >= 2
+    assert all(h["params"] < prev["params"] for prev, h in zip(result.history, result.history[1:]))
+    assert type(m[2]).__name__ == "FactorizedLinear" and type(m[2].first) is nn.Linear

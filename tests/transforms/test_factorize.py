@@ -215,3 +215,106 @@ def test_global_budget_is_spent_on_convolutions(conv, metric):
     after = nnslim.profile(model, x, memory=False)
     kept = getattr(after, metric) / getattr(before, metric)
     assert 0.55 <= kept <= 0.6
+
+
+# -- factorizing again (compress() in steps) ----------------------------------------------------
+@given(
+    i=st.integers(1, 6),
+    o=st.integers(1, 6),
+    k=st.sampled_from([1, 3]),
+    stride=st.integers(1, 2),
+    padding=st.integers(0, 2),
+    dilation=st.integers(1, 2),
+    seed=st.integers(0, 999),
+)
+def test_a_factorized_layer_equals_its_dense_equivalent(i, o, k, stride, padding, dilation, seed):
+    """The stand-in a factorized layer is truncated from computes what the chain computes."""
+    from nnslim.transforms.factorize import _dense_equivalent
+
+    torch.manual_seed(seed)
+    x = torch.randn(2, i, 9, 9)
+    conv = nn.Conv2d(i, o, k, stride=stride, padding=padding, dilation=dilation)
+    r = max(1, min(i, o) - 1)
+    for kind in ("tucker", "spatial"):
+        if kind == "tucker" and k == 1:
+            continue
+        model = nn.Sequential(nn.Conv2d(i, o, k, stride=stride, padding=padding, dilation=dilation))
+        model[0].load_state_dict(conv.state_dict())
+        nnslim.Factorize(rank=r, conv=kind).apply(model, x)
+        if not isinstance(model[0], FactorizedConv2d):
+            continue  # skipped: the chain would not be smaller
+        dense, ranks = _dense_equivalent(model[0])
+        assert ranks == model[0].ranks
+        with torch.no_grad():
+            assert torch.allclose(dense(x), model[0](x), atol=1e-5, rtol=1e-4)
+    lin = FactorizedLinear(i * 3, o, r)
+    dense, ranks = _dense_equivalent(lin)
+    xl = torch.randn(4, i * 3)
+    with torch.no_grad():
+        assert ranks == (r,) and torch.allclose(dense(xl), lin(xl), atol=1e-5, rtol=1e-4)
+
+
+def test_truncating_a_factorized_linear_equals_truncating_its_product():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(48, 40))
+    nnslim.Factorize(rank=16).apply(model, torch.randn(2, 48))
+    product = (model[0].second.weight @ model[0].first.weight).detach()
+    report = nnslim.Factorize(rank=6).apply(model, torch.randn(2, 48))
+    assert model[0].rank == 6 and type(model[0].first) is nn.Linear  # not nested
+    assert report.changes[0].before == "FactorizedLinear 48->16->40"
+    assert report.changes[0].details["from_rank"] == 16
+    first, second = svd_factors(product, 6)
+    got = model[0].second.weight @ model[0].first.weight
+    assert torch.allclose(got, second @ first, atol=1e-5)
+
+
+def test_factorizing_again_lowers_the_rank_and_never_raises_it(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 16, 32)
+    )
+    x = torch.randn(2, 8, 4, 4)
+    nnslim.Factorize(ratio=0.5).apply(model, x)
+    ranks, rank = model[0].ranks, model[3].rank
+    nnslim.Factorize(ratio=0.5).apply(model, x)  # half of what each layer holds now
+    assert model[3].rank == int(0.5 * rank) and max(model[0].ranks) < max(ranks)
+    before = model_state(model)
+    report = nnslim.Factorize(rank=8).apply(model, x)
+    assert {s.path: s.reason for s in report.skips} == {
+        "0": f"already factorized at ranks {model[0].ranks}",
+        "3": f"already factorized at rank {model[3].rank} (asked 8)",
+    }
+    _assert_same_state(before, model_state(model), "after the skips")
+    report = nnslim.Factorize(rank=2, conv="spatial").apply(model, x)
+    assert ("0", "factorized as 'tucker'; Factorize(conv='spatial') leaves it so") in [
+        (s.path, s.reason) for s in report.skips
+    ]
+    nnslim.save(model, tmp_path / "m.safetensors")
+    back = nnslim.load(
+        tmp_path / "m.safetensors",
+        nn.Sequential(
+            nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 16, 32)
+        ),
+    )
+    with torch.no_grad():
+        assert torch.equal(back(x), model(x))
+
+
+@pytest.mark.parametrize("metric", ["params", "macs"])
+def test_a_global_budget_applied_twice_compounds(metric):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(8, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(32 * 16, 64),
+        nn.ReLU(),
+        nn.Linear(64, 64),
+    )
+    x = torch.randn(2, 8, 4, 4)
+    first = nnslim.Factorize(**{metric: 0.7}).apply(model, x)
+    second = nnslim.Factorize(**{metric: 0.7}).apply(model, x)
+    ratio = getattr(second.after, metric) / getattr(second.before, metric)
+    assert 0.55 <= ratio <= 0.7 + 1e-9  # of the already factorized model
+    total = getattr(second.after, metric) / getattr(first.before, metric)
+    assert total <= 0.49 + 1e-9
