@@ -142,7 +142,8 @@ def collect(
         batches: calibration inputs.
         layers: the layers to watch.
         norms: per-input-channel sums of squares (Wanda).
-        gram: ``X^T X`` (GPTQ, activation-aware factorization).
+        gram: ``X^T X`` (GPTQ, activation-aware factorization); for a convolution over its
+            input channels, summed over every position.
         grads: weight gradients of :func:`calibration_loss` (Taylor).
     """
     stats = {p: LayerStats() for p in layers}
@@ -159,7 +160,7 @@ def collect(
             if norms:
                 sq = rows.pow(2).sum(0)
                 st.sq_sum = sq if st.sq_sum is None else st.sq_sum + sq
-            if gram and not isinstance(m, nn.modules.conv._ConvNd):
+            if gram:  # a convolution's: over its input channels, at every position
                 if st.gram is None:
                     st.gram = rows.t() @ rows
                 else:  # in place: no second (in, in) matrix

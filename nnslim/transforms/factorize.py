@@ -326,11 +326,12 @@ class Factorize(Transform):
         if prof is not None and metric == "params":
             total = prof.params
         stats: dict[str, LayerStats] = {}
-        if aware and linears:
+        if aware:  # sensitivities in one unit: each rank's share of the output error
             from ..core.calibrate import collect
 
             named = dict(model.named_modules())
-            stats = collect(model, ctx.calibration, {p: named[p] for p in linears}, gram=True)
+            layers = {p: named[p] for p in [*linears, *convs]}
+            stats = collect(model, ctx.calibration, layers, gram=True)
         # per layer: singular values (sensitivity), the cost of going from rank r to r + 1,
         # the dense cost, and whether it is a convolution (given an integer rank)
         entries: list[tuple[str, torch.Tensor, Any, float, bool]] = []
@@ -355,6 +356,9 @@ class Factorize(Transform):
                 (hin * win, hout * wout, hout * win) if metric == "macs" else (1, 1, 1)
             )
             w = m.weight.detach().float()
+            gram = stats[p].gram if p in stats else None
+            if gram is not None:  # whitened over input channels, like a Linear's input
+                w = torch.einsum("oihw,ij->ojhw", w, _whitening(gram)[0].float())
             full = o * i * kh * kw * a_out
             if self.conv == "spatial":
                 sv = torch.linalg.svdvals(w.permute(1, 2, 0, 3).reshape(i * kh, o * kw))

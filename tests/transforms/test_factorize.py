@@ -318,3 +318,35 @@ def test_a_global_budget_applied_twice_compounds(metric):
     assert 0.55 <= ratio <= 0.7 + 1e-9  # of the already factorized model
     total = getattr(second.after, metric) / getattr(first.before, metric)
     assert total <= 0.49 + 1e-9
+
+
+class _TwoBranches(nn.Module):
+    """Two convolutions with the same weights; one sees inputs ten times larger."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.loud = nn.Conv2d(16, 16, 3, padding=1)
+        self.quiet = nn.Conv2d(16, 16, 3, padding=1)
+        self.quiet.load_state_dict(self.loud.state_dict())
+
+    def forward(self, x):
+        return self.loud(10 * x) + self.quiet(x)
+
+
+@pytest.mark.parametrize("conv", ["tucker", "spatial"])
+def test_calibrated_budget_spends_conv_rank_where_the_output_error_is(conv):
+    """With calibration data a convolution's sensitivity is measured on its inputs (whitened
+    over input channels), in the same unit as a Linear's: the layer whose error reaches the
+    output ten times louder gets more rank; without data the two are alike."""
+    x = torch.randn(4, 16, 8, 8)
+
+    def ranks(**kw):
+        model = _TwoBranches()
+        nnslim.Factorize(params=0.5, conv=conv).apply(model, x, **kw)
+        return model.loud.ranks, model.quiet.ranks
+
+    loud, quiet = ranks()
+    assert abs(max(loud) - max(quiet)) <= 1  # alike, up to the last rank step of the budget
+    loud, quiet = ranks(calibration=[x])
+    assert min(loud) > max(quiet)
