@@ -2,10 +2,12 @@
 
 For each model: each tool's MAC count, its error against the ground truth (torchvision's
 published MACs for the vision models; the analytic count for the language models, attention
-counted dense), and its time relative to one forward pass.
+counted dense), and its time relative to one forward pass (medians of ``--repeat`` runs; the
+forward under ``no_grad``).
 
     python benchmarks/profiler.py            # prints the table, writes benchmarks/results/profiler.json
     python benchmarks/profiler.py --quick    # small models only
+    python benchmarks/profiler.py --threads 1 --repeat 7   # steadier on a shared machine
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import statistics
 import time
 import warnings
 from typing import Any
@@ -104,19 +107,22 @@ TOOLS = {
 }
 
 
-def run(models: dict[str, Any]) -> list[dict[str, Any]]:
+def run(models: dict[str, Any], repeat: int) -> list[dict[str, Any]]:
     records = []
     for name, build in models.items():
         model, inputs, truth = build()
         with torch.no_grad():
-            fwd = median_time(lambda: call(model, inputs), repeat=3)
+            fwd = median_time(lambda: call(model, inputs), repeat=max(repeat, 3))
         for tool, fn in TOOLS.items():
             try:
                 with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
                     warnings.simplefilter("ignore")
-                    t0 = time.perf_counter()
-                    macs = fn(model, inputs)
-                    elapsed = time.perf_counter() - t0
+                    times = []
+                    for _ in range(repeat):
+                        t0 = time.perf_counter()
+                        macs = fn(model, inputs)
+                        times.append(time.perf_counter() - t0)
+                    elapsed = statistics.median(times)
                 err = (macs - truth) / truth
                 records.append(
                     {
@@ -140,7 +146,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small models only")
     parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs per tool (median)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's)"
+    )
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     models: dict[str, Any] = {
         "mobilenet_v3_small": lambda: vision("mobilenet_v3_small"),
         "gpt2-tiny (seq %d)" % args.seq: lambda: gpt2(args.seq),
@@ -152,7 +164,7 @@ def main() -> None:
             "vit_b_16": lambda: vision("vit_b_16"),
             **models,
         }
-    records = run(models)
+    records = run(models, args.repeat)
     rows = []
     for r in records:
         if "failed" in r:

@@ -57,7 +57,7 @@ def _packet(op: Any) -> Any:
 
 
 def _n(shape: Sequence[int]) -> int:
-    return math.prod(int(s) for s in shape)
+    return int(math.prod(shape))
 
 
 # -- matrix work --------------------------------------------------------------------------------
