@@ -122,14 +122,22 @@ class OpCounter(TorchDispatchMode):
         fast_leaves: charge known leaf modules without intercepting their operators, where
             that gives the same figures (``None``: the module-level ``FAST_LEAVES``). Read
             when a module is first seen.
+        named: the model's ``named_modules(remove_duplicate=False)``, if already listed.
     """
 
     def __init__(
-        self, model: nn.Module, *, track_memory: bool = True, fast_leaves: bool | None = None
+        self,
+        model: nn.Module,
+        *,
+        track_memory: bool = True,
+        fast_leaves: bool | None = None,
+        named: list[tuple[str, nn.Module]] | None = None,
     ) -> None:
         super().__init__()
         self.paths: dict[int, str] = {}
-        for path, m in model.named_modules(remove_duplicate=False):
+        if named is None:
+            named = list(model.named_modules(remove_duplicate=False))
+        for path, m in named:
             self.paths.setdefault(id(m), path)
         self.tallies: dict[str, Tally] = defaultdict(Tally)
         self.stack: list[str] = [""]
