@@ -82,8 +82,9 @@ class TrainOptions:
         verbose: progress bar; ``None`` shows it only on a terminal.
         strategy: ``"ddp"`` or ``"fsdp"`` under ``torchrun``. Every process reads the same
             batches and trains on one of each group of ``WORLD_SIZE`` consecutive batches (a
-            last, smaller group is skipped), so one step sees the global batch. With ``"fsdp"`` parameters,
-            gradients and optimizer state are sharded across the processes while ``fit`` runs;
+            last, smaller group is skipped), so one step sees the global batch. With
+            ``"fsdp"`` parameters, gradients and optimizer state are sharded across the
+            processes while ``fit`` runs;
             afterwards every process holds the full trained weights in the plain module again.
             Checkpoints hold full weights and optimizer state either way (gathered to process
             0, which writes them; every process reads them on resume, so ``checkpoint_dir``
@@ -229,6 +230,12 @@ class Trainer:
         dist = _Distributed.setup(model, o.strategy)
         # the edit record is taken before FSDP swaps the module classes
         record = _record_of(model) if checkpoint_dir is not None else None
+        if record is not None and record.get("unsaveable"):
+            raise ValueError(
+                f"Trainer.fit: checkpoint_dir needs a model nnslim.save can write, and this one "
+                f"cannot be: {record['unsaveable']}. Register the module classes with "
+                f"nnslim.register_class, or train without checkpoint_dir."
+            )
         net = dist.wrap(model)
         try:
             return self._fit(
@@ -283,9 +290,10 @@ class Trainer:
             ckpt = latest_checkpoint(checkpoint_dir)
             if ckpt is not None:
                 weights, state = read_checkpoint(ckpt, model)
-                dist.load(model, opt, weights, state["optimizer"])
+                _check_same_setup(state, opt, sched, ckpt)
                 if sched is not None and state.get("scheduler") is not None:
                     sched.load_state_dict(state["scheduler"])
+                dist.load(model, opt, weights, state["optimizer"])
                 result.steps = int(state["step"])
                 result.history = [dict(h) for h in state.get("history", [])]
                 result.best_metric = state.get("best_metric")
@@ -305,8 +313,11 @@ class Trainer:
         # max_steps) at the batch after the last step, with the RNG state of that moment
         end: tuple[int, int, Any, Any] | None = None
         net.train()
+        # a resumed run that already made max_steps has nothing to train (and keeps its
+        # checkpoint as it is)
+        finished = max_steps is not None and result.steps >= max_steps
         try:
-            for epoch in range(start_epoch, epochs):
+            for epoch in range(start_epoch, epochs if not finished else start_epoch):
                 if epoch_rng is not None and epoch == start_epoch and resume:
                     set_rng_state(epoch_rng)
                 epoch_rng = rng_state()
@@ -315,20 +326,21 @@ class Trainer:
                     for _ in range(position):
                         next(iterator, None)
                     set_rng_state(resume_rng)
-                consumed = position if (resume and epoch == start_epoch) else 0
+                consumed = first = position if (resume and epoch == start_epoch) else 0
                 seen_any = consumed > 0
                 micro = 0
                 mine: Any = None
                 for batch in iterator:
-                    # under torchrun the batches come in groups of one per process; a process
-                    # trains on its batch once the whole group has been read, so every process
-                    # steps together, checkpoints the same position and skips a last, partial
-                    # group (one process: groups of one)
-                    if consumed % dist.world == dist.rank:
+                    # under torchrun the batches come in groups of one per process, counted
+                    # from where the epoch (or the resumed run) starts; a process trains on its
+                    # batch once the whole group has been read, so every process steps
+                    # together, checkpoints the same position and skips a last, partial group
+                    # (one process: groups of one)
+                    if (consumed - first) % dist.world == dist.rank:
                         mine = batch
                     consumed += 1
                     seen_any = True
-                    if consumed % dist.world:
+                    if (consumed - first) % dist.world:
                         continue
                     batch, mine = mine, None
                     loss = self._loss(net, model, batch, features, group_lasso)
@@ -386,7 +398,7 @@ class Trainer:
                 _, best_state, bad_evals = self._eval(model, result, best_state, bad_evals)
             if result.stopped_early and best_state is not None:
                 model.load_state_dict(best_state)
-            if checkpoint_dir is not None:
+            if checkpoint_dir is not None and not finished:
                 e, pos, e_rng, rng = end or (epochs, 0, rng_state(), rng_state())
                 ckpts.save(dist, model, opt, sched, result, e, pos, e_rng, rng)
         finally:
@@ -490,6 +502,20 @@ class Trainer:
         return False, best_state, bad
 
 
+def _check_same_setup(state: dict[str, Any], opt: Any, sched: Any, path: Any) -> None:
+    """Refuse a checkpoint written with another optimizer or scheduler (before loading)."""
+    saved = (state.get("optimizer_class"), state.get("scheduler_class", "?"))
+    now = (type(opt).__name__, type(sched).__name__ if sched is not None else None)
+    if saved[0] is None:  # written by an older nnslim: nothing recorded to compare
+        return
+    if saved != now:
+        raise ValueError(
+            f"Trainer.fit(resume=True): the checkpoint at {path} was written with optimizer "
+            f"{saved[0]} and scheduler {saved[1]}, this run has {now[0]} and {now[1]}; use the "
+            f"optimizer and scheduler of the interrupted run."
+        )
+
+
 @dataclass
 class _Checkpoints:
     """Where checkpoints go, and the model's edit record to write with them."""
@@ -511,11 +537,40 @@ class _Checkpoints:
     ) -> None:
         """Gather full weights and optimizer state (every process calls), write on process 0."""
         weights, optimizer = dist.full_state(model, opt)
-        if dist.rank != 0:
-            return
+        error: Exception | None = None
+        if dist.rank == 0:
+            try:
+                self._write(
+                    model, opt, sched, result, epoch, position, epoch_rng, rng, weights, optimizer
+                )
+            except Exception as e:  # the other processes must hear of it, not wait for rank 0
+                error = e
+        if not dist.all_ok(error is None):
+            if error is not None:
+                raise error
+            raise RuntimeError(
+                "Trainer: writing the checkpoint failed on process 0 (its error says why); "
+                "stopped here too."
+            )
+
+    def _write(
+        self,
+        model: nn.Module,
+        opt: Any,
+        sched: Any,
+        result: TrainResult,
+        epoch: int,
+        position: int,
+        epoch_rng: Any,
+        rng: Any,
+        weights: Any,
+        optimizer: Any,
+    ) -> None:
         state = {
             "optimizer": optimizer,
+            "optimizer_class": type(opt).__name__,
             "scheduler": sched.state_dict() if sched is not None else None,
+            "scheduler_class": type(sched).__name__ if sched is not None else None,
             "step": result.steps,
             "epoch": epoch,
             "position": position,
@@ -782,6 +837,16 @@ class _Distributed:
             owner, _, leaf = name.rpartition(".")
             mod = model.get_submodule(owner) if owner else model
             mod._parameters[leaf] = plain[id(p)]
+
+    def all_ok(self, ok: bool) -> bool:
+        """Process 0's ``ok``, on every process (a collective under torchrun)."""
+        if not self.enabled:
+            return ok
+        import torch.distributed as dist
+
+        flag = [ok]
+        dist.broadcast_object_list(flag, src=0)
+        return bool(flag[0])
 
     def barrier(self) -> None:
         if self.enabled:

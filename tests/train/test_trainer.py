@@ -233,8 +233,11 @@ def test_resume_with_another_optimizer_setup_is_refused_and_keeps_the_model(tmp_
     model = make_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     no_scheduler = nnslim.Trainer(optimizer=torch.optim.AdamW, lr=0.01, options=opts)
-    with pytest.raises(ValueError, match="optimizer state does not fit this AdamW"):
+    with pytest.raises(ValueError, match="scheduler StepLR, this run has AdamW and None"):
         no_scheduler.fit(model, make_data(), checkpoint_dir=tmp_path, resume=True)
+    sgd = nnslim.Trainer(lr=0.01, options=opts, scheduler=step_lr)
+    with pytest.raises(ValueError, match="written with optimizer AdamW .* this run has SGD"):
+        sgd.fit(model, make_data(), checkpoint_dir=tmp_path, resume=True)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     # the same setup resumes where max_steps stopped it (position, RNG, AdamW moments) and
@@ -243,6 +246,11 @@ def test_resume_with_another_optimizer_setup_is_refused_and_keeps_the_model(tmp_
     assert result.steps == 6
     straight = make_model()
     adamw.fit(straight, make_data(), max_steps=6)
+    for k, v in straight.state_dict().items():
+        assert torch.equal(v, model.state_dict()[k]), k
+    # resuming the finished run with the same max_steps trains nothing and rewrites nothing
+    again = adamw.fit(model, make_data(), max_steps=6, checkpoint_dir=tmp_path, resume=True)
+    assert again.steps == 6
     for k, v in straight.state_dict().items():
         assert torch.equal(v, model.state_dict()[k]), k
 
@@ -263,6 +271,7 @@ def _torchrun(port, args):
         ],
         capture_output=True,
         text=True,
+        timeout=300,  # a desynchronised collective would hang
         env={**os.environ, "OMP_NUM_THREADS": "1"},
         cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
     )
@@ -292,6 +301,22 @@ def test_torchrun_matches_single_process_on_the_global_batch(tmp_path, strategy,
         assert torch.allclose(v, ddp[k], atol=1e-5), k
 
 
+def test_one_process_checkpoint_at_an_odd_position_resumes_under_torchrun(tmp_path):
+    """Batch groups count from where the resumed run starts: a one-process checkpoint at step 3
+    (3 batches read) resumes under 2 processes without a rank missing its batch."""
+    killed = _run(["resume", str(tmp_path / "c"), str(tmp_path / "x.pt"), "4"])
+    assert killed.returncode == -9
+    from nnslim.train.checkpoint import latest_checkpoint
+
+    assert latest_checkpoint(tmp_path / "c").name == "step-000000003"
+    resumed = _torchrun(29522, ["resume", str(tmp_path / "c"), str(tmp_path / "x.pt"), "0"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    state = torch.load(latest_checkpoint(tmp_path / "c") / "state.pt", weights_only=True)
+    # 3 single steps, then the 9 batches left of the first epoch in pairs (the last one
+    # skipped), then 2 epochs of 6 pairs
+    assert state["step"] == 3 + 4 + 2 * 6
+
+
 def test_fsdp_checkpoint_resume_after_kill_reaches_the_same_weights(tmp_path):
     """Under FSDP the checkpoint gathers full weights and optimizer state (AdamW moments,
     scheduler, RNG) to rank 0; a run killed mid-training resumes to the uninterrupted result."""
@@ -311,7 +336,7 @@ def test_fsdp_checkpoint_resume_after_kill_reaches_the_same_weights(tmp_path):
     assert plain[0].weight.shape == (32, 8)
     optimizer = torch.load(ckpt / "state.pt", weights_only=True)["optimizer"]
     assert optimizer["state"]["0.weight"]["exp_avg"].shape == (32, 8)  # full, keyed by name
-    # the same checkpoint resumes on one process: weights and AdamW moments carry over
+    # the same checkpoint resumes on one process: weights and AdamW state carry over
     shutil.copytree(tmp_path / "b", tmp_path / "one")
     opts = nnslim.TrainOptions(verbose=False, checkpoint_every=1)
     step_lr = lambda o: torch.optim.lr_scheduler.StepLR(o, 5, 0.5)  # noqa: E731
