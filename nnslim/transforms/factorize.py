@@ -43,13 +43,14 @@ def _dense_equivalent(m: nn.Module) -> tuple[nn.Module, tuple[int, ...]]:
     """
     with torch.no_grad():
         if isinstance(m, FactorizedLinear):
+            # sizes from the factors themselves (Prune may have narrowed them)
             first, second = m.first, m.second
             dense: nn.Module = nn.Linear(
-                m.in_features, m.out_features, bias=second.bias is not None
+                first.weight.shape[1], second.weight.shape[0], bias=second.bias is not None
             ).to(device=second.weight.device, dtype=second.weight.dtype)
             dense.weight.copy_(second.weight.float() @ first.weight.float())
             bias = second.bias
-            ranks: tuple[int, ...] = (m.rank,)
+            ranks: tuple[int, ...] = (first.weight.shape[0],)
         elif m.kind == "tucker":
             first, mid, last = m.layers
             w = torch.einsum(
@@ -59,8 +60,8 @@ def _dense_equivalent(m: nn.Module) -> tuple[nn.Module, tuple[int, ...]]:
                 first.weight[:, :, 0, 0].float(),
             )
             dense = nn.Conv2d(
-                m.in_channels,
-                m.out_channels,
+                first.weight.shape[1],
+                last.weight.shape[0],
                 mid.kernel_size,
                 stride=mid.stride,
                 padding=mid.padding,
@@ -69,15 +70,15 @@ def _dense_equivalent(m: nn.Module) -> tuple[nn.Module, tuple[int, ...]]:
                 padding_mode=mid.padding_mode,
             ).to(device=last.weight.device, dtype=last.weight.dtype)
             dense.weight.copy_(w)
-            bias, ranks = last.bias, tuple(m.ranks)
+            bias, ranks = last.bias, (first.weight.shape[0], mid.weight.shape[0])
         else:  # spatial: k x 1 then 1 x k
             first, second = m.layers
             w = torch.einsum(
                 "rih,orw->oihw", first.weight[..., 0].float(), second.weight[:, :, 0, :].float()
             )
             dense = nn.Conv2d(
-                m.in_channels,
-                m.out_channels,
+                first.weight.shape[1],
+                second.weight.shape[0],
                 (first.kernel_size[0], second.kernel_size[1]),
                 stride=(first.stride[0], second.stride[1]),
                 padding=(first.padding[0], second.padding[1]),
@@ -85,7 +86,7 @@ def _dense_equivalent(m: nn.Module) -> tuple[nn.Module, tuple[int, ...]]:
                 bias=second.bias is not None,
             ).to(device=second.weight.device, dtype=second.weight.dtype)
             dense.weight.copy_(w)
-            bias, ranks = second.bias, tuple(m.ranks)
+            bias, ranks = second.bias, (first.weight.shape[0],)
         if bias is not None:
             dense.bias.copy_(bias)
     return dense, ranks
@@ -125,6 +126,10 @@ class Factorize(Transform):
 
     A layer whose factorized form would cost as many FLOPs as the original (rank at or above
     ``m*n/(m+n)`` for a Linear) is skipped and listed in the report.
+
+    A layer already factorized is truncated again as a whole (its product, to a lower rank):
+    ``ratio`` is then a fraction of the parameters it holds now, and the global budget counts
+    its current cost. Asking for its rank or more leaves it as it is, listed.
 
     Example:
         >>> import torch, nnslim
@@ -207,6 +212,13 @@ class Factorize(Transform):
                 )
                 continue
             if _factorized(m):
+                factors = [m.first, m.second] if isinstance(m, FactorizedLinear) else list(m.layers)
+                if any(type(f) not in (nn.Linear, nn.Conv2d) for f in factors):
+                    del chosen[p]
+                    report.skipped(
+                        p, "factorized, and its factors are no longer plain Linear/Conv2d layers"
+                    )
+                    continue
                 dense[p], now[p] = _dense_equivalent(m)
                 m = dense[p]
             if type(m) is nn.Conv2d and m.groups != 1:
@@ -330,7 +342,15 @@ class Factorize(Transform):
             from ..core.calibrate import collect
 
             named = dict(model.named_modules())
-            layers = {p: named[p] for p in [*linears, *convs]}
+            # a factorized layer's first factor sees its input (and is a plain Linear/Conv2d)
+            layers = {
+                p: named[p].first
+                if isinstance(named[p], FactorizedLinear)
+                else named[p].layers[0]
+                if isinstance(named[p], FactorizedConv2d)
+                else named[p]
+                for p in [*linears, *convs]
+            }
             stats = collect(model, ctx.calibration, layers, gram=True)
         # per layer: singular values (sensitivity), the cost of going from rank r to r + 1,
         # the dense cost, and whether it is a convolution (given an integer rank)

@@ -350,3 +350,36 @@ def test_calibrated_budget_spends_conv_rank_where_the_output_error_is(conv):
     assert abs(max(loud) - max(quiet)) <= 1  # alike, up to the last rank step of the budget
     loud, quiet = ranks(calibration=[x])
     assert min(loud) > max(quiet)
+
+
+def test_a_calibrated_budget_applied_again_measures_factorized_layers_on_their_inputs():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1, stride=2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(16 * 6 * 6, 32),
+    )
+    x = torch.randn(4, 8, 12, 12)  # width 12 != 8 channels: rows must be channels
+    calib = [torch.randn(4, 8, 12, 12) for _ in range(2)]
+    nnslim.Factorize(params=0.8).apply(model, x, calibration=calib)
+    assert isinstance(model[0], FactorizedConv2d) and isinstance(model[5], FactorizedLinear)
+    before = nnslim.profile(model, x).params
+    report = nnslim.Factorize(params=0.8).apply(model, x, calibration=calib)
+    assert report.after.params <= 0.8 * before + 1e-9
+    assert any("from_ranks" in c.details or "from_rank" in c.details for c in report.changes)
+
+
+def test_a_factorized_layer_with_quantized_factors_is_left_alone():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    x = torch.randn(2, 64)
+    nnslim.Factorize(rank=8).apply(model, x)
+    nnslim.Quantize(scheme="int8", select=["0.first", "0.second"]).apply(model, x)
+    report = nnslim.Factorize(rank=4).apply(model, x)
+    assert ("0", "factorized, and its factors are no longer plain Linear/Conv2d layers") in [
+        (s.path, s.reason) for s in report.skips
+    ]
+    assert model[2].rank == 4
