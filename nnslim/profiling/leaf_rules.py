@@ -4,8 +4,9 @@ Intercepting an aten operator with a ``TorchDispatchMode`` costs a Python call i
 ``__torch_dispatch__`` and back, which adds up on models made of many small operators
 (mobilenet). For leaf modules of an exactly known type (not a subclass), in eval mode, without
 gradients, on plain dense CPU tensors, the operators a forward dispatches are fixed by the
-module's attributes and the input's shape and layout. :class:`~nnslim.profiling.counter.OpCounter` pauses its mode inside such a module and
-charges, after the forward, the operators listed here, through the same formulas
+module's attributes and the input's shape and layout.
+:class:`~nnslim.profiling.counter.OpCounter` pauses its mode inside such a module and charges,
+after the forward, the operators listed here, through the same formulas
 (:func:`~nnslim.profiling.formulas.cost_of`) and the same bookkeeping as the dispatch path.
 
 Each rule lists the cost-bearing operators the module dispatches, with the arguments the

@@ -84,12 +84,14 @@ class CompressionResult:
             was kept.
         baseline: the original model's row.
         reached: whether the target was reached within the tolerance.
+        notes: steps that did not apply to the model (and why).
     """
 
     model: nn.Module
     history: list[dict[str, Any]] = field(default_factory=list)
     baseline: dict[str, Any] = field(default_factory=dict)
     reached: bool = False
+    notes: list[str] = field(default_factory=list)
 
     def table(self) -> str:
         rows = [self._row("original", self.baseline)]
@@ -115,7 +117,7 @@ class CompressionResult:
         ]
 
     def __str__(self) -> str:
-        return self.table()
+        return "\n".join([self.table(), *(f"note: {n}" for n in self.notes)])
 
     def plot(self, path: str | None = None, size: str = "params") -> Any:
         """Metric against size (``"params"``, ``"macs"``, ``"param_bytes"``); needs matplotlib."""
@@ -203,7 +205,12 @@ def compress(
         raise ValueError("compress: a trainer needs train_data=.")
     if isinstance(transforms, Transform):
         transforms = [transforms]
-    pieces = [s for t in transforms for s in schedule(t, steps)]
+    # a piece that is not the last of its transform's split may be skipped where it does not
+    # apply (e.g. ShareWeights' first, finest step on layers with fewer weights per codebook)
+    pieces: list[tuple[Transform, bool]] = []
+    for t in transforms:
+        split = schedule(t, steps)
+        pieces += [(s, i < len(split) - 1) for i, s in enumerate(split)]
     inputs = as_inputs(example_inputs)
     latency = "latency_ms" in target
 
@@ -230,15 +237,18 @@ def compress(
         result.reached = True
         return result
     best = result.model
-    for piece in pieces:
+    for piece, optional in pieces:
         attempt = piece
         for retry in range(2):
             candidate = copy.deepcopy(best)
             try:
                 attempt.apply(candidate, example_inputs, calibration=calibration)
-            except ValueError:
-                if retry == 0:
+            except ValueError as e:
+                if retry == 0 and not optional:
                     raise
+                result.notes.append(f"{_name(attempt)} skipped: {e}")
+                if retry == 0:
+                    break  # an intermediate step: go on with the next
                 # the gentler step does not apply to this model (e.g. ShareWeights with twice
                 # the clusters on layers the previous step already shared that finely)
                 _adopt(model, best)
@@ -259,7 +269,7 @@ def compress(
                 result.model = best
                 return result
             attempt = smaller
-        if reached(result.history[-1]) and result.history[-1]["kept"]:
+        if result.history and reached(result.history[-1]) and result.history[-1]["kept"]:
             result.reached = True
             break
     _adopt(model, best)
@@ -283,6 +293,7 @@ def _halve(t: Transform) -> Transform | None:
     Prune removes half as much; Factorize keeps halfway to everything (twice the rank for a
     fixed rank); ShareWeights gets twice the clusters; int4 Quantize becomes int8.
     """
+    from ..modules.shared import MAX_CLUSTERS
     from ..transforms.factorize import Factorize
     from ..transforms.prune import Prune
     from ..transforms.quantize import Quantize
@@ -302,8 +313,8 @@ def _halve(t: Transform) -> Transform | None:
                 return dataclasses.replace(t, **{name: (1 + value) / 2})
         if isinstance(t.rank, int):
             return dataclasses.replace(t, rank=2 * t.rank)
-    if isinstance(t, ShareWeights) and isinstance(t.clusters, int) and t.clusters < 65536:
-        return dataclasses.replace(t, clusters=min(2 * t.clusters, 65536))
+    if isinstance(t, ShareWeights) and isinstance(t.clusters, int) and t.clusters < MAX_CLUSTERS:
+        return dataclasses.replace(t, clusters=min(2 * t.clusters, MAX_CLUSTERS))
     if isinstance(t, Quantize) and t.scheme == "int4" and not t.qat:
         return dataclasses.replace(t, scheme="int8", smooth=None)
     return None

@@ -363,7 +363,9 @@ class ShareWeights(Transform):
                     )
                 report.skipped(p, why)
                 continue
-            plan[p] = (k, gs, _keeps_zeros(m, w))
+            # a palettized layer keeps the zeros it held at zero (pruned weights)
+            keep = m.zero_code >= 0 if _palettized(m) else _keeps_zeros(m, w)
+            plan[p] = (k, gs, keep)
         if not plan:
             why = "; ".join(f"{s.path}: {s.reason}" for s in report.skips[:4])
             raise ValueError(

@@ -270,3 +270,25 @@ def test_factorize_in_steps_lowers_ranks_until_the_target():
     assert result.reached and len(result.history) >= 2
     assert all(h["params"] < prev["params"] for prev, h in zip(result.history, result.history[1:]))
     assert type(m[2]).__name__ == "FactorizedLinear" and type(m[2].first) is nn.Linear
+
+
+def test_a_share_step_that_does_not_apply_is_skipped_with_a_note():
+    """With codebooks of 64 weights, the first steps (256 and 128 clusters) cannot apply; the
+    loop notes them and goes on to the steps that do."""
+    m = trained()
+    data = blobs()
+    result = nnslim.compress(
+        m,
+        nnslim.ShareWeights(clusters=16, granularity="channel", select=["2"]),
+        evaluate=lambda mm: accuracy(mm, data),
+        target={"bytes": 0.01},
+        tolerance=0.5,
+        example_inputs=X,
+        steps=5,
+    )
+    assert [h["transform"] for h in result.history][:1] == [
+        "ShareWeights(clusters=64, granularity='channel', select=['2'])"
+    ]
+    assert len(result.notes) == 2 and "clusters=256" in result.notes[0]
+    assert m[2].clusters == 16
+    assert "note: ShareWeights(clusters=256" in str(result)

@@ -694,3 +694,17 @@ CASES = [
 @parametrize_with_checks(CASES)
 def test_conformance(case, check):
     check(case)
+
+
+def test_clustering_again_keeps_a_few_pruned_zeros_at_zero(mlp):
+    """0.5% of the weights pruned (below the 1% that keeps zeros unasked): the first clustering
+    keeps them because of the mask; clustering again keeps them because of the zero code."""
+    nnslim.Prune(ratio=0.005, structure="unstructured").apply(mlp, X_MLP)
+    masks = {p: m.weight_mask.clone() for p, m in mlp.named_modules() if hasattr(m, "weight_mask")}
+    ShareWeights(clusters=32).apply(mlp, X_MLP)
+    report = ShareWeights(clusters=8).apply(mlp, X_MLP)
+    for path, mask in masks.items():
+        layer = mlp.get_submodule(path)
+        assert layer.clusters <= 8 and layer.zero_code >= 0
+        assert torch.equal(layer.weight == 0, ~mask)
+    assert all(c.details["zeros_kept"] for c in report.changes if c.path in masks)
