@@ -147,30 +147,11 @@ def collect(
         grads: weight gradients of :func:`calibration_loss` (Taylor).
     """
     stats = {p: LayerStats() for p in layers}
-    handles = []
-
-    def make_hook(path: str, m: nn.Module):
-        def hook(_mod: nn.Module, args: tuple[Any, ...], _out: Any) -> None:
-            x = args[0] if args else None
-            if not isinstance(x, torch.Tensor):
-                return
-            rows = _rows(m, x.detach()).float()
-            st = stats[path]
-            st.rows += rows.shape[0]
-            if norms:
-                sq = rows.pow(2).sum(0)
-                st.sq_sum = sq if st.sq_sum is None else st.sq_sum + sq
-            if gram:  # a convolution's: over its input channels, at every position
-                if st.gram is None:
-                    st.gram = rows.t() @ rows
-                else:  # in place: no second (in, in) matrix
-                    st.gram.addmm_(rows.t(), rows)
-
-        return hook
-
-    if norms or gram:
-        for path, m in layers.items():
-            handles.append(m.register_forward_hook(make_hook(path, m)))
+    handles = (
+        [_stat_hook(m, stats[path], norms, gram, 0) for path, m in layers.items()]
+        if norms or gram
+        else []
+    )
     saved_grads = {id(p): p.grad for p in model.parameters()}
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
@@ -349,7 +330,7 @@ def _stat_hook(m: nn.Module, st: LayerStats, norms: bool, gram: bool, keep_rows:
             prev = st.extra.get("amax")
             st.extra["amax"] = amax if prev is None else torch.maximum(prev, amax)
             st.extra["abs_sum"] = r.abs().sum(0) + st.extra.get("abs_sum", 0)
-        if gram and not isinstance(m, nn.modules.conv._ConvNd):
+        if gram:  # a convolution's: over its input channels, at every position
             if st.gram is None:
                 st.gram = r.t() @ r
             else:  # in place: no second (in, in) matrix
