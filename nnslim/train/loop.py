@@ -52,11 +52,7 @@ def schedule(t: Transform, steps: int) -> list[Transform]:
             return [dataclasses.replace(t, macs=t.macs ** (1 / steps)) for _ in range(steps)]
         if t.params is not None:
             return [dataclasses.replace(t, params=t.params ** (1 / steps)) for _ in range(steps)]
-    if (
-        isinstance(t, Factorize)
-        and steps > 1
-        and not any(v is not None for _, v in normalize_selector(t.select) or [])
-    ):
+    if isinstance(t, Factorize) and steps > 1 and not _per_layer_values(t):
         for name in ("ratio", "params", "macs"):
             value = getattr(t, name)
             if value is not None:
@@ -66,11 +62,16 @@ def schedule(t: Transform, steps: int) -> list[Transform]:
         and steps > 1
         and isinstance(t.clusters, int)
         and t.across_layers is None
-        and not any(v is not None for _, v in normalize_selector(t.select) or [])
+        and not _per_layer_values(t)
     ):
         ks = sorted({min(t.clusters << k, MAX_CLUSTERS) for k in range(steps)}, reverse=True)
         return [dataclasses.replace(t, clusters=k) for k in ks]
     return [t]
+
+
+def _per_layer_values(t: Transform) -> bool:
+    """Whether ``t.select`` maps layers to their own values (a split would not know them)."""
+    return any(v is not None for _, v in normalize_selector(t.select) or [])
 
 
 @dataclass

@@ -540,8 +540,21 @@ class _Checkpoints:
         error: Exception | None = None
         if dist.rank == 0:
             try:
-                self._write(
-                    model, opt, sched, result, epoch, position, epoch_rng, rng, weights, optimizer
+                state = {
+                    "optimizer": optimizer,
+                    "optimizer_class": type(opt).__name__,
+                    "scheduler": sched.state_dict() if sched is not None else None,
+                    "scheduler_class": type(sched).__name__ if sched is not None else None,
+                    "step": result.steps,
+                    "epoch": epoch,
+                    "position": position,
+                    "epoch_rng": epoch_rng,
+                    "rng": rng_state() if rng is None else rng,
+                    "history": result.history,
+                    "best_metric": result.best_metric,
+                }
+                save_checkpoint(
+                    self.directory, result.steps, model, state, weights=weights, record=self.record
                 )
             except Exception as e:  # the other processes must hear of it, not wait for rank 0
                 error = e
@@ -552,36 +565,6 @@ class _Checkpoints:
                 "Trainer: writing the checkpoint failed on process 0 (its error says why); "
                 "stopped here too."
             )
-
-    def _write(
-        self,
-        model: nn.Module,
-        opt: Any,
-        sched: Any,
-        result: TrainResult,
-        epoch: int,
-        position: int,
-        epoch_rng: Any,
-        rng: Any,
-        weights: Any,
-        optimizer: Any,
-    ) -> None:
-        state = {
-            "optimizer": optimizer,
-            "optimizer_class": type(opt).__name__,
-            "scheduler": sched.state_dict() if sched is not None else None,
-            "scheduler_class": type(sched).__name__ if sched is not None else None,
-            "step": result.steps,
-            "epoch": epoch,
-            "position": position,
-            "epoch_rng": epoch_rng,
-            "rng": rng_state() if rng is None else rng,
-            "history": result.history,
-            "best_metric": result.best_metric,
-        }
-        save_checkpoint(
-            self.directory, result.steps, model, state, weights=weights, record=self.record
-        )
 
 
 class _FeatureTaps:

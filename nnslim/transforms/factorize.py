@@ -96,6 +96,11 @@ def _factorized(m: nn.Module) -> bool:
     return isinstance(m, (FactorizedLinear, FactorizedConv2d))
 
 
+def _factors(m: nn.Module) -> list[nn.Module]:
+    """A factorized layer's factors, in order (the first one sees the layer's input)."""
+    return [m.first, m.second] if isinstance(m, FactorizedLinear) else list(m.layers)
+
+
 @dataclass(frozen=True)
 class Factorize(Transform):
     """Replace big matrices and convolutions with products of thinner ones.
@@ -212,8 +217,7 @@ class Factorize(Transform):
                 )
                 continue
             if _factorized(m):
-                factors = [m.first, m.second] if isinstance(m, FactorizedLinear) else list(m.layers)
-                if any(type(f) not in (nn.Linear, nn.Conv2d) for f in factors):
+                if any(type(f) not in (nn.Linear, nn.Conv2d) for f in _factors(m)):
                     del chosen[p]
                     report.skipped(
                         p, "factorized, and its factors are no longer plain Linear/Conv2d layers"
@@ -306,6 +310,15 @@ class Factorize(Transform):
             )
         return r
 
+    def _lower_rank(
+        self, p: str, sv: torch.Tensor, m: int, n: int, fixed: Any, now: tuple[int, ...] | None
+    ) -> int:
+        """:meth:`_rank_for`, except that for a layer already factorized at rank ``now[0]``
+        ``ratio`` is a fraction of that rank (of what the layer holds now)."""
+        if now is not None and fixed is None and self.ratio is not None:
+            return max(1, int(self.ratio * now[0]))
+        return self._rank_for(p, sv, m, n, fixed)
+
     def _budget(
         self,
         model: nn.Module,
@@ -344,12 +357,7 @@ class Factorize(Transform):
             named = dict(model.named_modules())
             # a factorized layer's first factor sees its input (and is a plain Linear/Conv2d)
             layers = {
-                p: named[p].first
-                if isinstance(named[p], FactorizedLinear)
-                else named[p].layers[0]
-                if isinstance(named[p], FactorizedConv2d)
-                else named[p]
-                for p in [*linears, *convs]
+                p: _factors(named[p])[0] if p in now else named[p] for p in [*linears, *convs]
             }
             stats = collect(model, ctx.calibration, layers, gram=True)
         # per layer: singular values (sensitivity), the cost of going from rank r to r + 1,
@@ -466,10 +474,7 @@ class Factorize(Transform):
             report.skipped(p, f"the budget {why}")
             return
         sv = _whitened_singular_values(w, gram)
-        if now is not None and fixed is None and self.ratio is not None:
-            r = max(1, int(self.ratio * now[0]))  # a fraction of what the layer holds now
-        else:
-            r = self._rank_for(p, sv, out, inp, fixed)
+        r = self._lower_rank(p, sv, out, inp, fixed, now)
         if now is not None and r >= now[0]:
             report.skipped(p, f"already factorized at rank {now[0]} (asked {r})")
             return
@@ -527,10 +532,7 @@ class Factorize(Transform):
         dense_macs = o * i * kh * kw * hout * wout
         if self.conv == "spatial":
             sv = torch.linalg.svdvals(w.permute(1, 2, 0, 3).reshape(i * kh, o * kw))
-            if now is not None and fixed is None and self.ratio is not None:
-                r = max(1, int(self.ratio * now[0]))  # a fraction of what the layer holds now
-            else:
-                r = self._rank_for(p, sv, i * kh, o * kw, fixed)
+            r = self._lower_rank(p, sv, i * kh, o * kw, fixed, now)
             if now is not None and r >= now[0]:
                 report.skipped(p, f"already factorized at rank {now[0]} (asked {r})")
                 return
