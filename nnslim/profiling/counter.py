@@ -2,43 +2,63 @@
 
 :class:`OpCounter` is a ``TorchDispatchMode``: it sees every aten operator, whatever Python code
 called it (modules, functional calls, ``@``, ``einsum``, fused attention kernels), and charges its
-cost to the innermost module running, tracked with global forward hooks. It also tracks every
-tensor storage the operators create, through weak references, to measure peak memory.
+cost to the innermost module running. Modules are tracked by wrapping each one's ``forward`` for
+the duration of the count (modules with hooks of their own get hooks instead). The counter also
+tracks every tensor storage the operators create, through weak references, to measure peak
+memory.
 
 Leaf fast path: inside leaf modules of an exactly known type (convolution, linear, eval-mode
 BatchNorm, LayerNorm, common activations and pooling; see :mod:`.leaf_rules`), run without
-gradients on plain CPU tensors, the counter pauses its mode and charges, after the forward, the
-operators that module dispatches, with the same formulas and bookkeeping. The counts, per-module
-tallies and memory peak are the same; those operators skip the interception (a Python call into
-``__torch_dispatch__`` and back, per operator).
+gradients on plain CPU tensors, the counter pauses its mode and charges, after the forward, what
+the operators that module dispatches cost: from per-element coefficients equal to the formulas'
+(or through the formulas themselves, for an operator whose formula was replaced), with the same
+bookkeeping. The counts, per-module tallies and memory peak are the same; those operators skip
+the interception (a Python call into ``__torch_dispatch__`` and back, per operator).
+
+Wrapping forwards rather than registering global module hooks keeps ``Module.__call__`` on its
+hook-free path, and the wrappers are ``functools.partial`` objects: a profile allocates few
+objects, so the garbage collector (whose full collections cost more than a small model's
+forward) runs less often.
 """
 
 from __future__ import annotations
 
 import weakref
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.modules import module as _module_hooks
-from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from .formulas import cost_of
-from .leaf_rules import LeafRule, rule_for
+from .formulas import REPLACED, cost_of
+from .leaf_rules import Coef, LeafRule, rule_for
 
 __all__ = ["OpCounter", "Tally"]
 
+# the C functions behind the fast path's checks, looked up once (they run for every leaf call)
+_pop_mode = torch._C._pop_torch_dispatch_stack
+_push_mode = torch._C._push_on_torch_dispatch_stack
+_mode_depth = torch._C._len_torch_dispatch_stack
+_mode_at = torch._C._get_dispatch_stack_at
+_any_autocast = torch._C._is_any_autocast_enabled
+_torch_function_mode = torch._C._is_torch_function_mode_enabled
+_is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
-@dataclass
+
+@dataclass(slots=True)
 class Tally:
-    """Costs charged to one module (exclusive of its children)."""
+    """Costs charged to one module (exclusive of its children).
+
+    ``unsupported``: operators without a formula and how often they ran (``None``: none).
+    """
 
     macs: int = 0
     other_flops: int = 0
     calls: int = 0
-    unsupported: dict[str, int] = field(default_factory=dict)
+    unsupported: dict[str, int] | None = None
 
 
 class _StorageRef(weakref.ref):
@@ -113,15 +133,77 @@ class _MemoryTracker:
 FAST_LEAVES = True
 
 
+def _counted(counter: OpCounter, forward: Any, path: str, /, *args: Any, **kwargs: Any) -> Any:
+    """A module's forward, with its path on the counter's stack (see ``OpCounter._install``)."""
+    stack = counter.stack
+    stack.append(path)
+    counter.tallies[path].calls += 1
+    try:
+        return forward(*args, **kwargs)
+    finally:
+        stack.pop()
+
+
+def _counted_leaf(
+    counter: OpCounter,
+    module: nn.Module,
+    forward: Any,
+    path: str,
+    rule: LeafRule,
+    coef: Coef | None,
+    /,
+    *args: Any,
+    **kwargs: Any,
+) -> Any:
+    """A leaf module's forward with a rule: the fast path where the call allows it."""
+    stack = counter.stack
+    stack.append(path)
+    tally = counter.tallies[path]
+    tally.calls += 1
+    try:
+        if kwargs or len(args) != 1:
+            return forward(*args, **kwargs)
+        x = args[0]
+        if not (counter._can_pause(x) and rule.call_ok(module, x)):
+            return forward(x)
+        # what torch.utils._python_dispatch._pop_mode does for a mode without a dispatch key,
+        # minus its Python overhead
+        _pop_mode(None)
+        try:
+            out = forward(x)
+        finally:
+            _push_mode(counter)
+        if type(out) is torch.Tensor:  # None if the forward raised
+            if coef is None:
+                for func, op_args, op_kwargs, op_out in rule.calls(module, x, out):
+                    counter._charge(tally, func, op_args, op_kwargs, op_out)
+            else:
+                n = x.numel() if coef[2] else out.numel()
+                tally.macs += coef[0] * n
+                tally.other_flops += coef[1] * n
+            if counter.memory is not None:
+                counter._leaf_memory(rule, module, out)
+            counter.fast_calls += 1
+        return out
+    finally:
+        stack.pop()
+
+
 class OpCounter(TorchDispatchMode):
     """Count operator costs per module and track memory during one forward (and backward).
+
+    Modules are tracked by wrapping their ``forward`` for the duration of the ``with`` block (an
+    instance attribute, removed on exit), so that ``Module.__call__`` keeps its hook-free fast
+    path: a global module hook sends every module call down the slow path. Modules with hooks
+    of their own get a pre-hook (run first) and an always-called forward hook (run last)
+    instead, so that what their hooks compute is charged to them. A leaf module's fast-path
+    rule is chosen when the block is entered, from the module as it is then.
 
     Args:
         model: the model about to run; module paths come from its ``named_modules``.
         track_memory: track live tensor storages.
         fast_leaves: charge known leaf modules without intercepting their operators, where
-            that gives the same figures (``None``: the module-level ``FAST_LEAVES``). Read
-            when a module is first seen.
+            that gives the same figures (``None``: the module-level ``FAST_LEAVES``).
         named: the model's ``named_modules(remove_duplicate=False)``, if already listed.
     """
 
@@ -134,11 +216,7 @@ class OpCounter(TorchDispatchMode):
         named: list[tuple[str, nn.Module]] | None = None,
     ) -> None:
         super().__init__()
-        self.paths: dict[int, str] = {}
-        if named is None:
-            named = list(model.named_modules(remove_duplicate=False))
-        for path, m in named:
-            self.paths.setdefault(id(m), path)
+        self._named = list(model.named_modules(remove_duplicate=False)) if named is None else named
         self.tallies: dict[str, Tally] = defaultdict(Tally)
         self.stack: list[str] = [""]
         self.phase = "forward"
@@ -147,100 +225,125 @@ class OpCounter(TorchDispatchMode):
         self.fast_leaves = FAST_LEAVES if fast_leaves is None else fast_leaves
         #: leaf modules charged by the fast path (calls), for tests and diagnostics
         self.fast_calls = 0
-        #: per module seen: its path, its tally and its fast-path rule (None: none)
-        self._seen: dict[int, tuple[str, Tally, LeafRule | None]] = {}
-        self._paused: list[tuple[nn.Module, LeafRule]] = []
+        # the modules whose forward is wrapped, their wrappers, and forwards that were set on
+        # the instance before (parallel lists: few allocations, see _MemoryTracker.stop)
+        self._wrapped: list[nn.Module] = []
+        self._wrappers: list[Any] = []
+        self._own_forwards: dict[int, Any] = {}
         self._handles: list[Any] = []
 
     # -- module tracking ------------------------------------------------------------------------
-    def _pre(self, module: nn.Module, args: Any) -> None:
-        seen = self._seen.get(id(module))
-        if seen is None:
-            path = self.paths.get(id(module))
-            if path is None:
-                return  # not part of the model (created during the forward)
-            rule = rule_for(module) if self.fast_leaves else None
-            seen = self._seen[id(module)] = (path, self.tallies[path], rule)
-        path, tally, rule = seen
-        self.stack.append(path)
-        tally.calls += 1
-        if rule is not None and self._can_pause(module, args, rule):
-            # what torch.utils._python_dispatch._pop_mode does for a mode without a dispatch
-            # key, minus its Python overhead
-            torch._C._pop_torch_dispatch_stack(None)
-            self._paused.append((module, rule))
+    def _install(self) -> None:
+        """Wrap the forward of every module (each once, at its first path)."""
+        seen: set[int] = set()
+        fast = self.fast_leaves
+        coefs_ok: dict[int, bool] = {}  # per rule: no formula of its operators replaced
+        try:
+            for path, m in self._named:
+                if id(m) in seen:
+                    continue
+                seen.add(id(m))
+                if (
+                    m._forward_pre_hooks
+                    or m._forward_hooks
+                    or m._backward_hooks
+                    or m._backward_pre_hooks
+                ):
+                    self._hook(m, path)
+                    continue
+                d = m.__dict__
+                own = d.get("forward")  # a forward set on the instance (accelerate...)
+                rule = rule_for(m) if fast and own is None else None
+                if rule is None:
+                    wrapper = partial(_counted, self, m.forward, path)
+                else:
+                    ok = coefs_ok.get(id(rule))
+                    if ok is None:
+                        ok = coefs_ok[id(rule)] = REPLACED.isdisjoint(rule.ops)
+                    coef = rule.coef(m) if ok else None
+                    wrapper = partial(_counted_leaf, self, m, m.forward, path, rule, coef)
+                if own is not None:
+                    self._own_forwards[id(m)] = own
+                d["forward"] = wrapper
+                self._wrapped.append(m)
+                self._wrappers.append(wrapper)
+        except BaseException:
+            self._uninstall()
+            raise
 
-    def _post(self, module: nn.Module, args: Any, out: Any) -> None:
-        if self._paused and self._paused[-1][0] is module:
-            rule = self._paused.pop()[1]
-            try:
-                if isinstance(out, torch.Tensor):  # None when the forward raised
-                    self._charge_leaf(rule, module, args[0], out)
-            finally:
-                torch._C._push_on_torch_dispatch_stack(self)
-        seen = self._seen.get(id(module))
-        if seen is not None and len(self.stack) > 1 and self.stack[-1] == seen[0]:
-            self.stack.pop()
+    def _uninstall(self) -> None:
+        own_forwards = self._own_forwards
+        for m, wrapper in zip(self._wrapped, self._wrappers):
+            d = m.__dict__
+            if d.get("forward") is wrapper:  # unless the forward replaced it meanwhile
+                own = own_forwards.get(id(m))
+                if own is None:
+                    del d["forward"]
+                else:
+                    d["forward"] = own
+        self._wrapped = []
+        self._wrappers = []
+        self._own_forwards = {}
+        for h in self._handles:
+            h.remove()
+        self._handles = []
 
-    def _can_pause(self, module: nn.Module, args: Any, rule: LeafRule) -> bool:
-        """Whether the fast path gives the dispatch path's figures for this call.
+    def _hook(self, module: nn.Module, path: str) -> None:
+        def pre(m: nn.Module, args: Any) -> None:
+            self.stack.append(path)
+            self.tallies[path].calls += 1
 
-        Refused (the operators are intercepted one by one): several or keyword inputs, backward
-        counting or gradients, tensor subclasses, non-CPU or non-float inputs, autocast, torch
-        function modes, functorch transforms, hooks that would run while the mode is paused,
-        another dispatch mode pushed inside this one, and what the module's rule refuses.
+        def post(m: nn.Module, args: Any, out: Any) -> None:
+            if len(self.stack) > 1 and self.stack[-1] == path:
+                self.stack.pop()
+
+        self._handles.append(module.register_forward_pre_hook(pre, prepend=True))
+        self._handles.append(module.register_forward_hook(post, always_call=True))
+
+    def _can_pause(self, x: Any) -> bool:
+        """Whether the fast path can give the dispatch path's figures for a call on ``x``.
+
+        Refused (the operators are intercepted one by one): backward counting or gradients,
+        tensor subclasses, non-CPU or non-float inputs, autocast, torch function modes,
+        functorch transforms, and another dispatch mode pushed inside this one; then the
+        module's rule has its say. (Several or keyword inputs are refused by the caller; the
+        module's hooks, and global ones, run outside the paused region.)
         """
-        if len(args) != 1 or self.phase != "forward":
-            return False
-        x = args[0]
-        return (
+        if not (
             type(x) is torch.Tensor
+            and self.phase == "forward"
             and x.is_cpu
             and x.layout is torch.strided
             and x.is_floating_point()
             and not torch.is_grad_enabled()
-            and not torch.is_autocast_enabled("cpu")
-            and not torch._C._is_torch_function_mode_enabled()
-            and not torch._C._functorch.is_functorch_wrapped_tensor(x)
-            # nothing else may run inside the paused region: no hooks of the module's own
-            # (a pre-hook may compute a weight), no global hooks but this counter's
-            and not module._forward_pre_hooks
-            and not module._backward_hooks
-            and not module._backward_pre_hooks
-            and len(_module_hooks._global_forward_pre_hooks) == 1
-            and len(_module_hooks._global_forward_hooks) == 1
-            and not _module_hooks._global_backward_hooks
-            and not _module_hooks._global_backward_pre_hooks
-            and _get_current_dispatch_mode() is self
-            and rule.call_ok(module, x)
-        )
+            and not _any_autocast()
+            and not _torch_function_mode()
+            and not _is_functorch_wrapped(x)
+        ):
+            return False
+        depth = _mode_depth()
+        return depth > 0 and _mode_at(depth - 1) is self
 
-    def _charge_leaf(
-        self, rule: LeafRule, module: nn.Module, x: torch.Tensor, out: torch.Tensor
-    ) -> None:
-        """Charge a paused leaf module's operators and output, as the dispatch path would."""
-        tally = self.tallies[self.stack[-1]]
-        for func, args, kwargs, op_out in rule.calls(module, x, out):
-            self._charge(tally, func, args, kwargs, op_out)
-        if self.memory is not None:
-            self.memory.add(out)
-            transient = rule.transient_bytes(module, out)
-            if transient:
-                self.memory.add_transient(transient)
-        self.fast_calls += 1
+    def _leaf_memory(self, rule: LeafRule, module: nn.Module, out: torch.Tensor) -> None:
+        """Track a paused leaf's output, and what it allocated and freed, as the dispatch path
+        would have."""
+        memory = self.memory
+        memory.add(out)
+        transient = rule.transient_bytes(module, out)
+        if transient:
+            memory.add_transient(transient)
 
     def __enter__(self) -> OpCounter:
-        self._handles = [
-            _module_hooks.register_module_forward_pre_hook(self._pre),
-            _module_hooks.register_module_forward_hook(self._post, always_call=True),
-        ]
-        return super().__enter__()
+        self._install()
+        try:
+            return super().__enter__()
+        except BaseException:
+            self._uninstall()
+            raise
 
     def __exit__(self, *exc: Any) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-        self.stack = [""]
+        self._uninstall()
+        del self.stack[1:]
         if self.memory is not None:
             self.memory.stop()
         return super().__exit__(*exc)
@@ -256,6 +359,8 @@ class OpCounter(TorchDispatchMode):
         cost = cost_of(func, args, kwargs, out)
         if cost is None:
             name = str(getattr(func, "overloadpacket", func))
+            if tally.unsupported is None:
+                tally.unsupported = {}
             tally.unsupported[name] = tally.unsupported.get(name, 0) + 1
         else:
             tally.macs += int(cost[0])

@@ -30,6 +30,10 @@ Formula = Callable[[Sequence[Any], dict[str, Any], Any], Cost]
 _FORMULAS: dict[Any, Formula] = {}
 #: operator overload -> its cost function (``None``: no formula), filled on first use
 _CACHE: dict[Any, Formula | None] = {}
+#: packets given a formula by ``register_formula`` after the built-in ones (the profiler's leaf
+#: fast path then charges their modules through the formulas rather than its own arithmetic)
+REPLACED: set[Any] = set()
+_BUILTINS_DONE = False
 
 
 def register_formula(*ops: Any) -> Callable[[Formula], Formula]:
@@ -46,6 +50,8 @@ def register_formula(*ops: Any) -> Callable[[Formula], Formula]:
     def deco(fn: Formula) -> Formula:
         for op in ops:
             _FORMULAS[_packet(op)] = fn
+            if _BUILTINS_DONE:
+                REPLACED.add(_packet(op))
         _CACHE.clear()
         return fn
 
@@ -212,16 +218,16 @@ ELEMENT_COSTS: dict[str, int] = {
 }
 
 
-def _per_out(cost: int) -> Formula:
+def _per_out(key: str) -> Formula:
     def f(args, kwargs, out) -> Cost:
-        return 0, cost * _n(_first_tensor(out).shape)
+        return 0, ELEMENT_COSTS[key] * _n(_first_tensor(out).shape)
 
     return f
 
 
-def _per_in(cost: int) -> Formula:
+def _per_in(key: str) -> Formula:
     def f(args, kwargs, out) -> Cost:
-        return 0, cost * _n(args[0].shape)
+        return 0, ELEMENT_COSTS[key] * _n(args[0].shape)
 
     return f
 
@@ -236,12 +242,12 @@ def _first_tensor(out: Any) -> Any:
 
 
 register_formula(aten._softmax, aten._log_softmax, aten.softmax, aten.log_softmax)(
-    _per_out(ELEMENT_COSTS["softmax"])
+    _per_out("softmax")
 )
-register_formula(aten.cumsum, aten.cumprod, aten.logcumsumexp)(_per_in(ELEMENT_COSTS["reduction"]))
-register_formula(aten.native_layer_norm, aten.layer_norm)(_per_in(ELEMENT_COSTS["layer_norm"]))
-register_formula(aten._fused_rms_norm, aten.rms_norm)(_per_in(ELEMENT_COSTS["rms_norm"]))
-register_formula(aten.native_group_norm, aten.group_norm)(_per_in(ELEMENT_COSTS["group_norm"]))
+register_formula(aten.cumsum, aten.cumprod, aten.logcumsumexp)(_per_in("reduction"))
+register_formula(aten.native_layer_norm, aten.layer_norm)(_per_in("layer_norm"))
+register_formula(aten._fused_rms_norm, aten.rms_norm)(_per_in("rms_norm"))
+register_formula(aten.native_group_norm, aten.group_norm)(_per_in("group_norm"))
 
 
 @register_formula(
@@ -519,6 +525,10 @@ def _classify(func: Any) -> Formula | None:
         and all(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns)
     ):
         return _free  # views
+    if torch.Tag.pointwise in tags and torch.Tag.reduction in tags:
+        # a packet with both kinds of overload (max.other is elementwise, max.default and
+        # max.dim reduce): the overload's own tags decide
+        return _reduction if torch.Tag.reduction in getattr(func, "tags", ()) else _pointwise
     if torch.Tag.pointwise in tags:
         return _pointwise
     if torch.Tag.reduction in tags:
@@ -554,3 +564,6 @@ def cost_of(func: Any, args: Sequence[Any], kwargs: dict[str, Any], out: Any) ->
     except TypeError:  # unhashable callables
         f = _classify(func)
     return None if f is None else f(args, kwargs, out)
+
+
+_BUILTINS_DONE = True

@@ -6,19 +6,22 @@ Intercepting an aten operator with a ``TorchDispatchMode`` costs a Python call i
 gradients, on plain dense CPU tensors, the operators a forward dispatches are fixed by the
 module's attributes and the input's shape and layout.
 :class:`~nnslim.profiling.counter.OpCounter` pauses its mode inside such a module and charges,
-after the forward, the operators listed here, through the same formulas
-(:func:`~nnslim.profiling.formulas.cost_of`) and the same bookkeeping as the dispatch path.
+after the forward, what the operators listed here cost, with the same bookkeeping as the
+dispatch path.
 
 Each rule lists the cost-bearing operators the module dispatches, with the arguments the
-dispatcher passes them. Operators that only make views or empty tensors (``aten.t``,
+dispatcher passes them, and the cost of a call per output (or input) element as the built-in
+formulas (:func:`~nnslim.profiling.formulas.cost_of`) give it: one multiplication per call
+instead of a pass through the formulas. Where a formula of one of those operators has been
+replaced with :func:`~nnslim.register_formula`, the listed operators go through the formulas. Operators that only make views or empty tensors (``aten.t``,
 ``aten.view``, BatchNorm's zero-size reserve) are free and left out. Outputs that the forward
 creates and drops before returning (``max_pool2d_with_indices``'s indices, ``native_layer_norm``'s
 mean and rstd) are reported as transient bytes, so that the memory peak stays what the dispatch
 path measures.
 
 The tests in ``tests/profiling/test_leaf_fast_path.py`` check, for every rule, that the fast path
-and the dispatch path give the same counts, per-module tallies and memory peak: what an operator
-dispatches can change between torch versions, and those tests are what catch it.
+(both ways) and the dispatch path give the same counts, per-module tallies and memory peak: what
+an operator dispatches can change between torch versions, and those tests are what catch it.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from .formulas import ELEMENT_COSTS
 
 # Rules read parameters and buffers from ``_parameters`` / ``_buffers`` directly: ``m.weight``
 # goes through ``Module.__getattr__``, a Python call per access, on a path that runs for every
@@ -55,6 +60,14 @@ def _no_transient(m: nn.Module, out: torch.Tensor) -> int:
     return 0
 
 
+#: ``(MACs, other FLOPs, per input element)`` per element of a leaf call (see ``LeafRule.coef``)
+Coef = tuple[int, int, bool]
+
+
+def _no_coef(m: nn.Module) -> Coef | None:
+    return None
+
+
 @dataclass(frozen=True)
 class LeafRule:
     """How to charge one leaf module type from its input and output.
@@ -68,12 +81,20 @@ class LeafRule:
             or layouts that dispatch other operators.
         transient_bytes: bytes of outputs the forward created and freed before returning, from
             the module and its output.
+        ops: the aten overload packets ``calls`` lists.
+        coef: the cost of a call per element, from the module alone: ``(MACs, other FLOPs,
+            per input element)``, the counts per output element when the last is false.
+            ``None`` (or no function): charge ``calls`` through the formulas. Each is what
+            the built-in formulas of ``ops`` give, for every call ``call_ok`` admits (the
+            tests compare them); a formula registered over one of ``ops`` turns it off.
     """
 
     calls: Callable[[nn.Module, torch.Tensor, torch.Tensor], list[OpCall]]
     module_ok: Callable[[nn.Module], bool] = _always
     call_ok: Callable[[nn.Module, torch.Tensor], bool] = _any_input
     transient_bytes: Callable[[nn.Module, torch.Tensor], int] = _no_transient
+    ops: tuple[Any, ...] = ()
+    coef: Callable[[nn.Module], Coef | None] = _no_coef
 
 
 # -- convolution --------------------------------------------------------------------------------
@@ -103,7 +124,15 @@ def _conv_calls(m: nn.Module, x: torch.Tensor, out: torch.Tensor) -> list[OpCall
     return [(aten.convolution.default, args, {}, out)]
 
 
-_CONV = LeafRule(_conv_calls, _conv_module_ok, _conv_call_ok)
+def _conv_coef(m: nn.Module) -> Coef:
+    # formulas._conv (not transposed): Cin/groups * prod(kernel) MACs per output element
+    w = m._parameters["weight"]
+    return w.shape[1] * math.prod(w.shape[2:]), int(m._parameters["bias"] is not None), False
+
+
+_CONV = LeafRule(
+    _conv_calls, _conv_module_ok, _conv_call_ok, ops=(aten.convolution,), coef=_conv_coef
+)
 
 
 # -- linear -------------------------------------------------------------------------------------
@@ -125,13 +154,26 @@ def _linear_calls(m: nn.Module, x: torch.Tensor, out: torch.Tensor) -> list[OpCa
     return [(aten.addmm.default, (bias, x, w_t), {}, out)]
 
 
-_LINEAR = LeafRule(_linear_calls, call_ok=_linear_call_ok)
+def _linear_coef(m: nn.Module) -> Coef:
+    # formulas._addmm / _mm: in_features MACs per output element, plus the bias
+    params = m._parameters
+    return params["weight"].shape[1], int(params["bias"] is not None), False
+
+
+_LINEAR = LeafRule(
+    _linear_calls, call_ok=_linear_call_ok, ops=(aten.addmm, aten.mm), coef=_linear_coef
+)
 
 
 # -- batch norm ---------------------------------------------------------------------------------
 def _bn_module_ok(m: nn.Module) -> bool:
     # without running statistics, eval mode normalises with batch statistics (training kernel)
-    return m.track_running_stats and m.running_mean is not None and m.running_var is not None
+    buffers = m._buffers
+    return (
+        m.track_running_stats
+        and buffers.get("running_mean") is not None
+        and buffers.get("running_var") is not None
+    )
 
 
 def _bn_call_ok(m: nn.Module, x: torch.Tensor) -> bool:
@@ -155,16 +197,27 @@ def _bn_calls(m: nn.Module, x: torch.Tensor, out: torch.Tensor) -> list[OpCall]:
     return [(aten.native_batch_norm.default, args, {}, (out,))]
 
 
-_BATCH_NORM = LeafRule(_bn_calls, _bn_module_ok, _bn_call_ok)
+def _bn_coef(m: nn.Module) -> Coef:
+    return 0, ELEMENT_COSTS["batch_norm_eval"], True  # formulas._bn, eval mode
+
+
+_BATCH_NORM = LeafRule(
+    _bn_calls, _bn_module_ok, _bn_call_ok, ops=(aten.native_batch_norm,), coef=_bn_coef
+)
 
 
 # -- activations --------------------------------------------------------------------------------
+def _pointwise_coef(m: nn.Module) -> Coef:
+    return 0, ELEMENT_COSTS["pointwise"], False  # formulas._pointwise (float outputs)
+
+
 def _activation(op: Any, inplace_op: Any = None, *extra: Any) -> LeafRule:
     def calls(m: nn.Module, x: torch.Tensor, out: torch.Tensor) -> list[OpCall]:
         chosen = inplace_op if inplace_op is not None and m.inplace else op
         return [(chosen, (x, *extra), {}, out)]
 
-    return LeafRule(calls)
+    ops = tuple(o.overloadpacket for o in (op, inplace_op) if o is not None)
+    return LeafRule(calls, ops=ops, coef=_pointwise_coef)
 
 
 def _gelu_calls(m: nn.Module, x: torch.Tensor, out: torch.Tensor) -> list[OpCall]:
@@ -202,6 +255,10 @@ def _max_pool_indices_bytes(m: nn.Module, out: torch.Tensor) -> int:
     return out.numel() * 8
 
 
+def _pool_coef(m: nn.Module) -> Coef:
+    return 0, math.prod(_pair(m.kernel_size)), False  # formulas._pool: the window per output
+
+
 def _avg_pool_calls(m: nn.Module, x: torch.Tensor, out: torch.Tensor) -> list[OpCall]:
     args = (
         x,
@@ -225,11 +282,24 @@ def _adaptive_avg_calls(m: nn.Module, x: torch.Tensor, out: torch.Tensor) -> lis
     return [(aten._adaptive_avg_pool2d.default, (x, resolved), {}, out)]
 
 
+def _adaptive_avg_coef(m: nn.Module) -> Coef | None:
+    size = m.output_size
+    wanted = [size, size] if isinstance(size, int) else list(size)
+    if None in wanted:
+        return None  # resolved from the input: which operator runs depends on it
+    # 1x1: a mean (formulas._reduction), else formulas._adaptive_pool; per input element
+    return 0, ELEMENT_COSTS["reduction"] if wanted == [1, 1] else 1, True
+
+
 # -- layer norm ---------------------------------------------------------------------------------
 def _layer_norm_calls(m: nn.Module, x: torch.Tensor, out: torch.Tensor) -> list[OpCall]:
     params = m._parameters
     args = (x, list(m.normalized_shape), params["weight"], params["bias"], m.eps)
     return [(aten.native_layer_norm.default, args, {}, (out,))]
+
+
+def _layer_norm_coef(m: nn.Module) -> Coef:
+    return 0, ELEMENT_COSTS["layer_norm"], True  # formulas._per_in("layer_norm")
 
 
 def _layer_norm_stats_bytes(m: nn.Module, out: torch.Tensor) -> int:
@@ -254,26 +324,34 @@ _RULES: dict[type[nn.Module], LeafRule] = {
     nn.SiLU: _activation(aten.silu.default, aten.silu_.default),
     nn.Sigmoid: _activation(aten.sigmoid.default),
     nn.Tanh: _activation(aten.tanh.default),
-    nn.GELU: LeafRule(_gelu_calls),
+    nn.GELU: LeafRule(_gelu_calls, ops=(aten.gelu,), coef=_pointwise_coef),
     nn.MaxPool2d: LeafRule(
-        _max_pool_calls, _max_pool_module_ok, _pool2d_call_ok, _max_pool_indices_bytes
+        _max_pool_calls,
+        _max_pool_module_ok,
+        _pool2d_call_ok,
+        _max_pool_indices_bytes,
+        ops=(aten.max_pool2d_with_indices,),
+        coef=_pool_coef,
     ),
-    nn.AvgPool2d: LeafRule(_avg_pool_calls, call_ok=_pool2d_call_ok),
-    nn.AdaptiveAvgPool2d: LeafRule(_adaptive_avg_calls, call_ok=_pool2d_call_ok),
-    nn.LayerNorm: LeafRule(_layer_norm_calls, transient_bytes=_layer_norm_stats_bytes),
+    nn.AvgPool2d: LeafRule(
+        _avg_pool_calls, call_ok=_pool2d_call_ok, ops=(aten.avg_pool2d,), coef=_pool_coef
+    ),
+    nn.AdaptiveAvgPool2d: LeafRule(
+        _adaptive_avg_calls,
+        call_ok=_pool2d_call_ok,
+        ops=(aten.mean, aten._adaptive_avg_pool2d),
+        coef=_adaptive_avg_coef,
+    ),
+    nn.LayerNorm: LeafRule(
+        _layer_norm_calls,
+        transient_bytes=_layer_norm_stats_bytes,
+        ops=(aten.native_layer_norm,),
+        coef=_layer_norm_coef,
+    ),
 }
 
 _PLAIN_TENSOR_TYPES = (torch.Tensor, nn.Parameter)
-
-
-def _plain_cpu(t: torch.Tensor | None) -> bool:
-    return t is None or (
-        type(t) in _PLAIN_TENSOR_TYPES
-        and t.is_cpu
-        and t.layout is torch.strided
-        and not t.is_quantized
-        and not torch._C._functorch.is_functorch_wrapped_tensor(t)
-    )
+_is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
 def rule_for(module: nn.Module) -> LeafRule | None:
@@ -287,6 +365,12 @@ def rule_for(module: nn.Module) -> LeafRule | None:
         return None
     for tensors in (module._parameters, module._buffers):
         for t in tensors.values():
-            if not _plain_cpu(t):
+            if t is not None and not (
+                type(t) in _PLAIN_TENSOR_TYPES
+                and t.is_cpu
+                and t.layout is torch.strided
+                and not t.is_quantized
+                and not _is_functorch_wrapped(t)
+            ):
                 return None
     return rule

@@ -260,13 +260,14 @@ def eval_mode(model: nn.Module, modules: Iterable[nn.Module] | None = None) -> I
     A model already in eval mode is left alone (``model.eval()`` and the restoring writes cost
     a tenth of a small model's forward). ``modules``: the model's modules, if already listed.
     """
-    modes = [(m, m.training) for m in (model.modules() if modules is None else modules)]
-    if any(training for _, training in modes):
+    modules = list(model.modules()) if modules is None else modules
+    flags = [m.training for m in modules]
+    if any(flags):
         model.eval()
     try:
         yield
     finally:
-        for m, training in modes:
+        for m, training in zip(modules, flags):
             if m.training != training:
                 m.training = training
 
@@ -283,65 +284,71 @@ def _own_tensors(walk: list[tuple[str, nn.Module]]) -> list[torch.Tensor]:
     return out
 
 
-def _storage_key(t: torch.Tensor) -> Any:
-    if t.is_meta:
-        return ("meta", id(t))
-    st = t.untyped_storage()
-    return (t.device.type, st.data_ptr(), st.nbytes())
-
-
 def _weights(
     named: list[tuple[str, nn.Module]],
 ) -> tuple[int, int, int, int, int, dict[str, tuple[int, int]]]:
     """Params, param bytes, buffer bytes, zero weights, weight count; per-module own figures.
 
-    ``named`` is the model's ``named_modules()``. The ``nnslim_weight_buffers`` and
-    ``nnslim_zero_weights`` methods are looked up on each module's class: looking them up on
-    the instance goes through ``Module.__getattr__``, which raises for every module without them.
+    ``named`` is the model's ``named_modules()``. Tensors are de-duplicated by storage (tied
+    weights count once). The ``nnslim_weight_buffers`` and ``nnslim_zero_weights`` methods are
+    looked up on each module's class: looking them up on the instance goes through
+    ``Module.__getattr__``, which raises for every module without them. Modules without tensors
+    of their own (containers) are left out of the per-module figures.
     """
-    seen: set[Any] = set()
+    seen: set[int] = set()
     params = pbytes = bbytes = zeros = wcount = 0
     own: dict[str, tuple[int, int]] = {}
+    hooks: dict[type, tuple[Any, Any]] = {}
     for path, m in named:
-        weight_bufs = {}
         cls = type(m)
-        if callable(getattr(cls, "nnslim_weight_buffers", None)):
-            weight_bufs = m.nnslim_weight_buffers()
+        found = hooks.get(cls)
+        if found is None:
+            found = hooks[cls] = (
+                getattr(cls, "nnslim_weight_buffers", None),
+                getattr(cls, "nnslim_zero_weights", None),
+            )
+        weight_buffers, zero_weights = found
         mp = mb = 0
         for p in m._parameters.values():
             if p is None:
                 continue
-            key = _storage_key(p)
-            if key in seen:
+            st = p.untyped_storage()
+            if st._cdata in seen:  # the storage's C++ object: one per storage while it lives
                 continue
-            seen.add(key)
+            seen.add(st._cdata)
             numel = p.numel()
-            meta = p.is_meta
             mp += numel
-            mb += numel * p.element_size() if meta else p.untyped_storage().nbytes()
+            if p.is_meta:
+                mb += numel * p.element_size()
+                if p.dim() >= 2:
+                    wcount += numel
+                continue
+            mb += st.nbytes()
             if p.dim() >= 2:
                 wcount += numel
-                if not meta:
-                    zeros += numel - int(torch.count_nonzero(p.detach()))
-        for name, b in m._buffers.items():
-            if b is None or name in m._non_persistent_buffers_set:
-                continue
-            key = _storage_key(b)
-            if key in seen:
-                continue
-            seen.add(key)
-            nbytes = b.numel() * b.element_size()
-            if name in weight_bufs:
-                mp += int(weight_bufs[name])
-                wcount += int(weight_bufs[name])
-                mb += nbytes
-            else:
-                bbytes += nbytes
-        if callable(getattr(cls, "nnslim_zero_weights", None)):
+                zeros += numel - int(torch.count_nonzero(p))
+        if m._buffers:
+            weight_bufs = m.nnslim_weight_buffers() if callable(weight_buffers) else {}
+            for name, b in m._buffers.items():
+                if b is None or name in m._non_persistent_buffers_set:
+                    continue
+                st = b.untyped_storage()
+                if st._cdata in seen:
+                    continue
+                seen.add(st._cdata)
+                nbytes = b.numel() * b.element_size()
+                if name in weight_bufs:
+                    mp += int(weight_bufs[name])
+                    wcount += int(weight_bufs[name])
+                    mb += nbytes
+                else:
+                    bbytes += nbytes
+        if callable(zero_weights):
             zeros += int(m.nnslim_zero_weights())
-        params += mp
-        pbytes += mb
-        own[path] = (mp, mb)
+        if mp or mb:
+            params += mp
+            pbytes += mb
+            own[path] = (mp, mb)
     return params, pbytes, bbytes, zeros, wcount, own
 
 
@@ -422,7 +429,7 @@ def profile(
     modules, total_macs, total_other = _tree(named, counter.tallies, own)
     unsupported: dict[str, list[str]] = {}
     for path, tally in counter.tallies.items():
-        for op in tally.unsupported:
+        for op in tally.unsupported or ():
             unsupported.setdefault(op, []).append(path)
     return Profile(
         macs=total_macs,
@@ -470,21 +477,21 @@ def _tree(
     for path, m in named:
         mp, mb = own.get(path, (0, 0))
         t = tallies.get(path)
-        modules[path] = ModuleProfile(
-            path,
-            type(m).__name__,
-            macs=t.macs if t else 0,
-            other_flops=t.other_flops if t else 0,
-            params=mp,
-            param_bytes=mb,
-            calls=t.calls if t else 0,
-        )
+        if t is None:
+            modules[path] = ModuleProfile(path, type(m).__name__, 0, 0, mp, mb, 0)
+        else:
+            modules[path] = ModuleProfile(
+                path, type(m).__name__, t.macs, t.other_flops, mp, mb, t.calls
+            )
     # costs charged to paths of shared modules that named_modules deduplicated
-    for path, t in tallies.items():
-        if path not in modules:
-            modules[path] = ModuleProfile(path, "?", t.macs, t.other_flops, 0, 0, t.calls)
-    # roll children up into parents (deepest first)
-    for path in sorted(modules, key=lambda p: -(p.count(".") + 1 if p else 0)):
+    extra = [path for path in tallies if path not in modules]
+    for path in extra:
+        t = tallies[path]
+        modules[path] = ModuleProfile(path, "?", t.macs, t.other_flops, 0, 0, t.calls)
+    # roll children up into parents, children first: named_modules lists a module before its
+    # children, so the reverse lists every child before its parent
+    order = reversed(modules) if not extra else sorted(modules, key=lambda p: -p.count("."))
+    for path in order:
         if path == "":
             continue
         parent = path.rpartition(".")[0]

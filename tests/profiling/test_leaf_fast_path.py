@@ -11,7 +11,7 @@ from torch import nn
 
 import nnslim
 from nnslim.core.inputs import as_inputs
-from nnslim.profiling import counter
+from nnslim.profiling import counter, formulas
 from nnslim.profiling.counter import OpCounter
 from nnslim.profiling.leaf_rules import _RULES
 from nnslim.profiling.profiler import eval_mode
@@ -28,6 +28,19 @@ def dispatch_path_only():
         counter.FAST_LEAVES = old
 
 
+@contextlib.contextmanager
+def leaves_through_formulas():
+    """The fast path charges each leaf's operators through the formulas (as it does for an
+    operator whose formula was replaced), not through its rule's per-element coefficients."""
+    ops = {op for rule in _RULES.values() for op in rule.ops}
+    added = ops - formulas.REPLACED
+    formulas.REPLACED.update(added)
+    try:
+        yield
+    finally:
+        formulas.REPLACED.difference_update(added)
+
+
 def assert_same(slow, fast):
     assert fast.macs == slow.macs
     assert fast.other_flops == slow.other_flops
@@ -40,9 +53,12 @@ def assert_same(slow, fast):
 
 
 def profile_both(model, example, **kwargs):
-    """(dispatch path, fast path) profiles of the same model and inputs."""
+    """(dispatch path, fast path) profiles of the same model and inputs; the fast path charging
+    through the formulas gives the same figures too."""
     with dispatch_path_only():
         slow = nnslim.profile(model, example, **kwargs)
+    with leaves_through_formulas():
+        assert_same(slow, nnslim.profile(model, example, **kwargs))
     fast = nnslim.profile(model, example, **kwargs)
     assert_same(slow, fast)
     return slow, fast
@@ -304,16 +320,153 @@ def test_module_pre_hook_computing_the_weight_is_counted():
     assert fast_calls(conv, x) == 0
 
 
-def test_other_global_hooks_keep_the_dispatch_path():
+def test_global_hooks_run_outside_the_fast_path():
+    # module hooks, global or not, run around the wrapped forward, never inside the paused
+    # region: the leaves stay fast, and what the hook computes is counted (to the caller)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
     x = torch.randn(1, 3, 6, 6)
-    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, a, o: None)
+
+    def total(m, args, out):
+        out.sum()  # computes, and returns None: the output stays
+
+    handle = torch.nn.modules.module.register_module_forward_hook(total)
     try:
-        profile_both(model, x)
-        assert fast_calls(model, x) == 0
+        slow, fast = profile_both(model, x)
+        assert fast_calls(model, x) == 2
     finally:
         handle.remove()
-    assert fast_calls(model, x) == 2
+    out = 4 * 4 * 4
+    assert fast.other_flops == out + out + 3 * out  # bias, ReLU, a sum after each of 3 modules
+    assert fast.modules["0"].other_flops == out and fast.modules["1"].other_flops == out
+
+
+def test_module_hooks_are_charged_to_their_module():
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU())
+    model[0].register_forward_pre_hook(lambda m, args: (args[0] * 2,))
+    model[0].register_forward_hook(lambda m, args, out: out + 1)
+    x = torch.randn(3, 8)
+    slow, fast = profile_both(model, x)
+    assert fast.modules["0"].macs == 3 * 8 * 8
+    assert fast.modules["0"].other_flops == 3 * 8 + 3 * 8 + 3 * 8  # doubling, bias, + 1
+    assert fast.modules["1"].other_flops == 3 * 8
+    assert fast_calls(model, x) == 1  # the ReLU; the hooked Linear keeps the dispatch path
+
+
+def test_forward_set_on_the_instance_is_counted_by_dispatch_and_kept():
+    conv = nn.Conv2d(4, 8, 3)
+
+    def doubled(x):
+        return nn.Conv2d.forward(conv, x * 2)
+
+    conv.forward = doubled
+    model = nn.Sequential(conv, nn.ReLU())
+    x = torch.randn(1, 4, 6, 6)
+    slow, fast = profile_both(model, x)
+    assert fast.modules["0"].other_flops == 4 * 36 + 8 * 16  # the doubling, then the bias
+    assert fast_calls(model, x) == 1  # the ReLU
+    assert conv.__dict__["forward"] is doubled
+    assert "forward" not in model[1].__dict__ and "forward" not in model.__dict__
+
+
+def test_forwards_are_unwrapped_after_a_failure():
+    model = nn.Sequential(nn.ReLU(), nn.Conv2d(4, 8, 3))
+    with pytest.raises(ValueError, match="failed on example_inputs"):
+        nnslim.profile(model, torch.randn(1, 5, 6, 6))
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    assert torch._C._len_torch_dispatch_stack() == 0
+
+
+def test_forward_called_directly_is_charged_to_its_module():
+    class Direct(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.lin.forward(x)  # not through __call__: hooks would not see it
+
+    slow, fast = profile_both(Direct(), torch.randn(2, 8))
+    assert fast.modules["lin"].macs == 2 * 8 * 4 and fast.modules["lin"].calls == 1
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+def test_scripted_submodule_is_counted():
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = torch.jit.script(nn.Sequential(nn.Linear(8, 8), nn.ReLU()))
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.head(self.inner(x))
+
+    model = Outer()
+    scripted_forward = model.inner.__dict__.get("forward")
+    slow, fast = profile_both(model, torch.randn(3, 8))
+    assert fast.macs == 3 * 8 * 8 + 3 * 8 * 2
+    assert fast.modules["inner"].macs == 3 * 8 * 8 and fast.modules["inner"].calls == 1
+    assert all("forward" not in m.__dict__ for m in (model, model.head))
+    assert model.inner.__dict__.get("forward") is scripted_forward
+    assert torch.equal(model(torch.ones(1, 8)), model.head(model.inner(torch.ones(1, 8))))
+
+
+def test_replaced_formula_is_used_by_the_fast_path():
+    conv = nn.Conv2d(3, 4, 3)
+    x = torch.randn(1, 3, 6, 6)
+    old = formulas._FORMULAS[torch.ops.aten.convolution]
+    try:
+        nnslim.register_formula(torch.ops.aten.convolution)(lambda args, kwargs, out: (7, 0))
+        slow, fast = profile_both(conv, x)
+        assert fast.macs == 7 and fast_calls(conv, x) == 1
+    finally:
+        formulas.register_formula(torch.ops.aten.convolution)(old)
+        formulas.REPLACED.discard(torch.ops.aten.convolution)
+    assert nnslim.profile(conv, x).macs == 4 * 16 * 27
+
+
+def test_changed_element_costs_reach_both_paths():
+    model = nn.Sequential(nn.LayerNorm(8), nn.ReLU(), nn.Linear(8, 4))
+    x = torch.randn(2, 8)
+    saved = dict(formulas.ELEMENT_COSTS)
+    try:
+        formulas.ELEMENT_COSTS.update(layer_norm=7, pointwise=3)
+        slow, fast = profile_both(model, x)
+        assert fast.other_flops == 7 * 16 + 3 * 16 + 2 * 4  # norm, ReLU, bias
+    finally:
+        formulas.ELEMENT_COSTS.update(saved)
+
+
+def test_every_rule_names_the_operators_it_charges():
+    cases = [
+        (nn.Conv2d(4, 8, 3), torch.randn(1, 4, 6, 6)),
+        (nn.Conv1d(4, 8, 3, bias=False), torch.randn(2, 4, 9)),
+        (nn.Linear(8, 4), torch.randn(3, 8)),
+        (nn.Linear(8, 4, bias=False), torch.randn(2, 3, 8)),
+        (nn.Conv3d(2, 4, (1, 3, 3), groups=2), torch.randn(1, 2, 2, 4, 4)),
+        (nn.BatchNorm1d(4).eval(), torch.randn(2, 4)),
+        (nn.BatchNorm2d(4).eval(), torch.randn(2, 4, 3, 3)),
+        (nn.BatchNorm3d(4, momentum=None).eval(), torch.randn(2, 4, 1, 2, 2)),
+        (nn.ReLU(inplace=True), torch.randn(4)),
+        (nn.ReLU6(), torch.randn(4)),
+        (nn.Hardswish(), torch.randn(4)),
+        (nn.Hardsigmoid(inplace=True), torch.randn(4)),
+        (nn.SiLU(), torch.randn(4)),
+        (nn.Sigmoid(), torch.randn(4)),
+        (nn.Tanh(), torch.randn(4)),
+        (nn.GELU(approximate="tanh"), torch.randn(4)),
+        (nn.MaxPool2d(2), torch.randn(1, 2, 4, 4)),
+        (nn.AvgPool2d(2), torch.randn(1, 2, 4, 4)),
+        (nn.AdaptiveAvgPool2d(1), torch.randn(1, 2, 4, 4)),
+        (nn.AdaptiveAvgPool2d((2, None)), torch.randn(1, 2, 4, 4)),
+        (nn.LayerNorm(4), torch.randn(3, 4)),
+    ]
+    assert {type(m) for m, _ in cases} == set(_RULES)
+    for module, x in cases:
+        rule = _RULES[type(module)]
+        with torch.no_grad():
+            out = module(x.clone())
+        for func, _, _, _ in rule.calls(module, x, out):
+            assert func.overloadpacket in rule.ops, (type(module).__name__, func)
 
 
 def test_training_mode_batchnorm_and_dropout_keep_the_dispatch_path():

@@ -1,3 +1,4 @@
+import gc
 import json
 
 import pytest
@@ -125,6 +126,20 @@ class Functional(nn.Module):
 def test_functional_matmuls_all_counted():
     p = nnslim.profile(Functional(), torch.randn(3, 4, 8))
     assert p.macs == 4 * (3 * 4 * 8 * 12) + 3 * 4 * 12 * 4
+    assert p.unsupported == {}
+
+
+class MaxMin(nn.Module):
+    def forward(self, x, y):
+        return torch.max(x) + x.min(dim=1).values.sum() + torch.maximum(x, y).sum()
+
+
+def test_max_and_min_reductions_cost_their_input():
+    # max / min have elementwise overloads (max.other) and reducing ones (max.default, max.dim)
+    x, y = torch.randn(6, 5), torch.randn(6, 5)
+    p = nnslim.profile(MaxMin(), (x, y))
+    # max over 30, min over rows (30), maximum (30) then its sum (30), sum of 6, two adds
+    assert p.other_flops == 30 + 30 + 30 + 30 + 6 + 2
     assert p.unsupported == {}
 
 
@@ -257,3 +272,20 @@ def test_sparsity_reported():
     assert p.zero_params == 50
     assert p.weight_count == 100
     assert p.sparsity == pytest.approx(0.5)
+
+
+def test_profile_leaves_no_reference_cycles():
+    # cyclic garbage is freed only by the collector, whose full collections cost more than a
+    # small model's forward; a profile must free everything it made by reference counting
+    model = TinyCNN().eval()
+    x = torch.randn(2, 3, 16, 16)
+    nnslim.profile(model, x)
+    gc.collect()
+    gc.disable()
+    try:
+        for memory in (True, False):
+            nnslim.profile(model, x, memory=memory, backward=memory)
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
+    assert all("forward" not in m.__dict__ for m in model.modules())
