@@ -23,6 +23,8 @@ forward) runs less often.
 
 from __future__ import annotations
 
+import copy
+import types
 import weakref
 from collections import defaultdict
 from dataclasses import dataclass
@@ -133,8 +135,36 @@ class _MemoryTracker:
 FAST_LEAVES = True
 
 
+class _Forward(partial):
+    """A module's forward as an :class:`OpCounter` wraps it: ``partial(_counted or
+    _counted_leaf, counter, forward, path, ...)``, set on the module instance.
+
+    It looks like the forward it wraps where code inspects a module's forward during the
+    count (``inspect.signature(self.forward)`` in Hugging Face ``generate``: ``__wrapped__``;
+    ``__name__``, ``__self__``...), and a copy of the module made meanwhile gets the forward,
+    not the wrapper.
+    """
+
+    __slots__ = ()
+
+    @property
+    def __wrapped__(self) -> Any:
+        return self.args[1]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.args[1], name)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        return copy.deepcopy(self.args[1], memo)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        return self.args[1].__reduce_ex__(protocol)
+
+
 def _counted(counter: OpCounter, forward: Any, path: str, /, *args: Any, **kwargs: Any) -> Any:
     """A module's forward, with its path on the counter's stack (see ``OpCounter._install``)."""
+    if not counter._counting:  # a wrapper that outlived its count (kept by other code)
+        return forward(*args, **kwargs)
     stack = counter.stack
     stack.append(path)
     counter.tallies[path].calls += 1
@@ -146,9 +176,9 @@ def _counted(counter: OpCounter, forward: Any, path: str, /, *args: Any, **kwarg
 
 def _counted_leaf(
     counter: OpCounter,
-    module: nn.Module,
     forward: Any,
     path: str,
+    module: nn.Module,
     rule: LeafRule,
     coef: Coef | None,
     /,
@@ -156,6 +186,8 @@ def _counted_leaf(
     **kwargs: Any,
 ) -> Any:
     """A leaf module's forward with a rule: the fast path where the call allows it."""
+    if not counter._counting:
+        return forward(*args, **kwargs)
     stack = counter.stack
     stack.append(path)
     tally = counter.tallies[path]
@@ -187,6 +219,20 @@ def _counted_leaf(
         return out
     finally:
         stack.pop()
+
+
+def _plain_forward(module: nn.Module, forward: Any) -> Any:
+    """``forward`` without wrappers of counts that have ended; ``None`` if that leaves the
+    class's own forward (nothing to set on the instance)."""
+    while isinstance(forward, _Forward) and not forward.args[0]._counting:
+        forward = forward.args[1]
+    if (
+        isinstance(forward, types.MethodType)
+        and forward.__self__ is module
+        and forward.__func__ is getattr(type(module), "forward", None)
+    ):
+        return None
+    return forward
 
 
 class OpCounter(TorchDispatchMode):
@@ -231,18 +277,31 @@ class OpCounter(TorchDispatchMode):
         self._wrappers: list[Any] = []
         self._own_forwards: dict[int, Any] = {}
         self._handles: list[Any] = []
+        #: between install and uninstall (wrappers kept past that call the forward directly)
+        self._counting = False
 
     # -- module tracking ------------------------------------------------------------------------
     def _install(self) -> None:
-        """Wrap the forward of every module (each once, at its first path)."""
+        """Wrap the forward of every module (each once, at its first path).
+
+        Modules with hooks of their own get hooks instead, so that what their hooks compute is
+        charged to them; so do modules whose class makes ``forward`` a data descriptor (an
+        instance attribute would not shadow it). The modules under an ``nn.DataParallel`` are
+        left alone: it runs copies of them, which would share the wrappers (their costs go to
+        the ``DataParallel`` module).
+        """
         seen: set[int] = set()
         fast = self.fast_leaves
         coefs_ok: dict[int, bool] = {}  # per rule: no formula of its operators replaced
+        skip: list[str] = []  # paths (with a trailing dot) under a DataParallel
+        self._counting = True
         try:
             for path, m in self._named:
-                if id(m) in seen:
+                if id(m) in seen or (skip and path.startswith(tuple(skip))):
                     continue
                 seen.add(id(m))
+                if isinstance(m, nn.DataParallel):
+                    skip.append(path + "." if path else "")
                 if (
                     m._forward_pre_hooks
                     or m._forward_hooks
@@ -253,18 +312,26 @@ class OpCounter(TorchDispatchMode):
                     continue
                 d = m.__dict__
                 own = d.get("forward")  # a forward set on the instance (accelerate...)
+                forward = m.forward
                 rule = rule_for(m) if fast and own is None else None
                 if rule is None:
-                    wrapper = partial(_counted, self, m.forward, path)
+                    wrapper = _Forward(_counted, self, forward, path)
                 else:
                     ok = coefs_ok.get(id(rule))
                     if ok is None:
                         ok = coefs_ok[id(rule)] = REPLACED.isdisjoint(rule.ops)
                     coef = rule.coef(m) if ok else None
-                    wrapper = partial(_counted_leaf, self, m, m.forward, path, rule, coef)
+                    wrapper = _Forward(_counted_leaf, self, forward, path, m, rule, coef)
+                d["forward"] = wrapper
+                if m.forward is not wrapper:  # a data descriptor on the class
+                    if own is None:
+                        del d["forward"]
+                    else:
+                        d["forward"] = own
+                    self._hook(m, path)
+                    continue
                 if own is not None:
                     self._own_forwards[id(m)] = own
-                d["forward"] = wrapper
                 self._wrapped.append(m)
                 self._wrappers.append(wrapper)
         except BaseException:
@@ -272,11 +339,14 @@ class OpCounter(TorchDispatchMode):
             raise
 
     def _uninstall(self) -> None:
+        self._counting = False
         own_forwards = self._own_forwards
         for m, wrapper in zip(self._wrapped, self._wrappers):
             d = m.__dict__
             if d.get("forward") is wrapper:  # unless the forward replaced it meanwhile
-                own = own_forwards.get(id(m))
+                # a forward set before, less the wrappers of counts ended since (another
+                # thread's count of the same model that began before this one ended first)
+                own = _plain_forward(m, own_forwards.get(id(m)))
                 if own is None:
                     del d["forward"]
                 else:

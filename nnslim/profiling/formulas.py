@@ -168,6 +168,32 @@ def _sdpa(args, kwargs, out) -> Cost:
     return _attn_cost(args[0], args[1], args[2])
 
 
+# -- backward ---------------------------------------------------------------------------------
+@register_formula(
+    aten._scaled_dot_product_flash_attention_for_cpu_backward,
+    aten._scaled_dot_product_flash_attention_backward,
+    aten._scaled_dot_product_efficient_attention_backward,
+    aten._scaled_dot_product_cudnn_attention_backward,
+    aten._scaled_dot_product_fused_attention_overrideable_backward,
+)
+def _sdpa_backward(args, kwargs, out) -> Cost:
+    # args: grad_out, query, key, value, ...: four products (dP, dV, dS K, dS^T Q), twice the
+    # forward's two; the softmax backward once more over the scores
+    macs, other = _attn_cost(args[1], args[2], args[3])
+    return 2 * macs, other
+
+
+@register_formula(aten.convolution_backward)
+def _conv_backward(args, kwargs, out) -> Cost:
+    # args: grad_output, input, weight, bias_sizes, stride, padding, dilation, transposed,
+    # output_padding, groups, output_mask; each gradient asked for costs what the forward did
+    grad_out, x, w = args[0], args[1], args[2]
+    mask = args[10] if len(args) > 10 else kwargs.get("output_mask", (True, True, True))
+    elements = _n(x.shape) if args[7] else _n(grad_out.shape)
+    forward = elements * w.shape[1] * _n(w.shape[2:])
+    return forward * (int(mask[0]) + int(mask[1])), (_n(grad_out.shape) if mask[2] else 0)
+
+
 @register_formula(aten._native_multi_head_attention)
 def _native_mha(args, kwargs, out) -> Cost:
     q, k = args[0], args[1]
@@ -248,6 +274,9 @@ register_formula(aten.cumsum, aten.cumprod, aten.logcumsumexp)(_per_in("reductio
 register_formula(aten.native_layer_norm, aten.layer_norm)(_per_in("layer_norm"))
 register_formula(aten._fused_rms_norm, aten.rms_norm)(_per_in("rms_norm"))
 register_formula(aten.native_group_norm, aten.group_norm)(_per_in("group_norm"))
+# backward of the normalisations: as many FLOPs per element as the forward in training
+register_formula(aten.native_batch_norm_backward)(_per_in("batch_norm_train"))
+register_formula(aten.native_layer_norm_backward)(_per_in("layer_norm"))
 
 
 @register_formula(
@@ -265,26 +294,23 @@ def _bn(args, kwargs, out) -> Cost:
     return 0, ELEMENT_COSTS[key] * _n(args[0].shape)
 
 
-def _pool(args, kwargs, out) -> Cost:
-    # one comparison/add per window element per output element
-    k = args[1] if len(args) > 1 else kwargs.get("kernel_size")
-    k = [k] if isinstance(k, int) else list(k)
-    dims = len(_first_tensor(out).shape) - 2
-    if len(k) == 1 and dims > 1:
-        k = k * dims
-    return 0, _n(_first_tensor(out).shape) * _n(k)
+def _pool(dims: int) -> Formula:
+    """Pooling over ``dims`` spatial dimensions: one comparison/add per window element per
+    output element (a one-value kernel is the same size along every dimension)."""
+
+    def f(args, kwargs, out) -> Cost:
+        k = args[1] if len(args) > 1 else kwargs.get("kernel_size")
+        k = [k] if isinstance(k, int) else list(k)
+        if len(k) == 1:
+            k = k * dims
+        return 0, _n(_first_tensor(out).shape) * _n(k)
+
+    return f
 
 
-register_formula(
-    aten.max_pool1d,
-    aten.max_pool2d,
-    aten.max_pool3d,
-    aten.max_pool2d_with_indices,
-    aten.max_pool3d_with_indices,
-    aten.avg_pool1d,
-    aten.avg_pool2d,
-    aten.avg_pool3d,
-)(_pool)
+register_formula(aten.max_pool1d, aten.avg_pool1d)(_pool(1))
+register_formula(aten.max_pool2d, aten.max_pool2d_with_indices, aten.avg_pool2d)(_pool(2))
+register_formula(aten.max_pool3d, aten.max_pool3d_with_indices, aten.avg_pool3d)(_pool(3))
 
 
 @register_formula(
@@ -386,6 +412,8 @@ FREE_OPS = {
         aten.native_channel_shuffle,
         aten.repeat_interleave,
         aten.embedding_dense_backward,
+        aten.select_backward,
+        aten.slice_backward,
         aten.set_,
         aten.resize_,
         aten.alias,

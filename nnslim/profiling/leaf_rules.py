@@ -98,9 +98,14 @@ class LeafRule:
 
 
 # -- convolution --------------------------------------------------------------------------------
+def _has_weight_and_bias(m: nn.Module) -> bool:
+    # a weight (or bias) moved out of _parameters (to a buffer, to freeze it) is read elsewhere
+    return "weight" in m._parameters and "bias" in m._parameters
+
+
 def _conv_module_ok(m: nn.Module) -> bool:
     # other padding modes pad the input first; string padding ("same") may pad it too
-    return m.padding_mode == "zeros" and not isinstance(m.padding, str)
+    return m.padding_mode == "zeros" and not isinstance(m.padding, str) and _has_weight_and_bias(m)
 
 
 def _conv_call_ok(m: nn.Module, x: torch.Tensor) -> bool:
@@ -161,7 +166,11 @@ def _linear_coef(m: nn.Module) -> Coef:
 
 
 _LINEAR = LeafRule(
-    _linear_calls, call_ok=_linear_call_ok, ops=(aten.addmm, aten.mm), coef=_linear_coef
+    _linear_calls,
+    _has_weight_and_bias,
+    _linear_call_ok,
+    ops=(aten.addmm, aten.mm),
+    coef=_linear_coef,
 )
 
 
@@ -255,8 +264,11 @@ def _max_pool_indices_bytes(m: nn.Module, out: torch.Tensor) -> int:
     return out.numel() * 8
 
 
-def _pool_coef(m: nn.Module) -> Coef:
-    return 0, math.prod(_pair(m.kernel_size)), False  # formulas._pool: the window per output
+def _pool_coef(m: nn.Module) -> Coef | None:
+    k = m.kernel_size
+    if not isinstance(k, int) and len(k) != 2:
+        return None  # a one-value tuple: the formula reads it as a square window
+    return 0, math.prod(_pair(k)), False  # formulas._pool: the window per output
 
 
 def _avg_pool_calls(m: nn.Module, x: torch.Tensor, out: torch.Tensor) -> list[OpCall]:

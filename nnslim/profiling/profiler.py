@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from ..core.inputs import Inputs, as_inputs, check_device, forward_error, output_tensors
 from ..core.table import format_table, human
@@ -58,8 +59,8 @@ class Profile:
         backward_macs: MACs of the backward pass, if requested.
         latency: latency statistics if requested.
         modules: per-module figures (inclusive of children), keyed by path (``""`` is the model).
-        unsupported: operators without a cost formula, mapped to the modules that ran them;
-            they were counted as zero.
+        unsupported: operators without a cost formula, mapped to the modules that ran them
+            (``"(backward)"`` for the backward pass); they were counted as zero.
     """
 
     macs: int
@@ -273,15 +274,28 @@ def eval_mode(model: nn.Module, modules: Iterable[nn.Module] | None = None) -> I
 
 
 def _own_tensors(walk: list[tuple[str, nn.Module]]) -> list[torch.Tensor]:
-    """Every parameter and buffer of the walked modules, once each."""
+    """Every parameter and buffer of the walked modules, once each; not those of lazy modules
+    that are still to be built (they are allocated during the forward)."""
     seen: set[int] = set()
     out: list[torch.Tensor] = []
     for _, m in walk:
-        for t in (*m._parameters.values(), *m._buffers.values()):
-            if t is not None and id(t) not in seen:
-                seen.add(id(t))
-                out.append(t)
+        for tensors in (m._parameters, m._buffers):
+            if tensors:
+                for t in tensors.values():
+                    if t is not None and id(t) not in seen and not is_lazy(t):
+                        seen.add(id(t))
+                        out.append(t)
     return out
+
+
+def _storage_key(st: Any) -> Any:
+    """One key per block of memory: a storage's device, address and size where it has an
+    address (two storage objects over the same memory are one), else the storage object."""
+    try:
+        ptr = st.data_ptr()
+    except (RuntimeError, NotImplementedError):  # tensor subclasses without data
+        ptr = 0
+    return (st.device, ptr, st.nbytes()) if ptr else st._cdata
 
 
 def _weights(
@@ -289,13 +303,16 @@ def _weights(
 ) -> tuple[int, int, int, int, int, dict[str, tuple[int, int]]]:
     """Params, param bytes, buffer bytes, zero weights, weight count; per-module own figures.
 
-    ``named`` is the model's ``named_modules()``. Tensors are de-duplicated by storage (tied
-    weights count once). The ``nnslim_weight_buffers`` and ``nnslim_zero_weights`` methods are
-    looked up on each module's class: looking them up on the instance goes through
-    ``Module.__getattr__``, which raises for every module without them. Modules without tensors
-    of their own (containers) are left out of the per-module figures.
+    ``named`` is the model's ``named_modules()``. A tensor seen before (the same view of the
+    same storage: tied weights) counts once; bytes count once per storage (views of one
+    storage, a fused qkv weight split three ways, hold its bytes once). The
+    ``nnslim_weight_buffers`` and ``nnslim_zero_weights`` methods are looked up on each module's
+    class: looking them up on the instance goes through ``Module.__getattr__``, which raises for
+    every module without them. Modules without tensors of their own (containers) are left out
+    of the per-module figures.
     """
-    seen: set[int] = set()
+    views: set[Any] = set()
+    storages: set[Any] = set()
     params = pbytes = bbytes = zeros = wcount = 0
     own: dict[str, tuple[int, int]] = {}
     hooks: dict[type, tuple[Any, Any]] = {}
@@ -313,29 +330,29 @@ def _weights(
             if p is None:
                 continue
             st = p.untyped_storage()
-            if st._cdata in seen:  # the storage's C++ object: one per storage while it lives
+            key = _storage_key(st)
+            view = (key, p.storage_offset(), p.shape, p.stride())
+            if view in views:
                 continue
-            seen.add(st._cdata)
+            views.add(view)
             numel = p.numel()
             mp += numel
-            if p.is_meta:
-                mb += numel * p.element_size()
-                if p.dim() >= 2:
-                    wcount += numel
-                continue
-            mb += st.nbytes()
+            if key not in storages:
+                storages.add(key)
+                mb += st.nbytes()
             if p.dim() >= 2:
                 wcount += numel
-                zeros += numel - int(torch.count_nonzero(p))
+                if not p.is_meta:
+                    zeros += numel - int(torch.count_nonzero(p))
         if m._buffers:
             weight_bufs = m.nnslim_weight_buffers() if callable(weight_buffers) else {}
             for name, b in m._buffers.items():
                 if b is None or name in m._non_persistent_buffers_set:
                     continue
-                st = b.untyped_storage()
-                if st._cdata in seen:
+                view = (_storage_key(b.untyped_storage()), b.storage_offset(), b.shape, b.stride())
+                if view in views:
                     continue
-                seen.add(st._cdata)
+                views.add(view)
                 nbytes = b.numel() * b.element_size()
                 if name in weight_bufs:
                     mp += int(weight_bufs[name])
@@ -415,8 +432,9 @@ def profile(
             raise forward_error(model, inputs, e, "example_inputs") from e
         peak = counter.memory.peak if counter.memory else None
         back_macs = back_peak = None
+        back_unsupported: dict[str, int] = {}
         if backward:
-            back_macs, back_peak = _backward(model, inputs, memory)
+            back_macs, back_peak, back_unsupported = _backward(model, inputs, memory)
         lat = (
             measure_latency(model, inputs, warmup=warmup, repeat=repeat, threads=threads)
             if latency
@@ -431,6 +449,8 @@ def profile(
     for path, tally in counter.tallies.items():
         for op in tally.unsupported or ():
             unsupported.setdefault(op, []).append(path)
+    for op in back_unsupported:
+        unsupported.setdefault(op, []).append("(backward)")
     return Profile(
         macs=total_macs,
         other_flops=total_other,
@@ -449,7 +469,9 @@ def profile(
     )
 
 
-def _backward(model: nn.Module, inputs: Inputs, memory: bool) -> tuple[int, int | None]:
+def _backward(
+    model: nn.Module, inputs: Inputs, memory: bool
+) -> tuple[int, int | None, dict[str, int]]:
     counter = OpCounter(model, track_memory=memory)
     state = list(model.parameters()) + list(model.buffers()) + inputs.tensors()
     grads = [p.grad for p in model.parameters()]
@@ -467,7 +489,8 @@ def _backward(model: nn.Module, inputs: Inputs, memory: bool) -> tuple[int, int 
                 loss.backward()
     for p, g in zip(model.parameters(), grads):
         p.grad = g
-    return counter.backward.macs, (counter.memory.peak if counter.memory else None)
+    peak = counter.memory.peak if counter.memory else None
+    return counter.backward.macs, peak, counter.backward.unsupported or {}
 
 
 def _tree(

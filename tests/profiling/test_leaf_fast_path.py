@@ -2,6 +2,8 @@
 wherever it could not (subclasses, hooks, training mode, gradients, autocast, other modes)."""
 
 import contextlib
+import copy
+import inspect
 
 import pytest
 import torch
@@ -629,3 +631,119 @@ def test_pool_fast_path_equals_dispatch_path(
     x = torch.randn(2, 3, size, size)
     profile_both(pool, x)
     assert fast_calls(pool, x) == 1
+
+
+# -- the wrapped forwards (review of the forward-wrapping change) -------------------------------
+class Introspecting(nn.Module):
+    """Reads its child's forward the way Hugging Face generate reads self.forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 4)
+        self.seen = None
+
+    def forward(self, x):
+        f = self.lin.forward
+        self.seen = (list(inspect.signature(f).parameters), f.__name__, f.__self__ is self.lin)
+        return self.lin(x)
+
+
+def test_a_wrapped_forward_keeps_its_signature_and_names():
+    model = Introspecting()
+    profile_both(model, torch.randn(2, 8))
+    assert model.seen == (["input"], "forward", True)
+
+
+@pytest.mark.parametrize("memory", [True, False])
+def test_a_copy_made_during_the_forward_runs_its_own_weights(memory):
+    class Copying(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.copy = None
+
+        def forward(self, x):
+            self.copy = copy.deepcopy(self.lin)
+            nn.init.zeros_(self.copy.weight)
+            nn.init.zeros_(self.copy.bias)
+            return self.copy(x)
+
+    model = Copying()
+    out = nnslim.profile(model, torch.randn(2, 4), memory=memory)
+    assert out.macs == 2 * 4 * 4
+    assert "forward" not in model.copy.__dict__ or not isinstance(
+        model.copy.__dict__["forward"], counter._Forward
+    )
+    assert torch.equal(model.copy(torch.ones(1, 4)), torch.zeros(1, 4))
+
+
+def test_modules_under_data_parallel_are_not_wrapped():
+    seen = []
+
+    class Probe(nn.Linear):
+        def forward(self, x):
+            seen.append("forward" in self.__dict__)
+            return super().forward(x)
+
+    model = nn.DataParallel(nn.Sequential(Probe(8, 4), nn.ReLU()))  # no GPUs: runs in place
+    p = nnslim.profile(model, torch.randn(2, 8))
+    assert p.macs == 2 * 8 * 4 and seen == [False]
+
+
+def test_counts_ended_out_of_order_leave_no_wrappers():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    first, second = OpCounter(model), OpCounter(model)
+    first._install()
+    second._install()  # wraps the first's wrappers (another thread's count of the same model)
+    kept = model[0].forward  # code that keeps a wrapper past its count
+    first._uninstall()
+    second._uninstall()
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    assert torch.equal(kept(torch.ones(1, 4)), model[0](torch.ones(1, 4)))  # passes through
+    assert not first.tallies and not second.tallies
+
+
+def test_weight_moved_to_a_buffer_takes_the_dispatch_path():
+    lin = nn.Linear(8, 4)
+    w = lin.weight.detach().clone()
+    del lin.weight
+    lin.register_buffer("weight", w)
+    unused = nn.Linear(8, 4)
+    del unused.weight
+    unused.register_buffer("weight", torch.zeros(4, 8))
+    model = nn.ModuleDict({"lin": lin, "unused": unused})
+
+    class Use(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = model
+
+        def forward(self, x):
+            return self.m["lin"](x)
+
+    slow, fast = profile_both(Use(), torch.randn(2, 8))
+    assert fast.macs == 2 * 8 * 4 and fast_calls(Use(), torch.randn(2, 8)) == 0
+
+
+def test_forward_as_a_property_is_still_counted():
+    class Switch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 4)
+
+        @property
+        def forward(self):
+            return self.lin.forward
+
+    model = nn.Sequential(Switch(), nn.ReLU())
+    slow, fast = profile_both(model, torch.randn(2, 8))
+    assert fast.modules["0"].calls == 1 and fast.modules["0"].macs == 2 * 8 * 4
+
+
+@pytest.mark.parametrize("unbatched", [False, True])
+@pytest.mark.parametrize("cls", [nn.MaxPool2d, nn.AvgPool2d])
+def test_pool_with_a_one_value_kernel_tuple(cls, unbatched):
+    pool = cls((3,), stride=1)
+    x = torch.randn(2, 6, 6) if unbatched else torch.randn(1, 2, 6, 6)
+    slow, fast = profile_both(pool, x)
+    assert fast.other_flops == 2 * 4 * 4 * 9  # a 3x3 window per output

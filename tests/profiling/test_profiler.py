@@ -289,3 +289,85 @@ def test_profile_leaves_no_reference_cycles():
     finally:
         gc.enable()
     assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+@pytest.mark.parametrize("memory", [True, False])
+def test_lazy_model_profiled_before_its_first_forward(memory):
+    model = nn.Sequential(nn.LazyLinear(4), nn.ReLU())
+    p = nnslim.profile(model, torch.randn(2, 8), memory=memory)
+    assert p.macs == 2 * 8 * 4 and p.params == 8 * 4 + 4
+    assert p.static_bytes == 2 * 8 * 4  # the input: the weights are made during the forward
+    if memory:
+        assert p.peak_bytes >= p.static_bytes + 4 * (8 * 4 + 4) + 4 * 2 * 4
+
+
+def test_views_of_one_storage_are_separate_weights_holding_its_bytes_once():
+    class Fused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            qkv = torch.randn(12, 4)
+            self.q, self.k, self.v = (nn.Parameter(qkv[i * 4 : (i + 1) * 4]) for i in range(3))
+            self.tied = self.q  # the same tensor again: tied, counted once
+
+        def forward(self, x):
+            return x @ self.q.T + x @ self.k.T + x @ self.v.T
+
+    p = nnslim.profile(Fused(), torch.randn(2, 4))
+    assert p.params == 48 and p.param_bytes == 48 * 4
+    with torch.device("meta"):  # built there: .to("meta") would copy each view (and untie)
+        on_meta = Fused()
+    assert nnslim.profile(on_meta, torch.randn(2, 4, device="meta")).params == 48
+
+
+def test_two_tensors_over_the_same_memory_hold_it_once():
+    import numpy as np
+
+    data = np.ones((4, 4), dtype=np.float32)
+
+    class Aliased(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("a", torch.from_numpy(data))
+            self.register_buffer("b", torch.from_numpy(data))
+
+        def forward(self, x):
+            return x @ self.a + x @ self.b
+
+    assert nnslim.profile(Aliased(), torch.randn(2, 4)).buffer_bytes == 4 * 4 * 4
+
+
+def test_backward_counts_convolutions_norms_and_attention():
+    # each gradient costs what its forward product did: a conv whose input needs no gradient
+    # costs its weight gradient only; a later conv, both gradients
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3)
+    )
+    x = torch.randn(2, 3, 8, 8)
+    p = nnslim.profile(model, x, backward=True)
+    first, second = 2 * 8 * 64 * 27, 2 * 4 * 36 * 72
+    assert p.macs == first + second
+    assert p.backward_macs == first + 2 * second
+    assert p.unsupported == {}
+
+    class Attention(nn.Module):
+        def forward(self, q, k, v):
+            return F.scaled_dot_product_attention(q, k, v)
+
+    q, k, v = (torch.randn(2, 4, 16, 8, requires_grad=True) for _ in range(3))
+    p = nnslim.profile(Attention(), (q, k, v), backward=True)
+    assert p.backward_macs == 2 * p.macs == 2 * (2 * 4 * 16 * 16 * (8 + 8))
+    assert p.unsupported == {}
+
+
+def test_backward_operators_without_formula_are_listed():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 4))
+
+        def forward(self, x):
+            return torch.linalg.det(self.w) * x  # no formula forward or backward
+
+    p = nnslim.profile(Odd(), torch.randn(3, 4), backward=True)
+    assert "(backward)" in {path for paths in p.unsupported.values() for path in paths}
