@@ -2,8 +2,8 @@
 
 For each model: each tool's MAC count, its error against the ground truth (torchvision's
 published MACs for the vision models; the analytic count for the language models, attention
-counted dense), and its time relative to one forward pass (medians of ``--repeat`` runs; the
-forward under ``no_grad``).
+counted dense), and its time relative to one forward pass (medians of ``--repeat`` runs, each
+tool's runs in turns with forward passes under ``no_grad``).
 
     python benchmarks/profiler.py            # prints the table, writes benchmarks/results/profiler.json
     python benchmarks/profiler.py --quick    # small models only
@@ -107,22 +107,33 @@ TOOLS = {
 }
 
 
+def forward_time(model: torch.nn.Module, inputs: Any) -> float:
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        call(model, inputs)
+        return time.perf_counter() - t0
+
+
 def run(models: dict[str, Any], repeat: int) -> list[dict[str, Any]]:
     records = []
     for name, build in models.items():
         model, inputs, truth = build()
         with torch.no_grad():
-            fwd = median_time(lambda: call(model, inputs), repeat=max(repeat, 3))
+            median_time(lambda: call(model, inputs), repeat=3)  # warm-up
         for tool, fn in TOOLS.items():
             try:
                 with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
                     warnings.simplefilter("ignore")
-                    times = []
+                    # the forward is timed in turns with the tool, so that a change in the
+                    # machine's speed during the run moves both
+                    times, forwards = [], []
                     for _ in range(repeat):
+                        forwards.append(forward_time(model, inputs))
                         t0 = time.perf_counter()
                         macs = fn(model, inputs)
                         times.append(time.perf_counter() - t0)
                     elapsed = statistics.median(times)
+                    fwd = statistics.median(forwards)
                 err = (macs - truth) / truth
                 records.append(
                     {

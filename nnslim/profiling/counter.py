@@ -346,7 +346,9 @@ class OpCounter(TorchDispatchMode):
             if d.get("forward") is wrapper:  # unless the forward replaced it meanwhile
                 # a forward set before, less the wrappers of counts ended since (another
                 # thread's count of the same model that began before this one ended first)
-                own = _plain_forward(m, own_forwards.get(id(m)))
+                own = own_forwards.get(id(m))
+                if own is not None:
+                    own = _plain_forward(m, own)
                 if own is None:
                     del d["forward"]
                 else:
