@@ -133,17 +133,19 @@ if hasattr(torch.ops, "onednn") and hasattr(torch.ops.onednn, "qlinear_pointwise
     register_formula(torch.ops.onednn.qlinear_pointwise)(_qlinear)
 
 
+def _conv_macs(x: Any, w: Any, out: Any, transposed: bool) -> int:
+    if transposed:
+        # weight (Cin, Cout/groups, k...): every input element feeds Cout/groups * k outputs
+        return _n(x.shape) * w.shape[1] * _n(w.shape[2:])
+    # weight (Cout, Cin/groups, k...): every output element sums Cin/groups * k products
+    return _n(out.shape) * w.shape[1] * _n(w.shape[2:])
+
+
 @register_formula(aten.convolution, aten._convolution)
 def _conv(args, kwargs, out) -> Cost:
     x, w, bias = args[0], args[1], args[2]
     transposed = bool(args[6]) if len(args) > 6 else bool(kwargs.get("transposed", False))
-    if transposed:
-        # weight (Cin, Cout/groups, k...): every input element feeds Cout/groups * k outputs
-        macs = _n(x.shape) * w.shape[1] * _n(w.shape[2:])
-    else:
-        # weight (Cout, Cin/groups, k...): every output element sums Cin/groups * k products
-        macs = _n(out.shape) * w.shape[1] * _n(w.shape[2:])
-    return macs, (_n(out.shape) if bias is not None else 0)
+    return _conv_macs(x, w, out, transposed), (_n(out.shape) if bias is not None else 0)
 
 
 def _attn_cost(q: Any, k: Any, v: Any) -> Cost:
@@ -189,8 +191,7 @@ def _conv_backward(args, kwargs, out) -> Cost:
     # output_padding, groups, output_mask; each gradient asked for costs what the forward did
     grad_out, x, w = args[0], args[1], args[2]
     mask = args[10] if len(args) > 10 else kwargs.get("output_mask", (True, True, True))
-    elements = _n(x.shape) if args[7] else _n(grad_out.shape)
-    forward = elements * w.shape[1] * _n(w.shape[2:])
+    forward = _conv_macs(x, w, grad_out, bool(args[7]))
     return forward * (int(mask[0]) + int(mask[1])), (_n(grad_out.shape) if mask[2] else 0)
 
 

@@ -284,9 +284,13 @@ def _avg_pool_calls(m: nn.Module, x: torch.Tensor, out: torch.Tensor) -> list[Op
     return [(aten.avg_pool2d.default, args, {}, out)]
 
 
-def _adaptive_avg_calls(m: nn.Module, x: torch.Tensor, out: torch.Tensor) -> list[OpCall]:
+def _adaptive_wanted(m: nn.Module) -> list[int | None]:
     size = m.output_size
-    wanted = [size, size] if isinstance(size, int) else list(size)
+    return [size, size] if isinstance(size, int) else list(size)
+
+
+def _adaptive_avg_calls(m: nn.Module, x: torch.Tensor, out: torch.Tensor) -> list[OpCall]:
+    wanted = _adaptive_wanted(m)
     resolved = [int(x.shape[-2 + i]) if s is None else int(s) for i, s in enumerate(wanted)]
     if resolved == [1, 1]:
         # torch computes a 1x1 adaptive average as a mean over the spatial dimensions
@@ -295,8 +299,7 @@ def _adaptive_avg_calls(m: nn.Module, x: torch.Tensor, out: torch.Tensor) -> lis
 
 
 def _adaptive_avg_coef(m: nn.Module) -> Coef | None:
-    size = m.output_size
-    wanted = [size, size] if isinstance(size, int) else list(size)
+    wanted = _adaptive_wanted(m)
     if None in wanted:
         return None  # resolved from the input: which operator runs depends on it
     # 1x1: a mean (formulas._reduction), else formulas._adaptive_pool; per input element

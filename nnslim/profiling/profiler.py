@@ -472,8 +472,9 @@ def profile(
 def _backward(
     model: nn.Module, inputs: Inputs, memory: bool
 ) -> tuple[int, int | None, dict[str, int]]:
-    counter = OpCounter(model, track_memory=memory)
-    state = list(model.parameters()) + list(model.buffers()) + inputs.tensors()
+    walk = list(model.named_modules(remove_duplicate=False))
+    counter = OpCounter(model, track_memory=memory, named=walk)
+    state = _own_tensors(walk) + inputs.tensors()
     grads = [p.grad for p in model.parameters()]
     with counter:
         counter.start_memory(state)
@@ -493,20 +494,21 @@ def _backward(
     return counter.backward.macs, peak, counter.backward.unsupported or {}
 
 
+#: the tally of a module that did not run (read only)
+_NOT_CALLED = Tally()
+
+
 def _tree(
     named: list[tuple[str, nn.Module]], tallies: dict[str, Tally], own: dict[str, tuple[int, int]]
 ) -> tuple[dict[str, ModuleProfile], int, int]:
     modules: dict[str, ModuleProfile] = {}
     for path, m in named:
         mp, mb = own.get(path, (0, 0))
-        t = tallies.get(path)
-        if t is None:
-            modules[path] = ModuleProfile(path, type(m).__name__, 0, 0, mp, mb, 0)
-        else:
-            modules[path] = ModuleProfile(
-                path, type(m).__name__, t.macs, t.other_flops, mp, mb, t.calls
-            )
-    # costs charged to paths of shared modules that named_modules deduplicated
+        t = tallies.get(path, _NOT_CALLED)
+        modules[path] = ModuleProfile(
+            path, type(m).__name__, t.macs, t.other_flops, mp, mb, t.calls
+        )
+    # costs charged to paths the model no longer has after the forward (a module it removed)
     extra = [path for path in tallies if path not in modules]
     for path in extra:
         t = tallies[path]
