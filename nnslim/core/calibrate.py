@@ -19,6 +19,7 @@ from torch import nn
 
 from .inputs import Inputs, first_tensor
 from .modules import is_hf_conv1d
+from .snapshot import preserved_state
 
 __all__ = ["LayerStats", "collect", "layer_input_dim", "reduce_across_processes"]
 
@@ -153,29 +154,28 @@ def collect(
         else []
     )
     saved_grads = {id(p): p.grad for p in model.parameters()}
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
     try:
-        for batch in batches:
-            if grads:
-                with torch.enable_grad():
-                    for p in model.parameters():
-                        p.grad = None
-                    loss = calibration_loss(batch.call_stateless(model), batch.targets)
-                    watched = [(p, m.weight) for p, m in layers.items() if m.weight.requires_grad]
-                    gs = torch.autograd.grad(loss, [w for _, w in watched], allow_unused=True)
-                for (path, _), g in zip(watched, gs):
-                    if g is not None:
-                        st = stats[path]
-                        st.grad = g.detach() if st.grad is None else st.grad + g.detach()
-            else:
-                with torch.no_grad():
-                    batch.call_stateless(model)
+        with preserved_state(model):
+            for batch in batches:
+                if grads:
+                    with torch.enable_grad():
+                        for p in model.parameters():
+                            p.grad = None
+                        loss = calibration_loss(batch.call_stateless(model), batch.targets)
+                        watched = [
+                            (p, m.weight) for p, m in layers.items() if m.weight.requires_grad
+                        ]
+                        gs = torch.autograd.grad(loss, [w for _, w in watched], allow_unused=True)
+                    for (path, _), g in zip(watched, gs):
+                        if g is not None:
+                            st = stats[path]
+                            st.grad = g.detach() if st.grad is None else st.grad + g.detach()
+                else:
+                    with torch.no_grad():
+                        batch.call_stateless(model)
     finally:
         for h in handles:
             h.remove()
-        for m, t in modes:
-            m.training = t
         for p in model.parameters():
             p.grad = saved_grads.get(id(p))
     _reduce(stats)
@@ -240,9 +240,7 @@ def run_sequential(
         groups.setdefault(b if b is not None else p, []).append(p)
     keys = list(groups)
     cached: list[tuple[tuple[Any, ...], dict[str, Any]]] | None = None
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
+    with preserved_state(model):
         for gi, key in enumerate(keys):
             paths = groups[key]
             block = named.get(key) if key is not None and key not in layers else None
@@ -276,9 +274,6 @@ def run_sequential(
                 cached = outs
             else:
                 cached = None
-    finally:
-        for m, t in modes:
-            m.training = t
 
 
 def _consecutive(a: str | None, b: str | None, named: dict[str, nn.Module]) -> bool:

@@ -15,7 +15,14 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["Inputs", "as_inputs", "calibration_batches", "first_tensor", "run_model"]
+__all__ = [
+    "Inputs",
+    "as_inputs",
+    "calibration_batches",
+    "check_finite",
+    "first_tensor",
+    "run_model",
+]
 
 
 @dataclass(frozen=True)
@@ -160,6 +167,22 @@ def calibration_batches(model: nn.Module, calibration: Iterable[Any] | None) -> 
     if not out:
         raise ValueError("calibration yielded no batch; pass at least one batch of inputs.")
     return out
+
+
+def check_finite(batches: list[Inputs], what: str = "calibration batch") -> None:
+    """Raise ``ValueError`` naming the first batch that holds a NaN or Inf value.
+
+    Statistics gathered from such a batch (activation scales, Hessians, importance scores)
+    are NaN themselves, and a model built from them outputs NaN.
+    """
+    for i, batch in enumerate(batches):
+        for j, t in enumerate(batch.tensors()):
+            if t.is_floating_point() and t.device.type != "meta" and not torch.isfinite(t).all():
+                raise ValueError(
+                    f"{what} {i} holds NaN or Inf values (its tensor {j}, shape "
+                    f"{tuple(t.shape)}); fix or drop that batch: statistics gathered from it "
+                    f"would be NaN and so would the model built from them."
+                )
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
+from typing import Any
 
 import torch
 from torch import nn
 
 from .snapshot import rollback_enabled
 
-__all__ = ["is_hf_conv1d", "is_linear", "linear_weight", "replace_module", "set_module"]
+__all__ = [
+    "copy_model",
+    "is_conv2d",
+    "is_hf_conv1d",
+    "is_linear",
+    "layer_skip_reason",
+    "linear_weight",
+    "replace_module",
+    "set_module",
+    "unreplaceable",
+]
 
 
 def is_hf_conv1d(m: nn.Module) -> bool:
@@ -17,14 +29,85 @@ def is_hf_conv1d(m: nn.Module) -> bool:
     return type(m).__name__ == "Conv1D" and hasattr(m, "nf")
 
 
+def _keeps(m: nn.Module, base: type[nn.Module], *methods: str) -> bool:
+    """An instance of ``base`` whose class computes what ``base`` computes (a subclass that
+    overrides none of ``methods``: timm's ``Linear``, torch's ``NonDynamicallyQuantizableLinear``)."""
+    cls = type(m)
+    return isinstance(m, base) and all(
+        getattr(cls, name) is getattr(base, name) for name in methods
+    )
+
+
 def is_linear(m: nn.Module) -> bool:
-    """An exact ``nn.Linear`` or a Hugging Face ``Conv1D``."""
-    return type(m) is nn.Linear or is_hf_conv1d(m)
+    """An ``nn.Linear`` (or a subclass that keeps its forward) or a Hugging Face ``Conv1D``."""
+    return _keeps(m, nn.Linear, "forward") or is_hf_conv1d(m)
+
+
+def is_conv2d(m: nn.Module) -> bool:
+    """An ``nn.Conv2d`` (or a subclass that keeps its forward)."""
+    return _keeps(m, nn.Conv2d, "forward", "_conv_forward")
+
+
+def layer_skip_reason(m: nn.Module, parent: nn.Module | None = None) -> str | None:
+    """Why a Linear/Conv2d-like module cannot be replaced by a transform's own layer, or
+    ``None`` (also for modules that are not Linear/Conv2d at all)."""
+    if not isinstance(m, (nn.Linear, nn.Conv2d)):
+        return None
+    base = "nn.Linear" if isinstance(m, nn.Linear) else "nn.Conv2d"
+    if not (is_linear(m) or is_conv2d(m)):
+        return (
+            f"{type(m).__name__} subclasses {base} but overrides its forward: a replacement "
+            f"would not compute what it computes"
+        )
+    if isinstance(parent, nn.MultiheadAttention):
+        return (
+            "nn.MultiheadAttention reads this projection's weight directly instead of calling "
+            "it (Prune converts self-attention to a head-prunable twin with plain projections)"
+        )
+    return None
 
 
 def linear_weight(m: nn.Module) -> torch.Tensor:
     """The ``(out, in)`` weight of an ``nn.Linear`` or Hugging Face ``Conv1D``."""
     return m.weight.t() if is_hf_conv1d(m) else m.weight
+
+
+def unreplaceable(model: nn.Module) -> dict[str, str]:
+    """``{path: reason}`` for every Linear/Conv2d-like module of ``model`` that a transform
+    cannot replace (see :func:`layer_skip_reason`)."""
+    out = {}
+    for parent_path, parent in model.named_modules():
+        for name, m in parent._modules.items():
+            why = None if m is None else layer_skip_reason(m, parent)
+            if why is not None:
+                out[f"{parent_path}.{name}" if parent_path else name] = why
+    return out
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)``, also for models that cache tensors computed in a forward.
+
+    ``copy.deepcopy`` refuses tensors that are not graph leaves ("Only Tensors created
+    explicitly by the user support the deepcopy protocol"), such as the attention-bias caches
+    timm's LeViT and EfficientFormer fill in eval mode; the copy holds detached copies of them.
+    """
+    memo: dict[int, Any] = {}
+    for m in model.modules():
+        for v in m.__dict__.values():
+            _copy_non_leaves(v, memo, 0)
+    return copy.deepcopy(model, memo)
+
+
+def _copy_non_leaves(v: Any, memo: dict[int, Any], depth: int) -> None:
+    if isinstance(v, torch.Tensor):
+        if not v.is_leaf and id(v) not in memo:
+            memo[id(v)] = v.detach().clone()
+    elif depth < 4 and isinstance(v, dict):
+        for x in v.values():
+            _copy_non_leaves(x, memo, depth + 1)
+    elif depth < 4 and isinstance(v, (list, tuple)):
+        for x in v:
+            _copy_non_leaves(x, memo, depth + 1)
 
 
 def set_module(model: nn.Module, path: str, new: nn.Module) -> None:

@@ -74,6 +74,18 @@ class Report:
         """Add a remark that belongs to the whole transform."""
         self.notes.append(text)
 
+    def why_unchanged(self) -> str:
+        """One line saying why a transform that changed no module changed none."""
+        if not self.skips:
+            return f"{self.transform} changed nothing: it found no module it applies to."
+        counts: dict[str, int] = {}
+        for s in self.skips:
+            counts[s.reason] = counts.get(s.reason, 0) + 1
+        top = sorted(counts.items(), key=lambda kv: -kv[1])[:3]
+        why = "; ".join(f"{n} x {reason!r}" for reason, n in top)
+        more = f" and {len(counts) - 3} other reasons" if len(counts) > 3 else ""
+        return f"{self.transform} changed nothing: every candidate was left alone ({why}{more})."
+
     # -- queries ------------------------------------------------------------------------------
     def all_changes(self) -> list[Change]:
         """Changes of this report and of all nested steps."""

@@ -8,6 +8,10 @@ valid.
 
 Transforms that never write into existing tensors in place (all built-in ones) snapshot without
 copying weights. Others (``copy_tensors=True``, the default for user transforms) clone them.
+Buffers that a forward may update (BatchNorm statistics, counters) are always cloned.
+
+:func:`preserved_state` wraps nnslim's own forward passes, so that tracing, calibration and
+profiling leave the model's state as it was.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["Snapshot", "no_rollback", "rollback_enabled"]
+__all__ = ["Snapshot", "no_rollback", "preserved_state", "rollback_enabled"]
 
 _NO_ROLLBACK: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "nnslim_no_rollback", default=False
@@ -48,6 +52,55 @@ def no_rollback() -> Iterator[None]:
 def rollback_enabled() -> bool:
     """``False`` inside :func:`no_rollback`."""
     return not _NO_ROLLBACK.get()
+
+
+def _state_buffers(modules: list[nn.Module]) -> list[tuple[nn.Module, str, torch.Tensor]]:
+    """The buffers a forward may update: all but the integer weights of nnslim's own modules
+    (those declare ``nnslim_weight_buffers`` and never write them in a forward)."""
+    out = []
+    for m in modules:
+        if m._buffers and not hasattr(type(m), "nnslim_weight_buffers"):
+            out.extend((m, name, b) for name, b in m._buffers.items() if b is not None)
+    return out
+
+
+@contextlib.contextmanager
+def preserved_state(model: nn.Module, modules: list[nn.Module] | None = None) -> Iterator[None]:
+    """Run nnslim's own forwards (tracing, calibration, profiling) without changing the model.
+
+    Inside the block every module is in eval mode (BatchNorm normalises with its running
+    statistics and does not update them, dropout is off); on exit each module's own train/eval
+    flag comes back, and every buffer a forward wrote anyway (a counter the model increments,
+    a buffer it rebinds) holds its old value again, in the same tensor object. ``modules``: the
+    model's modules, if already listed.
+    """
+    modules = list(model.modules()) if modules is None else modules
+    flags = [m.training for m in modules]
+    saved = [
+        (m, name, b, b._version, b.detach().clone() if b.device.type != "meta" else None)
+        for m, name, b in _state_buffers(modules)
+    ]
+    for m, training in zip(modules, flags):
+        if training:
+            m.training = False
+    try:
+        yield
+    finally:
+        for m, training in zip(modules, flags):
+            if m.training != training:
+                m.training = training
+        for m, name, b, version, clone in saved:
+            if name in m._buffers and m._buffers[name] is not b:
+                m._buffers[name] = b
+            if clone is not None and _changed(b, version, clone):
+                with torch.no_grad():
+                    b.copy_(clone)
+
+
+def _changed(t: torch.Tensor, version: int, clone: torch.Tensor) -> bool:
+    # BatchNorm's kernels update running statistics without bumping the version counter:
+    # compare the values too
+    return t._version != version or t.shape != clone.shape or not torch.equal(t, clone)
 
 
 class _TensorState:
@@ -77,11 +130,14 @@ class Snapshot:
         modules = list(model.modules())
         tensors: dict[int, _TensorState] = {}
         memo: dict[int, Any] = {}
+        # buffers a forward may write (BatchNorm statistics, counters) are always copied: the
+        # model's own forward may have updated them by the time a transform fails
+        state = {id(b) for _, _, b in _state_buffers(modules)}
         for m in modules:
             memo[id(m)] = m
             for t in list(m._parameters.values()) + list(m._buffers.values()):
                 if t is not None and id(t) not in tensors:
-                    tensors[id(t)] = _TensorState(t, copy_tensors)
+                    tensors[id(t)] = _TensorState(t, copy_tensors or id(t) in state)
                     memo[id(t)] = t
         self._tensors = tensors
         self._dicts: list[tuple[nn.Module, dict[str, Any]]] = []
@@ -114,7 +170,9 @@ class Snapshot:
                 current[k] = v.copy() if isinstance(v, dict) else v
         for st in self._tensors.values():
             t = st.obj
-            if st.alias._version != st.version:
+            if st.alias._version != st.version or (
+                st.clone is not None and _changed(st.alias, st.version, st.clone)
+            ):
                 if st.clone is None:
                     raise RuntimeError(
                         "a tensor of the model was modified in place by a transform that "

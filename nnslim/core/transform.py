@@ -10,7 +10,7 @@ from torch import nn
 
 from ..io.record import NotRecordable, describe, diff, fingerprint
 from .config import Config, check_is_frozen_dataclass, type_name
-from .inputs import Inputs, as_inputs, calibration_batches
+from .inputs import Inputs, as_inputs, calibration_batches, check_finite
 from .report import Report
 from .snapshot import Snapshot, rollback_enabled
 
@@ -131,6 +131,7 @@ class Transform(Config, abc.ABC):
             )
         inputs = as_inputs(example_inputs)
         batches = calibration_batches(model, calibration)
+        check_finite(batches)
         if inputs is None and batches:
             inputs = batches[0]
         ctx = Context(inputs, batches)
@@ -182,9 +183,12 @@ class Transform(Config, abc.ABC):
         from ..profiling.profiler import profile
 
         report = Report(type_name(type(self)), self.to_dict())
-        if ctx.inputs is not None:
-            report.before = before if before is not None else profile(model, ctx.inputs)
+        if ctx.inputs is not None and before is None:
+            before = profile(model, ctx.inputs)
+        report.before = before
         self._apply(model, ctx, report)
+        if not isinstance(self, Compose) and not report.changes:
+            report.note(report.why_unchanged())
         if ctx.inputs is not None:
             try:
                 report.after = profile(model, ctx.inputs)
@@ -193,6 +197,14 @@ class Transform(Config, abc.ABC):
                     f"{type(self).__name__} left a model whose forward fails: {e.__cause__ or e}"
                     f". The model was restored. {self._forward_failure_hint}"
                 ) from e
+            if before is not None and before.output_finite and not report.after.output_finite:
+                raise ValueError(
+                    f"{type(self).__name__} left a model that outputs NaN or Inf on the example "
+                    f"inputs, where it was finite before; the model was restored. Check the "
+                    f"model's weights and calibration data for extreme values, or exclude the "
+                    f"layers that overflow (the report of a run with `select=` on fewer layers "
+                    f"shows which)."
+                )
         return report
 
 

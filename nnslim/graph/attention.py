@@ -338,8 +338,9 @@ def to_head_prunable(model: nn.Module, inputs: Any) -> list[str]:
     and value the same tensor on ``inputs``) by its head-prunable twin (the same function,
     sharing the parameters); returns their paths. Cross-attention modules stay as they are:
     their fused projection would be applied in slices the tracer cannot follow."""
+    from ..core.snapshot import preserved_state
     from ..modules.mha import HeadPrunableMultiheadAttention, convertible
-    from .trace import _call, preserve_modes
+    from .trace import _call
 
     candidates = {
         path: m
@@ -358,8 +359,7 @@ def to_head_prunable(model: nn.Module, inputs: Any) -> list[str]:
 
     handles = [m.register_forward_pre_hook(pre, with_kwargs=True) for m in candidates.values()]
     try:
-        with preserve_modes(model), torch.no_grad():
-            model.eval()
+        with preserved_state(model), torch.no_grad():
             _call(model, inputs)
     finally:
         for h in handles:

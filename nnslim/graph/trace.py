@@ -22,6 +22,7 @@ import torch_pruning as tp
 from torch import nn
 
 from ..core.inputs import Inputs, as_inputs, forward_error, output_tensors
+from ..core.snapshot import preserved_state
 from .attention import AttentionSpec, find_attention, unknown_attention_layers
 from .tp_compat import TraceError, conv1d_type, customized_pruners, guard, torch_pruning_fixes
 
@@ -243,7 +244,7 @@ def build_dependency(
         return outputs
 
     with (
-        preserve_modes(model),
+        preserved_state(model),
         torch.enable_grad(),
         warnings.catch_warnings(),
         torch_pruning_fixes(MAX_GROUP),
@@ -298,7 +299,8 @@ def trace(
 
     Every tensor in the output (a tensor, a tuple, a dict, a Hugging Face ``ModelOutput``) is
     traced, so heads such as BERT's pooler are part of the graph. Hugging Face ``Conv1D`` layers
-    are pruning roots like Linear layers. The model's train/eval flags are preserved.
+    are pruning roots like Linear layers. The model runs in eval mode and its state is left as
+    it was (train/eval flags, buffers such as BatchNorm statistics).
 
     Args:
         model: any ``nn.Module``.
@@ -327,7 +329,7 @@ def trace(
     if inputs is None:
         raise TypeError("trace: example_inputs is required.")
     try:
-        with torch.no_grad():
+        with preserved_state(model), torch.no_grad():
             _call(model, inputs)
     except Exception as e:
         raise forward_error(model, inputs, e, "example_inputs") from e

@@ -26,12 +26,13 @@ def fake_quant_weight(w: torch.Tensor, scheme: str, group_size: int) -> torch.Te
     gradient."""
     if scheme == "int4":
         out, inp = w.shape
-        g = w.reshape(out, inp // group_size, group_size)
+        # a width that group_size does not divide is padded with zeros, as Int4Linear pads it
+        g = F.pad(w, (0, -inp % group_size)).reshape(out, -1, group_size)
         mn = g.amin(-1, keepdim=True).detach()
         mx = g.amax(-1, keepdim=True).detach()
         scale = ((mx - mn) / 15).clamp_min(1e-8)
         q = torch.round((g - mn) / scale).clamp(0, 15) * scale + mn
-        return _ste(w, q.reshape(out, inp))
+        return _ste(w, q.reshape(out, -1)[:, :inp])
     amax = w.abs().amax(dim=1, keepdim=True).detach()
     scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
     return _ste(w, torch.round(w / scale).clamp(-127, 127) * scale)

@@ -8,12 +8,20 @@ kept outside the state (they are a cache, not data).
 Kernels (all in core torch, chosen per call; measured in ``benchmarks/quantize.py``):
 
 * :class:`Int8Linear` (weight-only): ``aten._weight_int8pack_mm`` on bf16 activations when
-  ``in_features % 8 == 0`` (the kernel mis-computes other widths), else a dequantized matmul.
+  ``in_features % 16 == 0`` (else a dequantized matmul: on AVX2 CPUs the kernel mis-computes
+  widths that are not a multiple of 8, and on AVX-512 CPUs it crashes the process on widths that
+  are not a multiple of 16, measured with torch 2.14.1).
 * :class:`Int8DynamicLinear`: activations quantized per token at run time; oneDNN's u8s8 GEMM
   (``onednn.qlinear_pointwise``) where available, else ``torch._int_mm``.
 * :class:`Int4Linear` (weight-only, group-wise asymmetric): ``aten._weight_int4pack_mm_for_cpu``
   on bf16 activations (output rows padded to a multiple of 16 for the kernel).
 * :class:`Int8Conv2d`: int8 storage, dequantized per forward.
+
+Each is a drop-in for the layer it replaces: ``weight`` (the float weight it stands for, built
+on each access: a copy, writing into it does not change the layer), ``bias``,
+``in_features``/``out_features`` (``in_channels``, ``kernel_size``... for the convolution), and
+``.to(dtype)``/``.half()`` move the float parts and the dtype ``weight`` reports. Inputs of any
+layout (transposed, strided, 3-D/4-D) are made what the kernels need.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.modules import linear_weight
 from ..core.validate import all_finite
 
 __all__ = [
@@ -90,11 +99,45 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([hi, lo], dim=-1).reshape(packed.shape[0], -1)
 
 
-def _linear_weight(m: nn.Module) -> torch.Tensor:
-    """``(out, in)`` weight of an ``nn.Linear`` or Hugging Face ``Conv1D``."""
-    if isinstance(m, nn.Linear):
-        return m.weight
-    return m.weight.t()  # Conv1D stores (in, out)
+#: ``(out, in)`` weight of an ``nn.Linear`` or Hugging Face ``Conv1D`` (stored ``(in, out)``)
+_linear_weight = linear_weight
+
+
+def _pad_columns(w: torch.Tensor, width: int) -> torch.Tensor:
+    """``w`` ``(out, in)`` with zero columns added up to ``width``."""
+    return w if w.shape[1] == width else F.pad(w, (0, width - w.shape[1]))
+
+
+#: smallest per-token activation scale: keeps tiny (but nonzero) activations from rounding to 0
+_MIN_SCALE = torch.finfo(torch.float32).tiny
+
+
+class _DtypeTracking(nn.Module):
+    """Remembers the float dtype the layer computes in (the original weight's), and follows
+    ``.to(dtype)``/``.half()``/``.float()`` like an ``nn.Linear``'s weight would."""
+
+    #: the dtype's name (a plain string, so it is recorded by :func:`nnslim.save`)
+    float_dtype: str = "float32"
+
+    def _weight_dtype(self) -> torch.dtype:
+        return getattr(torch, self.float_dtype)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        _PACKED.pop(self, None)  # the packed kernel layout is rebuilt for the new tensors
+        probe = fn(torch.empty(0, dtype=self._weight_dtype()))
+        if isinstance(probe, torch.Tensor) and probe.is_floating_point():
+            self.float_dtype = str(probe.dtype).removeprefix("torch.")
+        return super()._apply(fn, recurse)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The float weight this layer stands for, rebuilt on each access (read-only: a copy,
+        writing into it does not change the layer)."""
+        with torch.no_grad():
+            return self.dequantize().to(self._weight_dtype())
+
+    def dequantize(self) -> torch.Tensor:
+        raise NotImplementedError
 
 
 def _check_finite(w: torch.Tensor, what: str) -> None:
@@ -102,7 +145,7 @@ def _check_finite(w: torch.Tensor, what: str) -> None:
         raise ValueError(f"{what} has NaN or Inf weights; fix or exclude it before quantizing.")
 
 
-class _QuantLinearBase(nn.Module):
+class _QuantLinearBase(_DtypeTracking):
     in_features: int
     out_features: int
 
@@ -122,11 +165,10 @@ class _QuantLinearBase(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
-    def _apply(self, fn: Any, recurse: bool = True) -> Any:
-        # ``.to()``, ``.cuda()``, ``.to("meta")``...: the packed kernel layout is rebuilt for the
-        # new tensors on the next forward, and its memory is freed now
-        _PACKED.pop(self, None)
-        return super()._apply(fn, recurse)
+    def _take_float(self, linear: nn.Module) -> None:
+        w = _linear_weight(linear)
+        if w.is_floating_point():
+            self.float_dtype = str(w.dtype).removeprefix("torch.")
 
 
 class Int8Linear(_QuantLinearBase):
@@ -155,6 +197,7 @@ class Int8Linear(_QuantLinearBase):
         m.qweight, m.scale = q.to(w.device), s.to(w.device)
         if linear.bias is not None:
             m.bias = nn.Parameter(linear.bias.detach().float().clone())
+        m._take_float(linear)
         return m
 
     def nnslim_weight_buffers(self) -> dict[str, int]:
@@ -173,9 +216,9 @@ class Int8Linear(_QuantLinearBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if self.in_features % 8 == 0 and x.device.type == "cpu":
+        if self.in_features % 16 == 0 and x.device.type == "cpu":
             y = torch.ops.aten._weight_int8pack_mm(
-                x2.to(torch.bfloat16), self.qweight, self.scale.to(torch.bfloat16)
+                x2.to(torch.bfloat16).contiguous(), self.qweight, self.scale.to(torch.bfloat16)
             )
         else:
             y = F.linear(x2.float(), self.dequantize())
@@ -237,6 +280,7 @@ class Int8DynamicLinear(_QuantLinearBase):
             m.smooth = smooth.detach().float().to(w.device)
         if linear.bias is not None:
             m.bias = nn.Parameter(linear.bias.detach().float().clone())
+        m._take_float(linear)
         return m
 
     nnslim_weight_buffers = Int8Linear.nnslim_weight_buffers
@@ -259,12 +303,12 @@ class Int8DynamicLinear(_QuantLinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = self._smooth(x.reshape(-1, shape[-1]).float())
+        x2 = self._smooth(x.reshape(-1, shape[-1]).float()).contiguous()
         if x.device.type == "cpu" and _onednn_available():
             # without VNNI, u8 x s8 pairs are summed in int16 and saturate: use 7-bit
             # activations (as fbgemm's reduce_range does)
             half = 127 if cpu_has_vnni() else 63
-            sx = (x2.abs().amax(dim=1, keepdim=True) / half).clamp_min(1e-12)
+            sx = (x2.abs().amax(dim=1, keepdim=True) / half).clamp_min(_MIN_SCALE)
             xq = (torch.round(x2 / sx) + (half + 1)).clamp(0, 2 * half + 1).to(torch.uint8)
             zp = torch.zeros(self.out_features, dtype=torch.int64)
             y = torch.ops.onednn.qlinear_pointwise(
@@ -272,7 +316,7 @@ class Int8DynamicLinear(_QuantLinearBase):
                 1.0,
                 half + 1,
                 self._packed(),
-                self.scale,
+                self.scale.float(),
                 zp,
                 None,
                 1.0,
@@ -284,9 +328,9 @@ class Int8DynamicLinear(_QuantLinearBase):
             )
             y = y * sx
         else:
-            sx = (x2.abs().amax(dim=1, keepdim=True) / 127).clamp_min(1e-12)
+            sx = (x2.abs().amax(dim=1, keepdim=True) / 127).clamp_min(_MIN_SCALE)
             xq = torch.round(x2 / sx).clamp(-127, 127).to(torch.int8)
-            y = torch._int_mm(xq, self.qweight.t()).float() * sx * self.scale
+            y = torch._int_mm(xq, self.qweight.t()).float() * sx * self.scale.float()
         return self._finish(y, shape, x.dtype)
 
 
@@ -295,6 +339,8 @@ class Int4Linear(_QuantLinearBase):
 
     Storage: two codes per byte plus a bf16 scale and minimum per group, about 1/7.5 of fp32
     at group size 128. ``smooth`` (optional) divides the activations (activation-aware scaling).
+    A width that ``group_size`` does not divide is padded with zero weights up to the next
+    multiple (``padded_in_features``), and the input with zeros to match, so any width works.
     """
 
     def __init__(
@@ -306,16 +352,16 @@ class Int4Linear(_QuantLinearBase):
         smooth: bool = False,
     ) -> None:
         super().__init__()
-        if in_features % group_size or in_features % 2:
+        if group_size < 2 or group_size % 2:
             raise ValueError(
-                f"Int4Linear: group_size {group_size} must divide in_features {in_features}"
+                f"Int4Linear: group_size must be a positive even number, got {group_size}"
             )
         self.in_features = in_features
         self.out_features = out_features
         self.group_size = group_size
-        groups = in_features // group_size
+        groups = -(-in_features // group_size)
         self.register_buffer(
-            "qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8)
+            "qweight", torch.zeros(out_features, groups * group_size // 2, dtype=torch.uint8)
         )
         self.register_buffer("scales", torch.ones(out_features, groups, dtype=torch.bfloat16))
         self.register_buffer("mins", torch.zeros(out_features, groups, dtype=torch.bfloat16))
@@ -333,11 +379,21 @@ class Int4Linear(_QuantLinearBase):
         group_size: int,
         smooth: torch.Tensor | None = None,
     ) -> Int4Linear:
-        """Build from integer codes and group parameters (see :func:`quantize_groupwise`)."""
-        out, inp = q.shape
+        """Build from integer codes and group parameters (see :func:`quantize_groupwise`).
+
+        ``q`` holds ``padded_in_features`` columns (the layer's width rounded up to a multiple
+        of ``group_size``); the layer's own width is ``linear``'s.
+        """
+        out = q.shape[0]
+        inp = _linear_weight(linear).shape[1]
         m = cls(
             inp, out, bias=linear.bias is not None, group_size=group_size, smooth=smooth is not None
         )
+        if q.shape[1] != m.padded_in_features:
+            raise ValueError(
+                f"Int4Linear.from_codes: codes have {q.shape[1]} columns, expected "
+                f"{m.padded_in_features} ({inp} inputs padded to a multiple of {group_size})."
+            )
         dev = q.device
         m.qweight = pack_int4(q).to(dev)
         m.scales = scale.to(torch.bfloat16).to(dev)
@@ -346,7 +402,13 @@ class Int4Linear(_QuantLinearBase):
             m.smooth = smooth.detach().float().to(dev)
         if linear.bias is not None:
             m.bias = nn.Parameter(linear.bias.detach().float().clone())
+        m._take_float(linear)
         return m
+
+    @property
+    def padded_in_features(self) -> int:
+        """``in_features`` rounded up to a multiple of ``group_size`` (the stored width)."""
+        return -(-self.in_features // self.group_size) * self.group_size
 
     @classmethod
     def from_float(
@@ -358,11 +420,12 @@ class Int4Linear(_QuantLinearBase):
     ) -> Int4Linear:
         """Quantize (round to nearest)."""
         w = _linear_weight(linear) if weight is None else weight
+        w = _pad_columns(w, -(-w.shape[1] // group_size) * group_size)
         q, s, mn = quantize_groupwise(w, group_size)
         return cls.from_codes(linear, q, s, mn, group_size, smooth)
 
     def nnslim_weight_buffers(self) -> dict[str, int]:
-        return {"qweight": self.qweight.numel() * 2, "scales": 0, "mins": 0}
+        return {"qweight": self.out_features * self.in_features, "scales": 0, "mins": 0}
 
     def nnslim_zero_weights(self) -> int:
         return 0
@@ -376,7 +439,7 @@ class Int4Linear(_QuantLinearBase):
     def dequantize(self) -> torch.Tensor:
         q = unpack_int4(self.qweight).float().reshape(self.out_features, -1, self.group_size)
         w = q * self.scales.float()[..., None] + self.mins.float()[..., None]
-        w = w.reshape(self.out_features, self.in_features)
+        w = w.reshape(self.out_features, -1)[:, : self.in_features]
         s = self._buffers.get("smooth")
         return w if s is None else w / s[None, :]
 
@@ -407,8 +470,11 @@ class Int4Linear(_QuantLinearBase):
         x2 = self._smooth(x.reshape(-1, shape[-1]))
         if x.device.type == "cpu":
             packed, sz = self._packed()
+            xb = x2.to(torch.bfloat16)
+            if self.padded_in_features != self.in_features:
+                xb = F.pad(xb, (0, self.padded_in_features - self.in_features))
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x2.to(torch.bfloat16), packed, self.group_size, sz
+                xb.contiguous(), packed, self.group_size, sz
             )
             y = y[:, : self.out_features]
         else:
@@ -416,7 +482,7 @@ class Int4Linear(_QuantLinearBase):
         return self._finish(y, shape, x.dtype)
 
 
-class Int8Conv2d(nn.Module):
+class Int8Conv2d(_DtypeTracking):
     """``nn.Conv2d`` whose weight is stored as int8 with per-output-channel scales.
 
     The weight is dequantized for each forward (storage is 4x smaller than fp32; speed is that
@@ -468,6 +534,8 @@ class Int8Conv2d(nn.Module):
         m.scale = s.to(conv.weight.device)
         if conv.bias is not None:
             m.bias = nn.Parameter(conv.bias.detach().clone())
+        if conv.weight.is_floating_point():
+            m.float_dtype = str(conv.weight.dtype).removeprefix("torch.")
         return m
 
     def nnslim_weight_buffers(self) -> dict[str, int]:

@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn.parameter import is_lazy
 
 from ..core.inputs import Inputs, as_inputs, check_device, forward_error, output_tensors
+from ..core.snapshot import preserved_state
 from ..core.table import format_table, human
 from .counter import OpCounter, Tally
 from .latency import Latency, measure_latency
@@ -61,6 +62,8 @@ class Profile:
         modules: per-module figures (inclusive of children), keyed by path (``""`` is the model).
         unsupported: operators without a cost formula, mapped to the modules that ran them
             (``"(backward)"`` for the backward pass); they were counted as zero.
+        output_finite: whether every floating-point tensor the forward returned was finite
+            (no NaN or Inf).
     """
 
     macs: int
@@ -77,6 +80,7 @@ class Profile:
     latency: Latency | None = None
     backward_macs: int | None = None
     backward_peak_bytes: int | None = None
+    output_finite: bool = True
 
     @property
     def flops(self) -> int:
@@ -384,8 +388,9 @@ def profile(
 
     MACs and FLOPs are counted at the dispatcher level, so functional code, ``@``, ``einsum``,
     ``addmm`` (Hugging Face ``Conv1D``), grouped/depthwise convolutions and fused attention
-    kernels are all counted, with and without gradients. The model runs in eval mode (each
-    module's mode is restored afterwards).
+    kernels are all counted, with and without gradients. The model runs in eval mode and its
+    state is left as it was (each module's train/eval flag, and any buffer the forward writes,
+    such as a counter, is restored afterwards).
 
     Args:
         model: any ``nn.Module``.
@@ -420,16 +425,18 @@ def profile(
     # one walk of the model before the forward serves the mode switch, the module paths and
     # the tensors live from the start (each walk costs a few percent of a small model's forward)
     walk = list(model.named_modules(remove_duplicate=False))
-    with eval_mode(model, [m for _, m in walk]):
+    with preserved_state(model, [m for _, m in walk]):
         counter = OpCounter(model, track_memory=memory, named=walk)
         state = _own_tensors(walk) + inputs.tensors()
         try:
             with counter, torch.no_grad():
                 counter.start_memory(state)
                 static = counter.memory.current if counter.memory else 0
-                inputs.call(model)
+                out = inputs.call(model)
         except Exception as e:
             raise forward_error(model, inputs, e, "example_inputs") from e
+        finite = _finite_output(out)
+        del out
         peak = counter.memory.peak if counter.memory else None
         back_macs = back_peak = None
         back_unsupported: dict[str, int] = {}
@@ -466,6 +473,15 @@ def profile(
         latency=lat,
         backward_macs=back_macs,
         backward_peak_bytes=back_peak,
+        output_finite=finite,
+    )
+
+
+def _finite_output(out: Any) -> bool:
+    return all(
+        bool(torch.isfinite(t).all())
+        for t in output_tensors(out)
+        if t.is_floating_point() and t.device.type != "meta"
     )
 
 

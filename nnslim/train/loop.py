@@ -3,7 +3,6 @@ and repeat."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -12,6 +11,7 @@ from typing import Any
 from torch import nn
 
 from ..core.inputs import as_inputs
+from ..core.modules import copy_model
 from ..core.select import normalize_selector
 from ..core.table import format_table, human
 from ..core.transform import Compose, Transform
@@ -229,7 +229,7 @@ def compress(
 
     base_metric = float(evaluate(model))
     baseline = measure(model, base_metric, "original")
-    result = CompressionResult(model=copy.deepcopy(model), baseline=baseline)
+    result = CompressionResult(model=copy_model(model), baseline=baseline)
 
     def reached(row: dict[str, Any]) -> bool:
         return all(row[k] is not None and row[k] <= v * baseline[k] for k, v in target.items())
@@ -241,7 +241,7 @@ def compress(
     for piece, optional in pieces:
         attempt = piece
         for retry in range(2):
-            candidate = copy.deepcopy(best)
+            candidate = copy_model(best)
             try:
                 attempt.apply(candidate, example_inputs, calibration=calibration)
             except ValueError as e:
@@ -323,4 +323,4 @@ def _halve(t: Transform) -> Transform | None:
 
 def _adopt(model: nn.Module, best: nn.Module) -> None:
     """Make ``model`` (the caller's object) the best model found."""
-    model.__dict__.update(copy.deepcopy(best).__dict__)
+    model.__dict__.update(copy_model(best).__dict__)

@@ -769,8 +769,18 @@ class _Distributed:
             isinstance(p, int) for g in optimizer.get("param_groups", []) for p in g["params"]
         )
         if not by_position:
+            # torch's full-state path finds the device from the optimizer's own tensors and
+            # fails on optimizers that hold none (plain SGD: "Expected device to be set"); with
+            # no tensor state there is nothing to distribute, only the groups' settings
+            stateful = any(
+                isinstance(t, torch.Tensor) and t.dim() > 0
+                for per_param in optimizer.get("state", {}).values()
+                for t in per_param.values()
+            )
             try:
-                set_optimizer_state_dict(model, opt, optimizer, options=options)
+                set_optimizer_state_dict(
+                    model, opt, optimizer, options=options if stateful else StateDictOptions()
+                )
             except (KeyError, ValueError, RuntimeError) as e:
                 raise ValueError(
                     f"Trainer.fit(resume=True): the checkpoint's optimizer state does not fit "

@@ -12,12 +12,12 @@ from torch import nn
 from ..core.calibrate import LayerStats, run_sequential
 from ..core.describe import shape_of
 from ..core.inputs import Inputs
-from ..core.modules import replace_module
+from ..core.modules import is_conv2d, is_linear, linear_weight, replace_module, unreplaceable
 from ..core.report import Report
 from ..core.select import normalize_selector
+from ..core.snapshot import preserved_state
 from ..core.transform import Context, Transform
 from ..core.validate import all_finite, check_choice, check_fraction, check_int, check_type
-from ..graph.tp_compat import conv1d_type
 from ..modules.factorized import FactorizedConv2d, FactorizedLinear
 
 __all__ = ["Factorize", "spatial_svd", "svd_factors", "tucker2"]
@@ -25,14 +25,12 @@ __all__ = ["Factorize", "spatial_svd", "svd_factors", "tucker2"]
 CONV_KINDS = ("tucker", "spatial")
 
 
-def _is_linear(m: nn.Module) -> bool:
-    c = conv1d_type()
-    return type(m) is nn.Linear or (c is not None and isinstance(m, c))
+_is_linear = is_linear
 
 
 def _weight(m: nn.Module) -> torch.Tensor:
     """``(out, in)`` weight of a Linear/Conv1D."""
-    return m.weight.detach().float() if isinstance(m, nn.Linear) else m.weight.detach().float().t()
+    return linear_weight(m).detach().float()
 
 
 def _dense_equivalent(m: nn.Module) -> tuple[nn.Module, tuple[int, ...]]:
@@ -41,54 +39,28 @@ def _dense_equivalent(m: nn.Module) -> tuple[nn.Module, tuple[int, ...]]:
     The chains hold no bias before their last layer and their 1x1 / k x 1 / 1 x k parts pad
     like the whole kernel would, so the product of the factors is the layer, exactly.
     """
+    last = _factors(m)[-1]
+    kw = {"device": last.weight.device, "dtype": last.weight.dtype}
+    if isinstance(m, FactorizedLinear):
+        dense: nn.Module = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, **kw)
+        ranks: tuple[int, ...] = (m.rank,)
+    else:
+        dense = nn.Conv2d(
+            m.in_channels,
+            m.out_channels,
+            m.kernel_size,
+            stride=m.stride,
+            padding=m.padding,
+            dilation=m.dilation,
+            bias=m.bias is not None,
+            padding_mode=m.padding_mode,
+            **kw,
+        )
+        ranks = m.ranks
     with torch.no_grad():
-        if isinstance(m, FactorizedLinear):
-            # sizes from the factors themselves (Prune may have narrowed them)
-            first, second = m.first, m.second
-            dense: nn.Module = nn.Linear(
-                first.weight.shape[1], second.weight.shape[0], bias=second.bias is not None
-            ).to(device=second.weight.device, dtype=second.weight.dtype)
-            dense.weight.copy_(second.weight.float() @ first.weight.float())
-            bias = second.bias
-            ranks: tuple[int, ...] = (first.weight.shape[0],)
-        elif m.kind == "tucker":
-            first, mid, last = m.layers
-            w = torch.einsum(
-                "ob,bahw,ai->oihw",
-                last.weight[:, :, 0, 0].float(),
-                mid.weight.float(),
-                first.weight[:, :, 0, 0].float(),
-            )
-            dense = nn.Conv2d(
-                first.weight.shape[1],
-                last.weight.shape[0],
-                mid.kernel_size,
-                stride=mid.stride,
-                padding=mid.padding,
-                dilation=mid.dilation,
-                bias=last.bias is not None,
-                padding_mode=mid.padding_mode,
-            ).to(device=last.weight.device, dtype=last.weight.dtype)
-            dense.weight.copy_(w)
-            bias, ranks = last.bias, (first.weight.shape[0], mid.weight.shape[0])
-        else:  # spatial: k x 1 then 1 x k
-            first, second = m.layers
-            w = torch.einsum(
-                "rih,orw->oihw", first.weight[..., 0].float(), second.weight[:, :, 0, :].float()
-            )
-            dense = nn.Conv2d(
-                first.weight.shape[1],
-                second.weight.shape[0],
-                (first.kernel_size[0], second.kernel_size[1]),
-                stride=(first.stride[0], second.stride[1]),
-                padding=(first.padding[0], second.padding[1]),
-                dilation=(first.dilation[0], second.dilation[1]),
-                bias=second.bias is not None,
-            ).to(device=second.weight.device, dtype=second.weight.dtype)
-            dense.weight.copy_(w)
-            bias, ranks = second.bias, (first.weight.shape[0],)
-        if bias is not None:
-            dense.bias.copy_(bias)
+        dense.weight.copy_(m.weight)
+        if m.bias is not None:
+            dense.bias.copy_(m.bias)
     return dense, ranks
 
 
@@ -194,12 +166,16 @@ class Factorize(Transform):
         # factorized layers are candidates as whole layers (their product is truncated to a
         # lower rank: how compress() factorizes in steps); their inner layers are not
         owners = [p for p, m in named.items() if _factorized(m)]
+        left = unreplaceable(model)
+        for p, why in left.items():
+            report.skipped(p, why)
         eligible = [
             (p, m)
             for p, m in named.items()
             if p
+            and p not in left
             and not any(p.startswith(o + ".") for o in owners)
-            and (_is_linear(m) or type(m) is nn.Conv2d or _factorized(m))
+            and (_is_linear(m) or is_conv2d(m) or _factorized(m))
         ]
         chosen = dict(self.resolve(model, self.select, self.exclude, eligible=eligible))
         for p, _ in eligible:
@@ -225,10 +201,10 @@ class Factorize(Transform):
                     continue
                 dense[p], now[p] = _dense_equivalent(m)
                 m = dense[p]
-            if type(m) is nn.Conv2d and m.groups != 1:
+            if is_conv2d(m) and m.groups != 1:
                 del chosen[p]
                 report.skipped(p, f"grouped convolution (groups={m.groups}) is already factorized")
-            elif type(m) is nn.Conv2d and self.conv == "tucker" and m.kernel_size == (1, 1):
+            elif is_conv2d(m) and self.conv == "tucker" and m.kernel_size == (1, 1):
                 del chosen[p]
                 report.skipped(
                     p,
@@ -246,11 +222,9 @@ class Factorize(Transform):
                 "Factorize(activation_aware=True)", "to whiten the layer inputs"
             )
         layer = {p: dense.get(p, named[p]) for p in chosen}
-        spatial = _spatial_sizes(
-            model, ctx.inputs, [p for p in chosen if type(layer[p]) is nn.Conv2d]
-        )
+        spatial = _spatial_sizes(model, ctx.inputs, [p for p in chosen if is_conv2d(layer[p])])
         linears = {p: layer[p] for p in chosen if _is_linear(layer[p])}
-        convs = {p: layer[p] for p in chosen if type(layer[p]) is nn.Conv2d}
+        convs = {p: layer[p] for p in chosen if is_conv2d(layer[p])}
         ranks: dict[str, Any] = {p: chosen[p] for p in chosen}
         if self.params is not None or self.macs is not None:
             ranks = self._budget(model, ctx, linears, convs, spatial, aware, report, now)
@@ -760,7 +734,7 @@ def _spatial_sizes(
 
         handles.append(named[p].register_forward_hook(hook))
     try:
-        with torch.no_grad():
+        with preserved_state(model), torch.no_grad():
             inputs.call(model)
     finally:
         for h in handles:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import re
 import warnings
 from dataclasses import dataclass
@@ -15,9 +14,10 @@ from torch import nn
 from ..core.calibrate import LayerStats, collect
 from ..core.describe import shape_of
 from ..core.inputs import Inputs
+from ..core.modules import copy_model
 from ..core.report import Report
 from ..core.select import normalize_selector
-from ..core.snapshot import Snapshot
+from ..core.snapshot import Snapshot, preserved_state
 from ..core.transform import Context, Transform
 from ..core.validate import check_choice, check_fraction, check_int, check_type
 from ..graph.attention import AttentionSpec, back_to_torch, find_attention, to_head_prunable
@@ -306,7 +306,7 @@ class Prune(Transform):
         lo, hi, best, best_value = 0.0, 0.99, None, None
         for _ in range(10):
             mid = (lo + hi) / 2
-            trial = copy.deepcopy(model)
+            trial = copy_model(model)
             _prune_model(trial, inputs, None, plan, self, imp, stats, mid)
             value = getattr(profile(trial, inputs, memory=False), metric)
             del trial
@@ -592,7 +592,7 @@ def output_layers_by_identity(model: nn.Module, inputs: Inputs) -> list[str]:
 
             handles.append(m.register_forward_hook(hook))
     try:
-        with torch.no_grad():
+        with preserved_state(model), torch.no_grad():
             out = _call(model, inputs)
     finally:
         for h in handles:

@@ -6,16 +6,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..core.calibrate import LayerStats, run_sequential
 from ..core.describe import shape_of
-from ..core.modules import replace_module
+from ..core.modules import is_conv2d, is_linear, replace_module, unreplaceable
 from ..core.report import Report
 from ..core.select import normalize_selector
 from ..core.transform import Context, Transform
 from ..core.validate import all_finite, check_choice, check_fraction, check_int, check_type
-from ..graph.tp_compat import conv1d_type
 from ..modules.fake_quant import FakeQuantLinear
 from ..modules.quantized import (
     Int4Linear,
@@ -33,9 +33,19 @@ METHODS = ("rtn", "gptq")
 GROUP_SIZES = (32, 64, 128)
 
 
-def _is_linear(m: nn.Module) -> bool:
-    c = conv1d_type()
-    return type(m) is nn.Linear or (c is not None and isinstance(m, c))
+_is_linear = is_linear
+
+
+def int4_group_size(width: int, wanted: int) -> int:
+    """The group size an int4 layer ``width`` inputs wide gets when ``wanted`` is asked for.
+
+    The largest of the allowed sizes up to ``wanted`` that divides ``width``; where none does,
+    the one that needs the fewest zero columns of padding (the largest among equals).
+    """
+    sizes = [g for g in GROUP_SIZES if g <= wanted]
+    padded = {g: -(-width // g) * g for g in sizes}
+    least = min(padded.values())
+    return max(g for g in sizes if padded[g] == least)
 
 
 #: how much narrower than min/max an int4 GPTQ group's range may get (see ``gptq(clip=)``)
@@ -57,7 +67,9 @@ class Quantize(Transform):
 
     Args:
         scheme: the scheme; with ``select`` as a mapping, its values are per-layer schemes.
-        group_size: inputs per group for int4: 32, 64 or 128.
+        group_size: inputs per group for int4: 32, 64 or 128. A layer whose width it does not
+            divide gets the largest smaller size that does, or, where none does, is padded
+            with zero weights to the next multiple (the report gives each layer's size).
         method: ``"rtn"`` (round to nearest on each group's min/max) or ``"gptq"``
             (second-order, needs calibration; processed block by block, so only one block's
             statistics are held at a time; int4 groups get the range, up to 20% narrower than
@@ -116,8 +128,13 @@ class Quantize(Transform):
     # ------------------------------------------------------------------------------------------
     def _apply(self, model: nn.Module, ctx: Context, report: Report) -> None:
         named = dict(model.named_modules())
+        left = unreplaceable(model)
+        for p, why in left.items():
+            report.skipped(p, why)
         eligible = [
-            (p, m) for p, m in named.items() if p and (_is_linear(m) or type(m) is nn.Conv2d)
+            (p, m)
+            for p, m in named.items()
+            if p and p not in left and (_is_linear(m) or is_conv2d(m))
         ]
         sel = normalize_selector(self.select)
         explicit = (
@@ -139,7 +156,7 @@ class Quantize(Transform):
         for p, value in chosen.items():
             m = named[p]
             scheme = value or self.scheme
-            if type(m) is nn.Conv2d:
+            if not _is_linear(m):  # a Conv2d
                 if scheme != "int8" or self.qat:
                     if p in explicit or value is not None:
                         raise ValueError(
@@ -154,19 +171,14 @@ class Quantize(Transform):
                     f"Quantize: module {p} ({shape_of(m)}) has NaN or Inf weights; fix or exclude "
                     f"it (exclude=[{p!r}])."
                 )
-            if scheme == "int4" and _is_linear(m) and w.shape[1] % self.group_size:
-                raise ValueError(
-                    f"Quantize: group_size {self.group_size} does not divide the {w.shape[1]} input "
-                    f"features of {p} ({shape_of(m)}); use one of {GROUP_SIZES} that divides it, or "
-                    f"exclude the module."
-                )
             plan[p] = scheme
         if not plan:
-            raise ValueError("Quantize: no layer left to quantize after select/exclude.")
+            raise ValueError(_nothing_left(self, eligible, chosen, heads))
         if self.qat:
             for p, scheme in plan.items():
                 old = named[p]
-                new = FakeQuantLinear.from_float(old, scheme, self.group_size)
+                gs = int4_group_size(_linear_weight(old).shape[1], self.group_size)
+                new = FakeQuantLinear.from_float(old, scheme, gs)
                 report.changed(
                     p, "fake-quantized (QAT)", shape_of(old), shape_of(new), scheme=scheme
                 )
@@ -212,14 +224,19 @@ class Quantize(Transform):
         st: LayerStats | None,
     ) -> None:
         details: dict[str, Any] = {"scheme": scheme, "method": self.method}
-        if type(old) is nn.Conv2d:
+        gs = (
+            int4_group_size(_linear_weight(old).shape[1], self.group_size)
+            if scheme == "int4"
+            else 0
+        )
+        if not _is_linear(old):  # a Conv2d
             new: nn.Module = Int8Conv2d.from_float(old)
             details["method"] = "rtn"
         else:
             w = _linear_weight(old).detach().float()
             smooth = None
             if st is not None and self.smooth is not None and scheme in ("int8-dynamic", "int4"):
-                smooth, alpha = _smoothing(w, st, scheme, self.smooth, self.group_size)
+                smooth, alpha = _smoothing(w, st, scheme, self.smooth, gs)
                 details["smooth_alpha"] = round(alpha, 3)
                 w = w * smooth[None, :]
             if self.method == "gptq" and st is not None and st.gram is not None:
@@ -228,15 +245,18 @@ class Quantize(Transform):
                 # gptq consumes the statistics' Hessian (st.gram is emptied): one (in, in)
                 # matrix fewer held while it runs
                 if scheme == "int4":
+                    width = -(-w.shape[1] // gs) * gs  # padded with zero columns (dead inputs)
+                    gram = _take_gram(st)
+                    pad = width - w.shape[1]
                     codes, scale, mn = gptq(
-                        w,
-                        _take_gram(st),
+                        F.pad(w, (0, pad)),
+                        F.pad(gram, (0, pad, 0, pad)) if pad else gram,
                         bits=4,
-                        group_size=self.group_size,
+                        group_size=gs,
                         clip=GPTQ_CLIP,
                         consume=True,
                     )
-                    new = Int4Linear.from_codes(old, codes, scale, mn, self.group_size, smooth)
+                    new = Int4Linear.from_codes(old, codes, scale, mn, gs, smooth)
                 else:
                     codes, scale, _ = gptq(w, _take_gram(st), bits=8, consume=True)
                     cls = Int8DynamicLinear if scheme == "int8-dynamic" else Int8Linear
@@ -247,13 +267,15 @@ class Quantize(Transform):
                         )
             else:
                 if scheme == "int4":
-                    new = Int4Linear.from_float(old, self.group_size, weight=w, smooth=smooth)
+                    new = Int4Linear.from_float(old, gs, weight=w, smooth=smooth)
                 elif scheme == "int8-dynamic":
                     new = Int8DynamicLinear.from_float(old, weight=w, smooth=smooth)
                 else:
                     new = Int8Linear.from_float(old, weight=w)
             if scheme == "int4":
-                details["group_size"] = self.group_size
+                details["group_size"] = gs
+                if w.shape[1] % gs:
+                    details["padded_to"] = -(-w.shape[1] // gs) * gs
         details["bits"] = 4 if scheme == "int4" else 8
         report.changed(path, "quantized", shape_of(old), shape_of(new), **details)
         replace_module(model, path, new)
@@ -298,10 +320,29 @@ def _smoothing(
 
 def _fake_int4(w: torch.Tensor, group_size: int) -> torch.Tensor:
     out, inp = w.shape
-    g = w.reshape(out, inp // group_size, group_size)
+    pad = -inp % group_size  # zero columns, as Int4Linear pads
+    g = F.pad(w, (0, pad)).reshape(out, -1, group_size)
     mn, mx = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
     scale = ((mx - mn) / 15).clamp_min(1e-8)
-    return (torch.round((g - mn) / scale).clamp(0, 15) * scale + mn).reshape(out, inp)
+    return (torch.round((g - mn) / scale).clamp(0, 15) * scale + mn).reshape(out, -1)[:, :inp]
+
+
+def _nothing_left(
+    t: Quantize, eligible: list[tuple[str, nn.Module]], chosen: dict[str, Any], heads: set[str]
+) -> str:
+    """Why Quantize found nothing to quantize, in the words that fit what happened."""
+    if not eligible:
+        return (
+            "Quantize: the model has no nn.Linear, Hugging Face Conv1D or nn.Conv2d layer that "
+            "can be quantized (the report lists the layers that were looked at and why each "
+            "was left alone)."
+        )
+    if t.select is None and t.exclude is None and not chosen:
+        return (
+            f"Quantize: every candidate layer was left in float ({len(heads)} LM head(s) or "
+            f"convolutions without a {t.scheme} kernel); select a layer by name to quantize it."
+        )
+    return "Quantize: no layer left to quantize after select/exclude."
 
 
 def _lm_heads(model: nn.Module, ctx: Context) -> set[str]:

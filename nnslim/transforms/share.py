@@ -14,14 +14,21 @@ from torch import nn
 from ..core.calibrate import collect
 from ..core.describe import shape_of
 from ..core.inputs import Inputs, output_tensors
-from ..core.modules import is_hf_conv1d, replace_module, set_module
+from ..core.modules import (
+    is_conv2d,
+    is_hf_conv1d,
+    is_linear,
+    replace_module,
+    set_module,
+    unreplaceable,
+)
 from ..core.report import Report
 from ..core.select import normalize_selector
+from ..core.snapshot import preserved_state
 from ..core.transform import Context, Transform
 from ..core.validate import check_int, check_type
 from ..modules.masks import MASK_NAME
 from ..modules.shared import MAX_CLUSTERS, PalettizedConv2d, PalettizedLinear, palettize
-from ..profiling.profiler import eval_mode
 
 __all__ = ["ShareWeights"]
 
@@ -32,7 +39,7 @@ _OWNER = "ShareWeights"
 
 
 def _eligible(m: nn.Module) -> bool:
-    return type(m) in (nn.Linear, nn.Conv2d) or is_hf_conv1d(m)
+    return is_linear(m) or is_conv2d(m)
 
 
 def _check_clusters(name: str, value: Any) -> None:
@@ -298,10 +305,17 @@ class ShareWeights(Transform):
         named = dict(model.named_modules())
         # palettized layers are candidates too: one with more clusters than asked is clustered
         # again from its current values (how compress() shares weights in steps)
-        eligible = [(p, m) for p, m in named.items() if p and (_eligible(m) or _palettized(m))]
+        left = unreplaceable(model)
+        eligible = [
+            (p, m)
+            for p, m in named.items()
+            if p and p not in left and (_eligible(m) or _palettized(m))
+        ]
         for p, m in named.items():
             w = m._parameters.get("weight")
-            if w is not None and w.dim() >= 2 and not (p and _eligible(m)):
+            if p in left:
+                report.skipped(p, left[p])
+            elif w is not None and w.dim() >= 2 and not (p and _eligible(m)):
                 why = (
                     "the root module cannot be replaced; wrap it in a container"
                     if not p and _eligible(m)
@@ -518,7 +532,7 @@ def _locations(model: nn.Module) -> dict[int, list[str]]:
 
 
 def _outputs(model: nn.Module, inputs: Inputs) -> list[torch.Tensor]:
-    with eval_mode(model), torch.no_grad():
+    with preserved_state(model), torch.no_grad():
         out = inputs.call(model)
     return [t.detach().float() for t in output_tensors(out) if t.is_floating_point()]
 

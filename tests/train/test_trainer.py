@@ -426,3 +426,24 @@ def test_fine_tuning_keeps_compressed_layers_what_they_are():
         rebuilt = pal[0].codebook.index_select(0, group).gather(1, codes).reshape(w.shape)
         assert torch.equal(w, rebuilt)
     assert _loss(pal, data) < before
+
+
+def test_resume_with_plain_sgd_reaches_the_same_weights(tmp_path):
+    # plain SGD keeps no per-parameter state: torch's full-state loader found no device in it
+    # and raised "Expected device to be set"
+    opts = nnslim.TrainOptions(verbose=False, checkpoint_every=2)
+    torch.manual_seed(3)
+    full = make_model()
+    nnslim.Trainer(lr=0.05, options=opts).fit(full, make_data(), max_steps=8)
+    torch.manual_seed(3)
+    first = make_model()
+    nnslim.Trainer(lr=0.05, options=opts).fit(
+        first, make_data(), max_steps=4, checkpoint_dir=tmp_path
+    )
+    torch.manual_seed(3)
+    resumed = make_model()
+    nnslim.Trainer(lr=0.05, options=opts).fit(
+        resumed, make_data(), max_steps=8, checkpoint_dir=tmp_path, resume=True
+    )
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k

@@ -1,5 +1,8 @@
+import copy
+
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
@@ -173,14 +176,63 @@ def test_schemes_replace_modules_and_report_bits():
     assert bits == {"0": 4, "2": 8}
 
 
-def test_group_size_must_divide_and_names_the_module(cnn):
-    m = nn.Sequential(nn.Linear(48, 8))
-    before = m[0].weight.clone()
-    with pytest.raises(
-        ValueError, match=r"group_size 32 does not divide the 48 input features of 0"
-    ):
-        nnslim.Quantize(scheme="int4", group_size=32).apply(m)
-    assert torch.equal(m[0].weight, before) and isinstance(m[0], nn.Linear)
+@pytest.mark.parametrize(
+    "width, wanted, group, padded",
+    [
+        (256, 128, 128, None),
+        (64, 128, 64, None),
+        (48, 128, 64, 64),
+        (80, 128, 32, 96),
+        (440, 128, 64, 448),
+        (16, 32, 32, 32),
+        (96, 64, 32, None),
+    ],
+)
+def test_int4_group_size_fits_each_layer(width, wanted, group, padded):
+    # the requested group size is a default, not a demand every layer must meet
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(width, 24), nn.ReLU(), nn.Linear(24, 8))
+    x = torch.randn(5, width)
+    ref = m(x)
+    report = nnslim.Quantize(scheme="int4", group_size=wanted).apply(m, x)
+    change = {c.path: c for c in report.changes}["0"]
+    assert m[0].group_size == change.details["group_size"] == group
+    assert change.details.get("padded_to") == padded
+    assert m[0].in_features == width and m[0].padded_in_features == (padded or width)
+    assert m[0].weight.shape == (24, width)
+    # the layer computes what its de-quantized weight computes
+    y = m[0](x)
+    assert torch.allclose(y, F.linear(x, m[0].weight, m[0].bias), atol=0.05, rtol=0.02)
+    assert (m(x) - ref).norm() / ref.norm() < 0.2
+
+
+def test_int4_gptq_on_a_padded_width_matches_its_rtn_grid_or_beats_it():
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(80, 32))
+    calib = [torch.randn(16, 80) for _ in range(4)]
+    x = torch.cat(calib)
+    errs = {}
+    for method in ("rtn", "gptq"):
+        m = copy.deepcopy(base)
+        nnslim.Quantize(scheme="int4", method=method).apply(m, calibration=calib)
+        assert m[0].group_size == 32 and m[0].padded_in_features == 96
+        with torch.no_grad():
+            errs[method] = float((m(x) - base(x)).pow(2).mean())
+    assert errs["gptq"] <= errs["rtn"]
+
+
+def test_int4_qat_on_a_padded_width_converts_to_the_same_function():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(80, 16))
+    nnslim.Quantize(scheme="int4", qat=True).apply(m)
+    x = torch.randn(4, 80)
+    fake = m(x)
+    nnslim.convert(m)
+    assert type(m[0]).__name__ == "Int4Linear" and m[0].group_size == 32
+    assert torch.allclose(m(x), fake, atol=0.05, rtol=0.02)
+
+
+def test_int4_group_size_must_be_an_allowed_one():
     with pytest.raises(ValueError, match="supported: 32, 64, 128"):
         nnslim.Quantize(scheme="int4", group_size=48)
 
