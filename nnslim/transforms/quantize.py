@@ -337,10 +337,11 @@ def _nothing_left(
             "can be quantized (the report lists the layers that were looked at and why each "
             "was left alone)."
         )
-    if t.select is None and t.exclude is None and not chosen:
+    if t.select is None and t.exclude is None:
         return (
-            f"Quantize: every candidate layer was left in float ({len(heads)} LM head(s) or "
-            f"convolutions without a {t.scheme} kernel); select a layer by name to quantize it."
+            f"Quantize: every candidate layer was left in float ({len(heads)} LM head(s), the "
+            f"rest convolutions without a {t.scheme} kernel: only int8 stores Conv2d); the "
+            f"report lists each layer and why; use scheme='int8' or select a Linear by name."
         )
     return "Quantize: no layer left to quantize after select/exclude."
 

@@ -87,3 +87,9 @@ def test_nothing_to_quantize_says_why():
     model = nn.Sequential(ScaledLinear(4, 4)).eval()
     with pytest.raises(ValueError, match="has no nn.Linear, Hugging Face Conv1D or nn.Conv2d"):
         nnslim.Quantize(scheme="int8-dynamic").apply(model, torch.randn(1, 4))
+
+
+def test_convolutions_only_model_says_why_int8_dynamic_has_nothing():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3)).eval()
+    with pytest.raises(ValueError, match="every candidate layer was left in float"):
+        nnslim.Quantize(scheme="int8-dynamic").apply(model, torch.randn(1, 3, 8, 8))

@@ -1,0 +1,751 @@
+"""Breadth: every transform on models no test names, enumerated instead of listed by hand.
+
+Models:
+
+* timm: one variant per model module (``timm.list_modules()``), the one with the fewest
+  parameters (counted on the ``meta`` device);
+* torchvision: every classification, segmentation, detection and video model;
+* transformers: every architecture in the auto mappings for causal LM, seq2seq LM, sequence
+  classification, masked LM, CTC, speech seq2seq, image classification and vision-text, built
+  from the architecture's own config class with sizes shrunk (hidden 64, 2 layers, 4 heads,
+  2 KV heads where it has them).
+
+Every model is built with random weights (``weights=None``, ``pretrained=False``, configs), never
+downloaded. For each model and each transform (``Prune(ratio=0.3)``, ``Prune(macs=0.5)``,
+``Quantize`` int8 / int8-dynamic / int4, ``Factorize(ratio=0.5)``, ``ShareWeights(clusters=16)``,
+``Compose([Prune, Quantize])``) a cell records: applied / unchanged (with the report's reason) /
+failed (an nnslim error, or a raw error from inside), forward with the same output shape and
+finite values, relative output error, MACs and bytes ratios, ``nnslim.save``/``load`` exact, and
+``torch.compile`` running (``--compile``). A model that cannot be built or run before any
+transform is counted apart, with the reason. Each model runs in its own process (a crash or a
+hang costs one model, not the sweep).
+
+    python benchmarks/coverage.py                  # the whole sweep (hours on 2 cores)
+    python benchmarks/coverage.py --quick          # a few models per family (minutes)
+    python benchmarks/coverage.py --only timm:levit_128s,hf:phi3
+    python benchmarks/coverage.py --rst            # docs/coverage.rst from the JSON only
+
+Writes ``benchmarks/results/coverage[-quick].json`` (resumable: models already in it are not run
+again unless ``--fresh``) and ``docs/coverage.rst`` (full sweep only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from _common import RESULTS, environment, print_table
+
+import nnslim
+from nnslim.core.inputs import as_inputs, first_tensor, output_tensors
+
+ROOT = Path(__file__).resolve().parent.parent
+RST = ROOT / "docs" / "coverage.rst"
+
+#: the transforms of the sweep, by column name
+TRANSFORMS: dict[str, Any] = {
+    "prune-ratio": lambda: nnslim.Prune(ratio=0.3),
+    "prune-macs": lambda: nnslim.Prune(macs=0.5),
+    "int8": lambda: nnslim.Quantize(scheme="int8"),
+    "int8-dynamic": lambda: nnslim.Quantize(scheme="int8-dynamic"),
+    "int4": lambda: nnslim.Quantize(scheme="int4"),
+    "factorize": lambda: nnslim.Factorize(ratio=0.5),
+    "share": lambda: nnslim.ShareWeights(clusters=16),
+    "compose": lambda: nnslim.Compose([nnslim.Prune(ratio=0.3), nnslim.Quantize(scheme="int8")]),
+}
+
+#: models in --quick: at least one per family that failed before the coverage issue's fixes
+QUICK = [
+    "timm:levit_128s",
+    "timm:ghostnet_050",
+    "timm:poolformer_s12",
+    "timm:deit_tiny_patch16_224",
+    "torchvision:swin_t",
+    "torchvision:mobilenet_v3_small",
+    "hf:phi3",
+    "hf:gpt_neox",
+    "hf:t5",
+    "hf:clip",
+    "hf:wav2vec2",
+]
+
+#: a model larger than this (parameters) is not built for the sweep
+MAX_PARAMS = 120_000_000
+
+
+# -- enumeration -------------------------------------------------------------------------------
+def timm_models() -> list[str]:
+    import timm
+
+    out = []
+    for module in sorted(timm.list_modules()):
+        names = timm.list_models(module=module)
+        if not names:
+            continue
+        sizes = []
+        for name in names:
+            try:
+                with torch.device("meta"), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    m = timm.create_model(name, pretrained=False)
+                sizes.append((sum(p.numel() for p in m.parameters()), name))
+            except Exception:
+                continue
+        if sizes:
+            out.append(f"timm:{min(sizes)[1]}")
+        else:
+            out.append(f"timm:{names[0]}")
+    return out
+
+
+def torchvision_models() -> list[str]:
+    import torchvision.models as tvm
+
+    out = []
+    for sub, group in (
+        (tvm, "classification"),
+        (tvm.segmentation, "segmentation"),
+        (tvm.detection, "detection"),
+        (tvm.video, "video"),
+    ):
+        out += [f"torchvision:{n}" for n in tvm.list_models(module=sub) if group]
+    return out
+
+
+HF_TASKS = {
+    "causal-lm": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+    "seq2seq-lm": "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
+    "sequence-classification": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
+    "masked-lm": "MODEL_FOR_MASKED_LM_MAPPING_NAMES",
+    "ctc": "MODEL_FOR_CTC_MAPPING_NAMES",
+    "speech-seq2seq": "MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES",
+    "image-classification": "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES",
+    "vision-text": "MODEL_FOR_ZERO_SHOT_IMAGE_CLASSIFICATION_MAPPING_NAMES",
+}
+
+
+def _hf_mapping(task: str) -> dict[str, str]:
+    from transformers.models.auto import modeling_auto
+
+    mapping = getattr(modeling_auto, HF_TASKS[task], {})
+    return {k: (v[0] if isinstance(v, (tuple, list)) else v) for k, v in mapping.items()}
+
+
+def hf_models() -> list[str]:
+    """One entry per architecture (model type), with the first task that lists it."""
+    seen: dict[str, str] = {}
+    for task in HF_TASKS:
+        for model_type in _hf_mapping(task):
+            seen.setdefault(model_type, task)
+    return [f"hf:{t}" for t in sorted(seen)]
+
+
+# -- building ----------------------------------------------------------------------------------
+_SHRINK = {
+    64: (
+        "hidden_size",
+        "d_model",
+        "n_embd",
+        "embed_dim",
+        "word_embed_proj_dim",
+        "projection_dim",
+    ),
+    2: (
+        "num_hidden_layers",
+        "n_layer",
+        "n_layers",
+        "num_layers",
+        "encoder_layers",
+        "decoder_layers",
+        "num_decoder_layers",
+        "num_encoder_layers",
+    ),
+    4: (
+        "num_attention_heads",
+        "n_head",
+        "n_heads",
+        "encoder_attention_heads",
+        "decoder_attention_heads",
+    ),
+    128: (
+        "intermediate_size",
+        "ffn_dim",
+        "encoder_ffn_dim",
+        "decoder_ffn_dim",
+        "d_ff",
+        "n_inner",
+        "decoder_intermediate_size",
+    ),
+}
+
+
+def shrink_config(cfg: Any, depth: int = 0) -> Any:
+    """Shrink a transformers config in place: widths 64, 2 layers, 4 heads (2 KV heads)."""
+    from transformers import PretrainedConfig
+
+    for value, names in _SHRINK.items():
+        for name in names:
+            old = getattr(cfg, name, None)
+            if isinstance(old, int) and not isinstance(old, bool) and old > value:
+                setattr(cfg, name, value)
+    kv = getattr(cfg, "num_key_value_heads", None)
+    if isinstance(kv, int) and kv > 2:
+        cfg.num_key_value_heads = 2
+    hd = getattr(cfg, "head_dim", None)
+    if isinstance(hd, int) and hd > 16:
+        cfg.head_dim = 16
+    dkv = getattr(cfg, "d_kv", None)
+    if isinstance(dkv, int) and dkv > 16:
+        cfg.d_kv = 16
+    depths = getattr(cfg, "depths", None)
+    if isinstance(depths, (list, tuple)) and all(isinstance(d, int) for d in depths):
+        cfg.depths = [1] * len(depths)
+    lt = getattr(cfg, "layer_types", None)
+    n = getattr(cfg, "num_hidden_layers", None)
+    if isinstance(lt, (list, tuple)) and isinstance(n, int) and len(lt) > n:
+        cfg.layer_types = list(lt)[:n]
+    for name in ("image_size",):
+        s = getattr(cfg, name, None)
+        if isinstance(s, int) and s > 224:
+            setattr(cfg, name, 224)
+    if depth < 2:
+        for name in dir(cfg):
+            if name.startswith("_"):
+                continue
+            with contextlib.suppress(Exception):
+                sub = getattr(cfg, name)
+                if isinstance(sub, PretrainedConfig) and sub is not cfg:
+                    shrink_config(sub, depth + 1)
+    return cfg
+
+
+def _hf_inputs(model: Any, cfg: Any, task: str) -> list[Any]:
+    """Candidate inputs for a Hugging Face model, most likely first."""
+    g = torch.Generator().manual_seed(0)
+    text = getattr(cfg, "text_config", None) or cfg
+    vocab = int(getattr(text, "vocab_size", 1000) or 1000)
+    ids = torch.randint(3, max(4, min(vocab, 1000)), (1, 16), generator=g)
+    name = getattr(model, "main_input_name", "input_ids")
+    cands: list[Any] = []
+    if name == "input_ids":
+        base = {"input_ids": ids}
+        if task == "vision-text":
+            vcfg = getattr(cfg, "vision_config", cfg)
+            s = int(getattr(vcfg, "image_size", 224))
+            px = torch.randn(1, int(getattr(vcfg, "num_channels", 3)), s, s, generator=g)
+            cands.append({"input_ids": ids, "pixel_values": px})
+        if getattr(cfg, "is_encoder_decoder", False):
+            cands.append({**base, "decoder_input_ids": ids[:, :8]})
+        cands.append(base)
+    elif name == "pixel_values":
+        s = int(getattr(cfg, "image_size", 224) or 224)
+        c = int(getattr(cfg, "num_channels", 3) or 3)
+        cands += [{"pixel_values": torch.randn(1, c, s, s, generator=g)}]
+        cands += [{"pixel_values": torch.randn(1, c, 224, 224, generator=g)}]
+    elif name == "input_values":
+        cands.append({"input_values": torch.randn(1, 16000, generator=g)})
+    elif name == "input_features":
+        mel = int(getattr(cfg, "num_mel_bins", 80) or 80)
+        frames = 2 * int(getattr(cfg, "max_source_positions", 1500) or 1500)
+        feats = int(getattr(cfg, "input_feat_per_channel", 80) or 80)
+        chans = int(getattr(cfg, "input_channels", 1) or 1)
+        extra = {"decoder_input_ids": ids[:, :8]} if getattr(cfg, "is_encoder_decoder", 0) else {}
+        cands.append({"input_features": torch.randn(1, mel, frames, generator=g), **extra})
+        cands.append({"input_features": torch.randn(1, 64, feats * chans, generator=g), **extra})
+    else:
+        cands.append({name: ids})
+    return cands
+
+
+def build(spec: str) -> tuple[Any, Any, str]:
+    """``(model in eval mode, example inputs, group)``; the same weights on every call."""
+    family, name = spec.split(":", 1)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if family == "timm":
+            import timm
+
+            model = timm.create_model(name, pretrained=False).eval()
+            cfg = getattr(model, "pretrained_cfg", {}) or {}
+            size = tuple(cfg.get("input_size", (3, 224, 224)))
+            cands = [torch.randn(1, *size, generator=torch.Generator().manual_seed(0))]
+            group = "timm"
+        elif family == "torchvision":
+            import torchvision.models as tvm
+
+            model = tvm.get_model(name, weights=None).eval()
+            group = _torchvision_group(name)
+            g = torch.Generator().manual_seed(0)
+            if group == "detection":
+                cands = [([torch.rand(3, 128, 128, generator=g)],)]
+            elif group == "video":
+                cands = [torch.randn(1, 3, 8, 112, 112, generator=g)]
+            else:
+                size = 299 if name.startswith("inception") else 224
+                if group == "segmentation":
+                    size = 128
+                cands = [torch.randn(1, 3, size, size, generator=g)]
+        elif family == "hf":
+            import transformers
+            from transformers import CONFIG_MAPPING
+
+            task = next(t for t in HF_TASKS if name in _hf_mapping(t))
+            cls = getattr(transformers, _hf_mapping(task)[name])
+            cfg = shrink_config(CONFIG_MAPPING[name]())
+            model = cls(cfg).eval()
+            cands = _hf_inputs(model, cfg, task)
+            group = task
+        else:
+            raise ValueError(f"unknown family {family!r}")
+    params = sum(p.numel() for p in model.parameters())
+    if params > MAX_PARAMS:
+        raise ValueError(f"too large for the sweep ({params / 1e6:.0f} M parameters)")
+    last: Exception | None = None
+    for x in cands:
+        try:
+            with torch.no_grad():
+                _call(model, x)
+            return model, x, group
+        except Exception as e:
+            last = e
+    raise RuntimeError(f"forward fails before any transform: {_short(last)}")
+
+
+def _torchvision_group(name: str) -> str:
+    import torchvision.models as tvm
+
+    for sub, group in (
+        (tvm.segmentation, "segmentation"),
+        (tvm.detection, "detection"),
+        (tvm.video, "video"),
+    ):
+        if name in tvm.list_models(module=sub):
+            return group
+    return "classification"
+
+
+def _call(model: Any, x: Any) -> Any:
+    inp = as_inputs(x)
+    return inp.call(model)
+
+
+def _main_tensors(out: Any) -> list[torch.Tensor]:
+    t = first_tensor(out)
+    if t is not None:
+        return [t]
+    return [t for t in output_tensors(out) if t.is_floating_point()][:1]
+
+
+def _short(e: BaseException | None) -> str:
+    if e is None:
+        return ""
+    text = f"{type(e).__name__}: {e}".replace("\n", " ")
+    return text[:300]
+
+
+def _raised_in_nnslim(e: BaseException) -> bool:
+    """Whether the innermost frame that raised ``e`` is nnslim's own code (an nnslim error,
+    naming the module), not a raw error from torch or the model."""
+    frames = traceback.extract_tb(e.__traceback__)
+    return bool(frames) and f"{os.sep}nnslim{os.sep}" in frames[-1].filename
+
+
+# -- one model ---------------------------------------------------------------------------------
+def run_cell(spec: str, column: str, compile_: bool) -> dict[str, Any]:
+    model, x, _ = build(spec)
+    with torch.no_grad():
+        ref = _main_tensors(_call(model, x))
+    cell: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    try:
+        report = TRANSFORMS[column]().apply(model, x)
+    except Exception as e:
+        cell.update(
+            status="failed",
+            error=_short(e),
+            nnslim_error=_raised_in_nnslim(e),
+            seconds=round(time.perf_counter() - t0, 2),
+        )
+        return cell
+    cell["seconds"] = round(time.perf_counter() - t0, 2)
+    changed = bool(report.all_changes())
+    cell["changed"] = len(report.all_changes())
+    if not changed:
+        reasons = [n for n in _notes(report) if "changed nothing" in n]
+        cell.update(status="unchanged", reason=reasons[0] if reasons else "")
+        return cell
+    try:
+        with torch.no_grad():
+            out = _main_tensors(_call(model, x))
+    except Exception as e:
+        cell.update(status="failed", error="forward after: " + _short(e), nnslim_error=False)
+        return cell
+    same_shape = len(out) == len(ref) and all(a.shape == b.shape for a, b in zip(out, ref))
+    finite = all(bool(torch.isfinite(t).all()) for t in out)
+    cell.update(same_shape=same_shape, finite=finite)
+    if same_shape and ref:
+        a, b = out[0].double(), ref[0].double()
+        cell["rel_error"] = float((a - b).norm() / b.norm().clamp_min(1e-12))
+    before, after = _first_last_profiles(report)
+    if before is not None and after is not None:
+        cell["macs"] = after.macs / before.macs if before.macs else None
+        b0 = before.param_bytes + before.buffer_bytes
+        cell["bytes"] = (after.param_bytes + after.buffer_bytes) / b0 if b0 else None
+    cell["status"] = "applied" if same_shape and finite else "failed"
+    if not (same_shape and finite):
+        cell["error"] = "output shape changed" if not same_shape else "output not finite"
+        cell["nnslim_error"] = False
+    cell["save_load"] = _save_load(spec, model, x, out)
+    if compile_:
+        cell["compile"] = _compiles(model, x)
+    return cell
+
+
+def _notes(report: Any) -> list[str]:
+    out = list(report.notes)
+    for s in report.steps:
+        out += _notes(s)
+    return out
+
+
+def _first_last_profiles(report: Any) -> tuple[Any, Any]:
+    if report.steps:
+        return report.steps[0].before, report.steps[-1].after
+    return report.before, report.after
+
+
+def _save_load(spec: str, model: Any, x: Any, out: list[torch.Tensor]) -> str:
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "m.safetensors"
+        try:
+            nnslim.save(model, path)
+        except Exception as e:
+            return "save failed: " + _short(e)
+        try:
+            fresh, _, _ = build(spec)
+            loaded = nnslim.load(path, fresh)
+            with torch.no_grad():
+                again = _main_tensors(_call(loaded, x))
+        except Exception as e:
+            return "load failed: " + _short(e)
+    return "exact" if all(torch.equal(a, b) for a, b in zip(again, out)) else "differs"
+
+
+def _compiles(model: Any, x: Any) -> str:
+    try:
+        compiled = torch.compile(model)
+        with torch.no_grad():
+            _call(compiled, x)
+        return "ok"
+    except Exception as e:
+        return "failed: " + _short(e)
+    finally:
+        torch._dynamo.reset()
+
+
+def run_model(spec: str, columns: list[str], compile_: bool) -> dict[str, Any]:
+    row: dict[str, Any] = {"model": spec, "family": spec.split(":", 1)[0]}
+    t0 = time.perf_counter()
+    try:
+        model, _, group = build(spec)
+        row.update(built=True, group=group, params=sum(p.numel() for p in model.parameters()))
+        del model
+    except Exception as e:
+        row.update(built=False, reason=_short(e))
+        return row
+    row["cells"] = {}
+    for column in columns:
+        try:
+            row["cells"][column] = run_cell(spec, column, compile_)
+        except Exception as e:  # a failure of the sweep itself (not of the transform)
+            row["cells"][column] = {"status": "failed", "error": "sweep: " + _short(e)}
+    row["seconds"] = round(time.perf_counter() - t0, 1)
+    return row
+
+
+# -- the sweep ---------------------------------------------------------------------------------
+def sweep(
+    specs: list[str], columns: list[str], compile_: bool, out: Path, timeout: int, fresh: bool
+) -> list[dict[str, Any]]:
+    rows: dict[str, dict[str, Any]] = {}
+    if out.exists() and not fresh:
+        rows = {r["model"]: r for r in json.loads(out.read_text()).get("models", [])}
+    for i, spec in enumerate(specs):
+        if spec in rows:
+            continue
+        t0 = time.perf_counter()
+        cmd = [sys.executable, __file__, "--one", spec, "--columns", ",".join(columns)]
+        if compile_:
+            cmd.append("--compile")
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+            if proc.returncode == 0 and lines:
+                row = json.loads(lines[-1])
+            else:
+                row = {
+                    "model": spec,
+                    "family": spec.split(":", 1)[0],
+                    "built": True,
+                    "crashed": f"exit {proc.returncode}: {proc.stderr.strip()[-300:]}",
+                    "cells": {},
+                }
+        except subprocess.TimeoutExpired:
+            row = {
+                "model": spec,
+                "family": spec.split(":", 1)[0],
+                "built": True,
+                "crashed": f"timed out after {timeout} s",
+                "cells": {},
+            }
+        rows[spec] = row
+        took = time.perf_counter() - t0
+        print(f"[{i + 1}/{len(specs)}] {spec}: {_row_line(row, columns)} ({took:.0f} s)", flush=True)
+        _write(out, list(rows.values()), columns)
+    return list(rows.values())
+
+
+def _row_line(row: dict[str, Any], columns: list[str]) -> str:
+    if not row.get("built"):
+        return "not built: " + row.get("reason", "")[:80]
+    if row.get("crashed"):
+        return "crashed: " + row["crashed"][:80]
+    return " ".join(f"{c}={_mark(row['cells'].get(c))}" for c in columns)
+
+
+def _mark(cell: dict[str, Any] | None) -> str:
+    if cell is None:
+        return "?"
+    s = cell.get("status")
+    if s == "applied":
+        return "ok" if cell.get("save_load") == "exact" else "ok*"
+    if s == "unchanged":
+        return "none"
+    return "FAIL" if not cell.get("nnslim_error") else "err"
+
+
+def _write(out: Path, rows: list[dict[str, Any]], columns: list[str]) -> None:
+    payload = {
+        "command": "python " + " ".join(sys.argv),
+        "environment": environment(),
+        "columns": columns,
+        "summary": summarize(rows, columns),
+        "models": rows,
+    }
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    os.replace(tmp, out)
+
+
+def summarize(rows: list[dict[str, Any]], columns: list[str]) -> dict[str, Any]:
+    """The goal figures, overall and per family."""
+
+    def figures(rs: list[dict[str, Any]]) -> dict[str, Any]:
+        built = [r for r in rs if r.get("built")]
+        cells = [
+            (r["model"], c, r["cells"].get(c) or {"status": "failed", "error": "crashed"})
+            for r in built
+            for c in columns
+        ]
+        applied = [x for x in cells if x[2].get("status") == "applied"]
+        unchanged = [x for x in cells if x[2].get("status") == "unchanged"]
+        failed = [x for x in cells if x[2].get("status") == "failed"]
+        prune = [r["cells"].get("prune-ratio") for r in built if r["cells"].get("prune-ratio")]
+        pruned_15 = [
+            c for c in prune if c.get("status") == "applied" and (c.get("macs") or 1) <= 0.85
+        ]
+        return {
+            "models": len(rs),
+            "built": len(built),
+            "not_built": len(rs) - len(built),
+            "cells": len(cells),
+            "applied": len(applied),
+            "applied_pct": _pct(len(applied), len(cells)),
+            "unchanged": len(unchanged),
+            "unchanged_without_reason": sum(1 for x in unchanged if not x[2].get("reason")),
+            "failed": len(failed),
+            "failed_raw": sum(1 for x in failed if not x[2].get("nnslim_error")),
+            "save_load_exact_pct": _pct(
+                sum(1 for x in applied if x[2].get("save_load") == "exact"), len(applied)
+            ),
+            "prune_ratio_15pct_macs_pct": _pct(len(pruned_15), len(built)),
+        }
+
+    families = sorted({r["family"] for r in rows})
+    return {
+        "all": figures(rows),
+        **{f: figures([r for r in rows if r["family"] == f]) for f in families},
+    }
+
+
+def _pct(a: int, b: int) -> float | None:
+    return round(100 * a / b, 1) if b else None
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    keys = [
+        "models",
+        "built",
+        "applied_pct",
+        "unchanged",
+        "unchanged_without_reason",
+        "failed",
+        "failed_raw",
+        "save_load_exact_pct",
+        "prune_ratio_15pct_macs_pct",
+    ]
+    rows = [[fam, *[v.get(k) for k in keys]] for fam, v in summary.items()]
+    print_table(["family", *keys], rows, title="coverage")
+
+
+def write_rst(payload: dict[str, Any], path: Path = RST) -> None:
+    """``docs/coverage.rst`` from the sweep's JSON."""
+    columns = payload["columns"]
+    s = payload["summary"]
+    env = payload["environment"]
+    lines = [
+        "Coverage",
+        "========",
+        "",
+        ".. This file is generated by benchmarks/coverage.py; do not edit it by hand.",
+        "",
+        f"Every transform on models that no test names, enumerated from timm, torchvision and "
+        f"transformers (see the script's docstring). Produced by ``{payload['command']}`` "
+        f"(torch {env['torch']}, {env['date']}).",
+        "",
+        "A cell is *ok* when the transform changed the model, the forward runs with the same "
+        "output shape and finite values, and ``nnslim.save``/``load`` reproduces the output "
+        "exactly (*ok\\** when save/load did not); *none* when it changed nothing (the report "
+        "says why); *err* when it failed with an nnslim error naming the module; *FAIL* when a "
+        "raw error came from inside.",
+        "",
+        "Summary",
+        "-------",
+        "",
+    ]
+    keys = [
+        ("built", "models built"),
+        ("applied_pct", "cells applied (%)"),
+        ("unchanged", "unchanged"),
+        ("failed", "failed"),
+        ("failed_raw", "raw errors"),
+        ("save_load_exact_pct", "save/load exact (%)"),
+        ("prune_ratio_15pct_macs_pct", "Prune(0.3) >= 15% MACs (%)"),
+    ]
+    lines += _rst_table(
+        ["family", *[k[1] for k in keys]],
+        [[fam, *[str(v.get(k[0])) for k in keys]] for fam, v in s.items()],
+    )
+    by_family: dict[str, list[dict[str, Any]]] = {}
+    for r in payload["models"]:
+        by_family.setdefault(r["family"], []).append(r)
+    for fam, rows in sorted(by_family.items()):
+        lines += ["", fam, "-" * len(fam), ""]
+        table = []
+        for r in sorted(rows, key=lambda r: r["model"]):
+            name = r["model"].split(":", 1)[1]
+            if not r.get("built"):
+                table.append([name, *["-"] * len(columns)])
+            elif r.get("crashed"):
+                table.append([name, *["crash"] * len(columns)])
+            else:
+                table.append([name, *[_mark(r["cells"].get(c)) for c in columns]])
+        lines += _rst_table(["model", *columns], table)
+        apart = [r for r in rows if not r.get("built")]
+        if apart:
+            lines += ["", "Not built or not runnable before any transform:", ""]
+            lines += [f"* ``{r['model']}``: {_rst_escape(r.get('reason', ''))}" for r in apart]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _rst_escape(text: str) -> str:
+    return text.replace("*", "\\*").replace("`", "'").replace("|", "/")
+
+
+def _rst_table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
+    sep = "  ".join("=" * w for w in widths)
+    fmt = lambda r: "  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip()  # noqa: E731
+    return [sep, fmt(headers), sep, *[fmt(r) for r in rows], sep]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="the QUICK models only")
+    ap.add_argument("--only", default="", help="comma-separated family:name entries")
+    ap.add_argument("--families", default="timm,torchvision,hf")
+    ap.add_argument("--columns", default=",".join(TRANSFORMS))
+    ap.add_argument("--compile", action="store_true", help="also run torch.compile per cell")
+    ap.add_argument("--timeout", type=int, default=1800, help="seconds per model")
+    ap.add_argument("--fresh", action="store_true", help="ignore models already in the JSON")
+    ap.add_argument("--one", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--rst", action="store_true", help="only write docs/coverage.rst")
+    args = ap.parse_args()
+    columns = [c for c in args.columns.split(",") if c]
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+    if args.one:
+        print(json.dumps(run_model(args.one, columns, args.compile), default=_json_default))
+        return
+    name = "coverage-quick" if args.quick or args.only else "coverage"
+    out = RESULTS / f"{name}.json"
+    if args.rst:
+        write_rst(json.loads((RESULTS / "coverage.json").read_text()))
+        return
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.only:
+        specs = [s for s in args.only.split(",") if s]
+    elif args.quick:
+        specs = QUICK
+    else:
+        specs = []
+        fams = args.families.split(",")
+        if "torchvision" in fams:
+            specs += torchvision_models()
+        if "hf" in fams:
+            specs += hf_models()
+        if "timm" in fams:
+            specs += timm_models()
+    missing = [f for f in {s.split(":")[0] for s in specs} if not _has(f)]
+    if missing:
+        print(f"coverage: {missing} not installed; `pip install timm` for the timm family")
+        specs = [s for s in specs if s.split(":")[0] not in missing]
+    t0 = time.perf_counter()
+    rows = sweep(specs, columns, args.compile, out, args.timeout, args.fresh)
+    payload = json.loads(out.read_text())
+    payload["seconds"] = round(time.perf_counter() - t0)
+    out.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    print_summary(summarize(rows, columns))
+    print(f"wrote {out}")
+    if name == "coverage":
+        write_rst(payload)
+        print(f"wrote {RST}")
+
+
+def _has(family: str) -> bool:
+    import importlib.util
+
+    mod = {"timm": "timm", "torchvision": "torchvision", "hf": "transformers"}[family]
+    return importlib.util.find_spec(mod) is not None
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    return str(o)
+
+
+if __name__ == "__main__":
+    main()

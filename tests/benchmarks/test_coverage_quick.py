@@ -1,0 +1,40 @@
+"""A lean slice of the coverage sweep (benchmarks/coverage.py) in the zoo group."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("timm")
+pytestmark = pytest.mark.zoo
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_lean_coverage_slice_applies_everywhere_without_raw_errors(tmp_path):
+    models = "timm:ghostnet_050,timm:deit_tiny_patch16_224,hf:t5,hf:gpt_neox"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "coverage.py"), "--only", models],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "NNSLIM_BENCH_RESULTS": str(tmp_path)},
+        cwd=ROOT / "benchmarks",
+        timeout=1200,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    payload = json.loads((tmp_path / "coverage-quick.json").read_text())
+    rows = {r["model"]: r for r in payload["models"]}
+    assert all(r["built"] and not r.get("crashed") for r in rows.values()), rows
+    for model, r in rows.items():
+        for column, cell in r["cells"].items():
+            where = f"{model} {column}: {cell}"
+            if model == "timm:ghostnet_050" and column in ("int8-dynamic", "int4"):
+                # only convolutions besides the classifier: a clear nnslim error
+                assert cell["status"] == "failed" and cell["nnslim_error"], where
+                continue
+            assert cell["status"] == "applied", where
+            assert cell["same_shape"] and cell["finite"], where
+            assert cell["save_load"] == "exact", where
