@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -256,25 +254,6 @@ def _fmt(value: Any, key: str, unit: str) -> str:
     if key == "latency_ms":
         return "-" if value is None else f"{value:.3f}"
     return human(value, unit)
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module, modules: Iterable[nn.Module] | None = None) -> Iterator[None]:
-    """Put every module in eval mode, then restore each module's own flag.
-
-    A model already in eval mode is left alone (``model.eval()`` and the restoring writes cost
-    a tenth of a small model's forward). ``modules``: the model's modules, if already listed.
-    """
-    modules = list(model.modules()) if modules is None else modules
-    flags = [m.training for m in modules]
-    if any(flags):
-        model.eval()
-    try:
-        yield
-    finally:
-        for m, training in zip(modules, flags):
-            if m.training != training:
-                m.training = training
 
 
 def _own_tensors(walk: list[tuple[str, nn.Module]]) -> list[torch.Tensor]:

@@ -13,10 +13,10 @@ from torch import nn
 
 import nnslim
 from nnslim.core.inputs import as_inputs
+from nnslim.core.snapshot import preserved_state
 from nnslim.profiling import counter, formulas
 from nnslim.profiling.counter import OpCounter
 from nnslim.profiling.leaf_rules import _RULES
-from nnslim.profiling.profiler import eval_mode
 from tests.models import TinyMLP
 
 
@@ -69,7 +69,7 @@ def profile_both(model, example, **kwargs):
 def fast_calls(model, example, grad=False):
     """Leaf calls the fast path charged in one profile-like forward."""
     c = OpCounter(model)
-    with eval_mode(model), c, torch.set_grad_enabled(grad):
+    with preserved_state(model), c, torch.set_grad_enabled(grad):
         as_inputs(example).call(model)
     return c.fast_calls
 
