@@ -496,26 +496,27 @@ def sweep(
             if proc.returncode == 0 and lines:
                 row = json.loads(lines[-1])
             else:
-                row = {
-                    "model": spec,
-                    "family": spec.split(":", 1)[0],
-                    "built": True,
-                    "crashed": f"exit {proc.returncode}: {proc.stderr.strip()[-300:]}",
-                    "cells": {},
-                }
+                row = _crashed(spec, f"exit {proc.returncode}: {proc.stderr.strip()[-300:]}")
         except subprocess.TimeoutExpired:
-            row = {
-                "model": spec,
-                "family": spec.split(":", 1)[0],
-                "built": True,
-                "crashed": f"timed out after {timeout} s",
-                "cells": {},
-            }
+            row = _crashed(spec, f"timed out after {timeout} s")
         rows[spec] = row
         took = time.perf_counter() - t0
-        print(f"[{i + 1}/{len(specs)}] {spec}: {_row_line(row, columns)} ({took:.0f} s)", flush=True)
+        print(
+            f"[{i + 1}/{len(specs)}] {spec}: {_row_line(row, columns)} ({took:.0f} s)", flush=True
+        )
         _write(out, list(rows.values()), columns)
     return list(rows.values())
+
+
+def _crashed(spec: str, why: str) -> dict[str, Any]:
+    """The row of a model whose process died or hung."""
+    return {
+        "model": spec,
+        "family": spec.split(":", 1)[0],
+        "built": True,
+        "crashed": why,
+        "cells": {},
+    }
 
 
 def _row_line(row: dict[str, Any], columns: list[str]) -> str:

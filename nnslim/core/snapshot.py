@@ -57,9 +57,10 @@ def rollback_enabled() -> bool:
 def _state_buffers(modules: list[nn.Module]) -> list[tuple[nn.Module, str, torch.Tensor]]:
     """The buffers a forward may update: all but the integer weights of nnslim's own modules
     (those declare ``nnslim_weight_buffers`` and never write them in a forward)."""
-    out = []
-    for m in modules:
-        if m._buffers and not hasattr(type(m), "nnslim_weight_buffers"):
+    out, seen = [], set()
+    for m in modules:  # a module listed at several paths once
+        if m._buffers and id(m) not in seen and not hasattr(type(m), "nnslim_weight_buffers"):
+            seen.add(id(m))
             out.extend((m, name, b) for name, b in m._buffers.items() if b is not None)
     return out
 
@@ -93,8 +94,11 @@ def preserved_state(model: nn.Module, modules: list[nn.Module] | None = None) ->
             if name in m._buffers and m._buffers[name] is not b:
                 m._buffers[name] = b
             if clone is not None and _changed(b, version, clone):
-                with torch.no_grad():
-                    b.copy_(clone)
+                if b.shape != clone.shape:  # resized in place
+                    b.data = clone
+                else:
+                    with torch.no_grad():
+                        b.copy_(clone)
 
 
 def _changed(t: torch.Tensor, version: int, clone: torch.Tensor) -> bool:
@@ -170,9 +174,12 @@ class Snapshot:
                 current[k] = v.copy() if isinstance(v, dict) else v
         for st in self._tensors.values():
             t = st.obj
-            if st.alias._version != st.version or (
-                st.clone is not None and _changed(st.alias, st.version, st.clone)
-            ):
+            changed = (
+                _changed(st.alias, st.version, st.clone)
+                if st.clone is not None
+                else st.alias._version != st.version
+            )
+            if changed:
                 if st.clone is None:
                     raise RuntimeError(
                         "a tensor of the model was modified in place by a transform that "

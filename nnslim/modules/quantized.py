@@ -103,6 +103,11 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 _linear_weight = linear_weight
 
 
+def padded_width(width: int, group_size: int) -> int:
+    """``width`` rounded up to a multiple of ``group_size`` (how wide an int4 layer is stored)."""
+    return -(-width // group_size) * group_size
+
+
 def _pad_columns(w: torch.Tensor, width: int) -> torch.Tensor:
     """``w`` ``(out, in)`` with zero columns added up to ``width``."""
     return w if w.shape[1] == width else F.pad(w, (0, width - w.shape[1]))
@@ -121,6 +126,11 @@ class _DtypeTracking(nn.Module):
 
     def _weight_dtype(self) -> torch.dtype:
         return getattr(torch, self.float_dtype)
+
+    def _take_float(self, w: torch.Tensor) -> None:
+        """Report ``w``'s dtype from now on (the float weight this layer replaces)."""
+        if w.is_floating_point():
+            self.float_dtype = str(w.dtype).removeprefix("torch.")
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
         _PACKED.pop(self, None)  # the packed kernel layout is rebuilt for the new tensors
@@ -165,11 +175,6 @@ class _QuantLinearBase(_DtypeTracking):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
-    def _take_float(self, linear: nn.Module) -> None:
-        w = _linear_weight(linear)
-        if w.is_floating_point():
-            self.float_dtype = str(w.dtype).removeprefix("torch.")
-
 
 class Int8Linear(_QuantLinearBase):
     """``nn.Linear`` with int8 weights (symmetric, per output channel), weight-only.
@@ -197,7 +202,7 @@ class Int8Linear(_QuantLinearBase):
         m.qweight, m.scale = q.to(w.device), s.to(w.device)
         if linear.bias is not None:
             m.bias = nn.Parameter(linear.bias.detach().float().clone())
-        m._take_float(linear)
+        m._take_float(_linear_weight(linear))
         return m
 
     def nnslim_weight_buffers(self) -> dict[str, int]:
@@ -280,7 +285,7 @@ class Int8DynamicLinear(_QuantLinearBase):
             m.smooth = smooth.detach().float().to(w.device)
         if linear.bias is not None:
             m.bias = nn.Parameter(linear.bias.detach().float().clone())
-        m._take_float(linear)
+        m._take_float(_linear_weight(linear))
         return m
 
     nnslim_weight_buffers = Int8Linear.nnslim_weight_buffers
@@ -359,7 +364,7 @@ class Int4Linear(_QuantLinearBase):
         self.in_features = in_features
         self.out_features = out_features
         self.group_size = group_size
-        groups = -(-in_features // group_size)
+        groups = padded_width(in_features, group_size) // group_size
         self.register_buffer(
             "qweight", torch.zeros(out_features, groups * group_size // 2, dtype=torch.uint8)
         )
@@ -402,13 +407,13 @@ class Int4Linear(_QuantLinearBase):
             m.smooth = smooth.detach().float().to(dev)
         if linear.bias is not None:
             m.bias = nn.Parameter(linear.bias.detach().float().clone())
-        m._take_float(linear)
+        m._take_float(_linear_weight(linear))
         return m
 
     @property
     def padded_in_features(self) -> int:
         """``in_features`` rounded up to a multiple of ``group_size`` (the stored width)."""
-        return -(-self.in_features // self.group_size) * self.group_size
+        return padded_width(self.in_features, self.group_size)
 
     @classmethod
     def from_float(
@@ -420,7 +425,7 @@ class Int4Linear(_QuantLinearBase):
     ) -> Int4Linear:
         """Quantize (round to nearest)."""
         w = _linear_weight(linear) if weight is None else weight
-        w = _pad_columns(w, -(-w.shape[1] // group_size) * group_size)
+        w = _pad_columns(w, padded_width(w.shape[1], group_size))
         q, s, mn = quantize_groupwise(w, group_size)
         return cls.from_codes(linear, q, s, mn, group_size, smooth)
 
@@ -534,8 +539,7 @@ class Int8Conv2d(_DtypeTracking):
         m.scale = s.to(conv.weight.device)
         if conv.bias is not None:
             m.bias = nn.Parameter(conv.bias.detach().clone())
-        if conv.weight.is_floating_point():
-            m.float_dtype = str(conv.weight.dtype).removeprefix("torch.")
+        m._take_float(conv.weight)
         return m
 
     def nnslim_weight_buffers(self) -> dict[str, int]:

@@ -23,6 +23,7 @@ from ..modules.quantized import (
     Int8DynamicLinear,
     Int8Linear,
     _linear_weight,
+    padded_width,
 )
 from .gptq import gptq
 
@@ -43,7 +44,7 @@ def int4_group_size(width: int, wanted: int) -> int:
     the one that needs the fewest zero columns of padding (the largest among equals).
     """
     sizes = [g for g in GROUP_SIZES if g <= wanted]
-    padded = {g: -(-width // g) * g for g in sizes}
+    padded = {g: padded_width(width, g) for g in sizes}
     least = min(padded.values())
     return max(g for g in sizes if padded[g] == least)
 
@@ -173,7 +174,7 @@ class Quantize(Transform):
                 )
             plan[p] = scheme
         if not plan:
-            raise ValueError(_nothing_left(self, eligible, chosen, heads))
+            raise ValueError(_nothing_left(self, eligible, heads))
         if self.qat:
             for p, scheme in plan.items():
                 old = named[p]
@@ -245,9 +246,9 @@ class Quantize(Transform):
                 # gptq consumes the statistics' Hessian (st.gram is emptied): one (in, in)
                 # matrix fewer held while it runs
                 if scheme == "int4":
-                    width = -(-w.shape[1] // gs) * gs  # padded with zero columns (dead inputs)
+                    # padded with zero columns: dead inputs of the Hessian
                     gram = _take_gram(st)
-                    pad = width - w.shape[1]
+                    pad = padded_width(w.shape[1], gs) - w.shape[1]
                     codes, scale, mn = gptq(
                         F.pad(w, (0, pad)),
                         F.pad(gram, (0, pad, 0, pad)) if pad else gram,
@@ -275,7 +276,7 @@ class Quantize(Transform):
             if scheme == "int4":
                 details["group_size"] = gs
                 if w.shape[1] % gs:
-                    details["padded_to"] = -(-w.shape[1] // gs) * gs
+                    details["padded_to"] = padded_width(w.shape[1], gs)
         details["bits"] = 4 if scheme == "int4" else 8
         report.changed(path, "quantized", shape_of(old), shape_of(new), **details)
         replace_module(model, path, new)
@@ -320,16 +321,13 @@ def _smoothing(
 
 def _fake_int4(w: torch.Tensor, group_size: int) -> torch.Tensor:
     out, inp = w.shape
-    pad = -inp % group_size  # zero columns, as Int4Linear pads
-    g = F.pad(w, (0, pad)).reshape(out, -1, group_size)
+    g = F.pad(w, (0, padded_width(inp, group_size) - inp)).reshape(out, -1, group_size)
     mn, mx = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
     scale = ((mx - mn) / 15).clamp_min(1e-8)
     return (torch.round((g - mn) / scale).clamp(0, 15) * scale + mn).reshape(out, -1)[:, :inp]
 
 
-def _nothing_left(
-    t: Quantize, eligible: list[tuple[str, nn.Module]], chosen: dict[str, Any], heads: set[str]
-) -> str:
+def _nothing_left(t: Quantize, eligible: list[tuple[str, nn.Module]], heads: set[str]) -> str:
     """Why Quantize found nothing to quantize, in the words that fit what happened."""
     if not eligible:
         return (
