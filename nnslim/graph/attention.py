@@ -3,14 +3,21 @@
 torch-pruning, given no head information, keeps rows scattered across heads, and it does not
 update attributes such as ``num_heads`` or Hugging Face config fields. nnslim handles attention
 itself: :func:`find_attention` recognises attention modules by their projections (separate
-``q/k/v`` + output projection, as in Llama, BERT, ViT, Whisper, or a fused ``c_attn`` as in
-GPT-2), :meth:`AttentionSpec.prune_heads` removes whole heads from every projection (with GQA,
-the same number of query heads inside each key/value group, so groups stay consistent) and
-updates the module's head attributes. The projections are then kept out of channel pruning.
+``q/k/v`` + output projection, as in Llama, BERT, ViT, Whisper, or one fused projection in
+one of three row layouts: ``blocks`` ``[q | k | v]`` as in GPT-2's ``c_attn``, Phi-3's
+``qkv_proj`` and timm's ``Attention``; ``heads`` ``[q0 k0 v0 | q1 k1 v1 | ...]`` as in GPT-NeoX and
+Falcon; ``groups`` ``[q.. k v]`` per key/value head as in Falcon's new decoder architecture),
+:meth:`AttentionSpec.prune_heads` removes whole heads from every projection (with GQA, the same
+number of query heads inside each key/value group, so groups stay consistent) and updates the
+module's head attributes. The projections are then kept out of channel pruning.
+
+A fused layout cannot be read from the weights, so fused projections are recognised by the
+attention class (:data:`FUSED`); others are listed with their reason, never guessed.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,6 +77,7 @@ class AttentionSpec:
         module: the attention module (whose head attributes get updated).
         q, k, v: paths of the query/key/value projections (``None`` when fused).
         qkv: path of a fused projection (GPT-2's ``c_attn``), else ``None``.
+        layout: the fused projection's row layout (``"blocks"``, ``"heads"`` or ``"groups"``).
         o: path of the output projection.
         heads: query heads; kv_heads: key/value heads (``< heads`` for GQA); head_dim.
     """
@@ -84,6 +92,7 @@ class AttentionSpec:
     k: str | None = None
     v: str | None = None
     qkv: str | None = None
+    layout: str = "blocks"
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -118,9 +127,12 @@ class AttentionSpec:
             return s[: h * hd].reshape(h, hd, -1).sum(dim=(1, 2)).float().cpu()
 
         if self.qkv is not None:
-            score += rows(self.qkv, 0)
-            score += rows(self.qkv, h * hd)
-            score += rows(self.qkv, 2 * h * hd)
+            m = model.get_submodule(self.qkv)
+            s = elem(m)
+            s = s.t() if not isinstance(m, nn.Linear) else s
+            per_row = s.reshape(s.shape[0], -1).sum(dim=1).float().cpu()
+            for i in range(h):
+                score[i] += per_row[self.fused_rows([i])].sum()
         else:
             score += rows(self.q)  # type: ignore[arg-type]
             if self.kv_heads == self.heads:
@@ -142,11 +154,35 @@ class AttentionSpec:
         return sorted(out)
 
     def removable(self, ratio: float) -> int:
-        """How many query heads ``ratio`` removes (whole KV groups stay consistent; >= 1 kept)."""
+        """How many query heads ``ratio`` removes: the nearest whole number (so 0.3 of 3 heads
+        is 1), the same inside every key/value group, at least one head kept."""
         if self.kv_heads == self.heads:
-            return min(int(ratio * self.heads), self.heads - 1)
-        per_group = min(int(ratio * self.groups), self.groups - 1)
+            return min(math.floor(ratio * self.heads + 0.5), self.heads - 1)
+        per_group = min(math.floor(ratio * self.groups + 0.5), self.groups - 1)
         return per_group * self.kv_heads
+
+    def fused_rows(self, remove: list[int]) -> list[int]:
+        """Rows of the fused projection that go with query heads ``remove`` (and, without GQA,
+        their key/value heads)."""
+        hd, h, kv = self.head_dim, self.heads, self.kv_heads
+        mha = kv == h
+        rows: list[int] = []
+        for i in remove:
+            if self.layout == "heads":  # [q0 k0 v0 | q1 k1 v1 | ...] (MHA only)
+                rows.extend(range(i * 3 * hd, (i + 1) * 3 * hd))
+            elif self.layout == "groups":  # per key/value head j: [q (g heads) | k_j | v_j]
+                g = h // kv
+                base = (i // g) * (g + 2) * hd
+                start = base + (i % g) * hd
+                rows.extend(range(start, start + hd))
+                if mha:
+                    rows.extend(range(base + hd, base + 3 * hd))
+            else:  # blocks: [q (h heads) | k (kv heads) | v (kv heads)]
+                rows.extend(range(i * hd, (i + 1) * hd))
+                if mha:
+                    for off in (h * hd, (h + kv) * hd):
+                        rows.extend(range(off + i * hd, off + (i + 1) * hd))
+        return sorted(rows)
 
     def prune_heads(self, model: nn.Module, remove: list[int]) -> None:
         """Remove query heads ``remove`` (and their K/V heads without GQA)."""
@@ -172,9 +208,7 @@ class AttentionSpec:
 
         if self.qkv is not None:
             m = model.get_submodule(self.qkv)
-            width = self.heads * hd
-            fused = chans + [width + c for c in chans] + [2 * width + c for c in chans]
-            out_fn(m)(m, fused)
+            out_fn(m)(m, self.fused_rows(remove))
         else:
             q = model.get_submodule(self.q)  # type: ignore[arg-type]
             out_fn(q)(q, chans)
@@ -228,11 +262,94 @@ class AttentionSpec:
                 d[n] = kv_heads
         if isinstance(d.get("num_key_value_groups"), int):
             d["num_key_value_groups"] = heads // kv_heads
-        for n in ("all_head_size", "inner_dim"):
+        for n in ("all_head_size", "inner_dim", "attn_dim"):
             if isinstance(d.get(n), int):
                 d[n] = heads * self.head_dim
         if self.qkv is not None and isinstance(d.get("split_size"), int):
             d["split_size"] = heads * self.head_dim
+
+
+def _timm_attention(m: nn.Module) -> bool:
+    return type(m).__name__ == "Attention" and type(m).__module__.startswith("timm.")
+
+
+def _falcon_layout(m: nn.Module) -> str | None:
+    cfg = m.__dict__.get("config")
+    if cfg is not None and getattr(cfg, "alibi", False):
+        return None
+    if getattr(m, "new_decoder_architecture", False):
+        return "groups"
+    return "blocks" if getattr(m, "multi_query", False) else "heads"
+
+
+#: attention classes with one fused projection: class name -> (fused, output, layout), where
+#: layout is a string or a function of the module (``None``: the layout is not prunable)
+FUSED: dict[str, tuple[str, str, Any]] = {
+    "Phi3Attention": ("qkv_proj", "o_proj", "blocks"),
+    "GPTNeoXAttention": ("query_key_value", "dense", "heads"),
+    "FalconAttention": ("query_key_value", "dense", _falcon_layout),
+}
+
+
+def _kept_reason(m: nn.Module) -> str | None:
+    """Why an attention class nnslim knows keeps its heads (``None``: not a known class)."""
+    name = type(m).__name__
+    cfg = m.__dict__.get("config")
+    if name == "BloomAttention" or (name == "FalconAttention" and getattr(cfg, "alibi", False)):
+        return "the model builds its ALiBi slopes per head from the config, outside the layer"
+    if name in FUSED or _timm_attention(m):
+        return (
+            "its fused projection's width does not match its head attributes, or a gate or "
+            "norm spans the heads"
+        )
+    return None
+
+
+def _fused_spec(path: str, m: nn.Module, join: Any) -> AttentionSpec | None:
+    """A spec for an attention module with one fused q/k/v projection of a known layout."""
+    name = type(m).__name__
+    if _timm_attention(m):
+        entry: tuple[str, str, Any] | None = ("qkv", "proj", "blocks")
+        if m._modules.get("gate") is not None or not isinstance(
+            m._modules.get("norm", nn.Identity()), nn.Identity
+        ):
+            return None  # a gate or a norm over the heads' width would need pruning too
+    else:
+        entry = FUSED.get(name)
+    if entry is None:
+        return None
+    fused_name, out_name, layout = entry
+    if callable(layout):
+        layout = layout(m)
+    qkv, o = m._modules.get(fused_name), m._modules.get(out_name)
+    if layout is None or qkv is None or o is None or not (_is_proj(qkv) and _is_proj(o)):
+        return None
+    q_out = _in_features(o)
+    heads, hd = _heads_of(m, q_out)
+    if not heads or not hd or heads * hd != q_out:
+        return None
+    total = _out_features(qkv)
+    kv = _attr(m, _KV_HEADS) or (1 if getattr(m, "multi_query", False) else heads)
+    if layout == "blocks" and (total - q_out) % (2 * hd) == 0:
+        kv = (total - q_out) // (2 * hd)
+    if total != (heads + 2 * kv) * hd or heads % kv or (layout == "heads" and kv != heads):
+        return None
+    spec = AttentionSpec(path, m, join(out_name), heads, kv, hd, qkv=join(fused_name))
+    spec.layout = layout
+    spec.extra["config_heads"] = _reads_config_heads(m)
+    return spec
+
+
+def _reads_config_heads(m: nn.Module) -> bool:
+    """Whether the forward reads ``self.config.num_attention_heads`` (Phi-3): the shared config
+    must then follow the pruned head count, so every such layer keeps the same count."""
+    import inspect
+
+    try:
+        src = inspect.getsource(type(m).forward)
+    except (OSError, TypeError):
+        return False
+    return "self.config.num_attention_heads" in src
 
 
 def _heads_of(m: nn.Module, q_out: int) -> tuple[int | None, int | None]:
@@ -289,6 +406,10 @@ def find_attention(model: nn.Module) -> list[AttentionSpec]:
                     path, m, o_path, heads, kv, hd, q=join(q[0]), k=join(k[0]), v=join(v[0])
                 )
             )
+            continue
+        fused = _fused_spec(path, m, join)
+        if fused is not None:
+            specs.append(fused)
             continue
         if _is_head_prunable_mha(m):
             specs.append(
@@ -399,8 +520,13 @@ def unknown_attention_layers(model: nn.Module, known: list[AttentionSpec]) -> di
             continue
         name = type(m).__name__.lower()
         if "attention" in name or name.endswith("attn"):
+            why = _kept_reason(m)
             for n, c in m._modules.items():
                 full = f"{path}.{n}" if path else n
                 if c is not None and _is_proj(c) and full not in covered:
-                    out[full] = f"inside {type(m).__name__}, whose head layout nnslim does not know"
+                    out[full] = (
+                        f"inside {type(m).__name__}: {why}; its heads are kept"
+                        if why
+                        else f"inside {type(m).__name__}, whose head layout nnslim does not know"
+                    )
     return out

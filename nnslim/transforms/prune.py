@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,6 +21,7 @@ from ..core.snapshot import Snapshot, preserved_state
 from ..core.transform import Context, Transform
 from ..core.validate import check_choice, check_fraction, check_int, check_type
 from ..graph.attention import AttentionSpec, back_to_torch, find_attention, to_head_prunable
+from ..graph.fused_mlp import find_fused_mlps
 from ..graph.scoring import GroupScorer
 from ..graph.tp_compat import guard, torch_pruning_fixes
 from ..graph.trace import MAX_GROUP as MAX_GROUP_DEFAULT
@@ -175,6 +176,16 @@ class Prune(Transform):
                     else {}
                 )
                 report.changed(p, "pruned", old_desc, shape_of(m), **details)
+        for spec in plan.attention:
+            if spec.path in plan.heads and before.get(spec.path, (0, 0, None))[2] == spec.heads:
+                per = (
+                    "" if spec.kv_heads == spec.heads else f" per key/value group of {spec.groups}"
+                )
+                report.skipped(
+                    spec.path,
+                    f"keeps its {spec.heads} heads: the ratio removes no whole head{per} "
+                    f"(a larger ratio, or macs=/params= targets, can)",
+                )
         for note in update_hf_config(model, plan.attention):
             report.note(note)
         back_to_torch(model, converted)
@@ -222,6 +233,13 @@ class Prune(Transform):
             r = plan.channels[g.root] if plan.channels[g.root] is not None else ratio
             keep = _kept(g.channels, r, self.round_to)
             channels.append((g.root, g.channels, keep, [p for p, _ in g.members]))
+        for mlp in graph.fused_mlps:
+            if mlp.fused in plan.units:
+                value = plan.units[mlp.fused]
+                keep = mlp.units - mlp.removable(
+                    value if value is not None else ratio, self.round_to
+                )
+                channels.append((mlp.fused, mlp.units, keep, [mlp.fused, mlp.down]))
         heads = []
         for path, value in plan.heads.items():
             spec = next(s for s in plan.attention if s.path == path)
@@ -234,15 +252,17 @@ class Prune(Transform):
         named = dict(model.named_modules())
         outputs = set(graph.output_layers())
         attention = graph.attention
-        proj = {p for s in attention for p in s.projections}
-        unknown = graph.unknown_attention()
+        proj = {p for s in attention for p in s.projections} | {s.fused for s in graph.fused_mlps}
+        unknown = {**graph.unknown_attention(), **graph.fused_mlp_skips}
         roots = root_types()
         layer_paths = [p for p in graph.layers() if isinstance(named[p], roots)]
         channel_roots = [p for p in layer_paths if p not in proj and p not in unknown]
         unknown = {**unknown, **graph.dynamic_split_roots(channel_roots)}
         channel_roots = [p for p in channel_roots if p not in unknown]
         head_keys = {(s.q or s.qkv): s for s in attention}
-        eligible = [(p, named[p]) for p in named if p in set(channel_roots) | set(head_keys)]
+        unit_keys = {s.fused: s for s in graph.fused_mlps}
+        keys = set(channel_roots) | set(head_keys) | set(unit_keys)
+        eligible = [(p, named[p]) for p in named if p in keys]
         explicit = set()
         sel = normalize_selector(self.select)
         if sel is not None:
@@ -263,6 +283,9 @@ class Prune(Transform):
                 report.skipped(
                     spec.path, "attention not selected" if self.select is not None else "excluded"
                 )
+        for key in unit_keys:
+            if key not in chosen:
+                report.skipped(key, "not selected" if self.select is not None else "excluded")
         if not chosen:
             raise ValueError(
                 "Prune: no layer left to prune after select/exclude; every candidate produces "
@@ -270,11 +293,12 @@ class Prune(Transform):
                 "prune by heads."
             )
         heads = {head_keys[p].path: chosen[p] for p in chosen if p in head_keys}
-        channels = {p: v for p, v in chosen.items() if p not in head_keys}
+        units = {p: chosen[p] for p in chosen if p in unit_keys}
+        channels = {p: v for p, v in chosen.items() if p not in head_keys and p not in unit_keys}
         frozen = [p for p in layer_paths if p not in channels] + [
             p for p, m in named.items() if isinstance(m, nn.MultiheadAttention)
         ]
-        return _Plan(attention, heads, channels, frozen, layer_paths)
+        return _Plan(attention, heads, channels, frozen, layer_paths, units)
 
     def _stats(
         self, model: nn.Module, ctx: Context, imp: Importance, layers: list[str]
@@ -452,6 +476,7 @@ class _Plan:
     channels: dict[str, Any]  # root layer path -> per-module ratio (or None)
     frozen: list[str]  # layers torch-pruning must not prune
     all_layers: list[str]
+    units: dict[str, Any] = field(default_factory=dict)  # fused gate/up layer -> ratio (or None)
 
 
 def _heads(plan: _Plan, path: str) -> int | None:
@@ -525,6 +550,51 @@ def _prune_model(
             for s in plan.attention:
                 if s.path == path:
                     s.heads, s.kv_heads = spec.heads, spec.kv_heads
+        _sync_config_heads(list(specs.values()))
+    if plan.units:
+        mlps = {s.fused: s for s in find_fused_mlps(model, check=False)[0]}
+        for path, value in plan.units.items():
+            mlp = mlps.get(path)
+            if mlp is None:
+                continue
+            n = mlp.removable(value if value is not None else ratio, cfg.round_to)
+            if n <= 0:
+                continue
+            scores = mlp.unit_scores(model, GroupScorer(imp, by_id, None).element_scores)
+            mlp.prune_units(model, sorted(scores.argsort()[:n].tolist()))
+
+
+def _set_head_dim(cfg: Any, hd: int) -> None:
+    """``config.head_dim = hd`` where it is a field (Falcon derives it: a read-only property)."""
+    if isinstance(getattr(type(cfg), "head_dim", None), property):
+        return
+    cfg.head_dim = hd
+
+
+def _sync_config_heads(specs: list[AttentionSpec]) -> None:
+    """Attention whose forward reads ``config.num_attention_heads`` (Phi-3) needs the shared
+    config to say the pruned count at once, so every layer sharing it must keep one count."""
+    by_cfg: dict[int, list[AttentionSpec]] = {}
+    for s in specs:
+        cfg = s.module.__dict__.get("config")
+        if s.extra.get("config_heads") and cfg is not None:
+            by_cfg.setdefault(id(cfg), []).append(s)
+    for group in by_cfg.values():
+        counts = {(s.heads, s.kv_heads, s.head_dim) for s in group}
+        if len(counts) > 1:
+            kept = ", ".join(f"{s.path}: {s.heads}" for s in group)
+            raise ValueError(
+                f"Prune: {type(group[0].module).__name__}.forward reads "
+                f"config.num_attention_heads, which every layer shares, so all of them must "
+                f"keep the same number of heads (they would keep {kept}); give the attention "
+                f"layers one ratio, or exclude them all"
+            )
+        heads, kv, hd = counts.pop()
+        cfg = group[0].module.config
+        cfg.num_attention_heads = heads
+        if getattr(cfg, "num_key_value_heads", None) is not None:
+            cfg.num_key_value_heads = kv
+        _set_head_dim(cfg, hd)
 
 
 def _ties(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
@@ -609,9 +679,10 @@ def output_layers_by_identity(model: nn.Module, inputs: Inputs) -> list[str]:
 _WIDTH_FIELDS = [
     (
         "intermediate_size",
-        re.compile(r"(.*\.)?(mlp\.(up_proj|gate_proj|fc1)|intermediate\.dense)$"),
+        re.compile(r"(.*\.)?(mlp\.(up_proj|gate_proj|fc1|dense_h_to_4h)|intermediate\.dense)$"),
     ),
     ("n_inner", re.compile(r"(.*\.)?mlp\.c_fc$")),
+    ("ffn_hidden_size", re.compile(r"(.*\.)?mlp\.dense_h_to_4h$")),  # Falcon
     ("encoder_ffn_dim", re.compile(r"(.*\.)?encoder\.layers\.\d+\.fc1$")),
     ("decoder_ffn_dim", re.compile(r"(.*\.)?decoder\.layers\.\d+\.fc1$")),
 ]
@@ -643,6 +714,12 @@ def update_hf_config(model: nn.Module, attention: list[AttentionSpec]) -> list[s
             for p, m in named.items()
             if pattern.fullmatch(p)
         }
+        if key == "intermediate_size":  # Phi-3's fused gate/up: two halves
+            widths |= {
+                m.out_features // 2
+                for p, m in named.items()
+                if p.endswith("mlp.gate_up_proj") and isinstance(m, nn.Linear)
+            }
         widths.discard(None)
         if len(widths) == 1:
             w = widths.pop()
@@ -677,7 +754,7 @@ def update_hf_config(model: nn.Module, attention: list[AttentionSpec]) -> list[s
             setattr(cfg, field, h)
             if not prefix and getattr(cfg, "num_key_value_heads", None) is not None:
                 cfg.num_key_value_heads = k
-            cfg.head_dim = d
+            _set_head_dim(cfg, d)
             if not _reads_head_dim(specs[0].module):
                 notes.append(
                     f"{type(specs[0].module).__name__} derives its head size from the hidden size "
