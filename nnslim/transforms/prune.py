@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -153,11 +154,39 @@ class Prune(Transform):
             self._sparsify(model, ctx, report, imp, ctx.inputs)
             return
         inputs = ctx.require_inputs("Prune", "to trace the model")
+        kept: dict[str, str] = {}
+        snap = Snapshot(model)
+        for attempt in range(_RETRIES + 1):
+            trial = Report(report.transform, report.config)
+            self._prune_channels(model, ctx, trial, inputs, kept)
+            failed = _failing_module(model, inputs)
+            if failed is None:
+                break
+            where, error = failed
+            layers = _layers_inside(model, where, kept)
+            if attempt == _RETRIES or not layers:
+                break  # Transform.apply reports the failing forward and restores the model
+            snap.restore()
+            for p in layers:
+                kept[p] = (
+                    f"the forward of {type(model.get_submodule(where)).__name__} ({where}) "
+                    f"failed after pruning ({error}): it reads channel counts as constants, "
+                    f"so the layers of every {type(model.get_submodule(where)).__name__} keep "
+                    f"their channels"
+                )
+        report.changes.extend(trial.changes)
+        report.skips.extend(trial.skips)
+        report.notes.extend(trial.notes)
+
+    def _prune_channels(
+        self, model: nn.Module, ctx: Context, report: Report, inputs: Inputs, kept: dict[str, str]
+    ) -> None:
+        imp = as_importance(self.importance)
         # nn.MultiheadAttention ties its heads to the embedding width: work on a twin with
         # separate projections (the same function), turned back where no head was removed
         converted = to_head_prunable(model, inputs)
         graph = trace(model, inputs)
-        plan = self._plan(model, graph, report)
+        plan = self._plan(model, graph, report, kept)
         stats = self._stats(model, ctx, imp, plan.all_layers)
         before = {p: (shape_of(m), _shapes(m), _heads(plan, p)) for p, m in model.named_modules()}
         if self.macs is None and self.params is None:
@@ -248,19 +277,24 @@ class Prune(Transform):
         del named
         return PrunePlan(channels, heads, [(s.path, s.reason) for s in report.skips], graph.seconds)
 
-    def _plan(self, model: nn.Module, graph: Graph, report: Report) -> _Plan:
+    def _plan(
+        self, model: nn.Module, graph: Graph, report: Report, kept: dict[str, str] | None = None
+    ) -> _Plan:
         named = dict(model.named_modules())
         outputs = set(graph.output_layers())
-        attention = graph.attention
-        proj = {p for s in attention for p in s.projections} | {s.fused for s in graph.fused_mlps}
-        unknown = {**graph.unknown_attention(), **graph.fused_mlp_skips}
+        kept = kept or {}
+        attention = [s for s in graph.attention if not any(p in kept for p in s.projections)]
+        mlps = [s for s in graph.fused_mlps if s.fused not in kept and s.down not in kept]
+        proj = {p for s in graph.attention for p in s.projections}
+        proj |= {s.fused for s in graph.fused_mlps}
+        unknown = {**graph.unknown_attention(), **graph.fused_mlp_skips, **kept}
         roots = root_types()
         layer_paths = [p for p in graph.layers() if isinstance(named[p], roots)]
         channel_roots = [p for p in layer_paths if p not in proj and p not in unknown]
         unknown = {**unknown, **graph.dynamic_split_roots(channel_roots)}
         channel_roots = [p for p in channel_roots if p not in unknown]
         head_keys = {(s.q or s.qkv): s for s in attention}
-        unit_keys = {s.fused: s for s in graph.fused_mlps}
+        unit_keys = {s.fused: s for s in mlps}
         keys = set(channel_roots) | set(head_keys) | set(unit_keys)
         eligible = [(p, named[p]) for p in named if p in keys]
         explicit = set()
@@ -479,6 +513,61 @@ class _Plan:
     units: dict[str, Any] = field(default_factory=dict)  # fused gate/up layer -> ratio (or None)
 
 
+#: how many times Prune keeps the layers of a module whose forward failed, and tries again
+_RETRIES = 3
+
+
+def _failing_module(model: nn.Module, inputs: Inputs) -> tuple[str, str] | None:
+    """``None`` when the forward runs; else ``(path of the innermost module whose forward was
+    running when it raised, the error in one line)``."""
+    stack: list[str] = []
+    names = {id(m): p for p, m in model.named_modules()}
+    at: list[str | None] = [None]
+
+    def pre(m: nn.Module, _args: Any) -> None:
+        stack.append(names.get(id(m), ""))
+
+    def post(_m: nn.Module, _args: Any, _out: Any) -> None:
+        if stack:
+            stack.pop()
+
+    handles = []
+    for m in model.modules():
+        handles.append(m.register_forward_pre_hook(pre))
+        handles.append(m.register_forward_hook(post))
+    try:
+        with preserved_state(model), torch.no_grad():
+            _call(model, inputs)
+        return None
+    except Exception as e:
+        at[0] = stack[-1] if stack else ""
+        return at[0], f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _layers_inside(model: nn.Module, where: str, kept: dict[str, str]) -> list[str]:
+    """Prunable layers inside ``where`` (or its parent, when ``where`` is a layer itself) not
+    already kept."""
+    target = model.get_submodule(where) if where else model
+    if isinstance(target, root_types()) and where:
+        where = where.rpartition(".")[0]
+        target = model.get_submodule(where) if where else model
+    if target is model:
+        return []  # the whole model: keeping everything is not a fix
+    # every module of the same class runs the same forward, so reads the same constants
+    out: list[str] = []
+    for path, m in model.named_modules():
+        if type(m) is not type(target) or not path:
+            continue
+        for p, layer in m.named_modules():
+            full = f"{path}.{p}" if p else path
+            if isinstance(layer, root_types()) and full not in kept:
+                out.append(full)
+    return out
+
+
 def _heads(plan: _Plan, path: str) -> int | None:
     for s in plan.attention:
         if s.path == path:
@@ -500,6 +589,7 @@ def _prune_model(
     named = dict(model.named_modules())
     by_id = {id(named[p]): st for p, st in stats.items() if p in named}
     ties = _ties(model)
+    sizes = _vector_sizes(model)
     if plan.channels:
         if graph is None or graph.model is not model:
             graph = trace(model, inputs)
@@ -534,6 +624,7 @@ def _prune_model(
                 scorer.reset()
                 pruner.step()
     _retie(model, ties)
+    _sync_shape_attrs(model, sizes)
     if plan.heads:
         specs = {s.path: s for s in find_attention(model)}
         for path, value in plan.heads.items():
@@ -595,6 +686,49 @@ def _sync_config_heads(specs: list[AttentionSpec]) -> None:
         if getattr(cfg, "num_key_value_heads", None) is not None:
             cfg.num_key_value_heads = kv
         _set_head_dim(cfg, hd)
+
+
+def _vector_sizes(model: nn.Module) -> dict[int, tuple[nn.Module, dict[str, int]]]:
+    """Lengths of every module's own 1-D parameters (per-channel scales such as layer scale)."""
+    return {
+        id(m): (
+            m,
+            {n: p.shape[0] for n, p in m._parameters.items() if p is not None and p.dim() == 1},
+        )
+        for m in model.modules()
+    }
+
+
+def _sync_shape_attrs(model: nn.Module, sizes: dict[int, tuple[nn.Module, dict[str, int]]]) -> None:
+    """A module that reshapes its own per-channel parameter with a stored shape (timm's
+    MetaFormer ``Scale``: ``self.scale.view(self.shape)``, ``shape = (dim, 1, 1)``) gets the
+    pruned length written into that shape; ints named like the width follow too."""
+    for m, old in sizes.values():
+        changed = {
+            old[n]: p.shape[0]
+            for n, p in m._parameters.items()
+            if n in old and p is not None and p.dim() == 1 and p.shape[0] != old[n]
+        }
+        if len(changed) != 1:
+            continue
+        ((was, now),) = changed.items()
+        for name, value in list(m.__dict__.items()):
+            if name.startswith("_"):
+                continue
+            if (
+                isinstance(value, (tuple, list, torch.Size))
+                and value
+                and all(isinstance(v, int) for v in value)
+                and math.prod(value) == was
+                and was in value
+            ):
+                i = list(value).index(was)
+                new = [*value[:i], now, *value[i + 1 :]]
+                m.__dict__[name] = (
+                    type(value)(new) if not isinstance(value, torch.Size) else torch.Size(new)
+                )
+            elif name in ("dim", "num_features", "channels") and value == was:
+                m.__dict__[name] = now
 
 
 def _ties(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:

@@ -209,3 +209,58 @@ def test_importance_json_round_trip():
     for imp in (Magnitude(p=1), Taylor(), Wanda()):
         t = nnslim.Prune(ratio=0.2, importance=imp)
         assert nnslim.Transform.from_json(t.to_json()) == t
+
+
+class _Scale(nn.Module):
+    """timm MetaFormer's layer scale: a parameter reshaped with a stored shape."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.shape = (dim, 1, 1)
+        self.scale = nn.Parameter(torch.rand(dim) + 0.5)
+
+    def forward(self, x):
+        return x * self.scale.view(self.shape)
+
+
+class _Reads(nn.Module):
+    """A block that reshapes with a width stored at construction."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.c = c
+        self.proj = nn.Conv2d(c, 2 * c, 1)
+        self.back = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        y = self.proj(x)
+        return x + self.back(y[:, : self.c] * y[:, self.c :])
+
+
+class _Stack(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 1)
+        self.scale = _Scale(32)
+        self.mid = nn.Conv2d(16, 32, 3, padding=1)
+        self.to16 = nn.Conv2d(32, 16, 1)
+        self.blocks = nn.Sequential(_Reads(16), _Reads(16))
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = self.to16(self.scale(self.mid(x)).relu())
+        return self.head(self.blocks(x))
+
+
+def test_stored_shapes_follow_and_constant_readers_keep_their_layers():
+    torch.manual_seed(0)
+    m = _Stack().eval()
+    x = torch.randn(2, 3, 6, 6)
+    report = nnslim.Prune(ratio=0.5).apply(m, x)
+    assert m.mid.out_channels == 16 and m.scale.shape == (16, 1, 1)
+    assert m.scale.scale.shape == (16,)
+    reasons = {s.path: s.reason for s in report.skips}
+    for p in ("blocks.0.proj", "blocks.1.proj"):  # one failure keeps every _Reads block
+        assert "reads channel counts as constants" in reasons[p] and "_Reads" in reasons[p]
+    assert m.blocks[0].proj.out_channels == 32 and m(x).shape == (2, 4, 6, 6)
