@@ -230,6 +230,10 @@ def _append_record(model: nn.Module, steps: list[tuple[Transform, Any, str]], be
         if ops is None and not unsaveable:
             unsaveable = f"{type_name(type(t))}: {why}"
     model.__dict__[RECORD_ATTR] = {**old, "entries": entries, "unsaveable": unsaveable}
+    if "hf_base_config" in old:
+        from ..io.hf import guard_plain_save
+
+        guard_plain_save(model)
 
 
 @dataclass(frozen=True, init=False)

@@ -21,7 +21,66 @@ from .atomic import atomic_path
 from .record import replay
 from .save import RECORD_ATTR, _load_state
 
-__all__ = ["from_pretrained", "save_pretrained"]
+__all__ = ["from_pretrained", "guard_plain_save", "save_pretrained"]
+
+GUARD_ATTR = "save_pretrained"
+
+
+class PlainSaveRefused:
+    """Stands in for ``model.save_pretrained`` on a model nnslim changed in a way
+    ``from_pretrained`` would not rebuild: ``transformers`` would load the original layers and
+    fill them with random weights, with only a warning. Holds the reason, not the model, so it
+    copies and pickles with the model."""
+
+    def __init__(self, cls_name: str, reason: str) -> None:
+        self.cls_name = cls_name
+        self.reason = reason
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        raise RuntimeError(
+            f"{self.cls_name}.save_pretrained: nnslim changed this model and "
+            f"{self.cls_name}.from_pretrained would not rebuild it ({self.reason}); it would "
+            f"load random weights into the original layers. Use nnslim.hf.save_pretrained(model, "
+            f"directory) and nnslim.hf.from_pretrained({self.cls_name}, directory), or "
+            f"nnslim.save / nnslim.load."
+        )
+
+
+def guard_plain_save(model: nn.Module) -> None:
+    """After a transform: leave ``model.save_pretrained`` as it is when ``from_pretrained`` on
+    the config rebuilds every parameter and buffer with the same name and shape (a pruned model
+    whose config says its widths), and replace it with :class:`PlainSaveRefused` otherwise."""
+    if not callable(getattr(type(model), "save_pretrained", None)) or not hasattr(model, "config"):
+        return
+    why = _rebuild_mismatch(model)
+    if why is None:
+        model.__dict__.pop(GUARD_ATTR, None)
+    else:
+        model.__dict__[GUARD_ATTR] = PlainSaveRefused(type(model).__name__, why)
+
+
+def _rebuild_mismatch(model: nn.Module) -> str | None:
+    import copy
+
+    import torch
+
+    try:
+        with torch.device("meta"):
+            fresh = type(model)(copy.deepcopy(model.config))
+    except Exception as e:  # noqa: BLE001 - a config that cannot rebuild the model at all
+        return f"its config no longer builds the model ({type(e).__name__}: {e})"
+    mine = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
+    for k, shape in mine.items():
+        if k not in theirs:
+            return f"{k} is not a tensor of the original architecture"
+        if theirs[k] != shape:
+            return f"{k} is {list(shape)}, the config builds {list(theirs[k])}"
+    missing = sorted(set(theirs) - set(mine))
+    if missing:
+        return f"{missing[0]} would be missing"
+    return None
+
 
 FILE = "nnslim.json"
 
@@ -40,7 +99,14 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike[str], **kwarg
         )
     if record.get("unsaveable"):
         raise ValueError(f"this model cannot be saved: {record['unsaveable']}")
-    model.save_pretrained(directory, **kwargs)
+    # past the plain-save guard; in the model's own key names (transformers 5 otherwise renames
+    # some to an original checkpoint format, such as GPT-NeoX's embed_out), which the replayed
+    # model loads as they are
+    import inspect
+
+    if "save_original_format" in inspect.signature(type(model).save_pretrained).parameters:
+        kwargs.setdefault("save_original_format", False)
+    type(model).save_pretrained(model, directory, **kwargs)
     with atomic_path(Path(directory) / FILE) as tmp:
         tmp.write_text(json.dumps(record))
 

@@ -655,6 +655,18 @@ def _prune_model(
             mlp.prune_units(model, sorted(scores.argsort()[:n].tolist()))
 
 
+def _config_refuses(cfg: Any) -> str | None:
+    """The config's own validation error (transformers' strict configs), else ``None``."""
+    check = getattr(cfg, "validate_architecture", None)
+    if not callable(check):
+        return None
+    try:
+        check()
+    except Exception as e:  # noqa: BLE001 - any validation failure is reported as text
+        return str(e).splitlines()[0][:160]
+    return None
+
+
 def _set_head_dim(cfg: Any, hd: int) -> None:
     """``config.head_dim = hd`` where it is a field (Falcon derives it: a read-only property)."""
     if isinstance(getattr(type(cfg), "head_dim", None), property):
@@ -885,10 +897,27 @@ def update_hf_config(model: nn.Module, attention: list[AttentionSpec]) -> list[s
             h, k, d = heads.pop(), kv.pop(), dims.pop()
             if getattr(cfg, field) == h:
                 continue
+            saved = {
+                n: cfg.__dict__[n]
+                for n in (field, "num_key_value_heads", "head_dim")
+                if n in cfg.__dict__
+            }
             setattr(cfg, field, h)
             if not prefix and getattr(cfg, "num_key_value_heads", None) is not None:
                 cfg.num_key_value_heads = k
             _set_head_dim(cfg, d)
+            why = _config_refuses(cfg)
+            if why:
+                for n in ("head_dim",):
+                    if n not in saved:
+                        cfg.__dict__.pop(n, None)
+                cfg.__dict__.update(saved)
+                notes.append(
+                    f"config.{field} stays {getattr(cfg, field)}: the config refuses {h} heads "
+                    f"of size {d} ({why}); save with nnslim.hf.save_pretrained and reload with "
+                    f"nnslim.hf.from_pretrained (or nnslim.save / nnslim.load)"
+                )
+                continue
             if not _reads_head_dim(specs[0].module):
                 notes.append(
                     f"{type(specs[0].module).__name__} derives its head size from the hidden size "
