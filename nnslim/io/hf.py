@@ -67,7 +67,7 @@ def _rebuild_mismatch(model: nn.Module) -> str | None:
     try:
         with torch.device("meta"):
             fresh = type(model)(copy.deepcopy(model.config))
-    except Exception as e:  # noqa: BLE001 - a config that cannot rebuild the model at all
+    except Exception as e:
         return f"its config no longer builds the model ({type(e).__name__}: {e})"
     mine = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     theirs = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}

@@ -662,7 +662,7 @@ def _config_refuses(cfg: Any) -> str | None:
         return None
     try:
         check()
-    except Exception as e:  # noqa: BLE001 - any validation failure is reported as text
+    except Exception as e:
         return str(e).splitlines()[0][:160]
     return None
 
