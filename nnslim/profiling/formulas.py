@@ -487,6 +487,7 @@ FREE_OPS = {
         aten.searchsorted,
         aten.histc,
         aten.max_pool2d_with_indices_backward,
+        getattr(getattr(torch.ops, "onednn", None), "qlinear_prepack", None),  # weight packing
     )
     if op is not None
 }
@@ -515,6 +516,9 @@ POINTWISE_EXTRA = {
     "gelu",
     "silu",
     "logit",
+    # integer arithmetic of nnslim's own unpacking (palettized indices, int4 nibbles)
+    "floor_divide",
+    "remainder",
 }
 
 

@@ -1,3 +1,4 @@
+import copy
 import gc
 import json
 
@@ -371,3 +372,29 @@ def test_backward_operators_without_formula_are_listed():
 
     p = nnslim.profile(Odd(), torch.randn(3, 4), backward=True)
     assert "(backward)" in {path for paths in p.unsupported.values() for path in paths}
+
+
+@pytest.mark.parametrize(
+    "transform",
+    [
+        lambda: nnslim.Quantize(scheme="int8"),
+        lambda: nnslim.Quantize(scheme="int8-dynamic"),
+        lambda: nnslim.Quantize(scheme="int4"),
+        lambda: nnslim.ShareWeights(clusters=16),
+        lambda: nnslim.Factorize(ratio=0.5),
+    ],
+    ids=["int8", "int8-dynamic", "int4", "share", "factorize"],
+)
+def test_nnslim_own_layers_have_a_formula_for_every_operator(transform):
+    """The first forward of a compressed layer (weights packed then, indices unpacked) has no
+    operator the profiler cannot price."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 6 * 6, 32))
+    x = torch.randn(2, 3, 8, 8)
+    transform().apply(m.eval(), x)
+    fresh = copy.deepcopy(m)  # no packed weights cached yet
+    p = nnslim.profile(fresh, x, memory=False)
+    assert p.unsupported == {}
+    assert p.macs > 0
