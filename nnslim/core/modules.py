@@ -38,14 +38,58 @@ def _keeps(m: nn.Module, base: type[nn.Module], *methods: str) -> bool:
     )
 
 
+_COMPUTES_LIKE: dict[type, bool] = {}
+
+
+def _computes_like_base(m: nn.Module, base: type[nn.Module]) -> bool:
+    """Whether a subclass that overrides ``forward`` still computes its base's function
+    (timm's ``Linear``, Falcon's ``FalconLinear``: ``x @ w.T + b``), checked once per class on
+    random inputs within float rounding. Its own forward runs, without hooks."""
+    cls = type(m)
+    if cls in _COMPUTES_LIKE:
+        return _COMPUTES_LIKE[cls]
+    w = getattr(m, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.device.type == "meta" or not w.is_floating_point():
+        return False
+    if set(m._parameters) - {"weight", "bias"} or m._buffers or m._modules:
+        return False  # state of its own (a scale, an adapter) may change what it computes later
+    g = torch.Generator().manual_seed(0)
+    ok = False
+    try:
+        with torch.no_grad():
+            if base is nn.Linear:
+                x = torch.randn(2, 3, m.in_features, generator=g).to(w)
+                ref = torch.nn.functional.linear(x, w, m.bias)
+            else:
+                side = 2 * max(m.kernel_size) * max(m.dilation) + 3
+                x = torch.randn(1, m.in_channels, side, side, generator=g).to(w)
+                ref = nn.Conv2d._conv_forward(m, x, w, m.bias)
+            out = cls.forward(m, x)
+            ok = (
+                isinstance(out, torch.Tensor)
+                and out.shape == ref.shape
+                and bool(torch.allclose(out, ref, rtol=1e-4, atol=1e-5))
+            )
+    except Exception:
+        ok = False
+    _COMPUTES_LIKE[cls] = ok
+    return ok
+
+
 def is_linear(m: nn.Module) -> bool:
-    """An ``nn.Linear`` (or a subclass that keeps its forward) or a Hugging Face ``Conv1D``."""
-    return _keeps(m, nn.Linear, "forward") or is_hf_conv1d(m)
+    """An ``nn.Linear`` (or a subclass that keeps its forward, or overrides it with the same
+    function) or a Hugging Face ``Conv1D``."""
+    if _keeps(m, nn.Linear, "forward") or is_hf_conv1d(m):
+        return True
+    return isinstance(m, nn.Linear) and _computes_like_base(m, nn.Linear)
 
 
 def is_conv2d(m: nn.Module) -> bool:
-    """An ``nn.Conv2d`` (or a subclass that keeps its forward)."""
-    return _keeps(m, nn.Conv2d, "forward", "_conv_forward")
+    """An ``nn.Conv2d`` (or a subclass that keeps its forward, or overrides it with the same
+    function)."""
+    if _keeps(m, nn.Conv2d, "forward", "_conv_forward"):
+        return True
+    return isinstance(m, nn.Conv2d) and _computes_like_base(m, nn.Conv2d)
 
 
 def layer_skip_reason(m: nn.Module, parent: nn.Module | None = None) -> str | None:
@@ -56,8 +100,8 @@ def layer_skip_reason(m: nn.Module, parent: nn.Module | None = None) -> str | No
     base = "nn.Linear" if isinstance(m, nn.Linear) else "nn.Conv2d"
     if not (is_linear(m) or is_conv2d(m)):
         return (
-            f"{type(m).__name__} subclasses {base} but overrides its forward: a replacement "
-            f"would not compute what it computes"
+            f"{type(m).__name__} subclasses {base} but overrides its forward with another "
+            f"function: a replacement would not compute what it computes"
         )
     if isinstance(parent, nn.MultiheadAttention):
         return (

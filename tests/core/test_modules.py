@@ -93,3 +93,35 @@ def test_convolutions_only_model_says_why_int8_dynamic_has_nothing():
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3)).eval()
     with pytest.raises(ValueError, match="every candidate layer was left in float"):
         nnslim.Quantize(scheme="int8-dynamic").apply(model, torch.randn(1, 3, 8, 8))
+
+
+def test_a_subclass_overriding_forward_with_the_same_function_is_a_layer():
+    import torch.nn.functional as F
+
+    from nnslim.core.modules import is_conv2d, is_linear
+
+    class TimmLinear(nn.Linear):  # timm.layers.Linear / FalconLinear
+        def forward(self, x):
+            return x @ self.weight.T + self.bias
+
+    class SameConv(nn.Conv2d):
+        def forward(self, x):
+            return F.conv2d(x, self.weight, self.bias, self.stride, self.padding)
+
+    class Scaled(nn.Linear):  # extra state: never assumed equal, even while it is
+        def __init__(self, *a):
+            super().__init__(*a)
+            self.gain = nn.Parameter(torch.ones(()))
+
+        def forward(self, x):
+            return super().forward(x) * self.gain
+
+    assert is_linear(TimmLinear(5, 3)) and layer_skip_reason(TimmLinear(5, 3)) is None
+    assert is_conv2d(SameConv(3, 4, 3, padding=1))
+    assert not is_linear(Scaled(5, 3)) and "another function" in layer_skip_reason(Scaled(5, 3))
+    m = nn.Sequential(TimmLinear(6, 8), nn.ReLU(), nn.Linear(8, 2))
+    x = torch.randn(4, 6)
+    ref = m(x)
+    report = nnslim.Quantize(scheme="int8-dynamic").apply(m, x)
+    assert "0" in {c.path for c in report.changes}
+    assert (m(x) - ref).abs().max() < 0.1 * ref.abs().max()
