@@ -136,9 +136,11 @@ class Transform(Config, abc.ABC):
             inputs = batches[0]
         ctx = Context(inputs, batches)
         before_state = describe(model)
+        grads = _grad_flags(model)
         snap = Snapshot(model, copy_tensors=self._needs_copy()) if rollback_enabled() else None
         try:
             report = self._execute(model, ctx)
+            _keep_frozen(model, grads)
             entries = (
                 ctx.records
                 if isinstance(self, Compose)
@@ -206,6 +208,34 @@ class Transform(Config, abc.ABC):
                     f"shows which)."
                 )
         return report
+
+
+def _grad_flags(model: nn.Module) -> dict[str, bool]:
+    return {n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)}
+
+
+def _keep_frozen(model: nn.Module, before: dict[str, bool]) -> None:
+    """Frozen parameters stay frozen: a parameter a transform rebuilt under its old name takes
+    its old flag, and the parameters of a module that was frozen whole (every parameter under
+    its path) and was replaced (a factorized or palettized layer) are frozen too."""
+    prefixes: dict[str, bool] = {}
+    for name, flag in before.items():
+        owner = name.rpartition(".")[0]
+        prefixes[owner] = prefixes.get(owner, True) and not flag
+    frozen_modules = {p for p, all_frozen in prefixes.items() if all_frozen}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if not p.requires_grad:
+            continue
+        if name in before:
+            if not before[name]:
+                p.requires_grad_(False)
+            continue
+        owner = name.rpartition(".")[0]
+        while owner:
+            if owner in frozen_modules:
+                p.requires_grad_(False)
+                break
+            owner = owner.rpartition(".")[0]
 
 
 def _record_step(t: Transform, before: Any, model: nn.Module) -> tuple[Transform, Any, str]:

@@ -128,3 +128,26 @@ def test_model_that_was_already_nan_is_not_blamed_on_the_transform():
     x = torch.full((2, 4), float("nan"))
     report = nnslim.Quantize(scheme="int8").apply(model, x)
     assert not report.before.output_finite and not report.after.output_finite
+
+
+@pytest.mark.parametrize(
+    "transform",
+    [
+        lambda: nnslim.Prune(ratio=0.5),
+        lambda: nnslim.Prune(structure="2:4"),
+        lambda: nnslim.Factorize(ratio=0.5),
+        lambda: nnslim.ShareWeights(clusters=4),
+    ],
+    ids=["prune", "2:4", "factorize", "share"],
+)
+def test_frozen_parameters_stay_frozen(transform):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    m[0].requires_grad_(False)  # frozen whole: its replacement is frozen too
+    m[2].weight.requires_grad_(False)  # frozen in part: the parameter keeps its flag
+    transform().apply(m, torch.randn(2, 8))
+    flags = {n: p.requires_grad for n, p in m.named_parameters()}
+    assert not any(v for n, v in flags.items() if n.startswith("0."))
+    assert all(v for n, v in flags.items() if n.startswith("4."))
+    if "2.weight" in flags:
+        assert flags["2.weight"] is False and flags["2.bias"] is True
