@@ -158,13 +158,23 @@ class Prune(Transform):
         snap = Snapshot(model)
         for attempt in range(_RETRIES + 1):
             trial = Report(report.transform, report.config)
-            self._prune_channels(model, ctx, trial, inputs, kept)
-            failed = _failing_module(model, inputs)
+            try:
+                self._prune_channels(model, ctx, trial, inputs, kept)
+                failed = _failing_module(model, inputs)
+            except _ForwardFailed as e:  # a trial of the target search
+                failed, in_trial = (e.where, e.error), True
+            else:
+                in_trial = False
             if failed is None:
                 break
             where, error = failed
             layers = _layers_inside(model, where, kept)
             if attempt == _RETRIES or not layers:
+                if in_trial:
+                    raise RuntimeError(
+                        f"Prune left a model whose forward fails in {where or 'the model'}: "
+                        f"{error}. The model was restored. {self._forward_failure_hint}"
+                    )
                 break  # Transform.apply reports the failing forward and restores the model
             snap.restore()
             for p in layers:
@@ -366,7 +376,13 @@ class Prune(Transform):
             mid = (lo + hi) / 2
             trial = copy_model(model)
             _prune_model(trial, inputs, None, plan, self, imp, stats, mid)
-            value = getattr(profile(trial, inputs, memory=False), metric)
+            try:
+                value = getattr(profile(trial, inputs, memory=False), metric)
+            except ValueError:
+                failed = _failing_module(trial, inputs)
+                if failed is None:
+                    raise
+                raise _ForwardFailed(*failed) from None
             del trial
             if value <= goal:
                 best, hi, best_value = mid, mid, value
@@ -515,6 +531,14 @@ class _Plan:
 
 #: how many times Prune keeps the layers of a module whose forward failed, and tries again
 _RETRIES = 3
+
+
+class _ForwardFailed(Exception):
+    """A pruned trial copy whose forward failed inside ``where``."""
+
+    def __init__(self, where: str, error: str) -> None:
+        super().__init__(f"{where}: {error}")
+        self.where, self.error = where, error
 
 
 def _failing_module(model: nn.Module, inputs: Inputs) -> tuple[str, str] | None:

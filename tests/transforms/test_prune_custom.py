@@ -264,3 +264,14 @@ def test_stored_shapes_follow_and_constant_readers_keep_their_layers():
     for p in ("blocks.0.proj", "blocks.1.proj"):  # one failure keeps every _Reads block
         assert "reads channel counts as constants" in reasons[p] and "_Reads" in reasons[p]
     assert m.blocks[0].proj.out_channels == 32 and m(x).shape == (2, 4, 6, 6)
+
+
+def test_a_macs_target_also_keeps_constant_readers_and_is_met():
+    torch.manual_seed(0)
+    m = _Stack().eval()
+    x = torch.randn(2, 3, 6, 6)
+    base = nnslim.profile(m, x).macs
+    report = nnslim.Prune(macs=0.7).apply(m, x)
+    assert nnslim.profile(m, x).macs <= 0.7 * base
+    reasons = {s.path: s.reason for s in report.skips}
+    assert "reads channel counts as constants" in reasons["blocks.0.proj"]
