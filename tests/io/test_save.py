@@ -245,3 +245,32 @@ def test_save_given_state_dict(tmp_path):
             },
         )
     assert not (tmp_path / "bad.safetensors").exists()
+
+
+def test_a_save_removes_temporaries_of_writers_that_died(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from nnslim.io.atomic import atomic_path
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    target = tmp_path / "model.safetensors"
+    stale = tmp_path / f".model.safetensors.{dead.pid}.abc.tmp"
+    old = tmp_path / ".model.safetensors.xyz.tmp"  # older nnslim: no process id
+    live = tmp_path / f".model.safetensors.{os.getppid()}.def.tmp"  # a writer still running
+    other = tmp_path / f".other.bin.{dead.pid}.abc.tmp"  # another target's
+    for f in (stale, old, live, other):
+        f.write_bytes(b"x" * 10)
+    hour_ago = time.time() - 7200
+    os.utime(old, (hour_ago, hour_ago))
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(b"new")
+    assert target.read_bytes() == b"new"
+    assert not stale.exists() and not old.exists()
+    assert live.exists() and other.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [target.name, live.name, other.name]
+    )
