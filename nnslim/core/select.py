@@ -57,17 +57,23 @@ def normalize_selector(value: Any, arg: str = "select") -> Selector | None:
         return None
     if isinstance(value, (str, type)):
         return ((_check_key(value, arg), None),)
-    if isinstance(value, Mapping):
-        return tuple((_check_key(decode_value(k), arg), v) for k, v in value.items())
-    if isinstance(value, Iterable):
+    if isinstance(value, Mapping) or isinstance(value, Iterable):
         out = []
-        for item in value:
-            if isinstance(item, (tuple, list)) and len(item) == 2 and not isinstance(item, str):
-                out.append((_check_key(decode_value(item[0]), arg), item[1]))
-            else:
-                out.append((_check_key(decode_value(item), arg), None))
+        if isinstance(value, Mapping):
+            out = [(_check_key(decode_value(k), arg), v) for k, v in value.items()]
+        else:
+            for item in value:
+                if isinstance(item, (tuple, list)) and len(item) == 2 and not isinstance(item, str):
+                    out.append((_check_key(decode_value(item[0]), arg), item[1]))
+                else:
+                    out.append((_check_key(decode_value(item), arg), None))
         if not out:
-            raise ValueError(f"{arg} is empty; pass None to select every eligible module.")
+            if arg == "exclude":
+                return None  # excluding nothing
+            raise ValueError(
+                f"{arg} is empty, which would select nothing; pass None to select every "
+                f"eligible module."
+            )
         return tuple(out)
     raise TypeError(
         f"{arg}: expected a module name, a 're:' pattern, a module type, a list or a dict of "

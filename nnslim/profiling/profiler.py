@@ -13,6 +13,7 @@ from torch.nn.parameter import is_lazy
 from ..core.inputs import Inputs, as_inputs, check_device, forward_error, output_tensors
 from ..core.snapshot import preserved_state
 from ..core.table import format_table, human
+from ..core.validate import check_int
 from .counter import OpCounter, Tally
 from .latency import Latency, measure_latency
 
@@ -397,6 +398,10 @@ def profile(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"profile: expected an nn.Module, got {type(model).__name__}.")
+    check_int("profile", "repeat", repeat, low=1)
+    check_int("profile", "warmup", warmup, low=0)
+    if threads is not None:
+        check_int("profile", "threads", threads, low=1, hint="None keeps torch's setting.")
     inputs = as_inputs(example_inputs)
     if inputs is None:
         raise TypeError("profile: example_inputs is required (a tensor, tuple or dict).")

@@ -206,6 +206,16 @@ def compress(
         raise ValueError("compress: a trainer needs train_data=.")
     if isinstance(transforms, Transform):
         transforms = [transforms]
+    if not isinstance(transforms, (list, tuple)) or not transforms:
+        raise TypeError(
+            f"compress(transforms=...): expected a Transform or a non-empty list of them, got "
+            f"{type(transforms).__name__} ({transforms!r:.40})."
+        )
+    for i, t in enumerate(transforms):
+        if not isinstance(t, Transform):
+            raise TypeError(
+                f"compress(transforms=...): item {i} is a {type(t).__name__}, not a Transform."
+            )
     # a piece that is not the last of its transform's split may be skipped where it does not
     # apply (e.g. ShareWeights' first, finest step on layers with fewer weights per codebook)
     pieces: list[tuple[Transform, bool]] = []

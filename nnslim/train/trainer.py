@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.inputs import as_inputs, first_tensor
-from ..core.validate import check_choice, check_fraction, check_int
+from ..core.validate import check_choice, check_fraction, check_int, check_type
 from ..io.save import _record_of
 from ..modules.masks import apply_masks
 from .checkpoint import (
@@ -48,6 +48,20 @@ class Distillation:
     features: dict[str, str] = field(default_factory=dict)
     feature_weight: float = 1.0
 
+    def __post_init__(self) -> None:
+        check_fraction(
+            "Distillation", "temperature", self.temperature, high=1e6, low_inclusive=False
+        )
+        check_fraction("Distillation", "alpha", self.alpha, high_inclusive=True)
+        check_fraction("Distillation", "feature_weight", self.feature_weight, high=1e6)
+        if not isinstance(self.features, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in self.features.items()
+        ):
+            raise TypeError(
+                f"Distillation(features=...): expected a dict of student module path -> teacher "
+                f"module path (strings), got {self.features!r:.80}."
+            )
+
 
 @dataclass(frozen=True)
 class Regularization:
@@ -66,6 +80,16 @@ class Regularization:
     l2: float = 0.0
     group_lasso: float = 0.0
     bn_l1: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("l1", "l2", "group_lasso", "bn_l1"):
+            check_fraction(
+                "Regularization",
+                name,
+                getattr(self, name),
+                high=1e6,
+                hint="Penalties are weights >= 0 (a negative one rewards large weights).",
+            )
 
 
 @dataclass(frozen=True)
@@ -99,6 +123,27 @@ class TrainOptions:
     checkpoint_every: int = 100
     verbose: bool | None = None
     strategy: str = "ddp"
+
+    def __post_init__(self) -> None:
+        check_choice("TrainOptions", "precision", self.precision, ("fp32", "bf16"))
+        check_choice("TrainOptions", "strategy", self.strategy, ("ddp", "fsdp"))
+        check_int("TrainOptions", "accumulate", self.accumulate, low=1)
+        check_int("TrainOptions", "checkpoint_every", self.checkpoint_every, low=1)
+        if self.clip_grad_norm is not None:
+            check_fraction(
+                "TrainOptions",
+                "clip_grad_norm",
+                self.clip_grad_norm,
+                high=float("inf"),
+                low_inclusive=False,
+                hint="It is the largest gradient norm kept; None turns clipping off.",
+            )
+        if self.eval_every is not None:
+            check_int("TrainOptions", "eval_every", self.eval_every, low=1)
+        if self.patience is not None:
+            check_int("TrainOptions", "patience", self.patience, low=0)
+        if self.verbose is not None:
+            check_type("TrainOptions", "verbose", self.verbose, bool)
 
 
 @dataclass
@@ -184,6 +229,26 @@ class Trainer:
                 f"Trainer(loss=...): expected a name or a callable, got {type(loss).__name__}."
             )
         check_fraction("Trainer", "lr", lr, low=0.0, high=1e3, low_inclusive=False)
+        if not callable(optimizer):
+            raise TypeError(
+                f"Trainer(optimizer=...): expected an optimizer class such as torch.optim.AdamW "
+                f"or a callable params -> optimizer, got {type(optimizer).__name__} "
+                f"({optimizer!r:.40})."
+            )
+        for name, value, kind in (
+            ("distillation", distillation, Distillation),
+            ("regularization", regularization, Regularization),
+            ("options", options, TrainOptions),
+        ):
+            if value is not None:
+                check_type("Trainer", name, value, kind, hint=f"Write {name}={kind.__name__}(...).")
+        if teacher is not None:
+            check_type("Trainer", "teacher", teacher, nn.Module)
+        for name, fn in (("scheduler", scheduler), ("evaluate", evaluate)):
+            if fn is not None and not callable(fn):
+                raise TypeError(
+                    f"Trainer({name}=...): expected a callable, got {type(fn).__name__}."
+                )
         self.loss = loss
         self.optimizer = optimizer
         self.lr = lr
@@ -193,12 +258,6 @@ class Trainer:
         self.regularization = regularization or Regularization()
         self.evaluate = evaluate
         self.options = options or TrainOptions()
-        o = self.options
-        check_choice("TrainOptions", "precision", o.precision, ("fp32", "bf16"))
-        check_choice("TrainOptions", "strategy", o.strategy, ("ddp", "fsdp"))
-        check_int("TrainOptions", "accumulate", o.accumulate, low=1)
-        check_int("TrainOptions", "checkpoint_every", o.checkpoint_every, low=1)
-        check_fraction("Distillation", "alpha", self.distillation.alpha, high_inclusive=True)
 
     # -- the loop -------------------------------------------------------------------------------
     def fit(
