@@ -221,7 +221,10 @@ class _Differ:
             old = b.tensors.get(name)
             spec = a_specs[name]
             if "tie" in spec:
-                was = old is not None and self.before_tensor_owner.get(id(old[1])) == spec["tie"]
+                # unchanged only when it is the very tensor it was (a pruned tie target is new,
+                # and the replayed model must share the new one)
+                was = old is not None and old[1] is t
+                was = was and self.before_tensor_owner.get(id(old[1])) == spec["tie"]
                 if not was:
                     tensors[name] = spec
                 continue

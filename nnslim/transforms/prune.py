@@ -156,27 +156,49 @@ class Prune(Transform):
         inputs = ctx.require_inputs("Prune", "to trace the model")
         kept: dict[str, str] = {}
         snap = Snapshot(model)
-        for attempt in range(_RETRIES + 1):
+        residual = True  # the hidden width of attention models, until pruning it breaks one
+        notes: list[str] = []
+        attempt = 0
+        while True:
             trial = Report(report.transform, report.config)
+            widened: list[str] = []  # output projections pruned as the hidden width
+            tie: _TieSplit | None = None
             try:
-                self._prune_channels(model, ctx, trial, inputs, kept)
+                self._prune_channels(model, ctx, trial, inputs, kept, residual, widened)
                 failed = _failing_module(model, inputs)
             except _ForwardFailed as e:  # a trial of the target search
-                failed, in_trial = (e.where, e.error), True
-            else:
-                in_trial = False
-            if failed is None:
+                failed = (e.where, e.error)
+            except _TieSplit as e:  # a group reaches one of the modules sharing a weight
+                failed, tie = None, e
+            if failed is None and tie is None:
                 break
+            snap.restore()
+            if widened:  # first keep the hidden width, then look for the module that failed
+                residual = False
+                why = str(tie) if tie is not None else f"{failed[0]}: {failed[1]}"
+                notes.append(
+                    f"the hidden width (the residual stream the attention output projections "
+                    f"write) keeps its channels: pruning it broke the model ({why})"
+                )
+                continue
+            attempt += 1
+            if tie is not None:
+                roots = _tie_roots(model, inputs, tie.paths, kept)
+                if attempt > _RETRIES or not roots:
+                    raise tie
+                for p in roots:
+                    kept[p] = (
+                        f"its channels reach some of the modules sharing one weight "
+                        f"({', '.join(tie.paths)}) but not all: pruning it would split the tie"
+                    )
+                continue
             where, error = failed
             layers = _layers_inside(model, where, kept)
-            if attempt == _RETRIES or not layers:
-                if in_trial:
-                    raise RuntimeError(
-                        f"Prune left a model whose forward fails in {where or 'the model'}: "
-                        f"{error}. The model was restored. {self._forward_failure_hint}"
-                    )
-                break  # Transform.apply reports the failing forward and restores the model
-            snap.restore()
+            if attempt > _RETRIES or not layers:
+                raise RuntimeError(
+                    f"Prune left a model whose forward fails in {where or 'the model'}: "
+                    f"{error}. The model was restored. {self._forward_failure_hint}"
+                )
             for p in layers:
                 kept[p] = (
                     f"the forward of {type(model.get_submodule(where)).__name__} ({where}) "
@@ -184,19 +206,30 @@ class Prune(Transform):
                     f"so the layers of every {type(model.get_submodule(where)).__name__} keep "
                     f"their channels"
                 )
+        report.notes.extend(notes)
         report.changes.extend(trial.changes)
         report.skips.extend(trial.skips)
         report.notes.extend(trial.notes)
 
     def _prune_channels(
-        self, model: nn.Module, ctx: Context, report: Report, inputs: Inputs, kept: dict[str, str]
+        self,
+        model: nn.Module,
+        ctx: Context,
+        report: Report,
+        inputs: Inputs,
+        kept: dict[str, str],
+        residual: bool = True,
+        widened: list[str] | None = None,
     ) -> None:
         imp = as_importance(self.importance)
         # nn.MultiheadAttention ties its heads to the embedding width: work on a twin with
         # separate projections (the same function), turned back where no head was removed
         converted = to_head_prunable(model, inputs)
         graph = trace(model, inputs)
-        plan = self._plan(model, graph, report, kept)
+        plan = self._plan(model, graph, report, kept, residual)
+        hidden_before = _hidden_widths(model, plan.attention)
+        if widened is not None:
+            widened.extend(s.o for s in plan.attention if s.o in plan.channels)
         stats = self._stats(model, ctx, imp, plan.all_layers)
         before = {p: (shape_of(m), _shapes(m), _heads(plan, p)) for p, m in model.named_modules()}
         if self.macs is None and self.params is None:
@@ -225,6 +258,8 @@ class Prune(Transform):
                     f"keeps its {spec.heads} heads: the ratio removes no whole head{per} "
                     f"(a larger ratio, or macs=/params= targets, can)",
                 )
+        for note in sync_hidden_sizes(model, plan.attention, hidden_before):
+            report.note(note)
         for note in update_hf_config(model, plan.attention):
             report.note(note)
         back_to_torch(model, converted)
@@ -288,7 +323,12 @@ class Prune(Transform):
         return PrunePlan(channels, heads, [(s.path, s.reason) for s in report.skips], graph.seconds)
 
     def _plan(
-        self, model: nn.Module, graph: Graph, report: Report, kept: dict[str, str] | None = None
+        self,
+        model: nn.Module,
+        graph: Graph,
+        report: Report,
+        kept: dict[str, str] | None = None,
+        residual: bool = True,
     ) -> _Plan:
         named = dict(model.named_modules())
         outputs = set(graph.output_layers())
@@ -296,6 +336,10 @@ class Prune(Transform):
         attention = [s for s in graph.attention if not any(p in kept for p in s.projections)]
         mlps = [s for s in graph.fused_mlps if s.fused not in kept and s.down not in kept]
         proj = {p for s in graph.attention for p in s.projections}
+        if residual:
+            # an output projection's channels are the hidden width (the residual stream), a
+            # group like a ResNet's residual channels; its heads are pruned on the input side
+            proj -= {s.o for s in attention}
         proj |= {s.fused for s in graph.fused_mlps}
         unknown = {**graph.unknown_attention(), **graph.fused_mlp_skips, **kept}
         roots = root_types()
@@ -767,32 +811,62 @@ def _sync_shape_attrs(model: nn.Module, sizes: dict[int, tuple[nn.Module, dict[s
                 m.__dict__[name] = now
 
 
-def _ties(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
-    """Parameters shared by several modules: ``[[(module, name), ...], ...]``."""
-    owners: dict[int, list[tuple[nn.Module, str]]] = {}
-    for m in model.modules():
+def _ties(model: nn.Module) -> list[list[tuple[nn.Module, str, str]]]:
+    """Parameters shared by several modules: ``[[(module, name, module path), ...], ...]``."""
+    owners: dict[int, list[tuple[nn.Module, str, str]]] = {}
+    for path, m in model.named_modules(remove_duplicate=False):
         for name, p in m._parameters.items():
             if p is not None:
-                owners.setdefault(id(p), []).append((m, name))
-    return [o for o in owners.values() if len(o) > 1]
+                owners.setdefault(id(p), []).append((m, name, path))
+    return [o for o in owners.values() if len({id(m) for m, _, _ in o}) > 1]
 
 
-def _retie(model: nn.Module, ties: list[list[tuple[nn.Module, str]]]) -> None:
+class _TieSplit(RuntimeError):
+    """Pruning gave the modules sharing one parameter different shapes."""
+
+    def __init__(self, message: str, paths: list[str]) -> None:
+        super().__init__(message)
+        self.paths = paths
+
+
+def _retie(model: nn.Module, ties: list[list[tuple[nn.Module, str, str]]]) -> None:
     """Share tied parameters again after pruning replaced them with separate copies."""
     for owners in ties:
-        first_m, first_n = owners[0]
+        first_m, first_n, _ = owners[0]
         p = first_m._parameters[first_n]
-        for m, n in owners[1:]:
+        for m, n, _ in owners[1:]:
             q = m._parameters[n]
             if q is p:
                 continue
             if q is None or p is None or q.shape != p.shape or not torch.equal(q, p):
-                raise RuntimeError(
+                how = (
+                    f"kept different channels in its {tuple(p.shape)} copies"
+                    if q is not None and p is not None and q.shape == p.shape
+                    else f"unevenly ({tuple(p.shape)} vs {tuple(q.shape)})"
+                )
+                raise _TieSplit(
                     f"pruning split the tied parameter {type(first_m).__name__}.{first_n} "
-                    f"unevenly ({tuple(p.shape)} vs {tuple(q.shape)}); exclude one of the layers "
-                    f"that share it"
+                    f"{how}; exclude one of the layers that share it",
+                    sorted({path for _, _, path in owners}),
                 )
             m._parameters[n] = p
+
+
+def _tie_roots(
+    model: nn.Module, inputs: Inputs, owners: list[str], kept: dict[str, str]
+) -> list[str]:
+    """Roots of the groups that reach some of ``owners`` (modules sharing a parameter) but not
+    all: pruning them splits the tie. Attention projections (left to head pruning) and output
+    layers (never pruned) are not listed."""
+    graph = trace(model, inputs)
+    proj = {p for s in graph.attention for p in s.projections} | set(graph.output_layers())
+    want = set(owners)
+    roots = []
+    for g in graph.groups():
+        members = {p for p, _ in g.members}
+        if members & want and not want <= members and g.root not in proj and g.root not in kept:
+            roots.append(g.root)
+    return roots
 
 
 class _reuse_graph:
@@ -867,6 +941,70 @@ def _reads_head_dim(module: nn.Module) -> bool:
     except (OSError, TypeError):
         return False
     return "config.head_dim" in src or '"head_dim"' in src
+
+
+def _out_width(m: nn.Module) -> int | None:
+    """Output channels of a Linear, Hugging Face ``Conv1D`` or convolution."""
+    if isinstance(m, nn.Linear):
+        return m.out_features
+    nf = getattr(m, "nf", None)
+    if isinstance(nf, int):
+        return nf
+    w = getattr(m, "weight", None)
+    return int(w.shape[0]) if isinstance(w, torch.Tensor) and w.dim() >= 2 else None
+
+
+def _hidden_widths(model: nn.Module, attention: list[AttentionSpec]) -> dict[str, int | None]:
+    """Output width of every attention output projection (the hidden width it writes)."""
+    named = dict(model.named_modules())
+    return {s.o: _out_width(named[s.o]) for s in attention if s.o in named}
+
+
+def sync_hidden_sizes(
+    model: nn.Module, attention: list[AttentionSpec], before: dict[str, int | None]
+) -> list[str]:
+    """Each Hugging Face config (the model's, a vision or text tower's) whose ``hidden_size`` was
+    the width its attention output projections wrote follows their pruned width."""
+    named = dict(model.named_modules())
+    by_cfg: dict[int, tuple[Any, list[AttentionSpec]]] = {}
+    top = getattr(model, "config", None)
+    for spec in attention:
+        cfg = spec.module.__dict__.get("config", top)
+        if cfg is not None and hasattr(cfg, "to_dict") and spec.o in named:
+            by_cfg.setdefault(id(cfg), (cfg, []))[1].append(spec)
+    notes = []
+    for cfg, specs in by_cfg.values():
+        old = {before.get(s.o) for s in specs}
+        new = {_out_width(named[s.o]) for s in specs}
+        if len(old) != 1 or len(new) != 1 or old == new:
+            continue
+        (old_w,), (new_w,) = old, new
+        if new_w is None or getattr(cfg, "hidden_size", None) != old_w:
+            continue
+        note = _sync_hidden_size(cfg, new_w, specs)
+        if note:
+            notes.append(note)
+    return notes
+
+
+def _sync_hidden_size(cfg: Any, width: int, attention: list[AttentionSpec]) -> str | None:
+    """``config.hidden_size = width`` (with ``head_dim`` pinned, which the hidden size no longer
+    divides into); a note where the config's own validation refuses it (then left as it was)."""
+    saved = dict(cfg.__dict__)
+    cfg.hidden_size = width
+    dims = {s.head_dim for s in attention}
+    if len(dims) == 1 and hasattr(cfg, "head_dim"):
+        _set_head_dim(cfg, dims.pop())
+    why = _config_refuses(cfg)
+    if why:
+        cfg.__dict__.clear()
+        cfg.__dict__.update(saved)
+        return (
+            f"config.hidden_size stays {getattr(cfg, 'hidden_size', '?')}: the config refuses "
+            f"{width} ({why}); save with nnslim.hf.save_pretrained and reload with "
+            f"nnslim.hf.from_pretrained (or nnslim.save / nnslim.load)"
+        )
+    return None
 
 
 def update_hf_config(model: nn.Module, attention: list[AttentionSpec]) -> list[str]:

@@ -275,3 +275,35 @@ def test_a_macs_target_also_keeps_constant_readers_and_is_met():
     assert nnslim.profile(m, x).macs <= 0.7 * base
     reasons = {s.path: s.reason for s in report.skips}
     assert "reads channel counts as constants" in reasons["blocks.0.proj"]
+
+
+class _TiedHead(nn.Module):
+    """A BERT-style masked-LM head: a transform layer before a decoder tied to the embedding."""
+
+    def __init__(self, vocab=40, d=16):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.up = nn.Linear(d, 32)
+        self.down = nn.Linear(32, d)
+        self.transform = nn.Linear(d, d)
+        self.decoder = nn.Linear(d, vocab, bias=False)
+        self.decoder.weight = self.emb.weight
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        h = h + self.down(torch.relu(self.up(h)))
+        return self.decoder(torch.relu(self.transform(h)))
+
+
+def test_a_group_reaching_one_side_of_a_tie_keeps_its_channels():
+    torch.manual_seed(0)
+    model = _TiedHead().eval()
+    ids = torch.randint(0, 40, (2, 7))
+    # the residual stream (root ``down``) keeps its width, as behind BERT's attention output
+    rep = nnslim.Prune(ratio=0.5, exclude=["down"]).apply(model, ids)
+    skipped = {s.path: s.reason for s in rep.skips}
+    assert "split the tie" in skipped["transform"]
+    assert model.transform.out_features == 16
+    assert model.up.out_features == 16  # the rest is pruned
+    assert model.decoder.weight is model.emb.weight
+    assert model(ids).shape == (2, 7, 40)

@@ -235,14 +235,77 @@ def test_plan_on_meta_matches_apply():
     assert meta.model.layers[0].mlp.up_proj.weight.device.type == "meta"  # nothing allocated
     assert [h[1:] for h in plan.heads] == [(8, 4, 2), (8, 4, 2)]
     assert [c[:3] for c in plan.channels] == [
+        ("model.layers.0.self_attn.o_proj", 64, 32),  # the hidden width (residual stream)
         ("model.layers.0.mlp.gate_proj", 176, 88),
         ("model.layers.1.mlp.gate_proj", 176, 88),
     ]
-    assert "model.layers.0.mlp.up_proj" in plan.channels[0][3]
+    assert "model.layers.0.mlp.up_proj" in plan.channels[1][3]
+    assert "model.embed_tokens" in plan.channels[0][3]
     assert "lm_head" in [p for p, _ in plan.skips]
     torch.manual_seed(0)
     real = tf.LlamaForCausalLM(cfg).eval()
     t.apply(real, ids())
     assert real.model.layers[0].mlp.gate_proj.out_features == 88
     assert real.model.layers[0].self_attn.q_proj.out_features == 4 * 8
+    assert real.model.embed_tokens.embedding_dim == real.config.hidden_size == 32
     assert "gate_proj" in str(plan)
+
+
+def test_hidden_width_is_pruned_and_the_config_follows(tmp_path):
+    # the residual stream the output projections write is a group like a ResNet's residual
+    # channels: embeddings, norms, q/k/v and MLP inputs and the LM head's input follow it
+    torch.manual_seed(0)
+    model, x = llama(2)
+    model.eval()
+    with torch.no_grad():
+        shape = model(**x).logits.shape
+    rep = nnslim.Prune(ratio=0.5).apply(model, x)
+    cfg = model.config
+    assert model.model.embed_tokens.embedding_dim == cfg.hidden_size == 32
+    assert model.model.norm.weight.shape == (32,)
+    assert model.lm_head.in_features == 32 and model.lm_head.out_features == 300
+    assert model.model.layers[0].self_attn.head_dim == cfg.head_dim == 8  # kept, not 32 // 4
+    with torch.no_grad():
+        ref = model(**x).logits
+    assert ref.shape == shape
+    assert rep.after.macs < 0.4 * rep.before.macs
+    model.save_pretrained(tmp_path)  # the config rebuilds every tensor
+    back = type(model).from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.allclose(back(**x).logits, ref, atol=1e-5)
+
+
+def test_hidden_width_that_breaks_the_forward_is_kept_and_heads_still_go():
+    # CLIPForImageClassification pools the class token through a norm the dependency graph
+    # does not reach: pruning the hidden width breaks it, so Prune keeps that width, says
+    # why, and prunes heads and MLP units
+    cfg = tf.CLIPConfig(
+        text_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            vocab_size=100,
+        ),
+        vision_config=dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+        ),
+    )
+    torch.manual_seed(0)
+    model = tf.CLIPForImageClassification(cfg).eval()
+    x = {"pixel_values": torch.randn(1, 3, 32, 32)}
+    with torch.no_grad():
+        shape = model(**x).logits.shape
+    rep = nnslim.Prune(ratio=0.5).apply(model, x)
+    assert any(n.startswith("the hidden width") and "post_layernorm" in n for n in rep.notes)
+    layer = model.vision_model.encoder.layers[0]
+    assert layer.self_attn.out_proj.out_features == 64
+    assert layer.self_attn.q_proj.out_features == 32  # 2 of 4 heads
+    assert layer.mlp.fc1.out_features == 64
+    with torch.no_grad():
+        assert model(**x).logits.shape == shape
