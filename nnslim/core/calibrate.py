@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .inputs import Inputs, first_tensor
+from .inputs import Inputs, first_tensor, forward_error
 from .modules import is_hf_conv1d
 from .snapshot import preserved_state
 
@@ -156,12 +156,12 @@ def collect(
     saved_grads = {id(p): p.grad for p in model.parameters()}
     try:
         with preserved_state(model):
-            for batch in batches:
+            for i, batch in enumerate(batches):
                 if grads:
                     with torch.enable_grad():
                         for p in model.parameters():
                             p.grad = None
-                        loss = calibration_loss(batch.call_stateless(model), batch.targets)
+                        loss = calibration_loss(call_batch(model, batch, i), batch.targets)
                         watched = [
                             (p, m.weight) for p, m in layers.items() if m.weight.requires_grad
                         ]
@@ -172,7 +172,7 @@ def collect(
                             st.grad = g.detach() if st.grad is None else st.grad + g.detach()
                 else:
                     with torch.no_grad():
-                        batch.call_stateless(model)
+                        call_batch(model, batch, i)
     finally:
         for h in handles:
             h.remove()
@@ -185,6 +185,17 @@ def collect(
 # -- block-sequential calibration -------------------------------------------------------------
 class _Stop(Exception):
     pass
+
+
+def call_batch(model: nn.Module, batch: Inputs, index: int) -> Any:
+    """``model`` on calibration batch ``index``; a forward that fails (a batch of the wrong
+    shape) raises a ``ValueError`` naming the batch. nnslim's own errors pass unchanged."""
+    try:
+        return batch.call_stateless(model)
+    except (_Stop, ValueError, TypeError):
+        raise
+    except Exception as e:
+        raise forward_error(model, batch, e, f"calibration batch {index}") from e
 
 
 def block_of(path: str, named: dict[str, nn.Module]) -> str | None:
@@ -300,9 +311,9 @@ def _run_until(
     h2 = stop_at.register_forward_hook(post)
     try:
         with torch.no_grad():
-            for batch in batches:
+            for i, batch in enumerate(batches):
                 try:
-                    batch.call_stateless(model)
+                    call_batch(model, batch, i)
                 except _Stop:
                     pass
     finally:

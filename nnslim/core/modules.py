@@ -20,6 +20,7 @@ __all__ = [
     "linear_weight",
     "replace_module",
     "set_module",
+    "share_hooks",
     "unreplaceable",
 ]
 
@@ -160,16 +161,52 @@ def set_module(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, name, new)
 
 
+#: the hook tables of ``nn.Module`` a replacement takes over (torch has no public API to list a
+#: module's hooks; tests/core/test_modules.py fails when these names change upstream)
+_HOOK_TABLES = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_pre_hooks",
+    "_backward_hooks",
+)
+
+
+def share_hooks(old: nn.Module, new: nn.Module) -> None:
+    """Give ``new`` the forward/backward hooks registered on ``old`` (a user's hook on a layer
+    keeps firing on its quantized or factorized replacement, and its handle still removes it:
+    both modules hold the same tables)."""
+    if not any(getattr(old, t, None) for t in _HOOK_TABLES):
+        return
+    if any(getattr(new, t, None) for t in _HOOK_TABLES):
+        raise ValueError(
+            f"cannot move the hooks of {type(old).__name__} onto a {type(new).__name__} that "
+            f"has hooks of its own"
+        )
+    for t in _HOOK_TABLES:
+        if hasattr(old, t):
+            new.__dict__[t] = old.__dict__[t]
+
+
 def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
-    """Put ``new`` at ``path`` for good (not a trial that may be undone).
+    """Put ``new`` at ``path`` (and every other path the same module is used at) for good (not a
+    trial that may be undone), with the old module's hooks.
 
     Inside :func:`~nnslim.core.snapshot.no_rollback` the old module's weights that the model
     no longer uses are released at once (each such tensor is emptied), so that a
     transform never holds a layer's old and new weights for longer than the replacement itself.
     """
     old = model.get_submodule(path)
-    set_module(model, path, new)
-    if rollback_enabled() or old is new:
+    if old is new:
+        return
+    # a module used at several paths is one layer: every use gets the replacement
+    paths = [p for p, m in model.named_modules(remove_duplicate=False) if m is old and p] or [path]
+    for p in paths:
+        set_module(model, p, new)
+    share_hooks(old, new)
+    if rollback_enabled():
         return
     live = {
         t.untyped_storage().data_ptr()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import itertools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, final
 
@@ -129,6 +130,20 @@ class Transform(Config, abc.ABC):
             raise TypeError(
                 f"{type(self).__name__}.apply: expected an nn.Module, got {type(model).__name__}."
             )
+        meta = next(
+            (
+                n
+                for n, t in itertools.chain(model.named_parameters(), model.named_buffers())
+                if t.device.type == "meta"
+            ),
+            None,
+        )
+        if meta is not None:
+            raise ValueError(
+                f"{type(self).__name__}.apply: {meta} is on the meta device (no values to "
+                f"transform); load the weights first (nnslim.compress_checkpoint streams a "
+                f"checkpoint larger than memory, Prune.plan plans on a meta model)."
+            )
         inputs = as_inputs(example_inputs)
         batches = calibration_batches(model, calibration)
         check_finite(batches)
@@ -137,10 +152,13 @@ class Transform(Config, abc.ABC):
         ctx = Context(inputs, batches)
         before_state = describe(model)
         grads = _grad_flags(model)
+        ties = _tied_params(model)
         snap = Snapshot(model, copy_tensors=self._needs_copy()) if rollback_enabled() else None
         try:
             report = self._execute(model, ctx)
             _keep_frozen(model, grads)
+            for note in _untied(model, ties):
+                report.note(note)
             entries = (
                 ctx.records
                 if isinstance(self, Compose)
@@ -212,6 +230,43 @@ class Transform(Config, abc.ABC):
 
 def _grad_flags(model: nn.Module) -> dict[str, bool]:
     return {n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)}
+
+
+def _tied_params(model: nn.Module) -> list[list[str]]:
+    """Paths (``module.name``) of every parameter several modules share."""
+    owners: dict[int, list[str]] = {}
+    seen: set[tuple[int, str]] = set()
+    for path, m in model.named_modules(remove_duplicate=False):
+        for name, p in m._parameters.items():
+            if p is not None and (id(m), name) not in seen:
+                seen.add((id(m), name))
+                owners.setdefault(id(p), []).append(f"{path}.{name}" if path else name)
+    return [o for o in owners.values() if len(o) > 1]
+
+
+def _untied(model: nn.Module, ties: list[list[str]]) -> list[str]:
+    """A note per tie the transform broke (a replaced layer holds its own copy of the weight)."""
+    notes = []
+    for group in ties:
+        held = {}
+        for full in group:
+            mod, _, name = full.rpartition(".")
+            try:
+                m = model.get_submodule(mod) if mod else model
+            except AttributeError:
+                continue
+            t = m._parameters.get(name)
+            held[full] = (id(m), id(t) if t is not None else None)
+        mods = {v[0] for v in held.values()}
+        params = {v[1] for v in held.values()}
+        if len(mods) > 1 and (len(params) > 1 or None in params):
+            replaced = [k for k, v in held.items() if v[1] is None] or list(held)
+            notes.append(
+                f"{', '.join(group)} were one shared parameter; the replacement of "
+                f"{', '.join(k.rpartition('.')[0] or k for k in replaced)} holds its own copy "
+                f"now (the tie is gone: each is stored, and training updates them apart)"
+            )
+    return notes
 
 
 def _keep_frozen(model: nn.Module, before: dict[str, bool]) -> None:

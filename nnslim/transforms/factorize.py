@@ -259,6 +259,13 @@ class Factorize(Transform):
                 )
 
     # -- rank choice ----------------------------------------------------------------------------
+    def _named(self) -> set[str]:
+        """Layers ``select`` names explicitly (a rank they cannot take is an error for them)."""
+        sel = normalize_selector(self.select)
+        if sel is None:
+            return set()
+        return {k for k, _ in sel if isinstance(k, str) and not k.startswith("re:")}
+
     def _rank_for(self, p: str, sv: torch.Tensor, m: int, n: int, fixed: Any) -> int:
         """The rank for a layer: ``fixed`` is a per-layer int rank, or a float fraction of
         parameters kept (from the global budget)."""
@@ -277,6 +284,8 @@ class Factorize(Transform):
             r = int((cum < self.energy - 1e-7).sum()) + 1
         else:
             r = full
+        if r > full and not isinstance(fixed, int) and p not in self._named():
+            return r  # one rank= for every layer: the caller skips this one (beyond break-even)
         if r > full:
             raise ValueError(
                 f"Factorize: rank {r} is larger than possible for {p} ({m}x{n}: at most {full}); "
@@ -560,11 +569,16 @@ class Factorize(Transform):
                     )
             elif self.rank is not None:
                 r_out = r_in = self.rank
-                if self.rank > min(o, i):
+                if self.rank > min(o, i) and p in self._named():
                     raise ValueError(
                         f"Factorize: rank {self.rank} is larger than possible for {p} "
                         f"({shape_of(m)}): at most {min(o, i)}."
                     )
+                if self.rank > min(o, i):  # one rank for every layer: this one is too small
+                    report.skipped(
+                        p, f"rank {self.rank} is more than this layer has (at most {min(o, i)})"
+                    )
+                    return
             elif self.energy is not None:
                 r_out = self._rank_for(p, s0, o, i * kh * kw, None)
                 r_in = self._rank_for(p, s1, i, o * kh * kw, None)

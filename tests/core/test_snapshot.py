@@ -79,9 +79,9 @@ def test_replace_module_frees_old_weights_only_without_rollback():
         keep_bias.bias = old.bias  # the new module reuses the old bias: kept
         replace_module(m, "0", keep_bias)
         assert old.weight.numel() == 0 and old.bias.shape == (4,)
-        replace_module(m, "1", nn.Linear(4, 4))  # still used at "2": kept
-        assert shared.weight.shape == (4, 4)
-        replace_module(m, "2", nn.Linear(4, 4))
+        new = nn.Linear(4, 4)
+        replace_module(m, "1", new)  # one layer used at "1" and "2": replaced at both
+        assert m[1] is new and m[2] is new
         assert shared.weight.numel() == 0
     assert rollback_enabled()
 
