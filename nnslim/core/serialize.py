@@ -68,7 +68,21 @@ def lookup_class(path: str) -> type:
         break
     if not isinstance(obj, type):
         raise ValueError(f"{path!r} does not name a class in an installed package.")
+    # exact names only: an allowlisted module's imports (transformers...subprocess.Popen,
+    # nnslim.cli.argparse.ArgumentParser) are other packages' classes, not allowlisted ones
+    if class_path(obj) != path or not issubclass(obj, _module_base()):
+        raise ValueError(
+            f"class {path!r} is not in the allowlist: only nn.Module classes defined in "
+            f"{', '.join(ALLOWED_PREFIXES)} (by their own module path) or registered with "
+            f"`nnslim.register_class` are imported back."
+        )
     return obj
+
+
+def _module_base() -> type:
+    from torch import nn
+
+    return nn.Module
 
 
 def encode_value(value: Any) -> Any:

@@ -7,6 +7,7 @@ base model, then loads the weights. Nothing is pickled.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable, Mapping
@@ -74,12 +75,29 @@ def save(
     if state_dict is None:
         state_dict = model.state_dict()
     else:
-        own = set(model.state_dict())
+        mine = model.state_dict()
+        own = set(mine)
         if set(state_dict) != own:
             missing, extra = sorted(own - set(state_dict)), sorted(set(state_dict) - own)
             raise ValueError(
                 f"save: state_dict= must have the keys of {type(model).__name__}.state_dict() "
                 f"(missing {missing[:3]}, unknown {extra[:3]})."
+            )
+        # a file whose tensors do not fit the model its record rebuilds could never load
+        wrong = [
+            f"{k}: {tuple(t.shape)} {t.dtype} (the model has {tuple(mine[k].shape)} "
+            f"{mine[k].dtype})"
+            for k, t in state_dict.items()
+            if not isinstance(t, torch.Tensor)
+            or tuple(t.shape) != tuple(mine[k].shape)
+            or t.dtype != mine[k].dtype
+        ]
+        if wrong:
+            raise ValueError(
+                f"save: state_dict= tensors must have the model's shapes and dtypes, or the file "
+                f"could never load: {'; '.join(wrong[:3])}"
+                + (f" and {len(wrong) - 3} more" if len(wrong) > 3 else "")
+                + "."
             )
     write_weights(path, _record_of(model), state_dict)
 
@@ -119,8 +137,46 @@ def write_weights(
         "record": json.dumps(record),
         "aliases": json.dumps(aliases),
     }
+    metadata[CHECKSUM] = digest(metadata, tensors)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
+
+
+#: metadata key of the SHA-256 over every other metadata value and every tensor (name, dtype,
+#: shape, bytes): a flipped byte anywhere in what a load reads is caught
+CHECKSUM = "sha256"
+
+
+#: every metadata key nnslim.save writes (another key is a flipped byte)
+_META_KEYS = {"format", "nnslim_version", "record", "aliases", CHECKSUM}
+
+
+def digest(metadata: Mapping[str, str], tensors: Mapping[str, torch.Tensor]) -> str:
+    """The checksum :func:`save` stores and :func:`load` verifies."""
+    h = hashlib.sha256()
+    for k in sorted(metadata):
+        if k != CHECKSUM:
+            h.update(f"{k}\0{metadata[k]}\0".encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        data = t.to("cpu").contiguous().reshape(-1)
+        if data.numel():
+            h.update(data.view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
+def _verify(path: Any, meta: Mapping[str, str], state: Mapping[str, torch.Tensor]) -> None:
+    unknown = sorted(set(meta) - _META_KEYS)
+    want = meta.get(CHECKSUM)
+    if want is None and not unknown:  # written before checksums: nothing to compare
+        return
+    if unknown or digest(meta, state) != want:
+        raise ValueError(
+            f"load: {os.fspath(path)!r} is corrupt: its contents do not match the checksum "
+            f"written with it (a changed byte in the weights or the record). Save it again "
+            f"from the model, or restore the file from a copy."
+        )
 
 
 def _read_header(path: str | os.PathLike[str]) -> dict[str, str]:
@@ -212,11 +268,14 @@ def load(
     except (KeyError, json.JSONDecodeError) as e:
         raise ValueError(f"load: the record in {os.fspath(path)!r} is corrupt ({e}).") from e
 
+    try:
+        state = load_file(os.fspath(path), device="cpu")
+    except Exception as e:
+        raise ValueError(f"load: cannot read the weights in {os.fspath(path)!r}: {e}") from e
+    _verify(path, meta, state)  # before anything is replayed
+
     def read(dev: torch.device) -> dict[str, torch.Tensor]:
-        try:
-            return load_file(os.fspath(path), device=str(dev))
-        except Exception as e:
-            raise ValueError(f"load: cannot read the weights in {os.fspath(path)!r}: {e}") from e
+        return {k: v.to(dev) for k, v in state.items()}
 
     _rebuild(base, record, device, read, aliases)
     base.__dict__[RECORD_ATTR] = record
@@ -239,11 +298,21 @@ def _rebuild(
     snap = Snapshot(base, copy_tensors=False)
     try:
         for i, entry in enumerate(record.get("entries", [])):
+            name = "?"
             try:
+                if not isinstance(entry, dict) or not isinstance(entry.get("ops"), list):
+                    raise ValueError("the entry has no list of operations ('ops')")
+                t = entry.get("transform")
+                name = t.get("_type", "?") if isinstance(t, dict) else "?"
                 replay(base, entry["ops"], device=device)
             except ValueError as e:
-                name = entry.get("transform", {}).get("_type", "?")
                 raise ValueError(f"load: replaying step {i} ({name}) failed: {e}") from e
+            except (KeyError, AttributeError, TypeError, IndexError, RecursionError) as e:
+                # a record nnslim did not write (the checksum matched, so it was made so)
+                raise ValueError(
+                    f"load: the record's step {i} ({name}) is malformed "
+                    f"({type(e).__name__}: {str(e)[:120]}); it was not written by nnslim.save"
+                ) from e
         _load_state(base, read(device), aliases)
     except BaseException:
         snap.restore()

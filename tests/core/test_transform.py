@@ -88,6 +88,24 @@ def test_from_dict_refuses_classes_outside_allowlist():
         nnslim.Transform.from_dict(d)
 
 
+@pytest.mark.parametrize(
+    "path",
+    [
+        "transformers.utils.import_utils.subprocess.Popen",  # an allowlisted module's import
+        "nnslim.cli.argparse.ArgumentParser",
+        "torch.nn.functional.F",
+        "nnslim.Prune",  # a class of nnslim, but not a module
+        "torch.nn.Linear",  # a re-export: only the defining path is an exact name
+    ],
+)
+def test_allowlist_takes_exact_module_class_names_only(path):
+    from nnslim.core.serialize import lookup_class
+
+    with pytest.raises(ValueError, match="not in the allowlist|does not name a class"):
+        lookup_class(path)
+    assert lookup_class("torch.nn.modules.linear.Linear") is torch.nn.Linear
+
+
 def test_undecorated_subclass_gets_clear_error(mlp):
     class Plain(nnslim.Transform):
         def _apply(self, model, ctx, report):

@@ -245,6 +245,10 @@ def test_save_given_state_dict(tmp_path):
             },
         )
     assert not (tmp_path / "bad.safetensors").exists()
+    wrong = {**gathered, "0.bias": torch.zeros(3, 3)}
+    with pytest.raises(ValueError, match=r"could never load: 0.bias: \(3, 3\)"):
+        nnslim.save(model, tmp_path / "bad.safetensors", state_dict=wrong)
+    assert not (tmp_path / "bad.safetensors").exists()
 
 
 def test_a_save_removes_temporaries_of_writers_that_died(tmp_path):
@@ -274,3 +278,39 @@ def test_a_save_removes_temporaries_of_writers_that_died(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [target.name, live.name, other.name]
     )
+
+
+def test_every_flipped_byte_of_a_saved_file_is_caught(tmp_path):
+    # a SHA-256 over the metadata and every tensor is written with the file and checked on load
+    def base():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+
+    model = base()
+    x = torch.randn(2, 4)
+    nnslim.Quantize(scheme="int8").apply(model, x)
+    nnslim.save(model, tmp_path / "m.safetensors")
+    raw = (tmp_path / "m.safetensors").read_bytes()
+    bad = tmp_path / "bad.safetensors"
+    loaded = []
+    for i in range(len(raw)):
+        b = bytearray(raw)
+        b[i] ^= 0x01
+        bad.write_bytes(bytes(b))
+        try:
+            nnslim.load(bad, base())
+            loaded.append(i)
+        except (ValueError, FileNotFoundError):
+            pass
+    assert loaded == []
+    assert torch.equal(nnslim.load(tmp_path / "m.safetensors", base())(x), model(x))
+
+
+def test_a_flipped_weight_byte_is_named_as_corruption(tmp_path):
+    model = nn.Linear(4, 3)
+    nnslim.save(model, tmp_path / "m.safetensors")
+    raw = bytearray((tmp_path / "m.safetensors").read_bytes())
+    raw[-1] ^= 0x10  # the last byte of the last tensor
+    (tmp_path / "m.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="is corrupt: its contents do not match the checksum"):
+        nnslim.load(tmp_path / "m.safetensors", nn.Linear(4, 3))
