@@ -20,13 +20,13 @@ from ..core.report import Report
 from ..core.select import normalize_selector
 from ..core.snapshot import Snapshot, preserved_state
 from ..core.transform import Context, Transform
-from ..core.validate import check_choice, check_fraction, check_int, check_type
+from ..core.validate import all_finite, check_choice, check_fraction, check_int, check_type
 from ..graph.attention import AttentionSpec, back_to_torch, find_attention, to_head_prunable
 from ..graph.fused_mlp import find_fused_mlps
 from ..graph.scoring import GroupScorer
 from ..graph.tp_compat import guard, torch_pruning_fixes
 from ..graph.trace import MAX_GROUP as MAX_GROUP_DEFAULT
-from ..graph.trace import Graph, _call, preserve_modes, root_types, trace
+from ..graph.trace import TIME_LIMIT_S, Graph, _call, preserve_modes, root_types, trace
 from ..modules.masks import MASK_NAME
 from .importance import IMPORTANCE_NAMES, Importance, as_importance
 from .sparsity import nm_mask, parse_pattern, unstructured_masks
@@ -69,6 +69,8 @@ class Prune(Transform):
         exclude: layers never pruned.
         round_to: keep channel counts multiples of this (8 suits fast kernels).
         steps: prune channels in this many equal steps (iterative pruning).
+        time_limit: seconds each tracing phase may take before a ``TraceError`` names the
+            module it was at (``None``: no limit).
 
     Example:
         >>> import torch, nnslim
@@ -89,6 +91,7 @@ class Prune(Transform):
     exclude: Any = None
     round_to: int | None = None
     steps: int = 1
+    time_limit: float | None = TIME_LIMIT_S
 
     _copy_on_snapshot = False
     _forward_failure_hint = (
@@ -97,6 +100,10 @@ class Prune(Transform):
     )
 
     def __post_init__(self) -> None:
+        if self.time_limit is not None:
+            check_fraction(
+                "Prune", "time_limit", self.time_limit, high=float("inf"), low_inclusive=False
+            )
         check_type("Prune", "structure", self.structure, str)
         nm = parse_pattern(self.structure)
         if self.structure not in ("channels", "unstructured") and nm is None:
@@ -225,8 +232,9 @@ class Prune(Transform):
         # nn.MultiheadAttention ties its heads to the embedding width: work on a twin with
         # separate projections (the same function), turned back where no head was removed
         converted = to_head_prunable(model, inputs)
-        graph = trace(model, inputs)
+        graph = trace(model, inputs, time_limit=self.time_limit)
         plan = self._plan(model, graph, report, kept, residual)
+        _check_finite_weights(model, [*plan.channels, *plan.units, *plan.heads])
         hidden_before = _hidden_widths(model, plan.attention)
         if widened is not None:
             widened.extend(s.o for s in plan.attention if s.o in plan.channels)
@@ -235,7 +243,7 @@ class Prune(Transform):
         if self.macs is None and self.params is None:
             _prune_model(model, inputs, graph, plan, self, imp, stats, self.ratio or 0.0)
         else:
-            self._prune_to_target(model, inputs, plan, imp, stats, report)
+            self._prune_to_target(model, inputs, plan, imp, stats, report, graph)
         for p, m in model.named_modules():
             if p not in before:
                 continue
@@ -294,7 +302,7 @@ class Prune(Transform):
             snap.restore()
 
     def _plan_dry(self, model: nn.Module, inputs: Any) -> PrunePlan:
-        graph = trace(model, inputs)
+        graph = trace(model, inputs, time_limit=self.time_limit)
         report = Report("Prune.plan")
         plan = self._plan(model, graph, report)
         named = dict(model.named_modules())
@@ -408,6 +416,7 @@ class Prune(Transform):
         imp: Importance,
         stats: dict[str, LayerStats],
         report: Report,
+        graph: Graph | None = None,
     ) -> None:
         from ..profiling.profiler import profile
 
@@ -440,7 +449,7 @@ class Prune(Transform):
                 f"target {metric}={target} is not reachable with the selected layers; pruned at "
                 f"ratio {best:.3f}"
             )
-        _prune_model(model, inputs, None, plan, self, imp, stats, best)
+        _prune_model(model, inputs, graph, plan, self, imp, stats, best)  # traced already
         if best_value is not None:
             report.note(
                 f"ratio {best:.3f} gives {metric} {best_value / base:.3f} of the original "
@@ -486,6 +495,7 @@ class Prune(Transform):
                     )
         if not chosen:
             raise ValueError("Prune: no layer left to sparsify after select/exclude.")
+        _check_finite_weights(model, list(chosen))
         stats = self._stats(model, ctx, imp, list(chosen))
         layers = {p: named[p] for p in chosen}
         scores = {}
@@ -521,6 +531,18 @@ class Prune(Transform):
                 sparsity=round(zeros, 4),
                 pattern=self.structure,
             )
+
+
+def _check_finite_weights(model: nn.Module, paths: list[str]) -> None:
+    """NaN or Inf weights would rank channels and weights at random: refuse them, by module."""
+    for p in paths:
+        m = model.get_submodule(p)
+        for name, t in m.named_parameters():
+            if not all_finite(t):
+                raise ValueError(
+                    f"Prune: module {p} ({shape_of(m)}) has NaN or Inf in {name}; fix or exclude "
+                    f"it (exclude=[{p!r}])."
+                )
 
 
 def _kept(channels: int, ratio: float, round_to: int | None) -> int:
@@ -660,7 +682,7 @@ def _prune_model(
     sizes = _vector_sizes(model)
     if plan.channels:
         if graph is None or graph.model is not model:
-            graph = trace(model, inputs)
+            graph = trace(model, inputs, time_limit=cfg.time_limit)
         scorer = GroupScorer(imp, by_id, graph.dg)
         ignored = [named[p] for p in plan.frozen if p in named]
         per_layer = {named[p]: v for p, v in plan.channels.items() if v is not None and p in named}

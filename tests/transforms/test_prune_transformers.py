@@ -219,6 +219,21 @@ def test_trace_guard_names_the_module(monkeypatch):
         g.groups()
 
 
+def test_prune_exposes_the_trace_time_limit(monkeypatch):
+    import torch_pruning as tp
+
+    model, x = llama(8)
+    model.eval()
+
+    def slow(self, *a, **k):
+        while True:
+            pass
+
+    monkeypatch.setattr(tp.DependencyGraph, "get_pruning_group", slow)
+    with pytest.raises(TraceError, match=r"did not finish within 1 s"):
+        nnslim.Prune(ratio=0.3, time_limit=1.0).apply(model, x)
+
+
 def test_plan_on_meta_matches_apply():
     cfg = tf.LlamaConfig(
         hidden_size=64,
