@@ -314,7 +314,12 @@ def _append_record(model: nn.Module, steps: list[tuple[Transform, Any, str]], be
         entries.append({"transform": t.to_dict(), "ops": ops or []})
         if ops is None and not unsaveable:
             unsaveable = f"{type_name(type(t))}: {why}"
-    model.__dict__[RECORD_ATTR] = {**old, "entries": entries, "unsaveable": unsaveable}
+    model.__dict__[RECORD_ATTR] = {
+        **old,
+        "entries": entries,
+        "unsaveable": unsaveable,
+        "result": fingerprint(describe(model)),  # what replaying must give: save checks it
+    }
     if "hf_base_config" in old:
         from ..io.hf import guard_plain_save
 

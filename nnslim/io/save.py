@@ -38,7 +38,35 @@ def _record_of(model: nn.Module) -> dict[str, Any]:
         )
     if rec is None:
         return {"format": 1, "base": fingerprint(describe(model)), "entries": [], "unsaveable": ""}
+    _check_unchanged(model, rec)
     return rec
+
+
+def _check_unchanged(model: nn.Module, rec: dict[str, Any]) -> None:
+    """Refuse a model whose structure changed after its last transform (a hand edit): its
+    record would rebuild the model as the transform left it, not as it is."""
+    want = rec.get("result")
+    if want is None:  # records written before this check, or by the streaming mode
+        return
+    got = fingerprint(describe(model))
+    wm, gm = want.get("modules", {}), got["modules"]
+    wt, gt = want.get("tensors", {}), got["tensors"]
+    diffs = [f"{p} is a {gm[p]}, was {wm[p]}" for p in wm if p in gm and gm[p] != wm[p]]
+    diffs += [f"{p} ({wm[p]}) is gone" for p in wm if p not in gm]
+    diffs += [f"{p} ({gm[p]}) is new" for p in gm if p not in wm]
+    if not diffs:
+        diffs = [f"{k} is {gt[k]}, was {wt[k]}" for k in wt if k in gt and gt[k] != wt[k]]
+        diffs += [f"tensor {k} is gone" for k in wt if k not in gt]
+        diffs += [f"tensor {k} is new" for k in gt if k not in wt]
+    if diffs:
+        raise ValueError(
+            f"{type(model).__name__} changed after its last nnslim transform ("
+            + "; ".join(diffs[:3])
+            + (f"; {len(diffs) - 3} more" if len(diffs) > 3 else "")
+            + "): its record would rebuild the model as the transform left it, not as it is "
+            "now. Make the change before compressing (or through a Transform), or save the "
+            "state_dict with torch.save."
+        )
 
 
 def save(

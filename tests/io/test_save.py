@@ -314,3 +314,19 @@ def test_a_flipped_weight_byte_is_named_as_corruption(tmp_path):
     (tmp_path / "m.safetensors").write_bytes(bytes(raw))
     with pytest.raises(ValueError, match="is corrupt: its contents do not match the checksum"):
         nnslim.load(tmp_path / "m.safetensors", nn.Linear(4, 3))
+
+
+def test_a_hand_edit_after_a_transform_is_refused_by_save(tmp_path):
+    # load would rebuild the model as the transform left it: ReLU where GELU is now
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    nnslim.Quantize(scheme="int8").apply(model, torch.randn(2, 4))
+    nnslim.save(model, tmp_path / "ok.safetensors")  # unchanged: saves
+    model[1] = nn.GELU()
+    with pytest.raises(ValueError, match=r"changed after its last nnslim transform \(1 is a GELU"):
+        nnslim.save(model, tmp_path / "m.safetensors")
+    model[1] = nn.ReLU()
+    nnslim.save(model, tmp_path / "m.safetensors")  # back as it was: saves
+    model[0].bias = None
+    with pytest.raises(ValueError, match="tensor 0.bias is gone"):
+        nnslim.save(model, tmp_path / "n.safetensors")
+    assert not (tmp_path / "n.safetensors").exists()
