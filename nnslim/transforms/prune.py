@@ -177,6 +177,10 @@ class Prune(Transform):
                 failed = (e.where, e.error)
             except _TieSplit as e:  # a group reaches one of the modules sharing a weight
                 failed, tie = None, e
+            except Exception as e:  # e.g. torch-pruning on a weight-normed convolution
+                if not widened:
+                    raise
+                failed = ("torch-pruning", f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
             if failed is None and tie is None:
                 break
             snap.restore()

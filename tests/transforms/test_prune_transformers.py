@@ -324,3 +324,32 @@ def test_hidden_width_that_breaks_the_forward_is_kept_and_heads_still_go():
     assert layer.mlp.fc1.out_features == 64
     with torch.no_grad():
         assert model(**x).logits.shape == shape
+
+
+def test_hidden_width_through_a_weight_normed_conv_is_kept_and_the_rest_pruned():
+    # Wav2Vec2's positional convolution is weight-normed (a parametrized weight torch-pruning
+    # cannot set): the hidden width stays, with the reason, and heads and MLP units go
+    cfg = tf.Wav2Vec2Config(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        conv_dim=(32, 32),
+        conv_stride=(5, 4),
+        conv_kernel=(10, 8),
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=4,
+        vocab_size=32,
+    )
+    torch.manual_seed(0)
+    model = tf.Wav2Vec2ForCTC(cfg).eval()
+    x = {"input_values": torch.randn(1, 4000)}
+    with torch.no_grad():
+        shape = model(**x).logits.shape
+    rep = nnslim.Prune(ratio=0.5).apply(model, x)
+    assert any(n.startswith("the hidden width") for n in rep.notes)
+    layer = model.wav2vec2.encoder.layers[0]
+    assert layer.attention.out_proj.out_features == 64
+    assert layer.attention.q_proj.out_features == 32
+    with torch.no_grad():
+        assert model(**x).logits.shape == shape
