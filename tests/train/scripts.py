@@ -86,4 +86,9 @@ if __name__ == "__main__":
         resume_main(sys.argv[2], sys.argv[3], int(sys.argv[4]), *sys.argv[5:])
     elif cmd in ("ddp", "fsdp"):
         ddp_main(sys.argv[2], cmd)
+        import torch.distributed as dist
+
+        if dist.is_initialized():  # a clean teardown: gloo's threads aborted the exit once
+            dist.barrier()
+            dist.destroy_process_group()
     print(json.dumps({"ok": True}))
