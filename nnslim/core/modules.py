@@ -21,6 +21,7 @@ __all__ = [
     "replace_module",
     "set_module",
     "share_hooks",
+    "shared_parameters",
     "unreplaceable",
 ]
 
@@ -115,6 +116,18 @@ def layer_skip_reason(m: nn.Module, parent: nn.Module | None = None) -> str | No
 def linear_weight(m: nn.Module) -> torch.Tensor:
     """The ``(out, in)`` weight of an ``nn.Linear`` or Hugging Face ``Conv1D``."""
     return m.weight.t() if is_hf_conv1d(m) else m.weight
+
+
+def shared_parameters(model: nn.Module) -> list[list[tuple[nn.Module, str, str]]]:
+    """Parameters held under more than one ``(module, name)``: one list per shared parameter of
+    ``(module, name, full path)``, one entry per path it is reached at (a module registered
+    twice appears once per path)."""
+    owners: dict[int, list[tuple[nn.Module, str, str]]] = {}
+    for path, m in model.named_modules(remove_duplicate=False):
+        for name, p in m._parameters.items():
+            if p is not None:
+                owners.setdefault(id(p), []).append((m, name, f"{path}.{name}" if path else name))
+    return [o for o in owners.values() if len({(id(m), n) for m, n, _ in o}) > 1]
 
 
 def unreplaceable(model: nn.Module) -> dict[str, str]:

@@ -12,6 +12,7 @@ from torch import nn
 from ..io.record import NotRecordable, describe, diff, fingerprint
 from .config import Config, check_is_frozen_dataclass, type_name
 from .inputs import Inputs, as_inputs, calibration_batches, check_finite
+from .modules import shared_parameters
 from .report import Report
 from .snapshot import Snapshot, rollback_enabled
 
@@ -228,20 +229,29 @@ class Transform(Config, abc.ABC):
         return report
 
 
+def check_transform_items(owner: str, transforms: Any) -> None:
+    """Refuse an item of ``owner(transforms=...)`` that is not a :class:`Transform`."""
+    for i, t in enumerate(transforms):
+        if not isinstance(t, Transform):
+            raise TypeError(
+                f"{owner}(transforms=...): item {i} is a {type(t).__name__}, not a Transform."
+            )
+
+
 def _grad_flags(model: nn.Module) -> dict[str, bool]:
     return {n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)}
 
 
 def _tied_params(model: nn.Module) -> list[list[str]]:
-    """Paths (``module.name``) of every parameter several modules share."""
-    owners: dict[int, list[str]] = {}
-    seen: set[tuple[int, str]] = set()
-    for path, m in model.named_modules(remove_duplicate=False):
-        for name, p in m._parameters.items():
-            if p is not None and (id(m), name) not in seen:
-                seen.add((id(m), name))
-                owners.setdefault(id(p), []).append(f"{path}.{name}" if path else name)
-    return [o for o in owners.values() if len(o) > 1]
+    """Paths (``module.name``) of every parameter several modules share, one per
+    ``(module, name)``."""
+    out = []
+    for group in shared_parameters(model):
+        first: dict[tuple[int, str], str] = {}
+        for m, n, full in group:
+            first.setdefault((id(m), n), full)
+        out.append(list(first.values()))
+    return out
 
 
 def _untied(model: nn.Module, ties: list[list[str]]) -> list[str]:
@@ -351,11 +361,7 @@ class Compose(Transform):
                 f"Compose(transforms=...): expected a list of transforms, got "
                 f"{type(ts).__name__}. Write `Compose([t1, t2])`."
             )
-        for i, t in enumerate(ts):
-            if not isinstance(t, Transform):
-                raise TypeError(
-                    f"Compose(transforms=...): item {i} is a {type(t).__name__}, not a Transform."
-                )
+        check_transform_items("Compose", ts)
         if not ts:
             raise ValueError("Compose(transforms=...): needs at least one transform.")
         object.__setattr__(self, "transforms", tuple(ts))

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from ..core.inputs import Inputs, as_inputs
+from ..core.modules import shared_parameters
 from ..core.report import Report
 from ..core.snapshot import no_rollback
 from ..core.transform import RECORD_ATTR, Transform
@@ -121,17 +122,6 @@ def _blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     if best is None:
         raise ValueError("compress_checkpoint: the model has no list of repeated blocks to stream.")
     return best
-
-
-def _tie_groups(model: nn.Module) -> list[list[tuple[nn.Module, str, str]]]:
-    """Parameters shared by several modules: ``[[(module, name, full path), ...], ...]``."""
-    owners: dict[int, list[tuple[nn.Module, str, str]]] = {}
-    for path, m in model.named_modules(remove_duplicate=False):
-        for n, t in m._parameters.items():
-            if t is not None:
-                full = f"{path}.{n}" if path else n
-                owners.setdefault(id(t), []).append((m, n, full))
-    return [o for o in owners.values() if len(o) > 1]
 
 
 def _retie(groups: list[list[tuple[nn.Module, str, str]]], ckpt: ShardedCheckpoint) -> None:
@@ -281,7 +271,7 @@ def compress_checkpoint(
     t_start = time.perf_counter()
     try:
         # everything outside the blocks: materialize (ties kept), run calibration up to block 0
-        ties = _tie_groups(model)
+        ties = shared_parameters(model)
         for p, m in model.named_modules():
             if p == blocks_path or p.startswith(blocks_path + "."):
                 continue

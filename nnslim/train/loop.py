@@ -14,7 +14,7 @@ from ..core.inputs import as_inputs
 from ..core.modules import copy_model
 from ..core.select import normalize_selector
 from ..core.table import format_table, human
-from ..core.transform import Compose, Transform
+from ..core.transform import Compose, Transform, check_transform_items
 from ..core.validate import check_fraction, check_int
 from ..profiling.profiler import profile
 
@@ -211,11 +211,7 @@ def compress(
             f"compress(transforms=...): expected a Transform or a non-empty list of them, got "
             f"{type(transforms).__name__} ({transforms!r:.40})."
         )
-    for i, t in enumerate(transforms):
-        if not isinstance(t, Transform):
-            raise TypeError(
-                f"compress(transforms=...): item {i} is a {type(t).__name__}, not a Transform."
-            )
+    check_transform_items("compress", transforms)
     # a piece that is not the last of its transform's split may be skipped where it does not
     # apply (e.g. ShareWeights' first, finest step on layers with fewer weights per codebook)
     pieces: list[tuple[Transform, bool]] = []

@@ -15,7 +15,7 @@ from torch import nn
 from ..core.calibrate import LayerStats, collect
 from ..core.describe import shape_of
 from ..core.inputs import Inputs
-from ..core.modules import copy_model
+from ..core.modules import copy_model, is_hf_conv1d, shared_parameters
 from ..core.report import Report
 from ..core.select import normalize_selector
 from ..core.snapshot import Snapshot, preserved_state
@@ -194,7 +194,7 @@ class Prune(Transform):
                 continue
             attempt += 1
             if tie is not None:
-                roots = _tie_roots(model, inputs, tie.paths, kept)
+                roots = _tie_roots(model, inputs, tie.paths, kept, self.time_limit)
                 if attempt > _RETRIES or not roots:
                     raise tie
                 for p in roots:
@@ -839,12 +839,10 @@ def _sync_shape_attrs(model: nn.Module, sizes: dict[int, tuple[nn.Module, dict[s
 
 def _ties(model: nn.Module) -> list[list[tuple[nn.Module, str, str]]]:
     """Parameters shared by several modules: ``[[(module, name, module path), ...], ...]``."""
-    owners: dict[int, list[tuple[nn.Module, str, str]]] = {}
-    for path, m in model.named_modules(remove_duplicate=False):
-        for name, p in m._parameters.items():
-            if p is not None:
-                owners.setdefault(id(p), []).append((m, name, path))
-    return [o for o in owners.values() if len({id(m) for m, _, _ in o}) > 1]
+    return [
+        [(m, n, full.rpartition(".")[0]) for m, n, full in group]
+        for group in shared_parameters(model)
+    ]
 
 
 class _TieSplit(RuntimeError):
@@ -879,12 +877,16 @@ def _retie(model: nn.Module, ties: list[list[tuple[nn.Module, str, str]]]) -> No
 
 
 def _tie_roots(
-    model: nn.Module, inputs: Inputs, owners: list[str], kept: dict[str, str]
+    model: nn.Module,
+    inputs: Inputs,
+    owners: list[str],
+    kept: dict[str, str],
+    time_limit: float | None = None,
 ) -> list[str]:
     """Roots of the groups that reach some of ``owners`` (modules sharing a parameter) but not
     all: pruning them splits the tie. Attention projections (left to head pruning) and output
     layers (never pruned) are not listed."""
-    graph = trace(model, inputs)
+    graph = trace(model, inputs, time_limit=time_limit)
     proj = {p for s in graph.attention for p in s.projections} | set(graph.output_layers())
     want = set(owners)
     roots = []
@@ -973,9 +975,8 @@ def _out_width(m: nn.Module) -> int | None:
     """Output channels of a Linear, Hugging Face ``Conv1D`` or convolution."""
     if isinstance(m, nn.Linear):
         return m.out_features
-    nf = getattr(m, "nf", None)
-    if isinstance(nf, int):
-        return nf
+    if is_hf_conv1d(m):
+        return int(m.nf)
     w = getattr(m, "weight", None)
     return int(w.shape[0]) if isinstance(w, torch.Tensor) and w.dim() >= 2 else None
 
