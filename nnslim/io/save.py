@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -42,22 +42,44 @@ def _record_of(model: nn.Module) -> dict[str, Any]:
     return rec
 
 
+class _FingerprintDiff(NamedTuple):
+    """How a model's :func:`fingerprint` differs from the one wanted."""
+
+    retyped: list[tuple[str, Any, Any]]  # (module path, got, wanted)
+    gone: list[tuple[str, Any]]  # (module path, wanted)
+    new: list[tuple[str, Any]]  # (module path, got)
+    reshaped: list[tuple[str, Any, Any]]  # (tensor name, got, wanted)
+    gone_tensors: list[str]
+    new_tensors: list[str]
+
+    @classmethod
+    def of(cls, want: dict[str, Any], got: dict[str, Any]) -> _FingerprintDiff:
+        wm, gm = want.get("modules", {}), got.get("modules", {})
+        wt, gt = want.get("tensors", {}), got.get("tensors", {})
+        return cls(
+            retyped=[(p, gm[p], wm[p]) for p in wm if p in gm and gm[p] != wm[p]],
+            gone=[(p, wm[p]) for p in wm if p not in gm],
+            new=[(p, gm[p]) for p in gm if p not in wm],
+            reshaped=[(k, gt[k], wt[k]) for k in wt if k in gt and gt[k] != wt[k]],
+            gone_tensors=[k for k in wt if k not in gt],
+            new_tensors=[k for k in gt if k not in wt],
+        )
+
+
 def _check_unchanged(model: nn.Module, rec: dict[str, Any]) -> None:
     """Refuse a model whose structure changed after its last transform (a hand edit): its
     record would rebuild the model as the transform left it, not as it is."""
     want = rec.get("result")
     if want is None:  # records written before this check, or by the streaming mode
         return
-    got = fingerprint(describe(model))
-    wm, gm = want.get("modules", {}), got["modules"]
-    wt, gt = want.get("tensors", {}), got["tensors"]
-    diffs = [f"{p} is a {gm[p]}, was {wm[p]}" for p in wm if p in gm and gm[p] != wm[p]]
-    diffs += [f"{p} ({wm[p]}) is gone" for p in wm if p not in gm]
-    diffs += [f"{p} ({gm[p]}) is new" for p in gm if p not in wm]
+    d = _FingerprintDiff.of(want, fingerprint(describe(model)))
+    diffs = [f"{p} is a {g}, was {w}" for p, g, w in d.retyped]
+    diffs += [f"{p} ({w}) is gone" for p, w in d.gone]
+    diffs += [f"{p} ({g}) is new" for p, g in d.new]
     if not diffs:
-        diffs = [f"{k} is {gt[k]}, was {wt[k]}" for k in wt if k in gt and gt[k] != wt[k]]
-        diffs += [f"tensor {k} is gone" for k in wt if k not in gt]
-        diffs += [f"tensor {k} is new" for k in gt if k not in wt]
+        diffs = [f"{k} is {g}, was {w}" for k, g, w in d.reshaped]
+        diffs += [f"tensor {k} is gone" for k in d.gone_tensors]
+        diffs += [f"tensor {k} is new" for k in d.new_tensors]
     if diffs:
         raise ValueError(
             f"{type(model).__name__} changed after its last nnslim transform ("
@@ -229,19 +251,13 @@ def _read_header(path: str | os.PathLike[str]) -> dict[str, str]:
 
 
 def _check_base(base: nn.Module, expected: dict[str, Any]) -> None:
-    got = fingerprint(describe(base))
+    d = _FingerprintDiff.of(expected, fingerprint(describe(base)))
     problems = []
-    exp_m, got_m = expected.get("modules", {}), got["modules"]
-    missing = [p for p in exp_m if p not in got_m]
-    extra = [p for p in got_m if p not in exp_m]
-    retyped = [
-        f"{p} ({got_m[p]} != {exp_m[p]})" for p in exp_m if p in got_m and got_m[p] != exp_m[p]
-    ]
-    exp_t, got_t = expected.get("tensors", {}), got["tensors"]
-    reshaped = [
-        f"{k} {got_t[k]} != {exp_t[k]}" for k in exp_t if k in got_t and got_t[k] != exp_t[k]
-    ]
-    missing_t = [k for k in exp_t if k not in got_t]
+    missing = [p for p, _ in d.gone]
+    extra = [p for p, _ in d.new]
+    retyped = [f"{p} ({g} != {w})" for p, g, w in d.retyped]
+    reshaped = [f"{k} {g} != {w}" for k, g, w in d.reshaped]
+    missing_t = d.gone_tensors
     for label, items in (
         ("modules missing from the base", missing),
         ("modules the saved base did not have", extra),
