@@ -194,8 +194,6 @@ _SHRINK = {
 
 def shrink_config(cfg: Any, depth: int = 0) -> Any:
     """Shrink a transformers config in place: widths 64, 2 layers, 4 heads (2 KV heads)."""
-    from transformers import PretrainedConfig
-
     for value, names in _SHRINK.items():
         for name in names:
             old = getattr(cfg, name, None)
@@ -222,14 +220,22 @@ def shrink_config(cfg: Any, depth: int = 0) -> Any:
         if isinstance(s, int) and s > 224:
             setattr(cfg, name, 224)
     if depth < 2:
-        for name in dir(cfg):
-            if name.startswith("_"):
-                continue
-            with contextlib.suppress(Exception):
-                sub = getattr(cfg, name)
-                if isinstance(sub, PretrainedConfig) and sub is not cfg:
-                    shrink_config(sub, depth + 1)
+        for sub in _sub_configs(cfg):
+            shrink_config(sub, depth + 1)
     return cfg
+
+
+def _sub_configs(cfg: Any) -> Any:
+    """The configs held by ``cfg`` (text, vision, encoder, decoder, ...)."""
+    from transformers import PretrainedConfig
+
+    for name in dir(cfg):
+        if name.startswith("_"):
+            continue
+        with contextlib.suppress(Exception):
+            sub = getattr(cfg, name)
+            if isinstance(sub, PretrainedConfig) and sub is not cfg:
+                yield sub
 
 
 #: vocabulary of the shrunk language models: at hidden 64 a 32,000-token LM head would be 97% of
@@ -240,8 +246,6 @@ VOCAB = 512
 
 def shrink_vocab(cfg: Any, vocab: int = VOCAB, depth: int = 0) -> bool:
     """Shrink ``vocab_size`` (and token ids past it) in place; ``True`` when something changed."""
-    from transformers import PretrainedConfig
-
     changed = False
     old = getattr(cfg, "vocab_size", None)
     if isinstance(old, int) and not isinstance(old, bool) and old > vocab:
@@ -257,13 +261,8 @@ def shrink_vocab(cfg: Any, vocab: int = VOCAB, depth: int = 0) -> bool:
                 taken.add(new)
                 setattr(cfg, name, new)
     if depth < 2:
-        for name in dir(cfg):
-            if name.startswith("_"):
-                continue
-            with contextlib.suppress(Exception):
-                sub = getattr(cfg, name)
-                if isinstance(sub, PretrainedConfig) and sub is not cfg:
-                    changed |= shrink_vocab(sub, vocab, depth + 1)
+        for sub in _sub_configs(cfg):
+            changed |= shrink_vocab(sub, vocab, depth + 1)
     return changed
 
 
