@@ -29,3 +29,18 @@ class TinyCNN(torch.nn.Module):
         x = torch.relu(self.bn1(self.conv1(x)))
         x = torch.relu(self.bn2(self.conv2(x)))
         return self.fc(self.pool(x).flatten(1))
+
+
+def llama_config(**overrides):
+    """A tiny ``LlamaConfig`` (hidden 64, 2 layers, 4 heads, 2 KV heads, 300 tokens)."""
+    import transformers
+
+    kw = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=300,
+    )
+    return transformers.LlamaConfig(**{**kw, **overrides})

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import nnslim
+from tests.models import llama_config
 
 tf = pytest.importorskip("transformers")
 
@@ -14,14 +15,7 @@ X = {"input_ids": torch.randint(0, 200, (1, 8))}
 
 
 def llama():
-    cfg = tf.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=200,
-    )
+    cfg = llama_config(vocab_size=200)
     torch.manual_seed(0)
     return tf.LlamaForCausalLM(cfg).eval()
 

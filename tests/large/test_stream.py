@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import nnslim
+from tests.models import llama_config
 
 tf = pytest.importorskip("transformers")
 
@@ -18,14 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def llama_cfg():
-    return tf.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=300,
-    )
+    return llama_config(num_hidden_layers=3)
 
 
 def calib(n=3):

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import nnslim
+from tests.models import llama_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -24,13 +25,8 @@ def test_gpt2_conv1d_addmm_exact_and_tied_params():
 @pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
 def test_llama_exact_with_and_without_grad(kv_heads):
     d, f, h = 64, 176, 4
-    cfg = transformers.LlamaConfig(
-        hidden_size=d,
-        intermediate_size=f,
-        num_hidden_layers=2,
-        num_attention_heads=h,
-        num_key_value_heads=kv_heads,
-        vocab_size=300,
+    cfg = llama_config(
+        hidden_size=d, intermediate_size=f, num_attention_heads=h, num_key_value_heads=kv_heads
     )
     model = transformers.LlamaForCausalLM(cfg).eval()
     inputs = {"input_ids": torch.randint(0, 300, (1, T))}

@@ -5,6 +5,7 @@ import torch
 
 import nnslim
 from nnslim.graph.tp_compat import TraceError
+from tests.models import llama_config
 
 tf = pytest.importorskip("transformers")
 
@@ -16,14 +17,7 @@ def ids():
 
 
 def llama(kv):
-    cfg = tf.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=176,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=kv,
-        vocab_size=300,
-    )
+    cfg = llama_config(intermediate_size=176, num_attention_heads=8, num_key_value_heads=kv)
     return tf.LlamaForCausalLM(cfg), ids()
 
 
@@ -235,14 +229,7 @@ def test_prune_exposes_the_trace_time_limit(monkeypatch):
 
 
 def test_plan_on_meta_matches_apply():
-    cfg = tf.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=176,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        vocab_size=300,
-    )
+    cfg = llama_config(intermediate_size=176, num_attention_heads=8)
     with torch.device("meta"):
         meta = tf.LlamaForCausalLM(cfg).eval()
     t = nnslim.Prune(ratio=0.5, round_to=8)

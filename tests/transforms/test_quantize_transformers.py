@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import nnslim
+from tests.models import llama_config
 
 tf = pytest.importorskip("transformers")
 
@@ -16,14 +17,7 @@ def gpt2():
 
 def llama():
     torch.manual_seed(0)
-    cfg = tf.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=2000,
-    )
+    cfg = llama_config(vocab_size=2000)
     return tf.LlamaForCausalLM(cfg).eval()
 
 
