@@ -17,6 +17,7 @@ afterwards. Values are never pickled.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from dataclasses import dataclass, field
@@ -27,9 +28,18 @@ from torch import nn
 
 from ..core.serialize import class_path, lookup_class
 
-__all__ = ["ModuleState", "NotRecordable", "describe", "diff", "fingerprint", "replay"]
+__all__ = [
+    "ModuleState",
+    "NotRecordable",
+    "check_ops",
+    "describe",
+    "diff",
+    "fingerprint",
+    "replay",
+    "tensor_budget",
+]
 
-_SKIP_ATTRS = {"training", "_nnslim_record", "_is_hf_initialized"}
+_SKIP_ATTRS = {"training", "_nnslim_record", "_is_hf_initialized", "_is_full_backward_hook"}
 
 
 class NotRecordable(ValueError):
@@ -320,6 +330,267 @@ def diff(before: dict[str, ModuleState], after_model: nn.Module) -> list[dict[st
 
 
 # ---------------------------------------------------------------------------------------------
+# the schema a record must follow before anything of it is replayed
+
+#: names no record may set: nn.Module's own tables (hooks, tensors, children)
+_INTERNAL = frozenset(k for k, v in nn.Module().__dict__.items() if not _simple(v))
+_KINDS = ("param", "buffer", "buffer_np")
+_MAX_DIMS = 8
+_MAX_DEPTH = 64  # nesting of module specs (real models nest a few dozen levels at most)
+_MAX_ITEMS = 1 << 16  # elements of one attribute value (a list or tuple)
+
+
+class _Bad(ValueError):
+    """A record field that does not follow the schema ``field: why``."""
+
+    def __init__(self, where: str, why: str) -> None:
+        if len(where) > 160:
+            where = f"{where[:80]}...{where[-60:]}"
+        super().__init__(f"{where}: {why}")
+
+
+def tensor_budget(model: nn.Module) -> tuple[int, int]:
+    """``(per tensor, in all)`` elements a record replayed on ``model`` may allocate: 16 times
+    the model's largest tensor (and its total), at least 2**20 (2**24). Compression makes
+    tensors smaller; the margin covers transforms that add buffers."""
+    sizes = [t.numel() for t in itertools.chain(model.parameters(), model.buffers())]
+    return 16 * max([*sizes, 1 << 20]), 16 * sum(sizes) + (1 << 24)
+
+
+def check_ops(ops: Any, budget: tuple[int, int], where: str = "ops") -> int:
+    """Check one transform's operations against the schema :func:`diff` writes, with bounds;
+    returns the number of elements replay would allocate.
+
+    Raises:
+        ValueError: naming the field that breaks the schema (``ops[2].spec.tensors['w'].shape``).
+    """
+    if not isinstance(ops, list):
+        raise _Bad(where, f"expected a list of operations, got {type(ops).__name__}")
+    total = 0
+    for i, op in enumerate(ops):
+        w = f"{where}[{i}]"
+        if not isinstance(op, dict):
+            raise _Bad(w, f"expected an operation (an object), got {type(op).__name__}")
+        kind = op.get("op")
+        if kind == "replace":
+            _keys(op, w, {"op", "path", "spec"}, {"op", "path", "spec"})
+            _path(op["path"], f"{w}.path", root=False)
+            total += _module_spec(op["spec"], f"{w}.spec", budget, 0)
+        elif kind == "alias":
+            _keys(op, w, {"op", "path", "target"}, {"op", "path", "target"})
+            _path(op["path"], f"{w}.path", root=False)
+            _path(op["target"], f"{w}.target", root=False)
+        elif kind == "update":
+            _keys(op, w, {"op", "path", "tensors", "attrs", "del_attrs", "config"}, {"op", "path"})
+            _path(op["path"], f"{w}.path", root=True)
+            total += _update(op, w, budget)
+        else:
+            raise _Bad(f"{w}.op", f"unknown operation {kind!r} (replace, alias or update)")
+        if total > budget[1]:
+            raise _Bad(w, f"the record allocates more than {budget[1]:,} elements in all")
+    return total
+
+
+def _keys(d: dict[str, Any], where: str, allowed: set[str], required: set[str]) -> None:
+    extra = sorted(str(k) for k in d if k not in allowed)
+    if extra:
+        raise _Bad(where, f"unknown field(s) {extra}")
+    missing = sorted(required - set(d))
+    if missing:
+        raise _Bad(where, f"missing field(s) {missing}")
+
+
+def _path(path: Any, where: str, root: bool) -> None:
+    if not isinstance(path, str):
+        raise _Bad(where, f"a module path is a string, got {type(path).__name__}")
+    if path == "":
+        if not root:
+            raise _Bad(where, "the root module cannot be replaced or aliased")
+        return
+    for part in path.split("."):
+        _name(part, where, "module path")
+
+
+def _name(name: Any, where: str, what: str) -> None:
+    if not isinstance(name, str) or not name or "." in name:
+        raise _Bad(where, f"{name!r} is not a {what} name")
+    if name.startswith("__") or name in _INTERNAL:
+        raise _Bad(where, f"{name!r} is internal to nn.Module; nnslim records never set it")
+
+
+def _update(upd: dict[str, Any], where: str, budget: tuple[int, int]) -> int:
+    total = 0
+    tensors = upd.get("tensors", {})
+    if not isinstance(tensors, dict):
+        raise _Bad(f"{where}.tensors", "expected an object")
+    for name, spec in tensors.items():
+        w = f"{where}.tensors[{name!r}]"
+        _name(name, w, "tensor")
+        if spec is not None:
+            total += _tensor_spec_checked(spec, w, budget)
+    _attrs(upd.get("attrs", {}), f"{where}.attrs")
+    gone = upd.get("del_attrs", [])
+    if not isinstance(gone, list):
+        raise _Bad(f"{where}.del_attrs", "expected a list of names")
+    for i, name in enumerate(gone):
+        _name(name, f"{where}.del_attrs[{i}]", "attribute")
+    cfg = upd.get("config", {})
+    if not isinstance(cfg, dict):
+        raise _Bad(f"{where}.config", "expected an object")
+    for k, v in cfg.items():
+        w = f"{where}.config[{k!r}]"
+        if not isinstance(k, str) or not k.isidentifier() or k.startswith("_"):
+            raise _Bad(w, "config fields nnslim writes are public names")
+        _value(v, w, 0)
+    return total
+
+
+def _attrs(attrs: Any, where: str) -> None:
+    if not isinstance(attrs, dict):
+        raise _Bad(where, "expected an object")
+    for k, v in attrs.items():
+        w = f"{where}[{k!r}]"
+        _name(k, w, "attribute")
+        if not k.isidentifier():
+            raise _Bad(w, f"{k!r} is not an attribute name")
+        _value(v, w, 0)
+
+
+def _value(v: Any, where: str, depth: int) -> None:
+    """A plain value as :func:`_encode_simple` writes it."""
+    if depth > _MAX_DEPTH:
+        raise _Bad(where, "a value nested too deep")
+    if v is None or isinstance(v, (bool, int, str)):
+        return
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            raise _Bad(where, "a value that is not finite")
+        return
+    items = v["_tuple"] if isinstance(v, dict) and set(v) == {"_tuple"} else v
+    if not isinstance(items, list):
+        raise _Bad(where, f"not a plain value ({type(v).__name__})")
+    if len(items) > _MAX_ITEMS:
+        raise _Bad(where, f"a list of {len(items):,} values (at most {_MAX_ITEMS:,})")
+    for x in items:
+        _value(x, where, depth + 1)
+
+
+def _tensor_spec_checked(spec: Any, where: str, budget: tuple[int, int]) -> int:
+    if not isinstance(spec, dict):
+        raise _Bad(where, f"expected a tensor spec (an object), got {type(spec).__name__}")
+    if spec.get("kind") not in _KINDS:
+        raise _Bad(f"{where}.kind", f"{spec.get('kind')!r} is not one of {list(_KINDS)}")
+    if "tie" in spec:
+        _keys(spec, where, {"kind", "tie"}, {"kind", "tie"})
+        tie = spec["tie"]
+        if not isinstance(tie, str) or not tie:
+            raise _Bad(f"{where}.tie", "expected the path of a tensor")
+        mod, _, name = tie.rpartition(".")
+        _path(mod, f"{where}.tie", root=True)
+        _name(name, f"{where}.tie", "tensor")
+        return 0
+    _keys(spec, where, {"kind", "shape", "dtype", "requires_grad"}, {"kind", "shape", "dtype"})
+    shape = spec["shape"]
+    ok = isinstance(shape, list) and len(shape) <= _MAX_DIMS
+    if not ok or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+        raise _Bad(f"{where}.shape", f"expected at most {_MAX_DIMS} integer sizes, got {shape!r}")
+    if any(d < 0 for d in shape):
+        raise _Bad(f"{where}.shape", f"negative size in {shape}")
+    n = math.prod(shape)
+    if n > budget[0]:
+        raise _Bad(
+            f"{where}.shape",
+            f"{shape} is {n:,} elements, more than the {budget[0]:,} a record may allocate for "
+            f"one tensor of this base model (16x its largest tensor)",
+        )
+    try:
+        _dtype(spec["dtype"]) if isinstance(spec["dtype"], str) else _dtype("?")
+    except ValueError:
+        raise _Bad(f"{where}.dtype", f"unknown dtype {spec['dtype']!r}") from None
+    if not isinstance(spec.get("requires_grad", True), bool):
+        raise _Bad(f"{where}.requires_grad", "expected true or false")
+    return n
+
+
+def _module_spec(spec: Any, where: str, budget: tuple[int, int], depth: int) -> int:
+    if depth > _MAX_DEPTH:
+        raise _Bad(where, f"modules nested more than {_MAX_DEPTH} deep")
+    if not isinstance(spec, dict):
+        raise _Bad(where, f"expected a module spec (an object), got {type(spec).__name__}")
+    if "ref" in spec:
+        _keys(spec, where, {"ref", "updates"}, {"ref"})
+        _path(spec["ref"], f"{where}.ref", root=False)
+        updates = spec.get("updates", {})
+        if not isinstance(updates, dict):
+            raise _Bad(f"{where}.updates", "expected an object")
+        total = 0
+        for rel, upd in updates.items():
+            w = f"{where}.updates[{rel!r}]"
+            _path(rel, w, root=True)
+            if not isinstance(upd, dict):
+                raise _Bad(w, "expected an update (an object)")
+            _keys(upd, w, {"tensors", "attrs", "del_attrs", "config"}, set())
+            total += _update(upd, w, budget)
+        return total
+    if "alias" in spec:
+        _keys(spec, where, {"alias"}, {"alias"})
+        _path(spec["alias"], f"{where}.alias", root=False)
+        return 0
+    _keys(
+        spec,
+        where,
+        {"class", "attrs", "tensors", "children", "none_params"},
+        {"class", "attrs", "tensors", "children"},
+    )
+    if not isinstance(spec["class"], str):
+        raise _Bad(f"{where}.class", "expected a class path")
+    try:
+        cls = lookup_class(spec["class"])
+    except ValueError as e:
+        raise _Bad(f"{where}.class", str(e)) from None
+    _attrs(spec["attrs"], f"{where}.attrs")
+    for field_ in ("attrs", "tensors", "children"):
+        if isinstance(spec[field_], dict):
+            for k in spec[field_]:
+                if _shadows(cls, k):
+                    raise _Bad(
+                        f"{where}.{field_}[{k!r}]",
+                        f"would hide the method or property {cls.__name__}.{k}",
+                    )
+    total = _update({"tensors": spec["tensors"]}, where, budget)
+    children = spec["children"]
+    if not isinstance(children, dict):
+        raise _Bad(f"{where}.children", "expected an object")
+    for name, child in children.items():
+        w = f"{where}.children[{name!r}]"
+        _name(name, w, "child")
+        if child is not None:
+            total += _module_spec(child, w, budget, depth + 1)
+    none = spec.get("none_params", [])
+    if not isinstance(none, list):
+        raise _Bad(f"{where}.none_params", "expected a list of names")
+    for i, name in enumerate(none):
+        _name(name, f"{where}.none_params[{i}]", "parameter")
+    return total
+
+
+def _shadows(cls: type, name: str) -> bool:
+    attr = getattr(cls, name, None)
+    return callable(attr) or isinstance(attr, property)
+
+
+def _no_shadowing(m: nn.Module, names: Any, where: str) -> None:
+    """Refuse an attribute that would hide a method or property of the module's class (a record
+    setting ``forward``)."""
+    for k in names:
+        if _shadows(type(m), k):
+            raise ValueError(
+                f"the saved record sets {where} {type(m).__name__}.{k}, which is a method or "
+                f"property of the class; nnslim records never do"
+            )
+
+
+# ---------------------------------------------------------------------------------------------
 # replay
 
 
@@ -377,6 +648,16 @@ def _apply_tensors(model: nn.Module, m: nn.Module, specs: dict[str, Any], device
 
 
 def _apply_update(model: nn.Module, m: nn.Module, upd: dict[str, Any], device: Any) -> None:
+    _no_shadowing(m, upd.get("attrs", {}), "attribute")
+    _no_shadowing(m, upd.get("tensors", {}), "tensor")
+    cfg = m.__dict__.get("config")
+    if cfg is not None:
+        for k in upd.get("config", {}):
+            if callable(getattr(type(cfg), k, None)):
+                raise ValueError(
+                    f"the saved record sets the config field {k!r}, a method of "
+                    f"{type(cfg).__name__}; nnslim records never do"
+                )
     _apply_tensors(model, m, upd.get("tensors", {}), device)
     for k, v in upd.get("attrs", {}).items():
         m.__dict__[k] = _decode_simple(v)
@@ -407,6 +688,9 @@ def _build(
     cls = lookup_class(spec["class"])
     m = cls.__new__(cls)
     nn.Module.__init__(m)
+    _no_shadowing(m, spec["attrs"], "attribute")
+    _no_shadowing(m, spec["tensors"], "tensor")
+    _no_shadowing(m, spec["children"], "child")
     for k, v in spec["attrs"].items():
         m.__dict__[k] = _decode_simple(v)
     for name, child in spec["children"].items():
@@ -417,12 +701,20 @@ def _build(
     return m
 
 
-def replay(model: nn.Module, ops: list[dict[str, Any]], device: Any = "cpu") -> None:
+def replay(
+    model: nn.Module,
+    ops: list[dict[str, Any]],
+    device: Any = "cpu",
+    budget: tuple[int, int] | None = None,
+) -> None:
     """Apply one transform's recorded operations to ``model`` (weights are left uninitialised).
+    The operations are checked against the schema first (:func:`check_ops`).
 
     Raises:
-        ValueError: if the model lacks a module or tensor the record refers to.
+        ValueError: if an operation breaks the schema (naming the field), or the model lacks
+            a module or tensor the record refers to.
     """
+    check_ops(ops, budget or tensor_budget(model))
     refs = dict(model.named_modules(remove_duplicate=False))
     for op in ops:
         kind = op.get("op")

@@ -19,7 +19,7 @@ from torch import nn
 from .._version import __version__
 from ..core.snapshot import Snapshot
 from .atomic import atomic_path
-from .record import describe, fingerprint, replay
+from .record import check_ops, describe, fingerprint, replay, tensor_budget
 
 __all__ = ["load", "save"]
 
@@ -335,20 +335,22 @@ def _rebuild(
 ) -> None:
     """Replay ``record`` on ``base`` and load the weights ``read(device)`` returns; on any
     failure, ``base`` is put back as it was."""
-    _check_base(base, record.get("base", {}))
+    want = record.get("base", {}) if isinstance(record, dict) else None
+    if not (isinstance(want, dict) and all(isinstance(want.get(k, {}), dict) for k in want)):
+        raise ValueError(
+            "load: the record is malformed (no object 'base' of modules and tensors); it was "
+            "not written by nnslim.save"
+        )
+    _check_base(base, want)
     if device is None:
         p = next(iter(base.parameters()), None)
         device = p.device if p is not None and p.device.type != "meta" else torch.device("cpu")
+    entries = _checked_entries(record, tensor_budget(base))  # all of them, before any replay
     snap = Snapshot(base, copy_tensors=False)
     try:
-        for i, entry in enumerate(record.get("entries", [])):
-            name = "?"
+        for i, (name, entry) in enumerate(entries):
             try:
-                if not isinstance(entry, dict) or not isinstance(entry.get("ops"), list):
-                    raise ValueError("the entry has no list of operations ('ops')")
-                t = entry.get("transform")
-                name = t.get("_type", "?") if isinstance(t, dict) else "?"
-                replay(base, entry["ops"], device=device)
+                replay(base, entry["ops"], device=device, budget=(1 << 62, 1 << 62))
             except ValueError as e:
                 raise ValueError(f"load: replaying step {i} ({name}) failed: {e}") from e
             except (KeyError, AttributeError, TypeError, IndexError, RecursionError) as e:
@@ -361,6 +363,32 @@ def _rebuild(
     except BaseException:
         snap.restore()
         raise
+
+
+def _checked_entries(
+    record: dict[str, Any], budget: tuple[int, int]
+) -> list[tuple[str, dict[str, Any]]]:
+    """``[(transform name, entry)]`` of a record whose every step follows the schema, checked
+    before anything is replayed; the bounds hold over all steps together."""
+    entries = record.get("entries", [])
+    if not isinstance(entries, list):
+        raise ValueError("load: the record's 'entries' is not a list; it was not written by nnslim")
+    out = []
+    total = 0
+    for i, entry in enumerate(entries):
+        t = entry.get("transform") if isinstance(entry, dict) else None
+        name = t.get("_type", "?") if isinstance(t, dict) else "?"
+        try:
+            if not isinstance(entry, dict) or "ops" not in entry:
+                raise ValueError("the entry has no list of operations ('ops')")
+            total += check_ops(entry["ops"], (budget[0], budget[1] - total))
+        except ValueError as e:
+            raise ValueError(
+                f"load: the record's step {i} ({name}) is malformed: {e}; it was not written "
+                f"by nnslim.save, or by a version that wrote another schema"
+            ) from None
+        out.append((name, entry))
+    return out
 
 
 def _load_state(model: nn.Module, state: dict[str, torch.Tensor], aliases: dict[str, str]) -> None:
