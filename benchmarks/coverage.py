@@ -509,7 +509,7 @@ def _compiles(model: Any, x: Any) -> str:
 
 
 def run_model(spec: str, columns: list[str], compile_: bool) -> dict[str, Any]:
-    row: dict[str, Any] = {"model": spec, "family": spec.split(":", 1)[0]}
+    row: dict[str, Any] = {"model": spec, "family": spec.split(":", 1)[0], "commit": _commit()}
     t0 = time.perf_counter()
     try:
         model, _, group = build(spec)
@@ -560,11 +560,33 @@ def sweep(
     return list(rows.values())
 
 
+def _commit() -> str:
+    """The nnslim commit a row was measured at (a long sweep may span several)."""
+    try:
+        out = subprocess.run(
+            [
+                "git",
+                "-C",
+                str(Path(nnslim.__file__).resolve().parent),
+                "rev-parse",
+                "--short",
+                "HEAD",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return out.stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
 def _crashed(spec: str, why: str) -> dict[str, Any]:
     """The row of a model whose process died or hung."""
     return {
         "model": spec,
         "family": spec.split(":", 1)[0],
+        "commit": _commit(),
         "built": True,
         "crashed": why,
         "cells": {},

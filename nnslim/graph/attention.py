@@ -218,6 +218,15 @@ class AttentionSpec:
                     out_fn(m)(m, chans)
         o = model.get_submodule(self.o)
         in_fn(o)(o, chans)
+        keep = None
+        for path in self.extra.get("per_channel", []):  # BitNet's attn_sub_norm, OLMo2's q_norm
+            m = model.get_submodule(path)
+            for name, t in list(m._parameters.items()):
+                if keep is None:
+                    keep = torch.tensor(sorted(set(range(t.shape[0])) - set(chans)))
+                new = nn.Parameter(t.data.index_select(0, keep.to(t.device)).clone())
+                new.requires_grad_(t.requires_grad)
+                m._parameters[name] = new
         if self.extra.get("swin"):
             self._prune_swin(model, remove)
         new_heads = self.heads - len(remove)
@@ -267,6 +276,17 @@ class AttentionSpec:
                 d[n] = heads * self.head_dim
         if self.qkv is not None and isinstance(d.get("split_size"), int):
             d["split_size"] = heads * self.head_dim
+
+
+def _per_channel(m: nn.Module, width: int) -> bool:
+    """A leaf holding only per-channel vectors of ``width`` (a norm over the concatenated heads,
+    or over a whole projection's output): its channels are the heads' channels."""
+    ps = list(m._parameters.values())
+    return (
+        not m._modules
+        and bool(ps)
+        and all(p is not None and p.dim() == 1 and p.shape[0] == width for p in ps)
+    )
 
 
 def _timm_attention(m: nn.Module) -> bool:
@@ -401,11 +421,16 @@ def find_attention(model: nn.Module) -> list[AttentionSpec]:
             o_mod = named[o_path]
             if _in_features(o_mod) != q_out:
                 continue
-            specs.append(
-                AttentionSpec(
-                    path, m, o_path, heads, kv, hd, q=join(q[0]), k=join(k[0]), v=join(v[0])
-                )
+            spec = AttentionSpec(
+                path, m, o_path, heads, kv, hd, q=join(q[0]), k=join(k[0]), v=join(v[0])
             )
+            taken = {q[0], k[0], v[0], o[0] if o else None}
+            spec.extra["per_channel"] = [
+                join(n)
+                for n, c in m._modules.items()
+                if n not in taken and c is not None and _per_channel(c, q_out)
+            ]
+            specs.append(spec)
             continue
         fused = _fused_spec(path, m, join)
         if fused is not None:

@@ -11,6 +11,9 @@ it, which silently disables three of its guards (measured on torch 2.14):
   only" guard is skipped and every reshape gets a flatten mapping (swin_t: indices multiply by 32
   per lap until memory runs out; shufflenet_v2: ZeroDivisionError).
 * ``SplitBackward0`` lost ``_saved_self_sizes`` too, so ``chunk`` offsets are inferred wrongly.
+* ``update_concat_index_mapping`` sums the channels of a cat's inputs before checking that it
+  could infer them (``TypeError``; ``IndexError`` from a split it did not size), raised from
+  inside on CvT; such a cat gets no index mapping.
 
 :func:`torch_pruning_fixes` patches the three functions for the duration of a ``with`` block and
 restores them afterwards, so other users of torch-pruning in the process are unaffected. It also
@@ -91,7 +94,13 @@ def _fixed_concat(orig: Any) -> Any:
     def update_concat_index_mapping(graph: Any, cat_node: Any) -> Any:
         if getattr(cat_node.grad_fn, "_saved_dim", 1) >= _NEG:
             return None  # a negative dim is never the channel dim 1
-        return orig(graph, cat_node)
+        try:
+            return orig(graph, cat_node)
+        except (IndexError, TypeError):
+            # an input whose channels it could not infer (a split on another dim: CvT's class
+            # token): it sums them before checking for None; such a cat gets no index
+            # mapping, as any cat it cannot size
+            return None
 
     return update_concat_index_mapping
 

@@ -719,7 +719,10 @@ def _prune_model(
                 pruner.step()
     _retie(model, ties)
     _sync_shape_attrs(model, sizes)
+    if plan.channels:
+        _follow_input_widths(model, inputs, sizes)
     if plan.heads:
+        sizes = _vector_sizes(model)
         specs = {s.path: s for s in find_attention(model)}
         for path, value in plan.heads.items():
             spec = specs.get(path)
@@ -736,6 +739,7 @@ def _prune_model(
                 if s.path == path:
                     s.heads, s.kv_heads = spec.heads, spec.kv_heads
         _sync_config_heads(list(specs.values()))
+        _sync_shape_attrs(model, sizes)  # norms over the concatenated heads
     if plan.units:
         mlps = {s.fused: s for s in find_fused_mlps(model, check=False)[0]}
         for path, value in plan.units.items():
@@ -835,6 +839,48 @@ def _sync_shape_attrs(model: nn.Module, sizes: dict[int, tuple[nn.Module, dict[s
                 )
             elif name in ("dim", "num_features", "channels") and value == was:
                 m.__dict__[name] = now
+
+
+def _follow_input_widths(
+    model: nn.Module, inputs: Inputs, sizes: dict[int, tuple[nn.Module, dict[str, int]]]
+) -> None:
+    """A norm without parameters (``nn.LayerNorm(elementwise_affine=False)``, OLMo's LayerNorm)
+    stores the width it normalizes over but has no vector that pruning shortens: one forward
+    writes the trailing shape of its input into its ``normalized_shape`` where they differ."""
+    norms = [
+        m
+        for m, vec in sizes.values()
+        if not vec
+        and not any(p is not None for p in m._parameters.values())
+        and isinstance(m.__dict__.get("normalized_shape"), (tuple, list, torch.Size, int))
+    ]
+    if not norms:
+        return
+
+    def pre(m: nn.Module, args: tuple[Any, ...]) -> None:
+        x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        ns = m.__dict__["normalized_shape"]
+        shape = (ns,) if isinstance(ns, int) else tuple(ns)
+        if x is None or x.dim() < len(shape) or tuple(x.shape[-len(shape) :]) == shape:
+            return
+        got = tuple(int(d) for d in x.shape[-len(shape) :])
+        if len(shape) == 1 or got[:-1] == shape[:-1]:  # only the channel (last) size moved
+            if isinstance(ns, int):
+                m.__dict__["normalized_shape"] = got[-1]
+            elif isinstance(ns, torch.Size):
+                m.__dict__["normalized_shape"] = torch.Size(got)
+            else:
+                m.__dict__["normalized_shape"] = type(ns)(got)
+
+    handles = [m.register_forward_pre_hook(pre) for m in norms]
+    try:
+        with torch.no_grad(), preserved_state(model):
+            _call(model, inputs)
+    except Exception:
+        pass  # the forward check after pruning names what still fails
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _ties(model: nn.Module) -> list[list[tuple[nn.Module, str, str]]]:

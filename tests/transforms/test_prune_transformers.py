@@ -1,5 +1,7 @@
 """Head-aware pruning of Hugging Face models built from small configs."""
 
+import copy
+
 import pytest
 import torch
 
@@ -340,3 +342,90 @@ def test_hidden_width_through_a_weight_normed_conv_is_kept_and_the_rest_pruned()
     assert layer.attention.q_proj.out_features == 32
     with torch.no_grad():
         assert model(**x).logits.shape == shape
+
+
+def test_a_norm_over_the_concatenated_heads_loses_the_pruned_heads(tmp_path):
+    # BitNet normalizes the attention output (all heads) with attn_sub_norm before o_proj; the
+    # forward broke when heads went and the norm kept its width
+    cfg = tf.BitNetConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=300,
+    )
+    torch.manual_seed(0)
+    model = tf.BitNetForCausalLM(copy.deepcopy(cfg)).eval()
+    x = ids()
+    nnslim.Prune(ratio=0.5).apply(model, x)
+    attn = model.model.layers[0].self_attn
+    assert attn.q_proj.out_features < 64
+    assert attn.attn_sub_norm.weight.shape == (attn.q_proj.out_features,)
+    assert attn.o_proj.in_features == attn.q_proj.out_features
+    with torch.no_grad():
+        assert torch.isfinite(model(**x).logits).all()
+    nnslim.save(model, tmp_path / "m.safetensors")
+    loaded = nnslim.load(tmp_path / "m.safetensors", tf.BitNetForCausalLM(cfg).eval())
+    with torch.no_grad():
+        assert torch.equal(loaded(**x).logits, model(**x).logits)
+
+
+def test_norms_without_parameters_follow_the_pruned_width():
+    # OLMo's LayerNorm (and nn.LayerNorm(elementwise_affine=False)) stores the width it
+    # normalizes over but holds no vector that pruning shortens
+    cfg = tf.OlmoConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=300,
+    )
+    torch.manual_seed(0)
+    model = tf.OlmoForCausalLM(cfg).eval()
+    report = nnslim.Prune(ratio=0.3).apply(model, ids())
+    width = model.model.embed_tokens.weight.shape[1]
+    assert width < 64, report.notes  # the hidden width went, not kept by the fallback
+    assert tuple(model.model.layers[0].input_layernorm.normalized_shape) == (width,)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(8, 32)
+            self.norm = torch.nn.LayerNorm(32, elementwise_affine=False)
+            self.b = torch.nn.Linear(32, 4)
+
+        def forward(self, x):
+            return self.b(self.norm(torch.relu(self.a(x))))
+
+    net = Net()
+    nnslim.Prune(ratio=0.5).apply(net, torch.randn(2, 8))
+    assert net.norm.normalized_shape == (16,) and net.a.out_features == 16
+
+
+def _cvt():
+    # transformers indexes each stage's drop-path rates by the stage number: depth[i] > i
+    cfg = tf.CvtConfig(embed_dim=[16, 32, 48], num_heads=[1, 2, 2], depth=[1, 2, 3], num_labels=3)
+    torch.manual_seed(0)
+    return tf.CvtForImageClassification(cfg).eval(), torch.randn(1, 3, 64, 64)
+
+
+def test_a_cat_whose_inputs_torch_pruning_cannot_size_is_left_unmapped():
+    # CvT splits its class token off on the token dim and concatenates it back; torch-pruning
+    # 1.6 raised IndexError/TypeError from inside (it sums the channels before checking them)
+    model, x = _cvt()
+    report = nnslim.Prune(ratio=0.3).apply(model, x)
+    assert report.after.macs <= 0.85 * report.before.macs
+    with torch.no_grad():
+        assert model(x).logits.shape == (1, 3)
+
+
+def test_upstream_concat_mapping_still_raises_on_cvt():
+    # when this fails, torch-pruning sizes such cats itself: drop the wrapper in
+    # nnslim.graph.tp_compat._fixed_concat
+    import torch_pruning as tp
+
+    model, x = _cvt()
+    with pytest.raises((IndexError, TypeError)):
+        tp.DependencyGraph().build_dependency(model, example_inputs=x)
