@@ -38,13 +38,29 @@ from torch import nn
 from torch_pruning.dependency import index_mapping as _im
 from torch_pruning.dependency import shape_infer as _si
 
-__all__ = ["Conv1DPruner", "TraceError", "conv1d_type", "guard", "torch_pruning_fixes"]
+__all__ = [
+    "Conv1DPruner",
+    "GroupTooLarge",
+    "TraceError",
+    "conv1d_type",
+    "guard",
+    "torch_pruning_fixes",
+]
 
 _NEG = 2**63  # CatBackward0._saved_dim stores dim=-k as 2**64 - k
 
 
 class TraceError(RuntimeError):
     """Tracing or group building did not finish within its bounds."""
+
+
+class GroupTooLarge(TraceError):
+    """One pruning group grew past the bound (a cycle torch-pruning's index mapping cannot
+    close); ``members`` holds the ids of the modules it had reached."""
+
+    def __init__(self, message: str, members: set[int]) -> None:
+        super().__init__(message)
+        self.members = members
 
 
 def conv1d_type() -> type | None:
@@ -177,11 +193,12 @@ def torch_pruning_fixes(max_group: int | None = None) -> Iterator[None]:
             def add_dep(self: Any, dep: Any, idxs: Any) -> None:
                 if len(self._group) >= max_group:
                     root = self._group[0].dep.target if self._group else dep.target
-                    raise TraceError(
+                    raise GroupTooLarge(
                         f"the pruning group rooted at {root._name or root.module} grew past "
                         f"{max_group} coupled layers; the graph probably has a cycle that "
                         f"torch-pruning's index mapping cannot close. Exclude that module "
-                        f"(exclude=[...]) or report the model."
+                        f"(exclude=[...]) or report the model.",
+                        {id(d.dep.target.module) for d in self._group},
                     )
                 orig_add(self, dep, idxs)
 

@@ -25,7 +25,14 @@ from ..core.inputs import Inputs, as_inputs, forward_error, output_tensors
 from ..core.snapshot import preserved_state
 from .attention import AttentionSpec, find_attention, unknown_attention_layers
 from .fused_mlp import FusedMLPSpec, find_fused_mlps
-from .tp_compat import TraceError, conv1d_type, customized_pruners, guard, torch_pruning_fixes
+from .tp_compat import (
+    GroupTooLarge,
+    TraceError,
+    conv1d_type,
+    customized_pruners,
+    guard,
+    torch_pruning_fixes,
+)
 
 __all__ = ["Graph", "GroupInfo", "TraceError", "root_types", "trace"]
 
@@ -129,34 +136,63 @@ class Graph:
         return sorted(set(found), key=lambda p: order.get(p, 0))
 
     def dynamic_split_roots(self, candidates: list[str]) -> dict[str, str]:
-        """Roots whose groups pass through a split sized at run time (``chunk``, ``split(n)``).
-
-        Such splits cut at fixed positions of whatever they receive, so unevenly pruned inputs
-        would shift the cut; those groups are left alone.
-        """
+        """Roots to leave alone, with the reason: groups that pass through a split sized at run
+        time (``chunk``, ``split(n)``: it cuts at fixed positions of whatever it receives, so
+        unevenly pruned inputs would shift the cut), and groups torch-pruning cannot build (an
+        error from inside its index mapping, or a group that grows without bound). Each group
+        is built once, from its first root."""
         splits = {
             id(n)
             for n in self.dg.module2node.values()
             if n.type == tp.ops.OPTYPE.SPLIT and hasattr(n.grad_fn, "_saved_split_size")
         }
-        if not splits:
-            return {}
         named = dict(self.model.named_modules())
+        paths = self.paths
         out: dict[str, str] = {}
+        done: dict[int, str | None] = {}  # module id -> the reason of the group it is in
         where = [""]
-        with torch_pruning_fixes(MAX_GROUP), guard(self.time_limit, "checking splits", where):
+        with torch_pruning_fixes(MAX_GROUP), guard(self.time_limit, "checking groups", where):
             for p in candidates:
                 m = named[p]
                 if m not in self.dg.module2node:
+                    continue
+                if id(m) in done:
+                    if done[id(m)] is not None:
+                        out[p] = done[id(m)]  # type: ignore[assignment]
                     continue
                 where[0] = p
                 pruner = self.dg.get_pruner_of_module(m)
                 n = pruner.get_out_channels(m) if pruner is not None else None
                 if not n:
                     continue
-                group = self.dg.get_pruning_group(m, pruner.prune_out_channels, list(range(n)))
+                try:
+                    group = self.dg.get_pruning_group(m, pruner.prune_out_channels, list(range(n)))
+                except GroupTooLarge as e:
+                    why = (
+                        f"its channel group grows without bound in torch-pruning (past "
+                        f"{MAX_GROUP} coupled layers: a cycle its index mapping cannot close)"
+                    )
+                    out[p] = why
+                    for mid in e.members:
+                        done.setdefault(mid, why)
+                    continue
+                except (IndexError, KeyError, TypeError, ValueError, ZeroDivisionError) as e:
+                    if not _raised_in_torch_pruning(e):
+                        raise
+                    out[p] = (
+                        f"torch-pruning cannot build its channel group ({type(e).__name__} "
+                        f"in its index mapping: {str(e)[:80]})"
+                    )
+                    continue
+                why = None
                 if any(id(item.dep.target) in splits for item in group):
-                    out[p] = "feeds torch.chunk/split by size, which cannot follow uneven pruning"
+                    why = "feeds torch.chunk/split by size, which cannot follow uneven pruning"
+                    out[p] = why
+                for item in group:
+                    if self.dg.is_out_channel_pruning_fn(item.dep.handler):
+                        mod = item.dep.target.module
+                        if id(mod) in paths:
+                            done.setdefault(id(mod), why)
         return out
 
     def unknown_attention(self) -> dict[str, str]:
@@ -196,6 +232,16 @@ class Graph:
                     info.members.append((paths[id(mod)], kind))
                 out.append(info)
         return out
+
+
+def _raised_in_torch_pruning(e: BaseException) -> bool:
+    """Whether the innermost frame of ``e`` is torch-pruning's code."""
+    tb = e.__traceback__
+    last = None
+    while tb is not None:
+        last = tb.tb_frame.f_code.co_filename
+        tb = tb.tb_next
+    return last is not None and "torch_pruning" in last
 
 
 def _iter_groups(

@@ -429,3 +429,49 @@ def test_upstream_concat_mapping_still_raises_on_cvt():
     model, x = _cvt()
     with pytest.raises((IndexError, TypeError)):
         tp.DependencyGraph().build_dependency(model, example_inputs=x)
+
+
+def _falcon_mamba():
+    cfg = tf.FalconMambaConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        vocab_size=300,
+        state_size=8,
+        intermediate_size=64,
+        time_step_rank=4,
+    )
+    torch.manual_seed(0)
+    return tf.FalconMambaForCausalLM(cfg).eval(), ids()
+
+
+def test_a_group_torch_pruning_cannot_build_is_skipped_with_the_reason():
+    # FalconMamba's in_proj: an IndexError from inside torch-pruning's index mapping failed the
+    # whole transform; now that root keeps its channels, named, and the rest is pruned
+    model, x = _falcon_mamba()
+    report = nnslim.Prune(ratio=0.3).apply(model, x)
+    reasons = {s.path: s.reason for s in report.skips}
+    assert (
+        "torch-pruning cannot build its channel group (IndexError"
+        in (reasons["backbone.layers.0.mixer.in_proj"])
+    )
+    assert model.backbone.layers[0].mixer.in_proj.out_features == 128  # kept: 2 x 64
+    assert report.after.macs < 0.85 * report.before.macs
+    with torch.no_grad():
+        assert torch.isfinite(model(**x).logits).all()
+
+
+def test_upstream_index_mapping_still_raises_on_falcon_mamba():
+    # when this fails, torch-pruning builds the group itself and the per-root catch in
+    # Graph.dynamic_split_roots is no longer exercised by this model
+    import torch_pruning as tp
+
+    from nnslim.graph.tp_compat import torch_pruning_fixes
+
+    model, x = _falcon_mamba()
+    with torch_pruning_fixes():
+        dg = tp.DependencyGraph().build_dependency(
+            model, example_inputs=x, forward_fn=lambda m, i: m(**i, use_cache=False)
+        )
+        m = model.backbone.layers[0].mixer.in_proj
+        with pytest.raises(IndexError):
+            dg.get_pruning_group(m, tp.prune_linear_out_channels, list(range(m.out_features)))
