@@ -43,6 +43,7 @@ import tempfile
 import time
 import traceback
 import warnings
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +152,35 @@ def hf_models() -> list[str]:
         for model_type in _hf_mapping(task):
             seen.setdefault(model_type, task)
     return [f"hf:{t}" for t in sorted(seen)]
+
+
+def enumerate_models(families: list[str]) -> list[str]:
+    """The sweep's models, cached per library versions (listing timm alone takes minutes)."""
+    import importlib.metadata as md
+
+    def version(pkg: str) -> str:
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return "-"
+
+    key = "-".join(f"{p}{version(p)}" for p in ("timm", "torchvision", "transformers"))
+    cache = ROOT / "benchmarks" / ".cache" / f"coverage-models-{key}.json"
+    listed: dict[str, list[str]] = json.loads(cache.read_text()) if cache.exists() else {}
+    finders = {"torchvision": torchvision_models, "hf": hf_models, "timm": timm_models}
+    specs: list[str] = []
+    for fam in ("torchvision", "hf", "timm"):
+        if fam not in families:
+            continue
+        if not _has(fam):
+            print(f"coverage: {fam} not installed (`pip install -e '.[dev]'`); skipped")
+            continue
+        if fam not in listed:
+            listed[fam] = finders[fam]()
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            cache.write_text(json.dumps(listed, indent=1))
+        specs += listed[fam]
+    return specs
 
 
 # -- building ----------------------------------------------------------------------------------
@@ -530,16 +560,32 @@ def run_model(spec: str, columns: list[str], compile_: bool) -> dict[str, Any]:
 
 # -- the sweep ---------------------------------------------------------------------------------
 def sweep(
-    specs: list[str], columns: list[str], compile_: bool, out: Path, timeout: int, fresh: bool
+    specs: list[str],
+    columns: list[str],
+    compile_: bool,
+    out: Path,
+    timeout: int,
+    fresh: bool,
+    jobs: int = 1,
+    redo: str = "",
 ) -> list[dict[str, Any]]:
+    """Run every model of ``specs`` not already in ``out``, ``jobs`` processes at a time.
+
+    ``redo``: comma-separated models to run again although they are in ``out``, or ``failed``
+    for every row with a cell that is not *ok* (or that crashed).
+    """
     rows: dict[str, dict[str, Any]] = {}
     if out.exists() and not fresh:
         rows = {r["model"]: r for r in json.loads(out.read_text()).get("models", [])}
-    for i, spec in enumerate(specs):
-        if spec in rows:
-            continue
+    for spec in _redo(rows, redo, columns):
+        rows.pop(spec, None)
+    todo = [s for s in specs if s not in rows]
+    print(f"coverage: {len(todo)} of {len(specs)} models to run, {jobs} at a time", flush=True)
+
+    def one(spec: str) -> tuple[dict[str, Any], float]:
         t0 = time.perf_counter()
         cmd = [sys.executable, __file__, "--one", spec, "--columns", ",".join(columns)]
+        cmd += ["--jobs", str(jobs)]  # the process's share of the cores
         if compile_:
             cmd.append("--compile")
         try:
@@ -551,13 +597,39 @@ def sweep(
                 row = _crashed(spec, f"exit {proc.returncode}: {proc.stderr.strip()[-300:]}")
         except subprocess.TimeoutExpired:
             row = _crashed(spec, f"timed out after {timeout} s")
-        rows[spec] = row
-        took = time.perf_counter() - t0
-        print(
-            f"[{i + 1}/{len(specs)}] {spec}: {_row_line(row, columns)} ({took:.0f} s)", flush=True
-        )
-        _write(out, list(rows.values()), columns)
-    return list(rows.values())
+        return row, time.perf_counter() - t0
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        futures = {pool.submit(one, spec): spec for spec in todo}
+        for i, fut in enumerate(as_completed(futures)):
+            spec = futures[fut]
+            row, took = fut.result()
+            rows[spec] = row
+            print(
+                f"[{i + 1}/{len(todo)}] {spec}: {_row_line(row, columns)} ({took:.0f} s)",
+                flush=True,
+            )
+            _write(out, _in_order(rows, specs), columns)
+    return _in_order(rows, specs)
+
+
+def _in_order(rows: dict[str, dict[str, Any]], specs: list[str]) -> list[dict[str, Any]]:
+    """Rows of ``specs`` in their order, then any other rows of the file (kept, not lost)."""
+    first = [rows[s] for s in specs if s in rows]
+    return first + [r for k, r in rows.items() if k not in set(specs)]
+
+
+def _redo(rows: dict[str, dict[str, Any]], redo: str, columns: list[str]) -> list[str]:
+    if not redo:
+        return []
+    if redo != "failed":
+        return [s for s in redo.split(",") if s]
+    return [
+        spec
+        for spec, r in rows.items()
+        if r.get("built")
+        and (r.get("crashed") or any(_mark(r["cells"].get(c)) != "ok" for c in columns))
+    ]
 
 
 def _commit() -> str:
@@ -766,11 +838,13 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="also run torch.compile per cell")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per model")
     ap.add_argument("--fresh", action="store_true", help="ignore models already in the JSON")
+    ap.add_argument("--jobs", type=int, default=1, help="models run at once (one thread each)")
+    ap.add_argument("--redo", default="", help="models to run again (comma-separated), or 'failed'")
     ap.add_argument("--one", default="", help=argparse.SUPPRESS)
     ap.add_argument("--rst", action="store_true", help="only write docs/coverage.rst")
     args = ap.parse_args()
     columns = [c for c in args.columns.split(",") if c]
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // max(2, args.jobs)))
     if args.one:
         print(json.dumps(run_model(args.one, columns, args.compile), default=_json_default))
         return
@@ -785,20 +859,13 @@ def main() -> None:
     elif args.quick:
         specs = QUICK
     else:
-        specs = []
-        fams = args.families.split(",")
-        if "torchvision" in fams:
-            specs += torchvision_models()
-        if "hf" in fams:
-            specs += hf_models()
-        if "timm" in fams:
-            specs += timm_models()
+        specs = enumerate_models(args.families.split(","))
     missing = [f for f in {s.split(":")[0] for s in specs} if not _has(f)]
     if missing:
         print(f"coverage: {missing} not installed; `pip install timm` for the timm family")
         specs = [s for s in specs if s.split(":")[0] not in missing]
     t0 = time.perf_counter()
-    rows = sweep(specs, columns, args.compile, out, args.timeout, args.fresh)
+    rows = sweep(specs, columns, args.compile, out, args.timeout, args.fresh, args.jobs, args.redo)
     payload = json.loads(out.read_text())
     payload["seconds"] = round(time.perf_counter() - t0)
     out.write_text(json.dumps(payload, indent=1, default=str) + "\n")

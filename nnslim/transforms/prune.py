@@ -194,7 +194,7 @@ class Prune(Transform):
                 continue
             attempt += 1
             if tie is not None:
-                roots = _tie_roots(model, inputs, tie.paths, kept, self.time_limit)
+                roots = _group_roots(model, inputs, tie.paths, kept, self.time_limit)
                 if attempt > _RETRIES or not roots:
                     raise tie
                 for p in roots:
@@ -204,19 +204,31 @@ class Prune(Transform):
                     )
                 continue
             where, error = failed
+            cls = type(model.get_submodule(where)).__name__ if where else ""
             layers = _layers_inside(model, where, kept)
+            why = (
+                f"the forward of {cls} ({where}) failed after pruning ({error}): it reads "
+                f"channel counts as constants, so the layers of every {cls} keep their channels"
+            )
+            if not layers and where:
+                # a norm or an activation with no layers of its own, whose input width no longer
+                # matches (the graph missed a link): the channel groups that reached it stay
+                layers = _group_roots(
+                    model, inputs, _same_place(model, where), kept, self.time_limit, False
+                )
+                why = (
+                    f"its channel group reaches a {cls} at the place of {where} (the same in "
+                    f"every {type(model.get_submodule(where.rpartition('.')[0])).__name__}), "
+                    f"whose forward failed after pruning ({error}): the dependency graph "
+                    f"misses a link to it"
+                )
             if attempt > _RETRIES or not layers:
                 raise RuntimeError(
                     f"Prune left a model whose forward fails in {where or 'the model'}: "
                     f"{error}. The model was restored. {self._forward_failure_hint}"
                 )
             for p in layers:
-                kept[p] = (
-                    f"the forward of {type(model.get_submodule(where)).__name__} ({where}) "
-                    f"failed after pruning ({error}): it reads channel counts as constants, "
-                    f"so the layers of every {type(model.get_submodule(where)).__name__} keep "
-                    f"their channels"
-                )
+                kept[p] = why
         report.notes.extend(notes)
         report.changes.extend(trial.changes)
         report.skips.extend(trial.skips)
@@ -662,6 +674,17 @@ def _layers_inside(model: nn.Module, where: str, kept: dict[str, str]) -> list[s
     return out
 
 
+def _same_place(model: nn.Module, where: str) -> list[str]:
+    """``where`` and the modules at the same name under every module of its parent's class
+    (they run the same forward: SegFormer's sequence-reduction norm in every stage)."""
+    parent, _, leaf = where.rpartition(".")
+    if not parent:
+        return [where]
+    cls = type(model.get_submodule(parent))
+    named = dict(model.named_modules())
+    return [f"{p}.{leaf}" for p, m in named.items() if type(m) is cls and f"{p}.{leaf}" in named]
+
+
 def _heads(plan: _Plan, path: str) -> int | None:
     for s in plan.attention:
         if s.path == path:
@@ -922,23 +945,27 @@ def _retie(model: nn.Module, ties: list[list[tuple[nn.Module, str, str]]]) -> No
             m._parameters[n] = p
 
 
-def _tie_roots(
+def _group_roots(
     model: nn.Module,
     inputs: Inputs,
     owners: list[str],
     kept: dict[str, str],
     time_limit: float | None = None,
+    split_only: bool = True,
 ) -> list[str]:
-    """Roots of the groups that reach some of ``owners`` (modules sharing a parameter) but not
-    all: pruning them splits the tie. Attention projections (left to head pruning) and output
-    layers (never pruned) are not listed."""
+    """Roots of the channel groups that reach some of ``owners``: with ``split_only``, only
+    those that do not reach all of them (modules sharing a parameter: pruning such a group
+    splits the tie). Attention projections (left to head pruning), output layers (never
+    pruned) and roots already kept are not listed."""
     graph = trace(model, inputs, time_limit=time_limit)
     proj = {p for s in graph.attention for p in s.projections} | set(graph.output_layers())
     want = set(owners)
     roots = []
     for g in graph.groups():
         members = {p for p, _ in g.members}
-        if members & want and not want <= members and g.root not in proj and g.root not in kept:
+        if not members & want or (split_only and want <= members):
+            continue
+        if g.root not in proj and g.root not in kept:
             roots.append(g.root)
     return roots
 
@@ -1132,16 +1159,26 @@ def update_hf_config(model: nn.Module, attention: list[AttentionSpec]) -> list[s
             h, k, d = heads.pop(), kv.pop(), dims.pop()
             if getattr(cfg, field) == h:
                 continue
+            if isinstance(getattr(cfg, field), (list, tuple)):  # SegFormer: heads per stage
+                notes.append(
+                    f"config.{field} lists heads per stage ({getattr(cfg, field)}), which the "
+                    f"pruned stages no longer match; reload with nnslim.load (or "
+                    f"nnslim.hf.from_pretrained)"
+                )
+                continue
             saved = {
                 n: cfg.__dict__[n]
                 for n in (field, "num_key_value_heads", "head_dim")
                 if n in cfg.__dict__
             }
-            setattr(cfg, field, h)
-            if not prefix and getattr(cfg, "num_key_value_heads", None) is not None:
-                cfg.num_key_value_heads = k
-            _set_head_dim(cfg, d)
-            why = _config_refuses(cfg)
+            try:
+                setattr(cfg, field, h)
+                if not prefix and getattr(cfg, "num_key_value_heads", None) is not None:
+                    cfg.num_key_value_heads = k
+                _set_head_dim(cfg, d)
+                why = _config_refuses(cfg)
+            except Exception as e:  # a validating config (huggingface_hub strict dataclasses)
+                why = f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
             if why:
                 for n in ("head_dim",):
                     if n not in saved:

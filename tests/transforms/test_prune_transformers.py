@@ -475,3 +475,32 @@ def test_upstream_index_mapping_still_raises_on_falcon_mamba():
         m = model.backbone.layers[0].mixer.in_proj
         with pytest.raises(IndexError):
             dg.get_pruning_group(m, tp.prune_linear_out_channels, list(range(m.out_features)))
+
+
+def test_heads_listed_per_stage_in_the_config_get_a_note_not_a_crash():
+    # SegFormer's config lists heads per stage: writing one int raised a strict-dataclass
+    # validation error from inside huggingface_hub. Its sequence reduction (conv, reshape,
+    # LayerNorm) is a link the graph misses: the norm was pruned and its conv was not, and the
+    # transform failed; now the groups reaching that norm keep their channels in every stage
+    cfg = tf.SegformerConfig(
+        hidden_sizes=[16, 32, 48, 64],
+        num_attention_heads=[2, 2, 4, 4],
+        depths=[1, 1, 1, 1],
+        decoder_hidden_size=32,
+        num_labels=3,
+    )
+    torch.manual_seed(0)
+    model = tf.SegformerForImageClassification(cfg).eval()
+    x = torch.randn(1, 3, 64, 64)
+    report = nnslim.Prune(ratio=0.5).apply(model, x)
+    assert list(model.config.num_attention_heads) == [2, 2, 4, 4]
+    assert any("config.num_attention_heads" in n for n in report.notes)
+    heads = [c for c in report.changes if "heads" in c.details]
+    assert len(heads) == 4
+    kept = {s.path: s.reason for s in report.skips}
+    for stage in (0, 1, 2):  # sr_ratios 8, 4, 2; the last stage has no reduction
+        path = f"segformer.stages.{stage}.blocks.0.attention.sequence_reduction.sequence_reduction"
+        assert "dependency graph misses a link" in kept[path]
+    assert report.after.macs < 0.8 * report.before.macs
+    with torch.no_grad():
+        assert model(x).logits.shape == (1, 3)
