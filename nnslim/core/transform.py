@@ -11,6 +11,7 @@ from torch import nn
 
 from ..io.record import NotRecordable, describe, diff, fingerprint
 from .config import Config, check_is_frozen_dataclass, type_name
+from .failure import culprits, failing_module
 from .inputs import Inputs, as_inputs, calibration_batches, check_finite
 from .modules import shared_parameters
 from .report import Report
@@ -214,10 +215,7 @@ class Transform(Config, abc.ABC):
             try:
                 report.after = profile(model, ctx.inputs)
             except ValueError as e:
-                raise RuntimeError(
-                    f"{type(self).__name__} left a model whose forward fails: {e.__cause__ or e}"
-                    f". The model was restored. {self._forward_failure_hint}"
-                ) from e
+                raise self._forward_failed(model, ctx.inputs, report, e) from e
             if before is not None and before.output_finite and not report.after.output_finite:
                 raise ValueError(
                     f"{type(self).__name__} left a model that outputs NaN or Inf on the example "
@@ -227,6 +225,31 @@ class Transform(Config, abc.ABC):
                     f"shows which)."
                 )
         return report
+
+
+    def _forward_failed(
+        self, model: nn.Module, inputs: Inputs, report: Report, e: Exception
+    ) -> RuntimeError:
+        """The error for a model whose forward fails after the transform: where it failed,
+        the changed modules that broke it, and the ``exclude=`` that leaves them alone."""
+        name = type(self).__name__
+        found = failing_module(model, inputs)
+        where, error = found if found is not None else ("", str(e.__cause__ or e))
+        bad = culprits(where, [c.path for c in report.all_changes()])
+        if not bad:
+            return RuntimeError(
+                f"{name} left a model whose forward fails"
+                f"{f' in {where}' if where else ''}: {error}. The model was restored. "
+                f"{self._forward_failure_hint}"
+            )
+        cls = type(model.get_submodule(where)).__name__ if where else type(model).__name__
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        return RuntimeError(
+            f"{name} left a model whose forward fails in {where or 'the model'} ({cls}): "
+            f"{error}. The change to {shown} broke it (the code around it reads something the "
+            f"new module does not have); the model was restored. Leave them as they were with "
+            f"exclude={bad[:5]!r}."
+        )
 
 
 def check_transform_items(owner: str, transforms: Any) -> None:

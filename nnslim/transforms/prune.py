@@ -14,6 +14,7 @@ from torch import nn
 
 from ..core.calibrate import LayerStats, collect
 from ..core.describe import shape_of
+from ..core.failure import failing_module
 from ..core.inputs import Inputs
 from ..core.modules import copy_model, is_hf_conv1d, shared_parameters
 from ..core.report import Report
@@ -172,7 +173,7 @@ class Prune(Transform):
             tie: _TieSplit | None = None
             try:
                 self._prune_channels(model, ctx, trial, inputs, kept, residual, widened)
-                failed = _failing_module(model, inputs)
+                failed = failing_module(model, inputs)
             except _ForwardFailed as e:  # a trial of the target search
                 failed = (e.where, e.error)
             except _TieSplit as e:  # a group reaches one of the modules sharing a weight
@@ -448,7 +449,7 @@ class Prune(Transform):
             try:
                 value = getattr(profile(trial, inputs, memory=False), metric)
             except ValueError:
-                failed = _failing_module(trial, inputs)
+                failed = failing_module(trial, inputs)
                 if failed is None:
                     raise
                 raise _ForwardFailed(*failed) from None
@@ -621,36 +622,6 @@ class _ForwardFailed(Exception):
     def __init__(self, where: str, error: str) -> None:
         super().__init__(f"{where}: {error}")
         self.where, self.error = where, error
-
-
-def _failing_module(model: nn.Module, inputs: Inputs) -> tuple[str, str] | None:
-    """``None`` when the forward runs; else ``(path of the innermost module whose forward was
-    running when it raised, the error in one line)``."""
-    stack: list[str] = []
-    names = {id(m): p for p, m in model.named_modules()}
-    at: list[str | None] = [None]
-
-    def pre(m: nn.Module, _args: Any) -> None:
-        stack.append(names.get(id(m), ""))
-
-    def post(_m: nn.Module, _args: Any, _out: Any) -> None:
-        if stack:
-            stack.pop()
-
-    handles = []
-    for m in model.modules():
-        handles.append(m.register_forward_pre_hook(pre))
-        handles.append(m.register_forward_hook(post))
-    try:
-        with preserved_state(model), torch.no_grad():
-            _call(model, inputs)
-        return None
-    except Exception as e:
-        at[0] = stack[-1] if stack else ""
-        return at[0], f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def _layers_inside(model: nn.Module, where: str, kept: dict[str, str]) -> list[str]:
