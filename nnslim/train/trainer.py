@@ -404,19 +404,26 @@ class Trainer:
                     batch, mine = mine, None
                     loss = self._loss(net, model, batch, features, group_lasso)
                     if not torch.isfinite(loss):
-                        where = (
-                            f"; the last good checkpoint is in {checkpoint_dir}"
-                            if checkpoint_dir
-                            else ""
-                        )
                         raise ValueError(
-                            f"Trainer: the loss is {loss.item()} at step {result.steps + 1}; stopped "
-                            f"before updating the weights{where}. Lower the learning rate or check the data."
+                            f"Trainer: the loss is {loss.item()} at step {result.steps + 1}; "
+                            f"stopped before updating the weights{_where_ckpt(checkpoint_dir)}. "
+                            f"Lower the learning rate or check the data."
                         )
                     (loss / o.accumulate).backward()
                     micro += 1
                     if micro % o.accumulate:
                         continue
+                    if not dist.all_true(_grads_finite(params)):
+                        message = (
+                            f"Trainer: a gradient is NaN or Inf at step {result.steps + 1} "
+                            f"({_nonfinite_grads(model)}) although the loss "
+                            f"({float(loss.detach()):.4g}) is finite; stopped before updating the "
+                            f"weights{_where_ckpt(checkpoint_dir)}. Look for operations with "
+                            f"infinite derivatives (sqrt or log at 0, division by a zero norm), "
+                            f"or lower the learning rate."
+                        )
+                        opt.zero_grad(set_to_none=True)
+                        raise ValueError(message)
                     if o.clip_grad_norm is not None:
                         torch.nn.utils.clip_grad_norm_(params, o.clip_grad_norm)
                     opt.step()
@@ -900,8 +907,48 @@ class _Distributed:
         dist.broadcast_object_list(flag, src=0)
         return bool(flag[0])
 
+    def all_true(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on every process (one all-reduce under torchrun)."""
+        if not self.enabled:
+            return flag
+        import torch.distributed as dist
+
+        t = torch.tensor([1 if flag else 0])
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return bool(t.item())
+
     def barrier(self) -> None:
         if self.enabled:
             import torch.distributed as dist
 
             dist.barrier()
+
+
+def _where_ckpt(checkpoint_dir: Any) -> str:
+    return f"; the last good checkpoint is in {checkpoint_dir}" if checkpoint_dir else ""
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's shard on this process (FSDP), else the tensor."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _grads_finite(params: list[torch.Tensor]) -> bool:
+    """Whether every gradient on this process is finite (one reduction: the largest magnitude,
+    which cannot overflow and which a NaN propagates to)."""
+    grads = [_local(p.grad) for p in params if p.grad is not None]
+    if not grads:
+        return True
+    return bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=float("inf"))))
+
+
+def _nonfinite_grads(model: nn.Module) -> str:
+    """The parameters with a NaN/Inf gradient on this process, for the error."""
+    bad = [
+        n
+        for n, p in model.named_parameters()
+        if p.grad is not None and not bool(torch.isfinite(_local(p.grad)).all())
+    ]
+    if not bad:
+        return "on another process"
+    return "in " + ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")

@@ -181,6 +181,41 @@ def test_nan_loss_stops_with_clear_error_and_keeps_weights():
     assert torch.equal(model.weight, good)
 
 
+class NaNGradient(nn.Module):
+    """A finite loss whose gradient is NaN from step ``after`` on: sqrt at 0 has an infinite
+    derivative, times the zero in front of it."""
+
+    def __init__(self, after: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+        self.after = after
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        out = self.fc(x)
+        if self.calls > self.after:
+            w = self.fc.weight
+            out = out + 0 * torch.sqrt(w - w.detach()).sum()
+        return out
+
+
+def test_nan_gradient_with_a_finite_loss_stops_before_stepping_and_checkpointing(tmp_path):
+    torch.manual_seed(0)
+    model = NaNGradient(after=2)
+    data = [(torch.randn(2, 4), torch.tensor([0, 1]))] * 4
+    trainer = nnslim.Trainer(lr=0.1, options=nnslim.TrainOptions(verbose=False))
+    with pytest.raises(ValueError, match=r"a gradient is NaN or Inf at step 3 \(in fc.weight\)"):
+        trainer.fit(model, data, checkpoint_dir=tmp_path)
+    assert torch.isfinite(model.fc.weight).all()
+    # the last checkpoint holds the weights after step 2, all finite, and resumes
+    model.after = 10**9
+    model.calls = 0
+    result = trainer.fit(model, data, checkpoint_dir=tmp_path, resume=True)
+    assert result.steps == 4
+    assert torch.isfinite(model.fc.weight).all()
+
+
 def test_empty_loader_and_bad_options():
     with pytest.raises(ValueError, match="yielded no batch"):
         nnslim.Trainer(options=QUIET).fit(nn.Linear(2, 2), [])
