@@ -169,7 +169,7 @@ def enumerate_models(families: list[str]) -> list[str]:
     listed: dict[str, list[str]] = json.loads(cache.read_text()) if cache.exists() else {}
     finders = {"torchvision": torchvision_models, "hf": hf_models, "timm": timm_models}
     specs: list[str] = []
-    for fam in ("torchvision", "hf", "timm"):
+    for fam in ("hf", "timm", "torchvision"):
         if fam not in families:
             continue
         if not _has(fam):
@@ -345,8 +345,12 @@ def build(spec: str) -> tuple[Any, Any, str]:
 
             model = timm.create_model(name, pretrained=False).eval()
             cfg = getattr(model, "pretrained_cfg", {}) or {}
-            size = tuple(cfg.get("input_size", (3, 224, 224)))
-            cands = [torch.randn(1, *size, generator=torch.Generator().manual_seed(0))]
+            c, *hw = tuple(cfg.get("input_size", (3, 224, 224)))
+            g = torch.Generator().manual_seed(0)
+            cands = [
+                torch.randn(1, c, *_small(hw), generator=g),
+                torch.randn(1, c, *hw, generator=g),
+            ]
             group = "timm"
         elif family == "torchvision":
             import torchvision.models as tvm
@@ -358,11 +362,12 @@ def build(spec: str) -> tuple[Any, Any, str]:
                 cands = [([torch.rand(3, 128, 128, generator=g)],)]
             elif group == "video":
                 cands = [torch.randn(1, 3, 8, 112, 112, generator=g)]
+            elif group == "segmentation":
+                cands = [torch.randn(1, 3, 128, 128, generator=g)]
             else:
                 size = 299 if name.startswith("inception") else 224
-                if group == "segmentation":
-                    size = 128
-                cands = [torch.randn(1, 3, size, size, generator=g)]
+                small = _small([size, size])
+                cands = [torch.randn(1, 3, *small, generator=g), torch.randn(1, 3, size, size)]
         elif family == "hf":
             import transformers
             from transformers import CONFIG_MAPPING
@@ -392,6 +397,15 @@ def build(spec: str) -> tuple[Any, Any, str]:
     if params > MAX_PARAMS:
         raise ValueError(f"too large for the sweep ({params / 1e6:.0f} M parameters)")
     return model, _first_that_runs(model, cands), group
+
+
+#: vision models run at half their resolution where they accept it (a quarter of the time:
+#: the sweep measures whether transforms apply, not accuracy); fixed-size ones at their own
+SMALL = 0.5
+
+
+def _small(hw: list[int]) -> list[int]:
+    return [max(32, int(v * SMALL) // 32 * 32) for v in hw]
 
 
 def _first_that_runs(model: Any, cands: list[Any]) -> Any:
@@ -542,8 +556,11 @@ def run_model(spec: str, columns: list[str], compile_: bool) -> dict[str, Any]:
     row: dict[str, Any] = {"model": spec, "family": spec.split(":", 1)[0], "commit": _commit()}
     t0 = time.perf_counter()
     try:
-        model, _, group = build(spec)
+        model, x, group = build(spec)
         row.update(built=True, group=group, params=sum(p.numel() for p in model.parameters()))
+        row["inputs"] = {
+            k: list(v.shape) for k, v in as_inputs(x).kwargs.items() if torch.is_tensor(v)
+        } or [list(t.shape) for t in as_inputs(x).tensors()]
         del model
     except Exception as e:
         row.update(built=False, reason=_short(e))
