@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.distributed import rank_world
 from ..core.inputs import Inputs, as_inputs
 from ..core.modules import shared_parameters
 from ..core.report import Report
@@ -252,7 +253,7 @@ def compress_checkpoint(
     base = fingerprint(describe(model))  # not the states: they would keep every module alive
     blocks_path, blocks = _blocks(model)
     block_paths = [f"{blocks_path}.{i}" for i in range(len(blocks))]
-    rank, world = _rank_world()
+    rank, world = rank_world(backend="gloo")
     batches = [as_inputs(b) for b in calibration]
     if not batches:
         raise ValueError("compress_checkpoint: calibration yielded no batch.")
@@ -491,17 +492,6 @@ def _prefix_spec(spec: dict[str, Any], prefix: str) -> dict[str, Any]:
     if "tensors" in spec:
         spec["tensors"] = {k: _prefix_tie(v, prefix) for k, v in spec["tensors"].items()}
     return spec
-
-
-def _rank_world() -> tuple[int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group(backend="gloo")
-    return dist.get_rank(), dist.get_world_size()
 
 
 def _barrier(world: int) -> None:

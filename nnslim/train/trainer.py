@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.distributed import rank_world
 from ..core.inputs import as_inputs, first_tensor
 from ..core.validate import check_choice, check_fraction, check_int, check_type
 from ..io.save import _record_of
@@ -767,14 +768,8 @@ class _Distributed:
 
     @classmethod
     def setup(cls, model: nn.Module, strategy: str) -> _Distributed:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world <= 1:
-            return cls(0, 1, False, strategy)
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            dist.init_process_group(backend="gloo" if not torch.cuda.is_available() else "nccl")
-        return cls(dist.get_rank(), dist.get_world_size(), True, strategy)
+        rank, world = rank_world()
+        return cls(rank, world, world > 1, strategy)
 
     def wrap(self, model: nn.Module) -> nn.Module:
         if not self.enabled:

@@ -210,7 +210,7 @@ def test_fewer_batches_than_processes_is_refused(llama_ckpt, tmp_path, monkeypat
     from nnslim.large import stream
 
     _, src = llama_ckpt
-    monkeypatch.setattr(stream, "_rank_world", lambda: (0, 8))
+    monkeypatch.setattr(stream, "rank_world", lambda backend=None: (0, 8))
     with pytest.raises(ValueError, match="calibration batches for 8 processes"):
         nnslim.compress_checkpoint(
             src, tmp_path / "out", nnslim.Quantize(), calib(), progress=False

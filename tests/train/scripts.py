@@ -85,10 +85,5 @@ if __name__ == "__main__":
     if cmd == "resume":
         resume_main(sys.argv[2], sys.argv[3], int(sys.argv[4]), *sys.argv[5:])
     elif cmd in ("ddp", "fsdp"):
-        ddp_main(sys.argv[2], cmd)
-        import torch.distributed as dist
-
-        if dist.is_initialized():  # a clean teardown: gloo's threads aborted the exit once
-            dist.barrier()
-            dist.destroy_process_group()
+        ddp_main(sys.argv[2], cmd)  # nnslim ends the process group it started, at exit
     print(json.dumps({"ok": True}))
