@@ -7,6 +7,7 @@ base model, then loads the weights. Nothing is pickled.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
@@ -410,9 +411,12 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], aliases: dict[
             parts.append(f"shape differs: {wrong[:4]}")
         raise ValueError("load: the weights do not fit the rebuilt model; " + "; ".join(parts))
     meta_params = any(t.device.type == "meta" for t in expected.values())
-    full = dict(state)
+    full = collections.OrderedDict(state)
     for k, v in aliases.items():
         full.setdefault(k, state[v])
+    # the module versions a state_dict carries (torchvision's MNASNet refuses a state without
+    # one; BatchNorm reads it): the rebuilt model is of the classes that wrote the file
+    full._metadata = getattr(expected, "_metadata", None)  # type: ignore[attr-defined]
     model.load_state_dict(full, strict=True, assign=meta_params)
     if meta_params:
         rebuild_meta_buffers(model)

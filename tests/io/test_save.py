@@ -330,3 +330,18 @@ def test_a_hand_edit_after_a_transform_is_refused_by_save(tmp_path):
     with pytest.raises(ValueError, match="tensor 0.bias is gone"):
         nnslim.save(model, tmp_path / "n.safetensors")
     assert not (tmp_path / "n.safetensors").exists()
+
+
+def test_a_module_that_reads_its_state_version_loads(tmp_path):
+    """torchvision's MNASNet refuses a state_dict without the module versions state_dict()
+    carries (``_metadata``); the file's tensors get the rebuilt model's versions."""
+    from torchvision.models import mnasnet0_5
+
+    torch.manual_seed(0)
+    model = mnasnet0_5(weights=None).eval()
+    nnslim.Prune(ratio=0.3).apply(model, torch.randn(1, 3, 64, 64))
+    path = tmp_path / "m.safetensors"
+    nnslim.save(model, path)
+    loaded = nnslim.load(path, mnasnet0_5(weights=None))
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.equal(loaded.eval()(x), model(x))
