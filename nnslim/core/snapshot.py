@@ -144,9 +144,11 @@ class Snapshot:
                     tensors[id(t)] = _TensorState(t, copy_tensors or id(t) in state)
                     memo[id(t)] = t
         self._tensors = tensors
-        self._dicts: list[tuple[nn.Module, dict[str, Any]]] = []
+        self._dicts: list[tuple[nn.Module, dict[str, Any], set[str]]] = []
+        self._memo = dict(memo)  # modules and tensors: kept as themselves by every copy
         for m in modules:
             saved: dict[str, Any] = {}
+            copied: set[str] = set()
             for k, v in m.__dict__.items():
                 if isinstance(v, dict):
                     saved[k] = v.copy()
@@ -155,9 +157,10 @@ class Snapshot:
                 else:
                     try:
                         saved[k] = copy.deepcopy(v, memo)
+                        copied.add(k)
                     except Exception:
                         saved[k] = v
-            self._dicts.append((m, saved))
+            self._dicts.append((m, saved, copied))
 
     def restore(self) -> None:
         """Put every module, attribute, parameter and buffer back as it was.
@@ -166,12 +169,20 @@ class Snapshot:
             RuntimeError: if a tensor was modified in place and the snapshot holds no copy of it
                 (a transform declared ``_copy_on_snapshot = False`` but wrote in place).
         """
-        for m, saved in self._dicts:
+        # the model gets copies, the snapshot keeps its own: a transform that retries (Prune)
+        # restores the same snapshot again after its next attempt wrote into a config
+        memo = dict(self._memo)
+        for m, saved, copied in self._dicts:
             current = m.__dict__
             for k in [k for k in current if k not in saved]:
                 del current[k]
             for k, v in saved.items():
-                current[k] = v.copy() if isinstance(v, dict) else v
+                if isinstance(v, dict):
+                    current[k] = v.copy()
+                elif k in copied:
+                    current[k] = copy.deepcopy(v, memo)
+                else:
+                    current[k] = v
         for st in self._tensors.values():
             t = st.obj
             changed = (
@@ -186,7 +197,15 @@ class Snapshot:
                         "promised not to, so it cannot be restored; this is a bug in that "
                         "transform (set `_copy_on_snapshot = True` on it)."
                     )
-                t.data = st.clone
+                if st.alias.shape == st.clone.shape and st.alias.dtype == st.clone.dtype:
+                    # back into the original storage, and the snapshot's copy stays as it was
+                    # (a transform that retries restores the same snapshot more than once)
+                    with torch.no_grad():
+                        st.alias.copy_(st.clone)
+                    st.version = st.alias._version
+                    t.data = st.alias
+                else:
+                    t.data = st.clone.clone()
             elif (
                 t.data.untyped_storage().data_ptr() != st.alias.untyped_storage().data_ptr()
                 or t.shape != st.alias.shape

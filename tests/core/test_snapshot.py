@@ -112,3 +112,23 @@ def test_transforms_without_rollback_give_the_same_model_and_record(which):
     torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
     assert [w.numel() for w in originals] == [0, 0]  # released as they were replaced
     assert a.__dict__[RECORD_ATTR]["entries"] == b.__dict__[RECORD_ATTR]["entries"]
+
+
+def test_one_snapshot_restores_again_after_each_new_attempt():
+    """Prune retries and restores the same snapshot after every attempt: a config written in
+    place (Phi-4-multimodal's head counts) and a weight written in place on the second attempt
+    must come back as on the first (the restore used to hand the snapshot's own copies to the
+    model, so the second attempt wrote into them)."""
+    m = WithConfig()
+    m.child = WithConfig()
+    m.child.config = m.config  # one config shared by two modules stays shared
+    before = model_state(m)
+    snap = Snapshot(m, copy_tensors=True)
+    for attempt in range(3):
+        m.config.hidden = 100 + attempt
+        m.num_heads = 7
+        with torch.no_grad():
+            m.lin.weight.add_(1)
+        snap.restore()
+        assert m.config.hidden == 8 and m.child.config is m.config
+        _assert_same_state(before, model_state(m), f"after restore {attempt}")
