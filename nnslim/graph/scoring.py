@@ -60,6 +60,7 @@ class GroupScorer(tp.importance.Importance):
         self.stats = stats
         self.dg = dg
         self._cache: dict[int, torch.Tensor | None] = {}
+        self.last_group: Any = None
 
     def reset(self) -> None:
         """Forget cached element scores (call after the model changed)."""
@@ -83,6 +84,7 @@ class GroupScorer(tp.importance.Importance):
 
     @torch.no_grad()
     def __call__(self, group: Any) -> torch.Tensor | None:
+        self.last_group = group  # the group torch-pruning is working on (to name it on error)
         parts: list[torch.Tensor] = []
         roots: list[list[int]] = []
         for i, (dep, idxs) in enumerate(group):

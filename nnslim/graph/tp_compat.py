@@ -56,11 +56,13 @@ class TraceError(RuntimeError):
 
 class GroupTooLarge(TraceError):
     """One pruning group grew past the bound (a cycle torch-pruning's index mapping cannot
-    close); ``members`` holds the ids of the modules it had reached."""
+    close); ``members`` holds the ids of the modules it had reached, ``root`` the module it was
+    built from."""
 
-    def __init__(self, message: str, members: set[int]) -> None:
+    def __init__(self, message: str, members: set[int], root: Any = None) -> None:
         super().__init__(message)
         self.members = members
+        self.root = root  # the module the group was built from
 
 
 def conv1d_type() -> type | None:
@@ -199,6 +201,7 @@ def torch_pruning_fixes(max_group: int | None = None) -> Iterator[None]:
                         f"torch-pruning's index mapping cannot close. Exclude that module "
                         f"(exclude=[...]) or report the model.",
                         {id(d.dep.target.module) for d in self._group},
+                        root.module,
                     )
                 orig_add(self, dep, idxs)
 

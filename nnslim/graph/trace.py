@@ -309,9 +309,40 @@ def build_dependency(
             output_transform=output_transform,
             customized_pruners=customized_pruners(),
             unwrapped_parameters=unwrapped_parameters,
+            ignored_layers=_not_tensor_layers(model, inputs),
             verbose=False,
         )
     return dg, [t.grad_fn for t in outputs]
+
+
+def _not_tensor_layers(model: nn.Module, inputs: Inputs) -> list[nn.Module]:
+    """Subclasses of ``nn.Linear``/``nn.Conv*`` whose own forward returns something other than
+    a tensor (a mixture-of-experts router returning ``(logits, weights, experts)``: PhiMoE,
+    Llama 4). torch-pruning reads ``.shape`` off a layer's output while tracing; these stay out
+    of its graph (their weights are not pruned). Costs one forward, only when such a subclass
+    is present."""
+    bases = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    suspects = [
+        m
+        for m in model.modules()
+        if isinstance(m, bases) and type(m).forward not in {b.forward for b in bases}
+    ]
+    if not suspects:
+        return []
+    found: list[nn.Module] = []
+
+    def hook(m: nn.Module, _: Any, out: Any) -> None:
+        if not isinstance(out, torch.Tensor) and m not in found:
+            found.append(m)
+
+    handles = [m.register_forward_hook(hook) for m in suspects]
+    try:
+        with preserved_state(model), torch.no_grad():
+            _call(model, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return found
 
 
 def _call(model: nn.Module, inputs: Inputs) -> Any:

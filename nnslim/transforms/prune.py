@@ -25,7 +25,7 @@ from ..core.validate import all_finite, check_choice, check_fraction, check_int,
 from ..graph.attention import AttentionSpec, back_to_torch, find_attention, to_head_prunable
 from ..graph.fused_mlp import find_fused_mlps
 from ..graph.scoring import GroupScorer
-from ..graph.tp_compat import guard, torch_pruning_fixes
+from ..graph.tp_compat import GroupTooLarge, TraceError, guard, torch_pruning_fixes
 from ..graph.trace import MAX_GROUP as MAX_GROUP_DEFAULT
 from ..graph.trace import TIME_LIMIT_S, Graph, _call, preserve_modes, root_types, trace
 from ..modules.masks import MASK_NAME
@@ -171,17 +171,43 @@ class Prune(Transform):
             trial = Report(report.transform, report.config)
             widened: list[str] = []  # output projections pruned as the hidden width
             tie: _TieSplit | None = None
+            group_failed: _GroupFailed | None = None
             try:
                 self._prune_channels(model, ctx, trial, inputs, kept, residual, widened)
                 failed = failing_module(model, inputs)
+            except _NothingToPrune:
+                snap.restore()
+                report.notes.extend(notes)
+                report.skips.extend(trial.skips)
+                return
             except _ForwardFailed as e:  # a trial of the target search
                 failed = (e.where, e.error)
             except _TieSplit as e:  # a group reaches one of the modules sharing a weight
                 failed, tie = None, e
+            except _GroupFailed as e:  # torch-pruning could not shrink one group
+                if widened:  # first keep the hidden width (below), then the group
+                    failed = ("torch-pruning", e.error)
+                else:
+                    failed = None
+                    group_failed = e
             except Exception as e:  # e.g. torch-pruning on a weight-normed convolution
                 if not widened:
                     raise
                 failed = ("torch-pruning", f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
+            if group_failed is not None:
+                gf = group_failed
+                snap.restore()
+                attempt += 1
+                same = [q for r in gf.roots for q in _same_place(model, r) if q not in kept]
+                if attempt > 2 * _RETRIES or not same:
+                    raise RuntimeError(
+                        f"Prune: torch-pruning failed on the channel group rooted at "
+                        f"{', '.join(gf.roots) or 'an unnamed layer'} ({gf.error}). The model "
+                        f"was restored. Exclude that module (exclude=[...]) or report the model."
+                    ) from gf
+                for p in same:  # the same layer in every block like it fails the same way
+                    kept[p] = f"torch-pruning cannot shrink its channel group ({gf.error})"
+                continue
             if failed is None and tie is None:
                 break
             snap.restore()
@@ -214,9 +240,16 @@ class Prune(Transform):
             if not layers and where:
                 # a norm or an activation with no layers of its own, whose input width no longer
                 # matches (the graph missed a link): the channel groups that reached it stay
-                layers = _group_roots(
-                    model, inputs, _same_place(model, where), kept, self.time_limit, False
-                )
+                places = _same_place(model, where)
+                # and what they hold (XLNet's attention: einsum over its own 3-D parameters,
+                # whose only traced member is its LayerNorm)
+                places += [
+                    f"{q}.{c}"
+                    for q in places
+                    for c, _ in model.get_submodule(q).named_modules()
+                    if c
+                ]
+                layers = _group_roots(model, inputs, places, kept, self.time_limit, False)
                 why = (
                     f"its channel group reaches a {cls} at the place of {where} (the same in "
                     f"every {type(model.get_submodule(where.rpartition('.')[0])).__name__}), "
@@ -399,6 +432,8 @@ class Prune(Transform):
         for key in unit_keys:
             if key not in chosen:
                 report.skipped(key, "not selected" if self.select is not None else "excluded")
+        if not chosen and self.select is None and not self.exclude:
+            raise _NothingToPrune  # every candidate is skipped with its reason: a no-op, said
         if not chosen:
             raise ValueError(
                 "Prune: no layer left to prune after select/exclude; every candidate produces "
@@ -510,6 +545,8 @@ class Prune(Transform):
                     report.skipped(
                         p, f"input width {row} is not a multiple of {nm[1]} ({self.structure})"
                     )
+        if not chosen and self.select is None and not self.exclude:
+            raise _NothingToPrune  # every candidate is skipped with its reason: a no-op, said
         if not chosen:
             raise ValueError("Prune: no layer left to sparsify after select/exclude.")
         _check_finite_weights(model, list(chosen))
@@ -616,6 +653,75 @@ class _Plan:
 _RETRIES = 3
 
 
+class _NothingToPrune(Exception):
+    """The plan left every candidate alone (each skip carries its reason)."""
+
+
+class _GroupFailed(Exception):
+    """torch-pruning raised while scoring or pruning the group rooted at ``roots``."""
+
+    def __init__(self, roots: list[str], error: str) -> None:
+        super().__init__(f"{', '.join(roots)}: {error}")
+        self.roots, self.error = roots, error
+
+
+def _too_large_is_a_group_failure(named: dict[str, nn.Module]) -> Any:
+    """Wrap a call so that a group torch-pruning builds without bound from a root the plan
+    reached only through another group (timm's ReXNet) is a :class:`_GroupFailed` of that
+    root, which Prune keeps, instead of a failure of the model."""
+    paths = {id(m): p for p, m in named.items()}
+
+    def wrap(fn: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except GroupTooLarge as e:
+                if id(e.root) not in paths:
+                    raise
+                raise _GroupFailed(
+                    [paths[id(e.root)]], f"its group grows past {MAX_GROUP_DEFAULT} layers"
+                ) from e
+
+        return call
+
+    return wrap
+
+
+def _step(pruner: Any, scorer: GroupScorer, named: dict[str, nn.Module]) -> None:
+    """One pruning step, group by group; an error from inside torch-pruning (a layer its
+    pruning function cannot shrink, a grouped layer whose importance does not divide)
+    becomes :class:`_GroupFailed` naming the group's root, so Prune keeps that group and
+    retries instead of failing the model."""
+    paths = {id(m): p for p, m in named.items()}
+
+    def roots(group: Any) -> list[str]:
+        if group is None or not len(group):
+            return []
+        m = group[0].dep.target.module
+        return [paths[id(m)]] if id(m) in paths else []
+
+    def failed(group: Any, e: Exception) -> _GroupFailed:
+        first = str(e).splitlines()[0][:160] if str(e) else ""
+        return _GroupFailed(roots(group), f"{type(e).__name__}: {first}")
+
+    groups = _too_large_is_a_group_failure(named)(pruner.step)(interactive=True)
+    while True:
+        try:
+            group = _too_large_is_a_group_failure(named)(next)(groups)
+        except StopIteration:
+            return
+        except TraceError:
+            raise
+        except Exception as e:
+            raise failed(scorer.last_group, e) from e
+        try:
+            group.prune()
+        except TraceError:
+            raise
+        except Exception as e:
+            raise failed(group, e) from e
+
+
 class _ForwardFailed(Exception):
     """A pruned trial copy whose forward failed inside ``where``."""
 
@@ -694,7 +800,7 @@ def _prune_model(
             guard(graph.time_limit, "pruning channels", where),
         ):
             warnings.simplefilter("ignore")
-            pruner = tp.pruner.MetaPruner(
+            pruner = _too_large_is_a_group_failure(named)(tp.pruner.MetaPruner)(
                 model,
                 example_inputs=inputs.as_tuple(),
                 importance=scorer,
@@ -710,7 +816,7 @@ def _prune_model(
             )
             for _ in range(cfg.steps):
                 scorer.reset()
-                pruner.step()
+                _step(pruner, scorer, named)
     _retie(model, ties)
     _sync_shape_attrs(model, sizes)
     if plan.channels:
@@ -848,11 +954,16 @@ def _follow_input_widths(
         and not any(p is not None for p in m._parameters.values())
         and isinstance(m.__dict__.get("normalized_shape"), (tuple, list, torch.Size, int))
     ]
-    if not norms:
+    blurs = [m for m, vec in sizes.values() if not vec and _replicated_filter(m) is not None]
+    if not norms and not blurs:
         return
 
     def pre(m: nn.Module, args: tuple[Any, ...]) -> None:
         x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if "normalized_shape" not in m.__dict__:
+            if x is not None and x.dim() >= 2:
+                widths[m] = int(x.shape[1])  # set after the forward: its state is restored
+            return
         ns = m.__dict__["normalized_shape"]
         shape = (ns,) if isinstance(ns, int) else tuple(ns)
         if x is None or x.dim() < len(shape) or tuple(x.shape[-len(shape) :]) == shape:
@@ -866,15 +977,62 @@ def _follow_input_widths(
             else:
                 m.__dict__["normalized_shape"] = type(ns)(got)
 
-    handles = [m.register_forward_pre_hook(pre) for m in norms]
+    widths: dict[nn.Module, int] = {}
+    handles = [m.register_forward_pre_hook(pre) for m in [*norms, *blurs]]
     try:
-        with torch.no_grad(), preserved_state(model):
-            _call(model, inputs)
-    except Exception:
-        pass  # the forward check after pruning names what still fails
+        for _ in range(1 + len(blurs)):  # a filter left wide stops the forward at itself
+            try:
+                with torch.no_grad(), preserved_state(model):
+                    _call(model, inputs)
+            except Exception:
+                pass  # the forward check after pruning names what still fails
+            moved = {m: c for m, c in widths.items() if _narrow_replicated_filter(m, c)}
+            widths.clear()
+            if not moved:
+                break
     finally:
         for h in handles:
             h.remove()
+
+
+def _replicated_filter(m: nn.Module) -> str | None:
+    """The buffer of a parameter-free depthwise filter module: one fixed ``[C, 1, k, k]``
+    kernel repeated for each of ``C`` channels, with ``C`` stored in an int attribute (timm's
+    ``BlurPool2d`` anti-aliasing in TResNet and the ``aa`` ResNets)."""
+    if any(p is not None for p in m._parameters.values()) or len(m._buffers) != 1:
+        return None
+    ((name, buf),) = m._buffers.items()
+    if not isinstance(buf, torch.Tensor) or buf.dim() < 3 or buf.shape[1] != 1 or buf.shape[0] < 2:
+        return None
+    c = int(buf.shape[0])
+    if not any(
+        v == c and not isinstance(v, bool) for v in m.__dict__.values() if isinstance(v, int)
+    ):
+        return None
+    if not bool((buf == buf[:1]).all()):
+        return None
+    return name
+
+
+def _narrow_replicated_filter(m: nn.Module, channels: int) -> bool:
+    """Give a replicated depthwise filter (see :func:`_replicated_filter`) the width its input
+    now has: the kernel is the same for every channel, so the result is exact. ``True`` when
+    it changed."""
+    name = _replicated_filter(m)
+    if name is None:
+        return False
+    buf = m._buffers[name]
+    was = int(buf.shape[0])
+    if channels == was or channels < 1:
+        return False
+    m._buffers[name] = buf[:1].expand(channels, *buf.shape[1:]).clone()
+    # saved with the weights from now on: a reshaped buffer that is not in the state_dict would
+    # be rebuilt by nnslim.load without its values
+    m._non_persistent_buffers_set.discard(name)
+    for attr, v in list(m.__dict__.items()):
+        if isinstance(v, int) and not isinstance(v, bool) and v == was and not attr.startswith("_"):
+            m.__dict__[attr] = channels
+    return True
 
 
 def _ties(model: nn.Module) -> list[list[tuple[nn.Module, str, str]]]:

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from hypothesis import given
@@ -165,10 +167,24 @@ def test_needs_example_inputs(cnn):
         nnslim.Prune(ratio=0.5).apply(cnn)
 
 
-def test_only_output_layers_selected_is_an_error():
+def test_a_model_with_only_output_layers_is_a_no_op_that_says_why():
+    """Nothing to prune without select/exclude: the model is left as it was and the report
+    says why (the way Quantize skips a layer it cannot take), not an error aborting a Compose."""
     m = nn.Sequential(nn.Linear(4, 3))
-    with pytest.raises(ValueError, match="no layer left to prune"):
-        nnslim.Prune(ratio=0.5).apply(m, torch.randn(1, 4))
+    before = model_state(m)
+    report = nnslim.Prune(ratio=0.5).apply(m, torch.randn(1, 4))
+    assert not report.all_changes()
+    assert [(s.path, s.reason) for s in report.skips] == [
+        ("0", "produces the model output (its channels are the output's)")
+    ]
+    assert any("Prune changed nothing" in n for n in report.notes)
+    _assert_same_state(before, model_state(m), "after a no-op")
+
+
+def test_select_or_exclude_that_leaves_nothing_is_an_error():
+    m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    with pytest.raises(ValueError, match="no layer left to prune after select/exclude"):
+        nnslim.Prune(ratio=0.5, exclude=["0"]).apply(m, torch.randn(1, 4))
 
 
 def test_untraceable_forward_is_clear():
@@ -188,3 +204,113 @@ def test_iterative_steps_reach_the_same_sizes():
         == (16, 16)
     )
     assert report.after.params == nnslim.profile(a, x).params
+
+
+class _NoBiasGroupNorm(nn.GroupNorm):
+    """A GroupNorm with a scale and no shift (timm's PoolFormerV2 norms): torch-pruning 1.6
+    prunes ``bias`` unconditionally and raises on the ``None``."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(1, channels)
+        self.bias = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.group_norm(x, 1, self.weight, None, self.eps)
+
+
+def test_a_group_torch_pruning_cannot_shrink_is_kept_and_the_rest_pruned():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        _NoBiasGroupNorm(16),
+        nn.Conv2d(16, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 8, 1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    ).eval()
+    x = torch.randn(2, 3, 8, 8)
+    report = nnslim.Prune(ratio=0.5).apply(model, x)
+    reasons = {s.path: s.reason for s in report.skips}
+    assert reasons["0"].startswith("torch-pruning cannot shrink its channel group (AttributeError")
+    assert model[0].out_channels == 16 and model[1].weight.shape == (16,)
+    assert model[2].out_channels == 8  # the next group was pruned
+    assert model(x).shape == (2, 4)
+
+
+def test_a_linear_subclass_returning_a_tuple_stays_out_of_the_graph():
+    """A mixture-of-experts router that subclasses nn.Linear and returns (logits, weights)
+    (PhiMoE, Llama 4): torch-pruning read ``.shape`` off its output and failed the model."""
+
+    class Router(nn.Linear):
+        def forward(self, x):
+            logits = super().forward(x)
+            return logits, logits.softmax(-1)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.down, self.router = nn.Linear(8, 32), nn.Linear(32, 8), Router(8, 2)
+
+        def forward(self, x):
+            _, w = self.router(x)
+            return self.down(torch.relu(self.up(x))) * w[..., :1]
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    x = torch.randn(3, 8)
+    report = nnslim.Prune(ratio=0.5).apply(model, x)
+    assert model.up.out_features == 16 and model.down.in_features == 16
+    assert model.router.weight.shape == (2, 8)
+    assert {c.path for c in report.changes} == {"up", "down"}
+    assert model(x).shape == (3, 8)
+
+
+class _Blur(nn.Module):
+    """timm's BlurPool2d: one fixed kernel repeated per channel, the count in ``channels``."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.channels = channels
+        k = torch.tensor([1.0, 2.0, 1.0])
+        filt = (k[:, None] * k[None, :] / 16).expand(channels, 1, 3, 3).clone()
+        self.register_buffer("filt", filt, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.conv2d(x, self.filt, stride=2, padding=1, groups=self.channels)
+
+
+def test_an_anti_aliasing_filter_follows_the_pruned_width_exactly(tmp_path):
+    """TResNet and the timm ``aa`` ResNets blur with a fixed per-channel kernel: the filter and
+    its channel count follow the width (the kernel is the same for every channel: exact)."""
+    torch.manual_seed(0)
+
+    def make():
+        return nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1),
+            nn.ReLU(),
+            _Blur(16),
+            nn.Conv2d(16, 16, 3, padding=1),
+            nn.ReLU(),
+            _Blur(16),
+            nn.Conv2d(16, 8, 1),
+        ).eval()
+
+    model = make()
+    x = torch.randn(2, 3, 16, 16)
+    ref = copy.deepcopy(model)
+    nnslim.Prune(ratio=0.5).apply(model, x)
+    assert model[2].channels == 8 and model[2].filt.shape == (8, 1, 3, 3)
+    assert model[5].channels == 8 and model[5].filt.shape == (8, 1, 3, 3)
+    # the blur of a kept channel is unchanged: rebuild by hand from the kept rows of conv 0
+    keep = [
+        i
+        for i in range(16)
+        if any(torch.equal(model[0].weight[j], ref[0].weight[i]) for j in range(8))
+    ]
+    assert len(keep) == 8
+    blurred = ref[2](ref[1](ref[0](x)))[:, keep]
+    assert torch.allclose(model[2](model[1](model[0](x))), blurred, atol=1e-6)
+    nnslim.save(model, tmp_path / "m.safetensors")
+    assert torch.equal(nnslim.load(tmp_path / "m.safetensors", make())(x), model(x))
