@@ -355,8 +355,10 @@ def build(spec: str) -> tuple[Any, Any, str]:
         elif family == "torchvision":
             import torchvision.models as tvm
 
-            model = tvm.get_model(name, weights=None).eval()
             group = _torchvision_group(name)
+            # detectors and segmenters would download an ImageNet backbone by default
+            extra = {"weights_backbone": None} if group in ("detection", "segmentation") else {}
+            model = tvm.get_model(name, weights=None, **extra).eval()
             g = torch.Generator().manual_seed(0)
             if group == "detection":
                 cands = [([torch.rand(3, 128, 128, generator=g)],)]
@@ -460,8 +462,18 @@ def _raised_in_nnslim(e: BaseException) -> bool:
 
 
 # -- one model ---------------------------------------------------------------------------------
+def _same_shape(out: list[torch.Tensor], ref: list[torch.Tensor], group: str) -> bool:
+    """Whether the outputs keep their shapes; a detector's box count depends on its scores,
+    so detection outputs keep their per-box shape (``[N, 4]`` boxes stay ``[M, 4]``)."""
+    if len(out) != len(ref):
+        return False
+    if group == "detection":
+        return all(a.shape[1:] == b.shape[1:] for a, b in zip(out, ref))
+    return all(a.shape == b.shape for a, b in zip(out, ref))
+
+
 def run_cell(spec: str, column: str, compile_: bool) -> dict[str, Any]:
-    model, x, _ = build(spec)
+    model, x, group = build(spec)
     with torch.no_grad():
         ref = _main_tensors(_call(model, x))
     cell: dict[str, Any] = {}
@@ -489,10 +501,10 @@ def run_cell(spec: str, column: str, compile_: bool) -> dict[str, Any]:
     except Exception as e:
         cell.update(status="failed", error="forward after: " + _short(e), nnslim_error=False)
         return cell
-    same_shape = len(out) == len(ref) and all(a.shape == b.shape for a, b in zip(out, ref))
+    same_shape = _same_shape(out, ref, group)
     finite = all(bool(torch.isfinite(t).all()) for t in out)
     cell.update(same_shape=same_shape, finite=finite)
-    if same_shape and ref:
+    if same_shape and ref and out[0].shape == ref[0].shape:
         a, b = out[0].double(), ref[0].double()
         cell["rel_error"] = float((a - b).norm() / b.norm().clamp_min(1e-12))
     before, after = _first_last_profiles(report)
