@@ -8,8 +8,9 @@ Models:
 * transformers: every architecture in the auto mappings for causal LM, seq2seq LM, sequence
   classification, masked LM, CTC, speech seq2seq, image classification and vision-text, built
   from the architecture's own config class with sizes shrunk (hidden 64, 2 layers, 4 heads,
-  2 KV heads where it has them, a 512-token vocabulary where the model runs with one, so the
-  LM head's share of the MACs stays near a real model's: see ``VOCAB``).
+  2 KV heads where it has them, MLP width 256 = 4 x hidden as in GPT-2, BERT, T5 and ViT, a
+  512-token vocabulary where the model runs with one, so the LM head's share of the MACs stays
+  near a real model's: see ``VOCAB``).
 
 Every model is built with random weights (``weights=None``, ``pretrained=False``, configs), never
 downloaded. For each model and each transform (``Prune(ratio=0.3)``, ``Prune(macs=0.5)``,
@@ -210,7 +211,7 @@ _SHRINK = {
         "encoder_attention_heads",
         "decoder_attention_heads",
     ),
-    128: (
+    256: (  # 4 x hidden: GPT-2's, BERT's, T5's, BLOOM's and ViT's ratio (Llama's is 2.7 gated)
         "intermediate_size",
         "ffn_dim",
         "encoder_ffn_dim",
