@@ -229,6 +229,13 @@ class AttentionSpec:
                 m._parameters[name] = new
         if self.extra.get("swin"):
             self._prune_swin(model, remove)
+        else:  # one value per query head on the module itself (gpt-oss's attention sinks)
+            kept = torch.tensor([h for h in range(self.heads) if h not in set(remove)])
+            for name, t in list(self.module._parameters.items()):
+                if t is not None and t.dim() == 1 and t.shape[0] == self.heads:
+                    new = nn.Parameter(t.data.index_select(0, kept.to(t.device)).clone())
+                    new.requires_grad_(t.requires_grad)
+                    self.module._parameters[name] = new
         new_heads = self.heads - len(remove)
         new_kv = new_heads if mha else self.kv_heads
         self._update_attrs(new_heads, new_kv)

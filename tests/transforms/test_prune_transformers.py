@@ -504,3 +504,40 @@ def test_heads_listed_per_stage_in_the_config_get_a_note_not_a_crash():
     assert report.after.macs < 0.8 * report.before.macs
     with torch.no_grad():
         assert model(x).logits.shape == (1, 3)
+
+
+def test_attention_sinks_follow_the_pruned_heads_exactly():
+    """gpt-oss (and the sliding-window Granite variants) keep one learned sink logit per query
+    head on the attention module: it loses the pruned heads' entries, so the kept heads keep
+    their own sinks and the output is the original's with the removed heads' columns zeroed."""
+    cfg = tf.GptOssConfig(
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_local_experts=2,
+        num_experts_per_tok=1,
+        vocab_size=128,
+        layer_types=["sliding_attention", "full_attention"],
+    )
+    torch.manual_seed(0)
+    model = tf.GptOssForCausalLM(cfg).eval()
+    for layer in model.model.layers:
+        a = layer.self_attn
+        with torch.no_grad():
+            a.sinks.copy_(torch.tensor([0.5, -1.0, 2.0, 1.5]))
+            for h in (1, 3):  # one query head per key/value group, nothing reaches the output
+                a.q_proj.weight[h * 16 : (h + 1) * 16] = 0
+                a.o_proj.weight[:, h * 16 : (h + 1) * 16] = 0
+    x = {"input_ids": torch.randint(0, 128, (1, 12))}
+    with torch.no_grad():
+        ref = model(**x).logits
+    select = {f"model.layers.{i}.self_attn.q_proj": 0.5 for i in range(2)}
+    nnslim.Prune(select=select).apply(model, x)
+    for layer in model.model.layers:
+        assert layer.self_attn.q_proj.out_features == 32
+        assert layer.self_attn.sinks.tolist() == [0.5, 2.0]
+    with torch.no_grad():
+        assert torch.allclose(model(**x).logits, ref, atol=1e-5)
