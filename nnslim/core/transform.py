@@ -226,7 +226,6 @@ class Transform(Config, abc.ABC):
                 )
         return report
 
-
     def _forward_failed(
         self, model: nn.Module, inputs: Inputs, report: Report, e: Exception
     ) -> RuntimeError:

@@ -33,7 +33,7 @@ __all__ = ["AttentionSpec", "find_attention"]
 _Q = ("q_proj", "query", "q", "wq", "q_lin")
 _K = ("k_proj", "key", "k", "wk", "k_lin")
 _V = ("v_proj", "value", "v", "wv", "v_lin")
-_O = ("o_proj", "out_proj", "dense", "wo", "out_lin", "c_proj")
+_O = ("o_proj", "out_proj", "dense", "wo", "out_lin", "c_proj", "o")
 _HEADS = ("num_heads", "num_attention_heads", "n_heads", "n_head")
 _KV_HEADS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
 _HEAD_DIM = ("head_dim", "attention_head_size", "head_size")
@@ -231,6 +231,13 @@ class AttentionSpec:
             self._prune_swin(model, remove)
         else:  # one value per query head on the module itself (gpt-oss's attention sinks)
             kept = torch.tensor([h for h in range(self.heads) if h not in set(remove)])
+            if self.extra.get("bias_table"):
+                table = model.get_submodule(self.extra["bias_table"])
+                w = table.weight
+                new_w = nn.Parameter(w.data.index_select(1, kept.to(w.device)).clone())
+                new_w.requires_grad_(w.requires_grad)
+                table._parameters["weight"] = new_w
+                table.embedding_dim = int(kept.numel())
             for name, t in list(self.module._parameters.items()):
                 if t is not None and t.dim() == 1 and t.shape[0] == self.heads:
                     new = nn.Parameter(t.data.index_select(0, kept.to(t.device)).clone())
@@ -330,6 +337,24 @@ def _kept_reason(m: nn.Module) -> str | None:
             "norm spans the heads"
         )
     return None
+
+
+def _relative_bias(spec: AttentionSpec, m: nn.Module, path: str, join: Any) -> None:
+    """T5's relative position bias: an ``nn.Embedding(buckets, heads)`` in the first layer of
+    each stack, whose ``[1, heads, q, k]`` output the first layer hands to every later one
+    (cross-attention hands on zeros of its head count). The heads of one role in one stack are
+    tied: the same heads leave every layer (``extra["tie"]``) and the table's columns."""
+    if not isinstance(m.__dict__.get("has_relative_attention_bias"), bool):
+        return
+    table = m._modules.get("relative_attention_bias")
+    if isinstance(table, nn.Embedding):
+        if table.embedding_dim != spec.heads:
+            return
+        spec.extra["bias_table"] = join("relative_attention_bias")
+    parts = path.split(".")
+    cut = next((i for i, part in enumerate(parts) if part.isdigit()), None)
+    if cut is not None:  # encoder.block.<i>.layer.0.SelfAttention -> (encoder.block, layer.0.S..)
+        spec.extra["tie"] = (".".join(parts[:cut]), ".".join(parts[cut + 1 :]))
 
 
 def _fused_spec(path: str, m: nn.Module, join: Any) -> AttentionSpec | None:
@@ -432,6 +457,7 @@ def find_attention(model: nn.Module) -> list[AttentionSpec]:
                 path, m, o_path, heads, kv, hd, q=join(q[0]), k=join(k[0]), v=join(v[0])
             )
             taken = {q[0], k[0], v[0], o[0] if o else None}
+            _relative_bias(spec, m, path, join)
             spec.extra["per_channel"] = [
                 join(n)
                 for n, c in m._modules.items()

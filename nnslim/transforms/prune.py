@@ -417,6 +417,21 @@ class Prune(Transform):
         for p in list(chosen):
             if p in outputs and p not in explicit:
                 del chosen[p]
+        tie_skipped: set[str] = set()
+        ties: dict[Any, list[str]] = {}
+        for key, spec in head_keys.items():
+            if spec.extra.get("tie") is not None:
+                ties.setdefault(spec.extra["tie"], []).append(key)
+        for tied in ties.values():  # T5: one position bias indexes the heads of every layer
+            if any(k in chosen for k in tied) and not all(k in chosen for k in tied):
+                for k in tied:
+                    if chosen.pop(k, "absent") != "absent":
+                        tie_skipped.add(k)
+                        report.skipped(
+                            head_keys[k].path,
+                            "its heads index one position bias with "
+                            f"{len(tied) - 1} other attention layers, not all of them selected",
+                        )
         for p in channel_roots:
             if p in outputs and p not in chosen:
                 report.skipped(p, "produces the model output (its channels are the output's)")
@@ -425,7 +440,7 @@ class Prune(Transform):
         for p, reason in unknown.items():
             report.skipped(p, reason)
         for key, spec in head_keys.items():
-            if key not in chosen:
+            if key not in chosen and key not in tie_skipped:
                 report.skipped(
                     spec.path, "attention not selected" if self.select is not None else "excluded"
                 )
@@ -824,20 +839,28 @@ def _prune_model(
     if plan.heads:
         sizes = _vector_sizes(model)
         specs = {s.path: s for s in find_attention(model)}
+        done: set[str] = set()
         for path, value in plan.heads.items():
             spec = specs.get(path)
-            if spec is None:
+            if spec is None or path in done:
                 continue
+            # heads tied across layers (T5's shared position bias) are chosen once, together
+            tie = spec.extra.get("tie")
+            members = [s for s in specs.values() if tie is not None and s.extra.get("tie") == tie]
+            members = members or [spec]
+            done.update(s.path for s in members)
             r = value if value is not None else ratio
             n = spec.removable(r)
             if n <= 0:
                 continue
             scorer_ = GroupScorer(imp, by_id, None)
-            remove = spec.choose(spec.head_scores(model, scorer_.element_scores), n)
-            spec.prune_heads(model, remove)
-            for s in plan.attention:
-                if s.path == path:
-                    s.heads, s.kv_heads = spec.heads, spec.kv_heads
+            scores = sum(s.head_scores(model, scorer_.element_scores) for s in members)
+            remove = spec.choose(scores, n)
+            for member in members:
+                member.prune_heads(model, remove)
+                for s in plan.attention:
+                    if s.path == member.path:
+                        s.heads, s.kv_heads = member.heads, member.kv_heads
         _sync_config_heads(list(specs.values()))
         _sync_shape_attrs(model, sizes)  # norms over the concatenated heads
     if plan.units:

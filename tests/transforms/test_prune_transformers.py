@@ -541,3 +541,75 @@ def test_attention_sinks_follow_the_pruned_heads_exactly():
         assert layer.self_attn.sinks.tolist() == [0.5, 2.0]
     with torch.no_grad():
         assert torch.allclose(model(**x).logits, ref, atol=1e-5)
+
+
+def _t5():
+    cfg = tf.T5Config(
+        vocab_size=128,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        decoder_start_token_id=0,
+    )
+    torch.manual_seed(0)
+    return tf.T5ForConditionalGeneration(cfg).eval()
+
+
+def test_t5_heads_leave_every_layer_of_a_stack_and_the_position_bias_exactly(tmp_path):
+    """T5's first layer builds one ``[1, heads, q, k]`` position bias that every later layer of
+    its stack adds (cross-attention: zeros of its head count): the same heads leave every
+    layer of a stack and the bias table's columns; the output is the original's."""
+    model = _t5()
+    attns = [m for n, m in model.named_modules() if type(m).__name__ == "T5Attention"]
+    assert len(attns) == 6  # 2 encoder self, 2 decoder self, 2 decoder cross
+    with torch.no_grad():
+        for a in attns:
+            for lin in (a.q, a.k, a.v):
+                lin.weight[8:16] = 0  # head 1 contributes nothing anywhere
+            a.o.weight[:, 8:16] = 0
+        # the second encoder layer alone would rather drop head 2 (small but not silent) and
+        # keep head 1 (large q/k/v, silent output): the stack's choice is made once, together
+        a = model.encoder.block[1].layer[0].SelfAttention
+        for lin in (a.q, a.k, a.v):
+            lin.weight[8:16] = lin.weight[0:8]
+        for lin in (a.q, a.k, a.v):
+            lin.weight[16:24] *= 0.05
+        a.o.weight[:, 16:24] *= 0.05
+    x = {
+        "input_ids": torch.randint(0, 128, (1, 10)),
+        "decoder_input_ids": torch.randint(0, 128, (1, 6)),
+    }
+    with torch.no_grad():
+        ref = model(**x).logits
+    select = {n + ".q": 0.25 for n, m in model.named_modules() if type(m).__name__ == "T5Attention"}
+    nnslim.Prune(select=select).apply(model, x)
+    for a in attns:
+        assert a.n_heads == 3 and a.q.out_features == 24 and a.o.in_features == 24
+    enc_bias = model.encoder.block[0].layer[0].SelfAttention.relative_attention_bias
+    assert enc_bias.weight.shape == (8, 3)
+    with torch.no_grad():
+        assert torch.allclose(model(**x).logits, ref, atol=1e-5)
+    nnslim.save(model, tmp_path / "t5.safetensors")
+    loaded = nnslim.load(tmp_path / "t5.safetensors", _t5())
+    with torch.no_grad():
+        assert torch.equal(loaded(**x).logits, model(**x).logits)
+
+
+def test_t5_heads_of_a_stack_selected_in_part_are_kept_with_the_reason():
+    model = _t5()
+    x = {"input_ids": torch.randint(0, 128, (1, 10)), "decoder_input_ids": torch.zeros(1, 4).long()}
+    select = {
+        "encoder.block.0.layer.0.SelfAttention.q": 0.5,
+        "encoder.block.0.layer.1.DenseReluDense.wi": 0.5,
+    }
+    report = nnslim.Prune(select=select).apply(model, x)
+    assert model.encoder.block[0].layer[0].SelfAttention.n_heads == 4
+    assert model.encoder.block[0].layer[1].DenseReluDense.wi.out_features == 32
+    reasons = {s.path: s.reason for s in report.skips}
+    assert reasons["encoder.block.0.layer.0.SelfAttention"] == (
+        "its heads index one position bias with 1 other attention layers, not all of them selected"
+    )
