@@ -11,6 +11,12 @@ from .inputs import Inputs
 from .snapshot import preserved_state
 
 
+def first_line(e: BaseException, n: int = 160) -> str:
+    """``"Type: first line of the message"`` (an error may have an empty message)."""
+    lines = str(e).splitlines()
+    return f"{type(e).__name__}: {lines[0][:n] if lines else ''}"
+
+
 def failing_module(model: nn.Module, inputs: Inputs) -> tuple[str, str] | None:
     """``None`` when ``model`` runs on ``inputs``; else ``(path of the innermost module whose
     forward was running when it raised, the error in one line)``. The model's state (train
@@ -34,7 +40,7 @@ def failing_module(model: nn.Module, inputs: Inputs) -> tuple[str, str] | None:
             inputs.call_stateless(model)
         return None
     except Exception as e:
-        return (stack[-1] if stack else ""), f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        return (stack[-1] if stack else ""), first_line(e)
     finally:
         for h in handles:
             h.remove()

@@ -288,6 +288,11 @@ class AttentionSpec:
         for n in ("all_head_size", "inner_dim", "attn_dim"):
             if isinstance(d.get(n), int):
                 d[n] = heads * self.head_dim
+        # BART-style attention (XGLM, MVP, TrOCR, SpeechT5, InternVL...) reshapes its output
+        # with embed_dim, the width of the concatenated heads (a forward that reads it as the
+        # hidden width fails the check after pruning and keeps its heads)
+        if isinstance(d.get("embed_dim"), int) and d["embed_dim"] == self.heads * self.head_dim:
+            d["embed_dim"] = heads * self.head_dim
         if self.qkv is not None and isinstance(d.get("split_size"), int):
             d["split_size"] = heads * self.head_dim
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..core.calibrate import LayerStats, collect
 from ..core.describe import shape_of
-from ..core.failure import failing_module
+from ..core.failure import failing_module, first_line
 from ..core.inputs import Inputs
 from ..core.modules import copy_model, is_hf_conv1d, shared_parameters
 from ..core.report import Report
@@ -193,7 +193,7 @@ class Prune(Transform):
             except Exception as e:  # e.g. torch-pruning on a weight-normed convolution
                 if not widened:
                     raise
-                failed = ("torch-pruning", f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
+                failed = ("torch-pruning", first_line(e))
             if group_failed is not None:
                 gf = group_failed
                 snap.restore()
@@ -716,8 +716,7 @@ def _step(pruner: Any, scorer: GroupScorer, named: dict[str, nn.Module]) -> None
         return [paths[id(m)]] if id(m) in paths else []
 
     def failed(group: Any, e: Exception) -> _GroupFailed:
-        first = str(e).splitlines()[0][:160] if str(e) else ""
-        return _GroupFailed(roots(group), f"{type(e).__name__}: {first}")
+        return _GroupFailed(roots(group), first_line(e))
 
     groups = _too_large_is_a_group_failure(named)(pruner.step)(interactive=True)
     while True:
@@ -884,7 +883,7 @@ def _config_refuses(cfg: Any) -> str | None:
     try:
         check()
     except Exception as e:
-        return str(e).splitlines()[0][:160]
+        return first_line(e).split(": ", 1)[1] or type(e).__name__
     return None
 
 
@@ -1330,7 +1329,7 @@ def update_hf_config(model: nn.Module, attention: list[AttentionSpec]) -> list[s
                 _set_head_dim(cfg, d)
                 why = _config_refuses(cfg)
             except Exception as e:  # a validating config (huggingface_hub strict dataclasses)
-                why = f"{type(e).__name__}: {str(e).splitlines()[0][:100]}"
+                why = first_line(e, 100)
             if why:
                 for n in ("head_dim",):
                     if n not in saved:

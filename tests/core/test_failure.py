@@ -63,3 +63,15 @@ def test_a_forward_broken_by_a_replacement_names_the_module_and_the_exclude():
     # the exclude the message gives works
     report = nnslim.Quantize(scheme="int8", exclude=["1.fc"]).apply(model, x)
     assert [c.path for c in report.changes] == ["0", "1.out"]
+
+
+def test_an_error_without_a_message_is_named_by_its_type():
+    """FSMT's attention raises a bare ``assert``: the failure still names the module (it raised
+    an IndexError from inside nnslim)."""
+
+    class Bare(nn.Module):
+        def forward(self, x):
+            raise AssertionError
+
+    model = nn.Sequential(nn.Linear(2, 2), Bare())
+    assert failing_module(model, as_inputs(torch.randn(1, 2))) == ("1", "AssertionError: ")
