@@ -22,7 +22,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-__all__ = ["FusedMLPSpec", "find_fused_mlps"]
+__all__ = ["ExpertBankSpec", "FusedMLPSpec", "find_expert_banks", "find_fused_mlps"]
 
 #: child names of (fused gate/up layer, down layer)
 NAMES = (("gate_up_proj", "down_proj"),)
@@ -118,5 +118,135 @@ def _layout_check(m: nn.Module, fused_name: str, down_name: str, units: int) -> 
         return (
             f"{type(m).__name__}'s {fused_name} is not split into [gate | up] halves as nnslim "
             "expects: its units are kept"
+        )
+    return None
+
+
+# -- mixture-of-experts banks -------------------------------------------------------------------
+#: parameter names of an expert bank: (fused gate/up ``[E, 2I, H]``, down ``[E, H, I]``)
+EXPERT_NAMES = (("gate_up_proj", "down_proj"),)
+
+
+@dataclass
+class ExpertBankSpec:
+    """The experts of one mixture-of-experts layer stored as 3-D parameters (transformers'
+    ``Qwen3MoeExperts``, ``OlmoeExperts``, ``MixtralExperts``...): expert ``e`` computes
+    ``down[e] @ (act(gate) * up)`` with ``gate, up = (gate_up[e] @ x).chunk(2)``. Each expert
+    loses the same number of hidden units, each its own least important ones.
+
+    Attributes:
+        path: the experts module; gate_up, down: its parameter names; units: units per expert.
+    """
+
+    path: str
+    module: nn.Module
+    gate_up: str
+    down: str
+    experts: int
+    units: int
+
+    @property
+    def fused(self) -> str:  # the key Prune plans and selects the bank by
+        return self.path
+
+    def removable(self, ratio: float, round_to: int | None = None) -> int:
+        """Units ``ratio`` removes from each expert; the kept count is a multiple of 8 (and of
+        ``round_to``): transformers runs expert banks through ``torch._grouped_mm``, which
+        needs rows of a multiple of 16 bytes."""
+        keep = self.units - min(math.floor(ratio * self.units + 0.5), self.units - 1)
+        step = math.lcm(8, round_to or 1)
+        if keep % step:
+            keep = min(self.units, keep + step - keep % step)
+        return self.units - keep
+
+    def unit_scores(self) -> torch.Tensor:
+        """``[E, I]``: each unit's L2 magnitude over its gate row, up row and down column."""
+        gu = self.module._parameters[self.gate_up].detach().float()
+        down = self.module._parameters[self.down].detach().float()
+        i = self.units
+        return gu[:, :i].norm(dim=2) + gu[:, i:].norm(dim=2) + down.norm(dim=1)
+
+    def prune_units(self, n: int) -> None:
+        """Remove the ``n`` lowest-scoring units of every expert."""
+        if n <= 0:
+            return
+        m, i = self.module, self.units
+        keep = self.unit_scores().argsort(dim=1, descending=True)[:, : i - n].sort(dim=1).values
+        gu, down = m._parameters[self.gate_up], m._parameters[self.down]
+        rows = torch.cat([keep, keep + i], dim=1).to(gu.device)  # [E, 2(I-n)]
+        new_gu = torch.gather(gu.data, 1, rows[:, :, None].expand(-1, -1, gu.shape[2]))
+        cols = keep.to(down.device)[:, None, :].expand(-1, down.shape[1], -1)
+        new_down = torch.gather(down.data, 2, cols)
+        for name, old, new in ((self.gate_up, gu, new_gu), (self.down, down, new_down)):
+            p = nn.Parameter(new.contiguous(), requires_grad=old.requires_grad)
+            m._parameters[name] = p
+        bias = m._parameters.get(f"{self.gate_up}_bias")
+        if bias is not None:
+            b = torch.gather(bias.data, 1, rows)
+            m._parameters[f"{self.gate_up}_bias"] = nn.Parameter(
+                b, requires_grad=bias.requires_grad
+            )
+        for attr in ("intermediate_dim", "intermediate_size", "expert_dim"):
+            if m.__dict__.get(attr) == i:
+                m.__dict__[attr] = i - n
+        self.units = i - n
+
+
+def find_expert_banks(
+    model: nn.Module, *, check: bool = True
+) -> tuple[list[ExpertBankSpec], dict[str, str]]:
+    """Expert banks nnslim can prune, and the ones it cannot, with reasons."""
+    found: list[ExpertBankSpec] = []
+    left: dict[str, str] = {}
+    for path, m in model.named_modules():
+        for gu_name, down_name in EXPERT_NAMES:
+            gu, down = m._parameters.get(gu_name), m._parameters.get(down_name)
+            if not isinstance(gu, torch.Tensor) or not isinstance(down, torch.Tensor):
+                continue
+            if gu.dim() != 3 or down.dim() != 3:
+                continue
+            e, two_i, h = gu.shape
+            if down.shape[0] != e or down.shape[1] != h or two_i != 2 * down.shape[2]:
+                left[path] = (
+                    f"expert bank {type(m).__name__} with {gu_name} {tuple(gu.shape)} and "
+                    f"{down_name} {tuple(down.shape)}: not [E, 2I, H] and [E, H, I]"
+                )
+                continue
+            if check and gu.device.type != "meta":
+                why = _expert_layout_check(m, gu_name, down_name, e, down.shape[2], h)
+                if why:
+                    left[path] = why
+                    continue
+            found.append(ExpertBankSpec(path, m, gu_name, down_name, e, down.shape[2]))
+    return found, left
+
+
+def _expert_layout_check(
+    m: nn.Module, gu_name: str, down_name: str, experts: int, units: int, hidden: int
+) -> str | None:
+    """``None`` when unit ``i`` of every expert is rows ``i`` and ``I + i`` of gate/up and
+    column ``i`` of down (zeroing all three leaves the output as zeroing the rows alone)."""
+    probe = copy.deepcopy(m).float().eval()
+    gu, down = probe._parameters[gu_name], probe._parameters[down_name]
+    i = units // 2
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, hidden, generator=g)
+    idx = torch.arange(6)[:, None] % experts
+    w = torch.ones(6, 1)
+    try:
+        with torch.no_grad():
+            gu[:, [i, units + i]] = 0
+            bias = probe._parameters.get(f"{gu_name}_bias")
+            if bias is not None:
+                bias[:, [i, units + i]] = 0
+            a = probe(x, idx, w)
+            down[:, :, i] = 0
+            b = probe(x, idx, w)
+    except Exception as e:
+        return f"expert bank {type(m).__name__} could not be checked ({type(e).__name__})"
+    if not isinstance(a, torch.Tensor) or not torch.equal(a, b) or not a.abs().sum() > 0:
+        return (
+            f"{type(m).__name__}'s {gu_name} is not split into [gate | up] halves per expert as "
+            "nnslim expects (an interleaved or biased layout): its units are kept"
         )
     return None

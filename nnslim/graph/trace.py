@@ -24,7 +24,7 @@ from torch import nn
 from ..core.inputs import Inputs, as_inputs, forward_error, output_tensors
 from ..core.snapshot import preserved_state
 from .attention import AttentionSpec, find_attention, unknown_attention_layers
-from .fused_mlp import FusedMLPSpec, find_fused_mlps
+from .fused_mlp import ExpertBankSpec, FusedMLPSpec, find_expert_banks, find_fused_mlps
 from .tp_compat import (
     GroupTooLarge,
     TraceError,
@@ -85,7 +85,7 @@ class Graph:
         dg: torch-pruning's ``DependencyGraph`` (an escape hatch; its API is torch-pruning's).
         output_grad_fns: autograd nodes of the traced outputs.
         attention: attention modules found, with their heads.
-        fused_mlps: fused gate/up MLPs found, with their units.
+        fused_mlps: fused gate/up MLPs and mixture-of-experts banks found, with their units.
         fused_mlp_skips: fused gate/up layers whose units nnslim cannot prune, with reasons.
         seconds: time spent tracing.
     """
@@ -95,7 +95,7 @@ class Graph:
     dg: Any
     output_grad_fns: list[Any]
     attention: list[AttentionSpec] = field(default_factory=list)
-    fused_mlps: list[FusedMLPSpec] = field(default_factory=list)
+    fused_mlps: list[FusedMLPSpec | ExpertBankSpec] = field(default_factory=list)
     fused_mlp_skips: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
     time_limit: float | None = TIME_LIMIT_S
@@ -418,14 +418,15 @@ def trace(
     t0 = time.perf_counter()
     dg, grad_fns = build_dependency(model, inputs, time_limit=time_limit)
     mlps, mlp_skips = find_fused_mlps(model)
+    banks, bank_skips = find_expert_banks(model)
     return Graph(
         model,
         inputs,
         dg,
         grad_fns,
         attention=find_attention(model),
-        fused_mlps=mlps,
-        fused_mlp_skips=mlp_skips,
+        fused_mlps=[*mlps, *banks],
+        fused_mlp_skips={**mlp_skips, **bank_skips},
         seconds=time.perf_counter() - t0,
         time_limit=time_limit,
     )

@@ -100,6 +100,17 @@ def _addbmm(args, kwargs, out) -> Cost:
     return bsz * m * k * n, m * n
 
 
+@register_formula(aten._grouped_mm)
+def _grouped_mm(args, kwargs, out) -> Cost:
+    """Mixture-of-experts banks (transformers' ``grouped_mm`` experts): every row of ``a``
+    meets one group's matrix, so MACs are the output's elements times the contraction width;
+    a 2-D x 2-D call splits the contraction itself into groups."""
+    a, b = args[0], args[1]
+    if a.dim() == 2 and b.dim() == 2:
+        return a.shape[0] * a.shape[1] * b.shape[1], 0
+    return out.numel() * a.shape[-1], 0
+
+
 @register_formula(aten.mv, aten.addmv)
 def _mv(args, kwargs, out) -> Cost:
     mat = args[0] if len(args[0].shape) == 2 else args[1]

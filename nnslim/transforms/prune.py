@@ -23,7 +23,7 @@ from ..core.snapshot import Snapshot, preserved_state
 from ..core.transform import Context, Transform
 from ..core.validate import all_finite, check_choice, check_fraction, check_int, check_type
 from ..graph.attention import AttentionSpec, back_to_torch, find_attention, to_head_prunable
-from ..graph.fused_mlp import find_fused_mlps
+from ..graph.fused_mlp import ExpertBankSpec, find_expert_banks, find_fused_mlps
 from ..graph.scoring import GroupScorer
 from ..graph.tp_compat import GroupTooLarge, TraceError, guard, torch_pruning_fixes
 from ..graph.trace import MAX_GROUP as MAX_GROUP_DEFAULT
@@ -371,7 +371,8 @@ class Prune(Transform):
                 keep = mlp.units - mlp.removable(
                     value if value is not None else ratio, self.round_to
                 )
-                channels.append((mlp.fused, mlp.units, keep, [mlp.fused, mlp.down]))
+                members = [mlp.fused] if isinstance(mlp, ExpertBankSpec) else [mlp.fused, mlp.down]
+                channels.append((mlp.fused, mlp.units, keep, members))
         heads = []
         for path, value in plan.heads.items():
             spec = next(s for s in plan.attention if s.path == path)
@@ -392,7 +393,11 @@ class Prune(Transform):
         outputs = set(graph.output_layers())
         kept = kept or {}
         attention = [s for s in graph.attention if not any(p in kept for p in s.projections)]
-        mlps = [s for s in graph.fused_mlps if s.fused not in kept and s.down not in kept]
+        mlps = [
+            s
+            for s in graph.fused_mlps
+            if s.fused not in kept and (isinstance(s, ExpertBankSpec) or s.down not in kept)
+        ]
         proj = {p for s in graph.attention for p in s.projections}
         if residual:
             # an output projection's channels are the hidden width (the residual stream), a
@@ -863,13 +868,17 @@ def _prune_model(
         _sync_config_heads(list(specs.values()))
         _sync_shape_attrs(model, sizes)  # norms over the concatenated heads
     if plan.units:
-        mlps = {s.fused: s for s in find_fused_mlps(model, check=False)[0]}
+        mlps: dict[str, Any] = {s.fused: s for s in find_fused_mlps(model, check=False)[0]}
+        mlps.update({s.fused: s for s in find_expert_banks(model, check=False)[0]})
         for path, value in plan.units.items():
             mlp = mlps.get(path)
             if mlp is None:
                 continue
             n = mlp.removable(value if value is not None else ratio, cfg.round_to)
             if n <= 0:
+                continue
+            if isinstance(mlp, ExpertBankSpec):  # each expert its own least important units
+                mlp.prune_units(n)
                 continue
             scores = mlp.unit_scores(model, GroupScorer(imp, by_id, None).element_scores)
             mlp.prune_units(model, sorted(scores.argsort()[:n].tolist()))
@@ -1173,6 +1182,7 @@ def output_layers_by_identity(model: nn.Module, inputs: Inputs) -> list[str]:
 
 # -- Hugging Face configs -----------------------------------------------------------------------
 _WIDTH_FIELDS = [
+    ("moe_intermediate_size", re.compile(r"(.*\.)?mlp\.experts\.\d+\.up_proj$")),
     (
         "intermediate_size",
         re.compile(r"(.*\.)?(mlp\.(up_proj|gate_proj|fc1|dense_h_to_4h)|intermediate\.dense)$"),
@@ -1279,6 +1289,12 @@ def update_hf_config(model: nn.Module, attention: list[AttentionSpec]) -> list[s
                 for p, m in named.items()
                 if p.endswith("mlp.gate_up_proj") and isinstance(m, nn.Linear)
             }
+        if key == (
+            "moe_intermediate_size"
+            if hasattr(cfg, "moe_intermediate_size")
+            else "intermediate_size"
+        ):  # expert banks (Qwen3-MoE; Mixtral's own field)
+            widths |= {s.units for s in find_expert_banks(model, check=False)[0]}
         widths.discard(None)
         if len(widths) == 1:
             w = widths.pop()

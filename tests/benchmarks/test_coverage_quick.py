@@ -17,10 +17,14 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_lean_coverage_slice_applies_everywhere_without_raw_errors(tmp_path):
     # one model per class that failed before: a Linear subclass (GhostNet's classifier), fused
     # heads (DeiT, GPT-NeoX, Phi-3 with a fused gate/up), layer scale with a stored shape
-    # (PoolFormer), shape constants in a forward (LeViT), T5's weight dtype reads
+    # (PoolFormer), shape constants in a forward (LeViT), T5's weight dtype reads and its heads
+    # tied across a stack, a GroupNorm without bias (PoolFormerV2), an MoE router returning a
+    # tuple (PhiMoE), attention sinks (gpt-oss), einsum attention over 3-D parameters (XLNet),
+    # a state_dict version a module insists on (MNASNet)
     models = (
         "timm:ghostnet_050,timm:deit_tiny_patch16_224,timm:poolformer_s12,timm:levit_128s,"
-        "hf:t5,hf:gpt_neox,hf:phi3"
+        "timm:poolformerv2_s12,hf:t5,hf:gpt_neox,hf:phi3,hf:phimoe,hf:gpt_oss,hf:xlnet,"
+        "torchvision:mnasnet0_5"
     )
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "coverage.py"), "--only", models],
@@ -40,3 +44,4 @@ def test_lean_coverage_slice_applies_everywhere_without_raw_errors(tmp_path):
             assert cell["status"] == "applied", where
             assert cell["same_shape"] and cell["finite"], where
             assert cell["save_load"] == "exact", where
+    assert rows["hf:t5"]["cells"]["prune-ratio"]["macs"] <= 0.8  # heads go, with the bias

@@ -613,3 +613,60 @@ def test_t5_heads_of_a_stack_selected_in_part_are_kept_with_the_reason():
     assert reasons["encoder.block.0.layer.0.SelfAttention"] == (
         "its heads index one position bias with 1 other attention layers, not all of them selected"
     )
+
+
+def _mixtral():
+    cfg = tf.MixtralConfig(
+        hidden_size=32,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        vocab_size=128,
+    )
+    torch.manual_seed(0)
+    return tf.MixtralForCausalLM(cfg).eval()
+
+
+def test_each_expert_of_a_moe_bank_loses_its_own_least_important_units_exactly(tmp_path):
+    """transformers stores a layer's experts as 3-D parameters (gate/up ``[E, 2I, H]``, down
+    ``[E, H, I]``) that torch-pruning cannot see: every expert loses the same number of hidden
+    units, each its own; units that contribute nothing leave the output as it was."""
+    model = _mixtral()
+    for layer in model.model.layers:
+        ex = layer.mlp.experts
+        with torch.no_grad():
+            for e in range(4):
+                dead = list(range(e * 8, e * 8 + 8))  # another 8 units in every expert
+                ex.gate_up_proj[e, dead] = 0
+                ex.gate_up_proj[e, [32 + u for u in dead]] = 0
+                ex.down_proj[e][:, dead] = 0
+    x = {"input_ids": torch.randint(0, 128, (1, 12))}
+    with torch.no_grad():
+        ref = model(**x).logits
+    select = {f"model.layers.{i}.mlp.experts": 0.25 for i in range(2)}
+    report = nnslim.Prune(select=select).apply(model, x)
+    for layer in model.model.layers:
+        ex = layer.mlp.experts
+        assert ex.gate_up_proj.shape == (4, 48, 32) and ex.down_proj.shape == (4, 32, 24)
+        assert ex.intermediate_dim == 24
+    assert model.config.intermediate_size == 24
+    assert {c.path for c in report.changes} == {f"model.layers.{i}.mlp.experts" for i in (0, 1)}
+    assert report.after.macs < report.before.macs  # the profiler counts aten._grouped_mm
+    with torch.no_grad():
+        assert torch.allclose(model(**x).logits, ref, atol=1e-5)
+    nnslim.save(model, tmp_path / "moe.safetensors")
+    loaded = nnslim.load(tmp_path / "moe.safetensors", _mixtral())
+    with torch.no_grad():
+        assert torch.equal(loaded(**x).logits, model(**x).logits)
+
+
+def test_an_expert_bank_keeps_a_multiple_of_8_units_for_grouped_mm():
+    from nnslim.graph.fused_mlp import find_expert_banks
+
+    banks, _ = find_expert_banks(_mixtral())
+    bank = banks[0]
+    assert len(banks) == 2 and bank.units == 32 and bank.experts == 4
+    assert [bank.removable(r) for r in (0.1, 0.3, 0.5, 0.9)] == [0, 8, 16, 24]
