@@ -462,6 +462,13 @@ class Prune(Transform):
             )
         heads = {head_keys[p].path: chosen[p] for p in chosen if p in head_keys}
         units = {p: chosen[p] for p in chosen if p in unit_keys}
+        banks = [p for p in units if isinstance(unit_keys[p], ExpertBankSpec)]
+        if banks and self.importance != "l2":
+            report.note(
+                f"the units of {len(banks)} mixture-of-experts bank(s) are ranked by their L2 "
+                f"weight magnitude, not by importance={self.importance!r} (nnslim collects no "
+                f"per-expert statistics)"
+            )
         channels = {p: v for p, v in chosen.items() if p not in head_keys and p not in unit_keys}
         frozen = [p for p in layer_paths if p not in channels] + [
             p for p, m in named.items() if isinstance(m, nn.MultiheadAttention)

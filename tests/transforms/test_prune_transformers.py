@@ -670,3 +670,14 @@ def test_an_expert_bank_keeps_a_multiple_of_8_units_for_grouped_mm():
     bank = banks[0]
     assert len(banks) == 2 and bank.units == 32 and bank.experts == 4
     assert [bank.removable(r) for r in (0.1, 0.3, 0.5, 0.9)] == [0, 8, 16, 24]
+
+
+def test_an_expert_bank_ranked_by_magnitude_under_another_importance_says_so():
+    model = _mixtral()
+    x = {"input_ids": torch.randint(0, 128, (1, 12))}
+    select = {"model.layers.0.mlp.experts": 0.25}
+    report = nnslim.Prune(select=select, importance="l1").apply(model, x)
+    assert model.model.layers[0].mlp.experts.down_proj.shape == (4, 32, 24)
+    assert any(
+        "ranked by their L2 weight magnitude, not by importance='l1'" in n for n in report.notes
+    )
