@@ -174,6 +174,11 @@ class Quantize(Transform):
                 )
             plan[p] = scheme
         if not plan:
+            if eligible and self.select is None and self.exclude is None:
+                # every candidate is left in float with its reason (convolutions without a
+                # kernel for the scheme, LM heads): a no-op the report explains, as for a layer
+                # that cannot take the scheme; an explicit request that cannot be met raises
+                return
             raise ValueError(_nothing_left(self, eligible, heads))
         if self.qat:
             for p, scheme in plan.items():
@@ -334,12 +339,6 @@ def _nothing_left(t: Quantize, eligible: list[tuple[str, nn.Module]], heads: set
             "Quantize: the model has no nn.Linear, Hugging Face Conv1D or nn.Conv2d layer that "
             "can be quantized (the report lists the layers that were looked at and why each "
             "was left alone)."
-        )
-    if t.select is None and t.exclude is None:
-        return (
-            f"Quantize: every candidate layer was left in float ({len(heads)} LM head(s), the "
-            f"rest convolutions without a {t.scheme} kernel: only int8 stores Conv2d); the "
-            f"report lists each layer and why; use scheme='int8' or select a Linear by name."
         )
     return "Quantize: no layer left to quantize after select/exclude."
 

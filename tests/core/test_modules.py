@@ -89,10 +89,18 @@ def test_nothing_to_quantize_says_why():
         nnslim.Quantize(scheme="int8-dynamic").apply(model, torch.randn(1, 4))
 
 
-def test_convolutions_only_model_says_why_int8_dynamic_has_nothing():
+def test_convolutions_only_model_is_a_no_op_that_says_why_int8_dynamic_has_nothing():
+    """Every candidate is skipped with its reason, as a single layer that cannot take the scheme
+    is; the report says why nothing changed (an explicit request still raises)."""
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3)).eval()
-    with pytest.raises(ValueError, match="every candidate layer was left in float"):
-        nnslim.Quantize(scheme="int8-dynamic").apply(model, torch.randn(1, 3, 8, 8))
+    report = nnslim.Quantize(scheme="int8-dynamic").apply(model, torch.randn(1, 3, 8, 8))
+    assert not report.all_changes() and type(model[0]) is torch.nn.Conv2d
+    assert [(s.path, s.reason) for s in report.skips] == [
+        ("0", "Conv2d has no int8-dynamic kernel (int8 storage only)")
+    ]
+    assert any("Quantize changed nothing" in n for n in report.notes)
+    with pytest.raises(ValueError, match="is a Conv2d; convolutions support only int8"):
+        nnslim.Quantize(scheme="int8-dynamic", select=["0"]).apply(model, torch.randn(1, 3, 8, 8))
 
 
 def test_a_subclass_overriding_forward_with_the_same_function_is_a_layer():
