@@ -607,9 +607,8 @@ def sweep(
     rows: dict[str, dict[str, Any]] = {}
     if out.exists() and not fresh:
         rows = {r["model"]: r for r in json.loads(out.read_text()).get("models", [])}
-    for spec in _redo(rows, redo, columns):
-        rows.pop(spec, None)
-    todo = [s for s in specs if s not in rows]
+    again = set(_redo(rows, redo, columns))  # their old rows stay until replaced
+    todo = [s for s in specs if s not in rows or s in again]
     print(f"coverage: {len(todo)} of {len(specs)} models to run, {jobs} at a time", flush=True)
 
     def one(spec: str) -> tuple[dict[str, Any], float]:
