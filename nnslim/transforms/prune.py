@@ -573,7 +573,7 @@ class Prune(Transform):
                         p, f"input width {row} is not a multiple of {nm[1]} ({self.structure})"
                     )
         if not chosen and self.select is None and not self.exclude:
-            raise _NothingToPrune  # every candidate is skipped with its reason: a no-op, said
+            return  # every candidate is skipped with its reason: a no-op, said
         if not chosen:
             raise ValueError("Prune: no layer left to sparsify after select/exclude.")
         _check_finite_weights(model, list(chosen))

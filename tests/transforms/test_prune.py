@@ -181,6 +181,18 @@ def test_a_model_with_only_output_layers_is_a_no_op_that_says_why():
     _assert_same_state(before, model_state(m), "after a no-op")
 
 
+def test_a_model_with_nothing_to_sparsify_is_a_no_op_that_says_why():
+    m = nn.Sequential(nn.Linear(4, 3))
+    before = model_state(m)
+    report = nnslim.Prune(ratio=0.5, structure="unstructured").apply(m, torch.randn(1, 4))
+    assert not report.all_changes()
+    assert [(s.path, s.reason) for s in report.skips] == [("0", "produces the model output")]
+    assert any("Prune changed nothing" in n for n in report.notes)
+    _assert_same_state(before, model_state(m), "after a no-op")
+    with pytest.raises(ValueError, match="no layer left to sparsify after select/exclude"):
+        nnslim.Prune(ratio=0.5, structure="unstructured", exclude=["0"]).apply(m, torch.randn(1, 4))
+
+
 def test_select_or_exclude_that_leaves_nothing_is_an_error():
     m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
     with pytest.raises(ValueError, match="no layer left to prune after select/exclude"):
