@@ -46,10 +46,7 @@ class FusedMLPSpec:
     def removable(self, ratio: float, round_to: int | None = None) -> int:
         """Units ``ratio`` removes (nearest whole number; at least one kept; the kept count a
         multiple of ``round_to`` when given)."""
-        keep = self.units - min(math.floor(ratio * self.units + 0.5), self.units - 1)
-        if round_to and keep % round_to:
-            keep = min(self.units, keep + round_to - keep % round_to)
-        return self.units - keep
+        return _removable(self.units, ratio, round_to or 1)
 
     def unit_scores(self, model: nn.Module, elem: Any) -> torch.Tensor:
         """Importance of each unit: its two rows of the fused layer and its column of down."""
@@ -65,6 +62,15 @@ class FusedMLPSpec:
         tp.prune_linear_out_channels(fused, sorted(remove + [self.units + i for i in remove]))
         tp.prune_linear_in_channels(down, sorted(remove))
         self.units -= len(remove)
+
+
+def _removable(units: int, ratio: float, step: int) -> int:
+    """Units ``ratio`` removes: the nearest whole number, at least one kept, the kept count
+    rounded up to a multiple of ``step``."""
+    keep = units - min(math.floor(ratio * units + 0.5), units - 1)
+    if keep % step:
+        keep = min(units, keep + step - keep % step)
+    return units - keep
 
 
 def find_fused_mlps(
@@ -153,11 +159,7 @@ class ExpertBankSpec:
         """Units ``ratio`` removes from each expert; the kept count is a multiple of 8 (and of
         ``round_to``): transformers runs expert banks through ``torch._grouped_mm``, which
         needs rows of a multiple of 16 bytes."""
-        keep = self.units - min(math.floor(ratio * self.units + 0.5), self.units - 1)
-        step = math.lcm(8, round_to or 1)
-        if keep % step:
-            keep = min(self.units, keep + step - keep % step)
-        return self.units - keep
+        return _removable(self.units, ratio, math.lcm(8, round_to or 1))
 
     def unit_scores(self) -> torch.Tensor:
         """``[E, I]``: each unit's L2 magnitude over its gate row, up row and down column."""

@@ -282,8 +282,12 @@ def build_dependency(
     *,
     time_limit: float | None = TIME_LIMIT_S,
     unwrapped_parameters: dict[nn.Parameter, int] | None = None,
+    not_tensor: list[nn.Module] | None = None,
 ) -> tuple[Any, list[Any]]:
-    """Build torch-pruning's DependencyGraph with nnslim's fixes, pruners and bounds."""
+    """Build torch-pruning's DependencyGraph with nnslim's fixes, pruners and bounds.
+
+    ``not_tensor``: layers whose forward returns no tensor (:func:`_watch_not_tensor`), kept
+    out of the graph."""
     dg = tp.DependencyGraph()
     outputs: list[torch.Tensor] = []
 
@@ -309,40 +313,31 @@ def build_dependency(
             output_transform=output_transform,
             customized_pruners=customized_pruners(),
             unwrapped_parameters=unwrapped_parameters,
-            ignored_layers=_not_tensor_layers(model, inputs),
+            ignored_layers=list(not_tensor or []),
             verbose=False,
         )
     return dg, [t.grad_fn for t in outputs]
 
 
-def _not_tensor_layers(model: nn.Module, inputs: Inputs) -> list[nn.Module]:
-    """Subclasses of ``nn.Linear``/``nn.Conv*`` whose own forward returns something other than
-    a tensor (a mixture-of-experts router returning ``(logits, weights, experts)``: PhiMoE,
-    Llama 4). torch-pruning reads ``.shape`` off a layer's output while tracing; these stay out
-    of its graph (their weights are not pruned). Costs one forward, only when such a subclass
-    is present."""
+def _watch_not_tensor(model: nn.Module) -> tuple[list[nn.Module], list[Any]]:
+    """Hooks that collect, during the next forward, the subclasses of ``nn.Linear``/
+    ``nn.Conv*`` whose own forward returns something other than a tensor (a mixture-of-experts
+    router returning ``(logits, weights, experts)``: PhiMoE, Llama 4). torch-pruning reads
+    ``.shape`` off a layer's output while tracing; these stay out of its graph (their weights
+    are not pruned). Returns ``(found, hook handles)``; the caller removes the handles."""
     bases = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-    suspects = [
-        m
-        for m in model.modules()
-        if isinstance(m, bases) and type(m).forward not in {b.forward for b in bases}
-    ]
-    if not suspects:
-        return []
     found: list[nn.Module] = []
 
     def hook(m: nn.Module, _: Any, out: Any) -> None:
         if not isinstance(out, torch.Tensor) and m not in found:
             found.append(m)
 
-    handles = [m.register_forward_hook(hook) for m in suspects]
-    try:
-        with preserved_state(model), torch.no_grad():
-            _call(model, inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    return found
+    handles = [
+        m.register_forward_hook(hook)
+        for m in model.modules()
+        if isinstance(m, bases) and type(m).forward not in {b.forward for b in bases}
+    ]
+    return found, handles
 
 
 def _call(model: nn.Module, inputs: Inputs) -> Any:
@@ -410,13 +405,17 @@ def trace(
     inputs = as_inputs(example_inputs)
     if inputs is None:
         raise TypeError("trace: example_inputs is required.")
+    not_tensor, handles = _watch_not_tensor(model)
     try:
         with preserved_state(model), torch.no_grad():
             _call(model, inputs)
     except Exception as e:
         raise forward_error(model, inputs, e, "example_inputs") from e
+    finally:
+        for h in handles:
+            h.remove()
     t0 = time.perf_counter()
-    dg, grad_fns = build_dependency(model, inputs, time_limit=time_limit)
+    dg, grad_fns = build_dependency(model, inputs, time_limit=time_limit, not_tensor=not_tensor)
     mlps, mlp_skips = find_fused_mlps(model)
     banks, bank_skips = find_expert_banks(model)
     return Graph(

@@ -692,11 +692,10 @@ class _GroupFailed(Exception):
         self.roots, self.error = roots, error
 
 
-def _too_large_is_a_group_failure(named: dict[str, nn.Module]) -> Any:
+def _too_large_is_a_group_failure(paths: dict[int, str]) -> Any:
     """Wrap a call so that a group torch-pruning builds without bound from a root the plan
     reached only through another group (timm's ReXNet) is a :class:`_GroupFailed` of that
-    root, which Prune keeps, instead of a failure of the model."""
-    paths = {id(m): p for p, m in named.items()}
+    root, which Prune keeps, instead of a failure of the model. ``paths``: module id -> path."""
 
     def wrap(fn: Any) -> Any:
         def call(*args: Any, **kwargs: Any) -> Any:
@@ -714,12 +713,12 @@ def _too_large_is_a_group_failure(named: dict[str, nn.Module]) -> Any:
     return wrap
 
 
-def _step(pruner: Any, scorer: GroupScorer, named: dict[str, nn.Module]) -> None:
+def _step(pruner: Any, scorer: GroupScorer, paths: dict[int, str], guarded: Any) -> None:
     """One pruning step, group by group; an error from inside torch-pruning (a layer its
     pruning function cannot shrink, a grouped layer whose importance does not divide)
     becomes :class:`_GroupFailed` naming the group's root, so Prune keeps that group and
-    retries instead of failing the model."""
-    paths = {id(m): p for p, m in named.items()}
+    retries instead of failing the model. ``guarded``: :func:`_too_large_is_a_group_failure`
+    over ``paths``."""
 
     def roots(group: Any) -> list[str]:
         if group is None or not len(group):
@@ -730,10 +729,11 @@ def _step(pruner: Any, scorer: GroupScorer, named: dict[str, nn.Module]) -> None
     def failed(group: Any, e: Exception) -> _GroupFailed:
         return _GroupFailed(roots(group), first_line(e))
 
-    groups = _too_large_is_a_group_failure(named)(pruner.step)(interactive=True)
+    groups = guarded(pruner.step)(interactive=True)
+    take = guarded(next)
     while True:
         try:
-            group = _too_large_is_a_group_failure(named)(next)(groups)
+            group = take(groups)
         except StopIteration:
             return
         except TraceError:
@@ -826,7 +826,9 @@ def _prune_model(
             guard(graph.time_limit, "pruning channels", where),
         ):
             warnings.simplefilter("ignore")
-            pruner = _too_large_is_a_group_failure(named)(tp.pruner.MetaPruner)(
+            paths = {id(m): p for p, m in named.items()}
+            guarded = _too_large_is_a_group_failure(paths)
+            pruner = guarded(tp.pruner.MetaPruner)(
                 model,
                 example_inputs=inputs.as_tuple(),
                 importance=scorer,
@@ -842,7 +844,7 @@ def _prune_model(
             )
             for _ in range(cfg.steps):
                 scorer.reset()
-                _step(pruner, scorer, named)
+                _step(pruner, scorer, paths, guarded)
     _retie(model, ties)
     _sync_shape_attrs(model, sizes)
     if plan.channels:
@@ -899,7 +901,7 @@ def _config_refuses(cfg: Any) -> str | None:
     try:
         check()
     except Exception as e:
-        return first_line(e).split(": ", 1)[1] or type(e).__name__
+        return (str(e).splitlines() or [type(e).__name__])[0][:160]
     return None
 
 
