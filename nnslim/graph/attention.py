@@ -33,7 +33,7 @@ __all__ = ["AttentionSpec", "find_attention"]
 _Q = ("q_proj", "query", "q", "wq", "q_lin")
 _K = ("k_proj", "key", "k", "wk", "k_lin")
 _V = ("v_proj", "value", "v", "wv", "v_lin")
-_O = ("o_proj", "out_proj", "dense", "wo", "out_lin", "c_proj", "o")
+_O = ("o_proj", "out_proj", "dense", "wo", "Wo", "out_lin", "c_proj", "o")
 _HEADS = ("num_heads", "num_attention_heads", "n_heads", "n_head")
 _KV_HEADS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
 _HEAD_DIM = ("head_dim", "attention_head_size", "head_size")
@@ -326,6 +326,9 @@ def _falcon_layout(m: nn.Module) -> str | None:
 FUSED: dict[str, tuple[str, str, Any]] = {
     "Phi3Attention": ("qkv_proj", "o_proj", "blocks"),
     "GPTNeoXAttention": ("query_key_value", "dense", "heads"),
+    "GPTNeoXJapaneseAttention": ("query_key_value", "dense", "heads"),
+    "PersimmonAttention": ("query_key_value", "dense", "heads"),
+    "ModernBertAttention": ("Wqkv", "Wo", "blocks"),
     "FalconAttention": ("query_key_value", "dense", _falcon_layout),
 }
 

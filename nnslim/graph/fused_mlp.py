@@ -1,4 +1,4 @@
-"""Fused gate/up MLPs (Phi-3's ``gate_up_proj``): prune hidden units from both halves at once.
+"""Fused gate/up MLPs (Phi-3's ``gate_up_proj``, ModernBERT's ``Wi``): prune hidden units from both halves at once.
 
 A gated MLP whose gate and up projections are one layer computes ``gate, up = fc(x).chunk(2)``
 and ``down(act(gate) * up)``. Hidden unit ``i`` is row ``i`` and row ``I + i`` of the fused layer
@@ -25,7 +25,7 @@ from torch import nn
 __all__ = ["ExpertBankSpec", "FusedMLPSpec", "find_expert_banks", "find_fused_mlps"]
 
 #: child names of (fused gate/up layer, down layer)
-NAMES = (("gate_up_proj", "down_proj"),)
+NAMES = (("gate_up_proj", "down_proj"), ("Wi", "Wo"))
 
 
 @dataclass
@@ -86,6 +86,8 @@ def find_fused_mlps(
                 continue
             join = f"{path}.{{}}" if path else "{}"
             units = down.in_features
+            if fused.out_features == units:
+                continue  # a plain MLP that happens to use these names
             if fused.out_features != 2 * units:
                 left[join.format(fused_name)] = (
                     f"fused gate/up layer with {fused.out_features} outputs for "
@@ -130,7 +132,7 @@ def _layout_check(m: nn.Module, fused_name: str, down_name: str, units: int) -> 
 
 # -- mixture-of-experts banks -------------------------------------------------------------------
 #: parameter names of an expert bank: (fused gate/up ``[E, 2I, H]``, down ``[E, H, I]``)
-EXPERT_NAMES = (("gate_up_proj", "down_proj"),)
+EXPERT_NAMES = (("gate_up_proj", "down_proj"), ("Wi", "Wo"))
 
 
 @dataclass

@@ -1292,11 +1292,11 @@ def update_hf_config(model: nn.Module, attention: list[AttentionSpec]) -> list[s
             for p, m in named.items()
             if pattern.fullmatch(p)
         }
-        if key == "intermediate_size":  # Phi-3's fused gate/up: two halves
+        if key == "intermediate_size":  # fused gate/up (Phi-3, ModernBERT): two halves
             widths |= {
                 m.out_features // 2
                 for p, m in named.items()
-                if p.endswith("mlp.gate_up_proj") and isinstance(m, nn.Linear)
+                if p.endswith(("mlp.gate_up_proj", "mlp.Wi")) and isinstance(m, nn.Linear)
             }
         if key == (
             "moe_intermediate_size"

@@ -54,6 +54,46 @@ def falcon(**kw):
     return tf.FalconForCausalLM(cfg), ids()
 
 
+def persimmon():
+    cfg = tf.PersimmonConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=200,
+        qk_layernorm=True,
+    )
+    return tf.PersimmonForCausalLM(cfg), ids()
+
+
+def neox_japanese():
+    cfg = tf.GPTNeoXJapaneseConfig(
+        hidden_size=64,
+        intermediate_multiple_size=2,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=200,
+    )
+    return tf.GPTNeoXJapaneseForCausalLM(cfg), ids()
+
+
+def modernbert():
+    cfg = tf.ModernBertConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=200,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        cls_token_id=1,
+        sep_token_id=2,
+        global_attn_every_n_layers=1,
+    )
+    return tf.ModernBertForMaskedLM(cfg), ids()
+
+
 def vit():
     m = timm.create_model(
         "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=5
@@ -69,6 +109,9 @@ CASES = {
     "falcon-multi-query": (lambda: falcon(multi_query=True), "blocks"),
     "falcon-new-arch": (lambda: falcon(new_decoder_architecture=True, num_kv_heads=2), "groups"),
     "timm-vit": (vit, "blocks"),
+    "persimmon": (persimmon, "heads"),
+    "gpt-neox-japanese": (neox_japanese, "heads"),
+    "modernbert": (modernbert, "blocks"),
 }
 
 
@@ -108,7 +151,9 @@ def test_removing_fused_heads_equals_zeroing_their_output_columns(case):
     assert torch.allclose(_out(model, x), _out(reference, x), atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("case", ["phi3-gqa", "gpt-neox", "falcon-new-arch", "timm-vit"])
+@pytest.mark.parametrize(
+    "case", ["phi3-gqa", "gpt-neox", "falcon-new-arch", "timm-vit", "persimmon", "modernbert"]
+)
 def test_prune_ratio_removes_fused_heads_and_saves(case, tmp_path):
     build, _ = CASES[case]
     torch.manual_seed(0)
@@ -153,12 +198,13 @@ def test_gqa_ratio_too_small_for_a_whole_head_is_listed():
 
 
 # -- fused gate/up MLPs -------------------------------------------------------------------------
-def test_fused_gate_up_units_removed_exactly():
+@pytest.mark.parametrize("build", [lambda: phi3(2), modernbert], ids=["phi3", "modernbert"])
+def test_fused_gate_up_units_removed_exactly(build):
     """Removing units i from both halves equals zeroing column i of down_proj in the original."""
     from nnslim.graph.fused_mlp import find_fused_mlps
 
     torch.manual_seed(0)
-    model, x = phi3(2)
+    model, x = build()
     model.eval()
     mlps, left = find_fused_mlps(model)
     assert len(mlps) == 2 and not left
@@ -170,6 +216,17 @@ def test_fused_gate_up_units_removed_exactly():
         mlp.prune_units(model, remove)
         assert model.get_submodule(mlp.fused).out_features == 2 * (96 - 3)
     assert torch.allclose(_out(model, x), _out(reference, x), atol=1e-5, rtol=1e-4)
+
+
+def test_modernbert_prunes_heads_and_fused_mlp_units_and_the_config():
+    torch.manual_seed(0)
+    model, x = modernbert()
+    nnslim.Prune(ratio=0.25).apply(model, x)
+    layer = model.model.layers[0]
+    assert layer.mlp.Wi.out_features == 2 * 72 and layer.mlp.Wo.in_features == 72
+    assert layer.attn.Wqkv.out_features == 3 * 3 * layer.attn.head_dim
+    assert model.config.intermediate_size == 72
+    assert torch.isfinite(_out(model, x)).all()
 
 
 def test_prune_shrinks_fused_gate_up_and_the_config():
