@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,16 +132,27 @@ def _layout_check(m: nn.Module, fused_name: str, down_name: str, units: int) -> 
 
 
 # -- mixture-of-experts banks -------------------------------------------------------------------
-#: parameter names of an expert bank: (fused gate/up ``[E, 2I, H]``, down ``[E, H, I]``)
+#: parameter names of an expert bank: (fused gate/up, down)
 EXPERT_NAMES = (("gate_up_proj", "down_proj"), ("Wi", "Wo"))
+
+#: the layout each checked bank was found to have (``find_expert_banks(check=False)`` reuses it)
+_LAYOUTS: weakref.WeakKeyDictionary[nn.Module, tuple[bool, bool]] = weakref.WeakKeyDictionary()
 
 
 @dataclass
 class ExpertBankSpec:
     """The experts of one mixture-of-experts layer stored as 3-D parameters (transformers'
-    ``Qwen3MoeExperts``, ``OlmoeExperts``, ``MixtralExperts``...): expert ``e`` computes
-    ``down[e] @ (act(gate) * up)`` with ``gate, up = (gate_up[e] @ x).chunk(2)``. Each expert
-    loses the same number of hidden units, each its own least important ones.
+    ``Qwen3MoeExperts``, ``OlmoeExperts``, ``MixtralExperts``, ``GptOssExperts``,
+    ``Llama4TextExperts``...): expert ``e`` computes ``down[e](act(gate) * up)`` from its
+    fused gate/up projection. Each expert loses the same number of hidden units, each its own
+    least important ones.
+
+    Two layouts are known, each checked on the module before it is trusted:
+
+    * ``transposed``: ``False`` for ``gate_up [E, 2I, H]`` and ``down [E, H, I]`` (``W @ x``),
+      ``True`` for ``gate_up [E, H, 2I]`` and ``down [E, I, H]`` (``x @ W``: GPT-OSS, Llama 4);
+    * ``interleaved``: ``False`` when unit ``i`` is gate ``i`` and up ``I + i`` (``chunk(2)``),
+      ``True`` when it is ``2i`` and ``2i + 1`` (GPT-OSS's ``[..., ::2]``, ``[..., 1::2]``).
 
     Attributes:
         path: the experts module; gate_up, down: its parameter names; units: units per expert.
@@ -152,6 +164,8 @@ class ExpertBankSpec:
     down: str
     experts: int
     units: int
+    transposed: bool = False
+    interleaved: bool = False
 
     @property
     def fused(self) -> str:  # the key Prune plans and selects the bank by
@@ -163,12 +177,27 @@ class ExpertBankSpec:
         needs rows of a multiple of 16 bytes."""
         return _removable(self.units, ratio, math.lcm(8, round_to or 1))
 
+    def _unit_axes(self) -> tuple[int, int]:
+        """The axis of the 2I gate/up rows and of the I down units in the stored parameters."""
+        return (2, 1) if self.transposed else (1, 2)
+
+    def _pairs(self, units: torch.Tensor) -> torch.Tensor:
+        """``[E, k]`` unit indices -> ``[E, 2k]`` gate/up positions, ascending."""
+        if self.interleaved:
+            return torch.stack([2 * units, 2 * units + 1], dim=2).flatten(1)
+        return torch.cat([units, units + self.units], dim=1)
+
     def unit_scores(self) -> torch.Tensor:
         """``[E, I]``: each unit's L2 magnitude over its gate row, up row and down column."""
-        gu = self.module._parameters[self.gate_up].detach().float()
-        down = self.module._parameters[self.down].detach().float()
-        i = self.units
-        return gu[:, :i].norm(dim=2) + gu[:, i:].norm(dim=2) + down.norm(dim=1)
+        gu_axis, down_axis = self._unit_axes()
+        gu = self.module._parameters[self.gate_up].detach().float().movedim(gu_axis, 1)
+        down = self.module._parameters[self.down].detach().float().movedim(down_axis, 2)
+        per_row = gu.norm(dim=2)  # [E, 2I]
+        if self.interleaved:
+            pair = per_row[:, 0::2] + per_row[:, 1::2]
+        else:
+            pair = per_row[:, : self.units] + per_row[:, self.units :]
+        return pair + down.norm(dim=1)
 
     def prune_units(self, n: int) -> None:
         """Remove the ``n`` lowest-scoring units of every expert."""
@@ -177,16 +206,16 @@ class ExpertBankSpec:
         m, i = self.module, self.units
         keep = self.unit_scores().argsort(dim=1, descending=True)[:, : i - n].sort(dim=1).values
         gu, down = m._parameters[self.gate_up], m._parameters[self.down]
-        rows = torch.cat([keep, keep + i], dim=1).to(gu.device)  # [E, 2(I-n)]
-        new_gu = torch.gather(gu.data, 1, rows[:, :, None].expand(-1, -1, gu.shape[2]))
-        cols = keep.to(down.device)[:, None, :].expand(-1, down.shape[1], -1)
-        new_down = torch.gather(down.data, 2, cols)
+        gu_axis, down_axis = self._unit_axes()
+        rows = self._pairs(keep)  # [E, 2(I-n)]
+        new_gu = _gather(gu.data, gu_axis, rows)
+        new_down = _gather(down.data, down_axis, keep)
         for name, old, new in ((self.gate_up, gu, new_gu), (self.down, down, new_down)):
             p = nn.Parameter(new.contiguous(), requires_grad=old.requires_grad)
             m._parameters[name] = p
         bias = m._parameters.get(f"{self.gate_up}_bias")
         if bias is not None:
-            b = torch.gather(bias.data, 1, rows)
+            b = torch.gather(bias.data, 1, rows.to(bias.device))
             m._parameters[f"{self.gate_up}_bias"] = nn.Parameter(
                 b, requires_grad=bias.requires_grad
             )
@@ -194,6 +223,26 @@ class ExpertBankSpec:
             if m.__dict__.get(attr) == i:
                 m.__dict__[attr] = i - n
         self.units = i - n
+
+
+def _gather(t: torch.Tensor, axis: int, index: torch.Tensor) -> torch.Tensor:
+    """``t[e]`` keeps, along ``axis`` (1 or 2), the positions ``index[e]`` of each expert."""
+    index = index.to(t.device)
+    if axis == 1:
+        return torch.gather(t, 1, index[:, :, None].expand(-1, -1, t.shape[2]))
+    return torch.gather(t, 2, index[:, None, :].expand(-1, t.shape[1], -1))
+
+
+def _bank_shape(gu: torch.Tensor, down: torch.Tensor) -> tuple[bool, int, int] | None:
+    """``(transposed, units, hidden)`` when the two parameters form a bank, else ``None``."""
+    e = gu.shape[0]
+    if down.shape[0] != e:
+        return None
+    if gu.shape[1] == 2 * down.shape[2] and down.shape[1] == gu.shape[2]:
+        return False, down.shape[2], gu.shape[2]
+    if gu.shape[2] == 2 * down.shape[1] and down.shape[2] == gu.shape[1]:
+        return True, down.shape[1], gu.shape[1]
+    return None
 
 
 def find_expert_banks(
@@ -209,48 +258,69 @@ def find_expert_banks(
                 continue
             if gu.dim() != 3 or down.dim() != 3:
                 continue
-            e, two_i, h = gu.shape
-            if down.shape[0] != e or down.shape[1] != h or two_i != 2 * down.shape[2]:
+            shape = _bank_shape(gu, down)
+            if shape is None:
                 left[path] = (
                     f"expert bank {type(m).__name__} with {gu_name} {tuple(gu.shape)} and "
-                    f"{down_name} {tuple(down.shape)}: not [E, 2I, H] and [E, H, I]"
+                    f"{down_name} {tuple(down.shape)}: neither [E, 2I, H] and [E, H, I] nor "
+                    f"[E, H, 2I] and [E, I, H]"
                 )
                 continue
+            transposed, units, hidden = shape
+            interleaved = _LAYOUTS.get(m, (transposed, False))[1]
             if check and gu.device.type != "meta":
-                why = _expert_layout_check(m, gu_name, down_name, e, down.shape[2], h)
-                if why:
-                    left[path] = why
+                layout = _expert_layout(m, gu_name, down_name, gu.shape[0], units, hidden)
+                if isinstance(layout, str):
+                    left[path] = layout
                     continue
-            found.append(ExpertBankSpec(path, m, gu_name, down_name, e, down.shape[2]))
+                interleaved = layout
+                _LAYOUTS[m] = (transposed, interleaved)
+            found.append(
+                ExpertBankSpec(
+                    path, m, gu_name, down_name, gu.shape[0], units, transposed, interleaved
+                )
+            )
     return found, left
 
 
-def _expert_layout_check(
+def _expert_layout(
     m: nn.Module, gu_name: str, down_name: str, experts: int, units: int, hidden: int
-) -> str | None:
-    """``None`` when unit ``i`` of every expert is rows ``i`` and ``I + i`` of gate/up and
-    column ``i`` of down (zeroing all three leaves the output as zeroing the rows alone)."""
-    probe = copy.deepcopy(m).float().eval()
-    gu, down = probe._parameters[gu_name], probe._parameters[down_name]
+) -> bool | str:
+    """Whether the bank interleaves gate and up (``False``: halves), or why neither layout
+    holds. A layout holds when zeroing unit ``i``'s gate and up entries of every expert, and
+    then its down entries too, gives the same output (the unit contributes nothing either
+    way); the wrong layout zeroes half of two different units and changes it."""
+    transposed = _bank_shape(m._parameters[gu_name], m._parameters[down_name])[0]  # type: ignore[index]
     i = units // 2
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(6, hidden, generator=g)
-    idx = torch.arange(6)[:, None] % experts
-    w = torch.ones(6, 1)
+    for interleaved in (False, True):
+        probe = copy.deepcopy(m).float().eval()
+        gu, down = probe._parameters[gu_name], probe._parameters[down_name]
+        pair = [2 * i, 2 * i + 1] if interleaved else [i, units + i]
+        try:
+            with torch.no_grad():
+                gu.index_fill_(2 if transposed else 1, torch.tensor(pair), 0.0)
+                bias = probe._parameters.get(f"{gu_name}_bias")
+                if bias is not None:
+                    bias[:, pair] = 0
+                a = _run_bank(probe, experts, hidden)
+                down.index_fill_(1 if transposed else 2, torch.tensor([i]), 0.0)
+                b = _run_bank(probe, experts, hidden)
+        except Exception as e:
+            return f"expert bank {type(m).__name__} could not be checked ({type(e).__name__})"
+        if isinstance(a, torch.Tensor) and torch.equal(a, b) and a.abs().sum() > 0:
+            return interleaved
+    return (
+        f"{type(m).__name__}'s {gu_name} pairs gate and up units neither as halves nor "
+        "interleaved, as far as nnslim can check: its units are kept"
+    )
+
+
+def _run_bank(probe: nn.Module, experts: int, hidden: int) -> Any:
+    """The bank's forward on 2 tokens per expert: ``(x, expert index, weight)`` as most
+    banks take it, or ``x`` alone, pre-sorted per expert (Llama 4)."""
+    x = torch.randn(2 * experts, hidden, generator=torch.Generator().manual_seed(0))
     try:
-        with torch.no_grad():
-            gu[:, [i, units + i]] = 0
-            bias = probe._parameters.get(f"{gu_name}_bias")
-            if bias is not None:
-                bias[:, [i, units + i]] = 0
-            a = probe(x, idx, w)
-            down[:, :, i] = 0
-            b = probe(x, idx, w)
-    except Exception as e:
-        return f"expert bank {type(m).__name__} could not be checked ({type(e).__name__})"
-    if not isinstance(a, torch.Tensor) or not torch.equal(a, b) or not a.abs().sum() > 0:
-        return (
-            f"{type(m).__name__}'s {gu_name} is not split into [gate | up] halves per expert as "
-            "nnslim expects (an interleaved or biased layout): its units are kept"
-        )
-    return None
+        idx = torch.arange(2 * experts)[:, None] % experts
+        return probe(x, idx, torch.ones(2 * experts, 1))
+    except TypeError:
+        return probe(x)

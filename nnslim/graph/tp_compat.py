@@ -102,10 +102,60 @@ class Conv1DPruner(tp.pruner.BasePruningFunc):
 CONV1D_PRUNER = Conv1DPruner()
 
 
-def customized_pruners() -> dict[Any, Any]:
-    """The pruners nnslim adds to torch-pruning's."""
+def _per_channel_extras(layer: nn.Module, out: int) -> list[str]:
+    """Parameters of a ``nn.Conv*``/``nn.Linear`` subclass beside ``weight`` and ``bias`` that
+    hold one value per output channel (timm's ``ScaledStdConv2d.gain``, shaped
+    ``(out, 1, 1, 1)``)."""
+    return [
+        n
+        for n, p in layer._parameters.items()
+        if n not in ("weight", "bias")
+        and p is not None
+        and p.dim() >= 1
+        and p.shape[0] == out
+        and p.numel() == out
+    ]
+
+
+def _with_extras(base: type) -> type:
+    class Pruner(base):  # type: ignore[misc, valid-type]
+        """torch-pruning's pruner, also cutting the subclass's per-output-channel parameters."""
+
+        def prune_out_channels(self, layer: nn.Module, idxs: Any) -> nn.Module:
+            out = self.get_out_channels(layer)
+            extras = _per_channel_extras(layer, out)
+            keep = sorted(set(range(out)) - set(idxs))
+            layer = super().prune_out_channels(layer, idxs)
+            for n in extras:
+                setattr(layer, n, self._prune_parameter_and_grad(getattr(layer, n), keep, 0))
+            return layer
+
+    Pruner.__name__ = Pruner.__qualname__ = f"{base.__name__}WithExtras"
+    return Pruner
+
+
+_EXTRAS_PRUNERS = {
+    nn.Linear: _with_extras(tp.pruner.function.LinearPruner)(),
+    nn.Conv1d: _with_extras(tp.pruner.function.ConvPruner)(),
+    nn.Conv2d: _with_extras(tp.pruner.function.ConvPruner)(),
+    nn.Conv3d: _with_extras(tp.pruner.function.ConvPruner)(),
+}
+
+
+def customized_pruners(model: nn.Module | None = None) -> dict[Any, Any]:
+    """The pruners nnslim adds to torch-pruning's: Hugging Face ``Conv1D``, and subclasses of
+    ``nn.Linear``/``nn.Conv*`` in ``model`` holding per-output-channel parameters of their own
+    (torch-pruning cuts only ``weight`` and ``bias``; the rest would keep the old width)."""
     c = conv1d_type()
-    return {c: CONV1D_PRUNER} if c is not None else {}
+    out: dict[Any, Any] = {c: CONV1D_PRUNER} if c is not None else {}
+    for m in model.modules() if model is not None else ():
+        base = next((b for b in _EXTRAS_PRUNERS if isinstance(m, b)), None)
+        if base is None or type(m) is base or type(m) in out:
+            continue
+        width = m.out_features if isinstance(m, nn.Linear) else m.out_channels
+        if _per_channel_extras(m, width):
+            out[type(m)] = _EXTRAS_PRUNERS[base]
+    return out
 
 
 def _fixed_concat(orig: Any) -> Any:

@@ -290,13 +290,23 @@ def build_dependency(
     out of the graph."""
     dg = tp.DependencyGraph()
     outputs: list[torch.Tensor] = []
+    layer_outputs: list[torch.Tensor] = []
 
     def forward_fn(m: nn.Module, _: Any) -> Any:
-        return _call(m, inputs)
+        handles = _watch_layer_outputs(m, layer_outputs)
+        try:
+            return _call(m, inputs)
+        finally:
+            for h in handles:
+                h.remove()
 
     def output_transform(out: Any) -> list[torch.Tensor]:
         outputs[:] = [t for t in output_tensors(out) if t.grad_fn is not None]
-        return outputs
+        # torch-pruning walks back from the outputs only: a layer whose result the model
+        # computes and drops (CLIP's post_layernorm under a classifier that pools the tokens
+        # itself) would be missing from the graph and keep its width while its input shrinks.
+        # Each layer's own output is a root too; one reached from the outputs adds nothing.
+        return outputs + layer_outputs
 
     with (
         preserved_state(model),
@@ -311,12 +321,27 @@ def build_dependency(
             example_inputs=inputs.as_tuple(),
             forward_fn=forward_fn,
             output_transform=output_transform,
-            customized_pruners=customized_pruners(),
+            customized_pruners=customized_pruners(model),
             unwrapped_parameters=unwrapped_parameters,
             ignored_layers=list(not_tensor or []),
             verbose=False,
         )
     return dg, [t.grad_fn for t in outputs]
+
+
+def _watch_layer_outputs(model: nn.Module, into: list[torch.Tensor]) -> list[Any]:
+    """Hooks that collect the tensor output of every module holding parameters of its own,
+    during the next forward (:func:`build_dependency` traces from them as well)."""
+
+    def hook(m: nn.Module, _: Any, out: Any) -> None:
+        if isinstance(out, torch.Tensor) and out.grad_fn is not None:
+            into.append(out)
+
+    return [
+        m.register_forward_hook(hook)
+        for m in model.modules()
+        if any(p is not None for p in m._parameters.values())
+    ]
 
 
 def _watch_not_tensor(model: nn.Module) -> tuple[list[nn.Module], list[Any]]:

@@ -307,3 +307,55 @@ def test_a_group_reaching_one_side_of_a_tie_keeps_its_channels():
     assert model.up.out_features == 16  # the rest is pruned
     assert model.decoder.weight is model.emb.weight
     assert model(ids).shape == (2, 7, 40)
+
+
+class GainConv(nn.Conv2d):
+    """A Conv2d subclass with a per-output-channel gain of its own (timm's ScaledStdConv2d)."""
+
+    def __init__(self, cin, cout):
+        super().__init__(cin, cout, 3, padding=1)
+        self.gain = nn.Parameter(torch.rand(cout, 1, 1, 1) + 0.5)
+
+    def forward(self, x):
+        return nn.functional.conv2d(x, self.weight * self.gain, self.bias, padding=1)
+
+
+class GainLinear(nn.Linear):
+    def __init__(self, cin, cout):
+        super().__init__(cin, cout)
+        self.scale = nn.Parameter(torch.rand(cout) + 0.5)
+
+    def forward(self, x):
+        return super().forward(x) * self.scale
+
+
+def test_per_channel_parameters_of_a_layer_subclass_follow_its_output_channels(tmp_path):
+    def build():
+        return nn.Sequential(
+            GainConv(3, 16),
+            nn.ReLU(),
+            GainConv(16, 16),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            GainLinear(16, 32),
+            nn.ReLU(),
+            nn.Linear(32, 4),
+        )
+
+    torch.manual_seed(0)
+    model, x = build().eval(), torch.randn(2, 3, 8, 8)
+    weight, gain = model[2].weight.detach().clone(), model[2].gain.detach().clone()
+    nnslim.Prune(ratio=0.5, select=["2"]).apply(model, x)
+    assert model[2].out_channels == 8 and model[2].gain.shape == (8, 1, 1, 1)
+    # each kept channel keeps its own gain: find its row among the original weights
+    rows = model[2].weight.detach()[:, None] == weight[None]
+    kept = rows.flatten(2).all(2).float().argmax(1)
+    assert len(set(kept.tolist())) == 8
+    assert torch.equal(model[2].gain.detach(), gain[kept])
+    assert model[5].in_features == 8
+    report = nnslim.Prune(ratio=0.5, select=["5"]).apply(model, x)
+    assert model[5].out_features == 16 and model[5].scale.shape == (16,), report
+    assert model(x).shape == (2, 4)
+    nnslim.save(model, tmp_path / "m")
+    back = nnslim.load(tmp_path / "m", build())
+    assert torch.equal(back(x), model(x))

@@ -279,10 +279,11 @@ def test_hidden_width_is_pruned_and_the_config_follows(tmp_path):
         assert torch.allclose(back(**x).logits, ref, atol=1e-5)
 
 
-def test_hidden_width_that_breaks_the_forward_is_kept_and_heads_still_go():
-    # CLIPForImageClassification pools the class token through a norm the dependency graph
-    # does not reach: pruning the hidden width breaks it, so Prune keeps that width, says
-    # why, and prunes heads and MLP units
+def test_a_layer_whose_output_the_model_drops_follows_the_hidden_width():
+    # CLIPForImageClassification computes pooler_output = post_layernorm(class token) and
+    # drops it (the classifier pools the tokens itself): torch-pruning, walking back from the
+    # outputs only, never reaches post_layernorm. nnslim traces from every layer's output too,
+    # so the norm follows the hidden width instead of breaking the forward
     cfg = tf.CLIPConfig(
         text_config=dict(
             hidden_size=32,
@@ -306,9 +307,11 @@ def test_hidden_width_that_breaks_the_forward_is_kept_and_heads_still_go():
     with torch.no_grad():
         shape = model(**x).logits.shape
     rep = nnslim.Prune(ratio=0.5).apply(model, x)
-    assert any(n.startswith("the hidden width") and "post_layernorm" in n for n in rep.notes)
+    assert not any(n.startswith("the hidden width") for n in rep.notes), rep.notes
     layer = model.vision_model.encoder.layers[0]
-    assert layer.self_attn.out_proj.out_features == 64
+    width = layer.self_attn.out_proj.out_features
+    assert width == 32  # the residual width
+    assert model.vision_model.post_layernorm.weight.shape == (width,)
     assert layer.self_attn.q_proj.out_features == 32  # 2 of 4 heads
     assert layer.mlp.fc1.out_features == 64
     with torch.no_grad():
@@ -630,37 +633,110 @@ def _mixtral():
     return tf.MixtralForCausalLM(cfg).eval()
 
 
-def test_each_expert_of_a_moe_bank_loses_its_own_least_important_units_exactly(tmp_path):
-    """transformers stores a layer's experts as 3-D parameters (gate/up ``[E, 2I, H]``, down
-    ``[E, H, I]``) that torch-pruning cannot see: every expert loses the same number of hidden
-    units, each its own; units that contribute nothing leave the output as it was."""
-    model = _mixtral()
+def _gpt_oss():
+    cfg = tf.GptOssConfig(
+        hidden_size=32,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        vocab_size=128,
+    )
+    torch.manual_seed(0)
+    model = tf.GptOssForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.experts.gate_up_proj_bias.normal_()  # a bias per gate/up unit, pruned too
+    return model
+
+
+def _llama4():
+    cfg = tf.Llama4TextConfig(
+        hidden_size=32,
+        intermediate_size=32,
+        intermediate_size_mlp=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_local_experts=4,
+        num_experts_per_tok=1,
+        vocab_size=128,
+    )
+    torch.manual_seed(0)
+    return tf.Llama4ForCausalLM(cfg).eval()
+
+
+#: builder, the experts module under each layer, transposed ([E, H, 2I]), interleaved gate/up
+BANKS = {
+    "mixtral": (_mixtral, "mlp.experts", False, False),
+    "gpt-oss": (_gpt_oss, "mlp.experts", True, True),
+    "llama4": (_llama4, "feed_forward.experts", True, False),
+}
+
+
+@pytest.mark.parametrize("bank", list(BANKS))
+def test_each_expert_of_a_moe_bank_loses_its_own_least_important_units_exactly(bank, tmp_path):
+    """transformers stores a layer's experts as 3-D parameters (gate/up ``[E, 2I, H]`` and
+    down ``[E, H, I]``, or both transposed; gate and up as halves or interleaved) that
+    torch-pruning cannot see: every expert loses the same number of hidden units, each its
+    own; units that contribute nothing leave the output as it was."""
+    build, where, transposed, interleaved = BANKS[bank]
+    model = build()
     for layer in model.model.layers:
-        ex = layer.mlp.experts
+        ex = layer.get_submodule(where)
         with torch.no_grad():
             for e in range(4):
-                dead = list(range(e * 8, e * 8 + 8))  # another 8 units in every expert
-                ex.gate_up_proj[e, dead] = 0
-                ex.gate_up_proj[e, [32 + u for u in dead]] = 0
-                ex.down_proj[e][:, dead] = 0
+                dead = torch.arange(e * 8, e * 8 + 8)  # another 8 units in every expert
+                pair = torch.cat([2 * dead, 2 * dead + 1] if interleaved else [dead, dead + 32])
+                ex.gate_up_proj[e].index_fill_(1 if transposed else 0, pair, 0.0)
+                ex.down_proj[e].index_fill_(0 if transposed else 1, dead, 0.0)
+                bias = getattr(ex, "gate_up_proj_bias", None)
+                if bias is not None:
+                    bias[e, pair] = 0
     x = {"input_ids": torch.randint(0, 128, (1, 12))}
     with torch.no_grad():
         ref = model(**x).logits
-    select = {f"model.layers.{i}.mlp.experts": 0.25 for i in range(2)}
-    report = nnslim.Prune(select=select).apply(model, x)
+    paths = [f"model.layers.{i}.{where}" for i in range(2)]
+    report = nnslim.Prune(select=dict.fromkeys(paths, 0.25)).apply(model, x)
+    gu_shape, down_shape = ((4, 32, 48), (4, 24, 32)) if transposed else ((4, 48, 32), (4, 32, 24))
     for layer in model.model.layers:
-        ex = layer.mlp.experts
-        assert ex.gate_up_proj.shape == (4, 48, 32) and ex.down_proj.shape == (4, 32, 24)
-        assert ex.intermediate_dim == 24
+        ex = layer.get_submodule(where)
+        assert ex.gate_up_proj.shape == gu_shape and ex.down_proj.shape == down_shape
     assert model.config.intermediate_size == 24
-    assert {c.path for c in report.changes} == {f"model.layers.{i}.mlp.experts" for i in (0, 1)}
-    assert report.after.macs < report.before.macs  # the profiler counts aten._grouped_mm
+    assert {c.path for c in report.changes} == set(paths)
+    assert report.after.macs < report.before.macs  # the profiler counts the expert matmuls
     with torch.no_grad():
         assert torch.allclose(model(**x).logits, ref, atol=1e-5)
     nnslim.save(model, tmp_path / "moe.safetensors")
-    loaded = nnslim.load(tmp_path / "moe.safetensors", _mixtral())
+    loaded = nnslim.load(tmp_path / "moe.safetensors", build())
     with torch.no_grad():
         assert torch.equal(loaded(**x).logits, model(**x).logits)
+
+
+def test_an_expert_bank_whose_gate_up_pairing_is_neither_layout_keeps_its_units():
+    from nnslim.graph.fused_mlp import find_expert_banks
+
+    model = _mixtral()
+    ex = model.model.layers[0].mlp.experts
+    forward = type(ex).forward
+
+    def swapped(self, hidden, idx, weights):  # gate/up read as [up | gate] halves, reversed
+        with torch.no_grad():
+            saved = self.gate_up_proj.data
+            self.gate_up_proj.data = saved.flip(1)
+        try:
+            return forward(self, hidden, idx, weights)
+        finally:
+            self.gate_up_proj.data = saved
+
+    ex.forward = swapped.__get__(ex)
+    banks, left = find_expert_banks(model)
+    assert [b.path for b in banks] == ["model.layers.1.mlp.experts"]
+    assert "neither as halves nor interleaved" in left["model.layers.0.mlp.experts"]
 
 
 def test_an_expert_bank_keeps_a_multiple_of_8_units_for_grouped_mm():
