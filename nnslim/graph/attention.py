@@ -325,6 +325,7 @@ def _falcon_layout(m: nn.Module) -> str | None:
 #: layout is a string or a function of the module (``None``: the layout is not prunable)
 FUSED: dict[str, tuple[str, str, Any]] = {
     "Phi3Attention": ("qkv_proj", "o_proj", "blocks"),
+    "Phi4MultimodalAttention": ("qkv_proj", "o_proj", "blocks"),
     "GPTNeoXAttention": ("query_key_value", "dense", "heads"),
     "GPTNeoXJapaneseAttention": ("query_key_value", "dense", "heads"),
     "PersimmonAttention": ("query_key_value", "dense", "heads"),

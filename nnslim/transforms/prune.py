@@ -1283,7 +1283,8 @@ def update_hf_config(model: nn.Module, attention: list[AttentionSpec]) -> list[s
     if cfg is None or not hasattr(cfg, "to_dict"):
         return []
     notes: list[str] = []
-    named = dict(model.named_modules())
+    named = _described_by(model, cfg)
+    attention = [s for s in attention if s.path in named]
     for key, pattern in _WIDTH_FIELDS:
         if not hasattr(cfg, key):
             continue
@@ -1373,6 +1374,23 @@ def update_hf_config(model: nn.Module, attention: list[AttentionSpec]) -> list[s
                     f"reload with nnslim.load (or nnslim.hf.from_pretrained)"
                 )
     return notes
+
+
+def _described_by(model: nn.Module, cfg: Any) -> dict[str, nn.Module]:
+    """The modules ``cfg`` describes: all but those under a module holding a config of another
+    class (a multimodal model's vision or audio tower: its widths and heads are not the text
+    config's). A copy of the same class counts as ``cfg`` (T5 hands each stack a deep copy)."""
+    out: dict[str, nn.Module] = {}
+    foreign: list[str] = []
+    for path, m in model.named_modules():
+        if any(path == f or path.startswith(f + ".") for f in foreign):
+            continue
+        own = m.__dict__.get("config")
+        if path and own is not None and hasattr(own, "to_dict") and type(own) is not type(cfg):
+            foreign.append(path)
+            continue
+        out[path] = m
+    return out
 
 
 def _shapes(m: nn.Module) -> tuple[tuple[int, ...], ...]:

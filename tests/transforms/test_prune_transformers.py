@@ -757,3 +757,47 @@ def test_an_expert_bank_ranked_by_magnitude_under_another_importance_says_so():
     assert any(
         "ranked by their L2 weight magnitude, not by importance='l1'" in n for n in report.notes
     )
+
+
+def _phi4_multimodal():
+    cfg = tf.Phi4MultimodalConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=200,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
+        audio_config=dict(
+            hidden_size=32, intermediate_size=64, num_blocks=1, num_attention_heads=2
+        ),
+    )
+    torch.manual_seed(0)
+    return tf.Phi4MultimodalForCausalLM(cfg).eval()
+
+
+def test_a_towers_heads_do_not_write_the_text_config(tmp_path):
+    # Phi-4-multimodal's text attention reads config.num_attention_heads; its vision and audio
+    # towers have configs of their own. Their pruned head counts used to be written into the
+    # text config, breaking the text attention (Prune failed and restored the model)
+    model = _phi4_multimodal()
+    x = {"input_ids": torch.randint(0, 200, (1, 10))}
+    nnslim.Prune(ratio=0.5).apply(model, x)
+    attn = model.model.layers[0].self_attn
+    assert attn.qkv_proj.out_features == (2 + 2 * 2) * attn.head_dim  # 2 of 4 query heads
+    assert (model.config.num_attention_heads, model.config.num_key_value_heads) == (2, 2)
+    assert model.config.vision_config.num_attention_heads == 2  # not the text model's
+    nnslim.save(model, tmp_path / "m")
+    back = nnslim.load(tmp_path / "m", _phi4_multimodal())
+    with torch.no_grad():
+        assert torch.equal(back(**x).logits, model(**x).logits)
