@@ -150,7 +150,95 @@ def save(
                 + (f" and {len(wrong) - 3} more" if len(wrong) > 3 else "")
                 + "."
             )
-    write_weights(path, _record_of(model), state_dict)
+    record = _record_of(model)
+    write_weights(path, record, {**state_dict, **_changed_np_buffers(model, record)})
+
+
+#: prefix of the file keys holding non-persistent buffers a transform created or reshaped
+NP_PREFIX = "nnslim.non_persistent:"
+
+
+def _np_in(path: str, tensors: Any) -> list[str]:
+    return [
+        f"{path}.{n}" if path else n
+        for n, spec in (tensors or {}).items()
+        if isinstance(spec, dict) and spec.get("kind") == "buffer_np" and "tie" not in spec
+    ]
+
+
+def _np_in_spec(path: str, spec: Any) -> list[str]:
+    if not isinstance(spec, dict) or "alias" in spec:
+        return []
+    join = lambda rel: f"{path}.{rel}" if path and rel else (path or rel)  # noqa: E731
+    if "ref" in spec:
+        return [
+            n
+            for rel, upd in (spec.get("updates") or {}).items()
+            for n in _np_in(join(rel), upd.get("tensors") if isinstance(upd, dict) else None)
+        ]
+    out = _np_in(path, spec.get("tensors"))
+    for name, child in (spec.get("children") or {}).items():
+        out += _np_in_spec(join(name), child)
+    return out
+
+
+def np_buffers_of(record: Any) -> list[str]:
+    """Non-persistent buffers the record's steps create or reshape: ``state_dict()`` leaves
+    them out and a replay builds them empty, so the file carries their values itself."""
+    names: list[str] = []
+    entries = record.get("entries", []) if isinstance(record, dict) else []
+    for entry in entries if isinstance(entries, list) else []:
+        for op in entry.get("ops", []) if isinstance(entry, dict) else []:
+            if not isinstance(op, dict):
+                continue
+            if op.get("op") == "update":
+                names += _np_in(op.get("path", ""), op.get("tensors"))
+            elif op.get("op") == "replace":
+                names += _np_in_spec(op.get("path", ""), op.get("spec"))
+    return list(dict.fromkeys(names))
+
+
+def _np_buffer(model: nn.Module, name: str) -> tuple[nn.Module, str] | None:
+    path, _, leaf = name.rpartition(".")
+    try:
+        m = model.get_submodule(path)
+    except AttributeError:
+        return None
+    if leaf in m._non_persistent_buffers_set and isinstance(m._buffers.get(leaf), torch.Tensor):
+        return m, leaf
+    return None
+
+
+def _changed_np_buffers(model: nn.Module, record: dict[str, Any]) -> dict[str, torch.Tensor]:
+    out = {}
+    for name in np_buffers_of(record):
+        found = _np_buffer(model, name)
+        if found is not None:
+            out[NP_PREFIX + name] = found[0]._buffers[found[1]]
+    return out
+
+
+def _fill_np_buffers(model: nn.Module, record: Any, stored: dict[str, torch.Tensor]) -> None:
+    """Give the non-persistent buffers the replay built empty their saved values (or, for a
+    file written before nnslim saved them, values recomputed from the module's config)."""
+    lost = []
+    for name in np_buffers_of(record):
+        found = _np_buffer(model, name)
+        if found is None:
+            continue
+        m, leaf = found
+        t, empty = stored.get(NP_PREFIX + name), m._buffers[leaf]
+        if t is not None and t.shape == empty.shape:
+            m._buffers[leaf] = t.to(empty.device)
+        elif not recompute_buffers(m, [leaf]) or m._buffers[leaf].shape != empty.shape:
+            m._buffers[leaf] = empty
+            lost.append(name)
+    if lost:
+        raise ValueError(
+            f"load: {lost[:4]} are non-persistent buffers a transform reshaped, and the file "
+            f"does not hold their values (an nnslim before 0.1 did not save them); "
+            f"load it with that version and save it again, or redo the transform."
+        )
 
 
 def write_weights(
@@ -360,7 +448,14 @@ def _rebuild(
                     f"load: the record's step {i} ({name}) is malformed "
                     f"({type(e).__name__}: {str(e)[:120]}); it was not written by nnslim.save"
                 ) from e
-        _load_state(base, read(device), aliases)
+        state = read(device)
+        stored = {k: state.pop(k) for k in [k for k in state if k.startswith(NP_PREFIX)]}
+        for k, v in aliases.items():
+            if k.startswith(NP_PREFIX):
+                stored[k] = stored[v] if v.startswith(NP_PREFIX) else state[v]
+        aliases = {k: v for k, v in aliases.items() if not k.startswith(NP_PREFIX)}
+        _load_state(base, state, aliases)
+        _fill_np_buffers(base, record, stored)
     except BaseException:
         snap.restore()
         raise

@@ -345,3 +345,69 @@ def test_a_module_that_reads_its_state_version_loads(tmp_path):
     loaded = nnslim.load(path, mnasnet0_5(weights=None))
     x = torch.randn(2, 3, 64, 64)
     assert torch.equal(loaded.eval()(x), model(x))
+
+
+class Filtered(nn.Module):
+    """A depthwise filter held in a non-persistent buffer (timm's blur pool does this)."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.conv = nn.Conv2d(3, c, 3, padding=1)
+        filt = torch.arange(1.0, c + 1).view(c, 1, 1, 1)
+        self.register_buffer("filt", filt, persistent=False)
+        self.head = nn.Linear(c, 2)
+
+    def forward(self, x):
+        y = nn.functional.conv2d(self.conv(x), self.filt, groups=self.filt.shape[0])
+        return self.head(y.mean((2, 3)))
+
+
+@dataclasses.dataclass(frozen=True)
+class DropChannels(nnslim.Transform):
+    """Removes conv channels 1 and 4, and the matching rows of the non-persistent filter."""
+
+    def _apply(self, model, ctx, report):
+        keep = [0, 2, 3, 5, 6, 7]
+        with torch.no_grad():
+            conv = nn.Conv2d(3, 6, 3, padding=1)
+            conv.weight.copy_(model.conv.weight[keep])
+            conv.bias.copy_(model.conv.bias[keep])
+            head = nn.Linear(6, 2)
+            head.weight.copy_(model.head.weight[:, keep])
+            head.bias.copy_(model.head.bias)
+        model.conv, model.head = conv, head
+        model.register_buffer("filt", model.filt[keep].clone(), persistent=False)
+        report.changed("conv", "channels")
+
+
+def test_a_reshaped_non_persistent_buffer_keeps_its_values(tmp_path):
+    # state_dict() leaves non-persistent buffers out; a replay used to leave this one as
+    # torch.empty memory (silently wrong outputs). The file now carries its values
+    torch.manual_seed(0)
+    model, x = Filtered(), torch.randn(2, 3, 8, 8)
+    DropChannels().apply(model, x)
+    nnslim.save(model, tmp_path / "m.safetensors")
+    back = nnslim.load(tmp_path / "m.safetensors", Filtered())
+    assert torch.equal(back.filt, torch.tensor([1.0, 3, 4, 6, 7, 8]).view(6, 1, 1, 1))
+    assert "filt" not in back.state_dict()  # still non-persistent
+    assert torch.equal(_out(back, x), _out(model, x))
+
+
+def test_a_file_without_a_reshaped_non_persistent_buffer_is_refused(tmp_path):
+    from safetensors.torch import load_file
+
+    from nnslim.io.save import NP_PREFIX, _record_of, write_weights
+
+    torch.manual_seed(0)
+    model, x = Filtered(), torch.randn(2, 3, 8, 8)
+    DropChannels().apply(model, x)
+    path = tmp_path / "old.safetensors"
+    write_weights(path, _record_of(model), model.state_dict())  # as nnslim wrote it before
+    assert not any(k.startswith(NP_PREFIX) for k in load_file(path))
+    base = Filtered()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(ValueError, match=r"\['filt'\] are non-persistent buffers"):
+        nnslim.load(path, base)
+    assert base.conv.out_channels == 8 and all(
+        torch.equal(v, before[k]) for k, v in base.state_dict().items()
+    )
