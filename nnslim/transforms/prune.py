@@ -1065,10 +1065,7 @@ def _narrow_replicated_filter(m: nn.Module, channels: int) -> bool:
     was = int(buf.shape[0])
     if channels == was or channels < 1:
         return False
-    m._buffers[name] = buf[:1].expand(channels, *buf.shape[1:]).clone()
-    # saved with the weights from now on: a reshaped buffer that is not in the state_dict would
-    # be rebuilt by nnslim.load without its values
-    m._non_persistent_buffers_set.discard(name)
+    m._buffers[name] = buf[:1].expand(channels, *buf.shape[1:]).clone()  # nnslim.save keeps it
     for attr, v in list(m.__dict__.items()):
         if isinstance(v, int) and not isinstance(v, bool) and v == was and not attr.startswith("_"):
             m.__dict__[attr] = channels
