@@ -22,6 +22,7 @@ import torch_pruning as tp
 from torch import nn
 
 from ..core.inputs import Inputs, as_inputs, forward_error, output_tensors
+from ..core.modules import shared_parameters
 from ..core.snapshot import preserved_state
 from .attention import AttentionSpec, find_attention, unknown_attention_layers
 from .fused_mlp import ExpertBankSpec, FusedMLPSpec, find_expert_banks, find_fused_mlps
@@ -326,7 +327,47 @@ def build_dependency(
             ignored_layers=list(not_tensor or []),
             verbose=False,
         )
+    _link_ties(dg, model)
     return dg, [t.grad_fn for t in outputs]
+
+
+def _weight_dims(dg: Any, m: nn.Module) -> dict[int, Any]:
+    """``{dim of m.weight: the pruning function that cuts it}`` for the layers a weight can be
+    tied between (the vocabulary side is never cut: it is the output's)."""
+    pruner = dg.get_pruner_of_module(m)
+    if pruner is None:
+        return {}
+    if isinstance(m, nn.Embedding):
+        return {1: pruner.prune_out_channels}
+    if isinstance(m, nn.Linear):
+        return {0: pruner.prune_out_channels, 1: pruner.prune_in_channels}
+    c = conv1d_type()
+    if c is not None and isinstance(m, c):  # weight (in, out)
+        return {0: pruner.prune_in_channels, 1: pruner.prune_out_channels}
+    return {}
+
+
+def _link_ties(dg: Any, model: nn.Module) -> None:
+    """Layers sharing one weight cut the same channels of it. torch-pruning sees separate
+    layers: a BERT-style masked-LM head, whose decoder shares the word embeddings across a
+    dense layer of its own, or an encoder and a decoder sharing one embedding, made two
+    channel groups over one tensor (pruning either split the tie, so the hidden width was
+    kept). An edge each way between the sharers, over each dimension both can cut, makes them
+    one group."""
+    for group in shared_parameters(model):
+        owners = [
+            (m, dg.module2node[m], _weight_dims(dg, m))
+            for m, name, _ in group
+            if name == "weight" and m in dg.module2node
+        ]
+        for m, node, dims in owners:
+            for other, other_node, other_dims in owners:
+                if other is m:
+                    continue
+                for dim, fn in dims.items():
+                    if dim in other_dims:
+                        dep = tp.dependency.Dependency(fn, other_dims[dim], node, other_node)
+                        node.dependencies.append(dep)
 
 
 def _watch_layer_outputs(model: nn.Module, into: list[torch.Tensor]) -> list[Any]:

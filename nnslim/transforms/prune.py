@@ -1236,7 +1236,7 @@ def sync_hidden_sizes(
     by_cfg: dict[int, tuple[Any, list[AttentionSpec]]] = {}
     top = getattr(model, "config", None)
     for spec in attention:
-        cfg = spec.module.__dict__.get("config", top)
+        cfg = _owning_config(named, spec.path, top)
         if cfg is not None and hasattr(cfg, "to_dict") and spec.o in named:
             by_cfg.setdefault(id(cfg), (cfg, []))[1].append(spec)
     notes = []
@@ -1251,7 +1251,39 @@ def sync_hidden_sizes(
         note = _sync_hidden_size(cfg, new_w, specs)
         if note:
             notes.append(note)
+    _sync_cross_attention_width(model)
     return notes
+
+
+def _sync_cross_attention_width(model: nn.Module) -> None:
+    """Hugging Face's ``EncoderDecoderModel`` (and its vision and speech kin) projects the
+    encoder's states with an ``enc_to_dec_proj`` it builds only when the two hidden sizes
+    differ, unless the decoder config names ``cross_attention_hidden_size``. Pruning one
+    side's width (the encoder's is kept when its states are an output) makes them differ; the
+    decoder's cross-attention already reads the encoder's width, so the config says so."""
+    enc, dec = model._modules.get("encoder"), model._modules.get("decoder")
+    if enc is None or dec is None or "enc_to_dec_proj" in model._modules:
+        return
+    e_cfg, d_cfg = enc.__dict__.get("config"), dec.__dict__.get("config")
+    if not all(hasattr(c, "to_dict") for c in (e_cfg, d_cfg)):
+        return
+    e_w, d_w = getattr(e_cfg, "hidden_size", None), getattr(d_cfg, "hidden_size", None)
+    if e_w is None or d_w is None or getattr(d_cfg, "cross_attention_hidden_size", None):
+        return
+    if e_w != d_w:
+        d_cfg.cross_attention_hidden_size = e_w
+
+
+def _owning_config(named: dict[str, nn.Module], path: str, top: Any) -> Any:
+    """The config of the nearest module at or above ``path`` that holds one (an
+    encoder-decoder's encoder and decoder each have their own), else ``top``."""
+    parts = path.split(".") if path else []
+    for i in range(len(parts), 0, -1):
+        m = named.get(".".join(parts[:i]))
+        cfg = m.__dict__.get("config") if m is not None else None
+        if cfg is not None and hasattr(cfg, "to_dict"):
+            return cfg
+    return top
 
 
 def _sync_hidden_size(cfg: Any, width: int, attention: list[AttentionSpec]) -> str | None:

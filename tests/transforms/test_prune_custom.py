@@ -295,16 +295,23 @@ class _TiedHead(nn.Module):
         return self.decoder(torch.relu(self.transform(h)))
 
 
-def test_a_group_reaching_one_side_of_a_tie_keeps_its_channels():
+def test_layers_sharing_a_weight_cut_the_same_channels_of_it():
     torch.manual_seed(0)
-    model = _TiedHead().eval()
     ids = torch.randint(0, 40, (2, 7))
-    # the residual stream (root ``down``) keeps its width, as behind BERT's attention output
+    # the decoder shares the embedding across a transform layer of its own: the residual
+    # stream and the transform's output are one channel group (they cut one tensor)
+    model = _TiedHead().eval()
+    nnslim.Prune(ratio=0.5).apply(model, ids)
+    assert model.emb.weight.shape == (40, 8) and model.decoder.weight is model.emb.weight
+    assert model.transform.out_features == 8 and model.down.out_features == 8
+    assert model(ids).shape == (2, 7, 40)
+    # so the residual stream kept (root ``down`` excluded, as behind BERT's attention output)
+    # keeps the transform's width too, and the rest is pruned
+    model = _TiedHead().eval()
     rep = nnslim.Prune(ratio=0.5, exclude=["down"]).apply(model, ids)
-    skipped = {s.path: s.reason for s in rep.skips}
-    assert "split the tie" in skipped["transform"]
-    assert model.transform.out_features == 16
-    assert model.up.out_features == 16  # the rest is pruned
+    assert {s.path: s.reason for s in rep.skips}["down"] == "excluded"
+    assert model.transform.out_features == 16 and model.emb.weight.shape == (40, 16)
+    assert model.up.out_features == 16  # 32 -> 16
     assert model.decoder.weight is model.emb.weight
     assert model(ids).shape == (2, 7, 40)
 

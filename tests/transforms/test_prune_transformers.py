@@ -801,3 +801,67 @@ def test_a_towers_heads_do_not_write_the_text_config(tmp_path):
     back = nnslim.load(tmp_path / "m", _phi4_multimodal())
     with torch.no_grad():
         assert torch.equal(back(**x).logits, model(**x).logits)
+
+
+def _bert_mlm():
+    cfg = tf.BertConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=200,
+    )
+    torch.manual_seed(0)
+    return tf.BertForMaskedLM(cfg).eval()
+
+
+def test_a_weight_tied_across_a_head_of_its_own_prunes_as_one_group(tmp_path):
+    # BertForMaskedLM's decoder shares the word embeddings, but reads the output of a dense
+    # layer of its own: torch-pruning saw two channel groups over one tensor, and pruning the
+    # hidden width split the tie (so it was kept). Linked, they cut the same channels
+    model = _bert_mlm()
+    x = {"input_ids": torch.randint(0, 200, (1, 12))}
+    report = nnslim.Prune(ratio=0.3).apply(model, x)
+    emb, dec = model.bert.embeddings.word_embeddings, model.cls.predictions.decoder
+    width = model.bert.encoder.layer[0].output.dense.out_features
+    assert width < 64, report.notes
+    assert emb.weight is dec.weight and emb.weight.shape == (200, width)
+    assert model.cls.predictions.transform.dense.out_features == width
+    assert not any(n.startswith("the hidden width") for n in report.notes)
+    nnslim.save(model, tmp_path / "m")
+    back = nnslim.load(tmp_path / "m", _bert_mlm())
+    assert back.bert.embeddings.word_embeddings.weight is back.cls.predictions.decoder.weight
+    with torch.no_grad():
+        assert torch.equal(back(**x).logits, model(**x).logits)
+
+
+def test_an_encoder_decoder_whose_decoder_alone_is_narrowed_keeps_cross_attention():
+    # the encoder's states are an output (encoder_last_hidden_state): its width stays. The
+    # decoder's shrinks; EncoderDecoderModel would then look for an enc_to_dec_proj it never
+    # built, unless the decoder config names the encoder's width for cross-attention
+    def bert(decoder):
+        return tf.BertConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            vocab_size=200,
+            is_decoder=decoder,
+            add_cross_attention=decoder,
+        )
+
+    cfg = tf.EncoderDecoderConfig.from_encoder_decoder_configs(bert(False), bert(True))
+    torch.manual_seed(0)
+    model = tf.EncoderDecoderModel(cfg).eval()
+    x = {
+        "input_ids": torch.randint(0, 200, (1, 12)),
+        "decoder_input_ids": torch.randint(0, 200, (1, 7)),
+    }
+    with torch.no_grad():
+        shape = model(**x).logits.shape
+    report = nnslim.Prune(ratio=0.3).apply(model, x)
+    assert model.encoder.config.hidden_size == 64
+    assert model.decoder.config.hidden_size < 64, report.notes
+    assert model.decoder.config.cross_attention_hidden_size == 64
+    with torch.no_grad():
+        assert model(**x).logits.shape == shape
