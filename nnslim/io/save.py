@@ -435,6 +435,8 @@ def _rebuild(
         p = next(iter(base.parameters()), None)
         device = p.device if p is not None and p.device.type != "meta" else torch.device("cpu")
     entries = _checked_entries(record, tensor_budget(base))  # all of them, before any replay
+    state = read(device)
+    _check_float_dtype(base, state)
     snap = Snapshot(base, copy_tensors=False)
     try:
         for i, (name, entry) in enumerate(entries):
@@ -448,7 +450,6 @@ def _rebuild(
                     f"load: the record's step {i} ({name}) is malformed "
                     f"({type(e).__name__}: {str(e)[:120]}); it was not written by nnslim.save"
                 ) from e
-        state = read(device)
         stored = {k: state.pop(k) for k in [k for k in state if k.startswith(NP_PREFIX)]}
         for k, v in aliases.items():
             if k.startswith(NP_PREFIX):
@@ -459,6 +460,21 @@ def _rebuild(
     except BaseException:
         snap.restore()
         raise
+
+
+def _check_float_dtype(base: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Refuse a base built in another floating dtype than the file's weights: the replayed
+    modules would take the file's dtype and the others the base's (a forward that fails on
+    mixed dtypes, or a model silently half in each)."""
+    mine = {t.dtype for t in base.state_dict().values() if t.is_floating_point()}
+    theirs = {t.dtype for k, t in state.items() if t.is_floating_point()}
+    if mine and theirs and mine.isdisjoint(theirs):
+        show = lambda ds: "/".join(sorted(str(d).removeprefix("torch.") for d in ds))  # noqa: E731
+        raise ValueError(
+            f"load: the base model's floating tensors are {show(mine)} but the file's are "
+            f"{show(theirs)}; build the base in {show(theirs)} (as it was saved) and cast the "
+            f"loaded model afterwards (model.to(dtype))."
+        )
 
 
 def _checked_entries(

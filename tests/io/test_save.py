@@ -411,3 +411,18 @@ def test_a_file_without_a_reshaped_non_persistent_buffer_is_refused(tmp_path):
     assert base.conv.out_channels == 8 and all(
         torch.equal(v, before[k]) for k, v in base.state_dict().items()
     )
+
+
+def test_a_base_in_another_float_dtype_is_refused_and_left_as_it_was(tmp_path):
+    torch.manual_seed(0)
+    model, x = TinyMLP(), torch.randn(2, 16)
+    nnslim.Factorize(ratio=0.5).apply(model, x)
+    nnslim.save(model, tmp_path / "m.safetensors")
+    base = TinyMLP().half()
+    before = model_state(base)
+    with pytest.raises(ValueError, match="base model's floating tensors are float16 but the"):
+        nnslim.load(tmp_path / "m.safetensors", base)
+    _assert_same_state(before, model_state(base), "the refused base")
+    # built as saved, then cast: the documented way
+    back = nnslim.load(tmp_path / "m.safetensors", TinyMLP()).half()
+    assert back(x.half()).dtype == torch.float16
