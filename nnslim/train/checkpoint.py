@@ -27,6 +27,8 @@ from ..io.atomic import atomic_path
 from ..io.save import _record_of, write_weights
 
 __all__ = [
+    "CorruptCheckpoint",
+    "checkpoints_newest_first",
     "latest_checkpoint",
     "load_checkpoint",
     "read_checkpoint",
@@ -107,20 +109,52 @@ def latest_checkpoint(directory: str | os.PathLike[str]) -> Path | None:
     return done[-1] if done else None
 
 
+def checkpoints_newest_first(directory: str | os.PathLike[str]) -> list[Path]:
+    """Every checkpoint directory holding both files: the one ``latest`` names first, then the
+    others from the newest step down (where a resume falls back to when one is corrupt)."""
+    root = Path(directory)
+    done = sorted(
+        (p for p in root.glob("step-*") if (p / "state.pt").exists()),
+        reverse=True,
+    )
+    done = [p for p in done if (p / "model.safetensors").exists()]
+    pointer = root / "latest"
+    if pointer.exists():
+        named = root / pointer.read_text().strip()
+        if named in done:
+            done.remove(named)
+            done.insert(0, named)
+    return done
+
+
+class CorruptCheckpoint(ValueError):
+    """A checkpoint whose files cannot be read back as written (truncated, or changed)."""
+
+
 def read_checkpoint(path: Path, model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The full weights (tied tensors under each of their names) and training state at ``path``.
 
     Raises:
+        CorruptCheckpoint: if a file is truncated or its weights fail their checksum.
         ValueError: if the checkpoint does not fit the model.
     """
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    state = torch.load(path / "state.pt", weights_only=True)
+    from ..io.save import _verify
+
     file = path / "model.safetensors"
-    weights = load_file(str(file))
-    with safe_open(str(file), framework="pt") as f:
-        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+    try:
+        state = torch.load(path / "state.pt", weights_only=True)
+        weights = load_file(str(file))
+        with safe_open(str(file), framework="pt") as f:
+            meta = f.metadata() or {}
+        _verify(file, meta, weights)
+        aliases = json.loads(meta.get("aliases", "{}"))
+    except Exception as e:  # truncated pickle/zip, short safetensors, checksum mismatch
+        raise CorruptCheckpoint(
+            f"the checkpoint at {path} is unreadable ({type(e).__name__}: {str(e)[:160]})"
+        ) from e
     for alias, target in aliases.items():
         weights[alias] = weights[target]
     own = model.state_dict()

@@ -6,8 +6,10 @@ import copy
 import itertools
 import os
 import sys
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,7 +22,8 @@ from ..core.validate import check_choice, check_fraction, check_int, check_type
 from ..io.save import _record_of
 from ..modules.masks import apply_masks
 from .checkpoint import (
-    latest_checkpoint,
+    CorruptCheckpoint,
+    checkpoints_newest_first,
     read_checkpoint,
     rng_state,
     save_checkpoint,
@@ -156,16 +159,43 @@ class TrainResult:
         history: ``{"step", "loss"}`` per step and ``{"step", "metric"}`` per evaluation.
         best_metric: the best evaluation (``None`` without ``evaluate``).
         stopped_early: whether early stopping ended training (the best weights were restored).
+        notes: what the run did that the caller should know (a corrupt checkpoint passed over
+            on resume).
     """
 
     steps: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
     best_metric: float | None = None
     stopped_early: bool = False
+    notes: list[str] = field(default_factory=list)
 
     @property
     def losses(self) -> list[float]:
         return [h["loss"] for h in self.history if "loss" in h]
+
+
+def _readable_checkpoint(
+    directory: Any, model: nn.Module, result: TrainResult
+) -> tuple[Path | None, Any, Any]:
+    """The newest checkpoint that reads back whole, with its weights and state; one that is
+    truncated or fails its checksum is passed over with a note (and a warning)."""
+    corrupt = []
+    for ckpt in checkpoints_newest_first(directory):
+        try:
+            weights, state = read_checkpoint(ckpt, model)
+        except CorruptCheckpoint as e:
+            corrupt.append(str(e))
+            continue
+        for why in corrupt:
+            note = f"resume: {why}; resumed from {ckpt.name} instead"
+            result.notes.append(note)
+            warnings.warn(note, stacklevel=3)
+        return ckpt, weights, state
+    if corrupt:
+        raise ValueError(
+            "resume: no checkpoint in the directory reads back whole: " + "; ".join(corrupt)
+        )
+    return None, None, None
 
 
 def _split(batch: Any) -> tuple[Any, Any]:
@@ -347,9 +377,8 @@ class Trainer:
         if resume:
             if checkpoint_dir is None:
                 raise ValueError("Trainer.fit(resume=True) needs checkpoint_dir=.")
-            ckpt = latest_checkpoint(checkpoint_dir)
+            ckpt, weights, state = _readable_checkpoint(checkpoint_dir, model, result)
             if ckpt is not None:
-                weights, state = read_checkpoint(ckpt, model)
                 _check_same_setup(state, opt, sched, ckpt)
                 if sched is not None and state.get("scheduler") is not None:
                     sched.load_state_dict(state["scheduler"])

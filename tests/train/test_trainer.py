@@ -482,3 +482,56 @@ def test_resume_with_plain_sgd_reaches_the_same_weights(tmp_path):
     )
     for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+@pytest.mark.parametrize("damage", ["truncate-weights", "truncate-state", "flip-byte"])
+def test_resume_passes_over_a_corrupt_checkpoint_to_the_previous_one(tmp_path, damage):
+    """A checkpoint damaged after it was written (a truncated copy, a flipped byte) is passed
+    over with a note; training resumes from the one before and reaches the same weights."""
+    opts = nnslim.TrainOptions(verbose=False, checkpoint_every=1)  # keeps the newest 2
+
+    def fit(directory, max_steps, resume=False):
+        torch.manual_seed(0)
+        model = make_model()
+        result = nnslim.Trainer(lr=0.05, options=opts).fit(
+            model,
+            make_data(),
+            epochs=1,
+            checkpoint_dir=directory,
+            resume=resume,
+            max_steps=max_steps,
+        )
+        return model, result
+
+    full, _ = fit(tmp_path / "full", 6)
+    fit(tmp_path / "run", 4)
+    from nnslim.train.checkpoint import latest_checkpoint
+
+    newest = latest_checkpoint(tmp_path / "run")
+    assert newest.name == "step-000000004"
+    target = newest / ("state.pt" if damage == "truncate-state" else "model.safetensors")
+    data = target.read_bytes()
+    if damage == "flip-byte":
+        data = data[:-5] + bytes([data[-5] ^ 0xFF]) + data[-4:]  # inside the last tensor
+    else:
+        data = data[: len(data) // 2]
+    target.write_bytes(data)
+    with pytest.warns(UserWarning, match="step-000000004 is unreadable"):
+        resumed, result = fit(tmp_path / "run", 6, resume=True)
+    assert any("resumed from step-000000003 instead" in n for n in result.notes)
+    assert result.steps == 6
+    for k, v in resumed.state_dict().items():
+        assert torch.allclose(v, full.state_dict()[k], atol=1e-6), k
+
+
+def test_resume_with_every_checkpoint_corrupt_says_so(tmp_path):
+    opts = nnslim.TrainOptions(verbose=False, checkpoint_every=2)
+    nnslim.Trainer(lr=0.05, options=opts).fit(
+        make_model(), make_data(), epochs=1, checkpoint_dir=tmp_path, max_steps=4
+    )
+    for f in tmp_path.glob("step-*/model.safetensors"):
+        f.write_bytes(f.read_bytes()[:100])
+    with pytest.raises(ValueError, match="no checkpoint in the directory reads back whole"):
+        nnslim.Trainer(lr=0.05, options=opts).fit(
+            make_model(), make_data(), epochs=1, checkpoint_dir=tmp_path, resume=True
+        )
