@@ -43,6 +43,7 @@ from ..core.modules import shared_parameters
 from ..core.report import Report
 from ..core.snapshot import no_rollback
 from ..core.transform import RECORD_ATTR, Transform
+from ..io.atomic import remove_stale
 from ..io.record import describe, fingerprint
 from ..io.save import recompute_buffers
 
@@ -264,8 +265,10 @@ def compress_checkpoint(
         )
     mine = batches[rank::world]
     report = Report(f"compress_checkpoint[{type(transform).__name__}]", transform.to_dict())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(out)  # directories of runs killed mid-write (kill -9 leaves them behind)
     tmp = Path(
-        tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None)
+        tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".tmp", dir=out.parent)
     )
     writer = _Writer(tmp, shard_size_mb * 2**20)
     entries: list[dict[str, Any]] = []

@@ -197,6 +197,19 @@ def test_disk_full_leaves_nothing_that_looks_complete(llama_ckpt, tmp_path, monk
     assert [p.name for p in tmp_path.iterdir()] == []
 
 
+def test_a_run_killed_mid_write_leaves_nothing_the_next_run_keeps(llama_ckpt, tmp_path):
+    # kill -9 skips the cleanup: the next run into the same target removes the dead run's
+    # directory (named with its process id); a live writer's is left alone
+    _, src = llama_ckpt
+    dead = tmp_path / ".out.999999999.abc.tmp"
+    dead.mkdir()
+    (dead / "model-00001.safetensors").write_bytes(b"x" * 100)
+    live = tmp_path / f".out.{os.getpid()}.def.tmp"
+    live.mkdir()
+    nnslim.compress_checkpoint(src, tmp_path / "out", nnslim.Quantize(), calib(), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", live.name])
+
+
 def test_existing_output_is_refused(llama_ckpt, tmp_path):
     _, src = llama_ckpt
     (tmp_path / "out").mkdir()
