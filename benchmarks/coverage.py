@@ -514,6 +514,8 @@ def run_cell(spec: str, column: str, compile_: bool) -> dict[str, Any]:
         b0 = before.param_bytes + before.buffer_bytes
         cell["bytes"] = (after.param_bytes + after.buffer_bytes) / b0 if b0 else None
     cell["status"] = "applied" if same_shape and finite else "failed"
+    if column.startswith("prune") and not _removes_15pct(cell):
+        cell["why"] = _why_short(report)
     if not (same_shape and finite):
         cell["error"] = "output shape changed" if not same_shape else "output not finite"
         cell["nnslim_error"] = False
@@ -521,6 +523,17 @@ def run_cell(spec: str, column: str, compile_: bool) -> dict[str, Any]:
     if compile_:
         cell["compile"] = _compiles(model, x)
     return cell
+
+
+def _why_short(report: Any) -> str:
+    """The most frequent reasons a Prune report gives for what it left (for the docs' list of
+    models where it removed under 15% of MACs)."""
+    import collections
+
+    skips = [s.reason for s in report.all_skips() if "produces the model output" not in s.reason]
+    common = collections.Counter(r.split(":")[0][:110] for r in skips).most_common(2)
+    notes = [n[:110] for n in _notes(report) if n.startswith("the hidden width")]
+    return "; ".join([*notes[:1], *(f"{n} x {r}" for r, n in common)])
 
 
 def _notes(report: Any) -> list[str]:
@@ -764,9 +777,7 @@ def summarize(rows: list[dict[str, Any]], columns: list[str]) -> dict[str, Any]:
         unchanged = [x for x in cells if x[2].get("status") == "unchanged"]
         failed = [x for x in cells if x[2].get("status") == "failed"]
         prune = [r["cells"].get("prune-ratio") for r in built if r["cells"].get("prune-ratio")]
-        pruned_15 = [
-            c for c in prune if c.get("status") == "applied" and (c.get("macs") or 1) <= 0.85
-        ]
+        pruned_15 = [c for c in prune if _removes_15pct(c)]
         return {
             "models": len(rs),
             "built": len(built),
@@ -799,6 +810,11 @@ def _compile_figures(applied: list[tuple[str, str, dict[str, Any]]]) -> dict[str
         return {}
     ok = sum(1 for x in ran if x[2]["compile"] == "ok")
     return {"compile_cells": len(ran), "compile_ok_pct": _pct(ok, len(ran))}
+
+
+def _removes_15pct(cell: dict[str, Any]) -> bool:
+    """The pruning goal for one model: ``Prune(ratio=0.3)`` applied and removed 15% of MACs."""
+    return cell.get("status") == "applied" and (cell.get("macs") or 1) <= 0.85
 
 
 def _pct(a: int, b: int) -> float | None:
@@ -932,6 +948,22 @@ def write_rst(payload: dict[str, Any], path: Path = RST) -> None:
                 f"short after fixes dropped their earlier rows):",
                 "",
                 ", ".join(f"``{m.split(':', 1)[1]}``" for m in missing),
+            ]
+        short = [
+            (r["model"], r["cells"]["prune-ratio"])
+            for r in fam_rows
+            if r.get("built")
+            and not r.get("crashed")
+            and "prune-ratio" in r.get("cells", {})
+            and not _removes_15pct(r["cells"]["prune-ratio"])
+        ]
+        if short:
+            lines += ["", "``Prune(ratio=0.3)`` removes under 15% of MACs on:", ""]
+            lines += [
+                f"* ``{m}``: "
+                + (f"MACs x{c['macs']:.3f}" if c.get("macs") is not None else c.get("status", ""))
+                + (f"; {_rst_escape(c['why'])}" if c.get("why") else "")
+                for m, c in short
             ]
         apart = [r for r in fam_rows if not r.get("built")]
         if apart:
