@@ -135,8 +135,9 @@ def _layout_check(m: nn.Module, fused_name: str, down_name: str, units: int) -> 
 #: parameter names of an expert bank: (fused gate/up, down)
 EXPERT_NAMES = (("gate_up_proj", "down_proj"), ("Wi", "Wo"))
 
-#: the layout each checked bank was found to have (``find_expert_banks(check=False)`` reuses it)
-_LAYOUTS: weakref.WeakKeyDictionary[nn.Module, tuple[bool, bool]] = weakref.WeakKeyDictionary()
+#: what the check found for each bank: interleaved (``True``/``False``) or why neither layout
+#: holds; later traces and ``find_expert_banks(check=False)`` reuse it
+_LAYOUTS: weakref.WeakKeyDictionary[nn.Module, bool | str] = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -267,14 +268,16 @@ def find_expert_banks(
                 )
                 continue
             transposed, units, hidden = shape
-            interleaved = _LAYOUTS.get(m, (transposed, False))[1]
-            if check and gu.device.type != "meta":
+            layout = _LAYOUTS.get(m, False)  # the forward's layout: pruning does not change it
+            if check and m not in _LAYOUTS and gu.device.type != "meta":
                 layout = _expert_layout(m, gu_name, down_name, gu.shape[0], units, hidden)
-                if isinstance(layout, str):
+                _LAYOUTS[m] = layout  # checked once per module (a probe copies the bank)
+            if isinstance(layout, str):
+                if check:
                     left[path] = layout
                     continue
-                interleaved = layout
-                _LAYOUTS[m] = (transposed, interleaved)
+                layout = False
+            interleaved = layout
             found.append(
                 ExpertBankSpec(
                     path, m, gu_name, down_name, gu.shape[0], units, transposed, interleaved
