@@ -12,12 +12,17 @@ number of query heads inside each key/value group, so groups stay consistent) an
 module's head attributes. The projections are then kept out of channel pruning.
 
 A fused layout cannot be read from the weights, so fused projections are recognised by the
-attention class (:data:`FUSED`); others are listed with their reason, never guessed.
+attention class (:data:`FUSED`), or, for a class nnslim does not know, checked on the model
+itself (:func:`probe_fused_layouts`: swapping two heads within a layout must leave the output as
+it was, and swapping only the output projection's columns must not); others are listed with
+their reason, never guessed.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -334,13 +339,143 @@ FUSED: dict[str, tuple[str, str, Any]] = {
 }
 
 
+#: what :func:`probe_fused_layouts` found per module: ``(fused, output, layout)`` or why not
+_PROBED: weakref.WeakKeyDictionary[nn.Module, tuple[str, str, str] | str] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _fused_pair(m: nn.Module) -> tuple[str, str] | None:
+    """``(fused, output)`` child names of an attention-looking module of an unknown class: one
+    plain ``nn.Linear`` with three times the inputs of another (MHA: ``[q | k | v]`` rows over
+    the heads' width), and nothing else of that shape."""
+    name = type(m).__name__.lower()
+    if "attention" not in name and not name.endswith("attn"):
+        return None
+    lin = {n: c for n, c in m._modules.items() if type(c) is nn.Linear}
+    pairs = [
+        (f, o)
+        for f, fm in lin.items()
+        for o, om in lin.items()
+        if f != o and fm.out_features == 3 * om.in_features
+    ]
+    return pairs[0] if len(pairs) == 1 else None
+
+
+def _swap_heads(
+    m: nn.Module, fused: str, out: str, layout: str, heads: int, hd: int, rows: bool
+) -> None:
+    """Swap head 0 and the last head in ``fused``'s rows (per ``layout``) and in the module's
+    own per-head vectors (both skipped unless ``rows``), and in ``out``'s columns, in place."""
+    a, b = 0, heads - 1
+    f, o = m._modules[fused], m._modules[out]
+    with torch.no_grad():
+        if rows:
+            for part in range(3):
+                if layout == "blocks":  # [q | k | v], each heads x hd
+                    ia, ib = part * heads * hd + a * hd, part * heads * hd + b * hd
+                else:  # "heads": [q0 k0 v0 | q1 k1 v1 | ...]
+                    ia, ib = (a * 3 + part) * hd, (b * 3 + part) * hd
+                for t in (f.weight, f.bias):
+                    if t is not None:
+                        t[ia : ia + hd], t[ib : ib + hd] = (
+                            t[ib : ib + hd].clone(),
+                            t[ia : ia + hd].clone(),
+                        )
+        for t in m._parameters.values():  # one value per head (pruned with the heads too)
+            if rows and t is not None and t.dim() == 1 and t.shape[0] == heads:
+                t[a], t[b] = t[b].clone(), t[a].clone()
+        w = o.weight
+        w[:, a * hd : (a + 1) * hd], w[:, b * hd : (b + 1) * hd] = (
+            w[:, b * hd : (b + 1) * hd].clone(),
+            w[:, a * hd : (a + 1) * hd].clone(),
+        )
+
+
+def probe_fused_layouts(
+    model: nn.Module, run: Callable[[], list[torch.Tensor]], reference: list[torch.Tensor]
+) -> None:
+    """Find the row layout of fused q/k/v projections in attention classes nnslim does not
+    know, on the model itself. For each such class and each layout (``blocks``, ``heads``):
+    swapping two heads within that layout, in every module of the class at once, must leave
+    the output as it was (heads are interchangeable), and swapping only the output
+    projection's columns must change it (the check can see them). A class where no layout
+    holds (per-head ALiBi slopes or relative-position tables, a gate over the heads) keeps its
+    heads, with the reason. The weights are put back exactly. Results are remembered per
+    module; :func:`find_attention` uses them."""
+    known = {p for s in find_attention(model) for p in s.projections}
+    by_class: dict[type, list[tuple[str, nn.Module, str, str, int, int]]] = {}
+    for path, m in model.named_modules():
+        if m in _PROBED or type(m).__name__ in FUSED or _timm_attention(m):
+            continue
+        pair = _fused_pair(m)
+        if pair is None:
+            continue
+        fused, out = pair
+        join = f"{path}." if path else ""
+        if join + fused in known:
+            continue
+        width = m._modules[out].in_features
+        heads, hd = _heads_of(m, width)
+        if not heads or not hd or heads < 2 or heads * hd != width:
+            continue
+        by_class.setdefault(type(m), []).append((path, m, fused, out, heads, hd))
+    if not by_class or not reference:
+        return
+
+    def change(layout: str, rows: bool, members: list[Any]) -> float:
+        saved = [
+            {n: t.detach().clone() for n, t in m.named_parameters()} for _, m, _, _, _, _ in members
+        ]
+        try:
+            for _, m, fused, out, heads, hd in members:
+                _swap_heads(m, fused, out, layout, heads, hd, rows)
+            got = run()
+        finally:
+            with torch.no_grad():
+                for (_, m, _, _, _, _), keep in zip(members, saved, strict=True):
+                    for n, t in m.named_parameters():
+                        t.copy_(keep[n])
+        if len(got) != len(reference):
+            return math.inf
+        worst = 0.0
+        for a, b in zip(got, reference, strict=True):
+            if a.shape != b.shape:
+                return math.inf
+            scale = float(b.double().norm()) or 1.0
+            worst = max(worst, float((a.double() - b.double()).norm()) / scale)
+        return worst
+
+    for members in by_class.values():
+        found: str | None = None
+        why = (
+            "swapping two of its heads changed the output in every row layout nnslim knows "
+            "(per-head state such as ALiBi slopes or position tables, or a gate over the heads)"
+        )
+        try:
+            control = change("blocks", False, members)  # columns alone: must show
+            if control <= 1e-3:
+                why = "swapping its output projection's head columns left the output unchanged"
+            for layout in ("blocks", "heads") if control > 1e-3 else ():
+                if change(layout, True, members) <= 1e-3 * control:
+                    found = layout
+                    break
+        except Exception as e:  # a forward that does not survive the probe: nothing learned
+            why = f"its head layout could not be checked ({type(e).__name__})"
+        for _, m, fused, out, _, _ in members:
+            _PROBED[m] = (fused, out, found) if found else why
+
+
 def _kept_reason(m: nn.Module) -> str | None:
     """Why an attention class nnslim knows keeps its heads (``None``: not a known class)."""
     name = type(m).__name__
     cfg = m.__dict__.get("config")
     if name == "BloomAttention" or (name == "FalconAttention" and getattr(cfg, "alibi", False)):
         return "the model builds its ALiBi slopes per head from the config, outside the layer"
-    if name in FUSED or _timm_attention(m):
+    probed = _PROBED.get(m)
+    if isinstance(probed, str):
+        return probed
+    if name in FUSED or _timm_attention(m) or isinstance(probed, tuple):
         return (
             "its fused projection's width does not match its head attributes, or a gate or "
             "norm spans the heads"
@@ -377,6 +512,9 @@ def _fused_spec(path: str, m: nn.Module, join: Any) -> AttentionSpec | None:
             return None  # a gate or a norm over the heads' width would need pruning too
     else:
         entry = FUSED.get(name)
+        probed = _PROBED.get(m)
+        if entry is None and isinstance(probed, tuple):
+            entry = probed
     if entry is None:
         return None
     fused_name, out_name, layout = entry

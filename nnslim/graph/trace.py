@@ -24,7 +24,12 @@ from torch import nn
 from ..core.inputs import Inputs, as_inputs, forward_error, output_tensors
 from ..core.modules import shared_parameters
 from ..core.snapshot import preserved_state
-from .attention import AttentionSpec, find_attention, unknown_attention_layers
+from .attention import (
+    AttentionSpec,
+    find_attention,
+    probe_fused_layouts,
+    unknown_attention_layers,
+)
 from .fused_mlp import ExpertBankSpec, FusedMLPSpec, find_expert_banks, find_fused_mlps
 from .tp_compat import (
     GroupTooLarge,
@@ -480,12 +485,19 @@ def trace(
     not_tensor, handles = _watch_not_tensor(model)
     try:
         with preserved_state(model), torch.no_grad():
-            _call(model, inputs)
+            reference = output_tensors(_call(model, inputs))
     except Exception as e:
         raise forward_error(model, inputs, e, "example_inputs") from e
     finally:
         for h in handles:
             h.remove()
+    if not is_meta(model):
+
+        def run() -> list[torch.Tensor]:
+            with preserved_state(model), torch.no_grad():
+                return output_tensors(_call(model, inputs))
+
+        probe_fused_layouts(model, run, reference)
     t0 = time.perf_counter()
     dg, grad_fns = build_dependency(model, inputs, time_limit=time_limit, not_tensor=not_tensor)
     mlps, mlp_skips = find_fused_mlps(model)

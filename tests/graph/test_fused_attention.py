@@ -9,6 +9,7 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 
 import nnslim
 from nnslim.graph.attention import find_attention
@@ -239,7 +240,6 @@ def test_prune_shrinks_fused_gate_up_and_the_config():
 
 
 def test_an_interleaved_gate_up_layout_is_left_with_the_reason():
-    from torch import nn
 
     from nnslim.graph.fused_mlp import find_fused_mlps
 
@@ -266,3 +266,91 @@ def test_an_interleaved_gate_up_layout_is_left_with_the_reason():
     assert not found and "halves" in left["mlp.gate_up_proj"]
     report = nnslim.Prune(ratio=0.3).apply(Net(), torch.randn(2, 8))
     assert "halves" in {s.path: s.reason for s in report.skips}["mlp.gate_up_proj"]
+
+
+# -- attention classes nnslim does not know: the layout checked on the model ----------------
+class UserAttention(nn.Module):
+    """A ViT attention as users copy it into their own code (not timm's class)."""
+
+    def __init__(self, dim, heads, layout="blocks", per_head=None):
+        super().__init__()
+        self.num_heads, self.layout, self.per_head = heads, layout, per_head
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        if per_head == "slopes":  # one value per head on the module: pruned with the heads
+            self.slopes = nn.Parameter(torch.rand(heads))
+        if per_head == "table":  # a per-head table in a child nnslim cannot follow
+            self.rel = nn.Embedding(2 * T - 1, heads)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        if self.layout == "blocks":
+            q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        else:
+            q, k, v = self.qkv(x).reshape(b, n, self.num_heads, 3, -1).permute(3, 0, 2, 1, 4)
+        a = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+        dist = torch.arange(n)[None, :] - torch.arange(n)[:, None]
+        if self.per_head == "slopes":
+            a = a - self.slopes[None, :, None, None] * dist.abs()
+        if self.per_head == "table":
+            a = a + self.rel(dist + T - 1).permute(2, 0, 1)[None]
+        return self.proj((a.softmax(-1) @ v).transpose(1, 2).reshape(b, n, -1))
+
+
+class UserViT(nn.Module):
+    def __init__(self, **kw):
+        super().__init__()
+        self.embed = nn.Linear(8, 64)
+        self.norms = nn.ModuleList(nn.LayerNorm(64) for _ in range(2))
+        self.attns = nn.ModuleList(UserAttention(64, 4, **kw) for _ in range(2))
+        self.head = nn.Linear(64, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        for norm, attn in zip(self.norms, self.attns, strict=True):
+            x = x + attn(norm(x))
+        return self.head(x.mean(1))
+
+
+@pytest.mark.parametrize("layout", ["blocks", "heads"])
+def test_an_unknown_attention_class_gets_its_layout_from_the_model_and_prunes_exactly(layout):
+    from nnslim.graph.trace import trace
+
+    torch.manual_seed(0)
+    model, x = UserViT(layout=layout).eval(), torch.randn(2, T, 8)
+    assert not find_attention(model)  # the class alone says nothing
+    trace(model, x)  # checks the layout on the model
+    specs = find_attention(model)
+    assert [s.layout for s in specs] == [layout, layout]
+    reference = copy.deepcopy(model)
+    for s in specs:
+        with torch.no_grad():
+            for h in (1, 3):
+                reference.get_submodule(s.o).weight[:, h * 16 : (h + 1) * 16] = 0
+        s.prune_heads(model, [1, 3])
+        assert s.module.num_heads == 2
+    assert torch.allclose(model(x), reference(x), atol=1e-5, rtol=1e-4)
+
+
+def test_an_unknown_attention_prunes_heads_with_its_per_head_vector(tmp_path):
+    torch.manual_seed(0)
+    model, x = UserViT(per_head="slopes").eval(), torch.randn(2, T, 8)
+    slopes = model.attns[0].slopes.detach().clone()
+    nnslim.Prune(ratio=0.5).apply(model, x)
+    attn = model.attns[0]
+    assert attn.num_heads == 2 and attn.qkv.out_features == 3 * 2 * attn.proj.in_features // 2
+    assert all(bool((slopes == v).any()) for v in attn.slopes.detach())  # kept heads' slopes
+    nnslim.save(model, tmp_path / "m")
+    torch.manual_seed(1)
+    back = nnslim.load(tmp_path / "m", UserViT(per_head="slopes"))
+    assert torch.equal(back.eval()(x), model(x))
+
+
+def test_an_unknown_attention_with_per_head_state_it_cannot_follow_keeps_its_heads():
+    torch.manual_seed(0)
+    model, x = UserViT(per_head="table").eval(), torch.randn(2, T, 8)
+    report = nnslim.Prune(ratio=0.5).apply(model, x)
+    reasons = {s.path: s.reason for s in report.skips}
+    assert "swapping two of its heads changed the output" in reasons["attns.0.qkv"]
+    assert model.attns[0].num_heads == 4 and model.attns[0].qkv.out_features % 3 == 0
+    assert model(x).shape == (2, 3)
