@@ -144,19 +144,15 @@ class Graph:
     def dynamic_split_roots(self, candidates: list[str]) -> dict[str, str]:
         """Roots to leave alone, with the reason: groups that pass through a split sized at run
         time (``chunk``, ``split(n)``: it cuts at fixed positions of whatever it receives, so
-        unevenly pruned inputs would shift the cut) or by sizes the forward states
-        (``split([4, 12])``), and groups torch-pruning cannot build (an
+        unevenly pruned inputs would shift the cut), and groups torch-pruning cannot build (an
         error from inside its index mapping, or a group that grows without bound). Each group
         is built once, from its first root."""
         splits = {
             id(n)
             for n in self.dg.module2node.values()
-            if n.type == tp.ops.OPTYPE.SPLIT
-            and (
-                hasattr(n.grad_fn, "_saved_split_size")
-                # split([4, 12]): sizes written into the forward do not follow pruning either
-                or hasattr(n.grad_fn, "_saved_split_sizes")
-            )
+            # split([a, b]) is not one: its sizes may come from attributes nnslim updates
+            # (timm LeViT's key_dim/val_dim); a constant list fails the forward check instead
+            if n.type == tp.ops.OPTYPE.SPLIT and hasattr(n.grad_fn, "_saved_split_size")
         }
         named = dict(self.model.named_modules())
         paths = self.paths
