@@ -1,4 +1,5 @@
-"""Fused gate/up MLPs (Phi-3's ``gate_up_proj``, ModernBERT's ``Wi``): prune hidden units from both halves at once.
+"""Fused gate/up MLPs (Phi-3's ``gate_up_proj``, ModernBERT's ``Wi``) and mixture-of-experts
+banks: prune hidden units from both halves at once.
 
 A gated MLP whose gate and up projections are one layer computes ``gate, up = fc(x).chunk(2)``
 and ``down(act(gate) * up)``. Hidden unit ``i`` is row ``i`` and row ``I + i`` of the fused layer
@@ -27,6 +28,12 @@ __all__ = ["ExpertBankSpec", "FusedMLPSpec", "find_expert_banks", "find_fused_ml
 
 #: child names of (fused gate/up layer, down layer)
 NAMES = (("gate_up_proj", "down_proj"), ("Wi", "Wo"))
+
+#: what a layout check found per module: for a fused MLP ``None`` (it holds) or why not; for an
+#: expert bank whether it interleaves gate and up, or why neither layout holds. The forward
+#: decides the layout and pruning does not change it, so a check (it deep-copies the module)
+#: runs once per module; later traces and ``check=False`` lookups reuse it
+_CHECKED: weakref.WeakKeyDictionary[nn.Module, bool | str | None] = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -96,7 +103,9 @@ def find_fused_mlps(
                 )
                 continue
             if check and fused.weight.device.type != "meta":
-                why = _layout_check(m, fused_name, down_name, units)
+                if m not in _CHECKED:
+                    _CHECKED[m] = _layout_check(m, fused_name, down_name, units)
+                why = _CHECKED[m]
                 if why:
                     left[join.format(fused_name)] = why
                     continue
@@ -134,10 +143,6 @@ def _layout_check(m: nn.Module, fused_name: str, down_name: str, units: int) -> 
 # -- mixture-of-experts banks -------------------------------------------------------------------
 #: parameter names of an expert bank: (fused gate/up, down)
 EXPERT_NAMES = (("gate_up_proj", "down_proj"), ("Wi", "Wo"))
-
-#: what the check found for each bank: interleaved (``True``/``False``) or why neither layout
-#: holds; later traces and ``find_expert_banks(check=False)`` reuse it
-_LAYOUTS: weakref.WeakKeyDictionary[nn.Module, bool | str] = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -268,10 +273,10 @@ def find_expert_banks(
                 )
                 continue
             transposed, units, hidden = shape
-            layout = _LAYOUTS.get(m, False)  # the forward's layout: pruning does not change it
-            if check and m not in _LAYOUTS and gu.device.type != "meta":
+            layout = _CHECKED.get(m, False)
+            if check and m not in _CHECKED and gu.device.type != "meta":
                 layout = _expert_layout(m, gu_name, down_name, gu.shape[0], units, hidden)
-                _LAYOUTS[m] = layout  # checked once per module (a probe copies the bank)
+                _CHECKED[m] = layout
             if isinstance(layout, str):
                 if check:
                     left[path] = layout

@@ -478,21 +478,20 @@ def trace(
     inputs = as_inputs(example_inputs)
     if inputs is None:
         raise TypeError("trace: example_inputs is required.")
+
+    def run() -> list[torch.Tensor]:
+        with preserved_state(model), torch.no_grad():
+            return output_tensors(_call(model, inputs))
+
     not_tensor, handles = _watch_not_tensor(model)
     try:
-        with preserved_state(model), torch.no_grad():
-            reference = output_tensors(_call(model, inputs))
+        reference = run()
     except Exception as e:
         raise forward_error(model, inputs, e, "example_inputs") from e
     finally:
         for h in handles:
             h.remove()
     if not is_meta(model):
-
-        def run() -> list[torch.Tensor]:
-            with preserved_state(model), torch.no_grad():
-                return output_tensors(_call(model, inputs))
-
         probe_fused_layouts(model, run, reference)
     t0 = time.perf_counter()
     dg, grad_fns = build_dependency(model, inputs, time_limit=time_limit, not_tensor=not_tensor)

@@ -35,6 +35,7 @@ __all__ = [
     "describe",
     "diff",
     "fingerprint",
+    "non_persistent_buffers",
     "replay",
     "tensor_budget",
 ]
@@ -699,6 +700,47 @@ def _build(
     for name in spec.get("none_params", []):
         m._parameters[name] = None
     return m
+
+
+def _np_in(path: str, tensors: Any) -> list[str]:
+    return [
+        f"{path}.{n}" if path else n
+        for n, spec in (tensors or {}).items()
+        if isinstance(spec, dict) and spec.get("kind") == "buffer_np" and "tie" not in spec
+    ]
+
+
+def _np_in_spec(path: str, spec: Any) -> list[str]:
+    if not isinstance(spec, dict) or "alias" in spec:
+        return []
+    join = lambda rel: f"{path}.{rel}" if path and rel else (path or rel)  # noqa: E731
+    if "ref" in spec:
+        return [
+            n
+            for rel, upd in (spec.get("updates") or {}).items()
+            for n in _np_in(join(rel), upd.get("tensors") if isinstance(upd, dict) else None)
+        ]
+    out = _np_in(path, spec.get("tensors"))
+    for name, child in (spec.get("children") or {}).items():
+        out += _np_in_spec(join(name), child)
+    return out
+
+
+def non_persistent_buffers(record: Any) -> list[str]:
+    """Paths of the non-persistent buffers a saved record's steps create or reshape (``{"entries":
+    [{"ops": [...]}, ...]}``): ``state_dict()`` leaves them out and :func:`replay` builds them
+    empty, so :func:`nnslim.save` writes their values beside the weights."""
+    names: list[str] = []
+    entries = record.get("entries", []) if isinstance(record, dict) else []
+    for entry in entries if isinstance(entries, list) else []:
+        for op in entry.get("ops", []) if isinstance(entry, dict) else []:
+            if not isinstance(op, dict):
+                continue
+            if op.get("op") == "update":
+                names += _np_in(op.get("path", ""), op.get("tensors"))
+            elif op.get("op") == "replace":
+                names += _np_in_spec(op.get("path", ""), op.get("spec"))
+    return list(dict.fromkeys(names))
 
 
 def replay(

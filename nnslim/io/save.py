@@ -20,7 +20,14 @@ from torch import nn
 from .._version import __version__
 from ..core.snapshot import Snapshot
 from .atomic import atomic_path
-from .record import check_ops, describe, fingerprint, replay, tensor_budget
+from .record import (
+    check_ops,
+    describe,
+    fingerprint,
+    non_persistent_buffers,
+    replay,
+    tensor_budget,
+)
 
 __all__ = ["load", "save"]
 
@@ -158,46 +165,6 @@ def save(
 NP_PREFIX = "nnslim.non_persistent:"
 
 
-def _np_in(path: str, tensors: Any) -> list[str]:
-    return [
-        f"{path}.{n}" if path else n
-        for n, spec in (tensors or {}).items()
-        if isinstance(spec, dict) and spec.get("kind") == "buffer_np" and "tie" not in spec
-    ]
-
-
-def _np_in_spec(path: str, spec: Any) -> list[str]:
-    if not isinstance(spec, dict) or "alias" in spec:
-        return []
-    join = lambda rel: f"{path}.{rel}" if path and rel else (path or rel)  # noqa: E731
-    if "ref" in spec:
-        return [
-            n
-            for rel, upd in (spec.get("updates") or {}).items()
-            for n in _np_in(join(rel), upd.get("tensors") if isinstance(upd, dict) else None)
-        ]
-    out = _np_in(path, spec.get("tensors"))
-    for name, child in (spec.get("children") or {}).items():
-        out += _np_in_spec(join(name), child)
-    return out
-
-
-def np_buffers_of(record: Any) -> list[str]:
-    """Non-persistent buffers the record's steps create or reshape: ``state_dict()`` leaves
-    them out and a replay builds them empty, so the file carries their values itself."""
-    names: list[str] = []
-    entries = record.get("entries", []) if isinstance(record, dict) else []
-    for entry in entries if isinstance(entries, list) else []:
-        for op in entry.get("ops", []) if isinstance(entry, dict) else []:
-            if not isinstance(op, dict):
-                continue
-            if op.get("op") == "update":
-                names += _np_in(op.get("path", ""), op.get("tensors"))
-            elif op.get("op") == "replace":
-                names += _np_in_spec(op.get("path", ""), op.get("spec"))
-    return list(dict.fromkeys(names))
-
-
 def _np_buffer(model: nn.Module, name: str) -> tuple[nn.Module, str] | None:
     path, _, leaf = name.rpartition(".")
     try:
@@ -211,7 +178,7 @@ def _np_buffer(model: nn.Module, name: str) -> tuple[nn.Module, str] | None:
 
 def _changed_np_buffers(model: nn.Module, record: dict[str, Any]) -> dict[str, torch.Tensor]:
     out = {}
-    for name in np_buffers_of(record):
+    for name in non_persistent_buffers(record):
         found = _np_buffer(model, name)
         if found is not None:
             out[NP_PREFIX + name] = found[0]._buffers[found[1]]
@@ -222,7 +189,7 @@ def _fill_np_buffers(model: nn.Module, record: Any, stored: dict[str, torch.Tens
     """Give the non-persistent buffers the replay built empty their saved values (or, for a
     file written before nnslim saved them, values recomputed from the module's config)."""
     lost = []
-    for name in np_buffers_of(record):
+    for name in non_persistent_buffers(record):
         found = _np_buffer(model, name)
         if found is None:
             continue

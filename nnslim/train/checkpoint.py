@@ -99,14 +99,8 @@ def save_checkpoint(
 
 def latest_checkpoint(directory: str | os.PathLike[str]) -> Path | None:
     """The newest complete checkpoint directory, or ``None``."""
-    root = Path(directory)
-    pointer = root / "latest"
-    if pointer.exists():
-        p = root / pointer.read_text().strip()
-        if (p / "state.pt").exists() and (p / "model.safetensors").exists():
-            return p
-    done = sorted(p for p in root.glob("step-*") if (p / "state.pt").exists())
-    return done[-1] if done else None
+    found = checkpoints_newest_first(directory)
+    return found[0] if found else None
 
 
 def checkpoints_newest_first(directory: str | os.PathLike[str]) -> list[Path]:
@@ -114,10 +108,13 @@ def checkpoints_newest_first(directory: str | os.PathLike[str]) -> list[Path]:
     others from the newest step down (where a resume falls back to when one is corrupt)."""
     root = Path(directory)
     done = sorted(
-        (p for p in root.glob("step-*") if (p / "state.pt").exists()),
+        (
+            p
+            for p in root.glob("step-*")
+            if (p / "state.pt").exists() and (p / "model.safetensors").exists()
+        ),
         reverse=True,
     )
-    done = [p for p in done if (p / "model.safetensors").exists()]
     pointer = root / "latest"
     if pointer.exists():
         named = root / pointer.read_text().strip()

@@ -1322,18 +1322,14 @@ def update_hf_config(model: nn.Module, attention: list[AttentionSpec]) -> list[s
             for p, m in named.items()
             if pattern.fullmatch(p)
         }
-        if key == "intermediate_size":  # fused gate/up (Phi-3, ModernBERT): two halves
-            widths |= {
-                m.out_features // 2
-                for p, m in named.items()
-                if p.endswith(("mlp.gate_up_proj", "mlp.Wi")) and isinstance(m, nn.Linear)
-            }
+        if key == "intermediate_size":  # fused gate/up (Phi-3, ModernBERT): their units
+            widths |= {s.units for s in find_fused_mlps(model, check=False)[0] if s.fused in named}
         if key == (
             "moe_intermediate_size"
             if hasattr(cfg, "moe_intermediate_size")
             else "intermediate_size"
         ):  # expert banks (Qwen3-MoE; Mixtral's own field)
-            widths |= {s.units for s in find_expert_banks(model, check=False)[0]}
+            widths |= {s.units for s in find_expert_banks(model, check=False)[0] if s.path in named}
         widths.discard(None)
         if len(widths) == 1:
             w = widths.pop()
@@ -1406,20 +1402,11 @@ def update_hf_config(model: nn.Module, attention: list[AttentionSpec]) -> list[s
 
 
 def _described_by(model: nn.Module, cfg: Any) -> dict[str, nn.Module]:
-    """The modules ``cfg`` describes: all but those under a module holding a config of another
-    class (a multimodal model's vision or audio tower: its widths and heads are not the text
-    config's). A copy of the same class counts as ``cfg`` (T5 hands each stack a deep copy)."""
-    out: dict[str, nn.Module] = {}
-    foreign: list[str] = []
-    for path, m in model.named_modules():
-        if any(path == f or path.startswith(f + ".") for f in foreign):
-            continue
-        own = m.__dict__.get("config")
-        if path and own is not None and hasattr(own, "to_dict") and type(own) is not type(cfg):
-            foreign.append(path)
-            continue
-        out[path] = m
-    return out
+    """The modules ``cfg`` describes: those whose nearest config (:func:`_owning_config`) is
+    of its class (a multimodal model's vision or audio tower holds another: its widths and
+    heads are not the text config's; T5 hands each stack a deep copy of the same class)."""
+    named = dict(model.named_modules())
+    return {p: m for p, m in named.items() if type(_owning_config(named, p, cfg)) is type(cfg)}
 
 
 def _shapes(m: nn.Module) -> tuple[tuple[int, ...], ...]:
