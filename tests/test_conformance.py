@@ -13,6 +13,7 @@ from nnslim.testing import (
     check_atomic_failure,
     check_report_complete,
     check_save_load,
+    check_split_gentler,
     parametrize_with_checks,
 )
 from tests.models import TinyCNN, TinyMLP
@@ -133,3 +134,25 @@ def test_kit_catches_in_place_writes_without_copy():
 
 def test_kit_save_load_passes_for_recorded_attribute_changes():
     check_save_load(TransformCase(ForgetsAttr(), make_mlp, MLP_X))
+
+
+@dataclasses.dataclass(frozen=True)
+class GentlerIsItself(DropHalfBias):
+    def gentler(self):
+        return self
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitsIntoNothing(DropHalfBias):
+    def split(self, steps):
+        return []
+
+
+def test_kit_catches_a_gentler_form_that_changes_nothing():
+    with pytest.raises(AssertionError, match="the same transform"):
+        check_split_gentler(TransformCase(GentlerIsItself(), make_mlp, MLP_X))
+
+
+def test_kit_catches_an_empty_split():
+    with pytest.raises(AssertionError, match=r"split\(3\) returned \[\]"):
+        check_split_gentler(TransformCase(SplitsIntoNothing(), make_mlp, MLP_X))

@@ -8,6 +8,7 @@ holds either form, moves between devices and calls the model.
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -254,3 +255,28 @@ def output_tensors(output: Any) -> list[torch.Tensor]:
     if hasattr(output, "to_tuple") and callable(output.to_tuple):
         output = output.to_tuple()
     return list(_flatten(output))
+
+
+#: fields of a Hugging Face output that carry the model's inner states rather than its result
+_INNER_FIELDS = re.compile(
+    r"(.+_)?(last_hidden_state|hidden_states|attentions|past_key_values|pooler_output|"
+    r"model_output|outputs)"
+)
+
+
+def task_tensors(output: Any) -> list[torch.Tensor]:
+    """The tensors of a model output that are its result, whose shapes a transform keeps.
+
+    A Hugging Face output with a result (``logits``, ``text_embeds``, ...) also returns inner
+    states (a seq2seq model's ``encoder_last_hidden_state``, a CLIP tower's
+    ``vision_model_output``): their width is the hidden width, which pruning may change. Where
+    a Hugging Face output has no other field (a backbone's ``last_hidden_state``), those are its
+    result; any other output counts whole (:func:`output_tensors`)."""
+    keys = getattr(output, "keys", None)
+    if hasattr(output, "to_tuple") and callable(keys):
+        result = [
+            t for k in keys() if not _INNER_FIELDS.fullmatch(str(k)) for t in _flatten(output[k])
+        ]
+        if result:
+            return result
+    return output_tensors(output)

@@ -159,3 +159,9 @@ def _check_names(named: Mapping[str, nn.Module], sel: Selector | None, arg: str)
 
 def _show(key: Any) -> str:
     return key.__name__ if isinstance(key, type) else repr(key)
+
+
+def per_layer_values(select: Any) -> bool:
+    """Whether ``select`` maps layers to their own values (``{"fc1": 0.5}``): a transform
+    split into steps (:meth:`nnslim.Transform.split`) would not know how to share them out."""
+    return any(v is not None for _, v in normalize_selector(select) or [])

@@ -99,6 +99,20 @@ class Transform(Config, abc.ABC):
         :meth:`apply`.
         """
 
+    # -- the compress loop's protocol (nnslim.compress) -----------------------------------------
+    def split(self, steps: int) -> list[Transform]:
+        """This transform as up to ``steps`` smaller ones that, applied in order, do what it
+        does (:func:`nnslim.compress` applies them one at a time, measuring after each).
+
+        The default is one step, the transform itself; override it where a transform has a
+        size to share out (a ratio, a target)."""
+        return [self]
+
+    def gentler(self) -> Transform | None:
+        """The same step, gentler: what :func:`nnslim.compress` retries when this step cost
+        too much of the metric. ``None`` (the default): no gentler form; the loop stops."""
+        return None
+
     @final
     def apply(
         self,
@@ -396,6 +410,10 @@ class Compose(Transform):
 
     def _needs_copy(self) -> bool:
         return any(t._needs_copy() for t in self.transforms)
+
+    def split(self, steps: int) -> list[Transform]:
+        """Each part split on its own, in order."""
+        return [s for part in self.transforms for s in part.split(steps)]
 
     def _apply(self, model: nn.Module, ctx: Context, report: Report) -> None:
         prev = report.before

@@ -21,7 +21,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from ..core.inputs import Inputs, as_inputs, forward_error, output_tensors
+from ..core.inputs import Inputs, as_inputs, forward_error, output_tensors, task_tensors
 from ..core.modules import shared_parameters
 from ..core.snapshot import preserved_state
 from .attention import (
@@ -152,7 +152,9 @@ class Graph:
             for n in self.dg.module2node.values()
             # split([a, b]) is not one: its sizes may come from attributes nnslim updates
             # (timm LeViT's key_dim/val_dim); a constant list fails the forward check instead
-            if n.type == tp.ops.OPTYPE.SPLIT and hasattr(n.grad_fn, "_saved_split_size")
+            if (n.type == tp.ops.OPTYPE.SPLIT and hasattr(n.grad_fn, "_saved_split_size"))
+            # F.glu halves its input at the middle: torch-pruning maps it channel by channel
+            or type(n.grad_fn).__name__.startswith("GluBackward")
         }
         named = dict(self.model.named_modules())
         paths = self.paths
@@ -194,7 +196,10 @@ class Graph:
                     continue
                 why = None
                 if any(id(item.dep.target) in splits for item in group):
-                    why = "feeds torch.chunk/split by size, which cannot follow uneven pruning"
+                    why = (
+                        "feeds torch.chunk/split by size or F.glu, which cannot follow uneven "
+                        "pruning"
+                    )
                     out[p] = why
                 for item in group:
                     if self.dg.is_out_channel_pruning_fn(item.dep.handler):
@@ -298,6 +303,7 @@ def build_dependency(
     out of the graph."""
     dg = tp.DependencyGraph()
     outputs: list[torch.Tensor] = []
+    results: list[torch.Tensor] = []  # the outputs whose channels are the model's result
     layer_outputs: list[torch.Tensor] = []
 
     def forward_fn(m: nn.Module, _: Any) -> Any:
@@ -310,6 +316,7 @@ def build_dependency(
 
     def output_transform(out: Any) -> list[torch.Tensor]:
         outputs[:] = [t for t in output_tensors(out) if t.grad_fn is not None]
+        results[:] = [t for t in task_tensors(out) if t.grad_fn is not None]
         # torch-pruning walks back from the outputs only: a layer whose result the model
         # computes and drops (CLIP's post_layernorm under a classifier that pools the tokens
         # itself) would be missing from the graph and keep its width while its input shrinks.
@@ -319,6 +326,7 @@ def build_dependency(
     with (
         preserved_state(model),
         torch.enable_grad(),
+        _all_require_grad(model),
         warnings.catch_warnings(),
         torch_pruning_fixes(MAX_GROUP),
         guard(time_limit, f"tracing {type(model).__name__}"),
@@ -335,7 +343,23 @@ def build_dependency(
             verbose=False,
         )
     _link_ties(dg, model)
-    return dg, [t.grad_fn for t in outputs]
+    return dg, [t.grad_fn for t in results]
+
+
+@contextlib.contextmanager
+def _all_require_grad(model: nn.Module) -> Iterator[None]:
+    """Every floating parameter requires grad while the graph is traced (torch-pruning follows
+    autograd: a frozen layer, such as Marian's fixed sinusoidal position table or a backbone
+    frozen for fine-tuning, would be missing from the graph and keep its width while its
+    neighbours shrink); each is frozen again after."""
+    frozen = [p for p in model.parameters() if not p.requires_grad and p.is_floating_point()]
+    for p in frozen:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
 
 
 def _weight_dims(dg: Any, m: nn.Module) -> dict[int, Any]:

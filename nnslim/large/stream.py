@@ -25,7 +25,6 @@ import ctypes
 import gc
 import json
 import os
-import resource
 import shutil
 import tempfile
 import time
@@ -148,7 +147,13 @@ def _release_memory() -> None:
         pass
 
 
-def _peak_rss_mb() -> float:
+def _peak_rss_mb() -> float | None:
+    """The process's peak resident memory (MB); ``None`` where ``resource`` does not exist
+    (Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -352,7 +357,9 @@ def compress_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    report.note(f"peak resident memory {_peak_rss_mb():.0f} MB")
+    peak = _peak_rss_mb()
+    if peak is not None:
+        report.note(f"peak resident memory {peak:.0f} MB")
     report.note(
         f"{len(blocks)} blocks in {time.perf_counter() - t_start:.1f} s, {sum(per_block) / len(per_block):.2f} s per block"
     )

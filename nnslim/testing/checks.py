@@ -26,7 +26,7 @@ from unittest import mock
 import torch
 from torch import nn
 
-from ..core.inputs import as_inputs, output_tensors
+from ..core.inputs import as_inputs, output_tensors, task_tensors
 from ..core.report import Report
 from ..core.transform import Transform
 from ..io.save import load, save
@@ -39,6 +39,7 @@ __all__ = [
     "check_json_roundtrip",
     "check_report_complete",
     "check_save_load",
+    "check_split_gentler",
     "check_transform",
     "model_state",
     "parametrize_with_checks",
@@ -76,11 +77,15 @@ class TransformCase:
     def apply(self, model: nn.Module) -> Report:
         return self.transform.apply(model, self.example_inputs, calibration=self.calibration)
 
-    def outputs(self, model: nn.Module) -> list[torch.Tensor]:
+    def outputs(self, model: nn.Module, result: bool = False) -> list[torch.Tensor]:
+        """The model's output tensors on the example inputs; ``result=True``: those of its
+        result only (:func:`nnslim.core.inputs.task_tensors`: not a Hugging Face model's inner
+        states beside its logits)."""
         inputs = as_inputs(self.example_inputs)
         assert inputs is not None
+        pick = task_tensors if result else output_tensors
         with torch.no_grad():
-            return [t.detach().clone() for t in output_tensors(inputs.call(model))]
+            return [t.detach().clone() for t in pick(inputs.call(model))]
 
 
 def model_state(model: nn.Module) -> dict[str, Any]:
@@ -193,11 +198,12 @@ class _Injected(Exception):
 
 
 def check_forward_shape(case: TransformCase) -> None:
-    """After ``apply`` the forward still runs and every output keeps its shape."""
+    """After ``apply`` the forward still runs and every output of the model's result keeps
+    its shape (a Hugging Face model's inner states beside its logits may narrow)."""
     model = case.fresh()
-    before = case.outputs(model)
+    before = case.outputs(model, result=True)
     case.apply(model)
-    after = case.outputs(model)
+    after = case.outputs(model, result=True)
     assert [t.shape for t in after] == [t.shape for t in before], (
         f"output shapes changed: {[tuple(t.shape) for t in before]} -> "
         f"{[tuple(t.shape) for t in after]}"
@@ -250,12 +256,39 @@ def check_report_complete(case: TransformCase) -> None:
     assert str(report)
 
 
+def check_split_gentler(case: TransformCase) -> None:
+    """The compress loop's protocol: ``split(3)`` is a non-empty list of transforms whose
+    steps, applied in order, keep the forward running with the same result shapes;
+    ``gentler()`` is ``None`` or a different transform of the same kind that applies too."""
+    t = case.transform
+    parts = t.split(3)
+    assert isinstance(parts, list) and parts, f"{type(t).__name__}.split(3) returned {parts!r}"
+    for part in parts:
+        assert isinstance(part, Transform), f"split(3) holds {type(part).__name__}"
+        assert Transform.from_json(part.to_json()) == part, f"{part} does not round-trip"
+    model = case.fresh()
+    before = case.outputs(model, result=True)
+    for part in parts:
+        part.apply(model, case.example_inputs, calibration=case.calibration)
+    after = case.outputs(model, result=True)
+    assert [x.shape for x in after] == [x.shape for x in before], "the split steps broke shapes"
+    g = t.gentler()
+    if g is None:
+        return
+    assert type(g) is type(t), f"gentler() of {type(t).__name__} is a {type(g).__name__}"
+    assert g != t, "gentler() returned the same transform (the loop would retry it unchanged)"
+    model = case.fresh()
+    g.apply(model, case.example_inputs, calibration=case.calibration)
+    assert [x.shape for x in case.outputs(model, result=True)] == [x.shape for x in before]
+
+
 ALL_CHECKS: tuple[Callable[[TransformCase], None], ...] = (
     check_json_roundtrip,
     check_atomic_failure,
     check_forward_shape,
     check_save_load,
     check_report_complete,
+    check_split_gentler,
 )
 
 

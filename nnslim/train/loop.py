@@ -12,9 +12,8 @@ from torch import nn
 
 from ..core.inputs import as_inputs
 from ..core.modules import copy_model
-from ..core.select import normalize_selector
 from ..core.table import format_table, human
-from ..core.transform import Compose, Transform, check_transform_items
+from ..core.transform import Transform, check_transform_items
 from ..core.validate import check_fraction, check_int
 from ..profiling.profiler import profile
 
@@ -25,7 +24,8 @@ _ALIASES = {"bytes": "param_bytes", "latency": "latency_ms"}
 
 
 def schedule(t: Transform, steps: int) -> list[Transform]:
-    """Split ``t`` into ``steps`` smaller transforms that together do what ``t`` does.
+    """``t`` split into up to ``steps`` smaller transforms that together do what it does:
+    :meth:`Transform.split <nnslim.Transform.split>`, checked.
 
     ``Prune`` with a ratio removes ``1 - (1 - r)^(1/steps)`` per step (the same fraction of what
     is left), with a MACs/params target ``t^(1/steps)`` of the current model per step, and
@@ -33,45 +33,31 @@ def schedule(t: Transform, steps: int) -> list[Transform]:
     keeps ``x^(1/steps)`` per step (each step truncates the already factorized layers to a lower
     rank); ``ShareWeights`` halves its clusters each step down to ``clusters`` (16 in 3 steps:
     64, 32, 16; each step clusters the layers' current values again); ``Compose`` is split part
-    by part; other transforms (Quantize, a fixed rank or energy) are one step.
+    by part; other transforms (Quantize, a fixed rank or energy, your own unless it overrides
+    ``split``) are one step.
     """
-    from ..modules.shared import MAX_CLUSTERS
-    from ..transforms.factorize import Factorize
-    from ..transforms.prune import Prune
-    from ..transforms.share import ShareWeights
-
-    if isinstance(t, Compose):
-        return [s for part in t.transforms for s in schedule(part, steps)]
-    if isinstance(t, Prune) and steps > 1 and t.structure != "2:4" and ":" not in t.structure:
-        if t.structure == "unstructured" and t.ratio is not None:
-            return [dataclasses.replace(t, ratio=t.ratio * (k + 1) / steps) for k in range(steps)]
-        if t.ratio is not None:
-            r = 1 - (1 - t.ratio) ** (1 / steps)
-            return [dataclasses.replace(t, ratio=r) for _ in range(steps)]
-        if t.macs is not None:
-            return [dataclasses.replace(t, macs=t.macs ** (1 / steps)) for _ in range(steps)]
-        if t.params is not None:
-            return [dataclasses.replace(t, params=t.params ** (1 / steps)) for _ in range(steps)]
-    if isinstance(t, Factorize) and steps > 1 and not _per_layer_values(t):
-        for name in ("ratio", "params", "macs"):
-            value = getattr(t, name)
-            if value is not None:
-                return [dataclasses.replace(t, **{name: value ** (1 / steps)})] * steps
+    parts = t.split(steps)
     if (
-        isinstance(t, ShareWeights)
-        and steps > 1
-        and isinstance(t.clusters, int)
-        and t.across_layers is None
-        and not _per_layer_values(t)
+        not isinstance(parts, (list, tuple))
+        or not parts
+        or not all(isinstance(p, Transform) for p in parts)
     ):
-        ks = sorted({min(t.clusters << k, MAX_CLUSTERS) for k in range(steps)}, reverse=True)
-        return [dataclasses.replace(t, clusters=k) for k in ks]
-    return [t]
+        raise TypeError(
+            f"{type(t).__name__}.split({steps}) returned {parts!r:.80}; it must return a "
+            f"non-empty list of transforms (the default is [self])."
+        )
+    return list(parts)
 
 
-def _per_layer_values(t: Transform) -> bool:
-    """Whether ``t.select`` maps layers to their own values (a split would not know them)."""
-    return any(v is not None for _, v in normalize_selector(t.select) or [])
+def _gentler(t: Transform) -> Transform | None:
+    """:meth:`Transform.gentler <nnslim.Transform.gentler>`, checked."""
+    g = t.gentler()
+    if g is not None and not isinstance(g, Transform):
+        raise TypeError(
+            f"{type(t).__name__}.gentler() returned {type(g).__name__}; it must return a "
+            f"Transform or None."
+        )
+    return g
 
 
 @dataclass
@@ -79,8 +65,8 @@ class CompressionResult:
     """What :func:`compress` found.
 
     Attributes:
-        model: the most compressed model whose metric stayed within the tolerance (a copy;
-            the original model itself is the last state tried).
+        model: the most compressed model whose metric stayed within the tolerance (a copy:
+            the model given to :func:`compress` is left as it was).
         history: one row per step: transform, metric, MACs, params, bytes, latency, whether it
             was kept.
         baseline: the original model's row.
@@ -163,14 +149,17 @@ def compress(
 
     Each step applies the next piece of :func:`schedule` (``transforms`` split in ``steps``),
     fine-tunes with ``trainer`` on ``train_data`` when given, evaluates and profiles. A step
-    that drops the metric by more than ``tolerance`` is undone and retried once, gentler (half
-    the pruning; a factorization keeping halfway to everything; twice the clusters; int8
-    instead of int4); if that also fails, the loop stops. It stops with success once every
+    that drops the metric by more than ``tolerance`` is undone and retried once, gentler
+    (:meth:`Transform.gentler <nnslim.Transform.gentler>`: half the pruning; a factorization
+    keeping halfway to everything; twice the clusters; int8 instead of int4); if that also
+    fails, or the step has no gentler form, the loop stops. A transform of your own joins the
+    loop through the same two methods, ``split`` and ``gentler``. It stops with success once every
     ``target`` (fractions of the original: ``macs``, ``params``, ``param_bytes`` (or
     ``bytes``), ``latency_ms`` (or ``latency``)) is met.
 
     Args:
-        model: the model (changed in place through the steps).
+        model: the model (left as it was: each step works on a copy; the result holds the
+            best one).
         transforms: a transform or a list (applied in order).
         evaluate: ``model -> metric`` (higher is better), e.g. validation accuracy.
         target: e.g. ``{"macs": 0.5}``: at most half the original MACs.
@@ -258,7 +247,6 @@ def compress(
                     break  # an intermediate step: go on with the next
                 # the gentler step does not apply to this model (e.g. ShareWeights with twice
                 # the clusters on layers the previous step already shared that finely)
-                _adopt(model, best)
                 result.model = best
                 return result
             if trainer is not None:
@@ -270,16 +258,14 @@ def compress(
             if row["kept"]:
                 best = candidate
                 break
-            smaller = _halve(attempt)
+            smaller = _gentler(attempt)
             if smaller is None or retry == 1:
-                _adopt(model, best)
                 result.model = best
                 return result
             attempt = smaller
         if result.history and reached(result.history[-1]) and result.history[-1]["kept"]:
             result.reached = True
             break
-    _adopt(model, best)
     result.model = best
     return result
 
@@ -292,41 +278,3 @@ def _name(t: Transform) -> str:
         f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v!r}" for k, v in fields.items()
     )
     return f"{type(t).__name__}({inner})"
-
-
-def _halve(t: Transform) -> Transform | None:
-    """The same step, gentler: half its size (``None`` when it cannot be made gentler).
-
-    Prune removes half as much; Factorize keeps halfway to everything (twice the rank for a
-    fixed rank); ShareWeights gets twice the clusters; int4 Quantize becomes int8.
-    """
-    from ..modules.shared import MAX_CLUSTERS
-    from ..transforms.factorize import Factorize
-    from ..transforms.prune import Prune
-    from ..transforms.quantize import Quantize
-    from ..transforms.share import ShareWeights
-
-    if isinstance(t, Prune):
-        if t.ratio is not None and t.structure == "channels":
-            return dataclasses.replace(t, ratio=t.ratio / 2)
-        if t.macs is not None:
-            return dataclasses.replace(t, macs=(1 + t.macs) / 2)
-        if t.params is not None:
-            return dataclasses.replace(t, params=(1 + t.params) / 2)
-    if isinstance(t, Factorize):
-        for name in ("ratio", "energy", "params", "macs"):
-            value = getattr(t, name)
-            if isinstance(value, float):
-                return dataclasses.replace(t, **{name: (1 + value) / 2})
-        if isinstance(t.rank, int):
-            return dataclasses.replace(t, rank=2 * t.rank)
-    if isinstance(t, ShareWeights) and isinstance(t.clusters, int) and t.clusters < MAX_CLUSTERS:
-        return dataclasses.replace(t, clusters=min(2 * t.clusters, MAX_CLUSTERS))
-    if isinstance(t, Quantize) and t.scheme == "int4" and not t.qat:
-        return dataclasses.replace(t, scheme="int8", smooth=None)
-    return None
-
-
-def _adopt(model: nn.Module, best: nn.Module) -> None:
-    """Make ``model`` (the caller's object) the best model found."""
-    model.__dict__.update(copy_model(best).__dict__)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -14,7 +14,7 @@ from ..core.describe import shape_of
 from ..core.inputs import Inputs
 from ..core.modules import is_conv2d, is_linear, linear_weight, replace_module, unreplaceable
 from ..core.report import Report
-from ..core.select import normalize_selector
+from ..core.select import normalize_selector, per_layer_values
 from ..core.snapshot import preserved_state
 from ..core.transform import Context, Transform
 from ..core.validate import all_finite, check_choice, check_fraction, check_int, check_type
@@ -161,6 +161,27 @@ class Factorize(Transform):
         normalize_selector(self.exclude, "exclude")
 
     # ------------------------------------------------------------------------------------------
+    # -- the compress loop ----------------------------------------------------------------------
+    def split(self, steps: int) -> list[Transform]:
+        """``ratio``/``params``/``macs`` keep ``x^(1/steps)`` per step (each step truncates the
+        layers already factorized to a lower rank); a fixed rank or energy is one step."""
+        if steps > 1 and not per_layer_values(self.select):
+            for name in ("ratio", "params", "macs"):
+                value = getattr(self, name)
+                if value is not None:
+                    return [replace(self, **{name: value ** (1 / steps)})] * steps
+        return [self]
+
+    def gentler(self) -> Factorize | None:
+        """Keep halfway to everything (twice a fixed rank)."""
+        for name in ("ratio", "energy", "params", "macs"):
+            value = getattr(self, name)
+            if isinstance(value, float):
+                return replace(self, **{name: (1 + value) / 2})
+        if isinstance(self.rank, int):
+            return replace(self, rank=2 * self.rank)
+        return None
+
     def _apply(self, model: nn.Module, ctx: Context, report: Report) -> None:
         named = dict(model.named_modules())
         # factorized layers are candidates as whole layers (their product is truncated to a

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
 
 import torch
 import torch_pruning as tp
@@ -18,7 +18,7 @@ from ..core.failure import failing_module, first_line
 from ..core.inputs import Inputs
 from ..core.modules import copy_model, is_hf_conv1d, shared_parameters
 from ..core.report import Report
-from ..core.select import normalize_selector
+from ..core.select import normalize_selector, per_layer_values
 from ..core.snapshot import Snapshot, preserved_state
 from ..core.transform import Context, Transform
 from ..core.validate import all_finite, check_choice, check_fraction, check_int, check_type
@@ -155,6 +155,33 @@ class Prune(Transform):
                     check_fraction("Prune", f"select[{key!r}]", v)
         normalize_selector(self.exclude, "exclude")
 
+    # -- the compress loop ----------------------------------------------------------------------
+    def split(self, steps: int) -> list[Transform]:
+        """A ratio removes ``1 - (1 - r)^(1/steps)`` per step (the same fraction of what is
+        left); a MACs/params target is ``t^(1/steps)`` of the current model per step;
+        unstructured sparsity grows linearly; N:M is one step."""
+        if steps <= 1 or ":" in self.structure or per_layer_values(self.select):
+            return [self]
+        if self.structure == "unstructured" and self.ratio is not None:
+            return [replace(self, ratio=self.ratio * (k + 1) / steps) for k in range(steps)]
+        if self.ratio is not None:
+            return [replace(self, ratio=1 - (1 - self.ratio) ** (1 / steps))] * steps
+        if self.macs is not None:
+            return [replace(self, macs=self.macs ** (1 / steps))] * steps
+        if self.params is not None:
+            return [replace(self, params=self.params ** (1 / steps))] * steps
+        return [self]
+
+    def gentler(self) -> Prune | None:
+        """Half the pruning: half the channel ratio, a target halfway to the whole model."""
+        if self.ratio is not None and self.structure == "channels":
+            return replace(self, ratio=self.ratio / 2)
+        if self.macs is not None:
+            return replace(self, macs=(1 + self.macs) / 2)
+        if self.params is not None:
+            return replace(self, params=(1 + self.params) / 2)
+        return None
+
     # ------------------------------------------------------------------------------------------
     def _apply(self, model: nn.Module, ctx: Context, report: Report) -> None:
         imp = as_importance(self.importance)
@@ -164,7 +191,10 @@ class Prune(Transform):
         inputs = ctx.require_inputs("Prune", "to trace the model")
         kept: dict[str, str] = {}
         snap = Snapshot(model)
-        residual = True  # the hidden width of attention models, until pruning it breaks one
+        # the hidden width of attention models: pruned on its own, then in step with the heads
+        # (attention that reshapes its output to its input's width), then kept
+        residual: _Residual = "free"
+        first_why = ""
         notes: list[str] = []
         attempt = 0
         while True:
@@ -175,6 +205,10 @@ class Prune(Transform):
             try:
                 self._prune_channels(model, ctx, trial, inputs, kept, residual, widened)
                 failed = failing_module(model, inputs)
+            except _NotCoupled:
+                snap.restore()
+                residual = "kept"
+                continue
             except _NothingToPrune:
                 snap.restore()
                 report.notes.extend(notes)
@@ -212,11 +246,18 @@ class Prune(Transform):
                 break
             snap.restore()
             if widened:  # first keep the hidden width, then look for the module that failed
-                residual = False
                 why = str(tie) if tie is not None else f"{failed[0]}: {failed[1]}"
+                if residual == "free":
+                    residual, first_why = "heads", why
+                    continue
+                residual = "kept"
                 notes.append(
                     f"the hidden width (the residual stream the attention output projections "
-                    f"write) keeps its channels: pruning it broke the model ({why})"
+                    f"write) keeps its channels: pruning it broke the model ({first_why}), and "
+                    f"so did pruning it in step with the attention heads ({why})"
+                    if why != first_why
+                    else f"the hidden width (the residual stream the attention output "
+                    f"projections write) keeps its channels: pruning it broke the model ({why})"
                 )
                 continue
             attempt += 1
@@ -263,6 +304,13 @@ class Prune(Transform):
                 )
             for p in layers:
                 kept[p] = why
+        if residual == "heads":
+            notes.append(
+                f"the hidden width (the residual stream the attention output projections write) "
+                f"was pruned in step with the attention heads, whole heads at a time (an "
+                f"attention layer reshapes its output to its input's width): pruning it alone "
+                f"broke the model ({first_why})"
+            )
         report.notes.extend(notes)
         report.changes.extend(trial.changes)
         report.skips.extend(trial.skips)
@@ -275,7 +323,7 @@ class Prune(Transform):
         report: Report,
         inputs: Inputs,
         kept: dict[str, str],
-        residual: bool = True,
+        residual: _Residual = "free",
         widened: list[str] | None = None,
     ) -> None:
         imp = as_importance(self.importance)
@@ -387,7 +435,7 @@ class Prune(Transform):
         graph: Graph,
         report: Report,
         kept: dict[str, str] | None = None,
-        residual: bool = True,
+        residual: _Residual = "free",
     ) -> _Plan:
         named = dict(model.named_modules())
         outputs = set(graph.output_layers())
@@ -399,7 +447,7 @@ class Prune(Transform):
             if s.fused not in kept and (isinstance(s, ExpertBankSpec) or s.down not in kept)
         ]
         proj = {p for s in graph.attention for p in s.projections}
-        if residual:
+        if residual != "kept":
             # an output projection's channels are the hidden width (the residual stream), a
             # group like a ResNet's residual channels; its heads are pruned on the input side
             proj -= {s.o for s in attention}
@@ -473,7 +521,12 @@ class Prune(Transform):
         frozen = [p for p in layer_paths if p not in channels] + [
             p for p, m in named.items() if isinstance(m, nn.MultiheadAttention)
         ]
-        return _Plan(attention, heads, channels, frozen, layer_paths, units)
+        coupled: dict[str, int] = {}
+        if residual == "heads":
+            coupled = _coupled_streams(named, attention, heads)
+            if not coupled:
+                raise _NotCoupled
+        return _Plan(attention, heads, channels, frozen, layer_paths, units, coupled)
 
     def _stats(
         self, model: nn.Module, ctx: Context, imp: Importance, layers: list[str]
@@ -674,6 +727,35 @@ class _Plan:
     frozen: list[str]  # layers torch-pruning must not prune
     all_layers: list[str]
     units: dict[str, Any] = field(default_factory=dict)  # fused gate/up layer -> ratio (or None)
+    # attention path -> hidden width, where that width follows the heads (whole heads at a time)
+    coupled: dict[str, int] = field(default_factory=dict)
+
+
+#: the hidden width of attention models: pruned on its own ("free"), in step with the heads
+#: ("heads": attention that reshapes its output to its input's width), or left alone ("kept")
+_Residual = Literal["free", "heads", "kept"]
+
+
+class _NotCoupled(Exception):
+    """No attention layer's heads can set the hidden width: keep it instead."""
+
+
+def _coupled_streams(
+    named: dict[str, nn.Module], attention: list[AttentionSpec], heads: dict[str, Any]
+) -> dict[str, int]:
+    """Attention layers whose heads can set the hidden width, with that width: multi-head (no
+    GQA) layers selected for head pruning whose heads span exactly the width their output
+    projection writes. Layers writing one width (one residual stream) share a head size."""
+    out: dict[str, int] = {}
+    for s in attention:
+        width = _out_width(named[s.o])
+        if s.path in heads and s.kv_heads == s.heads and width == s.heads * s.head_dim:
+            out[s.path] = width
+    by_width: dict[int, set[int]] = {}
+    for s in attention:
+        if s.path in out:
+            by_width.setdefault(out[s.path], set()).add(s.head_dim)
+    return {p: w for p, w in out.items() if len(by_width[w]) == 1}
 
 
 #: how many times Prune keeps the layers of a module whose forward failed, and tries again
@@ -810,12 +892,18 @@ def _prune_model(
     by_id = {id(named[p]): st for p, st in stats.items() if p in named}
     ties = _ties(model)
     sizes = _vector_sizes(model)
+    coupled = _heads_for_width(plan, ratio)
     if plan.channels:
         if graph is None or graph.model is not model:
             graph = trace(model, inputs, time_limit=cfg.time_limit)
         scorer = GroupScorer(imp, by_id, graph.dg)
         ignored = [named[p] for p in plan.frozen if p in named]
         per_layer = {named[p]: v for p, v in plan.channels.items() if v is not None and p in named}
+        for spec in plan.attention:
+            if spec.path in coupled:  # the hidden width loses exactly the removed heads' width
+                width = plan.coupled[spec.path]
+                n = coupled[spec.path] * spec.head_dim
+                per_layer[named[spec.o]] = (n - 0.5) / width if n else 0.0
         where = [""]
         with (
             preserve_modes(model),
@@ -845,7 +933,8 @@ def _prune_model(
             for _ in range(cfg.steps):
                 scorer.reset()
                 _step(pruner, scorer, paths, guarded)
-    _retie(model, ties)
+    ran = {id(m) for m in graph.dg.module2node} if plan.channels and graph is not None else None
+    _retie(model, ties, ran)
     _sync_shape_attrs(model, sizes)
     if plan.channels:
         _follow_input_widths(model, inputs, sizes)
@@ -863,7 +952,7 @@ def _prune_model(
             members = members or [spec]
             done.update(s.path for s in members)
             r = value if value is not None else ratio
-            n = spec.removable(r)
+            n = coupled[path] if path in coupled else spec.removable(r)
             if n <= 0:
                 continue
             scorer_ = GroupScorer(imp, by_id, None)
@@ -891,6 +980,19 @@ def _prune_model(
                 continue
             scores = mlp.unit_scores(model, GroupScorer(imp, by_id, None).element_scores)
             mlp.prune_units(model, sorted(scores.argsort()[:n].tolist()))
+
+
+def _heads_for_width(plan: _Plan, ratio: float) -> dict[str, int]:
+    """Heads each coupled attention layer removes at ``ratio``: the fewest any layer of its
+    residual stream would remove, so every layer writing that width keeps the same number."""
+    fewest: dict[int, int] = {}
+    for s in plan.attention:
+        if s.path in plan.coupled:
+            value = plan.heads.get(s.path)
+            n = max(s.removable(value if value is not None else ratio), 0)
+            w = plan.coupled[s.path]
+            fewest[w] = min(fewest.get(w, n), n)
+    return {p: fewest[w] for p, w in plan.coupled.items()}
 
 
 def _config_refuses(cfg: Any) -> str | None:
@@ -1088,9 +1190,26 @@ class _TieSplit(RuntimeError):
         self.paths = paths
 
 
-def _retie(model: nn.Module, ties: list[list[tuple[nn.Module, str, str]]]) -> None:
-    """Share tied parameters again after pruning replaced them with separate copies."""
+def _retie(
+    model: nn.Module,
+    ties: list[list[tuple[nn.Module, str, str]]],
+    ran: set[int] | None = None,
+) -> None:
+    """Share tied parameters again after pruning replaced them with separate copies.
+
+    ``ran``: ids of the modules the traced forward ran. A module that shares the parameter but
+    never ran (Pegasus's ``model.shared``, an alias of the embeddings the encoder and decoder
+    call) was not in the graph: it takes the pruned copy of those that ran."""
     for owners in ties:
+        original = owners[0][0]._parameters[owners[0][1]]
+        if ran is not None:
+            moved = [m._parameters[n] for m, n, _ in owners if id(m) in ran]
+            moved = [q for q in moved if q is not original]
+            if moved:
+                for m, n, _ in owners:
+                    if id(m) not in ran and m._parameters[n] is original:
+                        m._parameters[n] = moved[0]
+                        _sync_layer_widths(m)
         first_m, first_n, _ = owners[0]
         p = first_m._parameters[first_n]
         for m, n, _ in owners[1:]:
@@ -1109,6 +1228,17 @@ def _retie(model: nn.Module, ties: list[list[tuple[nn.Module, str, str]]]) -> No
                     sorted({path for _, _, path in owners}),
                 )
             m._parameters[n] = p
+
+
+def _sync_layer_widths(m: nn.Module) -> None:
+    """A Linear's or an Embedding's width attributes from its (replaced) weight."""
+    w = m._parameters.get("weight")
+    if w is None or w.dim() != 2:
+        return
+    if isinstance(m, nn.Embedding):
+        m.num_embeddings, m.embedding_dim = w.shape
+    elif isinstance(m, nn.Linear):
+        m.out_features, m.in_features = w.shape
 
 
 def _group_roots(
@@ -1160,7 +1290,7 @@ class _reuse_graph:
 
 def output_layers_by_identity(model: nn.Module, inputs: Inputs) -> list[str]:
     """Layers whose output tensor is (a view of) a model output, found with forward hooks."""
-    from ..core.inputs import output_tensors
+    from ..core.inputs import task_tensors
 
     produced: dict[int, str] = {}
     handles = []
@@ -1179,7 +1309,7 @@ def output_layers_by_identity(model: nn.Module, inputs: Inputs) -> list[str]:
         for h in handles:
             h.remove()
     found = []
-    for t in output_tensors(out):
+    for t in task_tensors(out):
         p = produced.get(t.untyped_storage().data_ptr())
         if p is not None:
             found.append(p)
@@ -1392,7 +1522,9 @@ def update_hf_config(model: nn.Module, attention: list[AttentionSpec]) -> list[s
                     f"nnslim.hf.from_pretrained (or nnslim.save / nnslim.load)"
                 )
                 continue
-            if not _reads_head_dim(specs[0].module):
+            # a head size derived from the hidden width holds when the width follows the heads
+            derived = _out_width(named[specs[0].o]) == h * d if specs[0].o in named else False
+            if not _reads_head_dim(specs[0].module) and not derived:
                 notes.append(
                     f"{type(specs[0].module).__name__} derives its head size from the hidden size "
                     f"and config.{field}, so from_pretrained cannot rebuild {h} heads of size {d}; "

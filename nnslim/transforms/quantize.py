@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -127,6 +127,13 @@ class Quantize(Transform):
             )
 
     # ------------------------------------------------------------------------------------------
+    # -- the compress loop ----------------------------------------------------------------------
+    def gentler(self) -> Quantize | None:
+        """int4 becomes int8 (the same method); int8 has no gentler form."""
+        if self.scheme == "int4" and not self.qat:
+            return replace(self, scheme="int8", smooth=None)
+        return None
+
     def _apply(self, model: nn.Module, ctx: Context, report: Report) -> None:
         named = dict(model.named_modules())
         left = unreplaceable(model)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -23,7 +23,7 @@ from ..core.modules import (
     unreplaceable,
 )
 from ..core.report import Report
-from ..core.select import normalize_selector
+from ..core.select import normalize_selector, per_layer_values
 from ..core.snapshot import preserved_state
 from ..core.transform import Context, Transform
 from ..core.validate import check_int, check_type
@@ -211,6 +211,26 @@ class ShareWeights(Transform):
                     _check_clusters(f"select[{key!r}]", v)
 
     # ------------------------------------------------------------------------------------------
+    # -- the compress loop ----------------------------------------------------------------------
+    def split(self, steps: int) -> list[Transform]:
+        """Halve the clusters each step down to ``clusters`` (16 in 3 steps: 64, 32, 16), each
+        step clustering the layers' current values again; sharing across layers is one step."""
+        if (
+            steps <= 1
+            or not isinstance(self.clusters, int)
+            or self.across_layers is not None
+            or per_layer_values(self.select)
+        ):
+            return [self]
+        ks = sorted({min(self.clusters << k, MAX_CLUSTERS) for k in range(steps)}, reverse=True)
+        return [replace(self, clusters=k) for k in ks]
+
+    def gentler(self) -> ShareWeights | None:
+        """Twice the clusters."""
+        if isinstance(self.clusters, int) and self.clusters < MAX_CLUSTERS:
+            return replace(self, clusters=min(2 * self.clusters, MAX_CLUSTERS))
+        return None
+
     def _apply(self, model: nn.Module, ctx: Context, report: Report) -> None:
         if self.max_error is not None:
             ctx.require_inputs(

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -49,9 +51,8 @@ def test_reaches_the_target_within_tolerance():
     assert result.reached
     assert len(result.history) <= 3 and all(h["kept"] for h in result.history)
     assert result.history[-1]["macs"] <= 0.45 * result.baseline["macs"]
-    assert (
-        nnslim.profile(m, X).macs == result.history[-1]["macs"]
-    )  # the caller's model is the result
+    assert nnslim.profile(result.model, X).macs == result.history[-1]["macs"]
+    assert nnslim.profile(m, X).macs == result.baseline["macs"]  # the caller's model as it was
     assert "target reached" in str(result)
 
 
@@ -74,16 +75,87 @@ def test_stops_when_the_metric_drops_too_far_and_keeps_the_best():
 
 
 def test_every_transform_has_a_gentler_retry():
-    from nnslim.train.loop import _halve
-
-    assert _halve(nnslim.Factorize(params=0.6)).params == pytest.approx(0.8)
-    assert _halve(nnslim.Factorize(ratio=0.5)).ratio == pytest.approx(0.75)
-    assert _halve(nnslim.Factorize(rank=8)).rank == 16
-    assert _halve(nnslim.ShareWeights(clusters=16)).clusters == 32
-    q = _halve(nnslim.Quantize(scheme="int4", method="gptq", group_size=64))
+    assert nnslim.Factorize(params=0.6).gentler().params == pytest.approx(0.8)
+    assert nnslim.Factorize(ratio=0.5).gentler().ratio == pytest.approx(0.75)
+    assert nnslim.Factorize(rank=8).gentler().rank == 16
+    assert nnslim.ShareWeights(clusters=16).gentler().clusters == 32
+    q = nnslim.Quantize(scheme="int4", method="gptq", group_size=64).gentler()
     assert (q.scheme, q.method) == ("int8", "gptq")
-    assert _halve(nnslim.Quantize(scheme="int8")) is None
-    assert _halve(nnslim.Prune(structure="2:4")) is None
+    assert nnslim.Quantize(scheme="int8").gentler() is None
+    assert nnslim.Prune(structure="2:4").gentler() is None
+    assert nnslim.Prune(ratio=0.4).gentler().ratio == pytest.approx(0.2)
+    assert nnslim.Prune(macs=0.4).gentler().macs == pytest.approx(0.7)
+    assert nnslim.Compose([nnslim.Prune(ratio=0.4)]).gentler() is None  # split part by part
+
+
+@dataclasses.dataclass(frozen=True)
+class ScaleLast(nnslim.Transform):
+    """A user's transform: scales the last layer's weight by ``factor``; in steps, by the
+    ``steps``-th root each step; gentler: halfway to 1."""
+
+    factor: float = 1.0
+
+    def _apply(self, model, ctx, report):
+        last = model[-1]
+        last.weight = nn.Parameter(last.weight.detach() * self.factor)
+        report.changed("4", "scaled", factor=self.factor)
+
+    def split(self, steps):
+        return [dataclasses.replace(self, factor=self.factor ** (1 / steps))] * steps
+
+    def gentler(self):
+        return dataclasses.replace(self, factor=(1 + self.factor) / 2)
+
+
+def test_a_user_transform_is_stepped_and_adjusted():
+    m = mlp()
+    tried = []
+
+    def evaluate(mm):  # the metric: how much of the last layer's weight is left
+        with torch.no_grad():
+            s = float(mm[-1].weight.abs().sum() / m[-1].weight.abs().sum())
+        tried.append(round(s, 4))
+        return s
+
+    result = nnslim.compress(
+        m,
+        ScaleLast(factor=0.25),
+        evaluate=evaluate,
+        target={"params": 0.5},  # never reached: the transform removes no parameter
+        tolerance=0.35,
+        example_inputs=X,
+        steps=2,
+    )
+    # split in two steps of 0.5: the first keeps 0.5 of the metric (a drop of 0.5 > 0.35),
+    # so it is retried gentler, at 0.75 (drop 0.25); the second step again drops too far
+    # (0.375 of the original), retried at 0.75 * 0.75 = 0.5625 (drop 0.44): the loop stops
+    assert tried == [1.0, 0.5, 0.75, 0.375, 0.5625]
+    assert [h["kept"] for h in result.history] == [False, True, False, False]
+    assert [h["transform"] for h in result.history] == [
+        "ScaleLast(factor=0.5)",
+        "ScaleLast(factor=0.75)",
+        "ScaleLast(factor=0.5)",
+        "ScaleLast(factor=0.75)",
+    ]
+    assert torch.allclose(result.model[-1].weight, m[-1].weight * 0.75)
+    assert not result.reached
+
+
+def test_a_split_that_is_not_a_list_of_transforms_is_named():
+    class Broken(ScaleLast):
+        def split(self, steps):
+            return None
+
+    with pytest.raises(TypeError, match=r"Broken.split\(2\) returned None"):
+        nnslim.compress(
+            mlp(),
+            Broken(),
+            evaluate=lambda mm: 1.0,
+            target={"params": 0.5},
+            tolerance=0.1,
+            example_inputs=X,
+            steps=2,
+        )
 
 
 def test_a_failed_int4_step_is_retried_as_int8():
@@ -107,7 +179,8 @@ def test_a_failed_int4_step_is_retried_as_int8():
     assert [h["kept"] for h in result.history] == [False, True]
     assert "int4" in result.history[0]["transform"] and "int4" not in result.history[1]["transform"]
     assert result.reached
-    assert type(m[2]).__name__ == "Int8Linear"
+    assert type(result.model[2]).__name__ == "Int8Linear"
+    assert type(m[2]) is nn.Linear  # the caller's model as it was
 
 
 def test_fine_tunes_between_steps():
@@ -226,7 +299,7 @@ def test_share_weights_in_steps_stops_at_the_first_step_that_meets_the_target():
         "ShareWeights(clusters=64)",
         "ShareWeights(clusters=32)",
     ]
-    assert {mod.clusters for mod in m.modules() if hasattr(mod, "clusters")} == {32}
+    assert {mod.clusters for mod in result.model.modules() if hasattr(mod, "clusters")} == {32}
 
 
 def test_a_failed_share_step_whose_retry_cannot_apply_keeps_the_best():
@@ -244,7 +317,7 @@ def test_a_failed_share_step_whose_retry_cannot_apply_keeps_the_best():
     # the retry (8 clusters again) has nothing left to do: the 8-cluster model is the result
     assert not result.reached
     assert [h["kept"] for h in result.history] == [True, False]
-    assert {mod.clusters for mod in m.modules() if hasattr(mod, "clusters")} == {8}
+    assert {mod.clusters for mod in result.model.modules() if hasattr(mod, "clusters")} == {8}
 
 
 def test_schedule_splits_factorize_geometrically():
@@ -269,7 +342,8 @@ def test_factorize_in_steps_lowers_ranks_until_the_target():
     )
     assert result.reached and len(result.history) >= 2
     assert all(h["params"] < prev["params"] for prev, h in zip(result.history, result.history[1:]))
-    assert type(m[2]).__name__ == "FactorizedLinear" and type(m[2].first) is nn.Linear
+    best = result.model
+    assert type(best[2]).__name__ == "FactorizedLinear" and type(best[2].first) is nn.Linear
 
 
 def test_a_share_step_that_does_not_apply_is_skipped_with_a_note():
@@ -290,5 +364,5 @@ def test_a_share_step_that_does_not_apply_is_skipped_with_a_note():
         "ShareWeights(clusters=64, granularity='channel', select=['2'])"
     ]
     assert len(result.notes) == 2 and "clusters=256" in result.notes[0]
-    assert m[2].clusters == 16
+    assert result.model[2].clusters == 16
     assert "note: ShareWeights(clusters=256" in str(result)

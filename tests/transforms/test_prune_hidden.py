@@ -1,0 +1,213 @@
+"""The hidden width of attention models, and the graph it is pruned over: attention that
+reshapes its output to its input's width, Hugging Face outputs' inner states, frozen layers,
+F.glu, tied weights of modules the forward never calls."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import nnslim
+from nnslim.core.inputs import output_tensors, task_tensors
+
+tf = pytest.importorskip("transformers")
+
+
+class WidthAttention(nn.Module):
+    """Attention that takes its head size and output width from its input (timm NesT, HF
+    TrOCR, Longformer): the hidden width must stay heads x head size."""
+
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.num_heads = heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        a = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(a.transpose(1, 2).reshape(b, n, c))
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.attn = WidthAttention(d, heads)
+        self.fc1, self.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(x)
+        return x + self.fc2(F.gelu(self.fc1(x)))
+
+
+class WidthNet(nn.Module):
+    def __init__(self, d: int = 64, heads: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Linear(10, d)
+        self.blocks = nn.Sequential(Block(d, heads), Block(d, heads))
+        self.head = nn.Linear(d, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.embed(x)).mean(1))
+
+
+def test_hidden_width_follows_heads_where_attention_reshapes_to_its_input_width():
+    torch.manual_seed(0)
+    model = WidthNet().eval()
+    x = torch.randn(2, 6, 10)
+    report = nnslim.Prune(ratio=0.3).apply(model, x)
+    # 0.3 of 64 channels alone is 44, which 3 heads cannot split: the width follows the heads
+    assert any("in step with the attention heads" in n for n in report.notes), report.notes
+    for block in model.blocks:
+        assert block.attn.num_heads == 3
+        assert block.attn.qkv.out_features == 3 * 48
+        assert block.attn.proj.out_features == 48 == block.attn.proj.in_features
+    assert model.embed.out_features == 48 and model.head.in_features == 48
+    assert model.blocks[0].fc1.out_features < 128  # the MLP units pruned as before
+    with torch.no_grad():
+        assert model(x).shape == (2, 5)
+
+
+def test_hidden_width_pruned_alone_where_it_can():
+    torch.manual_seed(0)
+    model = WidthNet().eval()
+    x = torch.randn(2, 6, 10)
+    # 0.5 of 64 is 32 = 2 heads of 16: the width prunes on its own and the heads agree
+    report = nnslim.Prune(ratio=0.5).apply(model, x)
+    assert not any("hidden width" in n for n in report.notes), report.notes
+    assert model.blocks[0].attn.num_heads == 2 and model.embed.out_features == 32
+
+
+def _marian():
+    cfg = tf.MarianConfig(
+        vocab_size=300,
+        d_model=64,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=128,
+        decoder_ffn_dim=128,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        decoder_start_token_id=0,
+    )
+    torch.manual_seed(0)
+    return tf.MarianMTModel(cfg).eval()
+
+
+def test_seq2seq_encoder_states_are_not_the_result_and_narrow():
+    # encoder_last_hidden_state is an inner state beside the logits; Marian's sinusoidal
+    # position tables are frozen parameters, which the graph must still follow
+    model = _marian()
+    assert not model.model.encoder.embed_positions.weight.requires_grad
+    x = {
+        "input_ids": torch.randint(1, 300, (1, 10)),
+        "decoder_input_ids": torch.randint(1, 300, (1, 6)),
+    }
+    with torch.no_grad():
+        before = model(**x)
+    report = nnslim.Prune(ratio=0.3).apply(model, x)
+    with torch.no_grad():
+        after = model(**x)
+    assert after.logits.shape == before.logits.shape
+    assert after.encoder_last_hidden_state.shape[-1] < 64, report.notes
+    assert model.config.d_model == after.encoder_last_hidden_state.shape[-1]
+    positions = model.model.encoder.embed_positions
+    assert positions.weight.shape[1] == positions.embedding_dim == model.config.d_model
+    assert not positions.weight.requires_grad  # frozen again after tracing
+    assert torch.isfinite(after.logits).all()
+
+
+def test_task_tensors_leave_out_inner_states_beside_a_result():
+    from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
+
+    logits, enc = torch.zeros(1, 3, 7), torch.zeros(1, 4, 8)
+    out = Seq2SeqLMOutput(logits=logits, encoder_last_hidden_state=enc)
+    assert task_tensors(out) == [logits]
+    assert output_tensors(out) == [logits, enc]
+    # a backbone: its last hidden state is its result
+    base = BaseModelOutput(last_hidden_state=enc)
+    assert task_tensors(base) == [enc]
+    # anything else counts whole
+    assert task_tensors((logits, enc)) == [logits, enc]
+    assert task_tensors({"a": enc}) == [enc]
+
+
+class FrozenStem(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.body = nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 4)
+        self.stem.requires_grad_(False)  # a backbone frozen for fine-tuning
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.relu(self.body(F.relu(self.stem(x)))).mean((2, 3)))
+
+
+def test_frozen_layers_are_pruned_with_their_group_and_stay_frozen():
+    torch.manual_seed(0)
+    model = FrozenStem().eval()
+    x = torch.randn(1, 3, 8, 8)
+    nnslim.Prune(ratio=0.5).apply(model, x)
+    assert model.stem.out_channels == model.body.in_channels == 8
+    assert not model.stem.weight.requires_grad and not model.stem.bias.requires_grad
+    assert model.body.weight.requires_grad
+    with torch.no_grad():
+        assert model(x).shape == (1, 4)
+
+
+class GluNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0 = nn.Conv1d(4, 32, 3, padding=1)
+        self.conv1 = nn.Conv1d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv1(F.glu(self.conv0(x), dim=1)).mean(-1))
+
+
+def test_glu_input_channels_are_kept_with_the_reason():
+    torch.manual_seed(0)
+    model = GluNet().eval()
+    x = torch.randn(1, 4, 10)
+    with torch.no_grad():
+        ref = model(x)
+    report = nnslim.Prune(ratio=0.5).apply(model, x)
+    assert model.conv0.out_channels == 32  # F.glu halves it at the middle: kept whole
+    assert any(s.path == "conv0" and "F.glu" in s.reason for s in report.skips), report.skips
+    assert model.conv1.out_channels == 8  # the rest prunes
+    with torch.no_grad():
+        assert model(x).shape == ref.shape
+
+
+class Alias(nn.Module):
+    """An embedding aliased by a module the forward never calls (Pegasus's ``model.shared``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Embedding(50, 16)
+        self.embed = nn.Embedding(50, 16)
+        self.embed.weight = self.shared.weight
+        self.fc = nn.Linear(16, 16)
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids)
+        return self.out(h + self.fc(h))
+
+
+def test_a_tie_alias_the_forward_never_calls_follows_the_pruned_weight():
+    torch.manual_seed(0)
+    model = Alias().eval()
+    ids = torch.randint(0, 50, (1, 7))
+    nnslim.Prune(ratio=0.5).apply(model, ids)
+    assert model.embed.embedding_dim == 8
+    assert model.shared.weight is model.embed.weight
+    assert model.shared.embedding_dim == 8
+    with torch.no_grad():
+        assert model(ids).shape == (1, 7, 3)
