@@ -193,6 +193,7 @@ _SHRINK = {
         "embed_dim",
         "word_embed_proj_dim",
         "projection_dim",
+        "pooler_hidden_size",  # DeBERTa's pooler reads the hidden states
     ),
     2: (
         "num_hidden_layers",
@@ -242,10 +243,17 @@ def shrink_config(cfg: Any, depth: int = 0) -> Any:
     depths = getattr(cfg, "depths", None)
     if isinstance(depths, (list, tuple)) and all(isinstance(d, int) for d in depths):
         cfg.depths = [1] * len(depths)
-    lt = getattr(cfg, "layer_types", None)
-    n = getattr(cfg, "num_hidden_layers", None)
-    if isinstance(lt, (list, tuple)) and isinstance(n, int) and len(lt) > n:
-        cfg.layer_types = list(lt)[:n]
+    heads, hidden = getattr(cfg, "num_attention_heads", None), getattr(cfg, "hidden_size", None)
+    if isinstance(heads, int) and isinstance(hidden, int) and heads:
+        if "head_dim" in vars(cfg) and cfg.head_dim is None:  # HunYuan, Nemotron read it
+            cfg.head_dim = hidden // heads
+        rot = getattr(cfg, "rotary_dim", None)
+        if isinstance(rot, int) and rot > hidden // heads:  # CodeGen, GPT-J
+            cfg.rotary_dim = hidden // heads // 2
+    _keep_layer_kinds(cfg)
+    _shrink_mla(cfg)
+    _shrink_ssm(cfg)
+    _shrink_linear_attention(cfg)
     for name in ("image_size",):
         s = getattr(cfg, name, None)
         if isinstance(s, int) and s > 224:
@@ -254,6 +262,117 @@ def shrink_config(cfg: Any, depth: int = 0) -> Any:
         for sub in _sub_configs(cfg):
             shrink_config(sub, depth + 1)
     return cfg
+
+
+def _shrink_mla(cfg: Any) -> None:
+    """Multi-head latent attention (DeepSeek-V2/V3, MiniCPM3, Kimi, ...): its rope, no-rope and
+    value head sizes and latent ranks, which the generic head_dim of 16 does not reach."""
+    if not isinstance(getattr(cfg, "qk_rope_head_dim", None), int):
+        return
+    cfg.qk_rope_head_dim = cfg.qk_nope_head_dim = 16
+    if isinstance(getattr(cfg, "num_key_value_heads", None), int):
+        cfg.num_key_value_heads = cfg.num_attention_heads  # every head has its own latent k/v
+    for name, value in (("v_head_dim", 16), ("qk_head_dim", 32), ("kv_lora_rank", 32)):
+        if isinstance(getattr(cfg, name, None), int):
+            setattr(cfg, name, value)
+    if isinstance(getattr(cfg, "q_lora_rank", None), int):
+        cfg.q_lora_rank = 32
+    if isinstance(getattr(cfg, "head_dim", None), int):
+        cfg.head_dim = 16  # DeepSeek: the rope head size
+    for name, value in (("linear_head_dim", 16), ("linear_num_heads", 4)):
+        if isinstance(getattr(cfg, name, None), int):
+            setattr(cfg, name, value)
+
+
+def _shrink_linear_attention(cfg: Any) -> None:
+    """Linear attention (Qwen3.5's and Qwen3-Next's gated delta rule, OLMo-hybrid, Kimi) and
+    RecurrentGemma's recurrence at the sweep's widths: head size 16, at most 4 value heads
+    (key heads in their original proportion), recurrence width the hidden size."""
+    for name in ("linear_key_head_dim", "linear_value_head_dim", "linear_head_dim"):
+        if isinstance(getattr(cfg, name, None), int) and getattr(cfg, name) > 16:
+            setattr(cfg, name, 16)
+    v, k = getattr(cfg, "linear_num_value_heads", None), getattr(cfg, "linear_num_key_heads", None)
+    if isinstance(v, int) and isinstance(k, int) and v > 4:
+        cfg.linear_num_value_heads, cfg.linear_num_key_heads = 4, max(1, 4 * k // v)
+    if isinstance(getattr(cfg, "linear_num_heads", None), int) and cfg.linear_num_heads > 4:
+        cfg.linear_num_heads = 4
+    hidden = getattr(cfg, "hidden_size", None)
+    if isinstance(getattr(cfg, "lru_width", None), int) and isinstance(hidden, int):
+        cfg.lru_width = hidden
+
+
+#: (heads, head size, expansion) of Mamba-2 mixers: heads x head size = expansion x hidden
+_SSM = (
+    ("mamba_n_heads", "mamba_d_head", "mamba_expand"),
+    ("n_mamba_heads", "mamba_headdim", "mamba_expand"),
+    ("num_heads", "head_dim", "expand"),
+    ("mamba_num_heads", "mamba_head_dim", "expand"),
+)
+
+
+def _shrink_ssm(cfg: Any) -> None:
+    """Mamba-2 heads that span the mixer's width (expansion x the shrunk hidden size)."""
+    for name in ("mamba_d_state", "ssm_state_size", "state_size"):  # Mamba-1's default, 16
+        if isinstance(vars(cfg).get(name), int) and vars(cfg)[name] > 16:
+            setattr(cfg, name, 16)
+    hidden = getattr(cfg, "hidden_size", None)
+    if not isinstance(hidden, int):
+        return
+    for heads, size, expand in _SSM:
+        h, d, e = (getattr(cfg, n, None) for n in (heads, size, expand))
+        if not all(isinstance(v, int) for v in (h, d, e)) or h * d == e * hidden:
+            continue
+        if heads == "num_heads" and not hasattr(cfg, "state_size"):
+            continue  # an attention config's num_heads
+        d = 16
+        setattr(cfg, size, d)
+        setattr(cfg, heads, max(1, e * hidden // d))
+        if isinstance(getattr(cfg, "mamba_d_ssm", None), int):
+            cfg.mamba_d_ssm = e * hidden
+        return
+
+
+def _each_kind(kinds: list[Any], n: int) -> list[Any]:
+    """``n`` layer kinds from ``kinds`` (a hybrid's per-layer list) that hold every kind it
+    has, in their order: ``[lin, lin, lin, full]`` in 2 layers is ``[lin, full]``."""
+    first = {kind: kinds.index(kind) for kind in dict.fromkeys(kinds)}
+    picked = set(list(first.values())[:n])
+    for i in range(len(kinds)):  # then the earliest others, up to n
+        if len(picked) >= n:
+            break
+        picked.add(i)
+    return [kinds[i] for i in sorted(picked)]
+
+
+#: per-layer kind lists of hybrid models (attention beside Mamba, linear attention, recurrence)
+_KIND_LISTS = ("layer_types", "mlp_layer_types", "layers_block_type", "block_types")
+
+
+def _keep_layer_kinds(cfg: Any) -> None:
+    """Two layers of a hybrid keep one layer of each kind (truncating its per-layer list to
+    the first two would leave a Qwen3.5, OLMo-hybrid or Zamba without attention, which these
+    models do not support): the number of layers grows to the number of kinds."""
+    lists = {  # set ones only (Jamba's and Bamba's are properties derived from the below)
+        name: list(vars(cfg)[name])
+        for name in _KIND_LISTS
+        if isinstance(vars(cfg).get(name), (list, tuple)) and vars(cfg)[name]
+    }
+    n = getattr(cfg, "num_hidden_layers", None)
+    if not isinstance(n, int) or isinstance(n, bool):
+        return
+    if lists:
+        n = max([n, *(len(dict.fromkeys(v)) for v in lists.values())])
+        for name, kinds in lists.items():
+            if len(kinds) >= n or name != "block_types":  # block_types cycles (RecurrentGemma)
+                setattr(cfg, name, _each_kind(kinds, n))
+        cfg.num_hidden_layers = n
+    blocks = getattr(cfg, "layers_block_type", None)
+    if isinstance(getattr(cfg, "hybrid_layer_ids", None), list) and isinstance(blocks, list):
+        cfg.hybrid_layer_ids = [i for i, k in enumerate(blocks) if k == "hybrid"]  # Zamba2
+    if getattr(cfg, "attn_layer_period", None) and n <= 2:  # Jamba, Zamba: one attention layer
+        cfg.attn_layer_period, cfg.attn_layer_offset = n, n - 1
+    if hasattr(cfg, "attn_layer_indices") and not getattr(cfg, "attn_layer_indices", None):
+        cfg.attn_layer_indices = [n - 1]  # Bamba: Mamba layers only by default
 
 
 def _sub_configs(cfg: Any) -> Any:

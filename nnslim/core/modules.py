@@ -18,11 +18,13 @@ __all__ = [
     "is_linear",
     "layer_skip_reason",
     "linear_weight",
+    "out_width",
     "replace_module",
     "set_module",
     "share_hooks",
     "shared_parameters",
     "unreplaceable",
+    "weight_rows",
 ]
 
 
@@ -116,6 +118,23 @@ def layer_skip_reason(m: nn.Module, parent: nn.Module | None = None) -> str | No
 def linear_weight(m: nn.Module) -> torch.Tensor:
     """The ``(out, in)`` weight of an ``nn.Linear`` or Hugging Face ``Conv1D``."""
     return m.weight.t() if is_hf_conv1d(m) else m.weight
+
+
+def out_width(m: nn.Module) -> int | None:
+    """Output channels of an ``nn.Linear``, a Hugging Face ``Conv1D`` (``nf``) or a layer with
+    an ``(out, ...)`` weight (convolutions); ``None`` for anything else."""
+    if isinstance(m, nn.Linear):
+        return m.out_features
+    if is_hf_conv1d(m):
+        return int(m.nf)
+    w = getattr(m, "weight", None)
+    return int(w.shape[0]) if isinstance(w, torch.Tensor) and w.dim() >= 2 else None
+
+
+def weight_rows(t: torch.Tensor, m: nn.Module) -> torch.Tensor:
+    """A weight-shaped tensor of ``m`` as ``(out, rest)`` rows (a Hugging Face ``Conv1D``
+    stores ``(in, out)``: transposed)."""
+    return t.t() if is_hf_conv1d(m) else t.reshape(t.shape[0], -1)
 
 
 def shared_parameters(model: nn.Module) -> list[list[tuple[nn.Module, str, str]]]:

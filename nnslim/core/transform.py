@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, final
 
 from torch import nn
 
-from ..io.record import NotRecordable, describe, diff, fingerprint
+from ..io.record import RECORD_ATTR, NotRecordable, describe, diff, fingerprint
 from .config import Config, check_is_frozen_dataclass, type_name
 from .failure import culprits, failing_module
 from .inputs import Inputs, as_inputs, calibration_batches, check_finite
@@ -21,8 +21,6 @@ if TYPE_CHECKING:
     from ..profiling.profiler import Profile
 
 __all__ = ["Compose", "Context", "Transform"]
-
-RECORD_ATTR = "_nnslim_record"
 
 
 @dataclass

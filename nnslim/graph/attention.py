@@ -30,7 +30,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from ..core.modules import set_module
+from ..core.modules import out_width, set_module
 from .tp_compat import CONV1D_PRUNER, conv1d_type
 
 __all__ = ["AttentionSpec", "find_attention"]
@@ -55,10 +55,6 @@ def _child(m: nn.Module, names: tuple[str, ...]) -> tuple[str, nn.Module] | None
 def _is_proj(m: nn.Module) -> bool:
     c = conv1d_type()
     return isinstance(m, nn.Linear) or (c is not None and isinstance(m, c))
-
-
-def _out_features(m: nn.Module) -> int:
-    return m.out_features if isinstance(m, nn.Linear) else m.nf
 
 
 def _in_features(m: nn.Module) -> int:
@@ -423,14 +419,33 @@ def probe_fused_layouts(
     if not by_class or not reference:
         return
 
-    def change(layout: str, rows: bool, members: list[Any]) -> float:
+    def observed(members: list[Any]) -> list[torch.Tensor]:
+        """The members' own outputs (a branch scaled down before the model's output, such as
+        a layer scale of 1e-5, would hide a change there), else the model's."""
+        seen: list[torch.Tensor] = []
+
+        def hook(_m: nn.Module, _a: Any, out: Any) -> None:
+            if isinstance(out, (tuple, list)):  # Hugging Face: (output, weights, ...)
+                out = next((o for o in out if isinstance(o, torch.Tensor)), None)
+            if isinstance(out, torch.Tensor):
+                seen.append(out.detach())
+
+        handles = [m.register_forward_hook(hook) for _, m, _, _, _, _ in members]
+        try:
+            got = run()
+        finally:
+            for h in handles:
+                h.remove()
+        return seen if len(seen) >= len(members) else got
+
+    def change(layout: str, rows: bool, members: list[Any], reference: list[Any]) -> float:
         saved = [
             {n: t.detach().clone() for n, t in m.named_parameters()} for _, m, _, _, _, _ in members
         ]
         try:
             for _, m, fused, out, heads, hd in members:
                 _swap_heads(m, fused, out, layout, heads, hd, rows)
-            got = run()
+            got = observed(members)
         finally:
             with torch.no_grad():
                 for (_, m, _, _, _, _), keep in zip(members, saved, strict=True):
@@ -453,11 +468,12 @@ def probe_fused_layouts(
             "(per-head state such as ALiBi slopes or position tables, or a gate over the heads)"
         )
         try:
-            control = change("blocks", False, members)  # columns alone: must show
+            own = observed(members)
+            control = change("blocks", False, members, own)  # columns alone: must show
             if control <= 1e-3:
                 why = "swapping its output projection's head columns left the output unchanged"
             for layout in ("blocks", "heads") if control > 1e-3 else ():
-                if change(layout, True, members) <= 1e-3 * control:
+                if change(layout, True, members, own) <= 1e-3 * control:
                     found = layout
                     break
         except Exception as e:  # a forward that does not survive the probe: nothing learned
@@ -527,7 +543,7 @@ def _fused_spec(path: str, m: nn.Module, join: Any) -> AttentionSpec | None:
     heads, hd = _heads_of(m, q_out)
     if not heads or not hd or heads * hd != q_out:
         return None
-    total = _out_features(qkv)
+    total = out_width(qkv)
     kv = _attr(m, _KV_HEADS) or (1 if getattr(m, "multi_query", False) else heads)
     if layout == "blocks" and (total - q_out) % (2 * hd) == 0:
         kv = (total - q_out) // (2 * hd)
@@ -587,12 +603,12 @@ def find_attention(model: nn.Module) -> list[AttentionSpec]:
                     o_path = f"{parent_path}.output.dense" if parent_path else "output.dense"
             if o_path is None:
                 continue
-            q_out = _out_features(q[1])
+            q_out = out_width(q[1])
             heads, hd = _heads_of(m, q_out)
             if not heads or not hd or heads * hd != q_out:
                 continue
-            k_out = _out_features(k[1])
-            if k_out % hd or _out_features(v[1]) != k_out:
+            k_out = out_width(k[1])
+            if k_out % hd or out_width(v[1]) != k_out:
                 continue
             kv = k_out // hd
             if heads % kv:

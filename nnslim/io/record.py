@@ -40,7 +40,10 @@ __all__ = [
     "tensor_budget",
 ]
 
-_SKIP_ATTRS = {"training", "_nnslim_record", "_is_hf_initialized", "_is_full_backward_hook"}
+#: the module attribute holding a model's edit record (what nnslim.save writes beside the weights)
+RECORD_ATTR = "_nnslim_record"
+
+_SKIP_ATTRS = {"training", RECORD_ATTR, "_is_hf_initialized", "_is_full_backward_hook"}
 
 
 class NotRecordable(ValueError):

@@ -21,6 +21,7 @@ from .._version import __version__
 from ..core.snapshot import Snapshot
 from .atomic import atomic_path
 from .record import (
+    RECORD_ATTR,
     check_ops,
     describe,
     fingerprint,
@@ -32,7 +33,6 @@ from .record import (
 __all__ = ["load", "save"]
 
 FORMAT = "nnslim/1"
-RECORD_ATTR = "_nnslim_record"
 
 
 def _record_of(model: nn.Module) -> dict[str, Any]:

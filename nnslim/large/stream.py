@@ -41,9 +41,9 @@ from ..core.inputs import Inputs, as_inputs
 from ..core.modules import shared_parameters
 from ..core.report import Report
 from ..core.snapshot import no_rollback
-from ..core.transform import RECORD_ATTR, Transform
+from ..core.transform import Transform
 from ..io.atomic import remove_stale
-from ..io.record import describe, fingerprint
+from ..io.record import RECORD_ATTR, describe, fingerprint
 from ..io.save import recompute_buffers
 
 __all__ = ["ShardedCheckpoint", "compress_checkpoint"]

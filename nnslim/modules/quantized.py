@@ -99,10 +99,6 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([hi, lo], dim=-1).reshape(packed.shape[0], -1)
 
 
-#: ``(out, in)`` weight of an ``nn.Linear`` or Hugging Face ``Conv1D`` (stored ``(in, out)``)
-_linear_weight = linear_weight
-
-
 def padded_width(width: int, group_size: int) -> int:
     """``width`` rounded up to a multiple of ``group_size`` (how wide an int4 layer is stored)."""
     return -(-width // group_size) * group_size
@@ -196,13 +192,13 @@ class Int8Linear(_QuantLinearBase):
     @classmethod
     def from_float(cls, linear: nn.Module, weight: torch.Tensor | None = None) -> Int8Linear:
         """Quantize an ``nn.Linear``/``Conv1D`` (round to nearest, or a given ``weight``)."""
-        w = _linear_weight(linear) if weight is None else weight
+        w = linear_weight(linear) if weight is None else weight
         m = cls(w.shape[1], w.shape[0], bias=linear.bias is not None)
         q, s = quantize_per_channel(w)
         m.qweight, m.scale = q.to(w.device), s.to(w.device)
         if linear.bias is not None:
             m.bias = nn.Parameter(linear.bias.detach().float().clone())
-        m._take_float(_linear_weight(linear))
+        m._take_float(linear_weight(linear))
         return m
 
     def nnslim_weight_buffers(self) -> dict[str, int]:
@@ -277,7 +273,7 @@ class Int8DynamicLinear(_QuantLinearBase):
         smooth: torch.Tensor | None = None,
     ) -> Int8DynamicLinear:
         """Quantize (``weight`` already multiplied by ``smooth`` when given)."""
-        w = _linear_weight(linear) if weight is None else weight
+        w = linear_weight(linear) if weight is None else weight
         m = cls(w.shape[1], w.shape[0], bias=linear.bias is not None, smooth=smooth is not None)
         q, s = quantize_per_channel(w)
         m.qweight, m.scale = q.to(w.device), s.to(w.device)
@@ -285,7 +281,7 @@ class Int8DynamicLinear(_QuantLinearBase):
             m.smooth = smooth.detach().float().to(w.device)
         if linear.bias is not None:
             m.bias = nn.Parameter(linear.bias.detach().float().clone())
-        m._take_float(_linear_weight(linear))
+        m._take_float(linear_weight(linear))
         return m
 
     nnslim_weight_buffers = Int8Linear.nnslim_weight_buffers
@@ -390,7 +386,7 @@ class Int4Linear(_QuantLinearBase):
         of ``group_size``); the layer's own width is ``linear``'s.
         """
         out = q.shape[0]
-        inp = _linear_weight(linear).shape[1]
+        inp = linear_weight(linear).shape[1]
         m = cls(
             inp, out, bias=linear.bias is not None, group_size=group_size, smooth=smooth is not None
         )
@@ -407,7 +403,7 @@ class Int4Linear(_QuantLinearBase):
             m.smooth = smooth.detach().float().to(dev)
         if linear.bias is not None:
             m.bias = nn.Parameter(linear.bias.detach().float().clone())
-        m._take_float(_linear_weight(linear))
+        m._take_float(linear_weight(linear))
         return m
 
     @property
@@ -424,7 +420,7 @@ class Int4Linear(_QuantLinearBase):
         smooth: torch.Tensor | None = None,
     ) -> Int4Linear:
         """Quantize (round to nearest)."""
-        w = _linear_weight(linear) if weight is None else weight
+        w = linear_weight(linear) if weight is None else weight
         w = _pad_columns(w, padded_width(w.shape[1], group_size))
         q, s, mn = quantize_groupwise(w, group_size)
         return cls.from_codes(linear, q, s, mn, group_size, smooth)

@@ -3,6 +3,7 @@
 from .checks import (
     ALL_CHECKS,
     TransformCase,
+    assert_same_state,
     check_atomic_failure,
     check_forward_shape,
     check_json_roundtrip,
@@ -17,6 +18,7 @@ from .checks import (
 __all__ = [
     "ALL_CHECKS",
     "TransformCase",
+    "assert_same_state",
     "check_atomic_failure",
     "check_forward_shape",
     "check_json_roundtrip",

@@ -29,11 +29,13 @@ from torch import nn
 from ..core.inputs import as_inputs, output_tensors, task_tensors
 from ..core.report import Report
 from ..core.transform import Transform
+from ..io.record import RECORD_ATTR
 from ..io.save import load, save
 
 __all__ = [
     "ALL_CHECKS",
     "TransformCase",
+    "assert_same_state",
     "check_atomic_failure",
     "check_forward_shape",
     "check_json_roundtrip",
@@ -95,7 +97,7 @@ def model_state(model: nn.Module) -> dict[str, Any]:
         attrs = {
             k: repr(v)
             for k, v in m.__dict__.items()
-            if not isinstance(v, (dict, nn.Module, torch.Tensor, set)) and k != "_nnslim_record"
+            if not isinstance(v, (dict, nn.Module, torch.Tensor, set)) and k != RECORD_ATTR
         }
         cfg = m.__dict__.get("config")
         if cfg is not None and hasattr(cfg, "to_dict"):
@@ -114,7 +116,10 @@ def model_state(model: nn.Module) -> dict[str, Any]:
     return modules
 
 
-def _assert_same_state(before: dict[str, Any], after: dict[str, Any], what: str) -> None:
+def assert_same_state(before: dict[str, Any], after: dict[str, Any], what: str) -> None:
+    """Assert two :func:`model_state` snapshots are the same: the same module objects, modes,
+    plain attributes, configs and tensors (values and identity); ``what`` names the moment
+    in the message."""
     assert list(before) == list(after), (
         f"{what}: module paths differ: lost {sorted(set(before) - set(after))[:5]}, "
         f"gained {sorted(set(after) - set(before))[:5]}"
@@ -190,7 +195,7 @@ def check_atomic_failure(case: TransformCase) -> None:
             else:
                 if label == "late failure":
                     raise AssertionError("the injected failure did not propagate out of apply")
-        _assert_same_state(before, model_state(model), f"after a {label}")
+        assert_same_state(before, model_state(model), f"after a {label}")
 
 
 class _Injected(Exception):
@@ -237,7 +242,7 @@ def check_report_complete(case: TransformCase) -> None:
     """The report names every module the transform changed; every skip has a reason."""
     model = case.fresh()
     report = case.apply(model)
-    record = model.__dict__.get("_nnslim_record", {})
+    record = model.__dict__.get(RECORD_ATTR, {})
     ops = record.get("entries", [{}])[-1].get("ops", [])
     touched = report.touched
     for op in ops:

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..core.distributed import rank_world
 from ..core.inputs import as_inputs, first_tensor
+from ..core.modules import is_hf_conv1d
 from ..core.validate import check_choice, check_fraction, check_int, check_type
 from ..io.save import _record_of
 from ..modules.masks import apply_masks
@@ -734,7 +735,7 @@ class _GroupLasso:
                 if not isinstance(w, torch.Tensor) or w.dim() < 1 or kind not in ("out", "in"):
                     continue
                 dim = 0 if kind == "out" or w.dim() == 1 else 1
-                if type(m).__name__ == "Conv1D" and w.dim() == 2:
+                if is_hf_conv1d(m) and w.dim() == 2:
                     dim = 1 - dim
                 parts.append((w, dim))
             if parts:

@@ -25,9 +25,6 @@ __all__ = ["Factorize", "spatial_svd", "svd_factors", "tucker2"]
 CONV_KINDS = ("tucker", "spatial")
 
 
-_is_linear = is_linear
-
-
 def _weight(m: nn.Module) -> torch.Tensor:
     """``(out, in)`` weight of a Linear/Conv1D."""
     return linear_weight(m).detach().float()
@@ -196,7 +193,7 @@ class Factorize(Transform):
             if p
             and p not in left
             and not any(p.startswith(o + ".") for o in owners)
-            and (_is_linear(m) or is_conv2d(m) or _factorized(m))
+            and (is_linear(m) or is_conv2d(m) or _factorized(m))
         ]
         chosen = dict(self.resolve(model, self.select, self.exclude, eligible=eligible))
         for p, _ in eligible:
@@ -244,7 +241,7 @@ class Factorize(Transform):
             )
         layer = {p: dense.get(p, named[p]) for p in chosen}
         spatial = _spatial_sizes(model, ctx.inputs, [p for p in chosen if is_conv2d(layer[p])])
-        linears = {p: layer[p] for p in chosen if _is_linear(layer[p])}
+        linears = {p: layer[p] for p in chosen if is_linear(layer[p])}
         convs = {p: layer[p] for p in chosen if is_conv2d(layer[p])}
         ranks: dict[str, Any] = {p: chosen[p] for p in chosen}
         if self.params is not None or self.macs is not None:

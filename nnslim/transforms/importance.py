@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..core.config import Config
+from ..core.modules import is_hf_conv1d
 from ..core.validate import check_choice, check_int
 
 __all__ = [
@@ -113,7 +114,7 @@ class Wanda(Importance):
         if input_norm is None or w.dim() < 2:
             return w
         n = input_norm.to(w.device, torch.float32)
-        if type(module).__name__ == "Conv1D":  # (in, out)
+        if is_hf_conv1d(module):  # (in, out)
             return w * n[:, None]
         shape = [1, -1] + [1] * (w.dim() - 2)
         if isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1:

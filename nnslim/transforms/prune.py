@@ -16,7 +16,7 @@ from ..core.calibrate import LayerStats, collect
 from ..core.describe import shape_of
 from ..core.failure import failing_module, first_line
 from ..core.inputs import Inputs
-from ..core.modules import copy_model, is_hf_conv1d, shared_parameters
+from ..core.modules import copy_model, is_hf_conv1d, out_width, shared_parameters
 from ..core.report import Report
 from ..core.select import normalize_selector, per_layer_values
 from ..core.snapshot import Snapshot, preserved_state
@@ -27,7 +27,7 @@ from ..graph.fused_mlp import ExpertBankSpec, find_expert_banks, find_fused_mlps
 from ..graph.scoring import GroupScorer
 from ..graph.tp_compat import GroupTooLarge, TraceError, guard, torch_pruning_fixes
 from ..graph.trace import MAX_GROUP as MAX_GROUP_DEFAULT
-from ..graph.trace import TIME_LIMIT_S, Graph, _call, preserve_modes, root_types, trace
+from ..graph.trace import TIME_LIMIT_S, Graph, _call, is_meta, preserve_modes, root_types, trace
 from ..modules.masks import MASK_NAME
 from .importance import IMPORTANCE_NAMES, Importance, as_importance
 from .sparsity import nm_mask, parse_pattern, unstructured_masks
@@ -197,6 +197,7 @@ class Prune(Transform):
         first_why = ""
         notes: list[str] = []
         attempt = 0
+        narrowed: set[str] = set()  # module classes whose inner layers alone were kept
         while True:
             trial = Report(report.transform, report.config)
             widened: list[str] = []  # output projections pruned as the hidden width
@@ -278,6 +279,22 @@ class Prune(Transform):
                 f"the forward of {cls} ({where}) failed after pruning ({error}): it reads "
                 f"channel counts as constants, so the layers of every {cls} keep their channels"
             )
+            if layers and cls not in narrowed:
+                # first keep what it computes inside: the layers writing its output (a Mamba
+                # mixer's out_proj) still follow the width around it (the hidden width), which
+                # no other layer may set
+                writers = _output_writers(model, inputs, where)
+                inner = [p for p in layers if p not in writers]
+                if writers and inner:
+                    narrowed.add(cls)
+                    attempt -= 1
+                    layers = inner
+                    why = (
+                        f"the forward of {cls} ({where}) failed after pruning ({error}): it "
+                        f"reads channel counts as constants, so the layers inside every {cls} "
+                        f"keep their channels (those writing its output follow the width "
+                        f"around it)"
+                    )
             if not layers and where:
                 # a norm or an activation with no layers of its own, whose input width no longer
                 # matches (the graph missed a link): the channel groups that reached it stay
@@ -452,7 +469,13 @@ class Prune(Transform):
             # group like a ResNet's residual channels; its heads are pruned on the input side
             proj -= {s.o for s in attention}
         proj |= {s.fused for s in graph.fused_mlps}
-        unknown = {**graph.unknown_attention(), **graph.fused_mlp_skips, **kept}
+        unknown_attention = graph.unknown_attention()
+        if residual != "kept":
+            # attention whose heads stay still writes the hidden width through its output
+            # projection: that layer follows the width (its inputs, the heads, stay)
+            for p in _attention_writers(model, graph.inputs, unknown_attention):
+                unknown_attention.pop(p, None)
+        unknown = {**unknown_attention, **graph.fused_mlp_skips, **kept}
         roots = root_types()
         layer_paths = [p for p in graph.layers() if isinstance(named[p], roots)]
         channel_roots = [p for p in layer_paths if p not in proj and p not in unknown]
@@ -619,7 +642,7 @@ class Prune(Transform):
         if nm is not None:
             for p in list(chosen):
                 w = named[p].weight
-                row = w.shape[0] if type(named[p]).__name__ == "Conv1D" else w[0].numel()
+                row = w.shape[0] if is_hf_conv1d(named[p]) else w[0].numel()
                 if row % nm[1]:
                     del chosen[p]
                     report.skipped(
@@ -748,7 +771,7 @@ def _coupled_streams(
     projection writes. Layers writing one width (one residual stream) share a head size."""
     out: dict[str, int] = {}
     for s in attention:
-        width = _out_width(named[s.o])
+        width = out_width(named[s.o])
         if s.path in heads and s.kv_heads == s.heads and width == s.heads * s.head_dim:
             out[s.path] = width
     by_width: dict[int, set[int]] = {}
@@ -857,6 +880,70 @@ def _layers_inside(model: nn.Module, where: str, kept: dict[str, str]) -> list[s
             if isinstance(layer, root_types()) and full not in kept:
                 out.append(full)
     return out
+
+
+def _attention_writers(model: nn.Module, inputs: Inputs, projections: dict[str, str]) -> set[str]:
+    """Of ``projections`` (inside attention modules whose heads stay), those writing their
+    module's output (its output projection), per module class."""
+    if is_meta(model):
+        return set()
+    by_class: dict[type, str] = {}
+    for p in projections:
+        parent = p.rpartition(".")[0]
+        if parent:
+            by_class.setdefault(type(model.get_submodule(parent)), parent)
+    out: set[str] = set()
+    for where in by_class.values():
+        out |= _output_writers(model, inputs, where)
+    return {p for p in out if p in projections}
+
+
+def _output_writers(model: nn.Module, inputs: Inputs, where: str) -> set[str]:
+    """Layers inside every module of ``where``'s class whose output tensor is (a view of)
+    that module's output, found with forward hooks on one forward."""
+    target = model.get_submodule(where)
+    if isinstance(target, root_types()):
+        return set()
+    produced: dict[int, str] = {}
+    returned: set[int] = set()
+    alive: list[torch.Tensor] = []  # held, so that no storage is freed and reused meanwhile
+    handles = []
+
+    def ptr(out: Any) -> int | None:
+        if isinstance(out, (tuple, list)) and out:
+            out = out[0]
+        if not isinstance(out, torch.Tensor):
+            return None
+        alive.append(out)
+        return out.untyped_storage().data_ptr()
+
+    for path, m in model.named_modules():
+        if type(m) is type(target) and path:
+
+            def outer(_m: nn.Module, _a: Any, out: Any) -> None:
+                q = ptr(out)
+                if q is not None:
+                    returned.add(q)
+
+            handles.append(m.register_forward_hook(outer))
+            for p, layer in m.named_modules():
+                if p and isinstance(layer, root_types()):
+
+                    def inner(_m: nn.Module, _a: Any, out: Any, full: str = f"{path}.{p}") -> None:
+                        q = ptr(out)
+                        if q is not None:
+                            produced[q] = full
+
+                    handles.append(layer.register_forward_hook(inner))
+    try:
+        with preserved_state(model), torch.no_grad():
+            _call(model, inputs)
+    except Exception:
+        return set()
+    finally:
+        for h in handles:
+            h.remove()
+    return {produced[q] for q in returned if q in produced}
 
 
 def _same_place(model: nn.Module, where: str) -> list[str]:
@@ -1293,12 +1380,14 @@ def output_layers_by_identity(model: nn.Module, inputs: Inputs) -> list[str]:
     from ..core.inputs import task_tensors
 
     produced: dict[int, str] = {}
+    alive: list[torch.Tensor] = []
     handles = []
     for p, m in model.named_modules():
         if isinstance(m, root_types()):
 
             def hook(_m: nn.Module, _a: Any, out: Any, p: str = p) -> None:
                 if isinstance(out, torch.Tensor):
+                    alive.append(out)  # no storage freed and reused before the end
                     produced[out.untyped_storage().data_ptr()] = p
 
             handles.append(m.register_forward_hook(hook))
@@ -1341,20 +1430,10 @@ def _reads_head_dim(module: nn.Module) -> bool:
     return "config.head_dim" in src or '"head_dim"' in src
 
 
-def _out_width(m: nn.Module) -> int | None:
-    """Output channels of a Linear, Hugging Face ``Conv1D`` or convolution."""
-    if isinstance(m, nn.Linear):
-        return m.out_features
-    if is_hf_conv1d(m):
-        return int(m.nf)
-    w = getattr(m, "weight", None)
-    return int(w.shape[0]) if isinstance(w, torch.Tensor) and w.dim() >= 2 else None
-
-
 def _hidden_widths(model: nn.Module, attention: list[AttentionSpec]) -> dict[str, int | None]:
     """Output width of every attention output projection (the hidden width it writes)."""
     named = dict(model.named_modules())
-    return {s.o: _out_width(named[s.o]) for s in attention if s.o in named}
+    return {s.o: out_width(named[s.o]) for s in attention if s.o in named}
 
 
 def sync_hidden_sizes(
@@ -1372,7 +1451,7 @@ def sync_hidden_sizes(
     notes = []
     for cfg, specs in by_cfg.values():
         old = {before.get(s.o) for s in specs}
-        new = {_out_width(named[s.o]) for s in specs}
+        new = {out_width(named[s.o]) for s in specs}
         if len(old) != 1 or len(new) != 1 or old == new:
             continue
         (old_w,), (new_w,) = old, new
@@ -1523,7 +1602,7 @@ def update_hf_config(model: nn.Module, attention: list[AttentionSpec]) -> list[s
                 )
                 continue
             # a head size derived from the hidden width holds when the width follows the heads
-            derived = _out_width(named[specs[0].o]) == h * d if specs[0].o in named else False
+            derived = out_width(named[specs[0].o]) == h * d if specs[0].o in named else False
             if not _reads_head_dim(specs[0].module) and not derived:
                 notes.append(
                     f"{type(specs[0].module).__name__} derives its head size from the hidden size "

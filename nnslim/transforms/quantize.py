@@ -11,7 +11,14 @@ from torch import nn
 
 from ..core.calibrate import LayerStats, run_sequential
 from ..core.describe import shape_of
-from ..core.modules import is_conv2d, is_linear, replace_module, unreplaceable
+from ..core.modules import (
+    is_conv2d,
+    is_linear,
+    linear_weight,
+    out_width,
+    replace_module,
+    unreplaceable,
+)
 from ..core.report import Report
 from ..core.select import normalize_selector
 from ..core.transform import Context, Transform
@@ -22,7 +29,6 @@ from ..modules.quantized import (
     Int8Conv2d,
     Int8DynamicLinear,
     Int8Linear,
-    _linear_weight,
     padded_width,
 )
 from .gptq import gptq
@@ -32,9 +38,6 @@ __all__ = ["SCHEMES", "Quantize", "convert"]
 SCHEMES = ("int8", "int8-dynamic", "int4")
 METHODS = ("rtn", "gptq")
 GROUP_SIZES = (32, 64, 128)
-
-
-_is_linear = is_linear
 
 
 def int4_group_size(width: int, wanted: int) -> int:
@@ -142,7 +145,7 @@ class Quantize(Transform):
         eligible = [
             (p, m)
             for p, m in named.items()
-            if p and p not in left and (_is_linear(m) or is_conv2d(m))
+            if p and p not in left and (is_linear(m) or is_conv2d(m))
         ]
         sel = normalize_selector(self.select)
         explicit = (
@@ -164,7 +167,7 @@ class Quantize(Transform):
         for p, value in chosen.items():
             m = named[p]
             scheme = value or self.scheme
-            if not _is_linear(m):  # a Conv2d
+            if not is_linear(m):  # a Conv2d
                 if scheme != "int8" or self.qat:
                     if p in explicit or value is not None:
                         raise ValueError(
@@ -173,7 +176,7 @@ class Quantize(Transform):
                         )
                     report.skipped(p, f"Conv2d has no {scheme} kernel (int8 storage only)")
                     continue
-            w = _linear_weight(m) if _is_linear(m) else m.weight
+            w = linear_weight(m) if is_linear(m) else m.weight
             if not all_finite(w):
                 raise ValueError(
                     f"Quantize: module {p} ({shape_of(m)}) has NaN or Inf weights; fix or exclude "
@@ -190,7 +193,7 @@ class Quantize(Transform):
         if self.qat:
             for p, scheme in plan.items():
                 old = named[p]
-                gs = int4_group_size(_linear_weight(old).shape[1], self.group_size)
+                gs = int4_group_size(linear_weight(old).shape[1], self.group_size)
                 new = FakeQuantLinear.from_float(old, scheme, gs)
                 report.changed(
                     p, "fake-quantized (QAT)", shape_of(old), shape_of(new), scheme=scheme
@@ -205,7 +208,7 @@ class Quantize(Transform):
         batches = ctx.require_calibration(
             f"Quantize(method={self.method!r}, smooth={self.smooth!r})", "to measure activations"
         )
-        linears = {p: named[p] for p in plan if _is_linear(named[p])}
+        linears = {p: named[p] for p in plan if is_linear(named[p])}
         for p in plan:
             if p not in linears:
                 self._replace(model, report, p, named[p], plan[p], None)
@@ -238,15 +241,13 @@ class Quantize(Transform):
     ) -> None:
         details: dict[str, Any] = {"scheme": scheme, "method": self.method}
         gs = (
-            int4_group_size(_linear_weight(old).shape[1], self.group_size)
-            if scheme == "int4"
-            else 0
+            int4_group_size(linear_weight(old).shape[1], self.group_size) if scheme == "int4" else 0
         )
-        if not _is_linear(old):  # a Conv2d
+        if not is_linear(old):  # a Conv2d
             new: nn.Module = Int8Conv2d.from_float(old)
             details["method"] = "rtn"
         else:
-            w = _linear_weight(old).detach().float()
+            w = linear_weight(old).detach().float()
             smooth = None
             if st is not None and self.smooth is not None and scheme in ("int8-dynamic", "int4"):
                 smooth, alpha = _smoothing(w, st, scheme, self.smooth, gs)
@@ -357,9 +358,9 @@ def _lm_heads(model: nn.Module, ctx: Context) -> set[str]:
     vocab = {m.num_embeddings for m in named.values() if isinstance(m, nn.Embedding)}
     heads = set()
     for p, m in named.items():
-        if not _is_linear(m):
+        if not is_linear(m):
             continue
-        out = m.out_features if isinstance(m, nn.Linear) else m.nf
+        out = out_width(m)
         tied = id(m.weight) in emb_weights
         if (
             tied

@@ -7,6 +7,7 @@ import re
 import torch
 from torch import nn
 
+from ..core.modules import is_hf_conv1d, weight_rows
 from ..modules.masks import MASK_NAME
 from .importance import Importance, Wanda
 
@@ -25,13 +26,11 @@ def parse_pattern(structure: str) -> tuple[int, int] | None:
 
 def _rows(weight: torch.Tensor, module: nn.Module) -> torch.Tensor:
     """View scores as (out, rest) rows; HF Conv1D stores (in, out)."""
-    if type(module).__name__ == "Conv1D":
-        return weight.t()
-    return weight.reshape(weight.shape[0], -1)
+    return weight_rows(weight, module)
 
 
 def _unrows(rows: torch.Tensor, like: torch.Tensor, module: nn.Module) -> torch.Tensor:
-    if type(module).__name__ == "Conv1D":
+    if is_hf_conv1d(module):
         return rows.t().contiguous()
     return rows.reshape(like.shape)
 

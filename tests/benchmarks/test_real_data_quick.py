@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-BENCH = ROOT / "benchmarks"
-sys.path.insert(0, str(BENCH))
-import real_data as rd
+from tests.benchmarks.scripts import BENCH, load_benchmark
+
+rd = load_benchmark("real_data")
 
 pytestmark = pytest.mark.zoo
 

@@ -6,7 +6,16 @@ import torch.nn.functional as F
 from torch import nn
 
 import nnslim
-from nnslim.core.modules import is_conv2d, is_linear, layer_skip_reason, unreplaceable
+from nnslim.core.modules import (
+    is_conv2d,
+    is_hf_conv1d,
+    is_linear,
+    layer_skip_reason,
+    linear_weight,
+    out_width,
+    unreplaceable,
+    weight_rows,
+)
 
 
 class TimmLinear(nn.Linear):
@@ -133,3 +142,17 @@ def test_a_subclass_overriding_forward_with_the_same_function_is_a_layer():
     report = nnslim.Quantize(scheme="int8-dynamic").apply(m, x)
     assert "0" in {c.path for c in report.changes}
     assert (m(x) - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+def test_one_answer_to_which_way_a_linear_like_weight_is_stored():
+    conv1d = pytest.importorskip("transformers.pytorch_utils").Conv1D(6, 4)  # nf=6, nx=4
+    lin, conv = nn.Linear(4, 6), nn.Conv2d(4, 6, 3)
+    assert is_hf_conv1d(conv1d) and not is_hf_conv1d(lin)
+    assert out_width(conv1d) == out_width(lin) == out_width(conv) == 6
+    assert out_width(nn.LayerNorm(6)) is None
+    assert linear_weight(conv1d).shape == linear_weight(lin).shape == (6, 4)
+    assert torch.equal(weight_rows(conv1d.weight, conv1d), conv1d.weight.t())
+    assert weight_rows(conv.weight, conv).shape == (6, 36)
+    # the same function: y = x W^T + b with W (out, in)
+    x = torch.randn(2, 4)
+    assert torch.allclose(conv1d(x), F.linear(x, linear_weight(conv1d), conv1d.bias))

@@ -3,8 +3,7 @@ import torch
 from torch import nn
 
 from nnslim.core.snapshot import Snapshot
-from nnslim.testing import model_state
-from nnslim.testing.checks import _assert_same_state
+from nnslim.testing import assert_same_state, model_state
 from tests.models import TinyCNN
 
 
@@ -27,7 +26,7 @@ def test_restores_replaced_modules_params_and_attributes():
     m.new_attr = 3
     del m.pool
     snap.restore()
-    _assert_same_state(before, model_state(m), "after restore")
+    assert_same_state(before, model_state(m), "after restore")
 
 
 def test_restores_in_place_writes_when_copying():
@@ -38,7 +37,7 @@ def test_restores_in_place_writes_when_copying():
         m.conv1.weight.add_(1)
         m.bn1.running_var.mul_(3)
     snap.restore()
-    _assert_same_state(before, model_state(m), "after restore")
+    assert_same_state(before, model_state(m), "after restore")
 
 
 def test_in_place_write_without_copy_is_detected():
@@ -59,7 +58,7 @@ def test_restores_data_swaps_and_config_objects():
     m.num_heads = 1
     snap.restore()
     assert m.config.hidden == 8
-    _assert_same_state(before, model_state(m), "after restore")
+    assert_same_state(before, model_state(m), "after restore")
 
 
 def test_replace_module_frees_old_weights_only_without_rollback():
@@ -131,4 +130,4 @@ def test_one_snapshot_restores_again_after_each_new_attempt():
             m.lin.weight.add_(1)
         snap.restore()
         assert m.config.hidden == 8 and m.child.config is m.config
-        _assert_same_state(before, model_state(m), f"after restore {attempt}")
+        assert_same_state(before, model_state(m), f"after restore {attempt}")

@@ -9,8 +9,7 @@ from torch import nn
 
 import nnslim
 from nnslim.core.snapshot import preserved_state
-from nnslim.testing import model_state
-from nnslim.testing.checks import _assert_same_state
+from nnslim.testing import assert_same_state, model_state
 
 
 class Counting(nn.Module):
@@ -52,7 +51,7 @@ def test_failed_transform_on_a_train_mode_model_raises_its_own_error_and_restore
     )
     with pytest.raises(ValueError, match="conv1 .* is a Conv2d"):
         bad.apply(model, X)
-    _assert_same_state(before, model_state(model), "after a failed Compose on a train-mode model")
+    assert_same_state(before, model_state(model), "after a failed Compose on a train-mode model")
     _fresh_statistics(model)
 
 
@@ -102,7 +101,7 @@ def test_nan_calibration_batch_is_refused_with_its_index():
     ):
         with pytest.raises(ValueError, match=r"calibration batch 1 holds NaN or Inf"):
             t.apply(model, calibration=[torch.randn(4, 16), bad])
-        _assert_same_state(before, model_state(model), f"after {t}")
+        assert_same_state(before, model_state(model), f"after {t}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +119,7 @@ def test_transform_whose_model_outputs_nan_is_refused_and_undone():
     before = model_state(model)
     with pytest.raises(ValueError, match="outputs NaN or Inf on the example inputs"):
         Overflow().apply(model, torch.randn(2, 4))
-    _assert_same_state(before, model_state(model), "after a transform that made the output Inf")
+    assert_same_state(before, model_state(model), "after a transform that made the output Inf")
 
 
 def test_model_that_was_already_nan_is_not_blamed_on_the_transform():

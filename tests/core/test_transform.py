@@ -129,18 +129,18 @@ def test_forward_failure_on_inputs_is_clear_and_model_untouched(mlp):
     before = model_state(mlp)
     with pytest.raises(ValueError, match=r"TinyMLP.forward failed on example_inputs.*\(2, 7\)"):
         ScaleBias().apply(mlp, torch.randn(2, 7))
-    from nnslim.testing.checks import _assert_same_state
+    from nnslim.testing import assert_same_state
 
-    _assert_same_state(before, model_state(mlp), "after a bad input")
+    assert_same_state(before, model_state(mlp), "after a bad input")
 
 
 def test_failure_restores_in_place_writes(mlp):
     before = model_state(mlp)
     with pytest.raises(RuntimeError, match="boom"):
         InPlaceBreaker().apply(mlp)
-    from nnslim.testing.checks import _assert_same_state
+    from nnslim.testing import assert_same_state
 
-    _assert_same_state(before, model_state(mlp), "after an in-place failure")
+    assert_same_state(before, model_state(mlp), "after an in-place failure")
 
 
 def test_compose_nests_and_round_trips():
@@ -166,9 +166,9 @@ def test_compose_failure_in_second_step_undoes_the_first(cnn):
     t = nnslim.Compose([nnslim.Prune(ratio=0.5), InPlaceBreaker()])
     with pytest.raises(RuntimeError, match="boom"):
         t.apply(cnn, torch.randn(1, 3, 16, 16))
-    from nnslim.testing.checks import _assert_same_state
+    from nnslim.testing import assert_same_state
 
-    _assert_same_state(before, model_state(cnn), "after a failed composition")
+    assert_same_state(before, model_state(cnn), "after a failed composition")
 
 
 def test_compose_rejects_bad_items():

@@ -11,8 +11,7 @@ from torch import nn
 
 import nnslim
 from nnslim.io.save import CHECKSUM, digest
-from nnslim.testing import model_state
-from nnslim.testing.checks import _assert_same_state
+from nnslim.testing import assert_same_state, model_state
 
 
 def base():
@@ -159,7 +158,7 @@ def test_a_record_outside_the_schema_is_refused_before_replay(saved, case):
     before = model_state(model)
     with pytest.raises(ValueError, match=message):
         nnslim.load(saved, model)
-    _assert_same_state(before, model_state(model), f"after refusing {case}")
+    assert_same_state(before, model_state(model), f"after refusing {case}")
 
 
 def test_the_forged_file_loads_when_the_record_is_left_alone(saved):

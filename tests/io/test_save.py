@@ -6,8 +6,7 @@ import torch
 from torch import nn
 
 import nnslim
-from nnslim.testing import model_state
-from nnslim.testing.checks import _assert_same_state
+from nnslim.testing import assert_same_state, model_state
 from tests.models import TinyCNN, TinyMLP
 
 
@@ -189,7 +188,7 @@ def test_mismatched_base_names_what_differs(tmp_path):
         ValueError, match=r"tensors of another shape: fc1.weight \[24, 16\] != \[32, 16\]"
     ):
         nnslim.load(path, base)
-    _assert_same_state(before, model_state(base), "after a failed load")
+    assert_same_state(before, model_state(base), "after a failed load")
     with pytest.raises(ValueError, match="modules missing from the base: fc1"):
         nnslim.load(path, nn.Sequential(nn.Linear(16, 4)))
 
@@ -422,7 +421,7 @@ def test_a_base_in_another_float_dtype_is_refused_and_left_as_it_was(tmp_path):
     before = model_state(base)
     with pytest.raises(ValueError, match="base model's floating tensors are float16 but the"):
         nnslim.load(tmp_path / "m.safetensors", base)
-    _assert_same_state(before, model_state(base), "the refused base")
+    assert_same_state(before, model_state(base), "the refused base")
     # built as saved, then cast: the documented way
     back = nnslim.load(tmp_path / "m.safetensors", TinyMLP()).half()
     assert back(x.half()).dtype == torch.float16

@@ -6,8 +6,7 @@ from torch import nn
 
 import nnslim
 from nnslim.modules.factorized import FactorizedConv2d, FactorizedLinear
-from nnslim.testing import model_state
-from nnslim.testing.checks import _assert_same_state
+from nnslim.testing import assert_same_state, model_state
 from nnslim.transforms.factorize import spatial_svd, svd_factors, tucker2
 from tests.models import TinyMLP
 
@@ -182,7 +181,7 @@ def test_rank_larger_than_possible_leaves_model_untouched():
         ValueError, match=r"rank 20 is larger than possible for fc1 \(32x16: at most 16\)"
     ):
         nnslim.Factorize(rank=20, select=["fc1"]).apply(m, torch.randn(2, 16))
-    _assert_same_state(before, model_state(m), "after a bad rank")
+    assert_same_state(before, model_state(m), "after a bad rank")
 
 
 def test_factorized_model_trains_and_round_trips(tmp_path):
@@ -284,7 +283,7 @@ def test_factorizing_again_lowers_the_rank_and_never_raises_it(tmp_path):
         "0": f"already factorized at ranks {model[0].ranks}",
         "3": f"already factorized at rank {model[3].rank} (asked 8)",
     }
-    _assert_same_state(before, model_state(model), "after the skips")
+    assert_same_state(before, model_state(model), "after the skips")
     report = nnslim.Factorize(rank=2, conv="spatial").apply(model, x)
     assert ("0", "factorized as 'tucker'; Factorize(conv='spatial') leaves it so") in [
         (s.path, s.reason) for s in report.skips

@@ -7,8 +7,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import nnslim
-from nnslim.testing import model_state
-from nnslim.testing.checks import _assert_same_state
+from nnslim.testing import assert_same_state, model_state
 from tests.models import TinyCNN, TinyMLP
 
 
@@ -159,7 +158,7 @@ def test_select_matching_nothing_leaves_model_untouched(cnn):
         nnslim.Prune(ratio=0.5, select="conv9").apply(cnn, torch.randn(1, 3, 8, 8))
     with pytest.raises(ValueError, match="matches no module"):
         nnslim.Prune(ratio=0.5, select="re:attn.*").apply(cnn, torch.randn(1, 3, 8, 8))
-    _assert_same_state(before, model_state(cnn), "after bad select")
+    assert_same_state(before, model_state(cnn), "after bad select")
 
 
 def test_needs_example_inputs(cnn):
@@ -178,7 +177,7 @@ def test_a_model_with_only_output_layers_is_a_no_op_that_says_why():
         ("0", "produces the model output (its channels are the output's)")
     ]
     assert any("Prune changed nothing" in n for n in report.notes)
-    _assert_same_state(before, model_state(m), "after a no-op")
+    assert_same_state(before, model_state(m), "after a no-op")
 
 
 def test_a_model_with_nothing_to_sparsify_is_a_no_op_that_says_why():
@@ -188,7 +187,7 @@ def test_a_model_with_nothing_to_sparsify_is_a_no_op_that_says_why():
     assert not report.all_changes()
     assert [(s.path, s.reason) for s in report.skips] == [("0", "produces the model output")]
     assert any("Prune changed nothing" in n for n in report.notes)
-    _assert_same_state(before, model_state(m), "after a no-op")
+    assert_same_state(before, model_state(m), "after a no-op")
     with pytest.raises(ValueError, match="no layer left to sparsify after select/exclude"):
         nnslim.Prune(ratio=0.5, structure="unstructured", exclude=["0"]).apply(m, torch.randn(1, 4))
 

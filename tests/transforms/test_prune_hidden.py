@@ -211,3 +211,101 @@ def test_a_tie_alias_the_forward_never_calls_follows_the_pruned_weight():
     assert model.shared.embedding_dim == 8
     with torch.no_grad():
         assert model(ids).shape == (1, 7, 3)
+
+
+class Mixer(nn.Module):
+    """A Mamba-like mixer: its input projection is split by sizes it stores (so its channels
+    cannot be pruned); its output projection writes the hidden width."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.sizes = [16, 16, 16]
+        self.in_proj = nn.Linear(d, 48)
+        self.out_proj = nn.Linear(16, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b, c = torch.split(self.in_proj(x), self.sizes, dim=-1)
+        return self.out_proj(a * torch.sigmoid(b) + c)
+
+
+class MixerNet(nn.Module):
+    def __init__(self, d: int = 32) -> None:
+        super().__init__()
+        self.embed = nn.Linear(10, d)
+        self.mixers = nn.ModuleList([Mixer(d), Mixer(d)])
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        for m in self.mixers:
+            x = x + m(x)
+        return self.head(x)
+
+
+def test_a_module_that_breaks_keeps_its_inner_layers_but_not_the_width_it_writes():
+    torch.manual_seed(0)
+    model = MixerNet().eval()
+    x = torch.randn(2, 5, 10)
+    report = nnslim.Prune(ratio=0.5).apply(model, x)
+    for m in model.mixers:
+        assert m.in_proj.out_features == 48  # split by stored sizes: kept
+        assert m.out_proj.in_features == 16
+        assert m.out_proj.out_features == model.embed.out_features == 16  # the hidden width
+    assert model.head.in_features == 16
+    reasons = {s.path: s.reason for s in report.skips}
+    assert "those writing its output follow" in reasons["mixers.0.in_proj"], reasons
+    assert "mixers.0.out_proj" not in reasons
+    with torch.no_grad():
+        assert model(x).shape == (2, 5, 3)
+
+
+class GatedAttention(nn.Module):
+    """Attention whose head layout nnslim does not know (a per-head gate from q_proj, as in
+    Qwen3.5): its heads stay, its output projection still writes the hidden width."""
+
+    def __init__(self, d: int, heads: int = 4) -> None:
+        super().__init__()
+        self.heads, self.hd = heads, d // heads
+        self.q_proj = nn.Linear(d, 2 * d)  # per head: [q | gate]
+        self.k_proj, self.v_proj = nn.Linear(d, d), nn.Linear(d, d)
+        self.o_proj = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        qg = self.q_proj(x).view(b, n, self.heads, 2 * self.hd)
+        q, gate = qg.chunk(2, dim=-1)
+        k = self.k_proj(x).view(b, n, self.heads, self.hd)
+        v = self.v_proj(x).view(b, n, self.heads, self.hd)
+        a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        a = a.transpose(1, 2) * torch.sigmoid(gate)
+        return self.o_proj(a.reshape(b, n, -1))
+
+
+class GatedNet(nn.Module):
+    def __init__(self, d: int = 32) -> None:
+        super().__init__()
+        self.embed = nn.Linear(10, d)
+        self.attn = nn.ModuleList([GatedAttention(d), GatedAttention(d)])
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        for a in self.attn:
+            x = x + a(x)
+        return self.head(x)
+
+
+def test_attention_with_unknown_heads_keeps_them_and_still_follows_the_hidden_width():
+    torch.manual_seed(0)
+    model = GatedNet().eval()
+    x = torch.randn(2, 5, 10)
+    report = nnslim.Prune(ratio=0.5).apply(model, x)
+    for a in model.attn:
+        assert a.q_proj.out_features == 64 and a.o_proj.in_features == 32  # heads kept
+        assert a.o_proj.out_features == model.embed.out_features == 16  # the hidden width
+        assert a.q_proj.in_features == 16
+    reasons = {s.path: s.reason for s in report.skips}
+    assert "head layout nnslim does not know" in reasons["attn.0.q_proj"]
+    assert "attn.0.o_proj" not in reasons
+    with torch.no_grad():
+        assert model(x).shape == (2, 5, 3)

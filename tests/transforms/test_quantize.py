@@ -9,8 +9,7 @@ from torch import nn
 
 import nnslim
 from nnslim.modules.quantized import Int8Conv2d, Int8Linear, quantize_per_channel
-from nnslim.testing import model_state
-from nnslim.testing.checks import _assert_same_state
+from nnslim.testing import assert_same_state, model_state
 from tests.models import TinyCNN
 
 
@@ -103,7 +102,7 @@ def test_nan_weights_name_the_module(cnn):
     before = model_state(cnn)
     with pytest.raises(ValueError, match=r"module conv2 \(Conv2d 8->16 k3x3\) has NaN or Inf"):
         nnslim.Quantize().apply(cnn)
-    _assert_same_state(before, model_state(cnn), "after NaN error")
+    assert_same_state(before, model_state(cnn), "after NaN error")
 
 
 # -- schemes ---------------------------------------------------------------------------------------

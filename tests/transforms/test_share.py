@@ -21,8 +21,7 @@ from nnslim.modules.shared import (
     set_cache,
     unpack_bits,
 )
-from nnslim.testing import TransformCase, model_state, parametrize_with_checks
-from nnslim.testing.checks import _assert_same_state
+from nnslim.testing import TransformCase, assert_same_state, model_state, parametrize_with_checks
 from nnslim.transforms.share import ShareWeights
 from tests.models import TinyCNN, TinyMLP
 
@@ -379,7 +378,7 @@ def test_palettized_layers_at_or_below_the_clusters_are_left_alone(tmp_path):
     before = model_state(model)
     with pytest.raises(ValueError, match=r"already palettized with 32 clusters \(<= 32\)"):
         ShareWeights(clusters=32, select=["conv1", "conv2"]).apply(model, X_CNN)
-    _assert_same_state(before, model_state(model), "after the error")
+    assert_same_state(before, model_state(model), "after the error")
     # a second, coarser step: fewer clusters, a smaller file, saved and loaded back exactly
     report = ShareWeights(clusters=8, granularity=4).apply(model, X_CNN)
     assert set(report.touched) == {"conv1", "conv2", "fc"}
@@ -445,7 +444,7 @@ def test_sensitivity_needs_calibration(mlp):
     before = model_state(mlp)
     with pytest.raises(ValueError, match=r"sensitivity=True\) needs calibration data"):
         ShareWeights(sensitivity=True).apply(mlp, X_MLP)
-    _assert_same_state(before, model_state(mlp), "after the error")
+    assert_same_state(before, model_state(mlp), "after the error")
 
 
 # -- cross-layer sharing -----------------------------------------------------------------------
@@ -594,7 +593,7 @@ def check_untouched(model, fn, match):
     before = model_state(model)
     with pytest.raises(ValueError, match=match):
         fn()
-    _assert_same_state(before, model_state(model), "after the error")
+    assert_same_state(before, model_state(model), "after the error")
 
 
 def test_nan_weights_name_the_module_and_leave_the_model_untouched(cnn):
