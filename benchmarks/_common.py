@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from nnslim.core.table import format_table
+from nnslim.base.table import format_table
 
 RESULTS = Path(os.environ.get("NNSLIM_BENCH_RESULTS", Path(__file__).resolve().parent / "results"))
 

@@ -52,7 +52,7 @@ import torch
 from _common import RESULTS, environment, print_table
 
 import nnslim
-from nnslim.core.inputs import as_inputs, first_tensor, output_tensors
+from nnslim.base.inputs import as_inputs, first_tensor, output_tensors
 
 ROOT = Path(__file__).resolve().parent.parent
 RST = ROOT / "docs" / "coverage.rst"

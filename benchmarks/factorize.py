@@ -22,7 +22,7 @@ import torch
 from _common import print_table, write_json
 
 import nnslim
-from nnslim.core.inputs import as_inputs, first_tensor
+from nnslim.base.inputs import as_inputs, first_tensor
 from nnslim.profiling import measure_latency
 
 

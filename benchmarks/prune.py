@@ -22,7 +22,7 @@ import torch
 from _common import print_table, write_json
 
 import nnslim
-from nnslim.core.inputs import as_inputs
+from nnslim.base.inputs import as_inputs
 from nnslim.profiling import measure_latency
 
 

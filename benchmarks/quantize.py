@@ -22,7 +22,7 @@ from _common import print_table, write_json
 from torch import nn
 
 import nnslim
-from nnslim.core.inputs import as_inputs, first_tensor
+from nnslim.base.inputs import as_inputs, first_tensor
 from nnslim.profiling import measure_latency
 
 

@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import nnslim
-from nnslim.core.inputs import Inputs
+from nnslim.base.inputs import Inputs
 from nnslim.profiling import measure_latency
 
 CACHE = Path(os.environ.get("NNSLIM_BENCH_CACHE", Path(__file__).resolve().parent / ".cache"))

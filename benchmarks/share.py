@@ -32,7 +32,7 @@ import torch
 from _common import print_table, write_json
 
 import nnslim
-from nnslim.core.inputs import as_inputs, output_tensors
+from nnslim.base.inputs import as_inputs, output_tensors
 from nnslim.modules.shared import set_cache
 from nnslim.profiling import measure_latency
 from nnslim.transforms.share import ShareWeights

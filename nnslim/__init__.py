@@ -11,8 +11,8 @@ Public API (everything else is implementation):
 """
 
 from ._version import __version__
+from .base.serialize import register_class
 from .core.report import Report
-from .core.serialize import register_class
 from .core.transform import Compose, Context, Transform
 from .graph.trace import Graph, trace
 from .io import hf

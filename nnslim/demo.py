@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .core.inputs import Inputs
-from .core.table import format_table, human
+from .base.inputs import Inputs
+from .base.table import format_table, human
 from .io.save import save
 from .profiling import measure_latency, profile
 from .train import Distillation, Trainer, TrainOptions

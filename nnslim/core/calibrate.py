@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .inputs import Inputs, first_tensor, forward_error
-from .modules import is_hf_conv1d
-from .snapshot import preserved_state
+from ..base.inputs import Inputs, first_tensor, forward_error
+from ..base.modules import is_hf_conv1d
+from ..base.snapshot import preserved_state
 
 __all__ = ["LayerStats", "collect", "layer_input_dim", "reduce_across_processes"]
 

@@ -7,8 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .inputs import Inputs
-from .snapshot import preserved_state
+from ..base.inputs import Inputs
+from ..base.snapshot import preserved_state
 
 
 def first_line(e: BaseException, n: int = 160) -> str:

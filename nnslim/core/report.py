@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .table import format_table
+from ..base.table import format_table
 
 if TYPE_CHECKING:
     from ..profiling.profiler import Profile

@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import nn
 
-from .serialize import decode_value, encode_value
+from ..base.serialize import decode_value, encode_value
 
 __all__ = ["Selector", "normalize_selector", "resolve"]
 

@@ -9,13 +9,13 @@ from typing import TYPE_CHECKING, Any, ClassVar, final
 
 from torch import nn
 
-from ..io.record import RECORD_ATTR, NotRecordable, describe, diff, fingerprint
-from .config import Config, check_is_frozen_dataclass, type_name
+from ..base.config import Config, check_is_frozen_dataclass, type_name
+from ..base.inputs import Inputs, as_inputs, calibration_batches, check_finite
+from ..base.modules import shared_parameters
+from ..base.snapshot import Snapshot, rollback_enabled
+from ..record.edits import RECORD_ATTR, NotRecordable, describe, diff, fingerprint
 from .failure import culprits, failing_module
-from .inputs import Inputs, as_inputs, calibration_batches, check_finite
-from .modules import shared_parameters
 from .report import Report
-from .snapshot import Snapshot, rollback_enabled
 
 if TYPE_CHECKING:
     from ..profiling.profiler import Profile
@@ -29,7 +29,7 @@ class Context:
 
     Attributes:
         inputs: the example inputs (``None`` if none were given).
-        calibration: calibration batches, each an :class:`~nnslim.core.inputs.Inputs`
+        calibration: calibration batches, each an :class:`~nnslim.base.inputs.Inputs`
             (empty if none were given).
     """
 

@@ -30,7 +30,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from ..core.modules import out_width, set_module
+from ..base.modules import out_width, set_module
+from ..modules.mha import convertible, is_head_prunable_mha
 from .tp_compat import CONV1D_PRUNER, conv1d_type
 
 __all__ = ["AttentionSpec", "find_attention"]
@@ -632,7 +633,7 @@ def find_attention(model: nn.Module) -> list[AttentionSpec]:
         if fused is not None:
             specs.append(fused)
             continue
-        if _is_head_prunable_mha(m):
+        if is_head_prunable_mha(m):
             specs.append(
                 AttentionSpec(
                     path, m, join("out_proj"), m.num_heads, m.num_heads, m.head_dim, qkv=join("qkv")
@@ -669,71 +670,12 @@ def _is_swin(m: nn.Module) -> bool:
     return isinstance(m, ShiftedWindowAttention)
 
 
-def _is_head_prunable_mha(m: nn.Module) -> bool:
-    from ..modules.mha import HeadPrunableMultiheadAttention
-
-    return isinstance(m, HeadPrunableMultiheadAttention)
-
-
-def to_head_prunable(model: nn.Module, inputs: Any) -> list[str]:
-    """Replace every convertible ``nn.MultiheadAttention`` used for self-attention (query, key
-    and value the same tensor on ``inputs``) by its head-prunable twin (the same function,
-    sharing the parameters); returns their paths. Cross-attention modules stay as they are:
-    their fused projection would be applied in slices the tracer cannot follow."""
-    from ..core.snapshot import preserved_state
-    from ..modules.mha import HeadPrunableMultiheadAttention, convertible
-    from .trace import _call
-
-    candidates = {
-        path: m
-        for path, m in model.named_modules()
-        if isinstance(m, nn.MultiheadAttention) and convertible(m) is None and path
-    }
-    if not candidates:
-        return []
-    self_attention: dict[int, bool] = {}
-
-    def pre(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        q = args[0] if args else kwargs.get("query")
-        k = args[1] if len(args) > 1 else kwargs.get("key")
-        v = args[2] if len(args) > 2 else kwargs.get("value")
-        self_attention[id(m)] = self_attention.get(id(m), True) and q is k and k is v
-
-    handles = [m.register_forward_pre_hook(pre, with_kwargs=True) for m in candidates.values()]
-    try:
-        with preserved_state(model), torch.no_grad():
-            _call(model, inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    done = []
-    for path, m in candidates.items():
-        if self_attention.get(id(m), False):
-            set_module(model, path, HeadPrunableMultiheadAttention.from_torch(m))
-            done.append(path)
-    return done
-
-
-def back_to_torch(model: nn.Module, paths: list[str]) -> None:
-    """Turn the twins at ``paths`` whose heads were all kept back into ``nn.MultiheadAttention``."""
-    for path in paths:
-        m = model.get_submodule(path)
-        if not _is_head_prunable_mha(m):
-            continue
-        m.embed_dim = m.qkv.in_features  # the residual width may have been pruned too
-        orig = m.to_torch()
-        if orig is not None:
-            set_module(model, path, orig)
-
-
 def unknown_attention_layers(model: nn.Module, known: list[AttentionSpec]) -> dict[str, str]:
     """Projections inside attention-looking modules nnslim cannot prune by heads, with reasons."""
     covered = {p for s in known for p in s.projections}
     out: dict[str, str] = {}
     for path, m in model.named_modules():
         if isinstance(m, nn.MultiheadAttention):
-            from ..modules.mha import convertible
-
             why = convertible(m) or "used for cross-attention (query is not the key)"
             for n, c in m.named_modules():
                 if n and isinstance(c, nn.Linear):

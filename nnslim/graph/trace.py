@@ -21,9 +21,17 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from ..core.inputs import Inputs, as_inputs, forward_error, output_tensors, task_tensors
-from ..core.modules import shared_parameters
-from ..core.snapshot import preserved_state
+from ..base.inputs import (
+    Inputs,
+    as_inputs,
+    call_for_analysis,
+    forward_error,
+    is_meta,
+    output_tensors,
+    task_tensors,
+)
+from ..base.modules import shared_parameters
+from ..base.snapshot import preserved_state
 from .attention import (
     AttentionSpec,
     find_attention,
@@ -309,7 +317,7 @@ def build_dependency(
     def forward_fn(m: nn.Module, _: Any) -> Any:
         handles = _watch_layer_outputs(m, layer_outputs)
         try:
-            return _call(m, inputs)
+            return call_for_analysis(m, inputs)
         finally:
             for h in handles:
                 h.remove()
@@ -437,35 +445,6 @@ def _watch_not_tensor(model: nn.Module) -> tuple[list[nn.Module], list[Any]]:
     return found, handles
 
 
-def _call(model: nn.Module, inputs: Inputs) -> Any:
-    """Forward for tracing: Hugging Face models without a KV cache (it adds cycles); models on
-    the ``meta`` device run under a FakeTensorMode (no memory, and code that inspects values,
-    such as Hugging Face's mask helpers, sees a tracing run)."""
-    kwargs = dict(inputs.kwargs)
-    config = getattr(model, "config", None)
-    if config is not None and getattr(config, "use_cache", False) and "use_cache" not in kwargs:
-        kwargs["use_cache"] = False
-    with fake_mode_if_meta(model):
-        return model(*inputs.args, **kwargs)
-
-
-def is_meta(model: nn.Module) -> bool:
-    """Whether the model's parameters live on the ``meta`` device."""
-    p = next(iter(model.parameters()), None)
-    return p is not None and p.device.type == "meta"
-
-
-@contextlib.contextmanager
-def fake_mode_if_meta(model: nn.Module) -> Iterator[None]:
-    if not is_meta(model):
-        yield
-        return
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    with FakeTensorMode(allow_non_fake_inputs=True):
-        yield
-
-
 def trace(
     model: nn.Module, example_inputs: Any, *, time_limit: float | None = TIME_LIMIT_S
 ) -> Graph:
@@ -505,7 +484,7 @@ def trace(
 
     def run() -> list[torch.Tensor]:
         with preserved_state(model), torch.no_grad():
-            return output_tensors(_call(model, inputs))
+            return output_tensors(call_for_analysis(model, inputs))
 
     not_tensor, handles = _watch_not_tensor(model)
     try:

@@ -17,8 +17,8 @@ from typing import Any
 
 from torch import nn
 
-from .atomic import atomic_path
-from .record import RECORD_ATTR, replay
+from ..base.atomic import atomic_path
+from ..record.edits import RECORD_ATTR, replay
 from .save import _load_state
 
 __all__ = ["from_pretrained", "guard_plain_save", "save_pretrained"]

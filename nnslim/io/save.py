@@ -1,7 +1,7 @@
 """``nnslim.save`` and ``nnslim.load``: safetensors weights plus the record of structural edits.
 
 The file is a single ``.safetensors`` file. Its metadata holds the JSON record of every
-transform applied (see :mod:`nnslim.io.record`); ``load`` replays the record on a freshly built
+transform applied (see :mod:`nnslim.record.edits`); ``load`` replays the record on a freshly built
 base model, then loads the weights. Nothing is pickled.
 """
 
@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from .._version import __version__
-from ..core.snapshot import Snapshot
-from .atomic import atomic_path
-from .record import (
+from ..base.atomic import atomic_path
+from ..base.snapshot import Snapshot
+from ..record.edits import (
     RECORD_ATTR,
     check_ops,
     describe,

@@ -36,15 +36,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.distributed import rank_world
-from ..core.inputs import Inputs, as_inputs
-from ..core.modules import shared_parameters
+from ..base.atomic import remove_stale
+from ..base.distributed import rank_world
+from ..base.inputs import Inputs, as_inputs
+from ..base.modules import shared_parameters
+from ..base.snapshot import no_rollback
 from ..core.report import Report
-from ..core.snapshot import no_rollback
 from ..core.transform import Transform
-from ..io.atomic import remove_stale
-from ..io.record import RECORD_ATTR, describe, fingerprint
 from ..io.save import recompute_buffers
+from ..record.edits import RECORD_ATTR, describe, fingerprint
 
 __all__ = ["ShardedCheckpoint", "compress_checkpoint"]
 

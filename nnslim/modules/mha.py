@@ -14,10 +14,15 @@ and attention masks, boolean or float, ``need_weights``, ``average_attn_weights`
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..base.inputs import call_for_analysis
+from ..base.modules import set_module
+from ..base.snapshot import preserved_state
 
 __all__ = ["HeadPrunableMultiheadAttention", "convertible"]
 
@@ -225,3 +230,55 @@ class HeadPrunableMultiheadAttention(nn.Module):
             kp = additive(key_padding_mask).reshape(n, 1, 1, s)
             out = kp if out is None else out + kp
         return out
+
+
+# -- conversions (Prune works on the twin, and turns back what kept its heads) -----------------
+def is_head_prunable_mha(m: nn.Module) -> bool:
+    return isinstance(m, HeadPrunableMultiheadAttention)
+
+
+def to_head_prunable(model: nn.Module, inputs: Any) -> list[str]:
+    """Replace every convertible ``nn.MultiheadAttention`` used for self-attention (query, key
+    and value the same tensor on ``inputs``) by its head-prunable twin (the same function,
+    sharing the parameters); returns their paths. Cross-attention modules stay as they are:
+    their fused projection would be applied in slices the tracer cannot follow."""
+    candidates = {
+        path: m
+        for path, m in model.named_modules()
+        if isinstance(m, nn.MultiheadAttention) and convertible(m) is None and path
+    }
+    if not candidates:
+        return []
+    self_attention: dict[int, bool] = {}
+
+    def pre(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        q = args[0] if args else kwargs.get("query")
+        k = args[1] if len(args) > 1 else kwargs.get("key")
+        v = args[2] if len(args) > 2 else kwargs.get("value")
+        self_attention[id(m)] = self_attention.get(id(m), True) and q is k and k is v
+
+    handles = [m.register_forward_pre_hook(pre, with_kwargs=True) for m in candidates.values()]
+    try:
+        with preserved_state(model), torch.no_grad():
+            call_for_analysis(model, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    done = []
+    for path, m in candidates.items():
+        if self_attention.get(id(m), False):
+            set_module(model, path, HeadPrunableMultiheadAttention.from_torch(m))
+            done.append(path)
+    return done
+
+
+def back_to_torch(model: nn.Module, paths: list[str]) -> None:
+    """Turn the twins at ``paths`` whose heads were all kept back into ``nn.MultiheadAttention``."""
+    for path in paths:
+        m = model.get_submodule(path)
+        if not is_head_prunable_mha(m):
+            continue
+        m.embed_dim = m.qkv.in_features  # the residual width may have been pruned too
+        orig = m.to_torch()
+        if orig is not None:
+            set_module(model, path, orig)

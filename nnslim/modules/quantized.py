@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.modules import linear_weight
-from ..core.validate import all_finite
+from ..base.modules import linear_weight
+from ..base.validate import all_finite
 
 __all__ = [
     "Int4Linear",

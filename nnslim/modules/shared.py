@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.modules import is_hf_conv1d
+from ..base.modules import is_hf_conv1d
 
 __all__ = [
     "MAX_CLUSTERS",

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..core.inputs import Inputs
+from ..base.inputs import Inputs
 
 __all__ = ["Latency", "measure_latency", "num_threads"]
 

@@ -10,10 +10,10 @@ import torch
 from torch import nn
 from torch.nn.parameter import is_lazy
 
-from ..core.inputs import Inputs, as_inputs, check_device, forward_error, output_tensors
-from ..core.snapshot import preserved_state
-from ..core.table import format_table, human
-from ..core.validate import check_int
+from ..base.inputs import Inputs, as_inputs, check_device, forward_error, output_tensors
+from ..base.snapshot import preserved_state
+from ..base.table import format_table, human
+from ..base.validate import check_int
 from .counter import OpCounter, Tally
 from .latency import Latency, measure_latency
 

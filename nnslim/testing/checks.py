@@ -26,11 +26,11 @@ from unittest import mock
 import torch
 from torch import nn
 
-from ..core.inputs import as_inputs, output_tensors, task_tensors
+from ..base.inputs import as_inputs, output_tensors, task_tensors
 from ..core.report import Report
 from ..core.transform import Transform
-from ..io.record import RECORD_ATTR
 from ..io.save import load, save
+from ..record.edits import RECORD_ATTR
 
 __all__ = [
     "ALL_CHECKS",
@@ -81,7 +81,7 @@ class TransformCase:
 
     def outputs(self, model: nn.Module, result: bool = False) -> list[torch.Tensor]:
         """The model's output tensors on the example inputs; ``result=True``: those of its
-        result only (:func:`nnslim.core.inputs.task_tensors`: not a Hugging Face model's inner
+        result only (:func:`nnslim.base.inputs.task_tensors`: not a Hugging Face model's inner
         states beside its logits)."""
         inputs = as_inputs(self.example_inputs)
         assert inputs is not None

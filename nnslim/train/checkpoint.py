@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..io.atomic import atomic_path
+from ..base.atomic import atomic_path
 from ..io.save import _record_of, write_weights
 
 __all__ = [

@@ -10,11 +10,11 @@ from typing import Any
 
 from torch import nn
 
-from ..core.inputs import as_inputs
-from ..core.modules import copy_model
-from ..core.table import format_table, human
+from ..base.inputs import as_inputs
+from ..base.modules import copy_model
+from ..base.table import format_table, human
+from ..base.validate import check_fraction, check_int
 from ..core.transform import Transform, check_transform_items
-from ..core.validate import check_fraction, check_int
 from ..profiling.profiler import profile
 
 __all__ = ["CompressionResult", "compress", "schedule"]

@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.distributed import rank_world
-from ..core.inputs import as_inputs, first_tensor
-from ..core.modules import is_hf_conv1d
-from ..core.validate import check_choice, check_fraction, check_int, check_type
+from ..base.distributed import rank_world
+from ..base.inputs import as_inputs, first_tensor
+from ..base.modules import is_hf_conv1d
+from ..base.validate import check_choice, check_fraction, check_int, check_type
 from ..io.save import _record_of
 from ..modules.masks import apply_masks
 from .checkpoint import (

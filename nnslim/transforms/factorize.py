@@ -9,15 +9,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..base.describe import shape_of
+from ..base.inputs import Inputs
+from ..base.modules import is_conv2d, is_linear, linear_weight, replace_module, unreplaceable
+from ..base.snapshot import preserved_state
+from ..base.validate import all_finite, check_choice, check_fraction, check_int, check_type
 from ..core.calibrate import LayerStats, run_sequential
-from ..core.describe import shape_of
-from ..core.inputs import Inputs
-from ..core.modules import is_conv2d, is_linear, linear_weight, replace_module, unreplaceable
 from ..core.report import Report
 from ..core.select import normalize_selector, per_layer_values
-from ..core.snapshot import preserved_state
 from ..core.transform import Context, Transform
-from ..core.validate import all_finite, check_choice, check_fraction, check_int, check_type
 from ..modules.factorized import FactorizedConv2d, FactorizedLinear
 
 __all__ = ["Factorize", "spatial_svd", "svd_factors", "tucker2"]

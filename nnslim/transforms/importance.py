@@ -22,9 +22,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..core.config import Config
-from ..core.modules import is_hf_conv1d
-from ..core.validate import check_choice, check_int
+from ..base.config import Config
+from ..base.modules import is_hf_conv1d
+from ..base.validate import check_choice, check_int
 
 __all__ = [
     "IMPORTANCE_NAMES",

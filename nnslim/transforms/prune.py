@@ -12,24 +12,25 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from ..base.describe import shape_of
+from ..base.inputs import Inputs, call_for_analysis, is_meta
+from ..base.modules import copy_model, is_hf_conv1d, out_width, shared_parameters
+from ..base.snapshot import Snapshot, preserved_state
+from ..base.validate import all_finite, check_choice, check_fraction, check_int, check_type
 from ..core.calibrate import LayerStats, collect
-from ..core.describe import shape_of
 from ..core.failure import failing_module, first_line
-from ..core.inputs import Inputs
-from ..core.modules import copy_model, is_hf_conv1d, out_width, shared_parameters
 from ..core.report import Report
 from ..core.select import normalize_selector, per_layer_values
-from ..core.snapshot import Snapshot, preserved_state
 from ..core.transform import Context, Transform
-from ..core.validate import all_finite, check_choice, check_fraction, check_int, check_type
-from ..graph.attention import AttentionSpec, back_to_torch, find_attention, to_head_prunable
+from ..graph.attention import AttentionSpec, find_attention
 from ..graph.fused_mlp import ExpertBankSpec, find_expert_banks, find_fused_mlps
-from ..graph.scoring import GroupScorer
 from ..graph.tp_compat import GroupTooLarge, TraceError, guard, torch_pruning_fixes
 from ..graph.trace import MAX_GROUP as MAX_GROUP_DEFAULT
-from ..graph.trace import TIME_LIMIT_S, Graph, _call, is_meta, preserve_modes, root_types, trace
+from ..graph.trace import TIME_LIMIT_S, Graph, preserve_modes, root_types, trace
 from ..modules.masks import MASK_NAME
+from ..modules.mha import back_to_torch, to_head_prunable
 from .importance import IMPORTANCE_NAMES, Importance, as_importance
+from .scoring import GroupScorer
 from .sparsity import nm_mask, parse_pattern, unstructured_masks
 
 __all__ = ["Prune"]
@@ -206,9 +207,13 @@ class Prune(Transform):
             try:
                 self._prune_channels(model, ctx, trial, inputs, kept, residual, widened)
                 failed = failing_module(model, inputs)
-            except _NotCoupled:
+            except _NotCoupled:  # no heads to prune in step with: keep the hidden width
                 snap.restore()
                 residual = "kept"
+                notes.append(
+                    f"the hidden width (the residual stream the attention output projections "
+                    f"write) keeps its channels: pruning it broke the model ({first_why})"
+                )
                 continue
             except _NothingToPrune:
                 snap.restore()
@@ -353,6 +358,7 @@ class Prune(Transform):
         hidden_before = _hidden_widths(model, plan.attention)
         if widened is not None:
             widened.extend(s.o for s in plan.attention if s.o in plan.channels)
+            widened.extend(p for p in plan.writers if p in plan.channels)
         stats = self._stats(model, ctx, imp, plan.all_layers)
         before = {p: (shape_of(m), _shapes(m), _heads(plan, p)) for p, m in model.named_modules()}
         if self.macs is None and self.params is None:
@@ -404,7 +410,7 @@ class Prune(Transform):
                 "Prune.plan: only structure='channels' with ratio= (or per-module ratios) can be "
                 "planned without pruning."
             )
-        from ..core.inputs import as_inputs
+        from ..base.inputs import as_inputs
 
         inputs = as_inputs(example_inputs)
         if inputs is None:
@@ -470,10 +476,13 @@ class Prune(Transform):
             proj -= {s.o for s in attention}
         proj |= {s.fused for s in graph.fused_mlps}
         unknown_attention = graph.unknown_attention()
+        writers: set[str] = set()
         if residual != "kept":
             # attention whose heads stay still writes the hidden width through its output
-            # projection: that layer follows the width (its inputs, the heads, stay)
-            for p in _attention_writers(model, graph.inputs, unknown_attention):
+            # projection: that layer follows the width (its inputs, the heads, stay), like the
+            # output projections of attention pruned by heads (kept with them if that breaks)
+            writers = _attention_writers(model, graph.inputs, unknown_attention)
+            for p in writers:
                 unknown_attention.pop(p, None)
         unknown = {**unknown_attention, **graph.fused_mlp_skips, **kept}
         roots = root_types()
@@ -549,7 +558,7 @@ class Prune(Transform):
             coupled = _coupled_streams(named, attention, heads)
             if not coupled:
                 raise _NotCoupled
-        return _Plan(attention, heads, channels, frozen, layer_paths, units, coupled)
+        return _Plan(attention, heads, channels, frozen, layer_paths, units, coupled, writers)
 
     def _stats(
         self, model: nn.Module, ctx: Context, imp: Importance, layers: list[str]
@@ -727,7 +736,7 @@ class PrunePlan:
     trace_seconds: float
 
     def table(self, max_rows: int = 20) -> str:
-        from ..core.table import format_table
+        from ..base.table import format_table
 
         parts = []
         if self.heads:
@@ -752,6 +761,8 @@ class _Plan:
     units: dict[str, Any] = field(default_factory=dict)  # fused gate/up layer -> ratio (or None)
     # attention path -> hidden width, where that width follows the heads (whole heads at a time)
     coupled: dict[str, int] = field(default_factory=dict)
+    # output projections of attention whose heads stay, pruned as the hidden width
+    writers: set[str] = field(default_factory=set)
 
 
 #: the hidden width of attention models: pruned on its own ("free"), in step with the heads
@@ -937,7 +948,7 @@ def _output_writers(model: nn.Module, inputs: Inputs, where: str) -> set[str]:
                     handles.append(layer.register_forward_hook(inner))
     try:
         with preserved_state(model), torch.no_grad():
-            _call(model, inputs)
+            call_for_analysis(model, inputs)
     except Exception:
         return set()
     finally:
@@ -1013,7 +1024,7 @@ def _prune_model(
                 iterative_steps=cfg.steps,
                 ignored_layers=ignored,
                 round_to=cfg.round_to,
-                forward_fn=lambda m, _: _call(m, inputs),
+                forward_fn=lambda m, _: call_for_analysis(m, inputs),
                 root_module_types=list(root_types()),
                 customized_pruners=None,
             )
@@ -1212,7 +1223,7 @@ def _follow_input_widths(
         for _ in range(1 + len(blurs)):  # a filter left wide stops the forward at itself
             try:
                 with torch.no_grad(), preserved_state(model):
-                    _call(model, inputs)
+                    call_for_analysis(model, inputs)
             except Exception:
                 pass  # the forward check after pruning names what still fails
             moved = {m: c for m, c in widths.items() if _narrow_replicated_filter(m, c)}
@@ -1377,7 +1388,7 @@ class _reuse_graph:
 
 def output_layers_by_identity(model: nn.Module, inputs: Inputs) -> list[str]:
     """Layers whose output tensor is (a view of) a model output, found with forward hooks."""
-    from ..core.inputs import task_tensors
+    from ..base.inputs import task_tensors
 
     produced: dict[int, str] = {}
     alive: list[torch.Tensor] = []
@@ -1393,7 +1404,7 @@ def output_layers_by_identity(model: nn.Module, inputs: Inputs) -> list[str]:
             handles.append(m.register_forward_hook(hook))
     try:
         with preserved_state(model), torch.no_grad():
-            out = _call(model, inputs)
+            out = call_for_analysis(model, inputs)
     finally:
         for h in handles:
             h.remove()

@@ -9,9 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.calibrate import LayerStats, run_sequential
-from ..core.describe import shape_of
-from ..core.modules import (
+from ..base.describe import shape_of
+from ..base.modules import (
     is_conv2d,
     is_linear,
     linear_weight,
@@ -19,10 +18,11 @@ from ..core.modules import (
     replace_module,
     unreplaceable,
 )
+from ..base.validate import all_finite, check_choice, check_fraction, check_int, check_type
+from ..core.calibrate import LayerStats, run_sequential
 from ..core.report import Report
 from ..core.select import normalize_selector
 from ..core.transform import Context, Transform
-from ..core.validate import all_finite, check_choice, check_fraction, check_int, check_type
 from ..modules.fake_quant import FakeQuantLinear
 from ..modules.quantized import (
     Int4Linear,

@@ -11,10 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.calibrate import collect
-from ..core.describe import shape_of
-from ..core.inputs import Inputs, output_tensors
-from ..core.modules import (
+from ..base.describe import shape_of
+from ..base.inputs import Inputs, output_tensors
+from ..base.modules import (
     is_conv2d,
     is_hf_conv1d,
     is_linear,
@@ -22,11 +21,12 @@ from ..core.modules import (
     set_module,
     unreplaceable,
 )
+from ..base.snapshot import preserved_state
+from ..base.validate import check_int, check_type
+from ..core.calibrate import collect
 from ..core.report import Report
 from ..core.select import normalize_selector, per_layer_values
-from ..core.snapshot import preserved_state
 from ..core.transform import Context, Transform
-from ..core.validate import check_int, check_type
 from ..modules.masks import MASK_NAME
 from ..modules.shared import MAX_CLUSTERS, PalettizedConv2d, PalettizedLinear, palettize
 

@@ -7,7 +7,7 @@ import re
 import torch
 from torch import nn
 
-from ..core.modules import is_hf_conv1d, weight_rows
+from ..base.modules import is_hf_conv1d, weight_rows
 from ..modules.masks import MASK_NAME
 from .importance import Importance, Wanda
 

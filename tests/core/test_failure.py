@@ -4,8 +4,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import nnslim
+from nnslim.base.inputs import as_inputs
 from nnslim.core.failure import culprits, failing_module
-from nnslim.core.inputs import as_inputs
 
 
 class ReadsParameterTable(nn.Module):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from nnslim.core.inputs import Inputs, as_inputs, calibration_batches, first_tensor, run_model
+from nnslim.base.inputs import Inputs, as_inputs, calibration_batches, first_tensor, run_model
 from tests.models import TinyMLP
 
 

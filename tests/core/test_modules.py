@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import nnslim
-from nnslim.core.modules import (
+from nnslim.base.modules import (
     is_conv2d,
     is_hf_conv1d,
     is_linear,
@@ -115,7 +115,7 @@ def test_convolutions_only_model_is_a_no_op_that_says_why_int8_dynamic_has_nothi
 def test_a_subclass_overriding_forward_with_the_same_function_is_a_layer():
     import torch.nn.functional as F
 
-    from nnslim.core.modules import is_conv2d, is_linear
+    from nnslim.base.modules import is_conv2d, is_linear
 
     class TimmLinear(nn.Linear):  # timm.layers.Linear / FalconLinear
         def forward(self, x):

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import nnslim
-from nnslim.core.modules import _HOOK_TABLES
+from nnslim.base.modules import _HOOK_TABLES
 
 X = torch.randn(5, 16)
 

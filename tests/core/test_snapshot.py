@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from nnslim.core.snapshot import Snapshot
+from nnslim.base.snapshot import Snapshot
 from nnslim.testing import assert_same_state, model_state
 from tests.models import TinyCNN
 
@@ -62,8 +62,8 @@ def test_restores_data_swaps_and_config_objects():
 
 
 def test_replace_module_frees_old_weights_only_without_rollback():
-    from nnslim.core.modules import replace_module
-    from nnslim.core.snapshot import no_rollback, rollback_enabled
+    from nnslim.base.modules import replace_module
+    from nnslim.base.snapshot import no_rollback, rollback_enabled
 
     shared = nn.Linear(4, 4)
     m = nn.Sequential(nn.Linear(4, 4), shared, shared)
@@ -88,7 +88,7 @@ def test_replace_module_frees_old_weights_only_without_rollback():
 @pytest.mark.parametrize("which", ["gptq", "factorize", "share"])
 def test_transforms_without_rollback_give_the_same_model_and_record(which):
     import nnslim
-    from nnslim.core.snapshot import no_rollback
+    from nnslim.base.snapshot import no_rollback
     from nnslim.core.transform import RECORD_ATTR
 
     torch.manual_seed(0)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import nnslim
-from nnslim.core.snapshot import preserved_state
+from nnslim.base.snapshot import preserved_state
 from nnslim.testing import assert_same_state, model_state
 
 

@@ -99,7 +99,7 @@ def test_from_dict_refuses_classes_outside_allowlist():
     ],
 )
 def test_allowlist_takes_exact_module_class_names_only(path):
-    from nnslim.core.serialize import lookup_class
+    from nnslim.base.serialize import lookup_class
 
     with pytest.raises(ValueError, match="not in the allowlist|does not name a class"):
         lookup_class(path)

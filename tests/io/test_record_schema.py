@@ -169,7 +169,7 @@ def test_the_forged_file_loads_when_the_record_is_left_alone(saved):
 
 
 def test_every_record_nnslim_writes_follows_the_schema(tmp_path):
-    from nnslim.io.record import check_ops, tensor_budget
+    from nnslim.record.edits import check_ops, tensor_budget
     from tests.models import TinyCNN
 
     for t in (

@@ -256,7 +256,7 @@ def test_a_save_removes_temporaries_of_writers_that_died(tmp_path):
     import sys
     import time
 
-    from nnslim.io.atomic import atomic_path
+    from nnslim.base.atomic import atomic_path
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import nnslim
-from nnslim.core.inputs import as_inputs
-from nnslim.core.snapshot import preserved_state
+from nnslim.base.inputs import as_inputs
+from nnslim.base.snapshot import preserved_state
 from nnslim.profiling import counter, formulas
 from nnslim.profiling.counter import OpCounter
 from nnslim.profiling.leaf_rules import _RULES

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import nnslim
-from nnslim.core.inputs import output_tensors, task_tensors
+from nnslim.base.inputs import output_tensors, task_tensors
 
 tf = pytest.importorskip("transformers")
 
@@ -307,5 +307,33 @@ def test_attention_with_unknown_heads_keeps_them_and_still_follows_the_hidden_wi
     reasons = {s.path: s.reason for s in report.skips}
     assert "head layout nnslim does not know" in reasons["attn.0.q_proj"]
     assert "attn.0.o_proj" not in reasons
+    with torch.no_grad():
+        assert model(x).shape == (2, 5, 3)
+
+
+class GatedNetWithTable(GatedNet):
+    """A position table in a buffer (CTRL's): the hidden width cannot change."""
+
+    def __init__(self, d: int = 32) -> None:
+        super().__init__(d)
+        self.fc1, self.fc2 = nn.Linear(d, 64), nn.Linear(64, d)
+        self.register_buffer("pos", torch.randn(5, d), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x) + self.pos
+        for a in self.attn:
+            x = x + a(x)
+        x = x + self.fc2(F.relu(self.fc1(x)))
+        return self.head(x)
+
+
+def test_a_hidden_width_that_cannot_change_is_kept_with_the_reason_and_the_rest_prunes():
+    torch.manual_seed(0)
+    model = GatedNetWithTable().eval()
+    x = torch.randn(2, 5, 10)
+    report = nnslim.Prune(ratio=0.5).apply(model, x)
+    assert model.embed.out_features == 32 and model.attn[0].o_proj.out_features == 32
+    assert model.fc1.out_features == 32  # the MLP's units still prune
+    assert any(n.startswith("the hidden width") for n in report.notes), report.notes
     with torch.no_grad():
         assert model(x).shape == (2, 5, 3)

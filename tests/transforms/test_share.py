@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import nnslim
+from nnslim.base.inputs import as_inputs
 from nnslim.core.calibrate import collect
-from nnslim.core.inputs import as_inputs
 from nnslim.modules.shared import (
     PalettizedConv2d,
     PalettizedLinear,

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.serialize import class_path, lookup_class
+from ..base.serialize import class_path, lookup_class
 
 __all__ = [
     "ModuleState",

@@ -14,8 +14,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from ..base.modules import is_hf_conv1d
 from ..core.calibrate import LayerStats
-from ..core.modules import is_hf_conv1d
 
 __all__ = ["GroupScorer", "channel_scores"]
 

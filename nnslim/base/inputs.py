@@ -7,6 +7,7 @@ holds either form, moves between devices and calls the model.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import re
 from collections.abc import Iterable, Iterator, Mapping
@@ -280,3 +281,33 @@ def task_tensors(output: Any) -> list[torch.Tensor]:
         if result:
             return result
     return output_tensors(output)
+
+
+def is_meta(model: nn.Module) -> bool:
+    """Whether the model's parameters live on the ``meta`` device."""
+    p = next(iter(model.parameters()), None)
+    return p is not None and p.device.type == "meta"
+
+
+@contextlib.contextmanager
+def fake_mode_if_meta(model: nn.Module) -> Iterator[None]:
+    """A ``FakeTensorMode`` while a ``meta`` model runs (nothing allocated); else nothing."""
+    if not is_meta(model):
+        yield
+        return
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        yield
+
+
+def call_for_analysis(model: nn.Module, inputs: Inputs) -> Any:
+    """The forward nnslim analyses a model with (tracing, checks after pruning): Hugging Face models without a KV cache (it adds cycles); models on
+    the ``meta`` device run under a FakeTensorMode (no memory, and code that inspects values,
+    such as Hugging Face's mask helpers, sees a tracing run)."""
+    kwargs = dict(inputs.kwargs)
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "use_cache", False) and "use_cache" not in kwargs:
+        kwargs["use_cache"] = False
+    with fake_mode_if_meta(model):
+        return model(*inputs.args, **kwargs)

@@ -226,7 +226,7 @@ def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
     """Put ``new`` at ``path`` (and every other path the same module is used at) for good (not a
     trial that may be undone), with the old module's hooks.
 
-    Inside :func:`~nnslim.core.snapshot.no_rollback` the old module's weights that the model
+    Inside :func:`~nnslim.base.snapshot.no_rollback` the old module's weights that the model
     no longer uses are released at once (each such tensor is emptied), so that a
     transform never holds a layer's old and new weights for longer than the replacement itself.
     """
