@@ -32,6 +32,8 @@ def rank_world(backend: str | None = None) -> tuple[int, int]:
     if not dist.is_initialized():
         if backend is None:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":  # one GPU per process: torchrun's LOCAL_RANK (else all share GPU 0)
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=backend)
         global _started_here
         if not _started_here:

@@ -370,6 +370,7 @@ def _append_record(model: nn.Module, steps: list[tuple[Transform, Any, str]], be
         guard_plain_save(model)
 
 
+@final
 @dataclass(frozen=True, init=False)
 class Compose(Transform):
     """Apply transforms in order, as one transform (compositions nest).

@@ -42,15 +42,29 @@ def rng_state() -> dict[str, Any]:
     """Every RNG state that training touches, in a form ``weights_only`` loading accepts."""
     np_state = np.random.get_state()
     version, internal, gauss = random.getstate()
-    return {
+    state = {
         "torch": torch.get_rng_state(),
         "python": [*internal, version, gauss],
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
     }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()  # dropout on the GPU draws from these
+    return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Put back what :func:`rng_state` took (CUDA generators where both sides have them: a
+    checkpoint from a CPU run, or an older one, has none)."""
     torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if len(cuda) != torch.cuda.device_count():
+            raise ValueError(
+                f"the checkpoint holds the random state of {len(cuda)} CUDA devices, this "
+                f"process sees {torch.cuda.device_count()}; resume with the same devices "
+                f"(CUDA_VISIBLE_DEVICES)."
+            )
+        torch.cuda.set_rng_state_all(cuda)
     py = state["python"]
     random.setstate((py[-2], tuple(py[:-2]), py[-1]))
     n = state["numpy"]

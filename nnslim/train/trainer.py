@@ -102,7 +102,7 @@ class TrainOptions:
     """Less common training settings.
 
     Attributes:
-        precision: ``"fp32"`` or ``"bf16"`` (autocast on CPU).
+        precision: ``"fp32"`` or ``"bf16"`` (autocast on the device the model is on).
         accumulate: micro-batches per optimizer step.
         clip_grad_norm: clip the gradient norm to this (``None``: no clipping).
         eval_every: evaluate every this many optimizer steps (and at the end).
@@ -207,6 +207,13 @@ def _split(batch: Any) -> tuple[Any, Any]:
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         return batch[0], batch[1]
     return batch, None
+
+
+def _device_type(model: nn.Module) -> str:
+    """Where the model computes (its first parameter's device type; ``"cpu"`` without any):
+    what ``torch.autocast`` needs."""
+    p = next(iter(model.parameters()), None)
+    return p.device.type if p is not None else "cpu"
 
 
 def _call(model: nn.Module, inputs: Any) -> Any:
@@ -515,7 +522,7 @@ class Trainer:
     ) -> torch.Tensor:
         inputs, targets = _split(batch)
         o = self.options
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=o.precision == "bf16"):
+        with torch.autocast(_device_type(net), dtype=torch.bfloat16, enabled=o.precision == "bf16"):
             outputs = _call(net, inputs)
             main = first_tensor(outputs)
             d = self.distillation
@@ -751,7 +758,7 @@ class _GroupLasso:
         total = torch.zeros(())
         for parts in self.groups:
             n = min(w.shape[d] for w, d in parts)
-            sq = torch.zeros(n)
+            sq = torch.zeros(n, device=parts[0][0].device)
             for w, d in parts:
                 sq = sq + w.transpose(0, d).reshape(w.shape[d], -1)[:n].pow(2).sum(1)
             total = total + sq.clamp_min(1e-12).sqrt().sum()
@@ -938,7 +945,9 @@ class _Distributed:
             return flag
         import torch.distributed as dist
 
-        t = torch.tensor([1 if flag else 0])
+        # NCCL reduces CUDA tensors only (each process on its own device, set at start)
+        cuda = dist.get_backend() == "nccl"
+        t = torch.tensor([1 if flag else 0], device="cuda" if cuda else "cpu")
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return bool(t.item())
 

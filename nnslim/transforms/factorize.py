@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Literal, final, get_args
 
 import torch
 from torch import nn
@@ -22,7 +22,8 @@ from ..modules.factorized import FactorizedConv2d, FactorizedLinear
 
 __all__ = ["Factorize", "spatial_svd", "svd_factors", "tucker2"]
 
-CONV_KINDS = ("tucker", "spatial")
+ConvKind = Literal["tucker", "spatial"]
+CONV_KINDS: tuple[str, ...] = get_args(ConvKind)
 
 
 def _weight(m: nn.Module) -> torch.Tensor:
@@ -70,6 +71,7 @@ def _factors(m: nn.Module) -> list[nn.Module]:
     return [m.first, m.second] if isinstance(m, FactorizedLinear) else list(m.layers)
 
 
+@final
 @dataclass(frozen=True)
 class Factorize(Transform):
     """Replace big matrices and convolutions with products of thinner ones.
@@ -122,7 +124,7 @@ class Factorize(Transform):
     energy: float | None = None
     params: float | None = None
     macs: float | None = None
-    conv: str = "tucker"
+    conv: ConvKind = "tucker"
     activation_aware: bool | None = None
     select: Any = None
     exclude: Any = None

@@ -6,7 +6,7 @@ import math
 import re
 import warnings
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, final, get_args
 
 import torch
 import torch_pruning as tp
@@ -35,10 +35,13 @@ from .sparsity import nm_mask, parse_pattern, unstructured_masks
 
 __all__ = ["Prune"]
 
-SCOPES = ("local", "global")
+#: how the ratio is shared: per layer, or ranked across the model
+Scope = Literal["local", "global"]
+SCOPES: tuple[str, ...] = get_args(Scope)
 STRUCTURES = ("channels", "unstructured", "N:M (e.g. '2:4')")
 
 
+@final
 @dataclass(frozen=True)
 class Prune(Transform):
     """Pruning: remove whole channels and attention heads, or zero single weights with masks.
@@ -87,7 +90,7 @@ class Prune(Transform):
     macs: float | None = None
     params: float | None = None
     importance: Any = "l2"
-    scope: str = "local"
+    scope: Scope = "local"
     structure: str = "channels"
     select: Any = None
     exclude: Any = None

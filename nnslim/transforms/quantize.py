@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Literal, final, get_args
 
 import torch
 import torch.nn.functional as F
@@ -35,8 +35,10 @@ from .gptq import gptq
 
 __all__ = ["SCHEMES", "Quantize", "convert"]
 
-SCHEMES = ("int8", "int8-dynamic", "int4")
-METHODS = ("rtn", "gptq")
+Scheme = Literal["int8", "int8-dynamic", "int4"]
+Method = Literal["rtn", "gptq"]
+SCHEMES: tuple[str, ...] = get_args(Scheme)
+METHODS: tuple[str, ...] = get_args(Method)
 GROUP_SIZES = (32, 64, 128)
 
 
@@ -56,6 +58,7 @@ def int4_group_size(width: int, wanted: int) -> int:
 GPTQ_CLIP = 0.2
 
 
+@final
 @dataclass(frozen=True)
 class Quantize(Transform):
     """Replace Linear (and Hugging Face ``Conv1D``) layers with integer-weight modules.
@@ -97,9 +100,9 @@ class Quantize(Transform):
         'Int8Linear'
     """
 
-    scheme: str = "int8"
+    scheme: Scheme = "int8"
     group_size: int = 128
-    method: str = "rtn"
+    method: Method = "rtn"
     smooth: Any = None
     qat: bool = False
     select: Any = None
@@ -379,6 +382,7 @@ def _is_output(model: nn.Module, path: str, ctx: Context) -> bool:
     return path in output_layers_by_identity(model, ctx.inputs)
 
 
+@final
 @dataclass(frozen=True)
 class ConvertQAT(Transform):
     """Turn fake-quant (QAT) modules into integer modules (see :func:`convert`)."""

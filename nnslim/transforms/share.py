@@ -6,7 +6,7 @@ import difflib
 import math
 import re
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, final
 
 import torch
 from torch import nn
@@ -76,6 +76,7 @@ def _check_across(value: Any) -> None:
                 ) from None
 
 
+@final
 @dataclass(frozen=True)
 class ShareWeights(Transform):
     """Share weights: k-means codebooks per layer, and one set of parameters across blocks.
