@@ -8,7 +8,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path"]
+__all__ = ["atomic_dir", "atomic_path", "commit_dir", "remove_stale", "temp_dir_beside"]
 
 
 @contextlib.contextmanager
@@ -40,6 +40,53 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
+
+
+def temp_dir_beside(target: Path) -> Path:
+    """A new temporary directory beside ``target``, named for this process (so that
+    :func:`remove_stale` can tell a dead writer's leftovers from a live one's), after removing
+    the leftovers of dead writers."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(target)
+    return Path(
+        tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent)
+    )
+
+
+def commit_dir(tmp: Path, target: Path) -> None:
+    """Make the finished directory ``tmp`` the directory ``target``: its files synced to disk,
+    an older ``target`` removed, then one rename (and the parent directory synced)."""
+    for f in tmp.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    if target.exists():
+        import shutil
+
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+    with contextlib.suppress(OSError):
+        dir_fd = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary directory; on success it becomes ``path`` (:func:`commit_dir`). An
+    exception before the end leaves ``path`` as it was and removes the temporary."""
+    target = Path(path)
+    tmp = temp_dir_beside(target)
+    try:
+        yield tmp
+        commit_dir(tmp, target)
+    finally:
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 #: a temporary without a process id (older nnslim) counts as stale after this many seconds

@@ -220,3 +220,15 @@ class Snapshot:
     @property
     def tensor_objects(self) -> dict[int, torch.Tensor]:
         return {k: st.obj for k, st in self._tensors.items()}
+
+
+@contextlib.contextmanager
+def preserve_modes(model: nn.Module) -> Iterator[None]:
+    """Every module's own train/eval flag comes back afterwards (torch-pruning sets eval; an
+    evaluation sets eval; ``model.train(was)`` would put a frozen BatchNorm in train mode)."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, t in modes:
+            m.training = t

@@ -63,17 +63,6 @@ def root_types() -> tuple[type, ...]:
     return (*base, c) if c is not None else base
 
 
-@contextlib.contextmanager
-def preserve_modes(model: nn.Module) -> Iterator[None]:
-    """Restore every module's train/eval flag afterwards (torch-pruning sets eval)."""
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        yield
-    finally:
-        for m, t in modes:
-            m.training = t
-
-
 @dataclass
 class GroupInfo:
     """One group of coupled channels.

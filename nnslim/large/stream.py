@@ -26,7 +26,6 @@ import gc
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..base.atomic import remove_stale
+from ..base.atomic import commit_dir, temp_dir_beside
 from ..base.distributed import rank_world
 from ..base.inputs import Inputs, as_inputs
 from ..base.modules import shared_parameters
@@ -270,11 +269,7 @@ def compress_checkpoint(
         )
     mine = batches[rank::world]
     report = Report(f"compress_checkpoint[{type(transform).__name__}]", transform.to_dict())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(out)  # directories of runs killed mid-write (kill -9 leaves them behind)
-    tmp = Path(
-        tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".tmp", dir=out.parent)
-    )
+    tmp = temp_dir_beside(out)  # after removing what runs killed mid-write left (kill -9)
     writer = _Writer(tmp, shard_size_mb * 2**20)
     entries: list[dict[str, Any]] = []
     t_start = time.perf_counter()
@@ -351,8 +346,7 @@ def compress_checkpoint(
                 "aliases": aliases,
             }
             (tmp / RECORD_FILE).write_text(json.dumps(record))
-            _fsync_dir(tmp)
-            os.replace(tmp, out)
+            commit_dir(tmp, out)
         _barrier(world)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -509,9 +503,3 @@ def _barrier(world: int) -> None:
         import torch.distributed as dist
 
         dist.barrier()
-
-
-def _fsync_dir(path: Path) -> None:
-    for f in path.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())

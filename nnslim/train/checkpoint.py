@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..base.atomic import atomic_path
+from ..base.atomic import atomic_dir, atomic_path
 from ..io.save import _record_of, write_weights
 
 __all__ = [
@@ -89,20 +89,13 @@ def save_checkpoint(
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:09d}"
-    tmp = root / f".step-{step:09d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    write_weights(
-        tmp / "model.safetensors",
-        _record_of(model) if record is None else record,
-        model.state_dict() if weights is None else weights,
-    )
-    torch.save(state, tmp / "state.pt")
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    with atomic_dir(final) as tmp:
+        write_weights(
+            tmp / "model.safetensors",
+            _record_of(model) if record is None else record,
+            model.state_dict() if weights is None else weights,
+        )
+        torch.save(state, tmp / "state.pt")
     with atomic_path(root / "latest") as t:
         t.write_text(final.name)
     existing = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))

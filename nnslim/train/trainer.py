@@ -19,6 +19,7 @@ from torch import nn
 from ..base.distributed import rank_world
 from ..base.inputs import as_inputs, first_tensor
 from ..base.modules import is_hf_conv1d
+from ..base.snapshot import preserve_modes
 from ..base.validate import check_choice, check_fraction, check_int, check_type
 from ..io.save import _record_of
 from ..modules.masks import apply_masks
@@ -589,11 +590,9 @@ class Trainer:
     def _eval(
         self, model: nn.Module, result: TrainResult, best_state: Any, bad: int
     ) -> tuple[bool, Any, int]:
-        was = model.training
-        model.eval()
-        with torch.no_grad():
+        with preserve_modes(model), torch.no_grad():
+            model.eval()
             metric = float(self.evaluate(model))  # type: ignore[misc]
-        model.train(was)
         result.history.append({"step": result.steps, "metric": metric})
         if result.best_metric is None or metric > result.best_metric:
             result.best_metric = metric

@@ -15,7 +15,7 @@ from torch import nn
 from ..base.describe import shape_of
 from ..base.inputs import Inputs, call_for_analysis, is_meta
 from ..base.modules import copy_model, is_hf_conv1d, out_width, shared_parameters
-from ..base.snapshot import Snapshot, preserved_state
+from ..base.snapshot import Snapshot, preserve_modes, preserved_state
 from ..base.validate import all_finite, check_choice, check_fraction, check_int, check_type
 from ..core.calibrate import LayerStats, collect
 from ..core.failure import failing_module, first_line
@@ -26,7 +26,7 @@ from ..graph.attention import AttentionSpec, find_attention
 from ..graph.fused_mlp import ExpertBankSpec, find_expert_banks, find_fused_mlps
 from ..graph.tp_compat import GroupTooLarge, TraceError, guard, torch_pruning_fixes
 from ..graph.trace import MAX_GROUP as MAX_GROUP_DEFAULT
-from ..graph.trace import TIME_LIMIT_S, Graph, preserve_modes, root_types, trace
+from ..graph.trace import TIME_LIMIT_S, Graph, root_types, trace
 from ..modules.masks import MASK_NAME
 from ..modules.mha import back_to_torch, to_head_prunable
 from .importance import IMPORTANCE_NAMES, Importance, as_importance

@@ -131,3 +131,17 @@ def test_one_snapshot_restores_again_after_each_new_attempt():
         snap.restore()
         assert m.config.hidden == 8 and m.child.config is m.config
         assert_same_state(before, model_state(m), f"after restore {attempt}")
+
+
+def test_preserve_modes_gives_each_module_its_own_flag_back():
+    from nnslim.base.snapshot import preserve_modes
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2), nn.Dropout())
+    model.train()
+    model[1].eval()  # a BatchNorm frozen for fine-tuning
+    with preserve_modes(model):
+        model.eval()
+    assert [m.training for m in model] == [True, False, True] and model.training
+    with preserve_modes(model):
+        model.train()
+    assert not model[1].training
