@@ -4,7 +4,7 @@ import pytest
 import torch
 from hypothesis import settings
 
-from tests.models import TinyCNN, TinyMLP
+from tests.zoo import TinyCNN, TinyMLP
 
 settings.register_profile("nnslim", deadline=None, max_examples=25, derandomize=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "nnslim"))

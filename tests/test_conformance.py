@@ -16,7 +16,7 @@ from nnslim.testing import (
     check_split_gentler,
     parametrize_with_checks,
 )
-from tests.models import TinyCNN, TinyMLP
+from tests.zoo import TinyCNN, TinyMLP
 
 
 def make_cnn():

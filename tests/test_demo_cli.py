@@ -66,7 +66,7 @@ def test_cli_compress_with_recipe(tmp_path, capsys):
     assert code == 0
     text = capsys.readouterr().out
     assert "Compose" in text and "Prune" in text and "saved to" in text
-    from tests.models import TinyCNN
+    from tests.zoo import TinyCNN
 
     model = nnslim.load(out, TinyCNN())
     assert type(model.conv1).__name__ == "Int8Conv2d" and model.conv1.out_channels == 4

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from nnslim.base.inputs import Inputs, as_inputs, calibration_batches, first_tensor, run_model
-from tests.models import TinyMLP
+from tests.zoo import TinyMLP
 
 
 def test_forms():

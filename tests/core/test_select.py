@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from nnslim.core.select import encode_selector, normalize_selector, resolve
-from tests.models import TinyCNN
+from tests.zoo import TinyCNN
 
 
 def _resolve(model, select, exclude=None, **kw):

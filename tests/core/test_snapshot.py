@@ -4,7 +4,7 @@ from torch import nn
 
 from nnslim.base.snapshot import Snapshot
 from nnslim.testing import assert_same_state, model_state
-from tests.models import TinyCNN
+from tests.zoo import TinyCNN
 
 
 class WithConfig(nn.Module):

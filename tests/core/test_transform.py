@@ -8,7 +8,7 @@ from torch import nn
 
 import nnslim
 from nnslim.testing import model_state
-from tests.models import TinyCNN, TinyMLP
+from tests.zoo import TinyCNN, TinyMLP
 
 
 @dataclasses.dataclass(frozen=True)

@@ -170,7 +170,7 @@ def test_the_forged_file_loads_when_the_record_is_left_alone(saved):
 
 def test_every_record_nnslim_writes_follows_the_schema(tmp_path):
     from nnslim.record.edits import check_ops, tensor_budget
-    from tests.models import TinyCNN
+    from tests.zoo import TinyCNN
 
     for t in (
         nnslim.Prune(ratio=0.5),

@@ -7,7 +7,7 @@ from torch import nn
 
 import nnslim
 from nnslim.testing import assert_same_state, model_state
-from tests.models import TinyCNN, TinyMLP
+from tests.zoo import TinyCNN, TinyMLP
 
 
 class Block(nn.Module):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import nnslim
-from tests.models import llama_config
+from tests.zoo import bert_config, gpt2_config, llama_config
 
 tf = pytest.importorskip("transformers")
 
@@ -111,7 +111,7 @@ def test_other_transforms_stream(llama_ckpt, tmp_path, transform):
 
 def test_gpt2_with_tied_head_and_bert(tmp_path):
     torch.manual_seed(0)
-    gcfg = tf.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=300, n_positions=64)
+    gcfg = gpt2_config()
     gpt2 = tf.GPT2LMHeadModel(gcfg).eval()
     gpt2.save_pretrained(tmp_path / "gpt2")
     nnslim.compress_checkpoint(
@@ -120,13 +120,7 @@ def test_gpt2_with_tied_head_and_bert(tmp_path):
     back = nnslim.load(tmp_path / "gpt2-int8", tf.GPT2LMHeadModel(gcfg)).eval()
     assert back.lm_head.weight is back.transformer.wte.weight
     assert float((logits(back) - logits(gpt2)).norm() / logits(gpt2).norm()) < 0.05
-    bcfg = tf.BertConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        vocab_size=300,
-    )
+    bcfg = bert_config()
     bert = tf.BertModel(bcfg).eval()
     bert.save_pretrained(tmp_path / "bert")
     nnslim.compress_checkpoint(

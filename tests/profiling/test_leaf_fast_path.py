@@ -17,7 +17,7 @@ from nnslim.base.snapshot import preserved_state
 from nnslim.profiling import counter, formulas
 from nnslim.profiling.counter import OpCounter
 from nnslim.profiling.leaf_rules import _RULES
-from tests.models import TinyMLP
+from tests.zoo import TinyMLP, gpt2_config
 
 
 @contextlib.contextmanager
@@ -294,7 +294,7 @@ def test_transformer_blocks_same_figures():
 
 def test_gpt2_same_figures():
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=300, n_positions=64)
+    cfg = gpt2_config()
     model = transformers.GPT2LMHeadModel(cfg).eval()
     example = {"input_ids": torch.randint(0, 300, (1, 16))}
     slow, _ = profile_both(model, example)

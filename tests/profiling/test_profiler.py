@@ -12,7 +12,7 @@ from torch import nn
 import nnslim
 from nnslim.modules.quantized import Int8Linear
 from nnslim.profiling.counter import OpCounter
-from tests.models import TinyCNN
+from tests.zoo import TinyCNN
 
 
 def macs_of(module, *inputs, grad=False):

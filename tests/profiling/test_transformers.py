@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import nnslim
-from tests.models import llama_config
+from tests.zoo import bert_config, gpt2_config, llama_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -12,7 +12,7 @@ T = 32
 
 
 def test_gpt2_conv1d_addmm_exact_and_tied_params():
-    cfg = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=300, n_positions=64)
+    cfg = gpt2_config()
     model = transformers.GPT2LMHeadModel(cfg).eval()
     p = nnslim.profile(model, {"input_ids": torch.randint(0, 300, (1, T))})
     layers, d, vocab = 2, 64, 300
@@ -39,13 +39,7 @@ def test_llama_exact_with_and_without_grad(kv_heads):
 
 
 def test_bert_with_pooler_counts_everything():
-    cfg = transformers.BertConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        vocab_size=300,
-    )
+    cfg = bert_config()
     model = transformers.BertModel(cfg).eval()
     p = nnslim.profile(model, {"input_ids": torch.randint(0, 300, (1, T))})
     d, f = 64, 128

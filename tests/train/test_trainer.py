@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 import nnslim
-from tests.models import TinyCNN
 from tests.train.scripts import make_data, make_model
+from tests.zoo import TinyCNN
 
 QUIET = nnslim.TrainOptions(verbose=False)
 

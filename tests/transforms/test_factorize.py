@@ -8,7 +8,7 @@ import nnslim
 from nnslim.modules.factorized import FactorizedConv2d, FactorizedLinear
 from nnslim.testing import assert_same_state, model_state
 from nnslim.transforms.factorize import spatial_svd, svd_factors, tucker2
-from tests.models import TinyMLP
+from tests.zoo import TinyMLP
 
 
 def rel(a, b):

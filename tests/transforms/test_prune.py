@@ -8,7 +8,7 @@ from torch import nn
 
 import nnslim
 from nnslim.testing import assert_same_state, model_state
-from tests.models import TinyCNN, TinyMLP
+from tests.zoo import TinyCNN, TinyMLP
 
 
 def test_prune_ratio_removes_channels_for_real(cnn):

@@ -7,7 +7,7 @@ import torch
 
 import nnslim
 from nnslim.graph.tp_compat import TraceError
-from tests.models import llama_config
+from tests.zoo import bert_config, gpt2_config, llama_config
 
 tf = pytest.importorskip("transformers")
 
@@ -36,18 +36,12 @@ def qwen2():
 
 
 def gpt2():
-    cfg = tf.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=300, n_positions=64)
+    cfg = gpt2_config()
     return tf.GPT2LMHeadModel(cfg), ids()
 
 
 def bert():
-    cfg = tf.BertConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        vocab_size=300,
-    )
+    cfg = bert_config()
     return tf.BertModel(cfg), ids()  # with pooler
 
 

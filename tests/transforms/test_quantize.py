@@ -10,7 +10,7 @@ from torch import nn
 import nnslim
 from nnslim.modules.quantized import Int8Conv2d, Int8Linear, quantize_per_channel
 from nnslim.testing import assert_same_state, model_state
-from tests.models import TinyCNN
+from tests.zoo import TinyCNN
 
 
 def rel_err(a, b):

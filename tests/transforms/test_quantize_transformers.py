@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import nnslim
-from tests.models import llama_config
+from tests.zoo import llama_config
 
 tf = pytest.importorskip("transformers")
 

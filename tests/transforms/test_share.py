@@ -23,7 +23,7 @@ from nnslim.modules.shared import (
 )
 from nnslim.testing import TransformCase, assert_same_state, model_state, parametrize_with_checks
 from nnslim.transforms.share import ShareWeights
-from tests.models import TinyCNN, TinyMLP
+from tests.zoo import TinyCNN, TinyMLP
 
 
 # -- models ------------------------------------------------------------------------------------

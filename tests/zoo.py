@@ -1,4 +1,4 @@
-"""Small models shared by the tests."""
+"""Small models and tiny configs shared by the tests (built from code, never downloaded)."""
 
 import torch
 
@@ -44,3 +44,25 @@ def llama_config(**overrides):
         vocab_size=300,
     )
     return transformers.LlamaConfig(**{**kw, **overrides})
+
+
+def gpt2_config(**overrides):
+    """A tiny ``GPT2Config`` (hidden 64, 2 layers, 4 heads, 300 tokens, 64 positions)."""
+    import transformers
+
+    kw = dict(n_layer=2, n_embd=64, n_head=4, vocab_size=300, n_positions=64)
+    return transformers.GPT2Config(**{**kw, **overrides})
+
+
+def bert_config(**overrides):
+    """A tiny ``BertConfig`` (hidden 64, 2 layers, 4 heads, 128 intermediate, 300 tokens)."""
+    import transformers
+
+    kw = dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        vocab_size=300,
+    )
+    return transformers.BertConfig(**{**kw, **overrides})
