@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import statistics
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.benchmark.utils.timer import timer as clock
 
 from ..base.inputs import Inputs
 
@@ -64,15 +64,17 @@ def measure_latency(
         threads: torch intra-op threads for the measurement (``None``: current setting).
         min_time_s: keep timing until this much time has passed (more runs for fast models).
     """
+    # torch.utils.benchmark's clock: it waits for the accelerator (CUDA kernels run
+    # asynchronously: without it a GPU run would time the launch, not the work)
     times: list[float] = []
     with num_threads(threads) as nt, torch.no_grad():
         for _ in range(warmup):
             inputs.call(model)
-        start = time.perf_counter()
-        while len(times) < repeat or (time.perf_counter() - start) < min_time_s:
-            t0 = time.perf_counter()
+        start = clock()
+        while len(times) < repeat or (clock() - start) < min_time_s:
+            t0 = clock()
             inputs.call(model)
-            times.append((time.perf_counter() - t0) * 1e3)
+            times.append((clock() - t0) * 1e3)
             if len(times) > 100 * max(repeat, 1):
                 break
     times.sort()

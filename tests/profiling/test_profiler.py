@@ -398,3 +398,24 @@ def test_nnslim_own_layers_have_a_formula_for_every_operator(transform):
     p = nnslim.profile(fresh, x, memory=False)
     assert p.unsupported == {}
     assert p.macs > 0
+
+
+def test_latency_waits_for_the_accelerator_through_torch_benchmarks_clock(monkeypatch):
+    # the clock is torch.utils.benchmark's, which synchronizes an accelerator before reading
+    import nnslim.profiling.latency as lat
+    from nnslim.base.inputs import as_inputs
+
+    reads = []
+
+    def clock():
+        reads.append(1)
+        return float(len(reads))
+
+    monkeypatch.setattr(lat, "clock", clock)
+    got = lat.measure_latency(torch.nn.Linear(2, 2), as_inputs(torch.randn(1, 2)), repeat=3)
+    assert got.runs == 3 and got.median_ms == 1000.0  # each run one tick of the fake clock
+    from torch.utils.benchmark.utils import timer
+
+    assert lat.clock is not timer.timer  # patched here; the module's own is torch's:
+    monkeypatch.undo()
+    assert lat.clock is timer.timer
