@@ -27,7 +27,7 @@ def test_cli_profile_json(capsys):
 
 
 def test_cli_profile_table(capsys):
-    assert cli.main(["profile", "tests.models:TinyCNN", "--input-shape", "1,3,8,8"]) == 0
+    assert cli.main(["profile", "tests.zoo:TinyCNN", "--input-shape", "1,3,8,8"]) == 0
     assert "conv1" in capsys.readouterr().out
 
 
@@ -56,7 +56,7 @@ def test_cli_compress_with_recipe(tmp_path, capsys):
             "compress",
             "--recipe",
             str(recipe),
-            "tests.models:TinyCNN",
+            "tests.zoo:TinyCNN",
             "--input-shape",
             "1,3,8,8",
             "--output",
@@ -76,4 +76,4 @@ def test_cli_compress_bad_recipe(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('{"_type": "Nope"}')
     with pytest.raises(SystemExit, match="cannot read the recipe"):
-        cli.main(["compress", "--recipe", str(bad), "tests.models:TinyCNN"])
+        cli.main(["compress", "--recipe", str(bad), "tests.zoo:TinyCNN"])

@@ -263,7 +263,12 @@ def run_sequential(
                         for a, k in cached:
                             block(*a, **k)
                 else:
-                    cached = _run_until(model, batches, block if block is not None else named[key])
+                    cached = inputs_of(
+                        model,
+                        batches=batches,
+                        module=block if block is not None else named[key],
+                        run=True,
+                    )
             finally:
                 for h in handles:
                     h.remove()
@@ -295,20 +300,25 @@ def _consecutive(a: str | None, b: str | None, named: dict[str, nn.Module]) -> b
     return pa == pb and ia.isdigit() and ib.isdigit() and int(ib) == int(ia) + 1 and b in named
 
 
-def _run_until(
-    model: nn.Module, batches: list[Inputs], stop_at: nn.Module
+def inputs_of(
+    model: nn.Module, module: nn.Module, batches: list[Inputs], *, run: bool = False
 ) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
-    """Run batches until ``stop_at`` has run; return its inputs (args, kwargs) per batch."""
+    """Each batch's inputs to ``module`` (args, kwargs), the model's forward stopped there:
+    before ``module`` runs, or with ``run`` just after (hooks on its layers see it run: the
+    statistics of a block). A batch whose forward fails raises naming the batch."""
     captured: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
 
     def pre(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         captured.append((args, dict(kwargs)))
+        if not run:
+            raise _Stop
 
     def post(*_: Any) -> None:
         raise _Stop
 
-    h1 = stop_at.register_forward_pre_hook(pre, with_kwargs=True)
-    h2 = stop_at.register_forward_hook(post)
+    handles = [module.register_forward_pre_hook(pre, with_kwargs=True)]
+    if run:
+        handles.append(module.register_forward_hook(post))
     try:
         with torch.no_grad():
             for i, batch in enumerate(batches):
@@ -317,8 +327,8 @@ def _run_until(
                 except _Stop:
                     pass
     finally:
-        h1.remove()
-        h2.remove()
+        for h in handles:
+            h.remove()
     return captured
 
 

@@ -40,6 +40,7 @@ from ..base.distributed import rank_world
 from ..base.inputs import Inputs, as_inputs
 from ..base.modules import shared_parameters
 from ..base.snapshot import no_rollback
+from ..core.calibrate import inputs_of, reduce_across_processes
 from ..core.report import Report
 from ..core.transform import Transform
 from ..io.save import recompute_buffers
@@ -49,10 +50,6 @@ __all__ = ["ShardedCheckpoint", "compress_checkpoint"]
 
 RECORD_FILE = "nnslim.json"
 INDEX = "model.safetensors.index.json"
-
-
-class _Stop(Exception):
-    pass
 
 
 @dataclass
@@ -281,7 +278,7 @@ def compress_checkpoint(
                 continue
             _materialize_shallow(m, f"{p}." if p else "", ckpt)
         _retie(ties, ckpt)
-        cached = _inputs_of(model, blocks[0], mine)
+        cached = inputs_of(model, blocks[0], mine)
         # the embeddings (and the head) go back to meta while the blocks stream; they are read
         # again at the end to be written, so only one of them is held at a time
         model.to("meta")
@@ -432,37 +429,13 @@ def _materialize_shallow(m: nn.Module, prefix: str, ckpt: ShardedCheckpoint) -> 
         recompute_buffers(m, absent)
 
 
-def _inputs_of(
-    model: nn.Module, block: nn.Module, batches: list[Inputs]
-) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
-    captured: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
-
-    def pre(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        captured.append((args, dict(kwargs)))
-        raise _Stop
-
-    h = block.register_forward_pre_hook(pre, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            for b in batches:
-                try:
-                    b.call_stateless(model)
-                except _Stop:
-                    pass
-    finally:
-        h.remove()
-    return captured
-
-
 def _apply_block(transform: Transform, block: nn.Module, calib: list[Inputs], world: int) -> Report:
     # no rollback: a failure discards the whole output, so each replaced layer's original
     # weights are freed as soon as its replacement is in place
     with contextlib.ExitStack() as stack:
         stack.enter_context(no_rollback())
         if world > 1:
-            from ..core import calibrate
-
-            stack.enter_context(calibrate.reduce_across_processes())
+            stack.enter_context(reduce_across_processes())
         return transform.apply(block, calib[0], calibration=calib)
 
 
