@@ -224,7 +224,7 @@ def share_hooks(old: nn.Module, new: nn.Module) -> None:
 
 def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
     """Put ``new`` at ``path`` (and every other path the same module is used at) for good (not a
-    trial that may be undone), with the old module's hooks.
+    trial that may be undone), with the old module's hooks and train/eval mode.
 
     Inside :func:`~nnslim.base.snapshot.no_rollback` the old module's weights that the model
     no longer uses are released at once (each such tensor is emptied), so that a
@@ -235,6 +235,7 @@ def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
         return
     # a module used at several paths is one layer: every use gets the replacement
     paths = [p for p, m in model.named_modules(remove_duplicate=False) if m is old and p] or [path]
+    new.train(old.training)
     for p in paths:
         set_module(model, p, new)
     share_hooks(old, new)

@@ -71,9 +71,9 @@ def preserved_state(model: nn.Module, modules: list[nn.Module] | None = None) ->
 
     Inside the block every module is in eval mode (BatchNorm normalises with its running
     statistics and does not update them, dropout is off); on exit each module's own train/eval
-    flag comes back, and every buffer a forward wrote anyway (a counter the model increments,
-    a buffer it rebinds) holds its old value again, in the same tensor object. ``modules``: the
-    model's modules, if already listed.
+    flag comes back (a module put in meanwhile takes its parent's), and every buffer a forward
+    wrote anyway (a counter the model increments, a buffer it rebinds) holds its old value
+    again, in the same tensor object. ``modules``: the model's modules, if already listed.
     """
     modules = list(model.modules()) if modules is None else modules
     flags = [m.training for m in modules]
@@ -90,6 +90,13 @@ def preserved_state(model: nn.Module, modules: list[nn.Module] | None = None) ->
         for m, training in zip(modules, flags):
             if m.training != training:
                 m.training = training
+        # a module put in during the block (a transform's replacement, made while everything
+        # was in eval mode) takes the mode of the module it sits in
+        known = {id(m) for m in modules}
+        for parent in model.modules():
+            for child in parent.children():
+                if id(child) not in known and child.training != parent.training:
+                    child.training = parent.training
         for m, name, b, version, clone in saved:
             if name in m._buffers and m._buffers[name] is not b:
                 m._buffers[name] = b

@@ -660,10 +660,30 @@ class Prune(Transform):
                     report.skipped(
                         p, f"input width {row} is not a multiple of {nm[1]} ({self.structure})"
                     )
+        # a weight tied between layers is masked once, for all of them, or not at all
+        owners: dict[str, list[str]] = {}
+        for group in shared_parameters(model):
+            paths = sorted({full.rpartition(".")[0] for _, n, full in group if n == "weight"})
+            for q in paths:
+                owners[q] = paths
+        tied: list[str] = []
+        for p in list(chosen):
+            others = [q for q in owners.get(p, []) if q != p and q not in chosen]
+            if others:
+                del chosen[p]
+                why = (
+                    f"its weight is tied to {', '.join(others)}, which is not sparsified with it "
+                    f"(select both, or neither)"
+                )
+                report.skipped(p, why)
+                tied.append(f"{p}: {why}")
         if not chosen and self.select is None and not self.exclude:
             return  # every candidate is skipped with its reason: a no-op, said
         if not chosen:
-            raise ValueError("Prune: no layer left to sparsify after select/exclude.")
+            raise ValueError(
+                "Prune: no layer left to sparsify after select/exclude"
+                + (f" ({'; '.join(tied)})." if tied else ".")
+            )
         _check_finite_weights(model, list(chosen))
         stats = self._stats(model, ctx, imp, list(chosen))
         layers = {p: named[p] for p in chosen}
@@ -683,13 +703,22 @@ class Prune(Transform):
             masks = unstructured_masks(
                 layers, scores, ratios, imp, self.scope == "global", self.ratio or 0.0
             )
-        for p, keep in masks.items():
+        first: dict[int, str] = {}  # tied layers take the mask of the first of them
+        for p in masks:
+            first.setdefault(id(layers[p].weight), p)
+        new_weights: dict[int, nn.Parameter] = {}
+        for p in list(masks):
             m = layers[p]
+            keep = masks[first[id(m.weight)]]
             old = m._buffers.get(MASK_NAME)
             if old is not None:
                 keep = keep & old.to(torch.bool)
             w = m.weight
-            m.weight = nn.Parameter(w.detach() * keep.to(w.dtype), requires_grad=w.requires_grad)
+            if id(w) not in new_weights:
+                new_weights[id(w)] = nn.Parameter(
+                    w.detach() * keep.to(w.dtype), requires_grad=w.requires_grad
+                )
+            m.weight = new_weights[id(w)]
             m.register_buffer(MASK_NAME, keep.to(torch.bool))
             zeros = 1.0 - float(keep.float().mean())
             report.changed(

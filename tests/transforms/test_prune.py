@@ -327,3 +327,29 @@ def test_an_anti_aliasing_filter_follows_the_pruned_width_exactly(tmp_path):
     back = nnslim.load(tmp_path / "m.safetensors", make())
     assert "2.filt" not in back.state_dict()  # still not persistent: the file carries it
     assert torch.equal(back(x), model(x))
+
+
+def test_sparsity_masks_a_tied_weight_once_or_not_at_all():
+    from torch import nn
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.out = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            return self.out(self.b(torch.relu(self.a(x))))
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 8)
+    m = Tied()
+    nnslim.Prune(ratio=0.5, structure="unstructured").apply(m, x)
+    assert m.a.weight is m.b.weight and float((m.a.weight == 0).float().mean()) == 0.5
+    m = Tied()
+    with pytest.raises(ValueError, match="a: its weight is tied to b, which is not sparsified"):
+        nnslim.Prune(ratio=0.5, structure="unstructured", select=["a"]).apply(m, x)
+    assert m.a.weight is m.b.weight and not (m.a.weight == 0).any()  # left as it was
+    report = nnslim.Prune(ratio=0.5, structure="unstructured", select=["a", "out"]).apply(m, x)
+    assert "tied to b" in {s.path: s.reason for s in report.skips}["a"]
+    assert m.a.weight is m.b.weight and not (m.a.weight == 0).any()
