@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 __all__ = ["atomic_dir", "atomic_path", "commit_dir", "remove_stale", "temp_dir_beside"]
 
@@ -21,9 +24,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(target)
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent
-    )
+    fd, tmp = tempfile.mkstemp(**_temp_name(target))
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -31,12 +32,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, target)
-        with contextlib.suppress(OSError):
-            dir_fd = os.open(target.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+        _fsync_dir(target.parent)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
@@ -48,9 +44,23 @@ def temp_dir_beside(target: Path) -> Path:
     the leftovers of dead writers."""
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(target)
-    return Path(
-        tempfile.mkdtemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent)
-    )
+    return Path(tempfile.mkdtemp(**_temp_name(target)))
+
+
+def _temp_name(target: Path) -> dict[str, Any]:
+    """Where and how a temporary of ``target`` is named: beside it, with this process's id
+    (what :func:`remove_stale` reads)."""
+    return {"prefix": f".{target.name}.{os.getpid()}.", "suffix": ".tmp", "dir": target.parent}
+
+
+def _fsync_dir(path: Path) -> None:
+    """Sync a directory's entries to disk (a rename in it survives a crash); best effort."""
+    with contextlib.suppress(OSError):
+        dir_fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
 
 def commit_dir(tmp: Path, target: Path) -> None:
@@ -61,16 +71,9 @@ def commit_dir(tmp: Path, target: Path) -> None:
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
     if target.exists():
-        import shutil
-
         shutil.rmtree(target)
     os.replace(tmp, target)
-    with contextlib.suppress(OSError):
-        dir_fd = os.open(target.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    _fsync_dir(target.parent)
 
 
 @contextlib.contextmanager
@@ -84,8 +87,6 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
         commit_dir(tmp, target)
     finally:
         if tmp.exists():
-            import shutil
-
             shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -97,8 +98,6 @@ def remove_stale(target: Path) -> list[Path]:
     """Remove temporaries of ``target`` left by writers that died (``kill -9`` mid-save): those
     whose process id names no running process, and unnamed ones older than an hour. A live
     writer's temporary is left alone. Returns what was removed."""
-    import time
-
     removed = []
     prefix = f".{target.name}."
     with contextlib.suppress(OSError):
@@ -116,8 +115,6 @@ def remove_stale(target: Path) -> list[Path]:
             if stale:
                 with contextlib.suppress(OSError):
                     if f.is_dir():
-                        import shutil
-
                         shutil.rmtree(f)
                     else:
                         f.unlink()

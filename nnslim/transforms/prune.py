@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, final, get_args
 
@@ -213,10 +215,7 @@ class Prune(Transform):
             except _NotCoupled:  # no heads to prune in step with: keep the hidden width
                 snap.restore()
                 residual = "kept"
-                notes.append(
-                    f"the hidden width (the residual stream the attention output projections "
-                    f"write) keeps its channels: pruning it broke the model ({first_why})"
-                )
+                notes.append(_hidden_kept(first_why))
                 continue
             except _NothingToPrune:
                 snap.restore()
@@ -260,14 +259,7 @@ class Prune(Transform):
                     residual, first_why = "heads", why
                     continue
                 residual = "kept"
-                notes.append(
-                    f"the hidden width (the residual stream the attention output projections "
-                    f"write) keeps its channels: pruning it broke the model ({first_why}), and "
-                    f"so did pruning it in step with the attention heads ({why})"
-                    if why != first_why
-                    else f"the hidden width (the residual stream the attention output "
-                    f"projections write) keeps its channels: pruning it broke the model ({why})"
-                )
+                notes.append(_hidden_kept(first_why, why if why != first_why else None))
                 continue
             attempt += 1
             if tie is not None:
@@ -802,6 +794,18 @@ class _Plan:
 _Residual = Literal["free", "heads", "kept"]
 
 
+def _hidden_kept(why: str, with_heads: str | None = None) -> str:
+    """The note for a hidden width left whole: why pruning it broke the model (and, where
+    that was tried, why pruning it in step with the heads did too)."""
+    note = (
+        f"the hidden width (the residual stream the attention output projections write) keeps "
+        f"its channels: pruning it broke the model ({why})"
+    )
+    if with_heads is not None:
+        note += f", and so did pruning it in step with the attention heads ({with_heads})"
+    return note
+
+
 class _NotCoupled(Exception):
     """No attention layer's heads can set the hidden width: keep it instead."""
 
@@ -947,10 +951,33 @@ def _output_writers(model: nn.Module, inputs: Inputs, where: str) -> set[str]:
     target = model.get_submodule(where)
     if isinstance(target, root_types()):
         return set()
+    modules = {path: m for path, m in model.named_modules() if type(m) is type(target) and path}
+    layers = {
+        f"{path}.{p}": layer
+        for path, m in modules.items()
+        for p, layer in m.named_modules()
+        if p and isinstance(layer, root_types())
+    }
+    try:
+        produced, returned, _ = _storages_of(model, inputs, layers, list(modules.values()))
+    except Exception:
+        return set()
+    return {produced[q] for q in returned if q in produced}
+
+
+def _storages_of(
+    model: nn.Module,
+    inputs: Inputs,
+    layers: dict[str, nn.Module],
+    modules: Sequence[nn.Module] = (),
+) -> tuple[dict[int, str], set[int], Any]:
+    """One forward with hooks: ``(storage of each layer's output -> its path, storages of the
+    outputs of modules, the model's output)``. A tuple output counts by its first tensor.
+    Every output is held until the forward ends, so no storage is freed and reused by another
+    tensor meanwhile (a reused address would match the wrong layer)."""
     produced: dict[int, str] = {}
     returned: set[int] = set()
-    alive: list[torch.Tensor] = []  # held, so that no storage is freed and reused meanwhile
-    handles = []
+    alive: list[torch.Tensor] = []
 
     def ptr(out: Any) -> int | None:
         if isinstance(out, (tuple, list)) and out:
@@ -960,33 +987,27 @@ def _output_writers(model: nn.Module, inputs: Inputs, where: str) -> set[str]:
         alive.append(out)
         return out.untyped_storage().data_ptr()
 
-    for path, m in model.named_modules():
-        if type(m) is type(target) and path:
+    def layer_hook(_m: nn.Module, _a: Any, out: Any, path: str) -> None:
+        q = ptr(out)
+        if q is not None:
+            produced[q] = path
 
-            def outer(_m: nn.Module, _a: Any, out: Any) -> None:
-                q = ptr(out)
-                if q is not None:
-                    returned.add(q)
+    def module_hook(_m: nn.Module, _a: Any, out: Any) -> None:
+        q = ptr(out)
+        if q is not None:
+            returned.add(q)
 
-            handles.append(m.register_forward_hook(outer))
-            for p, layer in m.named_modules():
-                if p and isinstance(layer, root_types()):
-
-                    def inner(_m: nn.Module, _a: Any, out: Any, full: str = f"{path}.{p}") -> None:
-                        q = ptr(out)
-                        if q is not None:
-                            produced[q] = full
-
-                    handles.append(layer.register_forward_hook(inner))
+    handles = [
+        m.register_forward_hook(functools.partial(layer_hook, path=p)) for p, m in layers.items()
+    ]
+    handles += [m.register_forward_hook(module_hook) for m in modules]
     try:
         with preserved_state(model), torch.no_grad():
-            call_for_analysis(model, inputs)
-    except Exception:
-        return set()
+            out = call_for_analysis(model, inputs)
     finally:
         for h in handles:
             h.remove()
-    return {produced[q] for q in returned if q in produced}
+    return produced, returned, out
 
 
 def _same_place(model: nn.Module, where: str) -> list[str]:
@@ -1422,24 +1443,8 @@ def output_layers_by_identity(model: nn.Module, inputs: Inputs) -> list[str]:
     """Layers whose output tensor is (a view of) a model output, found with forward hooks."""
     from ..base.inputs import task_tensors
 
-    produced: dict[int, str] = {}
-    alive: list[torch.Tensor] = []
-    handles = []
-    for p, m in model.named_modules():
-        if isinstance(m, root_types()):
-
-            def hook(_m: nn.Module, _a: Any, out: Any, p: str = p) -> None:
-                if isinstance(out, torch.Tensor):
-                    alive.append(out)  # no storage freed and reused before the end
-                    produced[out.untyped_storage().data_ptr()] = p
-
-            handles.append(m.register_forward_hook(hook))
-    try:
-        with preserved_state(model), torch.no_grad():
-            out = call_for_analysis(model, inputs)
-    finally:
-        for h in handles:
-            h.remove()
+    layers = {p: m for p, m in model.named_modules() if isinstance(m, root_types())}
+    produced, _, out = _storages_of(model, inputs, layers)
     found = []
     for t in task_tensors(out):
         p = produced.get(t.untyped_storage().data_ptr())
