@@ -1,4 +1,6 @@
-"""Fixes and extensions for torch-pruning, applied only while nnslim traces and prunes.
+"""torch-pruning through its extension points: nnslim's :class:`DependencyGraph` and
+:class:`Pruner` subclasses, its pruners for more layer types, and the fixes it needs upstream.
+Nothing of torch-pruning is patched: other users of it in the process see it unchanged.
 
 torch-pruning 1.6 reads shape metadata that autograd stores on its nodes, and torch 2.x changed
 it, which silently disables three of its guards (measured on torch 2.14):
@@ -15,10 +17,18 @@ it, which silently disables three of its guards (measured on torch 2.14):
   could infer them (``TypeError``; ``IndexError`` from a split it did not size), raised from
   inside on CvT; such a cat gets no index mapping.
 
-:func:`torch_pruning_fixes` patches the three functions for the duration of a ``with`` block and
-restores them afterwards, so other users of torch-pruning in the process are unaffected. It also
-bounds group growth and time (:func:`guard`), so tracing never hangs: it ends in a
-:class:`TraceError` that names the module.
+* A concat on a negative dim that does join features (RoCBert's ``cat((word, shape), -1)``
+  into a Linear) lost its offsets with the first fix: it gets them where the sizes prove it.
+* ``Group.has_pruning_op`` scans the whole group for every dependency it adds (quadratic).
+
+:class:`DependencyGraph` calls the fixed functions below where upstream's ``build_dependency``
+and ``get_pruning_group`` call its module functions (the two methods are copied from
+torch-pruning 1.6.0, with those calls changed; ``tests/graph/test_tp_compat.py`` fails when
+upstream's source changes, and holds a test per fix that fails without it). It bounds group
+growth (``max_group``) and the time spent building groups (:meth:`DependencyGraph.limit`), so
+group building never hangs: it ends in a :class:`TraceError` that names the module. Tracing
+itself is one forward and a walk of its autograd graph, bounded by the model's size.
+:class:`Pruner` is torch-pruning's ``BasePruner`` on such a graph, built once and reused.
 
 :class:`Conv1DPruner` teaches torch-pruning Hugging Face's ``Conv1D`` (GPT-2), whose weight is
 stored transposed and which torch-pruning otherwise treats as element-wise (zero groups).
@@ -27,25 +37,33 @@ stored transposed and which torch-pruning otherwise treats as element-wise (zero
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import threading
 import time
+import typing
 from collections.abc import Iterator
+from numbers import Number
 from typing import Any
 
+import torch
 import torch_pruning as tp
 from torch import nn
+from torch_pruning import _helpers
 from torch_pruning.dependency import index_mapping as _im
 from torch_pruning.dependency import shape_infer as _si
+from torch_pruning.pruner.algorithms.scheduler import linear_scheduler
 
 __all__ = [
     "Conv1DPruner",
+    "DependencyGraph",
     "GroupTooLarge",
+    "Pruner",
     "TraceError",
     "conv1d_type",
-    "guard",
-    "torch_pruning_fixes",
+    "customized_pruners",
+    "sized_split",
 ]
+
+#: the torch-pruning version whose methods :class:`DependencyGraph` and :class:`Pruner` copy
+UPSTREAM = "1.6.0"
 
 _NEG = 2**63  # CatBackward0._saved_dim stores dim=-k as 2**64 - k
 
@@ -158,188 +176,392 @@ def customized_pruners(model: nn.Module | None = None) -> dict[Any, Any]:
     return out
 
 
-def _fixed_concat(orig: Any) -> Any:
-    def update_concat_index_mapping(graph: Any, cat_node: Any) -> Any:
-        if getattr(cat_node.grad_fn, "_saved_dim", 1) >= _NEG:
-            return None  # a negative dim is never the channel dim 1
-        try:
-            return orig(graph, cat_node)
-        except (IndexError, TypeError):
-            # an input whose channels it could not infer (a split on another dim: CvT's class
-            # token): it sums them before checking for None; such a cat gets no index
-            # mapping, as any cat it cannot size
-            return None
-
-    return update_concat_index_mapping
+# ----------------------------------------------------------------------------------------------
+# Fixes: functions of the graph that DependencyGraph calls instead of upstream's
 
 
-def _fixed_reshape(orig: Any) -> Any:
+def sized_split(grad_fn: Any) -> bool:
+    """Whether an autograd node is a split sized at run time (``chunk``, ``split(n)``)."""
+    return hasattr(grad_fn, "_saved_split_size")
+
+
+def _feature_concat(graph: Any, cat_node: Any, depth: int = 0) -> bool:
+    """Whether a concat on a negative dim joins features: its inputs' channel counts are all
+    known and add up to the input width of a layer it feeds directly, or through another such
+    concat (RoCBert's ``cat((cat((word, shape), -1), pronunciation), -1)`` into a Linear). A
+    concat on the last dim that feeds no layer directly (Llama's ``rotate_half``, a KV cache's
+    ``cat(past, new, -2)``) proves nothing; mapping its offsets would grow without end around
+    the attention cycle."""
+    try:
+        chs = [_si.infer_channels_between(graph, n, cat_node) for n in cat_node.inputs]
+    except Exception:
+        return False
+    if None in chs or depth > 4:
+        return False
+    total = sum(chs)
+    nodes, step = list(cat_node.outputs), list(cat_node.outputs)
+    passing = (tp.ops.OPTYPE.RESHAPE, tp.ops.OPTYPE.ELEMENTWISE)
+    for _ in range(3):  # a Linear on 3-D input: view -> addmm -> view, then the layer's node
+        step = [o for n in step if n.type in passing for o in n.outputs]
+        nodes += step
+    for n in nodes:
+        m = n.module
+        if isinstance(m, nn.Linear) and m.in_features == total:
+            return True
+        if n.type == tp.ops.OPTYPE.CONCAT and _feature_concat(graph, n, depth + 1):
+            return True
+    return False
+
+
+def update_concat_index_mapping(graph: Any, cat_node: Any) -> Any:
+    """Upstream's, for a concat on the channel dim only (see the module docstring)."""
+    if getattr(cat_node.grad_fn, "_saved_dim", 1) >= _NEG and not _feature_concat(graph, cat_node):
+        return None  # a negative dim is the channel dim only where the sizes prove it
+    try:
+        return _im.update_concat_index_mapping(graph, cat_node)
+    except (IndexError, TypeError):
+        # an input whose channels it could not infer (a split on another dim: CvT's class
+        # token): it sums them before checking for None; such a cat gets no index
+        # mapping, as any cat it cannot size
+        return None
+
+
+def update_reshape_index_mapping(graph: Any, node: Any) -> Any:
+    """Upstream's, behind its "1-D/4-D reshapes only" guard read from the current field."""
     from torch_pruning.dependency import constants
 
-    def update_reshape_index_mapping(graph: Any, node: Any) -> Any:
-        g = node.grad_fn
-        size = getattr(g, "_saved_self_sizes", None) or getattr(g, "_saved_self_sym_sizes", None)
-        if size is not None:
-            if len(size) not in (1, 4):
-                return None
-            if len(size) == 4:
-                out_ch = None
-                for n in node.outputs:
-                    depth = [0]
-                    out_ch = _si.infer_in_channels_recursively(graph, n, depth)
-                    if depth[0] > constants.MAX_RECURSION_DEPTH:
-                        return None
-                    if out_ch is not None:
-                        break
-                if not out_ch or out_ch <= 0 or size[1] * size[2] * size[3] != out_ch:
-                    return None
-        try:
-            return orig(graph, node)
-        except ZeroDivisionError:
+    g = node.grad_fn
+    size = getattr(g, "_saved_self_sizes", None) or getattr(g, "_saved_self_sym_sizes", None)
+    if size is not None:
+        if len(size) not in (1, 4):
             return None
-
-    return update_reshape_index_mapping
-
-
-def _fixed_shape_info(orig: Any) -> Any:
-    def init_shape_information(graph: Any) -> Any:
-        out = orig(graph)
-        for node in graph.module2node.values():
-            g = node.grad_fn
-            if (
-                node.type == tp.ops.OPTYPE.SPLIT
-                and hasattr(g, "_saved_split_size")
-                and getattr(g, "_saved_dim", None) == 1
-                and hasattr(g, "_saved_self_sym_sizes")
-            ):
-                total = int(g._saved_self_sym_sizes[1])
-                s = int(g._saved_split_size)
-                chs = [min(s, total - k) for k in range(0, total, s)]
-                if len(chs) == len(node.outputs):
-                    node.module.split_sizes = chs
-                    node.module.offsets = [0] + [sum(chs[: i + 1]) for i in range(len(chs))]
-        return out
-
-    return init_shape_information
+        if len(size) == 4:
+            out_ch = None
+            for n in node.outputs:
+                depth = [0]
+                out_ch = _si.infer_in_channels_recursively(graph, n, depth)
+                if depth[0] > constants.MAX_RECURSION_DEPTH:
+                    return None
+                if out_ch is not None:
+                    break
+            if not out_ch or out_ch <= 0 or size[1] * size[2] * size[3] != out_ch:
+                return None
+    try:
+        return _im.update_reshape_index_mapping(graph, node)
+    except ZeroDivisionError:
+        return None
 
 
-_LOCK = threading.RLock()
+def init_shape_information(graph: Any) -> Any:
+    """Upstream's, then the sizes of ``chunk`` splits read from the current field."""
+    out = _si.init_shape_information(graph)
+    for node in graph.module2node.values():
+        g = node.grad_fn
+        if (
+            node.type == tp.ops.OPTYPE.SPLIT
+            and sized_split(g)
+            and getattr(g, "_saved_dim", None) == 1
+            and hasattr(g, "_saved_self_sym_sizes")
+        ):
+            total = int(g._saved_self_sym_sizes[1])
+            s = int(g._saved_split_size)
+            chs = [min(s, total - k) for k in range(0, total, s)]
+            if len(chs) == len(node.outputs):
+                node.module.split_sizes = chs
+                node.module.offsets = [0] + [sum(chs[: i + 1]) for i in range(len(chs))]
+    return out
 
 
-@contextlib.contextmanager
-def torch_pruning_fixes(max_group: int | None = None) -> Iterator[None]:
-    """Apply the fixes (and a bound on group size) while the block runs."""
-    with _LOCK:
-        group_cls = tp.dependency.Group
-        saved = (
-            _im.update_concat_index_mapping,
-            _im.update_reshape_index_mapping,
-            _si.init_shape_information,
-            group_cls.add_dep,
-            group_cls.has_pruning_op,
-            group_cls.__setitem__,
-        )
-        _im.update_concat_index_mapping = _fixed_concat(saved[0])
-        _im.update_reshape_index_mapping = _fixed_reshape(saved[1])
-        _si.init_shape_information = _fixed_shape_info(saved[2])
-        group_cls.has_pruning_op = _indexed_has_pruning_op
-        group_cls.__setitem__ = _setitem_forgets_index(saved[5])
-        if max_group is not None:
-            orig_add = saved[3]
+def update_index_mapping(graph: Any) -> None:
+    """Upstream's loop over the graph, with the fixed concat and reshape mappings."""
+    op = tp.ops.OPTYPE
+    for node in list(graph.module2node.values()):
+        if node.type == op.CONCAT:
+            update_concat_index_mapping(graph, node)
+        if node.type == op.SPLIT:
+            _im.update_split_index_mapping(graph, node)
+        if node.type == op.RESHAPE:
+            update_reshape_index_mapping(graph, node)
+        if node.type == op.UNBIND:
+            _im.update_unbind_index_mapping(graph, node)
+        if node.type == op.EXPAND:
+            _im.update_expand_index_mapping(graph, node)
+        if node.type == op.SLICE:
+            _im.update_slice_index_mapping(graph, node)
 
-            def add_dep(self: Any, dep: Any, idxs: Any) -> None:
-                if len(self._group) >= max_group:
-                    root = self._group[0].dep.target if self._group else dep.target
-                    raise GroupTooLarge(
-                        f"the pruning group rooted at {root._name or root.module} grew past "
-                        f"{max_group} coupled layers; the graph probably has a cycle that "
-                        f"torch-pruning's index mapping cannot close. Exclude that module "
-                        f"(exclude=[...]) or report the model.",
-                        {id(d.dep.target.module) for d in self._group},
-                        root.module,
-                    )
-                orig_add(self, dep, idxs)
 
-            group_cls.add_dep = add_dep
+class _Group(tp.dependency.Group):
+    """A group that stops growing at its graph's bounds (size and time), with
+    ``has_pruning_op`` through an index by (target, handler): upstream scans the whole group
+    for every dependency it adds, so building a group of n members costs n^2 index-list
+    comparisons (45 s for gpt-oss's expert group on the way to the 20,000-member bound; under a
+    second here). Appended members are indexed as they come; a member replaced in place drops
+    the index, which is then rebuilt."""
+
+    def __init__(self, graph: DependencyGraph, root: Any) -> None:
+        super().__init__()
+        self._graph, self._root = graph, root
+        self._ops: dict[tuple[int, Any], list[Any]] | None = None
+        self._seen = 0
+
+    def add_dep(self, dep: Any, idxs: Any) -> None:
+        g = self._graph
+        g.check_time()
+        if g.max_group is not None and len(self._group) >= g.max_group:
+            root = self._group[0].dep.target if self._group else dep.target
+            raise GroupTooLarge(
+                f"the pruning group rooted at {root._name or root.module} grew past "
+                f"{g.max_group} coupled layers; the graph probably has a cycle that "
+                f"torch-pruning's index mapping cannot close. Exclude that module "
+                f"(exclude=[...]) or report the model.",
+                {id(d.dep.target.module) for d in self._group},
+                root.module,
+            )
+        super().add_dep(dep, idxs)
+
+    def has_pruning_op(self, dep: Any, idxs: Any) -> bool:
+        if self._ops is None or self._seen > len(self._group):
+            self._ops, self._seen = {}, 0
+        for item in self._group[self._seen :]:
+            self._ops.setdefault((id(item.dep.target), item.dep.handler), []).append(item.idxs)
+        self._seen = len(self._group)
+        return any(i == idxs for i in self._ops.get((id(dep.target), dep.handler), ()))
+
+    def __setitem__(self, k: Any, v: Any) -> None:
+        self._ops = None
+        super().__setitem__(k, v)
+
+
+class DependencyGraph(tp.DependencyGraph):
+    """torch-pruning's dependency graph with the fixed index mappings and bounded group
+    building. ``max_group``: the most layers one group may reach (``None``: no bound)."""
+
+    def __init__(self, max_group: int | None = None) -> None:
+        super().__init__()
+        self.max_group = max_group
+        self._deadline: float | None = None
+        self._limit: tuple[float, str] | None = None
+        self._building = ""
+
+    @contextlib.contextmanager
+    def limit(self, seconds: float | None, what: str) -> Iterator[None]:
+        """Groups built inside the block raise :class:`TraceError` (naming the root they were
+        built from) once ``seconds`` have passed since the block began."""
+        saved = self._deadline, self._limit
+        if seconds is not None:
+            self._deadline, self._limit = time.perf_counter() + seconds, (seconds, what)
         try:
             yield
         finally:
-            (
-                _im.update_concat_index_mapping,
-                _im.update_reshape_index_mapping,
-                _si.init_shape_information,
-                group_cls.add_dep,
-                group_cls.has_pruning_op,
-                group_cls.__setitem__,
-            ) = saved
+            self._deadline, self._limit = saved
 
-
-def _indexed_has_pruning_op(self: Any, dep: Any, idxs: Any) -> bool:
-    """``Group.has_pruning_op`` through an index by (target, handler): upstream scans the whole
-    group for every dependency it adds, so building a group of n members costs n^2 index-list
-    comparisons (45 s for gpt-oss's expert group on the way to the 20,000-member bound; under a
-    second now). Appended members are indexed as they come; a member replaced in place drops
-    the index (``__setitem__``), which is then rebuilt."""
-    d = self.__dict__
-    index = d.get("_nnslim_ops")
-    if index is None or d.get("_nnslim_seen", 0) > len(self._group):
-        index = {}
-        d["_nnslim_seen"] = 0
-    for item in self._group[d["_nnslim_seen"] :]:
-        index.setdefault((id(item.dep.target), item.dep.handler), []).append(item.idxs)
-    d["_nnslim_ops"], d["_nnslim_seen"] = index, len(self._group)
-    return any(i == idxs for i in index.get((id(dep.target), dep.handler), ()))
-
-
-def _setitem_forgets_index(orig: Any) -> Any:
-    def __setitem__(self: Any, k: Any, v: Any) -> None:
-        self.__dict__.pop("_nnslim_ops", None)
-        orig(self, k, v)
-
-    return __setitem__
-
-
-@contextlib.contextmanager
-def guard(seconds: float | None, what: str, where: list[str] | None = None) -> Iterator[None]:
-    """Raise :class:`TraceError` in this thread if the block runs longer than ``seconds``.
-
-    ``where`` is a one-element list the caller keeps updated with the module being processed,
-    so the error can name it. The exception is delivered between Python bytecodes, so it stops
-    runaway Python loops (torch-pruning's group expansion), not a single long C++ kernel.
-    """
-    if seconds is None:
-        yield
-        return
-    target = threading.get_ident()
-    done = threading.Event()
-    fired = []
-
-    def watchdog() -> None:
-        if not done.wait(seconds):
-            fired.append(True)
-            ctypes.pythonapi.PyThreadState_SetAsyncExc(
-                ctypes.c_ulong(target), ctypes.py_object(_Timeout)
-            )
-
-    t = threading.Thread(target=watchdog, daemon=True)
-    start = time.perf_counter()
-    t.start()
-    try:
-        yield
-    except _Timeout:
-        at = f" (at {where[0]})" if where and where[0] else ""
+    def check_time(self) -> None:
+        if self._deadline is None or time.perf_counter() < self._deadline:
+            return
+        seconds, what = self._limit  # type: ignore[misc]
+        at = f" (at {self._building})" if self._building else ""
         raise TraceError(
             f"{what} did not finish within {seconds:.0f} s{at}; the dependency graph is too "
             f"large or has a cycle torch-pruning cannot close. Exclude the module named here "
             f"(exclude=[...]), raise the time limit, or report the model."
-        ) from None
-    finally:
-        done.set()
-        t.join()
-        if fired and time.perf_counter() - start >= seconds:
-            # the async exception may still be pending if the block ended right at the limit
-            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(target), None)
+        )
+
+    # copied from torch-pruning 1.6.0, with the fixed shape and index-mapping functions
+    def build_dependency(  # type: ignore[override]
+        self,
+        model: nn.Module,
+        example_inputs: Any,
+        forward_fn: Any = None,
+        output_transform: Any = None,
+        unwrapped_parameters: dict[nn.Parameter, int] | None = None,
+        customized_pruners: dict[Any, Any] | None = None,
+        ignored_layers: list[nn.Module] | None = None,
+        ignored_params: list[nn.Parameter] | None = None,
+        verbose: bool = True,
+    ) -> DependencyGraph:
+        self.verbose = verbose
+        self.model = model
+        self._module2name = {module: name for (name, module) in model.named_modules()}
+        if customized_pruners is not None:
+            for customized_type, customized_pruner in customized_pruners.items():
+                self.register_customized_layer(customized_type, customized_pruner)
+        if ignored_layers is not None:
+            self.IGNORED_LAYERS_IN_TRACING.extend(ignored_layers)
+        self.ignored_params = ignored_params if ignored_params is not None else []
+        for layer_type_or_instance in self.CUSTOMIZED_PRUNERS:
+            for m in self.model.modules():
+                if (m == layer_type_or_instance) or (
+                    not isinstance(layer_type_or_instance, torch.nn.Module)
+                    and isinstance(m, layer_type_or_instance)
+                ):
+                    for sub_module in m.modules():
+                        if sub_module != m:
+                            self.IGNORED_LAYERS_IN_TRACING.append(sub_module)
+        self._param_to_name, self.unwrapped_parameters = self._detect_unwrapped_parameters(
+            unwrapped_parameters
+        )
+        if not torch.is_grad_enabled():
+            raise RuntimeError("the dependency graph is traced through autograd: enable grad")
+        self.module2node = self._trace(
+            model, example_inputs, forward_fn, output_transform=output_transform
+        )
+        self._build_dependency(self.module2node)
+        init_shape_information(self)
+        update_index_mapping(self)
+        return self
+
+    # copied from torch-pruning 1.6.0, with the fixed index mapping, a bounded and indexed
+    # group, and the root's name kept for the time limit's message
+    def get_pruning_group(
+        self, module: nn.Module, pruning_fn: typing.Callable, idxs: typing.Sequence[int]
+    ) -> Any:
+        if module not in self.module2node:
+            raise ValueError(f"Module {module} is not in the dependency graph.")
+        if (
+            isinstance(module, tp.ops.TORCH_CONV)
+            and module.groups == module.out_channels
+            and module.out_channels > 1
+        ):
+            pruning_fn = tp.pruner.function.prune_depthwise_conv_out_channels
+        if isinstance(idxs, Number):
+            idxs = [idxs]
+        idxs = [_helpers._HybridIndex(idx=i, root_idx=i) for i in idxs]
+        update_index_mapping(self)
+        self._building = self._module2name.get(module, type(module).__name__)
+        group = _Group(self, module)
+        root_node = self.module2node[module]
+        group.add_dep(
+            dep=tp.dependency.Dependency(
+                pruning_fn, pruning_fn, source=root_node, target=root_node
+            ),
+            idxs=idxs,
+        )
+        visited_node = set()
+        stack = [group[0]]
+        while stack:
+            dep, idxs = stack.pop(-1)
+            node, fn = dep.target, dep.handler
+            visited_node.add(node)
+            for new_dep in node.dependencies:
+                if new_dep.is_triggered_by(fn):
+                    new_indices = idxs
+                    for mapping in new_dep.index_mapping:
+                        if mapping is not None:
+                            new_indices = mapping(new_indices)
+                    if len(new_indices) == 0:
+                        continue
+                    if (new_dep.target in visited_node) and group.has_pruning_op(
+                        new_dep, new_indices
+                    ):
+                        continue
+                    group.add_dep(new_dep, new_indices)
+                    stack.append((new_dep, new_indices))
+        merged_group = tp.dependency.Group()
+        for dep, idxs in group.items:
+            if isinstance(dep.target.module, nn.Parameter) and any(
+                dep.target.module is p for p in self.ignored_params
+            ):
+                continue
+            merged_group.add_and_merge(dep, idxs)
+        merged_group._DG = self
+        for i in range(len(merged_group)):
+            hybrid_idxs = merged_group[i].idxs
+            plain = _helpers.to_plain_idxs(hybrid_idxs)
+            root_idxs = _helpers.to_root_idxs(hybrid_idxs)
+            merged_group[i] = _helpers.GroupItem(merged_group[i].dep, plain)
+            merged_group[i].root_idxs = root_idxs
+        return merged_group
 
 
-class _Timeout(BaseException):
-    pass
+class Pruner(tp.pruner.BasePruner):
+    """torch-pruning's ``BasePruner`` on a graph built before (nnslim traces once and reuses
+    the graph; upstream's constructor traces the model again). The constructor is upstream's
+    (torch-pruning 1.6.0), for the arguments nnslim passes, with ``self.DG = graph``."""
+
+    def __init__(
+        self,
+        graph: DependencyGraph,
+        importance: typing.Callable,
+        global_pruning: bool = False,
+        pruning_ratio: float = 0.5,
+        pruning_ratio_dict: dict[nn.Module, float] | None = None,
+        iterative_steps: int = 1,
+        ignored_layers: list[nn.Module] | None = None,
+        round_to: int | None = None,
+        root_module_types: list[type] | None = None,
+    ) -> None:
+        self.model = graph.model
+        self.importance = importance
+        self.pruning_ratio = pruning_ratio
+        self.max_pruning_ratio = 1.0
+        self.global_pruning = global_pruning
+        self.isomorphic = False
+        self.in_channel_groups: dict[nn.Module, int] = {}
+        self.out_channel_groups: dict[nn.Module, int] = {}
+        self.root_module_types = root_module_types or [tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR]
+        self.round_to = round_to
+        self.num_heads: dict[nn.Module, int] = {}
+        self.prune_num_heads = False
+        self.prune_head_dims = True
+        self.head_pruning_ratio = 0.0
+        self.ignored_layers = []
+        self.ignored_params: list[nn.Parameter] = []
+        for layer in ignored_layers or []:
+            if isinstance(layer, nn.Module):
+                self.ignored_layers.extend(list(layer.modules()))
+            elif isinstance(layer, nn.Parameter):
+                self.ignored_params.append(layer)
+        self.DG = graph
+        graph.ignored_params = self.ignored_params
+        self.iterative_steps = iterative_steps
+        self.iterative_pruning_ratio_scheduler = linear_scheduler
+        self.current_step = 0
+        self.per_step_pruning_ratio = linear_scheduler(pruning_ratio, iterative_steps)
+        self.per_step_head_pruning_ratio = linear_scheduler(0.0, iterative_steps)
+        self._layer_to_scope: dict[nn.Module, Any] = {}
+        self._scope_initial_channels: dict[Any, int] = {}
+        self.pruning_ratio_dict: dict[nn.Module, list[float]] = {}
+        prunable_types = tuple(tp.ops.type2class(t) for t in self.DG.REGISTERED_PRUNERS)
+        for scope_id, (module, ratio) in enumerate((pruning_ratio_dict or {}).items()):
+            scope_name = f"_User_Defined_Scope_{scope_id}"
+            for postfix, submodule in enumerate(
+                s for s in module.modules() if isinstance(s, prunable_types)
+            ):
+                self._layer_to_scope[submodule] = (
+                    (scope_name, [module])
+                    if self.global_pruning
+                    else (f"{scope_name}_{postfix}", [module])
+                )
+                self.pruning_ratio_dict[submodule] = linear_scheduler(ratio, iterative_steps)
+        self.head_pruning_ratio_dict: dict[nn.Module, list[float]] = {}
+        for m in self.model.modules():
+            layer_pruner = self.DG.get_pruner_of_module(m)
+            in_ch_group = layer_pruner.get_in_channel_groups(m)
+            out_ch_group = layer_pruner.get_out_channel_groups(m)
+            if isinstance(m, tp.ops.TORCH_CONV) and m.groups == m.out_channels:
+                continue
+            if in_ch_group > 1:
+                self.in_channel_groups[m] = in_ch_group
+            if out_ch_group > 1:
+                self.out_channel_groups[m] = out_ch_group
+        self.layer_init_out_ch: dict[nn.Module, int] = {}
+        self.layer_init_in_ch: dict[nn.Module, int] = {}
+        self.init_num_heads: dict[nn.Module, int] = {}
+        for m in self.DG.module2node:
+            if tp.ops.module2type(m) in self.DG.REGISTERED_PRUNERS:
+                self.layer_init_out_ch[m] = self.DG.get_out_channels(m)
+                self.layer_init_in_ch[m] = self.DG.get_in_channels(m)
+        total = 0
+        for group in self.DG.get_all_groups(
+            ignored_layers=self.ignored_layers, root_module_types=self.root_module_types
+        ):
+            is_attention, _ = self._is_atten_group(group)
+            if is_attention:
+                group = self._downstream_node_as_root_if_attention(group)
+                if group is None:
+                    continue
+            total += self.DG.get_out_channels(group[0][0].target.module) // (
+                self._get_channel_groups(group)
+            )
+        self.initial_total_channels = total
+        self.initial_total_heads = 0

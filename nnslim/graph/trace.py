@@ -13,13 +13,14 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ..base.inputs import (
     Inputs,
@@ -40,18 +41,18 @@ from .attention import (
 )
 from .fused_mlp import ExpertBankSpec, FusedMLPSpec, find_expert_banks, find_fused_mlps
 from .tp_compat import (
+    DependencyGraph,
     GroupTooLarge,
     TraceError,
     conv1d_type,
     customized_pruners,
-    guard,
-    torch_pruning_fixes,
+    sized_split,
 )
 
 __all__ = ["Graph", "GroupInfo", "TraceError", "root_types", "trace"]
 
-#: Default bounds: a group larger than this many coupled items, or tracing/grouping longer than
-#: this many seconds, ends in a TraceError naming the module.
+#: Default bounds: a group larger than this many coupled items, or building groups for longer
+#: than this many seconds, ends in a TraceError naming the module.
 MAX_GROUP = 20_000
 TIME_LIMIT_S = 600.0
 
@@ -102,6 +103,7 @@ class Graph:
     fused_mlp_skips: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
     time_limit: float | None = TIME_LIMIT_S
+    shuffles: list[Any] = field(default_factory=list)  # autograd nodes of channel shuffles
 
     @property
     def paths(self) -> dict[int, str]:
@@ -149,16 +151,17 @@ class Graph:
             for n in self.dg.module2node.values()
             # split([a, b]) is not one: its sizes may come from attributes nnslim updates
             # (timm LeViT's key_dim/val_dim); a constant list fails the forward check instead
-            if (n.type == tp.ops.OPTYPE.SPLIT and hasattr(n.grad_fn, "_saved_split_size"))
+            if (n.type == tp.ops.OPTYPE.SPLIT and sized_split(n.grad_fn))
             # F.glu halves its input at the middle: torch-pruning maps it channel by channel
             or type(n.grad_fn).__name__.startswith("GluBackward")
         }
+        shuffles = {id(f) for f in self.shuffles}
+        shuffled = {id(n) for n in self.dg.module2node.values() if id(n.grad_fn) in shuffles}
         named = dict(self.model.named_modules())
         paths = self.paths
         out: dict[str, str] = {}
         done: dict[int, str | None] = {}  # module id -> the reason of the group it is in
-        where = [""]
-        with torch_pruning_fixes(MAX_GROUP), guard(self.time_limit, "checking groups", where):
+        with self.dg.limit(self.time_limit, "checking groups"):
             for p in candidates:
                 m = named[p]
                 if m not in self.dg.module2node:
@@ -167,7 +170,6 @@ class Graph:
                     if done[id(m)] is not None:
                         out[p] = done[id(m)]  # type: ignore[assignment]
                     continue
-                where[0] = p
                 pruner = self.dg.get_pruner_of_module(m)
                 n = pruner.get_out_channels(m) if pruner is not None else None
                 if not n:
@@ -198,6 +200,13 @@ class Graph:
                         "pruning"
                     )
                     out[p] = why
+                elif any(id(item.dep.target) in shuffled for item in group):
+                    why = (
+                        "its channels pass through a channel shuffle (a reshape of the channels "
+                        "into groups), which torch-pruning would map channel by channel: the "
+                        "wrong channels would be pruned"
+                    )
+                    out[p] = why
                 for item in group:
                     if self.dg.is_out_channel_pruning_fn(item.dep.handler):
                         mod = item.dep.target.module
@@ -218,13 +227,9 @@ class Graph:
         named = dict(self.model.named_modules())
         ign = [named[p] for p in (ignored or []) if p in named]
         paths = self.paths
-        where = [""]
         out: list[GroupInfo] = []
-        with (
-            torch_pruning_fixes(MAX_GROUP),
-            guard(self.time_limit, "building pruning groups", where),
-        ):
-            for g in _iter_groups(self.dg, ign, where, paths):
+        with self.dg.limit(self.time_limit, "building pruning groups"):
+            for g in _iter_groups(self.dg, ign, paths):
                 root = g[0].dep.target.module
                 info = GroupInfo(paths.get(id(root), "?"), len(g[0].idxs))
                 for item in g:
@@ -254,10 +259,8 @@ def _raised_in_torch_pruning(e: BaseException) -> bool:
     return last is not None and "torch_pruning" in last
 
 
-def _iter_groups(
-    dg: Any, ignored: list[nn.Module], where: list[str], paths: dict[int, str]
-) -> Iterator[Any]:
-    """``dg.get_all_groups`` with the current root recorded in ``where`` for error messages."""
+def _iter_groups(dg: Any, ignored: list[nn.Module], paths: dict[int, str]) -> Iterator[Any]:
+    """``dg.get_all_groups``, in model order."""
     visited: set[int] = set()
     ignored_ids = {id(m) for m in ignored} | {id(m) for m in dg.IGNORED_LAYERS_IN_TRACING}
     roots = root_types()
@@ -272,7 +275,6 @@ def _iter_groups(
         pruner = dg.get_pruner_of_module(m)
         if pruner is None or pruner.get_out_channels(m) is None:
             continue
-        where[0] = paths.get(id(m), type(m).__name__)
         group = dg.get_pruning_group(
             m, pruner.prune_out_channels, list(range(pruner.get_out_channels(m)))
         )
@@ -290,23 +292,32 @@ def build_dependency(
     model: nn.Module,
     inputs: Inputs,
     *,
-    time_limit: float | None = TIME_LIMIT_S,
     unwrapped_parameters: dict[nn.Parameter, int] | None = None,
     not_tensor: list[nn.Module] | None = None,
+    in_place: list[nn.Module] | None = None,
+    shuffles: list[Any] | None = None,
 ) -> tuple[Any, list[Any]]:
     """Build torch-pruning's DependencyGraph with nnslim's fixes, pruners and bounds.
 
     ``not_tensor``: layers whose forward returns no tensor (:func:`_watch_not_tensor`), kept
-    out of the graph."""
-    dg = tp.DependencyGraph()
+    out of the graph. ``in_place``: layers whose output view the model changes in place
+    (:func:`_watch_in_place`); they hand on a copy while the graph is traced. ``shuffles``
+    receives the autograd nodes of channel shuffles (:class:`_ShuffleWatch`)."""
+    dg = DependencyGraph(MAX_GROUP)
     outputs: list[torch.Tensor] = []
     results: list[torch.Tensor] = []  # the outputs whose channels are the model's result
     layer_outputs: list[torch.Tensor] = []
 
+    def copy(_m: nn.Module, _a: Any, out: Any) -> Any:
+        return out.clone() if isinstance(out, torch.Tensor) else None
+
     def forward_fn(m: nn.Module, _: Any) -> Any:
-        handles = _watch_layer_outputs(m, layer_outputs)
+        # before torch-pruning's own hook, which records the output's autograd node
+        handles = [x.register_forward_hook(copy, prepend=True) for x in in_place or ()]
+        handles += _watch_layer_outputs(m, layer_outputs)
         try:
-            return call_for_analysis(m, inputs)
+            with _ShuffleWatch(shuffles if shuffles is not None else []):
+                return call_for_analysis(m, inputs)
         finally:
             for h in handles:
                 h.remove()
@@ -325,8 +336,6 @@ def build_dependency(
         torch.enable_grad(),
         _all_require_grad(model),
         warnings.catch_warnings(),
-        torch_pruning_fixes(MAX_GROUP),
-        guard(time_limit, f"tracing {type(model).__name__}"),
     ):
         warnings.simplefilter("ignore")
         dg.build_dependency(
@@ -413,6 +422,64 @@ def _watch_layer_outputs(model: nn.Module, into: list[torch.Tensor]) -> list[Any
     ]
 
 
+class _ShuffleWatch(TorchFunctionMode):
+    """Collects the autograd nodes of reshapes that split the channel dim of a 4-D feature
+    map into groups, ``[b, c, h, w] -> [b, g, c/g, h, w]`` (ShuffleNet's channel shuffle, then
+    transposed and flattened back). torch-pruning maps such a reshape channel by channel, so a
+    channel pruned before the shuffle would be matched to another one after it."""
+
+    _RESHAPES = frozenset({"view", "reshape", "unflatten"})
+
+    def __init__(self, into: list[Any]) -> None:
+        super().__init__()
+        self.into = into
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if getattr(func, "__name__", "") in self._RESHAPES and args:
+            x = args[0]
+            if (
+                isinstance(x, torch.Tensor)
+                and isinstance(out, torch.Tensor)
+                and out.grad_fn is not None
+                and x.dim() == 4
+                and out.dim() == 5
+                and out.shape[0] == x.shape[0]
+                and out.shape[1] > 1
+                and out.shape[1] * out.shape[2] == x.shape[1]
+                and out.shape[3:] == x.shape[2:]
+            ):
+                self.into.append(out.grad_fn)
+        return out
+
+
+def _watch_in_place(model: nn.Module) -> tuple[Callable[[], list[nn.Module]], list[Any]]:
+    """Hooks that find, during the next forward, the layers whose output is a view that the
+    model then changes in place (RoCBert's ``x = self.map_inputs_layer(x); x += ...``: a Linear
+    on 3-D input returns a view of its matmul). Autograd then replaces the view's node, so
+    torch-pruning cannot find the layer in the graph, treats its matmul as element-wise and
+    leaves its input channels behind when the layer before it is pruned. Returns
+    ``(a function giving the layers once the forward ran, hook handles)``."""
+    seen: list[tuple[nn.Module, torch.Tensor, int]] = []
+
+    def hook(m: nn.Module, _: Any, out: Any) -> None:
+        if isinstance(out, torch.Tensor) and out._is_view():
+            seen.append((m, out, out._version))
+
+    def found() -> list[nn.Module]:
+        out: list[nn.Module] = []
+        for m, t, version in seen:
+            if t._version != version and m not in out:
+                out.append(m)
+        seen.clear()
+        return out
+
+    handles = [
+        m.register_forward_hook(hook) for m in model.modules() if isinstance(m, root_types())
+    ]
+    return found, handles
+
+
 def _watch_not_tensor(model: nn.Module) -> tuple[list[nn.Module], list[Any]]:
     """Hooks that collect, during the next forward, the subclasses of ``nn.Linear``/
     ``nn.Conv*`` whose own forward returns something other than a tensor (a mixture-of-experts
@@ -447,8 +514,10 @@ def trace(
     Args:
         model: any ``nn.Module``.
         example_inputs: a tensor, a tuple of tensors or a dict of keyword tensors.
-        time_limit: seconds before tracing (and later group building) gives up with a
-            :class:`TraceError` naming the module it was at; ``None`` for no limit.
+        time_limit: seconds before building the pruning groups (while checking them here and
+            later while pruning) gives up with a :class:`TraceError` naming the module it was
+            at; ``None`` for no limit. Tracing itself is one forward and a walk of its
+            autograd graph.
 
     Returns:
         The :class:`Graph`.
@@ -476,17 +545,25 @@ def trace(
             return output_tensors(call_for_analysis(model, inputs))
 
     not_tensor, handles = _watch_not_tensor(model)
+    in_place, more = _watch_in_place(model)
     try:
         reference = run()
     except Exception as e:
         raise forward_error(model, inputs, e, "example_inputs") from e
     finally:
-        for h in handles:
+        for h in handles + more:
             h.remove()
     if not is_meta(model):
         probe_fused_layouts(model, run, reference)
     t0 = time.perf_counter()
-    dg, grad_fns = build_dependency(model, inputs, time_limit=time_limit, not_tensor=not_tensor)
+    shuffles: list[Any] = []
+    dg, grad_fns = build_dependency(
+        model,
+        inputs,
+        not_tensor=not_tensor,
+        in_place=in_place(),
+        shuffles=shuffles,
+    )
     mlps, mlp_skips = find_fused_mlps(model)
     banks, bank_skips = find_expert_banks(model)
     return Graph(
@@ -499,4 +576,5 @@ def trace(
         fused_mlp_skips={**mlp_skips, **bank_skips},
         seconds=time.perf_counter() - t0,
         time_limit=time_limit,
+        shuffles=shuffles,
     )

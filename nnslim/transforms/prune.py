@@ -6,12 +6,10 @@ import functools
 import math
 import re
 import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, final, get_args
 
 import torch
-import torch_pruning as tp
 from torch import nn
 
 from ..base.describe import shape_of
@@ -26,7 +24,7 @@ from ..core.select import normalize_selector, per_layer_values
 from ..core.transform import Context, Transform
 from ..graph.attention import AttentionSpec, find_attention
 from ..graph.fused_mlp import ExpertBankSpec, find_expert_banks, find_fused_mlps
-from ..graph.tp_compat import GroupTooLarge, TraceError, guard, torch_pruning_fixes
+from ..graph.tp_compat import GroupTooLarge, Pruner, TraceError
 from ..graph.trace import MAX_GROUP as MAX_GROUP_DEFAULT
 from ..graph.trace import TIME_LIMIT_S, Graph, root_types, trace
 from ..modules.masks import MASK_NAME
@@ -203,7 +201,8 @@ class Prune(Transform):
         first_why = ""
         notes: list[str] = []
         attempt = 0
-        narrowed: set[str] = set()  # module classes whose inner layers alone were kept
+        narrowed: dict[str, str] = {}  # module classes whose inner layers alone were kept: why
+        bounded: set[str] = set()  # module classes whose channels crossing their edge were kept
         while True:
             trial = Report(report.transform, report.config)
             widened: list[str] = []  # output projections pruned as the hidden width
@@ -279,6 +278,7 @@ class Prune(Transform):
                 f"the forward of {cls} ({where}) failed after pruning ({error}): it reads "
                 f"channel counts as constants, so the layers of every {cls} keep their channels"
             )
+            stage = ""
             if layers and cls not in narrowed:
                 # first keep what it computes inside: the layers writing its output (a Mamba
                 # mixer's out_proj) still follow the width around it (the hidden width), which
@@ -286,14 +286,29 @@ class Prune(Transform):
                 writers = _output_writers(model, inputs, where)
                 inner = [p for p in layers if p not in writers]
                 if writers and inner:
-                    narrowed.add(cls)
                     attempt -= 1
-                    layers = inner
-                    why = (
+                    layers, stage = inner, "narrowed"
+                    why = narrowed[cls] = (
                         f"the forward of {cls} ({where}) failed after pruning ({error}): it "
                         f"reads channel counts as constants, so the layers inside every {cls} "
                         f"keep their channels (those writing its output follow the width "
                         f"around it)"
+                    )
+            if not stage and layers and cls not in bounded:
+                # then keep only the channels crossing its edge (a width the block reads as a
+                # constant where it ends): the widths it computes inside still prune
+                for p in [p for p, w in kept.items() if w == narrowed.get(cls)]:
+                    del kept[p]
+                crossing = _crossing_roots(model, inputs, where, kept, self.time_limit)
+                layers = _layers_inside(model, where, kept)
+                if crossing and set(crossing) != set(layers):
+                    bounded.add(cls)
+                    attempt -= 1
+                    layers = crossing
+                    why = (
+                        f"the forward of {cls} ({where}) failed after pruning ({error}): it "
+                        f"reads channel counts as constants, so the channels crossing the edge "
+                        f"of every {cls} stay (the widths inside it prune)"
                     )
             if not layers and where:
                 # a norm or an activation with no layers of its own, whose input width no longer
@@ -929,6 +944,33 @@ def _layers_inside(model: nn.Module, where: str, kept: dict[str, str]) -> list[s
     return out
 
 
+def _crossing_roots(
+    model: nn.Module, inputs: Inputs, where: str, kept: dict[str, str], time_limit: float | None
+) -> list[str]:
+    """Roots of the channel groups that cross the edge of a module of ``where``'s class
+    (members inside one such module and outside it), other than attention projections,
+    output layers and roots already kept."""
+    target = model.get_submodule(where) if where else model
+    if isinstance(target, root_types()) and where:
+        where = where.rpartition(".")[0]
+        target = model.get_submodule(where) if where else model
+    if target is model:
+        return []
+    places = [f"{p}." for p, m in model.named_modules() if type(m) is type(target) and p]
+    graph = trace(model, inputs, time_limit=time_limit)
+    skip = {p for s in graph.attention for p in s.projections} | set(graph.output_layers())
+    roots = []
+    for g in graph.groups():
+        members = {p for p, _ in g.members} | {g.root}
+        for place in places:
+            inside = {p for p in members if p.startswith(place)}
+            if inside and inside != members:
+                if g.root not in skip and g.root not in kept:
+                    roots.append(g.root)
+                break
+    return roots
+
+
 def _attention_writers(model: nn.Module, inputs: Inputs, projections: dict[str, str]) -> set[str]:
     """Of ``projections`` (inside attention modules whose heads stay), those writing their
     module's output (its output projection), per module class."""
@@ -958,49 +1000,97 @@ def _output_writers(model: nn.Module, inputs: Inputs, where: str) -> set[str]:
         for p, layer in m.named_modules()
         if p and isinstance(layer, root_types())
     }
+    calls: list[tuple[str, Any, list[torch.Tensor]]] = []
     try:
-        produced, returned, _ = _storages_of(model, inputs, layers, list(modules.values()))
+        produced, returned, _ = _storages_of(model, inputs, layers, modules, calls)
     except Exception:
         return set()
-    return {produced[q] for q in returned if q in produced}
+    found = {produced[q] for q in returned if q in produced}
+    return found | _last_writers(calls, modules, found)
+
+
+def _last_writers(
+    calls: list[tuple[str, Any, list[torch.Tensor]]],
+    modules: dict[str, nn.Module],
+    found: set[str],
+) -> set[str]:
+    """For modules whose output is no layer's output because they add their own residual
+    (Bloom's ``dropout_add(dense(x), residual)``): the last layer run inside each, when the
+    module's output is that layer's output plus one of the module's inputs. ``calls`` holds
+    ``(path, output, inputs)`` of each layer and module as its forward ended, in order."""
+    out: set[str] = set()
+    done = 0
+    for i, (path, result, args) in enumerate(calls):
+        if path not in modules:
+            continue
+        inner = [c for c in calls[done:i] if c[0].startswith(path + ".") and c[0] not in modules]
+        done = i + 1
+        if not inner or any(c[0] in found for c in inner) or result is None:
+            continue
+        last, written, _ = inner[-1]
+        if written is None or written.shape != result.shape:
+            continue
+        scale = float(result.detach().abs().max()) or 1.0
+        for a in args:
+            if a.shape == result.shape and torch.allclose(
+                written + a, result, rtol=1e-4, atol=1e-5 * scale
+            ):
+                out.add(last)
+                break
+    return out
 
 
 def _storages_of(
     model: nn.Module,
     inputs: Inputs,
     layers: dict[str, nn.Module],
-    modules: Sequence[nn.Module] = (),
+    modules: dict[str, nn.Module] | None = None,
+    calls: list[tuple[str, Any, list[torch.Tensor]]] | None = None,
 ) -> tuple[dict[int, str], set[int], Any]:
     """One forward with hooks: ``(storage of each layer's output -> its path, storages of the
     outputs of modules, the model's output)``. A tuple output counts by its first tensor.
     Every output is held until the forward ends, so no storage is freed and reused by another
-    tensor meanwhile (a reused address would match the wrong layer)."""
+    tensor meanwhile (a reused address would match the wrong layer). ``calls``, if given,
+    receives ``(path, output, tensor inputs)`` of each layer (no inputs) and module as its
+    forward ends."""
     produced: dict[int, str] = {}
     returned: set[int] = set()
     alive: list[torch.Tensor] = []
 
-    def ptr(out: Any) -> int | None:
+    def first(out: Any) -> torch.Tensor | None:
         if isinstance(out, (tuple, list)) and out:
             out = out[0]
-        if not isinstance(out, torch.Tensor):
+        return out if isinstance(out, torch.Tensor) else None
+
+    def ptr(out: Any) -> int | None:
+        t = first(out)
+        if t is None:
             return None
-        alive.append(out)
-        return out.untyped_storage().data_ptr()
+        alive.append(t)
+        return t.untyped_storage().data_ptr()
 
     def layer_hook(_m: nn.Module, _a: Any, out: Any, path: str) -> None:
         q = ptr(out)
         if q is not None:
             produced[q] = path
+        if calls is not None:
+            calls.append((path, first(out), []))
 
-    def module_hook(_m: nn.Module, _a: Any, out: Any) -> None:
+    def module_hook(_m: nn.Module, args: Any, kwargs: Any, out: Any, path: str) -> None:
         q = ptr(out)
         if q is not None:
             returned.add(q)
+        if calls is not None:
+            given = [*args, *kwargs.values()]
+            calls.append((path, first(out), [a for a in given if isinstance(a, torch.Tensor)]))
 
     handles = [
         m.register_forward_hook(functools.partial(layer_hook, path=p)) for p, m in layers.items()
     ]
-    handles += [m.register_forward_hook(module_hook) for m in modules]
+    handles += [
+        m.register_forward_hook(functools.partial(module_hook, path=p), with_kwargs=True)
+        for p, m in (modules or {}).items()
+    ]
     try:
         with preserved_state(model), torch.no_grad():
             out = call_for_analysis(model, inputs)
@@ -1055,21 +1145,17 @@ def _prune_model(
                 width = plan.coupled[spec.path]
                 n = coupled[spec.path] * spec.head_dim
                 per_layer[named[spec.o]] = (n - 0.5) / width if n else 0.0
-        where = [""]
         with (
             preserve_modes(model),
             torch.enable_grad(),
             warnings.catch_warnings(),
-            torch_pruning_fixes(MAX_GROUP_DEFAULT),
-            _reuse_graph(graph.dg),
-            guard(graph.time_limit, "pruning channels", where),
+            graph.dg.limit(graph.time_limit, "pruning channels"),
         ):
             warnings.simplefilter("ignore")
             paths = {id(m): p for p, m in named.items()}
             guarded = _too_large_is_a_group_failure(paths)
-            pruner = guarded(tp.pruner.MetaPruner)(
-                model,
-                example_inputs=inputs.as_tuple(),
+            pruner = guarded(Pruner)(
+                graph.dg,
                 importance=scorer,
                 global_pruning=cfg.scope == "global",
                 pruning_ratio=ratio,
@@ -1077,9 +1163,7 @@ def _prune_model(
                 iterative_steps=cfg.steps,
                 ignored_layers=ignored,
                 round_to=cfg.round_to,
-                forward_fn=lambda m, _: call_for_analysis(m, inputs),
                 root_module_types=list(root_types()),
-                customized_pruners=None,
             )
             for _ in range(cfg.steps):
                 scorer.reset()
@@ -1415,28 +1499,6 @@ def _group_roots(
         if g.root not in proj and g.root not in kept:
             roots.append(g.root)
     return roots
-
-
-class _reuse_graph:
-    """Make torch-pruning's MetaPruner use an already built DependencyGraph."""
-
-    def __init__(self, dg: Any) -> None:
-        self.dg = dg
-
-    def __enter__(self) -> None:
-        self.saved = tp.dependency.DependencyGraph.build_dependency
-        dg = self.dg
-
-        def build_dependency(_self: Any, model: nn.Module, *args: Any, **kwargs: Any) -> Any:
-            ignored_params = kwargs.get("ignored_params")
-            if ignored_params:
-                dg.ignored_params = ignored_params
-            return dg
-
-        tp.dependency.DependencyGraph.build_dependency = build_dependency
-
-    def __exit__(self, *exc: Any) -> None:
-        tp.dependency.DependencyGraph.build_dependency = self.saved
 
 
 def output_layers_by_identity(model: nn.Module, inputs: Inputs) -> list[str]:

@@ -337,3 +337,169 @@ def test_a_hidden_width_that_cannot_change_is_kept_with_the_reason_and_the_rest_
     assert any(n.startswith("the hidden width") for n in report.notes), report.notes
     with torch.no_grad():
         assert model(x).shape == (2, 5, 3)
+
+
+class ResidualGatedAttention(GatedAttention):
+    """Attention that adds its own residual (Bloom's ``dropout_add(dense(x), residual)``): its
+    output is no layer's output, yet its output projection writes the hidden width."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + x
+
+
+class ResidualGatedNet(GatedNet):
+    def __init__(self, d: int = 32) -> None:
+        super().__init__(d)
+        self.attn = nn.ModuleList([ResidualGatedAttention(d), ResidualGatedAttention(d)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        for a in self.attn:
+            x = a(x)
+        return self.head(x)
+
+
+def test_attention_adding_its_own_residual_still_follows_the_hidden_width():
+    torch.manual_seed(0)
+    model = ResidualGatedNet().eval()
+    x = torch.randn(2, 5, 10)
+    report = nnslim.Prune(ratio=0.5).apply(model, x)
+    for a in model.attn:
+        assert a.q_proj.out_features == 64 and a.o_proj.in_features == 32  # heads kept
+        assert a.o_proj.out_features == model.embed.out_features == 16  # the hidden width
+    reasons = {s.path: s.reason for s in report.skips}
+    assert "attn.0.o_proj" not in reasons
+    with torch.no_grad():
+        assert model(x).shape == (2, 5, 3)
+
+
+def test_bloom_keeps_its_alibi_heads_and_prunes_the_hidden_width():
+    cfg = tf.BloomConfig(vocab_size=64, hidden_size=32, n_layer=2, n_head=4)
+    torch.manual_seed(0)
+    model = tf.BloomForCausalLM(cfg).eval()
+    ids = torch.randint(0, 64, (1, 8))
+    report = nnslim.Prune(ratio=0.3).apply(model, ids)
+    attn = model.transformer.h[0].self_attention
+    assert attn.query_key_value.out_features == 96  # 4 heads x 3 x 8: ALiBi slopes per head
+    width = model.transformer.word_embeddings.embedding_dim
+    assert width < 32 and attn.query_key_value.in_features == attn.dense.out_features == width
+    assert (
+        "ALiBi"
+        in {s.path: s.reason for s in report.skips}[
+            "transformer.h.0.self_attention.query_key_value"
+        ]
+    )
+    with torch.no_grad():
+        assert model(ids).logits.shape == (1, 8, 64)
+
+
+class FeatureConcat(nn.Module):
+    """RoCBert's embeddings: features joined on the last dim into a Linear whose output view
+    the model then changes in place (``x = self.map(x); x += pos``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.word = nn.Embedding(50, 16)
+        self.shape = nn.Embedding(50, 8)
+        self.lin = nn.Linear(16, 16)
+        self.map = nn.Linear(24, 16)
+        self.pos = nn.Parameter(torch.randn(16))
+        self.fc1, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 16)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = torch.cat((self.lin(self.word(ids)), self.shape(ids)), -1)
+        x = self.map(x)
+        x += self.pos  # in place, on the view a Linear returns for 3-D input
+        x = x + self.fc2(F.relu(self.fc1(x)))
+        return self.head(x)
+
+
+def test_a_feature_concat_on_the_last_dim_and_an_in_place_change_of_a_layer_output_prune():
+    torch.manual_seed(0)
+    model = FeatureConcat().eval()
+    ids = torch.randint(0, 50, (2, 6))
+    with torch.no_grad():
+        assert model(ids).shape == (2, 6, 5)
+    nnslim.Prune(ratio=0.5).apply(model, ids)
+    # the concat's first input lost channels; the Linear it feeds lost the same columns
+    assert model.lin.out_features < 16
+    assert model.map.in_features == model.lin.out_features + 8
+    # the Linear whose output is changed in place is in the graph: its width follows the stream
+    assert model.map.out_features == model.pos.shape[0] == model.fc1.in_features < 16
+    with torch.no_grad():
+        assert model(ids).shape == (2, 6, 5)
+
+
+class ShuffleNet(nn.Module):
+    """torchvision's ShuffleNet v2 blocks: the block output is a channel shuffle of a concat,
+    which reads its channel count as a constant (two groups)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torchvision.models.shufflenetv2 import InvertedResidual
+
+        self.stem = nn.Conv2d(3, 24, 3, padding=1)
+        self.blocks = nn.Sequential(InvertedResidual(24, 48, 2), InvertedResidual(48, 48, 1))
+        self.fc = nn.Linear(48, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+def test_channels_through_a_channel_shuffle_stay_and_the_widths_inside_the_blocks_prune():
+    torch.manual_seed(0)
+    model = ShuffleNet().eval()
+    x = torch.randn(1, 3, 16, 16)
+    report = nnslim.Prune(ratio=0.5).apply(model, x)
+    for block in model.blocks:
+        inner = block.branch2[0].out_channels
+        assert inner < 24  # the width inside the block prunes
+        assert block.branch2[3].in_channels == block.branch2[5].in_channels == inner
+        assert block.branch2[5].out_channels == 24  # into the shuffle: stays
+    assert model.fc.in_features == 48
+    reasons = {s.path: s.reason for s in report.skips}
+    assert "channel shuffle" in reasons["blocks.1.branch2.5"]
+    with torch.no_grad():
+        assert model(x).shape == (1, 5)
+
+
+class EdgeBlock(nn.Module):
+    """A block whose forward reads its edge width as a constant (a per-channel offset built
+    from ``self.c``); the width inside it is its own."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.c = c
+        self.inner1, self.inner2 = nn.Conv2d(c, 2 * c, 1), nn.Conv2d(2 * c, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.inner2(F.relu(self.inner1(x)))
+        return x + y + torch.linspace(0, 1, self.c).view(1, self.c, 1, 1)
+
+
+class EdgeNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.blocks = nn.Sequential(EdgeBlock(16), EdgeBlock(16))
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+def test_a_block_that_reads_its_edge_width_keeps_only_the_channels_crossing_its_edge():
+    torch.manual_seed(0)
+    model = EdgeNet().eval()
+    x = torch.randn(1, 3, 8, 8)
+    report = nnslim.Prune(ratio=0.5).apply(model, x)
+    assert model.stem.out_channels == 16
+    for block in model.blocks:
+        assert block.inner1.out_channels == block.inner2.in_channels == 16  # inside: pruned
+        assert block.inner2.out_channels == 16  # the edge width stays
+    reasons = {s.path: s.reason for s in report.skips}
+    assert "channels crossing the edge of every EdgeBlock" in reasons["stem"]
+    assert "blocks.0.inner1" not in reasons
+    with torch.no_grad():
+        assert model(x).shape == (1, 5)
