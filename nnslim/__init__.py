@@ -27,6 +27,7 @@ from .train import (
     Trainer,
     TrainOptions,
     TrainResult,
+    TrainState,
     compress,
 )
 from .transforms.factorize import Factorize
@@ -51,6 +52,7 @@ __all__ = [
     "ShareWeights",
     "TrainOptions",
     "TrainResult",
+    "TrainState",
     "Trainer",
     "Transform",
     "__version__",

@@ -1,7 +1,14 @@
 """Training: the Trainer and the compress-until-target loop."""
 
 from .loop import CompressionResult, compress, schedule
-from .trainer import Distillation, Regularization, Trainer, TrainOptions, TrainResult
+from .trainer import (
+    Distillation,
+    Regularization,
+    Trainer,
+    TrainOptions,
+    TrainResult,
+    TrainState,
+)
 
 __all__ = [
     "CompressionResult",
@@ -9,6 +16,7 @@ __all__ = [
     "Regularization",
     "TrainOptions",
     "TrainResult",
+    "TrainState",
     "Trainer",
     "compress",
     "schedule",

@@ -7,7 +7,7 @@ import itertools
 import os
 import sys
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, Sampler
 
 from ..base.distributed import rank_world
 from ..base.inputs import as_inputs, first_tensor
@@ -32,7 +33,14 @@ from .checkpoint import (
     set_rng_state,
 )
 
-__all__ = ["Distillation", "Regularization", "TrainOptions", "TrainResult", "Trainer"]
+__all__ = [
+    "Distillation",
+    "Regularization",
+    "TrainOptions",
+    "TrainResult",
+    "TrainState",
+    "Trainer",
+]
 
 
 @dataclass(frozen=True)
@@ -110,9 +118,13 @@ class TrainOptions:
         patience: stop after this many evaluations without improvement (``None``: never).
         checkpoint_every: checkpoint every this many optimizer steps (with ``checkpoint_dir``).
         verbose: progress bar; ``None`` shows it only on a terminal.
-        strategy: ``"ddp"`` or ``"fsdp"`` under ``torchrun``. Every process reads the same
-            batches and trains on one of each group of ``WORLD_SIZE`` consecutive batches (a
-            last, smaller group is skipped), so one step sees the global batch. With
+        strategy: ``"ddp"`` or ``"fsdp"`` under ``torchrun``. Each process trains on one of
+            each group of ``WORLD_SIZE`` consecutive batches (a last, smaller group is
+            skipped), so one step sees the global batch; from a ``DataLoader`` over a
+            map-style dataset each process loads only its own batches (other iterables are
+            read whole by every process), and a loader whose sampler is a
+            ``DistributedSampler`` is taken as this process's share, every batch trained on.
+            With
             ``"fsdp"`` parameters, gradients and optimizer state are sharded across the
             processes while ``fit`` runs;
             afterwards every process holds the full trained weights in the plain module again.
@@ -174,6 +186,186 @@ class TrainResult:
     @property
     def losses(self) -> list[float]:
         return [h["loss"] for h in self.history if "loss" in h]
+
+
+@dataclass
+class TrainState:
+    """Where a training run is: what a checkpoint holds beside the weights, the optimizer and
+    the scheduler, and what a resumed run starts from.
+
+    Attributes:
+        step: optimizer steps taken.
+        epoch: the epoch the run is in.
+        position: batches of the epoch's sequence read so far (under torchrun: of the
+            global sequence, every process's batches counted).
+        history: ``{"step", "loss"}`` per step and ``{"step", "metric"}`` per evaluation.
+        best_metric: the best evaluation so far.
+        epoch_rng: every RNG state at the start of the epoch (it replays the data order).
+        rng: every RNG state at ``position`` (CPU and, where used, CUDA generators).
+    """
+
+    step: int = 0
+    epoch: int = 0
+    position: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_metric: float | None = None
+    epoch_rng: dict[str, Any] | None = None
+    rng: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state as plain values and tensors (what ``torch.load(weights_only=True)``
+        reads back)."""
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "position": self.position,
+            "history": [dict(h) for h in self.history],
+            "best_metric": self.best_metric,
+            "epoch_rng": self.epoch_rng,
+            "rng": self.rng,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take the state :meth:`state_dict` gave (extra keys, such as a checkpoint's
+        optimizer state, are ignored)."""
+        self.step = int(state["step"])
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.history = [dict(h) for h in state.get("history", [])]
+        self.best_metric = state.get("best_metric")
+        self.epoch_rng, self.rng = state.get("epoch_rng"), state.get("rng")
+
+
+class _RankBatches(Sampler[list[int]]):
+    """A loader's batch sampler, keeping one process's share: of each group of ``world``
+    consecutive batches (after the first ``skip``), the ``rank``-th; a last, partial group is
+    dropped. Only index lists pass through it, so the other processes' batches (and skipped
+    ones, on resume) are never loaded. ``read`` counts the index lists it read.
+
+    The skip runs when :meth:`start` is called or the first batch is asked for, whichever
+    comes first: the loader's own iterator draws from the RNG when it is created, the sampler
+    when its first index is read, and resuming must draw in the order of the run it resumes
+    (which read the skipped batches)."""
+
+    def __init__(self, batches: Any, rank: int, world: int) -> None:
+        self.batches, self.rank, self.world = batches, rank, world
+        self.skip = self.read = 0
+        self._it: Iterator[list[int]] | None = None
+        self._pending = 0
+
+    def __iter__(self) -> Iterator[list[int]]:
+        self._it, self._pending, self.read = iter(self.batches), self.skip, 0
+        return self._mine(self._it)
+
+    def start(self) -> None:
+        """Skip the batches before the position now."""
+        while self._pending and self._it is not None:
+            self._pending -= 1
+            if next(self._it, None) is None:
+                self._pending = 0
+                break
+            self.read += 1
+
+    def _mine(self, it: Iterator[list[int]]) -> Iterator[list[int]]:
+        self.start()
+        group: list[list[int]] = []
+        for b in it:
+            self.read += 1
+            group.append(b)
+            if len(group) == self.world:
+                yield group[self.rank]
+                group = []
+
+    def __len__(self) -> int:
+        return max(len(self.batches) - self.skip, 0) // self.world
+
+
+class _Epoch:
+    """The batches one process trains on in one epoch; ``consumed``: batches of the epoch's
+    sequence read up to the last one handed out (every process's counted); ``read``: whether
+    the data yielded any batch (``source.read`` counts what was read)."""
+
+    def __init__(self, it: Iterator[Any], skip: int, group: int, source: Any) -> None:
+        self._it, self.consumed, self._group, self._source = it, skip, group, source
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in self._it:
+            self.consumed += self._group
+            yield batch
+
+    @property
+    def read(self) -> bool:
+        return self._source.read > 0
+
+
+class _Batches:
+    """Where each process's batches come from.
+
+    Under torchrun the batches of ``data`` come in groups of one per process, counted from
+    where the epoch (or the resumed run) starts; a process trains on its batch of each group,
+    so every process steps together, checkpoints the same position and skips a last, partial
+    group. A ``DataLoader`` over a map-style dataset gives each process only its own batches
+    (:class:`_RankBatches`: the others are never loaded, and on resume the batches before the
+    position are skipped by index, not loaded); other iterables are read whole by every
+    process. A loader whose sampler is a ``DistributedSampler`` is already this process's
+    share: every batch of it is trained on, and its epoch is set each epoch."""
+
+    def __init__(self, data: Iterable[Any], dist: _Distributed) -> None:
+        self.data, self.rank, self.world = data, dist.rank, dist.world
+        self.sharded = isinstance(getattr(data, "sampler", None), DistributedSampler)
+        self.share: _RankBatches | None = None
+        self.loader: Any = None
+        self.read = 0
+        if type(data) is DataLoader and not self.sharded and data.batch_sampler is not None:
+            if not isinstance(data.dataset, IterableDataset):
+                self.share = _RankBatches(data.batch_sampler, self.rank, self.world)
+                self.loader = _with_batch_sampler(data, self.share)
+
+    def epoch(self, epoch: int, skip: int) -> _Epoch:
+        """This process's batches of ``epoch``, after the first ``skip`` of the sequence."""
+        if self.share is not None:
+            self.share.skip = skip
+            it = iter(self.loader)
+            self.share.start()
+            return _Epoch(it, skip, self.world, self.share)
+        if self.sharded:
+            self.data.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
+        self.read = 0
+        it = iter(self.data)
+        for _ in range(skip):
+            if next(it, None) is not None:
+                self.read += 1
+        group = 1 if self.sharded else self.world
+        return _Epoch(self._mine(it, group), skip, group, self)
+
+    def _mine(self, it: Iterator[Any], world: int) -> Iterator[Any]:
+        group: list[Any] = []
+        for batch in it:
+            self.read += 1
+            group.append(batch)
+            if len(group) == world:
+                yield group[self.rank if world > 1 else 0]
+                group = []
+
+
+def _with_batch_sampler(data: DataLoader, batch_sampler: Sampler[list[int]]) -> DataLoader:
+    """``data`` with another batch sampler, its other settings kept."""
+    kw: dict[str, Any] = dict(
+        batch_sampler=batch_sampler,
+        num_workers=data.num_workers,
+        collate_fn=data.collate_fn,
+        pin_memory=data.pin_memory,
+        timeout=data.timeout,
+        worker_init_fn=data.worker_init_fn,
+        multiprocessing_context=data.multiprocessing_context,
+        generator=data.generator,
+        persistent_workers=data.persistent_workers,
+        pin_memory_device=data.pin_memory_device,
+    )
+    if data.num_workers > 0:
+        kw["prefetch_factor"] = data.prefetch_factor
+    if hasattr(data, "in_order"):
+        kw["in_order"] = data.in_order
+    return DataLoader(data.dataset, **kw)
 
 
 def _readable_checkpoint(
@@ -361,8 +553,6 @@ class Trainer:
         ckpts: _Checkpoints,
         resume: bool,
     ) -> TrainResult:
-        o = self.options
-        checkpoint_dir = ckpts.directory
         params = [p for p in net.parameters() if p.requires_grad]
         if not params:
             raise ValueError("Trainer.fit: the model has no trainable parameters.")
@@ -373,7 +563,7 @@ class Trainer:
         )
         sched = self.scheduler(opt) if self.scheduler is not None else None
         result = TrainResult()
-        start_epoch, position, epoch_rng, resume_rng = 0, 0, None, None
+        state = TrainState()
         group_lasso = _GroupLasso(model, self.regularization.group_lasso)
         if self.regularization.group_lasso:
             it = iter(data)
@@ -384,133 +574,144 @@ class Trainer:
             if it is data:  # a one-shot iterator: put the batch back, it is trained on too
                 data = itertools.chain([first], it)
         if resume:
-            if checkpoint_dir is None:
-                raise ValueError("Trainer.fit(resume=True) needs checkpoint_dir=.")
-            ckpt, weights, state = _readable_checkpoint(checkpoint_dir, model, result)
-            if ckpt is not None:
-                _check_same_setup(state, opt, sched, ckpt)
-                if sched is not None and state.get("scheduler") is not None:
-                    sched.load_state_dict(state["scheduler"])
-                dist.load(model, opt, weights, state["optimizer"])
-                result.steps = int(state["step"])
-                result.history = [dict(h) for h in state.get("history", [])]
-                result.best_metric = state.get("best_metric")
-                start_epoch, position = int(state["epoch"]), int(state["position"])
-                epoch_rng = state["epoch_rng"]
-                resume_rng = state["rng"]
-            else:
-                resume = False
+            resume = self._resume(ckpts.directory, model, opt, sched, dist, state, result)
         features = _FeatureTaps(model, self.teacher, self.distillation.features)
         if self.teacher is not None:
             self.teacher.eval()
-        bar = _progress(o.verbose, max_steps, dist.rank)
-        best_state: dict[str, torch.Tensor] | None = None
-        bad_evals = 0
-        done = False
+        bar = _progress(self.options.verbose, max_steps, dist.rank)
+        evaluation = _Evaluation(self, model, state) if self.evaluate is not None else None
+        saving = _Saving(ckpts, dist, model, opt, sched) if ckpts.directory is not None else None
+        batches = _Batches(data, dist)
         # where a checkpoint written at the end resumes: after the last epoch, or (stopped by
         # max_steps) at the batch after the last step, with the RNG state of that moment
         end: tuple[int, int, Any, Any] | None = None
         net.train()
         # a resumed run that already made max_steps has nothing to train (and keeps its
         # checkpoint as it is)
-        finished = max_steps is not None and result.steps >= max_steps
+        finished = max_steps is not None and state.step >= max_steps
+        done = False
         try:
-            for epoch in range(start_epoch, epochs if not finished else start_epoch):
-                if epoch_rng is not None and epoch == start_epoch and resume:
-                    set_rng_state(epoch_rng)
+            for epoch in range(state.epoch, epochs if not finished else state.epoch):
+                resuming = resume and epoch == state.epoch
+                if resuming and state.epoch_rng is not None:
+                    set_rng_state(state.epoch_rng)
                 epoch_rng = rng_state()
-                iterator = iter(data)
-                if resume and epoch == start_epoch and resume_rng is not None:
-                    for _ in range(position):
-                        next(iterator, None)
-                    set_rng_state(resume_rng)
-                consumed = first = position if (resume and epoch == start_epoch) else 0
-                seen_any = consumed > 0
+                skip = state.position if resuming and state.rng is not None else 0
+                mine = batches.epoch(epoch, skip)
+                if resuming and state.rng is not None:
+                    set_rng_state(state.rng)
                 micro = 0
-                mine: Any = None
-                for batch in iterator:
-                    # under torchrun the batches come in groups of one per process, counted
-                    # from where the epoch (or the resumed run) starts; a process trains on its
-                    # batch once the whole group has been read, so every process steps
-                    # together, checkpoints the same position and skips a last, partial group
-                    # (one process: groups of one)
-                    if (consumed - first) % dist.world == dist.rank:
-                        mine = batch
-                    consumed += 1
-                    seen_any = True
-                    if (consumed - first) % dist.world:
-                        continue
-                    batch, mine = mine, None
+                for batch in mine:
                     loss = self._loss(net, model, batch, features, group_lasso)
                     if not torch.isfinite(loss):
                         raise ValueError(
-                            f"Trainer: the loss is {loss.item()} at step {result.steps + 1}; "
-                            f"stopped before updating the weights{_where_ckpt(checkpoint_dir)}. "
+                            f"Trainer: the loss is {loss.item()} at step {state.step + 1}; "
+                            f"stopped before updating the weights{_where_ckpt(ckpts.directory)}. "
                             f"Lower the learning rate or check the data."
                         )
-                    (loss / o.accumulate).backward()
+                    (loss / self.options.accumulate).backward()
                     micro += 1
-                    if micro % o.accumulate:
+                    if micro % self.options.accumulate:
                         continue
-                    if not dist.all_true(_grads_finite(params)):
-                        message = (
-                            f"Trainer: a gradient is NaN or Inf at step {result.steps + 1} "
-                            f"({_nonfinite_grads(model)}) although the loss "
-                            f"({float(loss.detach()):.4g}) is finite; stopped before updating the "
-                            f"weights{_where_ckpt(checkpoint_dir)}. Look for operations with "
-                            f"infinite derivatives (sqrt or log at 0, division by a zero norm), "
-                            f"or lower the learning rate."
-                        )
-                        opt.zero_grad(set_to_none=True)
-                        raise ValueError(message)
-                    if o.clip_grad_norm is not None:
-                        torch.nn.utils.clip_grad_norm_(params, o.clip_grad_norm)
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                    if sched is not None:
-                        sched.step()
-                    apply_masks(model)
-                    result.steps += 1
-                    result.history.append({"step": result.steps, "loss": float(loss.detach())})
+                    self._step(model, params, opt, sched, dist, loss, state, ckpts.directory)
                     bar.update(loss=float(loss.detach()))
-                    if (
-                        self.evaluate is not None
-                        and o.eval_every
-                        and result.steps % o.eval_every == 0
-                    ):
-                        stop, best_state, bad_evals = self._eval(
-                            model, result, best_state, bad_evals
-                        )
-                        bar.update(metric=result.history[-1]["metric"], step=False)
-                        if stop:
-                            done = True
-                    if checkpoint_dir is not None and result.steps % o.checkpoint_every == 0:
-                        ckpts.save(dist, model, opt, sched, result, epoch, consumed, epoch_rng)
-                    if done or (max_steps is not None and result.steps >= max_steps):
+                    if evaluation is not None and evaluation.due(state.step):
+                        done = evaluation.run(result)
+                        bar.update(metric=state.history[-1]["metric"], step=False)
+                    state.epoch, state.position = epoch, mine.consumed
+                    if saving is not None and state.step % self.options.checkpoint_every == 0:
+                        saving.save(state, epoch_rng)
+                    if done or (max_steps is not None and state.step >= max_steps):
                         if not result.stopped_early:
-                            end = (epoch, consumed, epoch_rng, rng_state())
+                            end = (epoch, mine.consumed, epoch_rng, rng_state())
                         done = True
                         break
-                if not seen_any:
+                if not mine.read:
                     raise ValueError(
                         "Trainer.fit: the data yielded no batch; pass a non-empty loader."
                     )
-                position = 0
                 resume = False
                 if done:
                     break
-            if self.evaluate is not None and not result.stopped_early:
-                _, best_state, bad_evals = self._eval(model, result, best_state, bad_evals)
-            if result.stopped_early and best_state is not None:
-                model.load_state_dict(best_state)
-            if checkpoint_dir is not None and not finished:
-                e, pos, e_rng, rng = end or (epochs, 0, rng_state(), rng_state())
-                ckpts.save(dist, model, opt, sched, result, e, pos, e_rng, rng)
+            if evaluation is not None and not result.stopped_early:
+                evaluation.run(result)
+            if result.stopped_early and evaluation is not None:
+                evaluation.restore_best()
+            if saving is not None and not finished:
+                state.epoch, state.position, e_rng, rng = end or (
+                    epochs,
+                    0,
+                    rng_state(),
+                    rng_state(),
+                )
+                saving.save(state, e_rng, rng)
         finally:
             features.close()
             bar.close()
             dist.barrier()
+        result.steps, result.history, result.best_metric = (
+            state.step,
+            state.history,
+            state.best_metric,
+        )
         return result
+
+    def _resume(
+        self,
+        directory: str | os.PathLike[str] | None,
+        model: nn.Module,
+        opt: Any,
+        sched: Any,
+        dist: _Distributed,
+        state: TrainState,
+        result: TrainResult,
+    ) -> bool:
+        """Load the newest readable checkpoint into the model, optimizer, scheduler and
+        ``state``; ``False`` if there is none yet (a fresh start)."""
+        if directory is None:
+            raise ValueError("Trainer.fit(resume=True) needs checkpoint_dir=.")
+        ckpt, weights, saved = _readable_checkpoint(directory, model, result)
+        if ckpt is None:
+            return False
+        _check_same_setup(saved, opt, sched, ckpt)
+        if sched is not None and saved.get("scheduler") is not None:
+            sched.load_state_dict(saved["scheduler"])
+        dist.load(model, opt, weights, saved["optimizer"])
+        state.load_state_dict(saved)
+        return True
+
+    def _step(
+        self,
+        model: nn.Module,
+        params: list[torch.Tensor],
+        opt: torch.optim.Optimizer,
+        sched: Any,
+        dist: _Distributed,
+        loss: torch.Tensor,
+        state: TrainState,
+        directory: Any,
+    ) -> None:
+        """One optimizer step on the accumulated gradients (refused if any is not finite on
+        any process), then the scheduler, the sparsity masks and the bookkeeping."""
+        if not dist.all_true(_grads_finite(params)):
+            message = (
+                f"Trainer: a gradient is NaN or Inf at step {state.step + 1} "
+                f"({_nonfinite_grads(model)}) although the loss ({float(loss.detach()):.4g}) is "
+                f"finite; stopped before updating the weights{_where_ckpt(directory)}. Look for "
+                f"operations with infinite derivatives (sqrt or log at 0, division by a zero "
+                f"norm), or lower the learning rate."
+            )
+            opt.zero_grad(set_to_none=True)
+            raise ValueError(message)
+        if self.options.clip_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, self.options.clip_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if sched is not None:
+            sched.step()
+        apply_masks(model)
+        state.step += 1
+        state.history.append({"step": state.step, "loss": float(loss.detach())})
 
     # -- pieces ---------------------------------------------------------------------------------
     def _loss(
@@ -587,23 +788,6 @@ class Trainer:
                     total = total + r.bn_l1 * m.weight.abs().sum()
         return total
 
-    def _eval(
-        self, model: nn.Module, result: TrainResult, best_state: Any, bad: int
-    ) -> tuple[bool, Any, int]:
-        with preserve_modes(model), torch.no_grad():
-            model.eval()
-            metric = float(self.evaluate(model))  # type: ignore[misc]
-        result.history.append({"step": result.steps, "metric": metric})
-        if result.best_metric is None or metric > result.best_metric:
-            result.best_metric = metric
-            return False, copy.deepcopy(model.state_dict()), 0
-        bad += 1
-        patience = self.options.patience
-        if patience is not None and bad >= patience:
-            result.stopped_early = True
-            return True, best_state, bad
-        return False, best_state, bad
-
 
 def _check_same_setup(state: dict[str, Any], opt: Any, sched: Any, path: Any) -> None:
     """Refuse a checkpoint written with another optimizer or scheduler (before loading)."""
@@ -626,38 +810,76 @@ class _Checkpoints:
     directory: str | os.PathLike[str] | None
     record: dict[str, Any] | None
 
-    def save(
-        self,
-        dist: _Distributed,
-        model: nn.Module,
-        opt: Any,
-        sched: Any,
-        result: TrainResult,
-        epoch: int,
-        position: int,
-        epoch_rng: Any,
-        rng: Any = None,
-    ) -> None:
+
+class _Evaluation:
+    """Evaluation every ``eval_every`` steps and at the end, keeping the best weights; early
+    stopping after ``patience`` evaluations without improvement."""
+
+    def __init__(self, trainer: Trainer, model: nn.Module, state: TrainState) -> None:
+        self.evaluate = trainer.evaluate
+        self.every, self.patience = trainer.options.eval_every, trainer.options.patience
+        self.model, self.state = model, state
+        self.best: dict[str, torch.Tensor] | None = None
+        self.bad = 0
+
+    def due(self, step: int) -> bool:
+        return bool(self.every) and step % self.every == 0  # type: ignore[operator]
+
+    def run(self, result: TrainResult) -> bool:
+        """Evaluate; ``True`` when training should stop (``result.stopped_early``)."""
+        with preserve_modes(self.model), torch.no_grad():
+            self.model.eval()
+            metric = float(self.evaluate(self.model))  # type: ignore[misc]
+        state = self.state
+        state.history.append({"step": state.step, "metric": metric})
+        if state.best_metric is None or metric > state.best_metric:
+            state.best_metric = metric
+            self.best, self.bad = copy.deepcopy(self.model.state_dict()), 0
+            return False
+        self.bad += 1
+        if self.patience is not None and self.bad >= self.patience:
+            result.stopped_early = True
+            return True
+        return False
+
+    def restore_best(self) -> None:
+        if self.best is not None:
+            self.model.load_state_dict(self.best)
+
+
+@dataclass
+class _Saving:
+    """Checkpoints of the model, optimizer, scheduler and :class:`TrainState`."""
+
+    ckpts: _Checkpoints
+    dist: _Distributed
+    model: nn.Module
+    opt: Any
+    sched: Any
+
+    def save(self, state: TrainState, epoch_rng: Any, rng: Any = None) -> None:
         """Gather full weights and optimizer state (every process calls), write on process 0."""
-        weights, optimizer = dist.full_state(model, opt)
+        dist, opt, sched = self.dist, self.opt, self.sched
+        weights, optimizer = dist.full_state(self.model, opt)
         error: Exception | None = None
         if dist.rank == 0:
             try:
-                state = {
-                    "optimizer": optimizer,
-                    "optimizer_class": type(opt).__name__,
-                    "scheduler": sched.state_dict() if sched is not None else None,
-                    "scheduler_class": type(sched).__name__ if sched is not None else None,
-                    "step": result.steps,
-                    "epoch": epoch,
-                    "position": position,
-                    "epoch_rng": epoch_rng,
-                    "rng": rng_state() if rng is None else rng,
-                    "history": result.history,
-                    "best_metric": result.best_metric,
-                }
+                saved = state.state_dict()
+                saved.update(
+                    epoch_rng=epoch_rng,
+                    rng=rng_state() if rng is None else rng,
+                    optimizer=optimizer,
+                    optimizer_class=type(opt).__name__,
+                    scheduler=sched.state_dict() if sched is not None else None,
+                    scheduler_class=type(sched).__name__ if sched is not None else None,
+                )
                 save_checkpoint(
-                    self.directory, result.steps, model, state, weights=weights, record=self.record
+                    self.ckpts.directory,
+                    state.step,
+                    self.model,
+                    saved,
+                    weights=weights,
+                    record=self.ckpts.record,
                 )
             except Exception as e:  # the other processes must hear of it, not wait for rank 0
                 error = e
