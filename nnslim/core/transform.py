@@ -35,8 +35,6 @@ class Context:
 
     inputs: Inputs | None
     calibration: list[Inputs] = field(default_factory=list)
-    #: per-step edit records gathered by Compose
-    records: list[Any] = field(default_factory=list)
 
     def require_inputs(self, who: str, why: str) -> Inputs:
         """The example inputs, or a ``ValueError`` that says why ``who`` needs them."""
@@ -169,15 +167,10 @@ class Transform(Config, abc.ABC):
         ties = _tied_params(model)
         snap = Snapshot(model, copy_tensors=self._needs_copy()) if rollback_enabled() else None
         try:
-            report = self._execute(model, ctx)
+            report, entries = self._execute(model, ctx, state=before_state)
             _keep_frozen(model, grads)
             for note in _untied(model, ties):
                 report.note(note)
-            entries = (
-                ctx.records
-                if isinstance(self, Compose)
-                else [_record_step(self, before_state, model)]
-            )
         except BaseException:
             if snap is not None:
                 snap.restore()
@@ -213,16 +206,30 @@ class Transform(Config, abc.ABC):
     def _needs_copy(self) -> bool:
         return self._copy_on_snapshot
 
-    def _execute(self, model: nn.Module, ctx: Context, before: Profile | None = None) -> Report:
+    def _execute(
+        self,
+        model: nn.Module,
+        ctx: Context,
+        before: Profile | None = None,
+        state: dict[str, Any] | None = None,
+    ) -> tuple[Report, list[Any]]:
+        """Run the transform with its profiles and checks: ``(report, edit records)``, one
+        record per step (``state``: :func:`describe` of the model before, if taken)."""
         from ..profiling.profiler import profile
 
         report = Report(type_name(type(self)), self.to_dict())
+        state = describe(model) if state is None else state
         if ctx.inputs is not None and before is None:
             before = profile(model, ctx.inputs)
         report.before = before
         self._apply(model, ctx, report)
-        if not isinstance(self, Compose) and not report.changes:
-            report.note(report.why_unchanged())
+        # a transform made of steps (Compose) leaves their records, each recorded on its own so
+        # that a later step may change what an earlier one moved; else it is one step
+        records = report.__dict__.pop("_step_records", None)
+        if records is None:
+            records = [_record_step(self, state, model)]
+            if not report.changes:
+                report.note(report.why_unchanged())
         if ctx.inputs is not None:
             try:
                 report.after = profile(model, ctx.inputs)
@@ -236,7 +243,7 @@ class Transform(Config, abc.ABC):
                     f"layers that overflow (the report of a run with `select=` on fewer layers "
                     f"shows which)."
                 )
-        return report
+        return report, records
 
     def _forward_failed(
         self, model: nn.Module, inputs: Inputs, report: Report, e: Exception
@@ -415,13 +422,11 @@ class Compose(Transform):
         return [s for part in self.transforms for s in part.split(steps)]
 
     def _apply(self, model: nn.Module, ctx: Context, report: Report) -> None:
+        records: list[Any] = []
         prev = report.before
         for t in self.transforms:
-            # each step's structural edits are recorded on their own, so that a later step may
-            # change what an earlier one moved
-            before = describe(model) if not isinstance(t, Compose) else None
-            step = t._execute(model, ctx, before=prev)
-            if before is not None:
-                ctx.records.append(_record_step(t, before, model))
+            step, done = t._execute(model, ctx, before=prev)
+            records.extend(done)
             report.steps.append(step)
             prev = step.after
+        report.__dict__["_step_records"] = records  # taken back by _execute

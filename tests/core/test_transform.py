@@ -206,3 +206,12 @@ def test_report_to_dict_is_json(cnn):
 
 def test_nested_mlp_and_cnn_fixtures_are_distinct():
     assert isinstance(TinyMLP(), nn.Module) and isinstance(TinyCNN(), nn.Module)
+
+
+def test_the_base_transform_knows_no_subclass_and_the_context_no_composition():
+    import dataclasses
+    import inspect
+
+    src = inspect.getsource(nnslim.Transform)
+    assert "isinstance(self, Compose)" not in src and "isinstance(t, Compose)" not in src
+    assert [f.name for f in dataclasses.fields(nnslim.Context)] == ["inputs", "calibration"]
