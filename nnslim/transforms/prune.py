@@ -598,25 +598,54 @@ class Prune(Transform):
         target = float(self.macs if self.macs is not None else self.params)  # type: ignore[arg-type]
         base = getattr(profile(model, inputs, memory=False), metric)
         goal = target * base
-        lo, hi, best, best_value = 0.0, 0.99, None, None
-        for _ in range(10):
-            mid = (lo + hi) / 2
+
+        def at(ratio: float) -> float:
             trial = copy_model(model)
-            _prune_model(trial, inputs, None, plan, self, imp, stats, mid)
+            _prune_model(trial, inputs, None, plan, self, imp, stats, ratio)
             try:
-                value = getattr(profile(trial, inputs, memory=False), metric)
+                return float(getattr(profile(trial, inputs, memory=False), metric))
             except ValueError:
                 failed = failing_module(trial, inputs)
                 if failed is None:
                     raise
                 raise _ForwardFailed(*failed) from None
-            del trial
+
+        # the ratio whose pruned model meets the target within 1% of the original: a search
+        # over the bracket [lo, hi] (lo misses the target, hi meets it) that interpolates
+        # between its ends (regula falsi, Illinois variant) and halves it when interpolation
+        # stalls; the first guess assumes a layer's cost scales as the product of its two
+        # pruned widths
+        lo, f_lo, hi, f_hi = 0.0, float(base), 0.99, None
+        best, best_value = None, None
+        mid = min(max(1.0 - math.sqrt(target), 0.01), 0.95)
+        last_side, stale = 0, 0
+        for _ in range(10):
+            value = at(mid)
             if value <= goal:
-                best, hi, best_value = mid, mid, value
-                if (goal - value) / base < 0.01:
+                best, best_value, hi, f_hi = mid, value, mid, value
+                # met within 1%, or no ratio in between changes a channel count
+                if (goal - value) / base < 0.01 or hi - lo < 0.006:
                     break
+                side = 1
             else:
-                lo = mid
+                lo, f_lo = mid, value
+                side = -1
+                if f_hi is not None and hi - lo < 0.006:
+                    break
+            stale = stale + 1 if side == last_side else 0
+            last_side = side
+            if f_hi is None:  # nothing met yet: extrapolate from lo by the same product rule
+                mid = min(max(1.0 - (1.0 - lo) * math.sqrt(goal / f_lo), lo + 0.005), 0.99)
+            elif stale >= 2 or f_lo == f_hi:
+                mid = (lo + hi) / 2
+                stale = 0
+            else:
+                g_lo, g_hi = f_lo - goal, f_hi - goal
+                if stale == 1:  # Illinois: the end kept twice counts half
+                    g_lo, g_hi = (g_lo / 2, g_hi) if side == 1 else (g_lo, g_hi / 2)
+                mid = lo + (hi - lo) * g_lo / (g_lo - g_hi)
+                if not lo < mid < hi:
+                    mid = (lo + hi) / 2
         if best is None:
             best = hi
             report.note(

@@ -353,3 +353,22 @@ def test_sparsity_masks_a_tied_weight_once_or_not_at_all():
     report = nnslim.Prune(ratio=0.5, structure="unstructured", select=["a", "out"]).apply(m, x)
     assert "tied to b" in {s.path: s.reason for s in report.skips}["a"]
     assert m.a.weight is m.b.weight and not (m.a.weight == 0).any()
+
+
+@pytest.mark.parametrize("target", [0.3, 0.5, 0.8])
+def test_a_macs_target_is_met_within_one_percent_in_few_trials(monkeypatch, target):
+    import torchvision
+
+    import nnslim.transforms.prune as prune
+
+    calls = []
+    real = prune._prune_model
+    monkeypatch.setattr(prune, "_prune_model", lambda *a: calls.append(a[-1]) or real(*a))
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None).eval()
+    report = nnslim.Prune(macs=target).apply(model, torch.randn(1, 3, 32, 32))
+    ratio = report.after.macs / report.before.macs
+    # within 1%, or as close as the channel counts allow (one channel of 64 is a 1.6% step)
+    assert target - 0.02 <= ratio <= target
+    # bisection took 5-10 trial prunes; the interpolating search needs a few (then the final)
+    assert len(calls) <= 6, calls
