@@ -585,7 +585,8 @@ class Trainer:
         # where a checkpoint written at the end resumes: after the last epoch, or (stopped by
         # max_steps) at the batch after the last step, with the RNG state of that moment
         end: tuple[int, int, Any, Any] | None = None
-        net.train()
+        if not model.training:  # a model in train mode keeps its modules' modes (a BatchNorm
+            net.train()  # frozen with .eval() for fine-tuning stays frozen)
         # a resumed run that already made max_steps has nothing to train (and keeps its
         # checkpoint as it is)
         finished = max_steps is not None and state.step >= max_steps

@@ -19,6 +19,7 @@ from ..base.modules import (
     is_linear,
     replace_module,
     set_module,
+    shared_parameters,
     unreplaceable,
 )
 from ..base.snapshot import preserved_state
@@ -522,17 +523,15 @@ def _keeps_zeros(m: nn.Module, w: torch.Tensor) -> bool:
 
 
 def _tied_weights(model: nn.Module) -> dict[int, dict[tuple[int, str], str]]:
-    """Parameters held by more than one (module, attribute): ``id -> {(module id, name): path}``.
-
-    A module that sits at several paths (cross-layer sharing) is one holder, not a tie.
-    """
-    holders: dict[int, dict[tuple[int, str], str]] = {}
-    for p, m in model.named_modules(remove_duplicate=False):
-        for name, t in m._parameters.items():
-            if t is not None:
-                full = f"{p}.{name}" if p else name
-                holders.setdefault(id(t), {}).setdefault((id(m), name), full)
-    return {k: v for k, v in holders.items() if len(v) > 1}
+    """:func:`shared_parameters` by parameter: ``id -> {(module id, name): first path}`` (a
+    module that sits at several paths, cross-layer sharing, is one holder, not a tie)."""
+    out: dict[int, dict[tuple[int, str], str]] = {}
+    for group in shared_parameters(model):
+        m, n, _ = group[0]
+        holders = out.setdefault(id(m._parameters[n]), {})
+        for m, n, full in group:
+            holders.setdefault((id(m), n), full)
+    return out
 
 
 def _locations(model: nn.Module) -> dict[int, list[str]]:

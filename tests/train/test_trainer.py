@@ -535,3 +535,18 @@ def test_resume_with_every_checkpoint_corrupt_says_so(tmp_path):
         nnslim.Trainer(lr=0.05, options=opts).fit(
             make_model(), make_data(), epochs=1, checkpoint_dir=tmp_path, resume=True
         )
+
+
+def test_a_model_in_train_mode_keeps_the_batchnorm_it_froze():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+    model.train()
+    model[1].eval()  # frozen statistics for fine-tuning
+    stats = model[1].running_mean.clone()
+    data = [(torch.randn(8, 4), torch.randint(0, 2, (8,))) for _ in range(3)]
+    nnslim.Trainer(lr=0.1, options=QUIET).fit(model, data)
+    assert not model[1].training and torch.equal(model[1].running_mean, stats)
+    # a model handed over in eval mode (as transforms leave it) is trained in train mode
+    model.eval()
+    nnslim.Trainer(lr=0.1, options=QUIET).fit(model, data)
+    assert model[1].training and not torch.equal(model[1].running_mean, stats)
