@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..base.blocks import block_of
 from ..base.inputs import Inputs, first_tensor, forward_error
 from ..base.modules import is_hf_conv1d
 from ..base.snapshot import preserved_state
@@ -196,21 +197,6 @@ def call_batch(model: nn.Module, batch: Inputs, index: int) -> Any:
         raise
     except Exception as e:
         raise forward_error(model, batch, e, f"calibration batch {index}") from e
-
-
-def block_of(path: str, named: dict[str, nn.Module]) -> str | None:
-    """The repeated block holding ``path``: the outermost prefix ``X.N`` that is an item of a
-    ModuleList/Sequential (``model.layers.3`` for ``model.layers.3.mlp.up_proj``)."""
-    parts = path.split(".")
-    for i in range(1, len(parts)):
-        if parts[i].isdigit():
-            container = ".".join(parts[:i])
-            if (
-                isinstance(named.get(container), (nn.ModuleList, nn.Sequential))
-                and i < len(parts) - 1
-            ):
-                return ".".join(parts[: i + 1])
-    return None
 
 
 def _replace_first(args: tuple[Any, ...], value: Any) -> tuple[Any, ...]:

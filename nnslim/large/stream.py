@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from ..base.atomic import commit_dir, temp_dir_beside
+from ..base.blocks import layer_stack
 from ..base.distributed import rank_world
 from ..base.inputs import Inputs, as_inputs
 from ..base.modules import shared_parameters
@@ -110,15 +111,11 @@ class ShardedCheckpoint:
 
 
 def _blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The longest ModuleList of same-class modules (the transformer layers)."""
-    best: tuple[str, nn.ModuleList] | None = None
-    for path, m in model.named_modules():
-        if isinstance(m, nn.ModuleList) and len(m) >= 1 and len({type(c) for c in m}) == 1:
-            if best is None or len(m) > len(best[1]):
-                best = (path, m)
-    if best is None:
+    """The list of repeated blocks to stream (:func:`layer_stack`)."""
+    found = layer_stack(model)
+    if found is None:
         raise ValueError("compress_checkpoint: the model has no list of repeated blocks to stream.")
-    return best
+    return found
 
 
 def _retie(groups: list[list[tuple[nn.Module, str, str]]], ckpt: ShardedCheckpoint) -> None:

@@ -11,6 +11,7 @@ from typing import Any, final
 import torch
 from torch import nn
 
+from ..base.blocks import block_lists
 from ..base.describe import shape_of
 from ..base.inputs import Inputs, output_tensors
 from ..base.modules import (
@@ -598,8 +599,8 @@ def _block_groups(model: nn.Module, spec: Any) -> list[list[str]]:
     for s in specs:
         found: list[list[str]] = []
         if s == "auto":
-            for path, mod in named.items():
-                if not isinstance(mod, (nn.ModuleList, nn.Sequential)) or _inside(path, claimed):
+            for path, mod in block_lists(model):
+                if _inside(path, claimed):
                     continue
                 children = [(_join(path, n), c) for n, c in mod._modules.items() if c is not None]
                 gs = _group(children)
