@@ -1558,17 +1558,6 @@ _WIDTH_FIELDS = [
 ]
 
 
-def _reads_head_dim(module: nn.Module) -> bool:
-    """Whether an attention class takes its head size from ``config.head_dim``."""
-    import inspect
-
-    try:
-        src = inspect.getsource(type(module).__init__)
-    except (OSError, TypeError):
-        return False
-    return "config.head_dim" in src or '"head_dim"' in src
-
-
 def _hidden_widths(model: nn.Module, attention: list[AttentionSpec]) -> dict[str, int | None]:
     """Output width of every attention output projection (the hidden width it writes)."""
     named = dict(model.named_modules())
@@ -1688,6 +1677,7 @@ def update_hf_config(model: nn.Module, attention: list[AttentionSpec]) -> list[s
                 f"config.{key} cannot describe per-layer widths {sorted(widths)}; reload the "
                 f"model with nnslim.load, not from_pretrained"
             )
+    changed: list[tuple[str, list[AttentionSpec], int, int]] = []
     if attention:
         for prefix, field in (
             ("encoder", "encoder_attention_heads"),
@@ -1740,15 +1730,39 @@ def update_hf_config(model: nn.Module, attention: list[AttentionSpec]) -> list[s
                     f"nnslim.hf.from_pretrained (or nnslim.save / nnslim.load)"
                 )
                 continue
-            # a head size derived from the hidden width holds when the width follows the heads
-            derived = out_width(named[specs[0].o]) == h * d if specs[0].o in named else False
-            if not _reads_head_dim(specs[0].module) and not derived:
-                notes.append(
-                    f"{type(specs[0].module).__name__} derives its head size from the hidden size "
-                    f"and config.{field}, so from_pretrained cannot rebuild {h} heads of size {d}; "
-                    f"reload with nnslim.load (or nnslim.hf.from_pretrained)"
-                )
+            changed.append((field, specs, h, d))
+    for field, specs, h, d in changed:
+        # what from_pretrained builds from the config now (a head size some classes derive
+        # from the hidden size, others read from config.head_dim)
+        why = _rebuilt_differs(model, specs[0].path)
+        if why is not None:
+            notes.append(
+                f"{type(specs[0].module).__name__} is not rebuilt from config.{field} with {h} "
+                f"heads of size {d} ({why}), so from_pretrained cannot rebuild it; reload with "
+                f"nnslim.load (or nnslim.hf.from_pretrained)"
+            )
     return notes
+
+
+def _rebuilt_differs(model: nn.Module, path: str) -> str | None:
+    """How the parameters under ``path`` of the model its class builds from its config (on
+    the meta device, as ``from_pretrained`` would) differ from the model's; ``None``: they
+    do not."""
+    import copy
+
+    try:
+        with torch.device("meta"):
+            fresh = type(model)(copy.deepcopy(model.config))
+    except Exception as e:
+        return f"the config no longer builds the model: {type(e).__name__}"
+    theirs = {k: tuple(v.shape) for k, v in fresh.named_parameters()}
+    for k, v in model.named_parameters():
+        if k.startswith(path + "."):
+            if k not in theirs:
+                return f"{k} is not built"
+            if theirs[k] != tuple(v.shape):
+                return f"{k} would be {list(theirs[k])}, it is {list(v.shape)}"
+    return None
 
 
 def _described_by(model: nn.Module, cfg: Any) -> dict[str, nn.Module]:
