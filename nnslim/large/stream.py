@@ -226,42 +226,17 @@ def compress_checkpoint(
         match the weights; an existing output directory. OSError: a failed write (the output
         is removed; the source is untouched).
     """
-    import sys
-
-    from transformers import AutoConfig
-
-    src = Path(source)
-    out = Path(output)
+    src, out = Path(source), Path(output)
     if out.exists():
         raise ValueError(
             f"compress_checkpoint: {os.fspath(out)!r} exists; choose a new output directory."
         )
     ckpt = ShardedCheckpoint.open(src)
-    config = AutoConfig.from_pretrained(str(src))
-    if model_class is None:
-        from transformers import AutoModelForCausalLM
-
-        model_class = AutoModelForCausalLM
-    build = getattr(model_class, "from_config", None) or model_class
-    with torch.device("meta"):
-        model = build(config)
-    model.eval()
-    for attr in ("use_cache",):
-        if hasattr(model.config, attr):
-            setattr(model.config, attr, False)
+    config, model = _skeleton(src, model_class)
     base = fingerprint(describe(model))  # not the states: they would keep every module alive
     blocks_path, blocks = _blocks(model)
-    block_paths = [f"{blocks_path}.{i}" for i in range(len(blocks))]
     rank, world = rank_world(backend="gloo")
-    batches = [as_inputs(b) for b in calibration]
-    if not batches:
-        raise ValueError("compress_checkpoint: calibration yielded no batch.")
-    if len(batches) < world:
-        raise ValueError(
-            f"compress_checkpoint: {len(batches)} calibration batches for {world} processes; "
-            f"give every process at least one batch (more batches, or fewer processes)."
-        )
-    mine = batches[rank::world]
+    mine = _batches_of_this_process(calibration, rank, world)
     report = Report(f"compress_checkpoint[{type(transform).__name__}]", transform.to_dict())
     tmp = temp_dir_beside(out)  # after removing what runs killed mid-write left (kill -9)
     writer = _Writer(tmp, shard_size_mb * 2**20)
@@ -279,46 +254,19 @@ def compress_checkpoint(
         # the embeddings (and the head) go back to meta while the blocks stream; they are read
         # again at the end to be written, so only one of them is held at a time
         model.to("meta")
-        show = sys.stderr.isatty() if progress is None else progress
-        bar = None
-        if show and rank == 0:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(blocks), desc="compress blocks", unit="block")
+        bar = _progress_bar(progress, rank, len(blocks))
         per_block = []
         for i, block in enumerate(blocks):
             t0 = time.perf_counter()
-            prefix = f"{block_paths[i]}."
-            for sub_path, sub in block.named_modules():
-                _materialize_shallow(sub, f"{prefix}{sub_path}." if sub_path else prefix, ckpt)
-            calib = [Inputs(a, k) for a, k in cached]
-            step = _apply_block(transform, block, calib, world)
-            step.transform = f"{block_paths[i]}: {step.transform}"
+            path = f"{blocks_path}.{i}"
+            step, done, cached = _compress_block(transform, block, path, cached, ckpt, world)
             report.steps.append(step)
-            rec = block.__dict__.pop(RECORD_ATTR, None) or {"entries": []}
-            for e in rec["entries"]:
-                entries.append(
-                    {
-                        "transform": e["transform"],
-                        "ops": [_prefix_op(op, block_paths[i]) for op in e["ops"]],
-                    }
-                )
-            if rec.get("unsaveable"):
-                raise ValueError(
-                    f"compress_checkpoint: block {i} cannot be recorded: {rec['unsaveable']}"
-                )
-            with torch.no_grad():
-                new_cached = []
-                for a, k in cached:
-                    o = block(*a, **k)
-                    o = o[0] if isinstance(o, (tuple, list)) else o
-                    new_cached.append(((o, *a[1:]), k))
-            cached = new_cached
+            entries += done
             if rank == 0:
-                writer.add({prefix + n: t for n, t in block.state_dict().items()})
+                writer.add({f"{path}.{n}": t for n, t in block.state_dict().items()})
                 writer.flush()  # a shard per block: nothing of it stays in memory
             block.to("meta")
-            del calib, step
+            del step
             _release_memory()
             per_block.append(time.perf_counter() - t0)
             if bar is not None:
@@ -327,11 +275,6 @@ def compress_checkpoint(
             bar.close()
         if rank == 0:
             aliases = _write_rest(model, blocks_path, ties, ckpt, writer)
-            weight_map = writer.finish()
-            (tmp / INDEX).write_text(
-                json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1)
-            )
-            config.save_pretrained(str(tmp))
             record = {
                 "format": 1,
                 "base": base,
@@ -339,8 +282,7 @@ def compress_checkpoint(
                 "unsaveable": "",
                 "aliases": aliases,
             }
-            (tmp / RECORD_FILE).write_text(json.dumps(record))
-            commit_dir(tmp, out)
+            _finish(tmp, out, writer, config, record)
         _barrier(world)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -349,9 +291,94 @@ def compress_checkpoint(
     if peak is not None:
         report.note(f"peak resident memory {peak:.0f} MB")
     report.note(
-        f"{len(blocks)} blocks in {time.perf_counter() - t_start:.1f} s, {sum(per_block) / len(per_block):.2f} s per block"
+        f"{len(blocks)} blocks in {time.perf_counter() - t_start:.1f} s, "
+        f"{sum(per_block) / len(per_block):.2f} s per block"
     )
     return report
+
+
+def _skeleton(src: Path, model_class: Any) -> tuple[Any, nn.Module]:
+    """The checkpoint's config and its model on the meta device, in eval mode, no KV cache."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(src))
+    if model_class is None:
+        from transformers import AutoModelForCausalLM
+
+        model_class = AutoModelForCausalLM
+    build = getattr(model_class, "from_config", None) or model_class
+    with torch.device("meta"):
+        model = build(config)
+    model.eval()
+    if hasattr(model.config, "use_cache"):
+        model.config.use_cache = False
+    return config, model
+
+
+def _batches_of_this_process(calibration: Iterable[Any], rank: int, world: int) -> list[Inputs]:
+    """This process's share of the calibration batches (every ``world``-th from ``rank``)."""
+    batches = [as_inputs(b) for b in calibration]
+    if not batches:
+        raise ValueError("compress_checkpoint: calibration yielded no batch.")
+    if len(batches) < world:
+        raise ValueError(
+            f"compress_checkpoint: {len(batches)} calibration batches for {world} processes; "
+            f"give every process at least one batch (more batches, or fewer processes)."
+        )
+    return batches[rank::world]
+
+
+def _progress_bar(progress: bool | None, rank: int, total: int) -> Any:
+    """A tqdm bar on process 0 (by default only on a terminal), else ``None``."""
+    import sys
+
+    if not (sys.stderr.isatty() if progress is None else progress) or rank != 0:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="compress blocks", unit="block")
+
+
+def _compress_block(
+    transform: Transform,
+    block: nn.Module,
+    path: str,
+    cached: list[tuple[tuple[Any, ...], dict[str, Any]]],
+    ckpt: ShardedCheckpoint,
+    world: int,
+) -> tuple[Report, list[dict[str, Any]], list[tuple[tuple[Any, ...], dict[str, Any]]]]:
+    """Load one block, transform it on its cached inputs: ``(its report, its edit record's
+    entries with model-level paths, the inputs of the next block)``."""
+    prefix = f"{path}."
+    for sub_path, sub in block.named_modules():
+        _materialize_shallow(sub, f"{prefix}{sub_path}." if sub_path else prefix, ckpt)
+    step = _apply_block(transform, block, [Inputs(a, k) for a, k in cached], world)
+    step.transform = f"{path}: {step.transform}"
+    rec = block.__dict__.pop(RECORD_ATTR, None) or {"entries": []}
+    if rec.get("unsaveable"):
+        raise ValueError(
+            f"compress_checkpoint: block {path} cannot be recorded: {rec['unsaveable']}"
+        )
+    entries = [
+        {"transform": e["transform"], "ops": [_prefix_op(op, path) for op in e["ops"]]}
+        for e in rec["entries"]
+    ]
+    with torch.no_grad():
+        after = []
+        for a, k in cached:
+            o = block(*a, **k)
+            o = o[0] if isinstance(o, (tuple, list)) else o
+            after.append(((o, *a[1:]), k))
+    return step, entries, after
+
+
+def _finish(tmp: Path, out: Path, writer: _Writer, config: Any, record: dict[str, Any]) -> None:
+    """Write the shard index, the config and the edit record, then move ``tmp`` to ``out``."""
+    weight_map = writer.finish()
+    (tmp / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
+    config.save_pretrained(str(tmp))
+    (tmp / RECORD_FILE).write_text(json.dumps(record))
+    commit_dir(tmp, out)
 
 
 def _write_rest(
