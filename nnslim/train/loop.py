@@ -180,33 +180,10 @@ def compress(
         raise TypeError("compress(evaluate=...): expected a callable model -> metric.")
     check_fraction("compress", "tolerance", tolerance, low=0.0, high=float("inf"))
     check_int("compress", "steps", steps, low=1)
-    if not isinstance(target, dict) or not target:
-        raise ValueError(
-            f"compress(target=...): expected a dict like {{'macs': 0.5}}, got {target!r}."
-        )
-    target = {_ALIASES.get(k, k): v for k, v in target.items()}
-    for k, v in target.items():
-        if k not in TARGETS:
-            raise ValueError(
-                f"compress(target=...): unknown key {k!r}; supported: {', '.join(TARGETS)}."
-            )
-        check_fraction("compress", f"target[{k!r}]", v, low_inclusive=False, high_inclusive=True)
+    target = _checked_target(target)
     if trainer is not None and train_data is None:
         raise ValueError("compress: a trainer needs train_data=.")
-    if isinstance(transforms, Transform):
-        transforms = [transforms]
-    if not isinstance(transforms, (list, tuple)) or not transforms:
-        raise TypeError(
-            f"compress(transforms=...): expected a Transform or a non-empty list of them, got "
-            f"{type(transforms).__name__} ({transforms!r:.40})."
-        )
-    check_transform_items("compress", transforms)
-    # a piece that is not the last of its transform's split may be skipped where it does not
-    # apply (e.g. ShareWeights' first, finest step on layers with fewer weights per codebook)
-    pieces: list[tuple[Transform, bool]] = []
-    for t in transforms:
-        split = schedule(t, steps)
-        pieces += [(s, i < len(split) - 1) for i, s in enumerate(split)]
+    pieces = _pieces(transforms, steps)
     inputs = as_inputs(example_inputs)
     latency = "latency_ms" in target
 
@@ -268,6 +245,42 @@ def compress(
             break
     result.model = best
     return result
+
+
+def _checked_target(target: Any) -> dict[str, float]:
+    """``target`` with its aliases resolved, checked: known keys, fractions in ``(0, 1]``."""
+    if not isinstance(target, dict) or not target:
+        raise ValueError(
+            f"compress(target=...): expected a dict like {{'macs': 0.5}}, got {target!r}."
+        )
+    target = {_ALIASES.get(k, k): v for k, v in target.items()}
+    for k, v in target.items():
+        if k not in TARGETS:
+            raise ValueError(
+                f"compress(target=...): unknown key {k!r}; supported: {', '.join(TARGETS)}."
+            )
+        check_fraction("compress", f"target[{k!r}]", v, low_inclusive=False, high_inclusive=True)
+    return target
+
+
+def _pieces(transforms: Any, steps: int) -> list[tuple[Transform, bool]]:
+    """The steps of the loop, each transform split in ``steps`` (:func:`schedule`), with
+    whether the piece may be skipped where it does not apply: every piece but the last of its
+    transform's split (ShareWeights' first, finest step on layers with fewer weights per
+    codebook)."""
+    if isinstance(transforms, Transform):
+        transforms = [transforms]
+    if not isinstance(transforms, (list, tuple)) or not transforms:
+        raise TypeError(
+            f"compress(transforms=...): expected a Transform or a non-empty list of them, got "
+            f"{type(transforms).__name__} ({transforms!r:.40})."
+        )
+    check_transform_items("compress", transforms)
+    pieces: list[tuple[Transform, bool]] = []
+    for t in transforms:
+        split = schedule(t, steps)
+        pieces += [(s, i < len(split) - 1) for i, s in enumerate(split)]
+    return pieces
 
 
 def _name(t: Transform) -> str:
