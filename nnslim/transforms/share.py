@@ -325,6 +325,57 @@ class ShareWeights(Transform):
         default_k = self.clusters
         if default_k is None:  # pragma: no cover - guarded by _apply
             return
+        eligible = self._palettizable(model, report)
+        plan = self._palettize_plan(model, eligible, default_k, report)
+        named = dict(model.named_modules())
+        dense = {p: named[p] for p in plan if not _palettized(named[p])}
+        importance = self._importance(model, ctx, dense, report) if dense else {}
+        if self.sensitivity and len(dense) < len(plan):
+            report.note(
+                "palettized layers clustered again are weighted by their current values only "
+                "(no weight gradient exists for them)"
+            )
+        locations = _locations(model)
+        for p, (k, gs, keep_zeros) in plan.items():
+            old = named[p]
+            w = _weight2d(old)
+            imp = importance.get(p)
+            book, codes, zero_code = palettize(
+                w,
+                k,
+                group_size=gs,
+                importance=imp,
+                keep_zeros=keep_zeros,
+                seed=self.seed,
+            )
+            book = book.to(w.device)
+            if isinstance(old, (nn.Conv2d, PalettizedConv2d)):
+                new: nn.Module = PalettizedConv2d.from_codes(old, book, codes, gs, zero_code)
+            else:
+                new = PalettizedLinear.from_codes(old, book, codes, gs, zero_code)
+            with torch.no_grad():
+                ref = w.float()
+                err = float((new.dequantize().reshape(ref.shape) - ref).norm() / ref.norm())
+            details: dict[str, Any] = {
+                "clusters": new.clusters,
+                "bits": new.bits,
+                "codebooks": new.codebook.shape[0],
+                "error": err if math.isfinite(err) else 0.0,
+                "zeros_kept": keep_zeros,
+            }
+            if self.sensitivity:
+                details["sensitivity"] = imp is not None
+            first = None
+            for where in locations[id(old)]:
+                if first is None:
+                    first = where
+                    report.changed(where, "palettized", shape_of(old), shape_of(new), **details)
+                else:
+                    report.changed(where, "palettized", shape_of(old), shape_of(new), same_as=first)
+                replace_module(model, where, new)
+
+    def _palettizable(self, model: nn.Module, report: Report) -> list[tuple[str, nn.Module]]:
+        """The layers that can be palettized (the others listed in ``report`` with why)."""
         named = dict(model.named_modules())
         # palettized layers are candidates too: one with more clusters than asked is clustered
         # again from its current values (how compress() shares weights in steps)
@@ -350,6 +401,18 @@ class ShareWeights(Transform):
                 f"{_OWNER}: the model has no Linear, Conv1D or Conv2d layer to palettize; use "
                 f"clusters=None for cross-layer sharing alone."
             )
+        return eligible
+
+    def _palettize_plan(
+        self,
+        model: nn.Module,
+        eligible: list[tuple[str, nn.Module]],
+        default_k: int,
+        report: Report,
+    ) -> dict[str, tuple[int, int, bool]]:
+        """``{path: (clusters, group size, keep zeros)}`` for the selected layers that can take
+        their clusters (the others listed in ``report``, or an error for an explicit choice)."""
+        named = dict(model.named_modules())
         sel = normalize_selector(self.select)
         explicit = (
             {k for k, _ in sel if isinstance(k, str) and not k.startswith("re:")} if sel else set()
@@ -409,51 +472,7 @@ class ShareWeights(Transform):
                 f"{_OWNER}: no layer left to palettize ({why}). Lower clusters, change "
                 f"select/exclude, or use clusters=None for cross-layer sharing alone."
             )
-        dense = {p: named[p] for p in plan if not _palettized(named[p])}
-        importance = self._importance(model, ctx, dense, report) if dense else {}
-        if self.sensitivity and len(dense) < len(plan):
-            report.note(
-                "palettized layers clustered again are weighted by their current values only "
-                "(no weight gradient exists for them)"
-            )
-        locations = _locations(model)
-        for p, (k, gs, keep_zeros) in plan.items():
-            old = named[p]
-            w = _weight2d(old)
-            imp = importance.get(p)
-            book, codes, zero_code = palettize(
-                w,
-                k,
-                group_size=gs,
-                importance=imp,
-                keep_zeros=keep_zeros,
-                seed=self.seed,
-            )
-            book = book.to(w.device)
-            if isinstance(old, (nn.Conv2d, PalettizedConv2d)):
-                new: nn.Module = PalettizedConv2d.from_codes(old, book, codes, gs, zero_code)
-            else:
-                new = PalettizedLinear.from_codes(old, book, codes, gs, zero_code)
-            with torch.no_grad():
-                ref = w.float()
-                err = float((new.dequantize().reshape(ref.shape) - ref).norm() / ref.norm())
-            details: dict[str, Any] = {
-                "clusters": new.clusters,
-                "bits": new.bits,
-                "codebooks": new.codebook.shape[0],
-                "error": err if math.isfinite(err) else 0.0,
-                "zeros_kept": keep_zeros,
-            }
-            if self.sensitivity:
-                details["sensitivity"] = imp is not None
-            first = None
-            for where in locations[id(old)]:
-                if first is None:
-                    first = where
-                    report.changed(where, "palettized", shape_of(old), shape_of(new), **details)
-                else:
-                    report.changed(where, "palettized", shape_of(old), shape_of(new), same_as=first)
-                replace_module(model, where, new)
+        return plan
 
     def _group_size(self, out: int) -> int:
         if self.granularity == "tensor":
