@@ -365,7 +365,7 @@ class Factorize(Transform):
             stats = collect(model, ctx.calibration, layers, gram=True)
         # per layer: singular values (sensitivity), the cost of going from rank r to r + 1,
         # the dense cost, and whether it is a convolution (given an integer rank)
-        entries: list[tuple[str, torch.Tensor, Any, float, bool]] = []
+        entries: list[_Entry] = []
         for p, m in linears.items():
             w = _weight(m)
             out, inp = w.shape
@@ -381,64 +381,17 @@ class Factorize(Transform):
             unit = (out + inp) * rows
             entries.append((p, sv, lambda r, u=unit: u, per_row * rows, False))
         for p, m in convs.items():
-            hin, win, hout, wout = spatial.get(p, (1, 1, 1, 1))
-            o, i, kh, kw = m.weight.shape
-            a_in, a_out, a_mid = (
-                (hin * win, hout * wout, hout * win) if metric == "macs" else (1, 1, 1)
-            )
-            w = m.weight.detach().float()
             gram = stats[p].gram if p in stats else None
-            if gram is not None:  # whitened over input channels, like a Linear's input
-                w = torch.einsum("oihw,ij->ojhw", w, _whitening(gram)[0].float())
-            full = o * i * kh * kw * a_out
-            if self.conv == "spatial":
-                sv = torch.linalg.svdvals(w.permute(1, 2, 0, 3).reshape(i * kh, o * kw))
-                step = i * kh * a_mid + o * kw * a_out  # k x 1 then 1 x k, linear in r
-
-                def marginal(r: int, step: float = step) -> float:
-                    return step
-
-                if p in now:
-                    sv = sv[: now[p][0]]
-                    full = now[p][0] * step
-            else:
-                # Tucker-2 with rank_in = rank_out = r: r*i + r*r*k*k + o*r
-                sv = torch.linalg.svdvals(w.reshape(o, -1))[: min(o, i)]
-
-                def marginal(
-                    r: int, lin: float = i * a_in + o * a_out, k2: float = kh * kw * a_out
-                ) -> float:
-                    return lin + (2 * r + 1) * k2
-
-                if p in now:
-                    r_in, r_out = now[p]
-                    sv = sv[: min(r_in, r_out)]
-                    full = r_in * i * a_in + r_in * r_out * kh * kw * a_out + o * r_out * a_out
-            entries.append((p, sv, marginal, full, True))
+            entries.append(
+                _conv_entry(p, m, gram, spatial.get(p, (1, 1, 1, 1)), metric, self.conv, now)
+            )
         selected_full = sum(e[3] for e in entries)
         budget = fraction * total - (total - selected_full)
         if budget <= 0:
             report.note(
                 f"budget {metric}={fraction} is below what the unselected layers cost; every layer gets rank 1"
             )
-        candidates = []
-        for idx, (_, sv, marginal, _, _) in enumerate(entries):
-            energy = sv.pow(2)
-            for r, e in enumerate(energy.tolist()):
-                candidates.append((e / marginal(r), idx, r))
-        candidates.sort(reverse=True)
-        ranks = [1] * len(entries)
-        spent = sum(e[2](0) for e in entries)  # rank 1 everywhere
-        for _, idx, r in candidates:
-            if r == 0:
-                continue
-            if r != ranks[idx]:
-                continue  # ranks are taken in order per layer
-            unit = entries[idx][2](r)
-            if spent + unit > budget:
-                continue
-            ranks[idx] = r + 1
-            spent += unit
+        ranks = _allocate_ranks(entries, budget)
         # linear layers: the fraction of their cost kept (>= 1: stays dense); convolutions:
         # their rank, or 1.0 (stays dense) where that rank costs as much as the convolution
         out: dict[str, Any] = {}
@@ -530,124 +483,13 @@ class Factorize(Transform):
             report.skipped(p, f"the budget {why}")
             return
         w = m.weight.detach().float()
-        o, i, kh, kw = w.shape
-        hin, win, hout, wout = sizes if sizes is not None else (1, 1, 1, 1)
-        dense_macs = o * i * kh * kw * hout * wout
-        if self.conv == "spatial":
-            sv = torch.linalg.svdvals(w.permute(1, 2, 0, 3).reshape(i * kh, o * kw))
-            r = self._lower_rank(p, sv, i * kh, o * kw, fixed, now)
-            if now is not None and r >= now[0]:
-                report.skipped(p, f"already factorized at rank {now[0]} (asked {r})")
-                return
-            # k x 1 conv at (hout, win) then 1 x k at (hout, wout)
-            cost = r * i * kh * hout * win + o * r * kw * hout * wout
-            if (cost >= dense_macs and sizes is not None) or r * (
-                i * kh + o * kw
-            ) >= o * i * kh * kw:
-                report.skipped(
-                    p, f"rank {r}: the spatial split would cost as much as the convolution"
-                )
-                return
-            v, h = spatial_svd(w, r)
-            first = nn.Conv2d(
-                i,
-                r,
-                (kh, 1),
-                stride=(m.stride[0], 1),
-                padding=(m.padding[0], 0),
-                dilation=(m.dilation[0], 1),
-                bias=False,
-            )
-            second = nn.Conv2d(
-                r,
-                o,
-                (1, kw),
-                stride=(1, m.stride[1]),
-                padding=(0, m.padding[1]),
-                dilation=(1, m.dilation[1]),
-                bias=m.bias is not None,
-            )
-            with torch.no_grad():
-                first.weight.copy_(v)
-                second.weight.copy_(h)
-                if m.bias is not None:
-                    second.bias.copy_(m.bias.detach())
-            layers = nn.Sequential(first, second)
-            ranks: tuple[int, ...] = (r,)
-            approx = torch.einsum("rih,orw->oihw", v[..., 0], h[:, :, 0, :])
-        else:
-            s0 = torch.linalg.svdvals(w.reshape(o, -1))
-            s1 = torch.linalg.svdvals(w.transpose(0, 1).reshape(i, -1))
-            if isinstance(fixed, float):
-                r_out = r_in = _tucker_rank_for_params(o, i, kh * kw, fixed * o * i * kh * kw)
-            elif fixed is not None:
-                r_out = r_in = int(fixed)
-                if r_out > min(o, i * kh * kw) or r_in > min(i, o * kh * kw):
-                    raise ValueError(
-                        f"Factorize: rank {int(fixed)} is larger than possible for {p} ({shape_of(m)}); "
-                        f"at most {min(o, i)}."
-                    )
-            elif self.rank is not None:
-                r_out = r_in = self.rank
-                if self.rank > min(o, i) and p in self._named():
-                    raise ValueError(
-                        f"Factorize: rank {self.rank} is larger than possible for {p} "
-                        f"({shape_of(m)}): at most {min(o, i)}."
-                    )
-                if self.rank > min(o, i):  # one rank for every layer: this one is too small
-                    report.skipped(
-                        p, f"rank {self.rank} is more than this layer has (at most {min(o, i)})"
-                    )
-                    return
-            elif self.energy is not None:
-                r_out = self._rank_for(p, s0, o, i * kh * kw, None)
-                r_in = self._rank_for(p, s1, i, o * kh * kw, None)
-            elif now is not None:  # a fraction of what the layer holds now
-                held = now[0] * i + now[0] * now[1] * kh * kw + o * now[1]
-                r_out = r_in = _tucker_rank_for_params(o, i, kh * kw, (self.ratio or 1.0) * held)
-            else:
-                target = (self.ratio or 1.0) * o * i * kh * kw
-                r_out = r_in = _tucker_rank_for_params(o, i, kh * kw, target)
-            r_out, r_in = min(r_out, o), min(r_in, i)
-            if now is not None:
-                r_in, r_out = min(r_in, now[0]), min(r_out, now[1])
-                if (r_in, r_out) == tuple(now):
-                    report.skipped(p, f"already factorized at ranks {tuple(now)}")
-                    return
-            u_in, core, u_out = tucker2(w, r_in, r_out)
-            cost_params = r_in * i + r_out * r_in * kh * kw + o * r_out
-            cost = (
-                r_in * i * hin * win
-                + r_out * r_in * kh * kw * hout * wout
-                + o * r_out * hout * wout
-            )
-            if cost_params >= o * i * kh * kw or (sizes is not None and cost >= dense_macs):
-                report.skipped(
-                    p,
-                    f"ranks ({r_in}, {r_out}): the Tucker chain would cost as much as the convolution",
-                )
-                return
-            first = nn.Conv2d(i, r_in, 1, bias=False)
-            mid = nn.Conv2d(
-                r_in,
-                r_out,
-                (kh, kw),
-                stride=m.stride,
-                padding=m.padding,
-                dilation=m.dilation,
-                bias=False,
-                padding_mode=m.padding_mode,
-            )
-            last = nn.Conv2d(r_out, o, 1, bias=m.bias is not None)
-            with torch.no_grad():
-                first.weight.copy_(u_in.t()[:, :, None, None])
-                mid.weight.copy_(core)
-                last.weight.copy_(u_out[:, :, None, None])
-                if m.bias is not None:
-                    last.bias.copy_(m.bias.detach())
-            layers = nn.Sequential(first, mid, last)
-            ranks = (r_in, r_out)
-            approx = torch.einsum("rshw,or,is->oihw", core, u_out, u_in)
+        o, i = w.shape[:2]
+        split = (self._spatial if self.conv == "spatial" else self._tucker)(
+            report, p, m, w, fixed, sizes, now
+        )
+        if split is None:
+            return
+        layers, ranks, approx = split
         new = FactorizedConv2d(layers, self.conv, i, o, ranks).to(
             device=m.weight.device, dtype=m.weight.dtype
         )
@@ -665,6 +507,145 @@ class Factorize(Transform):
             weight_error=round(err, 4),
         )
         replace_module(model, p, new)
+
+    def _spatial(
+        self,
+        report: Report,
+        p: str,
+        m: nn.Conv2d,
+        w: torch.Tensor,
+        fixed: Any,
+        sizes: tuple[int, int, int, int] | None,
+        now: tuple[int, ...] | None,
+    ) -> tuple[nn.Sequential, tuple[int, ...], torch.Tensor] | None:
+        """The k x 1 then 1 x k pair for ``m`` (its layers, rank and the weight they make), or
+        ``None`` with the reason in ``report``."""
+        o, i, kh, kw = w.shape
+        _, win, hout, wout = sizes if sizes is not None else (1, 1, 1, 1)
+        dense_macs = o * i * kh * kw * hout * wout
+        sv = torch.linalg.svdvals(w.permute(1, 2, 0, 3).reshape(i * kh, o * kw))
+        r = self._lower_rank(p, sv, i * kh, o * kw, fixed, now)
+        if now is not None and r >= now[0]:
+            report.skipped(p, f"already factorized at rank {now[0]} (asked {r})")
+            return None
+        # k x 1 conv at (hout, win) then 1 x k at (hout, wout)
+        cost = r * i * kh * hout * win + o * r * kw * hout * wout
+        if (cost >= dense_macs and sizes is not None) or r * (i * kh + o * kw) >= o * i * kh * kw:
+            report.skipped(p, f"rank {r}: the spatial split would cost as much as the convolution")
+            return None
+        v, h = spatial_svd(w, r)
+        first = nn.Conv2d(
+            i,
+            r,
+            (kh, 1),
+            stride=(m.stride[0], 1),
+            padding=(m.padding[0], 0),
+            dilation=(m.dilation[0], 1),
+            bias=False,
+        )
+        second = nn.Conv2d(
+            r,
+            o,
+            (1, kw),
+            stride=(1, m.stride[1]),
+            padding=(0, m.padding[1]),
+            dilation=(1, m.dilation[1]),
+            bias=m.bias is not None,
+        )
+        with torch.no_grad():
+            first.weight.copy_(v)
+            second.weight.copy_(h)
+            if m.bias is not None:
+                second.bias.copy_(m.bias.detach())
+        layers = nn.Sequential(first, second)
+        ranks: tuple[int, ...] = (r,)
+        approx = torch.einsum("rih,orw->oihw", v[..., 0], h[:, :, 0, :])
+        return layers, ranks, approx
+
+    def _tucker(
+        self,
+        report: Report,
+        p: str,
+        m: nn.Conv2d,
+        w: torch.Tensor,
+        fixed: Any,
+        sizes: tuple[int, int, int, int] | None,
+        now: tuple[int, ...] | None,
+    ) -> tuple[nn.Sequential, tuple[int, ...], torch.Tensor] | None:
+        """The Tucker-2 chain (1 x 1, k x k core, 1 x 1) for ``m`` (its layers, ranks and the
+        weight they make), or ``None`` with the reason in ``report``."""
+        o, i, kh, kw = w.shape
+        hin, win, hout, wout = sizes if sizes is not None else (1, 1, 1, 1)
+        dense_macs = o * i * kh * kw * hout * wout
+        s0 = torch.linalg.svdvals(w.reshape(o, -1))
+        s1 = torch.linalg.svdvals(w.transpose(0, 1).reshape(i, -1))
+        if isinstance(fixed, float):
+            r_out = r_in = _tucker_rank_for_params(o, i, kh * kw, fixed * o * i * kh * kw)
+        elif fixed is not None:
+            r_out = r_in = int(fixed)
+            if r_out > min(o, i * kh * kw) or r_in > min(i, o * kh * kw):
+                raise ValueError(
+                    f"Factorize: rank {int(fixed)} is larger than possible for {p} ({shape_of(m)}); "
+                    f"at most {min(o, i)}."
+                )
+        elif self.rank is not None:
+            r_out = r_in = self.rank
+            if self.rank > min(o, i) and p in self._named():
+                raise ValueError(
+                    f"Factorize: rank {self.rank} is larger than possible for {p} "
+                    f"({shape_of(m)}): at most {min(o, i)}."
+                )
+            if self.rank > min(o, i):  # one rank for every layer: this one is too small
+                report.skipped(
+                    p, f"rank {self.rank} is more than this layer has (at most {min(o, i)})"
+                )
+                return None
+        elif self.energy is not None:
+            r_out = self._rank_for(p, s0, o, i * kh * kw, None)
+            r_in = self._rank_for(p, s1, i, o * kh * kw, None)
+        elif now is not None:  # a fraction of what the layer holds now
+            held = now[0] * i + now[0] * now[1] * kh * kw + o * now[1]
+            r_out = r_in = _tucker_rank_for_params(o, i, kh * kw, (self.ratio or 1.0) * held)
+        else:
+            target = (self.ratio or 1.0) * o * i * kh * kw
+            r_out = r_in = _tucker_rank_for_params(o, i, kh * kw, target)
+        r_out, r_in = min(r_out, o), min(r_in, i)
+        if now is not None:
+            r_in, r_out = min(r_in, now[0]), min(r_out, now[1])
+            if (r_in, r_out) == tuple(now):
+                report.skipped(p, f"already factorized at ranks {tuple(now)}")
+                return None
+        u_in, core, u_out = tucker2(w, r_in, r_out)
+        cost_params = r_in * i + r_out * r_in * kh * kw + o * r_out
+        cost = r_in * i * hin * win + r_out * r_in * kh * kw * hout * wout + o * r_out * hout * wout
+        if cost_params >= o * i * kh * kw or (sizes is not None and cost >= dense_macs):
+            report.skipped(
+                p,
+                f"ranks ({r_in}, {r_out}): the Tucker chain would cost as much as the convolution",
+            )
+            return None
+        first = nn.Conv2d(i, r_in, 1, bias=False)
+        mid = nn.Conv2d(
+            r_in,
+            r_out,
+            (kh, kw),
+            stride=m.stride,
+            padding=m.padding,
+            dilation=m.dilation,
+            bias=False,
+            padding_mode=m.padding_mode,
+        )
+        last = nn.Conv2d(r_out, o, 1, bias=m.bias is not None)
+        with torch.no_grad():
+            first.weight.copy_(u_in.t()[:, :, None, None])
+            mid.weight.copy_(core)
+            last.weight.copy_(u_out[:, :, None, None])
+            if m.bias is not None:
+                last.bias.copy_(m.bias.detach())
+        layers = nn.Sequential(first, mid, last)
+        ranks = (r_in, r_out)
+        approx = torch.einsum("rshw,or,is->oihw", core, u_out, u_in)
+        return layers, ranks, approx
 
 
 def svd_factors(
@@ -774,3 +755,72 @@ def _spatial_sizes(
         for h in handles:
             h.remove()
     return sizes
+
+
+#: a layer in the global budget: ``(path, singular values, cost of going from rank r to
+#: r + 1, dense cost, whether it is a convolution)``
+_Entry = tuple[str, torch.Tensor, Any, float, bool]
+
+
+def _conv_entry(
+    p: str,
+    m: nn.Module,
+    gram: torch.Tensor | None,
+    spatial: tuple[int, int, int, int],
+    metric: str,
+    kind: str,
+    now: dict[str, tuple[int, ...]],
+) -> _Entry:
+    """A convolution's budget entry: its singular values (whitened over input channels when
+    ``gram`` is given), its marginal cost per rank (``kind``: ``"spatial"`` k x 1 then 1 x k,
+    else Tucker-2 with equal ranks) and its cost now."""
+    hin, win, hout, wout = spatial
+    o, i, kh, kw = m.weight.shape
+    a_in, a_out, a_mid = (hin * win, hout * wout, hout * win) if metric == "macs" else (1, 1, 1)
+    w = m.weight.detach().float()
+    if gram is not None:  # whitened over input channels, like a Linear's input
+        w = torch.einsum("oihw,ij->ojhw", w, _whitening(gram)[0].float())
+    full = o * i * kh * kw * a_out
+    if kind == "spatial":
+        sv = torch.linalg.svdvals(w.permute(1, 2, 0, 3).reshape(i * kh, o * kw))
+        step = i * kh * a_mid + o * kw * a_out  # k x 1 then 1 x k, linear in r
+
+        def marginal(r: int, step: float = step) -> float:
+            return step
+
+        if p in now:
+            sv = sv[: now[p][0]]
+            full = now[p][0] * step
+        return p, sv, marginal, full, True
+    # Tucker-2 with rank_in = rank_out = r: r*i + r*r*k*k + o*r
+    sv = torch.linalg.svdvals(w.reshape(o, -1))[: min(o, i)]
+
+    def tucker(r: int, lin: float = i * a_in + o * a_out, k2: float = kh * kw * a_out) -> float:
+        return lin + (2 * r + 1) * k2
+
+    if p in now:
+        r_in, r_out = now[p]
+        sv = sv[: min(r_in, r_out)]
+        full = r_in * i * a_in + r_in * r_out * kh * kw * a_out + o * r_out * a_out
+    return p, sv, tucker, full, True
+
+
+def _allocate_ranks(entries: list[_Entry], budget: float) -> list[int]:
+    """Ranks per entry: rank 1 everywhere, then rank by rank where the energy bought per unit
+    of cost is largest (sigma^2 / marginal cost), while the budget lasts."""
+    candidates = []
+    for idx, (_, sv, marginal, _, _) in enumerate(entries):
+        for r, e in enumerate(sv.pow(2).tolist()):
+            candidates.append((e / marginal(r), idx, r))
+    candidates.sort(reverse=True)
+    ranks = [1] * len(entries)
+    spent = sum(e[2](0) for e in entries)  # rank 1 everywhere
+    for _, idx, r in candidates:
+        if r == 0 or r != ranks[idx]:
+            continue  # ranks are taken in order per layer
+        unit = entries[idx][2](r)
+        if spent + unit > budget:
+            continue
+        ranks[idx] = r + 1
+        spent += unit
+    return ranks
