@@ -68,8 +68,8 @@ def call(model: torch.nn.Module, inputs: Any) -> Any:
     return model(**inputs) if isinstance(inputs, dict) else model(inputs)
 
 
-def count_nnslim(model, inputs):
-    return nnslim.profile(model, inputs, memory=False).macs
+def count_nnslim(model, inputs, fast: bool = False):
+    return nnslim.profile(model, inputs, memory=False, fast=fast).macs
 
 
 def count_flop_counter(model, inputs, grad: bool):
@@ -100,6 +100,7 @@ def count_torch_pruning(model, inputs):
 
 TOOLS = {
     "nnslim": count_nnslim,
+    "nnslim (fast=True)": lambda m, x: count_nnslim(m, x, fast=True),
     "FlopCounterMode (grad)": lambda m, x: count_flop_counter(m, x, True),
     "FlopCounterMode (no_grad)": lambda m, x: count_flop_counter(m, x, False),
     "fvcore": count_fvcore,

@@ -7,7 +7,7 @@ the duration of the count (modules with hooks of their own get hooks instead). T
 tracks every tensor storage the operators create, through weak references, to measure peak
 memory.
 
-Leaf fast path: inside leaf modules of an exactly known type (convolution, linear, eval-mode
+Leaf fast path (opt-in: ``profile(fast=True)``): inside leaf modules of an exactly known type (convolution, linear, eval-mode
 BatchNorm, LayerNorm, common activations and pooling; see :mod:`.leaf_rules`), run without
 gradients on plain CPU tensors, the counter pauses its mode and charges, after the forward, what
 the operators that module dispatches cost: from per-element coefficients equal to the formulas'
@@ -131,10 +131,6 @@ class _MemoryTracker:
         self._live.clear()
 
 
-#: Use the leaf fast path (a switch for tests and for comparing against the dispatch path).
-FAST_LEAVES = True
-
-
 class _Forward(partial):
     """A module's forward as an :class:`OpCounter` wraps it: ``partial(_counted or
     _counted_leaf, counter, forward, path, ...)``, set on the module instance.
@@ -249,7 +245,8 @@ class OpCounter(TorchDispatchMode):
         model: the model about to run; module paths come from its ``named_modules``.
         track_memory: track live tensor storages.
         fast_leaves: charge known leaf modules without intercepting their operators, where
-            that gives the same figures (``None``: the module-level ``FAST_LEAVES``).
+            that gives the same figures (opt-in: it pauses the mode through private torch
+            functions).
         named: the model's ``named_modules(remove_duplicate=False)``, if already listed.
     """
 
@@ -258,7 +255,7 @@ class OpCounter(TorchDispatchMode):
         model: nn.Module,
         *,
         track_memory: bool = True,
-        fast_leaves: bool | None = None,
+        fast_leaves: bool = False,
         named: list[tuple[str, nn.Module]] | None = None,
     ) -> None:
         super().__init__()
@@ -268,7 +265,7 @@ class OpCounter(TorchDispatchMode):
         self.phase = "forward"
         self.backward = Tally()
         self.memory = _MemoryTracker() if track_memory else None
-        self.fast_leaves = FAST_LEAVES if fast_leaves is None else fast_leaves
+        self.fast_leaves = fast_leaves
         #: leaf modules charged by the fast path (calls), for tests and diagnostics
         self.fast_calls = 0
         # the modules whose forward is wrapped, their wrappers, and forwards that were set on

@@ -19,15 +19,24 @@ from nnslim.profiling.counter import OpCounter
 from nnslim.profiling.leaf_rules import _RULES
 from tests.zoo import TinyMLP, gpt2_config
 
+#: the fast path is opt-in (``profile(fast=True)``); here every profile asks for it unless
+#: inside dispatch_path_only()
+_FAST = [True]
+
+
+@pytest.fixture(autouse=True)
+def fast_by_default(monkeypatch):
+    real = nnslim.profile
+    monkeypatch.setattr(nnslim, "profile", lambda *a, **k: real(*a, **{"fast": _FAST[0], **k}))
+
 
 @contextlib.contextmanager
 def dispatch_path_only():
-    old = counter.FAST_LEAVES
-    counter.FAST_LEAVES = False
+    _FAST[0] = False
     try:
         yield
     finally:
-        counter.FAST_LEAVES = old
+        _FAST[0] = True
 
 
 @contextlib.contextmanager
@@ -68,7 +77,7 @@ def profile_both(model, example, **kwargs):
 
 def fast_calls(model, example, grad=False):
     """Leaf calls the fast path charged in one profile-like forward."""
-    c = OpCounter(model)
+    c = OpCounter(model, fast_leaves=True)
     with preserved_state(model), c, torch.set_grad_enabled(grad):
         as_inputs(example).call(model)
     return c.fast_calls
@@ -692,7 +701,7 @@ def test_modules_under_data_parallel_are_not_wrapped():
 
 def test_counts_ended_out_of_order_leave_no_wrappers():
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
-    first, second = OpCounter(model), OpCounter(model)
+    first, second = OpCounter(model, fast_leaves=True), OpCounter(model, fast_leaves=True)
     first._install()
     second._install()  # wraps the first's wrappers (another thread's count of the same model)
     kept = model[0].forward  # code that keeps a wrapper past its count
@@ -747,3 +756,13 @@ def test_pool_with_a_one_value_kernel_tuple(cls, unbatched):
     x = torch.randn(2, 6, 6) if unbatched else torch.randn(1, 2, 6, 6)
     slow, fast = profile_both(pool, x)
     assert fast.other_flops == 2 * 4 * 4 * 9  # a 3x3 window per output
+
+
+def test_the_fast_path_is_opt_in():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())
+    x = torch.randn(1, 3, 8, 8)
+    assert fast_calls(model, x) == 2
+    c = OpCounter(model)
+    with preserved_state(model), c, torch.no_grad():
+        model(x)
+    assert c.fast_calls == 0  # the default counts every operator through the dispatcher
