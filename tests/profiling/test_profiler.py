@@ -419,3 +419,33 @@ def test_latency_waits_for_the_accelerator_through_torch_benchmarks_clock(monkey
     assert lat.clock is not timer.timer  # patched here; the module's own is torch's:
     monkeypatch.undo()
     assert lat.clock is timer.timer
+
+
+def test_a_module_called_inside_one_that_does_not_hold_it_is_charged_itself():
+    # the rotary-embedding pattern: held by the model, called by each layer; a tracker that
+    # only knows the set of running modules would charge it to the deeper caller
+    class Layer(nn.Module):
+        def __init__(self, shared):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+            self.__dict__["shared"] = shared  # used, not held
+
+        def forward(self, x):
+            return self.fc(self.shared(x))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rope = nn.Linear(8, 8, bias=False)
+            self.layers = nn.ModuleList([Layer(self.rope), Layer(self.rope)])
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = layer(x)
+            return x
+
+    p = nnslim.profile(Net(), torch.randn(2, 8))
+    own = {path: m.macs for path, m in p.modules.items()}
+    assert p.modules["rope"].calls == 2
+    assert own["rope"] == 2 * 2 * 64
+    assert own["layers.0.fc"] == 2 * 64
