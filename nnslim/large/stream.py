@@ -269,10 +269,8 @@ def compress_checkpoint(
             del step
             _release_memory()
             per_block.append(time.perf_counter() - t0)
-            if bar is not None:
-                bar.update(1)
-        if bar is not None:
-            bar.close()
+            bar.update(1)
+        bar.close()
         if rank == 0:
             aliases = _write_rest(model, blocks_path, ties, ckpt, writer)
             record = {
@@ -329,14 +327,13 @@ def _batches_of_this_process(calibration: Iterable[Any], rank: int, world: int) 
 
 
 def _progress_bar(progress: bool | None, rank: int, total: int) -> Any:
-    """A tqdm bar on process 0 (by default only on a terminal), else ``None``."""
+    """A tqdm bar on process 0 (by default only on a terminal); disabled, it does nothing."""
     import sys
 
-    if not (sys.stderr.isatty() if progress is None else progress) or rank != 0:
-        return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="compress blocks", unit="block")
+    show = sys.stderr.isatty() if progress is None else progress
+    return tqdm(total=total, desc="compress blocks", unit="block", disable=not show or rank != 0)
 
 
 def _compress_block(

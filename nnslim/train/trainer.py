@@ -615,10 +615,11 @@ class Trainer:
                     if micro % self.options.accumulate:
                         continue
                     self._step(model, params, opt, sched, dist, loss, state, ckpts.directory)
-                    bar.update(loss=float(loss.detach()))
+                    bar.set_postfix(loss=f"{float(loss.detach()):.4g}", refresh=False)
+                    bar.update(1)
                     if evaluation is not None and evaluation.due(state.step):
                         done = evaluation.run(result)
-                        bar.update(metric=state.history[-1]["metric"], step=False)
+                        bar.set_postfix(metric=f"{state.history[-1]['metric']:.4g}")
                     state.epoch, state.position = epoch, mine.consumed
                     if saving is not None and state.step % self.options.checkpoint_every == 0:
                         saving.save(state, epoch_rng)
@@ -987,36 +988,12 @@ class _GroupLasso:
         return self.weight * total
 
 
-class _Progress:
-    def __init__(self, bar: Any) -> None:
-        self.bar = bar
-        self.post: dict[str, str] = {}
-
-    def update(
-        self, loss: float | None = None, metric: float | None = None, step: bool = True
-    ) -> None:
-        if self.bar is None:
-            return
-        if loss is not None:
-            self.post["loss"] = f"{loss:.4g}"
-        if metric is not None:
-            self.post["metric"] = f"{metric:.4g}"
-        self.bar.set_postfix(self.post, refresh=False)
-        if step:
-            self.bar.update(1)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _progress(verbose: bool | None, total: int | None, rank: int) -> _Progress:
-    show = sys.stderr.isatty() if verbose is None else verbose
-    if not show or rank != 0:
-        return _Progress(None)
+def _progress(verbose: bool | None, total: int | None, rank: int) -> Any:
+    """A tqdm bar on process 0 (by default only on a terminal); disabled, it does nothing."""
     from tqdm.auto import tqdm
 
-    return _Progress(tqdm(total=total, desc="fine-tune", unit="step"))
+    show = sys.stderr.isatty() if verbose is None else verbose
+    return tqdm(total=total, desc="fine-tune", unit="step", disable=not show or rank != 0)
 
 
 class _Distributed:
