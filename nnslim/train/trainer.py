@@ -615,11 +615,12 @@ class Trainer:
                     if micro % self.options.accumulate:
                         continue
                     self._step(model, params, opt, sched, dist, loss, state, ckpts.directory)
-                    bar.set_postfix(loss=f"{float(loss.detach()):.4g}", refresh=False)
-                    bar.update(1)
+                    post = {"loss": f"{float(loss.detach()):.4g}"}
                     if evaluation is not None and evaluation.due(state.step):
                         done = evaluation.run(result)
-                        bar.set_postfix(metric=f"{state.history[-1]['metric']:.4g}")
+                        post["metric"] = f"{state.history[-1]['metric']:.4g}"
+                    bar.set_postfix(post, refresh=False)
+                    bar.update(1)
                     state.epoch, state.position = epoch, mine.consumed
                     if saving is not None and state.step % self.options.checkpoint_every == 0:
                         saving.save(state, epoch_rng)
