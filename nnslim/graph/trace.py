@@ -218,8 +218,14 @@ class Graph:
         """Projections inside attention modules whose heads nnslim cannot prune, with reasons."""
         return unknown_attention_layers(self.model, self.attention)
 
-    def groups(self, ignored: list[str] | None = None) -> list[GroupInfo]:
+    def groups(
+        self, ignored: list[str] | None = None, *, buildable_only: bool = False
+    ) -> list[GroupInfo]:
         """Every group of coupled channels rooted at a Conv/Linear output, in model order.
+
+        ``buildable_only``: leave out the groups torch-pruning cannot build (one that grows
+        without bound, an error from inside its index mapping; :meth:`dynamic_split_roots`
+        gives their reasons) instead of raising.
 
         Raises:
             TraceError: if a group grows without bound or enumeration exceeds the time limit.
@@ -229,7 +235,7 @@ class Graph:
         paths = self.paths
         out: list[GroupInfo] = []
         with self.dg.limit(self.time_limit, "building pruning groups"):
-            for g in _iter_groups(self.dg, ign, paths):
+            for g in _iter_groups(self.dg, ign, paths, buildable_only):
                 root = g[0].dep.target.module
                 info = GroupInfo(paths.get(id(root), "?"), len(g[0].idxs))
                 for item in g:
@@ -259,8 +265,11 @@ def _raised_in_torch_pruning(e: BaseException) -> bool:
     return last is not None and "torch_pruning" in last
 
 
-def _iter_groups(dg: Any, ignored: list[nn.Module], paths: dict[int, str]) -> Iterator[Any]:
-    """``dg.get_all_groups``, in model order."""
+def _iter_groups(
+    dg: Any, ignored: list[nn.Module], paths: dict[int, str], buildable_only: bool = False
+) -> Iterator[Any]:
+    """``dg.get_all_groups``, in model order (``buildable_only``: passing over the roots whose
+    group torch-pruning cannot build)."""
     visited: set[int] = set()
     ignored_ids = {id(m) for m in ignored} | {id(m) for m in dg.IGNORED_LAYERS_IN_TRACING}
     roots = root_types()
@@ -275,9 +284,18 @@ def _iter_groups(dg: Any, ignored: list[nn.Module], paths: dict[int, str]) -> It
         pruner = dg.get_pruner_of_module(m)
         if pruner is None or pruner.get_out_channels(m) is None:
             continue
-        group = dg.get_pruning_group(
-            m, pruner.prune_out_channels, list(range(pruner.get_out_channels(m)))
-        )
+        try:
+            group = dg.get_pruning_group(
+                m, pruner.prune_out_channels, list(range(pruner.get_out_channels(m)))
+            )
+        except GroupTooLarge:
+            if not buildable_only:
+                raise
+            continue
+        except (IndexError, KeyError, TypeError, ValueError, ZeroDivisionError) as e:
+            if not buildable_only or not _raised_in_torch_pruning(e):
+                raise
+            continue
         prunable = True
         for dep, _ in group:
             if dg.is_out_channel_pruning_fn(dep.handler):

@@ -989,7 +989,7 @@ def _crossing_roots(
     graph = trace(model, inputs, time_limit=time_limit)
     skip = {p for s in graph.attention for p in s.projections} | set(graph.output_layers())
     roots = []
-    for g in graph.groups():
+    for g in graph.groups(buildable_only=True):
         members = {p for p, _ in g.members} | {g.root}
         for place in places:
             inside = {p for p in members if p.startswith(place)}
