@@ -441,24 +441,30 @@ def _watch_layer_outputs(model: nn.Module, into: list[torch.Tensor]) -> list[Any
 
 
 class _ShuffleWatch(TorchFunctionMode):
-    """Collects the autograd nodes of reshapes that split the channel dim of a 4-D feature
-    map into groups, ``[b, c, h, w] -> [b, g, c/g, h, w]`` (ShuffleNet's channel shuffle, then
-    transposed and flattened back). torch-pruning maps such a reshape channel by channel, so a
-    channel pruned before the shuffle would be matched to another one after it."""
+    """Collects the autograd nodes of channel shuffles: a reshape that splits the channel dim
+    of a 4-D feature map into groups, ``[b, c, h, w] -> [b, g, c/g, h, w]``, whose result is
+    then transposed across the two new dims (ShuffleNet's channel shuffle, flattened back
+    afterwards). torch-pruning maps such a reshape channel by channel, so a channel pruned
+    before the shuffle would be matched to another one after it. A split into heads that is
+    not transposed so (HaloNet's attention) keeps the channel order and is not one."""
 
     _RESHAPES = frozenset({"view", "reshape", "unflatten"})
+    _SWAPS = frozenset({"transpose", "swapaxes", "swapdims", "permute"})
 
     def __init__(self, into: list[Any]) -> None:
         super().__init__()
         self.into = into
+        self.splits: dict[int, tuple[torch.Tensor, Any]] = {}
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
-        if getattr(func, "__name__", "") in self._RESHAPES and args:
-            x = args[0]
+        name = getattr(func, "__name__", "")
+        if not args or not isinstance(args[0], torch.Tensor):
+            return out
+        x = args[0]
+        if name in self._RESHAPES:
             if (
-                isinstance(x, torch.Tensor)
-                and isinstance(out, torch.Tensor)
+                isinstance(out, torch.Tensor)
                 and out.grad_fn is not None
                 and x.dim() == 4
                 and out.dim() == 5
@@ -467,7 +473,18 @@ class _ShuffleWatch(TorchFunctionMode):
                 and out.shape[1] * out.shape[2] == x.shape[1]
                 and out.shape[3:] == x.shape[2:]
             ):
-                self.into.append(out.grad_fn)
+                self.splits[id(out)] = (out, out.grad_fn)  # held: ids stay unique meanwhile
+        elif name in self._SWAPS and id(x) in self.splits:
+            dims = [a for a in args[1:] if isinstance(a, int)] or list(
+                args[1] if len(args) > 1 and isinstance(args[1], (tuple, list)) else []
+            )
+            swapped = (
+                sorted(d % 5 for d in dims[:2]) == [1, 2]
+                if name != "permute"
+                else len(dims) == 5 and [d % 5 for d in dims[1:3]] == [2, 1]
+            )
+            if swapped:
+                self.into.append(self.splits[id(x)][1])
         return out
 
 

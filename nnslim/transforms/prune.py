@@ -202,7 +202,6 @@ class Prune(Transform):
         notes: list[str] = []
         attempt = 0
         narrowed: dict[str, str] = {}  # module classes whose inner layers alone were kept: why
-        bounded: set[str] = set()  # module classes whose channels crossing their edge were kept
         while True:
             trial = Report(report.transform, report.config)
             widened: list[str] = []  # output projections pruned as the hidden width
@@ -278,7 +277,6 @@ class Prune(Transform):
                 f"the forward of {cls} ({where}) failed after pruning ({error}): it reads "
                 f"channel counts as constants, so the layers of every {cls} keep their channels"
             )
-            stage = ""
             if layers and cls not in narrowed:
                 # first keep what it computes inside: the layers writing its output (a Mamba
                 # mixer's out_proj) still follow the width around it (the hidden width), which
@@ -287,28 +285,12 @@ class Prune(Transform):
                 inner = [p for p in layers if p not in writers]
                 if writers and inner:
                     attempt -= 1
-                    layers, stage = inner, "narrowed"
+                    layers = inner
                     why = narrowed[cls] = (
                         f"the forward of {cls} ({where}) failed after pruning ({error}): it "
                         f"reads channel counts as constants, so the layers inside every {cls} "
                         f"keep their channels (those writing its output follow the width "
                         f"around it)"
-                    )
-            if not stage and layers and cls not in bounded:
-                # then keep only the channels crossing its edge (a width the block reads as a
-                # constant where it ends): the widths it computes inside still prune
-                for p in [p for p, w in kept.items() if w == narrowed.get(cls)]:
-                    del kept[p]
-                crossing = _crossing_roots(model, inputs, where, kept, self.time_limit)
-                layers = _layers_inside(model, where, kept)
-                if crossing and set(crossing) != set(layers):
-                    bounded.add(cls)
-                    attempt -= 1
-                    layers = crossing
-                    why = (
-                        f"the forward of {cls} ({where}) failed after pruning ({error}): it "
-                        f"reads channel counts as constants, so the channels crossing the edge "
-                        f"of every {cls} stay (the widths inside it prune)"
                     )
             if not layers and where:
                 # a norm or an activation with no layers of its own, whose input width no longer
@@ -971,33 +953,6 @@ def _layers_inside(model: nn.Module, where: str, kept: dict[str, str]) -> list[s
             if isinstance(layer, root_types()) and full not in kept:
                 out.append(full)
     return out
-
-
-def _crossing_roots(
-    model: nn.Module, inputs: Inputs, where: str, kept: dict[str, str], time_limit: float | None
-) -> list[str]:
-    """Roots of the channel groups that cross the edge of a module of ``where``'s class
-    (members inside one such module and outside it), other than attention projections,
-    output layers and roots already kept."""
-    target = model.get_submodule(where) if where else model
-    if isinstance(target, root_types()) and where:
-        where = where.rpartition(".")[0]
-        target = model.get_submodule(where) if where else model
-    if target is model:
-        return []
-    places = [f"{p}." for p, m in model.named_modules() if type(m) is type(target) and p]
-    graph = trace(model, inputs, time_limit=time_limit)
-    skip = {p for s in graph.attention for p in s.projections} | set(graph.output_layers())
-    roots = []
-    for g in graph.groups(buildable_only=True):
-        members = {p for p, _ in g.members} | {g.root}
-        for place in places:
-            inside = {p for p in members if p.startswith(place)}
-            if inside and inside != members:
-                if g.root not in skip and g.root not in kept:
-                    roots.append(g.root)
-                break
-    return roots
 
 
 def _attention_writers(model: nn.Module, inputs: Inputs, projections: dict[str, str]) -> set[str]:

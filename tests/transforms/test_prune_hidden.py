@@ -464,42 +464,24 @@ def test_channels_through_a_channel_shuffle_stay_and_the_widths_inside_the_block
         assert model(x).shape == (1, 5)
 
 
-class EdgeBlock(nn.Module):
-    """A block whose forward reads its edge width as a constant (a per-channel offset built
-    from ``self.c``); the width inside it is its own."""
+class HeadSplit(nn.Module):
+    """A split of the channels into heads that keeps their order (HaloNet-style attention over
+    each head's channels): not a channel shuffle."""
 
-    def __init__(self, c: int) -> None:
-        super().__init__()
-        self.c = c
-        self.inner1, self.inner2 = nn.Conv2d(c, 2 * c, 1), nn.Conv2d(2 * c, c, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.inner2(F.relu(self.inner1(x)))
-        return x + y + torch.linspace(0, 1, self.c).view(1, self.c, 1, 1)
-
-
-class EdgeNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.stem = nn.Conv2d(3, 16, 3, padding=1)
-        self.blocks = nn.Sequential(EdgeBlock(16), EdgeBlock(16))
-        self.fc = nn.Linear(16, 5)
+        self.qkv, self.proj = nn.Conv2d(8, 16, 1), nn.Conv2d(16, 8, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
+        b, _, h, w = x.shape
+        y = self.qkv(x).view(b, 4, 4, h, w).softmax(2).reshape(b, 16, h, w)
+        return self.proj(y)
 
 
-def test_a_block_that_reads_its_edge_width_keeps_only_the_channels_crossing_its_edge():
-    torch.manual_seed(0)
-    model = EdgeNet().eval()
-    x = torch.randn(1, 3, 8, 8)
-    report = nnslim.Prune(ratio=0.5).apply(model, x)
-    assert model.stem.out_channels == 16
-    for block in model.blocks:
-        assert block.inner1.out_channels == block.inner2.in_channels == 16  # inside: pruned
-        assert block.inner2.out_channels == 16  # the edge width stays
-    reasons = {s.path: s.reason for s in report.skips}
-    assert "channels crossing the edge of every EdgeBlock" in reasons["stem"]
-    assert "blocks.0.inner1" not in reasons
-    with torch.no_grad():
-        assert model(x).shape == (1, 5)
+def test_a_split_into_heads_is_not_taken_for_a_channel_shuffle():
+    from nnslim.graph.trace import trace
+
+    g = trace(HeadSplit().eval(), torch.randn(1, 8, 4, 4))
+    assert g.shuffles == []
+    g = trace(ShuffleNet().eval(), torch.randn(1, 3, 16, 16))
+    assert len(g.shuffles) == 2  # one per block
