@@ -39,7 +39,7 @@ from __future__ import annotations
 import contextlib
 import time
 import typing
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from numbers import Number
 from typing import Any
 
@@ -60,6 +60,7 @@ __all__ = [
     "conv1d_type",
     "customized_pruners",
     "sized_split",
+    "watch_in_place",
 ]
 
 #: the torch-pruning version whose methods :class:`DependencyGraph` and :class:`Pruner` copy
@@ -180,6 +181,35 @@ def customized_pruners(model: nn.Module | None = None) -> dict[Any, Any]:
 # Fixes: functions of the graph that DependencyGraph calls instead of upstream's
 
 
+def watch_in_place(
+    model: nn.Module, layer_types: tuple[type, ...]
+) -> tuple[Callable[[], list[nn.Module]], list[Any]]:
+    """Hooks that find, during the next forward, the layers whose output is a view that the
+    model then changes in place (RoCBert's ``x = self.map_inputs_layer(x); x += ...``: a Linear
+    on 3-D input returns a view of its matmul). Autograd then replaces the view's node, so
+    torch-pruning cannot find the layer in the graph, treats its matmul as element-wise and
+    leaves its input channels behind when the layer before it is pruned. Reads the private
+    ``Tensor._is_view()`` and ``Tensor._version`` (no public API tells either; a test fails
+    when torch's behaviour here changes). Returns ``(a function giving the layers once the
+    forward ran, hook handles)``."""
+    seen: list[tuple[nn.Module, torch.Tensor, int]] = []
+
+    def hook(m: nn.Module, _: Any, out: Any) -> None:
+        if isinstance(out, torch.Tensor) and out._is_view():
+            seen.append((m, out, out._version))
+
+    def found() -> list[nn.Module]:
+        out: list[nn.Module] = []
+        for m, t, version in seen:
+            if t._version != version and m not in out:
+                out.append(m)
+        seen.clear()
+        return out
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, layer_types)]
+    return found, handles
+
+
 def sized_split(grad_fn: Any) -> bool:
     """Whether an autograd node is a split sized at run time (``chunk``, ``split(n)``)."""
     return hasattr(grad_fn, "_saved_split_size")
@@ -298,9 +328,9 @@ class _Group(tp.dependency.Group):
     second here). Appended members are indexed as they come; a member replaced in place drops
     the index, which is then rebuilt."""
 
-    def __init__(self, graph: DependencyGraph, root: Any) -> None:
+    def __init__(self, graph: DependencyGraph) -> None:
         super().__init__()
-        self._graph, self._root = graph, root
+        self._graph = graph
         self._ops: dict[tuple[int, Any], list[Any]] | None = None
         self._seen = 0
 
@@ -428,7 +458,7 @@ class DependencyGraph(tp.DependencyGraph):
         idxs = [_helpers._HybridIndex(idx=i, root_idx=i) for i in idxs]
         update_index_mapping(self)
         self._building = self._module2name.get(module, type(module).__name__)
-        group = _Group(self, module)
+        group = _Group(self)
         root_node = self.module2node[module]
         group.add_dep(
             dep=tp.dependency.Dependency(

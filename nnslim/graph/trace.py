@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +47,7 @@ from .tp_compat import (
     conv1d_type,
     customized_pruners,
     sized_split,
+    watch_in_place,
 )
 
 __all__ = ["Graph", "GroupInfo", "TraceError", "root_types", "trace"]
@@ -218,14 +219,8 @@ class Graph:
         """Projections inside attention modules whose heads nnslim cannot prune, with reasons."""
         return unknown_attention_layers(self.model, self.attention)
 
-    def groups(
-        self, ignored: list[str] | None = None, *, buildable_only: bool = False
-    ) -> list[GroupInfo]:
+    def groups(self, ignored: list[str] | None = None) -> list[GroupInfo]:
         """Every group of coupled channels rooted at a Conv/Linear output, in model order.
-
-        ``buildable_only``: leave out the groups torch-pruning cannot build (one that grows
-        without bound, an error from inside its index mapping; :meth:`dynamic_split_roots`
-        gives their reasons) instead of raising.
 
         Raises:
             TraceError: if a group grows without bound or enumeration exceeds the time limit.
@@ -235,7 +230,7 @@ class Graph:
         paths = self.paths
         out: list[GroupInfo] = []
         with self.dg.limit(self.time_limit, "building pruning groups"):
-            for g in _iter_groups(self.dg, ign, paths, buildable_only):
+            for g in _iter_groups(self.dg, ign, paths):
                 root = g[0].dep.target.module
                 info = GroupInfo(paths.get(id(root), "?"), len(g[0].idxs))
                 for item in g:
@@ -265,11 +260,8 @@ def _raised_in_torch_pruning(e: BaseException) -> bool:
     return last is not None and "torch_pruning" in last
 
 
-def _iter_groups(
-    dg: Any, ignored: list[nn.Module], paths: dict[int, str], buildable_only: bool = False
-) -> Iterator[Any]:
-    """``dg.get_all_groups``, in model order (``buildable_only``: passing over the roots whose
-    group torch-pruning cannot build)."""
+def _iter_groups(dg: Any, ignored: list[nn.Module], paths: dict[int, str]) -> Iterator[Any]:
+    """``dg.get_all_groups``, in model order."""
     visited: set[int] = set()
     ignored_ids = {id(m) for m in ignored} | {id(m) for m in dg.IGNORED_LAYERS_IN_TRACING}
     roots = root_types()
@@ -284,18 +276,9 @@ def _iter_groups(
         pruner = dg.get_pruner_of_module(m)
         if pruner is None or pruner.get_out_channels(m) is None:
             continue
-        try:
-            group = dg.get_pruning_group(
-                m, pruner.prune_out_channels, list(range(pruner.get_out_channels(m)))
-            )
-        except GroupTooLarge:
-            if not buildable_only:
-                raise
-            continue
-        except (IndexError, KeyError, TypeError, ValueError, ZeroDivisionError) as e:
-            if not buildable_only or not _raised_in_torch_pruning(e):
-                raise
-            continue
+        group = dg.get_pruning_group(
+            m, pruner.prune_out_channels, list(range(pruner.get_out_channels(m)))
+        )
         prunable = True
         for dep, _ in group:
             if dg.is_out_channel_pruning_fn(dep.handler):
@@ -319,7 +302,7 @@ def build_dependency(
 
     ``not_tensor``: layers whose forward returns no tensor (:func:`_watch_not_tensor`), kept
     out of the graph. ``in_place``: layers whose output view the model changes in place
-    (:func:`_watch_in_place`); they hand on a copy while the graph is traced. ``shuffles``
+    (:func:`~.tp_compat.watch_in_place`); they hand on a copy while the graph is traced. ``shuffles``
     receives the autograd nodes of channel shuffles (:class:`_ShuffleWatch`)."""
     dg = DependencyGraph(MAX_GROUP)
     outputs: list[torch.Tensor] = []
@@ -488,33 +471,6 @@ class _ShuffleWatch(TorchFunctionMode):
         return out
 
 
-def _watch_in_place(model: nn.Module) -> tuple[Callable[[], list[nn.Module]], list[Any]]:
-    """Hooks that find, during the next forward, the layers whose output is a view that the
-    model then changes in place (RoCBert's ``x = self.map_inputs_layer(x); x += ...``: a Linear
-    on 3-D input returns a view of its matmul). Autograd then replaces the view's node, so
-    torch-pruning cannot find the layer in the graph, treats its matmul as element-wise and
-    leaves its input channels behind when the layer before it is pruned. Returns
-    ``(a function giving the layers once the forward ran, hook handles)``."""
-    seen: list[tuple[nn.Module, torch.Tensor, int]] = []
-
-    def hook(m: nn.Module, _: Any, out: Any) -> None:
-        if isinstance(out, torch.Tensor) and out._is_view():
-            seen.append((m, out, out._version))
-
-    def found() -> list[nn.Module]:
-        out: list[nn.Module] = []
-        for m, t, version in seen:
-            if t._version != version and m not in out:
-                out.append(m)
-        seen.clear()
-        return out
-
-    handles = [
-        m.register_forward_hook(hook) for m in model.modules() if isinstance(m, root_types())
-    ]
-    return found, handles
-
-
 def _watch_not_tensor(model: nn.Module) -> tuple[list[nn.Module], list[Any]]:
     """Hooks that collect, during the next forward, the subclasses of ``nn.Linear``/
     ``nn.Conv*`` whose own forward returns something other than a tensor (a mixture-of-experts
@@ -580,7 +536,7 @@ def trace(
             return output_tensors(call_for_analysis(model, inputs))
 
     not_tensor, handles = _watch_not_tensor(model)
-    in_place, more = _watch_in_place(model)
+    in_place, more = watch_in_place(model, root_types())
     try:
         reference = run()
     except Exception as e:

@@ -201,7 +201,7 @@ class Prune(Transform):
         first_why = ""
         notes: list[str] = []
         attempt = 0
-        narrowed: dict[str, str] = {}  # module classes whose inner layers alone were kept: why
+        narrowed: set[str] = set()  # module classes whose inner layers alone were kept
         while True:
             trial = Report(report.transform, report.config)
             widened: list[str] = []  # output projections pruned as the hidden width
@@ -285,8 +285,9 @@ class Prune(Transform):
                 inner = [p for p in layers if p not in writers]
                 if writers and inner:
                     attempt -= 1
+                    narrowed.add(cls)
                     layers = inner
-                    why = narrowed[cls] = (
+                    why = (
                         f"the forward of {cls} ({where}) failed after pruning ({error}): it "
                         f"reads channel counts as constants, so the layers inside every {cls} "
                         f"keep their channels (those writing its output follow the width "
