@@ -483,7 +483,11 @@ def build(spec: str) -> tuple[Any, Any, str]:
             if group == "detection":
                 cands = [([torch.rand(3, 128, 128, generator=g)],)]
             elif group == "video":
-                cands = [torch.randn(1, 3, 8, 112, 112, generator=g)]
+                # MViT takes 16 frames of 224 x 224 only; S3D needs more than 8 small frames
+                cands = [
+                    torch.randn(1, 3, 8, 112, 112, generator=g),
+                    torch.randn(1, 3, 16, 224, 224, generator=g),
+                ]
             elif group == "segmentation":
                 cands = [torch.randn(1, 3, 128, 128, generator=g)]
             else:
