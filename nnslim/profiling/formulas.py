@@ -13,11 +13,13 @@ Formulas are keyed by the aten overload packet. Operators without a formula are 
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from torch.utils.flop_counter import flop_registry
 
 __all__ = ["ELEMENT_COSTS", "Cost", "cost_of", "register_formula"]
 
@@ -67,33 +69,54 @@ def _n(shape: Sequence[int]) -> int:
 
 
 # -- matrix work --------------------------------------------------------------------------------
-@register_formula(aten.mm, aten._int_mm)
+# Matrix products and convolutions take their MACs from torch's own FLOP formulas
+# (``torch.utils.flop_counter``, the ones ``FlopCounterMode`` uses: FLOPs are 2 x MACs), so both
+# count the same work; nnslim adds the bias work torch leaves out as "other FLOPs".
+def _torch_macs(packet: Any, args: Sequence[Any], kwargs: dict[str, Any], out: Any) -> int:
+    # the formula itself, on shapes: its registered wrapper maps tensors to shapes with a
+    # pytree walk that leaves reference cycles behind on every call
+    shape = _shape_formula(packet)
+    sizes = [_size(a) for a in args]
+    return int(shape(*sizes, **{k: _size(v) for k, v in kwargs.items()}, out_shape=_size(out))) // 2
+
+
+@functools.cache
+def _shape_formula(packet: Any) -> Callable[..., int]:
+    return inspect.unwrap(flop_registry[packet])
+
+
+def _size(x: Any) -> Any:
+    return x.shape if isinstance(x, torch.Tensor) else x
+
+
+@register_formula(aten.mm)
 def _mm(args, kwargs, out) -> Cost:
-    a, b = args[0], args[1]
-    return a.shape[0] * a.shape[1] * b.shape[1], 0
+    return _torch_macs(aten.mm, args, kwargs, out), 0
+
+
+@register_formula(aten._int_mm)  # not in torch's table: an int8 mm, the same shapes
+def _int_mm(args, kwargs, out) -> Cost:
+    return _torch_macs(aten.mm, args, {}, out), 0
 
 
 @register_formula(aten.addmm)
 def _addmm(args, kwargs, out) -> Cost:
-    a, b = args[1], args[2]
-    m, k, n = a.shape[0], a.shape[1], b.shape[1]
-    return m * k * n, m * n
+    # torch's addmm formula is its mm formula on the two matrices (called through the pytree
+    # wrapper, so called here directly)
+    return _torch_macs(aten.mm, args[1:3], {}, out), _n(out.shape)
 
 
 @register_formula(aten.bmm)
 def _bmm(args, kwargs, out) -> Cost:
-    a, b = args[0], args[1]
-    return a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2], 0
+    return _torch_macs(aten.bmm, args, kwargs, out), 0
 
 
 @register_formula(aten.baddbmm)
 def _baddbmm(args, kwargs, out) -> Cost:
-    a, b = args[1], args[2]
-    bsz, m, k, n = a.shape[0], a.shape[1], a.shape[2], b.shape[2]
-    return bsz * m * k * n, bsz * m * n
+    return _torch_macs(aten.bmm, args[1:3], {}, out), _n(out.shape)
 
 
-@register_formula(aten.addbmm)
+@register_formula(aten.addbmm)  # not in torch's table: a baddbmm summed over the batch
 def _addbmm(args, kwargs, out) -> Cost:
     a, b = args[1], args[2]
     bsz, m, k, n = a.shape[0], a.shape[1], a.shape[2], b.shape[2]
@@ -154,9 +177,8 @@ def _conv_macs(x: Any, w: Any, out: Any, transposed: bool) -> int:
 
 @register_formula(aten.convolution, aten._convolution)
 def _conv(args, kwargs, out) -> Cost:
-    x, w, bias = args[0], args[1], args[2]
-    transposed = bool(args[6]) if len(args) > 6 else bool(kwargs.get("transposed", False))
-    return _conv_macs(x, w, out, transposed), (_n(out.shape) if bias is not None else 0)
+    macs = _torch_macs(aten.convolution, args, kwargs, out)
+    return macs, (_n(out.shape) if args[2] is not None else 0)
 
 
 def _attn_cost(q: Any, k: Any, v: Any) -> Cost:
@@ -178,6 +200,9 @@ def _attn_cost(q: Any, k: Any, v: Any) -> Cost:
     aten._scaled_dot_product_fused_attention_overrideable,
 )
 def _sdpa(args, kwargs, out) -> Cost:
+    # not through torch's table: its attention formula calls its bmm formula through the
+    # pytree wrapper (reference cycles on every call), and it has no CPU flash variant; the
+    # count is the same (tests/profiling/test_formulas.py)
     return _attn_cost(args[0], args[1], args[2])
 
 
@@ -198,6 +223,8 @@ def _sdpa_backward(args, kwargs, out) -> Cost:
 
 @register_formula(aten.convolution_backward)
 def _conv_backward(args, kwargs, out) -> Cost:
+    # not torch's formula: it counts a grouped convolution's weight gradient ``groups`` times
+    # over (torch 2.14; tests/profiling/test_formulas.py notices when that changes)
     # args: grad_output, input, weight, bias_sizes, stride, padding, dilation, transposed,
     # output_padding, groups, output_mask; each gradient asked for costs what the forward did
     grad_out, x, w = args[0], args[1], args[2]
