@@ -13,6 +13,7 @@ Public API (everything else is implementation):
 from ._version import __version__
 from .base.serialize import register_class
 from .core.report import Report
+from .core.target import Target
 from .core.transform import Compose, Context, Transform
 from .graph.trace import Graph, trace
 from .io import hf
@@ -50,6 +51,7 @@ __all__ = [
     "Regularization",
     "Report",
     "ShareWeights",
+    "Target",
     "TrainOptions",
     "TrainResult",
     "TrainState",

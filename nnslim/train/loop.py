@@ -14,13 +14,11 @@ from ..base.inputs import as_inputs
 from ..base.modules import copy_model
 from ..base.table import format_table, human
 from ..base.validate import check_fraction, check_int
+from ..core.target import Target
 from ..core.transform import Transform, check_transform_items
 from ..profiling.profiler import profile
 
 __all__ = ["CompressionResult", "compress", "schedule"]
-
-TARGETS = ("macs", "params", "param_bytes", "latency_ms")
-_ALIASES = {"bytes": "param_bytes", "latency": "latency_ms"}
 
 
 def schedule(t: Transform, steps: int) -> list[Transform]:
@@ -137,7 +135,7 @@ def compress(
     transforms: Transform | Sequence[Transform],
     *,
     evaluate: Callable[[nn.Module], float],
-    target: dict[str, float],
+    target: dict[str, float] | Target | Sequence[Target],
     tolerance: float,
     example_inputs: Any,
     trainer: Any = None,
@@ -162,7 +160,9 @@ def compress(
             best one).
         transforms: a transform or a list (applied in order).
         evaluate: ``model -> metric`` (higher is better), e.g. validation accuracy.
-        target: e.g. ``{"macs": 0.5}``: at most half the original MACs.
+        target: e.g. ``{"macs": 0.5}``: at most half the original MACs; or a
+            :class:`~nnslim.Target` (or a list of them), the type ``Prune(macs=...)`` and
+            ``Factorize(params=...)`` aim with.
         tolerance: the largest drop of the metric accepted, ``>= 0``.
         example_inputs: inputs for profiling and for transforms that trace.
         trainer: a :class:`~nnslim.Trainer` to fine-tune after each step.
@@ -180,12 +180,12 @@ def compress(
         raise TypeError("compress(evaluate=...): expected a callable model -> metric.")
     check_fraction("compress", "tolerance", tolerance, low=0.0, high=float("inf"))
     check_int("compress", "steps", steps, low=1)
-    target = _checked_target(target)
+    targets = Target.parse("compress", target)
     if trainer is not None and train_data is None:
         raise ValueError("compress: a trainer needs train_data=.")
     pieces = _pieces(transforms, steps)
     inputs = as_inputs(example_inputs)
-    latency = "latency_ms" in target
+    latency = any(t.metric == "latency_ms" for t in targets)
 
     def measure(m: nn.Module, metric: float, name: str) -> dict[str, Any]:
         p = profile(m, inputs, latency=latency, memory=False)
@@ -204,7 +204,7 @@ def compress(
     result = CompressionResult(model=copy_model(model), baseline=baseline)
 
     def reached(row: dict[str, Any]) -> bool:
-        return all(row[k] is not None and row[k] <= v * baseline[k] for k, v in target.items())
+        return all(t.met(t.measure(row), t.measure(baseline)) for t in targets)
 
     if reached(baseline):
         result.reached = True
@@ -245,22 +245,6 @@ def compress(
             break
     result.model = best
     return result
-
-
-def _checked_target(target: Any) -> dict[str, float]:
-    """``target`` with its aliases resolved, checked: known keys, fractions in ``(0, 1]``."""
-    if not isinstance(target, dict) or not target:
-        raise ValueError(
-            f"compress(target=...): expected a dict like {{'macs': 0.5}}, got {target!r}."
-        )
-    target = {_ALIASES.get(k, k): v for k, v in target.items()}
-    for k, v in target.items():
-        if k not in TARGETS:
-            raise ValueError(
-                f"compress(target=...): unknown key {k!r}; supported: {', '.join(TARGETS)}."
-            )
-        check_fraction("compress", f"target[{k!r}]", v, low_inclusive=False, high_inclusive=True)
-    return target
 
 
 def _pieces(transforms: Any, steps: int) -> list[tuple[Transform, bool]]:

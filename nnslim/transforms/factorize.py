@@ -17,6 +17,7 @@ from ..base.validate import all_finite, check_choice, check_fraction, check_int,
 from ..core.calibrate import LayerStats, run_sequential
 from ..core.report import Report
 from ..core.select import normalize_selector, per_layer_values
+from ..core.target import Target
 from ..core.transform import Context, Transform
 from ..modules.factorized import FactorizedConv2d, FactorizedLinear
 
@@ -146,10 +147,11 @@ class Factorize(Transform):
             check_int(
                 "Factorize", "rank", self.rank, low=1, hint="A rank of 0 would remove the layer."
             )
-        for name in ("ratio", "energy", "params", "macs"):
+        for name in ("ratio", "energy"):
             v = getattr(self, name)
             if v is not None:
                 check_fraction("Factorize", name, v, low_inclusive=False, high_inclusive=True)
+        Target.of("Factorize", params=self.params, macs=self.macs)
         check_choice("Factorize", "conv", self.conv, CONV_KINDS)
         if self.activation_aware is not None:
             check_type("Factorize", "activation_aware", self.activation_aware, bool)
@@ -165,21 +167,29 @@ class Factorize(Transform):
         """``ratio``/``params``/``macs`` keep ``x^(1/steps)`` per step (each step truncates the
         layers already factorized to a lower rank); a fixed rank or energy is one step."""
         if steps > 1 and not per_layer_values(self.select):
-            for name in ("ratio", "params", "macs"):
-                value = getattr(self, name)
-                if value is not None:
-                    return [replace(self, **{name: value ** (1 / steps)})] * steps
+            if self.ratio is not None:
+                return [replace(self, ratio=self.ratio ** (1 / steps))] * steps
+            target = self._target
+            if target is not None:
+                return [replace(self, **target.per_step(steps).as_field())] * steps
         return [self]
 
     def gentler(self) -> Factorize | None:
         """Keep halfway to everything (twice a fixed rank)."""
-        for name in ("ratio", "energy", "params", "macs"):
+        for name in ("ratio", "energy"):
             value = getattr(self, name)
             if isinstance(value, float):
                 return replace(self, **{name: (1 + value) / 2})
+        target = self._target
+        if target is not None:
+            return replace(self, **target.gentler().as_field())
         if isinstance(self.rank, int):
             return replace(self, rank=2 * self.rank)
         return None
+
+    @property
+    def _target(self) -> Target | None:
+        return Target.of("Factorize", params=self.params, macs=self.macs)
 
     def _apply(self, model: nn.Module, ctx: Context, report: Report) -> None:
         named = dict(model.named_modules())
@@ -246,8 +256,9 @@ class Factorize(Transform):
         linears = {p: layer[p] for p in chosen if is_linear(layer[p])}
         convs = {p: layer[p] for p in chosen if is_conv2d(layer[p])}
         ranks: dict[str, Any] = {p: chosen[p] for p in chosen}
-        if self.params is not None or self.macs is not None:
-            ranks = self._budget(model, ctx, linears, convs, spatial, aware, report, now)
+        target = self._target
+        if target is not None:
+            ranks = self._budget(model, ctx, target, linears, convs, spatial, aware, report, now)
         for p, conv in convs.items():
             self._factorize_conv(
                 model, report, p, conv, ranks.get(p), spatial.get(p), now.get(p), named[p]
@@ -326,6 +337,7 @@ class Factorize(Transform):
         self,
         model: nn.Module,
         ctx: Context,
+        target: Target,
         linears: dict[str, nn.Module],
         convs: dict[str, nn.Module],
         spatial: dict[str, tuple[int, int, int, int]],
@@ -340,16 +352,13 @@ class Factorize(Transform):
         """
         from ..profiling.profiler import profile
 
-        metric = "macs" if self.macs is not None else "params"
-        fraction = float(self.macs if self.macs is not None else self.params)  # type: ignore[arg-type]
+        metric, fraction = target.metric, target.fraction
         inputs = ctx.inputs
         if metric == "macs":
             inputs = ctx.require_inputs("Factorize(macs=...)", "to count MACs")
         prof = profile(model, inputs, memory=False) if inputs is not None else None
         total = (
-            getattr(prof, metric)
-            if prof is not None
-            else sum(p.numel() for p in model.parameters())
+            target.measure(prof) if prof is not None else sum(p.numel() for p in model.parameters())
         )
         if prof is not None and metric == "params":
             total = prof.params
@@ -386,7 +395,7 @@ class Factorize(Transform):
                 _conv_entry(p, m, gram, spatial.get(p, (1, 1, 1, 1)), metric, self.conv, now)
             )
         selected_full = sum(e[3] for e in entries)
-        budget = fraction * total - (total - selected_full)
+        budget = target.goal(total) - (total - selected_full)
         if budget <= 0:
             report.note(
                 f"budget {metric}={fraction} is below what the unselected layers cost; every layer gets rank 1"

@@ -21,6 +21,7 @@ from ..core.calibrate import LayerStats, collect
 from ..core.failure import failing_module, first_line
 from ..core.report import Report
 from ..core.select import normalize_selector, per_layer_values
+from ..core.target import Target
 from ..core.transform import Context, Transform
 from ..graph.attention import AttentionSpec, find_attention
 from ..graph.fused_mlp import ExpertBankSpec, find_expert_banks, find_fused_mlps
@@ -141,10 +142,7 @@ class Prune(Transform):
             )
         if self.ratio is not None:
             check_fraction("Prune", "ratio", self.ratio)
-        for name in ("macs", "params"):
-            v = getattr(self, name)
-            if v is not None:
-                check_fraction("Prune", name, v, low_inclusive=False, high_inclusive=True)
+        Target.of("Prune", macs=self.macs, params=self.params)
         if isinstance(self.importance, str):
             check_choice("Prune", "importance", self.importance, IMPORTANCE_NAMES)
         elif not isinstance(self.importance, Importance):
@@ -170,21 +168,21 @@ class Prune(Transform):
             return [replace(self, ratio=self.ratio * (k + 1) / steps) for k in range(steps)]
         if self.ratio is not None:
             return [replace(self, ratio=1 - (1 - self.ratio) ** (1 / steps))] * steps
-        if self.macs is not None:
-            return [replace(self, macs=self.macs ** (1 / steps))] * steps
-        if self.params is not None:
-            return [replace(self, params=self.params ** (1 / steps))] * steps
+        target = self._target
+        if target is not None:
+            return [replace(self, **target.per_step(steps).as_field())] * steps
         return [self]
 
     def gentler(self) -> Prune | None:
         """Half the pruning: half the channel ratio, a target halfway to the whole model."""
         if self.ratio is not None and self.structure == "channels":
             return replace(self, ratio=self.ratio / 2)
-        if self.macs is not None:
-            return replace(self, macs=(1 + self.macs) / 2)
-        if self.params is not None:
-            return replace(self, params=(1 + self.params) / 2)
-        return None
+        target = self._target
+        return None if target is None else replace(self, **target.gentler().as_field())
+
+    @property
+    def _target(self) -> Target | None:
+        return Target.of("Prune", macs=self.macs, params=self.params)
 
     # ------------------------------------------------------------------------------------------
     def _apply(self, model: nn.Module, ctx: Context, report: Report) -> None:
@@ -354,10 +352,11 @@ class Prune(Transform):
             widened.extend(p for p in plan.writers if p in plan.channels)
         stats = self._stats(model, ctx, imp, plan.all_layers)
         before = {p: (shape_of(m), _shapes(m), _heads(plan, p)) for p, m in model.named_modules()}
-        if self.macs is None and self.params is None:
+        target = self._target
+        if target is None:
             _prune_model(model, inputs, graph, plan, self, imp, stats, self.ratio or 0.0)
         else:
-            self._prune_to_target(model, inputs, plan, imp, stats, report, graph)
+            self._prune_to_target(model, inputs, target, plan, imp, stats, report, graph)
         for p, m in model.named_modules():
             if p not in before:
                 continue
@@ -569,6 +568,7 @@ class Prune(Transform):
         self,
         model: nn.Module,
         inputs: Inputs,
+        target: Target,
         plan: _Plan,
         imp: Importance,
         stats: dict[str, LayerStats],
@@ -577,16 +577,15 @@ class Prune(Transform):
     ) -> None:
         from ..profiling.profiler import profile
 
-        metric = "macs" if self.macs is not None else "params"
-        target = float(self.macs if self.macs is not None else self.params)  # type: ignore[arg-type]
-        base = getattr(profile(model, inputs, memory=False), metric)
-        goal = target * base
+        metric = target.metric
+        base = target.measure(profile(model, inputs, memory=False))
+        goal = target.goal(base)
 
         def at(ratio: float) -> float:
             trial = copy_model(model)
             _prune_model(trial, inputs, None, plan, self, imp, stats, ratio)
             try:
-                return float(getattr(profile(trial, inputs, memory=False), metric))
+                return float(target.measure(profile(trial, inputs, memory=False)))
             except ValueError:
                 failed = failing_module(trial, inputs)
                 if failed is None:
@@ -600,7 +599,7 @@ class Prune(Transform):
         # pruned widths
         lo, f_lo, hi, f_hi = 0.0, float(base), 0.99, None
         best, best_value = None, None
-        mid = min(max(1.0 - math.sqrt(target), 0.01), 0.95)
+        mid = min(max(1.0 - math.sqrt(target.fraction), 0.01), 0.95)
         last_side, stale = 0, 0
         for _ in range(10):
             value = at(mid)
@@ -632,14 +631,15 @@ class Prune(Transform):
         if best is None:
             best = hi
             report.note(
-                f"target {metric}={target} is not reachable with the selected layers; pruned at "
+                f"target {metric}={target.fraction} is not reachable with the selected layers; "
+                f"pruned at "
                 f"ratio {best:.3f}"
             )
         _prune_model(model, inputs, graph, plan, self, imp, stats, best)  # traced already
         if best_value is not None:
             report.note(
                 f"ratio {best:.3f} gives {metric} {best_value / base:.3f} of the original "
-                f"(target {target})"
+                f"(target {target.fraction})"
             )
 
     # -- sparsity -------------------------------------------------------------------------------
