@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, Sa
 
 from ..base.distributed import rank_world
 from ..base.inputs import as_inputs, first_tensor
-from ..base.modules import is_hf_conv1d
+from ..base.modules import copy_model, is_hf_conv1d
 from ..base.snapshot import preserve_modes
 from ..base.validate import check_choice, check_fraction, check_int, check_type
 from ..io.save import _record_of
@@ -124,10 +124,11 @@ class TrainOptions:
             map-style dataset each process loads only its own batches (other iterables are
             read whole by every process), and a loader whose sampler is a
             ``DistributedSampler`` is taken as this process's share, every batch trained on.
-            With
-            ``"fsdp"`` parameters, gradients and optimizer state are sharded across the
-            processes while ``fit`` runs;
-            afterwards every process holds the full trained weights in the plain module again.
+            With ``"fsdp"`` a copy of the model is sharded (parameters, gradients and
+            optimizer state across the processes) and trained; afterwards its full weights are
+            copied into the model you passed, on every process (FSDP2 shards a module in place
+            and has no way back, so the model you hold is never sharded; on an accelerator it
+            waits on the CPU meanwhile).
             Checkpoints hold full weights and optimizer state either way (gathered to process
             0, which writes them; every process reads them on resume, so ``checkpoint_dir``
             must be a directory all processes see).
@@ -528,9 +529,10 @@ class Trainer:
                 f"nnslim.register_class, or train without checkpoint_dir."
             )
         net = dist.wrap(model)
+        trained = net if dist.sharded else model  # FSDP trains a sharded copy
         try:
             return self._fit(
-                model,
+                trained,
                 net,
                 dist,
                 data,
@@ -540,7 +542,7 @@ class Trainer:
                 resume,
             )
         finally:
-            dist.unwrap(model)
+            dist.unwrap(model, net)
 
     def _fit(
         self,
@@ -1002,6 +1004,7 @@ class _Distributed:
 
     def __init__(self, rank: int, world: int, enabled: bool, strategy: str) -> None:
         self.rank, self.world, self.enabled, self.strategy = rank, world, enabled, strategy
+        self.device: torch.device | None = None  # where the caller's model was (FSDP)
 
     @classmethod
     def setup(cls, model: nn.Module, strategy: str) -> _Distributed:
@@ -1014,8 +1017,14 @@ class _Distributed:
         if self.strategy == "fsdp":
             from torch.distributed.fsdp import fully_shard
 
-            fully_shard(model)
-            return model
+            # fully_shard changes the module in place, for good: the caller's model is left
+            # plain (off the accelerator meanwhile) and gets the trained weights in unwrap
+            copy = copy_model(model)
+            self.device = next((t.device for t in model.state_dict().values()), None)
+            if self.device is not None and self.device.type != "cpu":
+                model.to("cpu")
+            fully_shard(copy)
+            return copy
         from torch.nn.parallel import DistributedDataParallel
 
         return DistributedDataParallel(model)
@@ -1099,35 +1108,29 @@ class _Distributed:
         else:
             model.load_state_dict(weights, strict=True)
 
-    def unwrap(self, model: nn.Module) -> None:
-        """Undo FSDP: every process gets the full trained weights in a plain module again."""
-        if not self.enabled or self.strategy != "fsdp":
+    def unwrap(self, model: nn.Module, net: nn.Module) -> None:
+        """After FSDP: the sharded copy's full weights into the caller's ``model`` (tied
+        parameters stay tied), on every process, on the device it came from."""
+        if not self.sharded:
             return
-        import torch.distributed._composable_state as composable
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             get_model_state_dict,
         )
-        from torch.distributed.fsdp import FSDPModule
 
-        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
-        for m in model.modules():
-            if not isinstance(m, FSDPModule):
-                continue
-            state = composable._module_state_mapping.pop(m, None)
-            state = state() if callable(state) else state
-            for hooks in (m._forward_pre_hooks, m._forward_hooks):
-                for key, hook in list(hooks.items()):
-                    if state is not None and getattr(hook, "__self__", None) is state:
-                        del hooks[key]
-            m.__class__ = next(b for b in type(m).__bases__ if b is not FSDPModule)
-        plain: dict[int, nn.Parameter] = {}  # tied parameters stay tied
-        for name, p in list(model.named_parameters(remove_duplicate=False)):
-            if id(p) not in plain:
-                plain[id(p)] = nn.Parameter(full[name].detach().clone(), p.requires_grad)
-            owner, _, leaf = name.rpartition(".")
-            mod = model.get_submodule(owner) if owner else model
-            mod._parameters[leaf] = plain[id(p)]
+        full = get_model_state_dict(net, options=StateDictOptions(full_state_dict=True))
+        missing = [n for n, _ in model.named_parameters() if n not in full]
+        if missing:  # never left half-trained without saying so
+            raise RuntimeError(
+                f"Trainer.fit: FSDP's full state dict lacks the parameters {missing[:5]}; the "
+                f"model keeps its weights from before fit. Train it with strategy='ddp'."
+            )
+        if self.device is not None and self.device.type != "cpu":
+            model.to(self.device)
+        with torch.no_grad():
+            for name, t in [*model.named_parameters(), *model.named_buffers()]:
+                if name in full:
+                    t.copy_(full[name])
 
     def all_ok(self, ok: bool) -> bool:
         """Process 0's ``ok``, on every process (a collective under torchrun)."""

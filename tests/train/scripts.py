@@ -63,9 +63,12 @@ def ddp_main(out, strategy="ddp"):
     model[2].p = 0.0  # no dropout: ranks draw different masks than one process would
     data = make_data(batch_size=8)
     opts = nnslim.TrainOptions(verbose=False, strategy=strategy)
+    held = list(model.parameters())
     nnslim.Trainer(lr=0.1, options=opts).fit(model, data, epochs=2)
-    # after fit the model is a plain module again, with the full weights on every rank
+    # after fit the model is a plain module again, with the full weights on every rank, in
+    # the parameter objects it had (a sharded copy trained; FSDP never touched this model)
     assert type(model) is nn.Sequential, type(model)
+    assert all(a is b for a, b in zip(held, model.parameters(), strict=True))
     assert all(type(p) is nn.Parameter for p in model.parameters())
     model(torch.randn(2, 8))
     state = model.state_dict()
