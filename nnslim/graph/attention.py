@@ -552,20 +552,42 @@ def _fused_spec(path: str, m: nn.Module, join: Any) -> AttentionSpec | None:
         return None
     spec = AttentionSpec(path, m, join(out_name), heads, kv, hd, qkv=join(fused_name))
     spec.layout = layout
-    spec.extra["config_heads"] = _reads_config_heads(m)
+    spec.extra["config_heads"] = _READS_CONFIG_HEADS.get(m, False)
     return spec
 
 
-def _reads_config_heads(m: nn.Module) -> bool:
-    """Whether the forward reads ``self.config.num_attention_heads`` (Phi-3): the shared config
-    must then follow the pruned head count, so every such layer keeps the same count."""
-    import inspect
+#: fused attention modules whose config's head count the model's forward reads (Phi-3 slices
+#: its fused projection by ``config.num_attention_heads``), found by :func:`probe_config_heads`
+_READS_CONFIG_HEADS: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 
-    try:
-        src = inspect.getsource(type(m).forward)
-    except (OSError, TypeError):
-        return False
-    return "self.config.num_attention_heads" in src
+
+def probe_config_heads(
+    model: nn.Module, run: Callable[[], list[torch.Tensor]], reference: list[torch.Tensor]
+) -> None:
+    """Whether the forward reads the shared ``config.num_attention_heads`` of fused attention
+    modules (Phi-3): with the count doubled for one forward, does the output change or the
+    forward fail? If so the config must follow the pruned count, and every layer sharing it
+    keep the same count. One forward per config; the count is put back."""
+    by_cfg: dict[int, tuple[Any, list[nn.Module]]] = {}
+    for s in find_attention(model):
+        cfg = s.module.__dict__.get("config")
+        if s.qkv is not None and isinstance(getattr(cfg, "num_attention_heads", None), int):
+            by_cfg.setdefault(id(cfg), (cfg, []))[1].append(s.module)
+    for cfg, modules in by_cfg.values():
+        heads = cfg.num_attention_heads
+        try:
+            cfg.num_attention_heads = 2 * heads
+            got = run()
+            reads = len(got) != len(reference) or any(
+                a.shape != b.shape or not torch.equal(a, b)
+                for a, b in zip(got, reference, strict=False)
+            )
+        except Exception:
+            reads = True
+        finally:
+            cfg.num_attention_heads = heads
+        for m in modules:
+            _READS_CONFIG_HEADS[m] = reads
 
 
 def _heads_of(m: nn.Module, q_out: int) -> tuple[int | None, int | None]:

@@ -36,6 +36,7 @@ from ..base.snapshot import preserved_state
 from .attention import (
     AttentionSpec,
     find_attention,
+    probe_config_heads,
     probe_fused_layouts,
     unknown_attention_layers,
 )
@@ -546,6 +547,7 @@ def trace(
             h.remove()
     if not is_meta(model):
         probe_fused_layouts(model, run, reference)
+        probe_config_heads(model, run, reference)
     t0 = time.perf_counter()
     shuffles: list[Any] = []
     dg, grad_fns = build_dependency(

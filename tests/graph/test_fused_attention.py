@@ -128,8 +128,10 @@ def test_removing_fused_heads_equals_zeroing_their_output_columns(case):
     torch.manual_seed(0)
     model, x = build()
     model.eval()
+    nnslim.trace(model, x)  # probes what the forward reads (Phi-3: the config's head count)
     specs = find_attention(model)
     assert specs and all(s.qkv is not None and s.layout == layout for s in specs)
+    assert all(s.extra["config_heads"] == case.startswith("phi3") for s in specs)
     reference = copy.deepcopy(model)
     for s in specs:
         if s.kv_heads == s.heads:
