@@ -222,14 +222,7 @@ class Transform(Config, abc.ABC):
         if ctx.inputs is not None and before is None:
             before = profile(model, ctx.inputs)
         report.before = before
-        self._apply(model, ctx, report)
-        # a transform made of steps (Compose) leaves their records, each recorded on its own so
-        # that a later step may change what an earlier one moved; else it is one step
-        records = report.__dict__.pop("_step_records", None)
-        if records is None:
-            records = [_record_step(self, state, model)]
-            if not report.changes:
-                report.note(report.why_unchanged())
+        records = self._run(model, ctx, report, state)
         if ctx.inputs is not None:
             try:
                 report.after = profile(model, ctx.inputs)
@@ -244,6 +237,15 @@ class Transform(Config, abc.ABC):
                     f"shows which)."
                 )
         return report, records
+
+    def _run(
+        self, model: nn.Module, ctx: Context, report: Report, state: dict[str, Any]
+    ) -> list[Any]:
+        """Apply the transform as one step: its edit records (one)."""
+        self._apply(model, ctx, report)
+        if not report.changes:
+            report.note(report.why_unchanged())
+        return [_record_step(self, state, model)]
 
     def _forward_failed(
         self, model: nn.Module, inputs: Inputs, report: Report, e: Exception
@@ -421,7 +423,11 @@ class Compose(Transform):
         """Each part split on its own, in order."""
         return [s for part in self.transforms for s in part.split(steps)]
 
-    def _apply(self, model: nn.Module, ctx: Context, report: Report) -> None:
+    def _run(
+        self, model: nn.Module, ctx: Context, report: Report, state: dict[str, Any]
+    ) -> list[Any]:
+        """Each part in order, each recorded on its own (a later part may change what an
+        earlier one moved)."""
         records: list[Any] = []
         prev = report.before
         for t in self.transforms:
@@ -429,4 +435,7 @@ class Compose(Transform):
             records.extend(done)
             report.steps.append(step)
             prev = step.after
-        report.__dict__["_step_records"] = records  # taken back by _execute
+        return records
+
+    def _apply(self, model: nn.Module, ctx: Context, report: Report) -> None:
+        self._run(model, ctx, report, describe(model))

@@ -172,17 +172,17 @@ def check_json_roundtrip(case: TransformCase) -> None:
 def check_atomic_failure(case: TransformCase) -> None:
     """A failure inside ``apply`` (early, or after all edits) leaves the model exactly as it was."""
     cls = type(case.transform)
-    original_apply = cls._apply
+    original_run = cls._run  # _apply and its edit record (a Compose: each part's)
 
-    def late_failure(self: Transform, model: nn.Module, ctx: Any, report: Report) -> None:
-        original_apply(self, model, ctx, report)
+    def late_failure(self: Transform, model: nn.Module, *args: Any) -> list[Any]:
+        original_run(self, model, *args)
         raise _Injected("injected failure after the transform finished its edits")
 
     def early_failure(self: Report, *args: Any, **kwargs: Any) -> None:
         raise _Injected("injected failure at the first reported change")
 
     for label, patch in (
-        ("late failure", mock.patch.object(cls, "_apply", late_failure)),
+        ("late failure", mock.patch.object(cls, "_run", late_failure)),
         ("failure at first change", mock.patch.object(Report, "changed", early_failure)),
     ):
         model = case.fresh()
