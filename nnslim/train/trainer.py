@@ -10,7 +10,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -141,7 +141,7 @@ class TrainOptions:
     patience: int | None = None
     checkpoint_every: int = 100
     verbose: bool | None = None
-    strategy: str = "ddp"
+    strategy: Literal["ddp", "fsdp"] = "ddp"
 
     def __post_init__(self) -> None:
         check_choice("TrainOptions", "precision", self.precision, ("fp32", "bf16"))

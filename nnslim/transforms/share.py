@@ -6,7 +6,7 @@ import difflib
 import math
 import re
 from dataclasses import dataclass, replace
-from typing import Any, final
+from typing import Any, Literal, final
 
 import torch
 from torch import nn
@@ -141,7 +141,7 @@ class ShareWeights(Transform):
     """
 
     clusters: int | None = 16
-    granularity: Any = "tensor"
+    granularity: Literal["tensor", "channel"] | int = "tensor"
     sensitivity: bool = False
     across_layers: Any = None
     max_error: float | None = None
