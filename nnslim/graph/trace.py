@@ -142,18 +142,21 @@ class Graph:
         order = {p: i for i, p in enumerate(paths.values())}
         return sorted(set(found), key=lambda p: order.get(p, 0))
 
-    def dynamic_split_roots(self, candidates: list[str]) -> dict[str, str]:
+    def dynamic_split_roots(
+        self, candidates: list[str], fixed_splits: bool = False
+    ) -> dict[str, str]:
         """Roots to leave alone, with the reason: groups that pass through a split sized at run
         time (``chunk``, ``split(n)``: it cuts at fixed positions of whatever it receives, so
-        unevenly pruned inputs would shift the cut), and groups torch-pruning cannot build (an
-        error from inside its index mapping, or a group that grows without bound). Each group
-        is built once, from its first root."""
+        unevenly pruned inputs would shift the cut), with ``fixed_splits`` also those through a
+        split by a list of sizes (``split(x, [4, 12])``: sizes written in the forward), and
+        groups torch-pruning cannot build (an error from inside its index mapping, or a group
+        that grows without bound). Each group is built once, from its first root."""
         splits = {
             id(n)
             for n in self.dg.module2node.values()
             # split([a, b]) is not one: its sizes may come from attributes nnslim updates
             # (timm LeViT's key_dim/val_dim); a constant list fails the forward check instead
-            if (n.type == tp.ops.OPTYPE.SPLIT and sized_split(n.grad_fn))
+            if (n.type == tp.ops.OPTYPE.SPLIT and (fixed_splits or sized_split(n.grad_fn)))
             # F.glu halves its input at the middle: torch-pruning maps it channel by channel
             or type(n.grad_fn).__name__.startswith("GluBackward")
         }
@@ -200,6 +203,9 @@ class Graph:
                     why = (
                         "feeds torch.chunk/split by size or F.glu, which cannot follow uneven "
                         "pruning"
+                        if not fixed_splits
+                        else "feeds torch.chunk/split or F.glu (the forward failed with it "
+                        "pruned: a split by sizes written in the forward cannot follow)"
                     )
                     out[p] = why
                 elif any(id(item.dep.target) in shuffled for item in group):

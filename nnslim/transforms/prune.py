@@ -200,13 +200,16 @@ class Prune(Transform):
         notes: list[str] = []
         attempt = 0
         narrowed: set[str] = set()  # module classes whose inner layers alone were kept
+        fixed_splits = False  # splits by a list of sizes keep their groups (after a failure)
         while True:
             trial = Report(report.transform, report.config)
             widened: list[str] = []  # output projections pruned as the hidden width
             tie: _TieSplit | None = None
             group_failed: _GroupFailed | None = None
             try:
-                self._prune_channels(model, ctx, trial, inputs, kept, residual, widened)
+                self._prune_channels(
+                    model, ctx, trial, inputs, kept, residual, widened, fixed_splits
+                )
                 failed = failing_module(model, inputs)
             except _NotCoupled:  # no heads to prune in step with: keep the hidden width
                 snap.restore()
@@ -310,6 +313,12 @@ class Prune(Transform):
                     f"whose forward failed after pruning ({error}): the dependency graph "
                     f"misses a link to it"
                 )
+            if not layers and not fixed_splits:
+                # nowhere to narrow it down (the model's own forward failed): a split by sizes
+                # the forward writes as constants, torch.split(x, [4, 12]), is the usual cause
+                fixed_splits = True
+                attempt -= 1
+                continue
             if attempt > _RETRIES or not layers:
                 raise RuntimeError(
                     f"Prune left a model whose forward fails in {where or 'the model'}: "
@@ -338,13 +347,14 @@ class Prune(Transform):
         kept: dict[str, str],
         residual: _Residual = "free",
         widened: list[str] | None = None,
+        fixed_splits: bool = False,
     ) -> None:
         imp = as_importance(self.importance)
         # nn.MultiheadAttention ties its heads to the embedding width: work on a twin with
         # separate projections (the same function), turned back where no head was removed
         converted = to_head_prunable(model, inputs)
         graph = trace(model, inputs, time_limit=self.time_limit)
-        plan = self._plan(model, graph, report, kept, residual)
+        plan = self._plan(model, graph, report, kept, residual, fixed_splits)
         _check_finite_weights(model, [*plan.channels, *plan.units, *plan.heads])
         hidden_before = _hidden_widths(model, plan.attention)
         if widened is not None:
@@ -451,6 +461,7 @@ class Prune(Transform):
         report: Report,
         kept: dict[str, str] | None = None,
         residual: _Residual = "free",
+        fixed_splits: bool = False,
     ) -> _Plan:
         named = dict(model.named_modules())
         outputs = set(graph.output_layers())
@@ -480,7 +491,7 @@ class Prune(Transform):
         roots = root_types()
         layer_paths = [p for p in graph.layers() if isinstance(named[p], roots)]
         channel_roots = [p for p in layer_paths if p not in proj and p not in unknown]
-        unknown = {**unknown, **graph.dynamic_split_roots(channel_roots)}
+        unknown = {**unknown, **graph.dynamic_split_roots(channel_roots, fixed_splits)}
         channel_roots = [p for p in channel_roots if p not in unknown]
         head_keys = {(s.q or s.qkv): s for s in attention}
         unit_keys = {s.fused: s for s in mlps}

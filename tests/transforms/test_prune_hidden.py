@@ -473,3 +473,31 @@ def test_a_split_into_heads_is_not_taken_for_a_channel_shuffle():
     assert g.shuffles == []
     g = trace(ShuffleNet().eval(), torch.randn(1, 3, 16, 16))
     assert len(g.shuffles) == 2  # one per block
+
+
+class _ListSplit(nn.Module):
+    """The model's own forward splits by sizes it writes as constants (no submodule to keep)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c0 = nn.Conv2d(3, 16, 3, padding=1)
+        self.c1 = nn.Conv2d(16, 16, 3, padding=1)
+        self.c2 = nn.Conv2d(16, 8, 1)
+
+    def forward(self, x):
+        x = self.c1(torch.relu(self.c0(x)))
+        a, b = torch.split(x, [4, 12], 1)
+        return self.c2(torch.cat([b, a], 1))
+
+
+def test_a_split_by_constant_sizes_in_the_models_own_forward_keeps_its_group():
+    """torch.split(x, [4, 12]) in the model's forward: pruning its input breaks the forward,
+    and with nowhere inside to narrow the failure down, the groups through splits by sizes
+    stay (an error before); the rest prunes."""
+    torch.manual_seed(0)
+    model, x = _ListSplit().eval(), torch.randn(1, 3, 8, 8)
+    rep = nnslim.Prune(ratio=0.5).apply(model, x)
+    assert model.c1.out_channels == 16
+    assert model.c0.out_channels == 8
+    assert "split by sizes written in the forward" in {s.path: s.reason for s in rep.skips}["c1"]
+    model(x)
