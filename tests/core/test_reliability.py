@@ -126,3 +126,47 @@ def test_a_calibration_batch_of_the_wrong_shape_is_named(make):
     model = _mlp()
     with pytest.raises(ValueError, match=r"calibration batch 1 \(tensor shapes \[\(5, 7\)\]\)"):
         make().apply(model, X, calibration=[torch.randn(5, 16), torch.randn(5, 7)])
+
+
+class _ChunkCat(nn.Module):
+    """Chunks and splits joined again by concatenation, some around the whole tensor: the
+    graphs that made torch-pruning's index mapping raise a TypeError or loop."""
+
+    def __init__(self, variant):
+        super().__init__()
+        self.variant = variant
+        self.c1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.c3 = nn.Conv2d(16, 8, 1)
+
+    def forward(self, x):
+        x = self.c1(x)
+        a, b = x.chunk(2, 1)
+        y = {
+            "conv-one-half": lambda: torch.cat([self.c2(a), b], 1),
+            "swap": lambda: torch.cat([b, a], 1),
+            "repeat": lambda: torch.cat([a, b, a], 1)[:, :16],
+            "around-whole": lambda: torch.cat([a, x, b], 1)[:, 8:24],
+            "sum-of-quarters": lambda: torch.cat(
+                [x.chunk(4, 1)[0] + x.chunk(4, 1)[1], *x.chunk(4, 1)[2:], x.chunk(4, 1)[0]], 1
+            ),
+            "split-by-sizes": lambda: torch.cat(list(torch.split(x, [4, 12], 1))[::-1], 1),
+        }[self.variant]()
+        return self.c3(y)
+
+
+@pytest.mark.parametrize(
+    "variant",
+    ["conv-one-half", "swap", "repeat", "around-whole", "sum-of-quarters", "split-by-sizes"],
+)
+def test_chunk_then_cat_prunes_or_keeps_with_a_reason(variant):
+    torch.manual_seed(0)
+    model, x = _ChunkCat(variant).eval(), torch.randn(1, 3, 8, 8)
+    reference = model(x)
+    rep = nnslim.Prune(ratio=0.5).apply(model, x)
+    assert model(x).shape == reference.shape
+    reasons = {s.path: s.reason for s in rep.skips}
+    if model.c1.out_channels == 16:  # the group through the chunk stays, and says why
+        assert "c1" in reasons
+    else:
+        assert torch.isfinite(model(x)).all()
