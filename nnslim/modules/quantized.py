@@ -26,7 +26,6 @@ layout (transposed, strided, 3-D/4-D) are made what the kernels need.
 
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 import torch
@@ -35,6 +34,14 @@ from torch import nn
 
 from ..base.modules import linear_weight
 from ..base.validate import all_finite
+from .kernels import (
+    dequantize_int4,
+    int4_mm,
+    int8_dynamic_mm,
+    int8_weight_mm,
+    matmul,
+    unpack_int4,
+)
 
 __all__ = [
     "Int4Linear",
@@ -46,9 +53,6 @@ __all__ = [
     "quantize_per_channel",
     "unpack_int4",
 ]
-
-# packed kernel layouts, per module (rebuilt on demand; never saved)
-_PACKED: weakref.WeakKeyDictionary[nn.Module, tuple[Any, ...]] = weakref.WeakKeyDictionary()
 
 
 def quantize_per_channel(w: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,13 +96,6 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     return ((q[:, 0::2] << 4) | q[:, 1::2]).contiguous()
 
 
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`pack_int4`, as int32 codes."""
-    hi = (packed >> 4).to(torch.int32)
-    lo = (packed & 0xF).to(torch.int32)
-    return torch.stack([hi, lo], dim=-1).reshape(packed.shape[0], -1)
-
-
 def padded_width(width: int, group_size: int) -> int:
     """``width`` rounded up to a multiple of ``group_size`` (how wide an int4 layer is stored)."""
     return -(-width // group_size) * group_size
@@ -107,10 +104,6 @@ def padded_width(width: int, group_size: int) -> int:
 def _pad_columns(w: torch.Tensor, width: int) -> torch.Tensor:
     """``w`` ``(out, in)`` with zero columns added up to ``width``."""
     return w if w.shape[1] == width else F.pad(w, (0, width - w.shape[1]))
-
-
-#: smallest per-token activation scale: keeps tiny (but nonzero) activations from rounding to 0
-_MIN_SCALE = torch.finfo(torch.float32).tiny
 
 
 class _DtypeTracking(nn.Module):
@@ -129,7 +122,6 @@ class _DtypeTracking(nn.Module):
             self.float_dtype = str(w.dtype).removeprefix("torch.")
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
-        _PACKED.pop(self, None)  # the packed kernel layout is rebuilt for the new tensors
         probe = fn(torch.empty(0, dtype=self._weight_dtype()))
         if isinstance(probe, torch.Tensor) and probe.is_floating_point():
             self.float_dtype = str(probe.dtype).removeprefix("torch.")
@@ -216,34 +208,8 @@ class Int8Linear(_QuantLinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        if self.in_features % 16 == 0 and x.device.type == "cpu":
-            y = torch.ops.aten._weight_int8pack_mm(
-                x2.to(torch.bfloat16).contiguous(), self.qweight, self.scale.to(torch.bfloat16)
-            )
-        else:
-            y = F.linear(x2.float(), self.dequantize())
+        y = matmul(int8_weight_mm, x.reshape(-1, shape[-1]), self.qweight, self.scale)
         return self._finish(y, shape, x.dtype)
-
-
-def _onednn_available() -> bool:
-    return hasattr(torch.ops, "onednn") and hasattr(torch.ops.onednn, "qlinear_pointwise")
-
-
-_VNNI: bool | None = None
-
-
-def cpu_has_vnni() -> bool:
-    """Whether this x86 CPU has VNNI (u8 x s8 dot products without int16 saturation)."""
-    global _VNNI
-    if _VNNI is None:
-        try:
-            with open("/proc/cpuinfo") as f:
-                flags = f.read()
-            _VNNI = "avx512_vnni" in flags or "avx_vnni" in flags or "amx_int8" in flags
-        except OSError:
-            _VNNI = False
-    return _VNNI
 
 
 class Int8DynamicLinear(_QuantLinearBase):
@@ -295,43 +261,10 @@ class Int8DynamicLinear(_QuantLinearBase):
         s = self._buffers.get("smooth")
         return w if s is None else w / s[None, :]
 
-    def _packed(self) -> Any:
-        cached = _PACKED.get(self)
-        if cached is None or cached[0] is not self.qweight:
-            cached = (self.qweight, torch.ops.onednn.qlinear_prepack(self.qweight, None))
-            _PACKED[self] = cached
-        return cached[1]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = self._smooth(x.reshape(-1, shape[-1]).float()).contiguous()
-        if x.device.type == "cpu" and _onednn_available():
-            # without VNNI, u8 x s8 pairs are summed in int16 and saturate: use 7-bit
-            # activations (as fbgemm's reduce_range does)
-            half = 127 if cpu_has_vnni() else 63
-            sx = (x2.abs().amax(dim=1, keepdim=True) / half).clamp_min(_MIN_SCALE)
-            xq = (torch.round(x2 / sx) + (half + 1)).clamp(0, 2 * half + 1).to(torch.uint8)
-            zp = torch.zeros(self.out_features, dtype=torch.int64)
-            y = torch.ops.onednn.qlinear_pointwise(
-                xq,
-                1.0,
-                half + 1,
-                self._packed(),
-                self.scale.float(),
-                zp,
-                None,
-                1.0,
-                0,
-                torch.float32,
-                "none",
-                [],
-                "",
-            )
-            y = y * sx
-        else:
-            sx = (x2.abs().amax(dim=1, keepdim=True) / 127).clamp_min(_MIN_SCALE)
-            xq = torch.round(x2 / sx).clamp(-127, 127).to(torch.int8)
-            y = torch._int_mm(xq, self.qweight.t()).float() * sx * self.scale.float()
+        x2 = self._smooth(x.reshape(-1, shape[-1]).float())
+        y = matmul(int8_dynamic_mm, x2, self.qweight, self.scale)
         return self._finish(y, shape, x.dtype)
 
 
@@ -438,48 +371,15 @@ class Int4Linear(_QuantLinearBase):
         return super().extra_repr() + f", group_size={self.group_size}"
 
     def dequantize(self) -> torch.Tensor:
-        q = unpack_int4(self.qweight).float().reshape(self.out_features, -1, self.group_size)
-        w = q * self.scales.float()[..., None] + self.mins.float()[..., None]
-        w = w.reshape(self.out_features, -1)[:, : self.in_features]
+        w = dequantize_int4(self.qweight, self.scales, self.mins, self.group_size)
+        w = w[:, : self.in_features]
         s = self._buffers.get("smooth")
         return w if s is None else w / s[None, :]
-
-    def _packed(self) -> tuple[torch.Tensor, torch.Tensor]:
-        cached = _PACKED.get(self)
-        if cached is None or cached[0] is not self.qweight:
-            q = unpack_int4(self.qweight)
-            n = self.out_features
-            pad = (-n) % 16
-            scales, mins = self.scales.float(), self.mins.float()
-            if pad:
-                q = torch.cat([q, torch.zeros(pad, q.shape[1], dtype=q.dtype, device=q.device)])
-                scales = torch.cat([scales, torch.ones(pad, scales.shape[1], device=q.device)])
-                mins = torch.cat([mins, torch.zeros(pad, mins.shape[1], device=q.device)])
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 2)
-            # the kernel computes (q - 8) * scale + zero: zero = minimum + 8 * scale
-            sz = (
-                torch.stack([scales.t(), (mins + 8 * scales).t()], dim=-1)
-                .to(torch.bfloat16)
-                .contiguous()
-            )
-            cached = (self.qweight, packed, sz)
-            _PACKED[self] = cached
-        return cached[1], cached[2]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = self._smooth(x.reshape(-1, shape[-1]))
-        if x.device.type == "cpu":
-            packed, sz = self._packed()
-            xb = x2.to(torch.bfloat16)
-            if self.padded_in_features != self.in_features:
-                xb = F.pad(xb, (0, self.padded_in_features - self.in_features))
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                xb.contiguous(), packed, self.group_size, sz
-            )
-            y = y[:, : self.out_features]
-        else:
-            y = F.linear(x2.float(), self.dequantize())
+        y = matmul(int4_mm, x2, self.qweight, self.scales, self.mins, self.group_size)
         return self._finish(y, shape, x.dtype)
 
 

@@ -398,8 +398,12 @@ def test_convert_without_fake_quant_modules():
 
 
 def test_packed_layouts_are_dropped_when_moved():
-    """Moving a quantized layer (``.to("meta")`` while streaming) frees its packed kernel copy."""
-    from nnslim.modules import quantized
+    """Moving a quantized layer (``.to("meta")`` while streaming) frees its packed kernel copy
+    (kept per weight tensor: the old tensor and its packed copy go together)."""
+    import gc
+    import weakref
+
+    from nnslim.modules import kernels, quantized
 
     torch.manual_seed(0)
     lin = nn.Linear(64, 48)
@@ -407,8 +411,11 @@ def test_packed_layouts_are_dropped_when_moved():
     for cls in (quantized.Int4Linear, quantized.Int8DynamicLinear):
         m = cls.from_float(lin, 32) if cls is quantized.Int4Linear else cls.from_float(lin)
         y = m(x)
-        assert quantized._PACKED.get(m) is not None
+        assert kernels._packed_of(m.qweight) is not None
+        old, old_id = weakref.ref(m.qweight), id(m.qweight)
         m.to("meta")
-        assert quantized._PACKED.get(m) is None
-        m.to_empty(device="cpu")  # and a later forward rebuilds it for the new tensors
+        gc.collect()
+        assert old() is None and old_id not in kernels._PACKED
+        m.to_empty(device="cpu")  # and a later forward packs the new tensors
         assert m(x).shape == y.shape
+        assert kernels._packed_of(m.qweight) is not None
