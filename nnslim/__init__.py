@@ -17,6 +17,7 @@ from .core.target import Target
 from .core.transform import Compose, Context, Transform
 from .graph.trace import Graph, trace
 from .io import hf
+from .io.export import export
 from .io.save import load, save
 from .large import compress_checkpoint
 from .modules.masks import apply_masks
@@ -62,6 +63,7 @@ __all__ = [
     "compress",
     "compress_checkpoint",
     "convert",
+    "export",
     "hf",
     "load",
     "profile",

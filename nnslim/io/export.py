@@ -1,0 +1,404 @@
+"""Export a compressed model for the engines it is served with.
+
+``format="onnx"`` writes an ONNX file for ONNX Runtime (``torch.onnx.export``, the
+``torch.export``-based exporter), with nnslim's layers in the engine's own integer operators:
+
+* ``Int8Linear`` (int8 weights): the int8 weight and its per-channel scales as initializers,
+  ``DequantizeLinear`` then ``MatMul``;
+* ``Int8DynamicLinear``: ``DynamicQuantizeLinear`` on the activations, ``MatMulInteger`` with
+  the int8 weight, rescaled (ONNX Runtime fuses these into ``DynamicQuantizeMatMul``). The
+  engine quantizes activations per tensor (8-bit asymmetric), nnslim per row: outputs differ
+  by about 1% relative;
+* ``Int4Linear``: ONNX Runtime's ``MatMulNBits`` (``com.microsoft``), block size = group size,
+  carrying nnslim's codes exactly (its scale and minimum become the engine's scale and
+  floating zero point);
+* pruned, factorized, palettized (a codebook lookup: ``Gather`` on the indices), cross-layer
+  shared and sparse models, and ``Int8Conv2d``, as the torch operators their forwards run.
+
+Hugging Face models export their main output (``logits``), with the batch axis (and the
+sequence axis of token inputs) dynamic. The file is written atomically; with ``check=True``
+(the default) it is run in ONNX Runtime on the example inputs and compared with the model
+before it is put in place.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..base.atomic import atomic_path
+from ..base.inputs import Inputs, as_inputs, first_tensor, run_model
+from ..base.modules import copy_model
+from ..modules.fake_quant import FakeQuantLinear
+from ..modules.quantized import Int4Linear, Int8DynamicLinear, Int8Linear
+from ..modules.shared import PalettizedConv2d, PalettizedLinear
+
+__all__ = ["FORMATS", "export"]
+
+#: the formats :func:`export` writes
+FORMATS = ("onnx",)
+#: formats the deployment issue plans, not written yet
+_PLANNED = ("openvino", "gguf", "compressed-tensors")
+#: ``check=True``: the largest relative error (norm of the difference over the norm of the
+#: model's output) accepted between ONNX Runtime and the model: float layers; integer weights
+#: (nnslim's CPU kernels take bf16 activations, the engine's float32); int8 activations
+#: (quantized per tensor by the engine, per row by nnslim)
+_TOLERANCE = {"float": 1e-3, "int-weights": 1e-2, "int8-activations": 5e-2}
+
+
+def export(
+    model: nn.Module,
+    example_inputs: Any,
+    path: str | os.PathLike[str],
+    *,
+    format: str = "onnx",
+    dynamic: bool = True,
+    check: bool = True,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``model`` in an engine's format; returns the path written.
+
+    Args:
+        model: the model (any ``nn.Module``, compressed by nnslim or not); left unchanged.
+        example_inputs: inputs the model runs on (a tensor, a tuple, or a dict of keyword
+            tensors for Hugging Face models).
+        path: the file to write.
+        format: ``"onnx"`` (ONNX Runtime).
+        dynamic: the batch axis (and a token input's sequence axis) may vary.
+        check: run the written file in ONNX Runtime on ``example_inputs`` and compare with the
+            model (relative error within 1e-3 for float layers, 5e-2 with int8 activations)
+            before putting it in place.
+        overwrite: replace an existing file.
+
+    Raises:
+        ValueError: an unknown format, inputs the model cannot run, a fake-quant model not yet
+            converted, or an exported file whose outputs differ from the model's.
+        FileExistsError: ``path`` exists and ``overwrite`` is false.
+        ImportError: the exporter's packages are missing (``pip install 'nnslim[export]'``).
+        RuntimeError: ``torch.onnx.export`` failed (the message names its error).
+
+    Nothing is written when it raises.
+    """
+    if format not in FORMATS:
+        planned = f" ({format!r} is planned, not built yet)" if format in _PLANNED else ""
+        raise ValueError(
+            f"nnslim.export(format=...): unknown format {format!r}{planned}; supported: "
+            f"{', '.join(FORMATS)}."
+        )
+    target = Path(path)
+    if target.exists() and not overwrite:
+        raise FileExistsError(
+            f"nnslim.export: {target} exists; remove it, choose another path, or pass "
+            f"overwrite=True. Nothing was written."
+        )
+    _require("onnx", "onnxscript", *(("onnxruntime",) if check else ()))
+    inputs = as_inputs(example_inputs)
+    if inputs is None:
+        raise TypeError("nnslim.export: example_inputs is required.")
+    fake = [p for p, m in model.named_modules() if isinstance(m, FakeQuantLinear)]
+    if fake:
+        raise ValueError(
+            f"nnslim.export: {fake[0]} is a fake-quant (QAT) layer: call nnslim.convert(model) "
+            f"to make the integer layers before exporting."
+        )
+    was_training = model.training
+    model.eval()
+    try:
+        reference = _main_output(run_model(model, inputs))
+        twin = _for_onnx(model)
+    finally:
+        model.train(was_training)
+    kinds = {type(m) for m in twin.modules()}
+    tolerance = _TOLERANCE[
+        "int8-activations"
+        if _Int8DynamicOnnx in kinds
+        else "int-weights"
+        if kinds & {_Int8WeightOnnx, _Int4Onnx}
+        else "float"
+    ]
+    with atomic_path(target) as tmp:
+        _onnx(twin, inputs, tmp, dynamic)
+        if check:
+            _check(tmp, inputs, reference, tolerance)
+    return target
+
+
+def _require(*packages: str) -> None:
+    missing = [p for p in packages if importlib.util.find_spec(p) is None]
+    if missing:
+        raise ImportError(
+            f"nnslim.export needs {', '.join(missing)}: pip install 'nnslim[export]' (or "
+            f"pip install {' '.join(missing)})."
+        )
+
+
+def _main_output(output: Any) -> torch.Tensor:
+    t = first_tensor(output)
+    if t is None:
+        raise ValueError("nnslim.export: the model's output holds no tensor to export.")
+    return t
+
+
+# -- the model as the exporter sees it -------------------------------------------------------
+class _MainOutput(nn.Module):
+    """The model returning its main output tensor (a Hugging Face model's ``logits``)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return _main_output(self.model(*args, **kwargs))
+
+
+def _for_onnx(model: nn.Module) -> nn.Module:
+    """A copy whose integer layers emit ONNX Runtime's operators (the model is untouched)."""
+    twin = copy_model(model)
+    for path, m in list(twin.named_modules()):
+        rule = _RULES.get(type(m))
+        if rule is None:
+            continue
+        parent, _, name = path.rpartition(".")
+        setattr(twin.get_submodule(parent) if parent else twin, name, rule(m))
+    return _MainOutput(twin).eval()
+
+
+class _OnnxLinear(nn.Module):
+    """Shared by the integer twins: flatten to 2-D, the op, bias, shape back."""
+
+    out_features: int
+
+    def __init__(self, m: nn.Module) -> None:
+        super().__init__()
+        self.out_features = m.out_features
+        self.bias = None if m.bias is None else nn.Parameter(m.bias.detach().float().clone())
+        s = m._buffers.get("smooth")
+        self.register_buffer("inv_smooth", None if s is None else 1.0 / s.float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).float()
+        if self.inv_smooth is not None:
+            x2 = x2 * self.inv_smooth
+        y = self.matmul(x2)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _symbolic(op: str, inputs: tuple[Any, ...], attrs: dict[str, Any], shape: Any) -> Any:
+    domain = "com.microsoft::" if op == "MatMulNBits" else ""
+    return torch.onnx.ops.symbolic(
+        f"{domain}{op}", inputs, attrs, dtype=torch.float32, shape=shape, version=1
+    )
+
+
+class _Int8WeightOnnx(_OnnxLinear):
+    """int8 weight (stored transposed) -> ``DequantizeLinear`` -> ``MatMul``."""
+
+    def __init__(self, m: Int8Linear) -> None:
+        super().__init__(m)
+        self.register_buffer("qweight_t", m.qweight.t().contiguous())
+        self.register_buffer("scale", m.scale.float().clone())
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        w = _symbolic(
+            "DequantizeLinear", (self.qweight_t, self.scale), {"axis": 1}, self.qweight_t.shape
+        )
+        return x @ w
+
+
+class _Int8DynamicOnnx(_OnnxLinear):
+    """``DynamicQuantizeLinear`` -> ``MatMulInteger`` with the int8 weight -> rescale."""
+
+    def __init__(self, m: Int8DynamicLinear) -> None:
+        super().__init__(m)
+        self.register_buffer("qweight_t", m.qweight.t().contiguous())
+        self.register_buffer("scale", m.scale.float().clone())
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        xq, sx, zx = torch.onnx.ops.symbolic_multi_out(
+            "DynamicQuantizeLinear",
+            (x,),
+            {},
+            dtypes=(torch.uint8, torch.float32, torch.uint8),
+            shapes=(x.shape, (), ()),
+            version=1,
+        )
+        acc = torch.onnx.ops.symbolic(
+            "MatMulInteger",
+            (xq, self.qweight_t, zx),
+            {},
+            dtype=torch.int32,
+            shape=(x.shape[0], self.qweight_t.shape[1]),
+            version=1,
+        )
+        return acc.float() * sx * self.scale
+
+
+class _Int4Onnx(_OnnxLinear):
+    """ONNX Runtime's ``MatMulNBits``: two codes per byte, low nibble first (nnslim stores the
+    high nibble first), ``w = (q - zero) * scale`` with ``zero = -minimum / scale``."""
+
+    def __init__(self, m: Int4Linear) -> None:
+        super().__init__(m)
+        q = m.qweight
+        blocks = m.scales.shape[1]
+        swapped = ((q >> 4) | (q << 4)).to(torch.uint8)
+        self.register_buffer("b", swapped.reshape(q.shape[0], blocks, m.group_size // 2))
+        s = m.scales.float()
+        self.register_buffer("scales", s.reshape(-1).contiguous())
+        self.register_buffer("zeros", (-m.mins.float() / s).reshape(-1).contiguous())
+        self.in_features, self.group_size = m.in_features, m.group_size
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        attrs = {
+            "K": self.in_features,
+            "N": self.out_features,
+            "bits": 4,
+            "block_size": self.group_size,
+            "accuracy_level": 4,  # int8 compute on the activations: the engine's fast path
+        }
+        return _symbolic(
+            "MatMulNBits",
+            (x, self.b, self.scales, self.zeros),
+            attrs,
+            (x.shape[0], self.out_features),
+        )
+
+
+class _PalettizedOnnx(nn.Module):
+    """A codebook lookup: the weight is ``Gather(codebook, codes + group offset)``, the codes
+    one byte each for up to 256 clusters (nnslim packs them to the bit; ONNX has no bit
+    unpacking that engines fold)."""
+
+    def __init__(self, m: PalettizedLinear | PalettizedConv2d) -> None:
+        super().__init__()
+        codes = m.codes()
+        rows = codes.shape[0]
+        dtype = torch.uint8 if m.clusters <= 256 else torch.int32
+        self.register_buffer("codes", codes.to(dtype))
+        group = torch.arange(rows, device=codes.device) // m.group_size
+        self.register_buffer("offsets", (group * m.clusters)[:, None])
+        with torch.no_grad():
+            cb = m.codebook.detach().float().clone()
+            if m.zero_code >= 0:
+                cb[:, m.zero_code] = 0.0
+        self.register_buffer("codebook", cb.reshape(-1))
+        self.shape = tuple(m._weight_shape())
+        self.bias = m.bias
+        self.conv = (
+            {k: getattr(m, k) for k in ("stride", "padding", "dilation", "groups")}
+            if isinstance(m, PalettizedConv2d)
+            else None
+        )
+        self.pad = (m._reversed_padding(), m.padding_mode) if self.conv else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.codebook[self.codes.long() + self.offsets].reshape(self.shape).to(x.dtype)
+        if self.conv is None:
+            return nn.functional.linear(x, w, self.bias)
+        conv = dict(self.conv)
+        if self.pad is not None and self.pad[1] != "zeros":
+            x = nn.functional.pad(x, self.pad[0], mode=self.pad[1])
+            conv["padding"] = 0
+        return nn.functional.conv2d(x, w, self.bias, **conv)
+
+
+_RULES: dict[type, Any] = {
+    Int8Linear: _Int8WeightOnnx,
+    Int8DynamicLinear: _Int8DynamicOnnx,
+    Int4Linear: _Int4Onnx,
+    PalettizedLinear: _PalettizedOnnx,
+    PalettizedConv2d: _PalettizedOnnx,
+}
+
+
+# -- writing and checking ---------------------------------------------------------------------
+def _dynamic_shapes(inputs: Inputs) -> Any:
+    """The batch axis of every tensor input dynamic, and the sequence axis of token inputs."""
+    auto = torch.export.Dim.AUTO
+
+    def axes(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor) or t.dim() == 0:
+            return None
+        dims = {0: auto}
+        if not t.is_floating_point() and t.dim() >= 2:
+            dims[1] = auto
+        return dims
+
+    # keyed as the exported wrapper's forward(*args, **kwargs) takes them
+    out: dict[str, Any] = {}
+    if inputs.args:
+        out["args"] = tuple(axes(a) for a in inputs.args)
+    if inputs.kwargs:
+        out["kwargs"] = {k: axes(v) for k, v in inputs.kwargs.items()}
+    return out
+
+
+def _onnx(twin: nn.Module, inputs: Inputs, path: Path, dynamic: bool) -> None:
+    import warnings
+
+    kwargs = dict(inputs.kwargs)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                twin,
+                tuple(inputs.args),
+                kwargs=kwargs or None,
+                dynamo=True,
+                # the exporter's optimizer folds constant subgraphs into initializers: a
+                # codebook lookup would be written as the dense weight; the engine folds them
+                # when it loads the file instead (in memory)
+                optimize=False,
+                dynamic_shapes=_dynamic_shapes(inputs) if dynamic else None,
+                verbose=False,
+            )
+    except Exception as e:
+        root: BaseException = e
+        while root.__cause__ is not None:  # the exporter wraps the error that stopped it
+            root = root.__cause__
+        first = (str(root).strip().splitlines() or [""])[0][:300]
+        first = f"{type(root).__name__}: {first}"
+        raise RuntimeError(
+            f"nnslim.export: torch.onnx.export failed ({first}). A layer "
+            f"of your own that calls an operator ONNX has no translation for needs one "
+            f"(torch.onnx.export's custom_translation_table); exclude it from compression if "
+            f"it is one of nnslim's."
+        ) from e
+    # the exporter notes each node's Python stack trace: most of a small model's file
+    for node in program.model.graph.all_nodes():
+        node.metadata_props.clear()
+    program.save(str(path), external_data=False)
+
+
+def _check(path: Path, inputs: Inputs, reference: torch.Tensor, tolerance: float) -> None:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    values = [t for t in [*inputs.args, *inputs.kwargs.values()] if isinstance(t, torch.Tensor)]
+    feed = {n: v.detach().cpu().numpy() for n, v in zip(names, values, strict=False)}
+    got = torch.from_numpy(session.run(None, feed)[0])
+    ref = reference.detach().float().cpu()
+    if got.shape != ref.shape:
+        raise ValueError(
+            f"nnslim.export: ONNX Runtime's output has shape {tuple(got.shape)}, the model's "
+            f"{tuple(ref.shape)}; nothing was written."
+        )
+    err = float((got.float() - ref).norm() / ref.norm().clamp_min(1e-12))
+    if not err <= tolerance:
+        raise ValueError(
+            f"nnslim.export: ONNX Runtime's output differs from the model's by {err:.3g} "
+            f"(relative; at most {tolerance} accepted); nothing was written. Pass check=False "
+            f"to write it anyway."
+        )

@@ -1,0 +1,143 @@
+"""nnslim.export(format="onnx"): compressed models in ONNX Runtime, with the engine's integer
+operators, dynamic axes, atomic writes and clear refusals."""
+
+import copy
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import nnslim
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+X = torch.randn(4, 64)
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10)
+    ).eval()
+
+
+TRANSFORMS = {
+    "float": (None, "Gemm|MatMul"),
+    "prune": (lambda: nnslim.Prune(ratio=0.5), "Gemm|MatMul"),
+    "int8": (lambda: nnslim.Quantize(scheme="int8"), "DequantizeLinear"),
+    "int8-dynamic": (lambda: nnslim.Quantize(scheme="int8-dynamic"), "MatMulInteger"),
+    "int4": (lambda: nnslim.Quantize(scheme="int4", group_size=32), "MatMulNBits"),
+    "factorize": (lambda: nnslim.Factorize(ratio=0.5), "Gemm|MatMul"),
+    "share": (lambda: nnslim.ShareWeights(clusters=16), "GatherND|Gather"),
+    "2:4": (lambda: nnslim.Prune(structure="2:4"), "Gemm|MatMul"),
+}
+
+
+def _run(path, *inputs):
+    s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feed = {i.name: t.numpy() for i, t in zip(s.get_inputs(), inputs, strict=True)}
+    return torch.from_numpy(s.run(None, feed)[0])
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("name", list(TRANSFORMS))
+def test_compressed_models_run_in_onnx_runtime_with_a_dynamic_batch(tmp_path, name):
+    make, op = TRANSFORMS[name]
+    model = _mlp()
+    if make is not None:
+        make().apply(model, X)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    path = nnslim.export(model, X, tmp_path / "m.onnx")
+    assert path == tmp_path / "m.onnx" and os.listdir(tmp_path) == ["m.onnx"]
+    ops = {n.op_type for n in onnx.load(path).graph.node}
+    assert ops & set(op.split("|")), ops
+    x7 = torch.randn(7, 64)  # another batch size than the example's
+    tol = {"int8-dynamic": 5e-2, "int8": 1e-2, "int4": 1e-2}.get(name, 1e-4)
+    with torch.no_grad():
+        assert _rel(_run(path, x7), model(x7)) < tol
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_int4_carries_the_codes_exactly(tmp_path):
+    """MatMulNBits computes with nnslim's own codes, scales and minimums: the engine's output
+    is the dequantized weight's, to float rounding (nnslim's CPU kernel rounds activations to
+    bf16, so it is compared with the float math)."""
+    model = _mlp()
+    nnslim.Quantize(scheme="int4", group_size=32).apply(model, X)
+    path = nnslim.export(model, X, tmp_path / "m.onnx")
+    exact = X
+    with torch.no_grad():
+        for m in model:
+            exact = torch.relu(exact) if isinstance(m, nn.ReLU) else exact @ m.weight.T + m.bias
+    assert _rel(_run(path, X), exact) < 1e-5
+
+
+def test_integer_and_palettized_weights_stay_small_in_the_file(tmp_path):
+    torch.manual_seed(0)
+    big = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 512)).eval()
+    x = torch.randn(2, 512)
+    sizes = {}
+    for name, t in [
+        ("float", None),
+        ("int8", nnslim.Quantize(scheme="int8")),
+        ("int4", nnslim.Quantize(scheme="int4", group_size=64, select=["0"])),
+        ("share", nnslim.ShareWeights(clusters=16, select=["0"])),
+    ]:
+        m = copy.deepcopy(big)
+        if t is not None:
+            t.apply(m, x)
+        sizes[name] = os.path.getsize(nnslim.export(m, x, tmp_path / f"{name}.onnx"))
+    assert sizes["int8"] < 0.3 * sizes["float"]
+    # one of two layers: int4 codes (an eighth) or one-byte codes (a quarter), the other float
+    assert sizes["int4"] < 0.6 * sizes["float"]
+    assert sizes["share"] < 0.7 * sizes["float"]
+
+
+def test_hugging_face_model_with_dict_inputs_exports_its_logits(tmp_path):
+    tf = pytest.importorskip("transformers")
+    from tests.zoo import llama_config
+
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(llama_config()).eval()
+    ids = torch.randint(0, 100, (2, 12))
+    nnslim.Quantize(scheme="int4", group_size=32).apply(model, {"input_ids": ids})
+    path = nnslim.export(model, {"input_ids": ids}, tmp_path / "llama.onnx")
+    other = torch.randint(0, 100, (3, 9))  # batch and sequence both vary
+    with torch.no_grad():
+        ref = model(input_ids=other).logits
+    assert _rel(_run(path, other), ref) < 1e-2
+
+
+def test_bad_input_is_refused_and_nothing_is_written(tmp_path):
+    model = _mlp()
+    with pytest.raises(ValueError, match="unknown format 'gguf' \\('gguf' is planned"):
+        nnslim.export(model, X, tmp_path / "a.gguf", format="gguf")
+    with pytest.raises(ValueError, match="unknown format 'tflite'.*supported: onnx"):
+        nnslim.export(model, X, tmp_path / "a", format="tflite")
+    with pytest.raises(ValueError, match=r"Sequential.forward failed on example_inputs"):
+        nnslim.export(model, torch.randn(2, 3), tmp_path / "a.onnx")
+    (tmp_path / "exists.onnx").write_bytes(b"keep")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        nnslim.export(model, X, tmp_path / "exists.onnx")
+    assert (tmp_path / "exists.onnx").read_bytes() == b"keep"
+    qat = _mlp()
+    nnslim.Quantize(scheme="int8", qat=True).apply(qat, X)
+    with pytest.raises(ValueError, match="nnslim.convert"):
+        nnslim.export(qat, X, tmp_path / "q.onnx")
+    assert sorted(os.listdir(tmp_path)) == ["exists.onnx"]
+
+
+def test_a_file_that_fails_its_check_is_not_written(tmp_path, monkeypatch):
+    from nnslim.io import export as ex
+
+    monkeypatch.setitem(ex._TOLERANCE, "float", -1.0)  # no output can be that close
+    with pytest.raises(ValueError, match="differs from the model's.*nothing was written"):
+        nnslim.export(_mlp(), X, tmp_path / "m.onnx")
+    assert os.listdir(tmp_path) == []
+    assert nnslim.export(_mlp(), X, tmp_path / "m.onnx", check=False).exists()
