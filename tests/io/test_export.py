@@ -58,16 +58,20 @@ def test_compressed_models_run_in_onnx_runtime_with_a_dynamic_batch(tmp_path, na
     ops = {n.op_type for n in onnx.load(path).graph.node}
     assert ops & set(op.split("|")), ops
     x7 = torch.randn(7, 64)  # another batch size than the example's
-    tol = {"int8-dynamic": 5e-2, "int8": 1e-2, "int4": 1e-2}.get(name, 1e-4)
+    tol = {"int8-dynamic": 5e-2, "int8": 1e-2, "int4": 2e-2}.get(name, 1e-4)
     with torch.no_grad():
         assert _rel(_run(path, x7), model(x7)) < tol
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
-def test_int4_carries_the_codes_exactly(tmp_path):
-    """MatMulNBits computes with nnslim's own codes, scales and minimums: the engine's output
-    is the dequantized weight's, to float rounding (nnslim's CPU kernel rounds activations to
-    bf16, so it is compared with the float math)."""
+def test_int4_carries_the_codes_exactly(tmp_path, monkeypatch):
+    """MatMulNBits computes with nnslim's own codes, scales and minimums: with float compute
+    (accuracy level 0; the default, 4, rounds activations to int8) the engine's output is the
+    dequantized weight's, to float rounding (nnslim's CPU kernel rounds activations to bf16, so
+    it is compared with the float math)."""
+    from nnslim.io import export as ex
+
+    monkeypatch.setattr(ex, "INT4_ACCURACY_LEVEL", 0)
     model = _mlp()
     nnslim.Quantize(scheme="int4", group_size=32).apply(model, X)
     path = nnslim.export(model, X, tmp_path / "m.onnx")
