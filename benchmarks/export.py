@@ -1,9 +1,9 @@
-"""Deployment side by side: nnslim models in eager torch, torch.compile and ONNX Runtime.
+"""Deployment side by side: nnslim models in eager torch, torch.compile, ONNX Runtime, OpenVINO.
 
 Models: a 4-layer MLP (4096 wide; ``--quick``: 1024) at batch 1 and 32, and resnet50 pruned to
 half its MACs (``--resnet``). Rows per case: torch fp32 (the baseline), the torch.ao
 ``quantize_dynamic`` peer, fp32 in ONNX Runtime, and each nnslim variant (int8-dynamic, int4
-group 128; the pruned resnet) in eager torch, ``torch.compile`` and ONNX Runtime
+group 128; the pruned resnet) in eager torch, ``torch.compile``, ONNX Runtime and OpenVINO
 (``nnslim.export``). Latency is the median of repeated runs after warm-up, on 1 and 2
 threads, as a ratio to torch fp32 in the same run (this machine is shared and noisy: compare
 ratios, not milliseconds). ``file_mb`` is the exported ONNX file; ``rel_error`` the relative
@@ -74,6 +74,7 @@ def run_case(
         engines: dict[str, Any] = {"eager": model}
         if label.startswith("nnslim") or label == "fp32":
             engines["onnxruntime"] = None
+            engines["openvino"] = None
             if label.startswith("nnslim"):
                 engines["torch.compile"] = None
         for engine in engines:
@@ -117,6 +118,24 @@ def _engine(engine: str, model: nn.Module, x: torch.Tensor, path: Path) -> Any:
             return lambda: _no_grad(compiled, x)
 
         return comp, None, out
+    if engine == "openvino":
+        import openvino as ov
+
+        xml = path.with_suffix(".xml")
+        nnslim.export(model, x, xml, format="openvino", overwrite=True)
+        compiled: dict[int, Any] = {}
+
+        def ov_run(threads: int) -> Any:
+            c = compiled.setdefault(
+                threads,
+                ov.Core().compile_model(
+                    str(xml), "CPU", {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1}
+                ),
+            )
+            return lambda: c([x.numpy()])
+
+        size = (xml.stat().st_size + xml.with_suffix(".bin").stat().st_size) / 2**20
+        return ov_run, size, torch.from_numpy(ov_run(1)()[0])
     nnslim.export(model, x, path, overwrite=True)
     feed = {"x": x.numpy()}
     sessions: dict[int, Any] = {}

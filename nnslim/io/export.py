@@ -4,7 +4,8 @@
 ``torch.export``-based exporter), with nnslim's layers in the engine's own integer operators:
 
 * ``Int8Linear`` (int8 weights): the int8 weight and its per-channel scales as initializers,
-  ``DequantizeLinear`` then ``MatMul``;
+  ``DequantizeLinear`` then ``MatMul`` (which ONNX Runtime fuses into its 8-bit
+  ``MatMulNBits``, rounding the activations to int8);
 * ``Int8DynamicLinear``: ``DynamicQuantizeLinear`` on the activations, ``MatMulInteger`` with
   the int8 weight, rescaled (ONNX Runtime fuses these into ``DynamicQuantizeMatMul``). The
   engine quantizes activations per tensor (8-bit asymmetric), nnslim per row: outputs differ
@@ -14,6 +15,14 @@
   minimum as a small correction term);
 * pruned, factorized, palettized (a codebook lookup: ``Gather`` on the indices), cross-layer
   shared and sparse models, and ``Int8Conv2d``, as the torch operators their forwards run.
+
+``format="openvino"`` converts that ONNX file with ``openvino.convert_model`` into OpenVINO IR
+(``.xml`` + ``.bin``): OpenVINO reads the int8 ``DequantizeLinear`` and int4 ``MatMulNBits``
+layers as compressed weights (int8 and uint4 constants, decompressed in the graph; its CPU
+plugin quantizes their activations at run time), which is why the ONNX route is taken rather
+than its direct torch conversion, which sees nnslim's custom operators. int8-dynamic layers
+go as int8 weights (OpenVINO widens a ``MatMulInteger`` weight to int32), palettized layers
+as their dense weights (it widens codebook indices to int64).
 
 Hugging Face models export their main output (``logits``), with the batch axis (and the
 sequence axis of token inputs) dynamic. The file is written atomically; with ``check=True``
@@ -31,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..base.atomic import atomic_path
+from ..base.atomic import atomic_path, temp_dir_beside
 from ..base.inputs import Inputs, as_inputs, first_tensor, run_model
 from ..base.modules import copy_model
 from ..modules.fake_quant import FakeQuantLinear
@@ -41,14 +50,14 @@ from ..modules.shared import PalettizedConv2d, PalettizedLinear
 __all__ = ["FORMATS", "export"]
 
 #: the formats :func:`export` writes
-FORMATS = ("onnx",)
+FORMATS = ("onnx", "openvino")
 #: formats the deployment issue plans, not written yet
-_PLANNED = ("openvino", "gguf", "compressed-tensors")
+_PLANNED = ("gguf", "compressed-tensors")
 #: ``check=True``: the largest relative error (norm of the difference over the norm of the
-#: model's output) accepted between ONNX Runtime and the model: float layers; integer weights
-#: (nnslim's CPU kernels take bf16 activations, the engine's float32); int8 activations
-#: (quantized per tensor by the engine, per row by nnslim)
-_TOLERANCE = {"float": 1e-3, "int-weights": 1e-2, "int8-activations": 5e-2}
+#: output) accepted between ONNX Runtime and the model's math (integer layers as their
+#: dequantized weights): float and integer weights alike; where the engine rounds the
+#: activations to int8 (int8-dynamic layers, int4 at accuracy level 4)
+_TOLERANCE = {"float": 1e-3, "int8-activations": 5e-2}
 #: ``MatMulNBits``'s compute: 4 rounds the activations to int8 per block (about 0.5% relative
 #: error, 10-20x faster than fp32 on one thread here), 0 computes in float32
 INT4_ACCURACY_LEVEL = 4
@@ -71,19 +80,22 @@ def export(
         example_inputs: inputs the model runs on (a tensor, a tuple, or a dict of keyword
             tensors for Hugging Face models).
         path: the file to write.
-        format: ``"onnx"`` (ONNX Runtime).
+        format: ``"onnx"`` (ONNX Runtime) or ``"openvino"`` (OpenVINO IR: ``path`` is the
+            ``.xml``, the weights go beside it in a ``.bin``).
         dynamic: the batch axis (and a token input's sequence axis) may vary.
-        check: run the written file in ONNX Runtime on ``example_inputs`` and compare with the
-            model before putting it in place: relative error within 1e-3 for float layers,
-            1e-2 for int8 weights, 5e-2 where the engine rounds activations to int8
-            (int8-dynamic layers, and int4 layers at ``MatMulNBits``'s accuracy level 4).
+        check: run the written file in its engine on ``example_inputs`` and compare with the
+            model's math (integer layers as their dequantized weights) before putting it in
+            place: relative error within 1e-3, or 5e-2 where the engine rounds activations
+            to int8 (int8 and int8-dynamic layers, and int4 layers at ``MatMulNBits``'s
+            accuracy level 4).
         overwrite: replace an existing file.
 
     Raises:
         ValueError: an unknown format, inputs the model cannot run, a fake-quant model not yet
             converted, or an exported file whose outputs differ from the model's.
         FileExistsError: ``path`` exists and ``overwrite`` is false.
-        ImportError: the exporter's packages are missing (``pip install 'nnslim[export]'``).
+        ImportError: the exporter's or the engine's packages are missing
+            (``pip install 'nnslim[export]'``).
         RuntimeError: ``torch.onnx.export`` failed (the message names its error).
 
     Nothing is written when it raises.
@@ -95,12 +107,22 @@ def export(
             f"{', '.join(FORMATS)}."
         )
     target = Path(path)
-    if target.exists() and not overwrite:
+    files = [target]
+    if format == "openvino":
+        if target.suffix != ".xml":
+            raise ValueError(
+                f"nnslim.export(format='openvino'): the path names the model's .xml (its weights "
+                f"go beside it in a .bin), got {target.name!r}."
+            )
+        files.append(target.with_suffix(".bin"))
+    existing = [f for f in files if f.exists()]
+    if existing and not overwrite:
         raise FileExistsError(
-            f"nnslim.export: {target} exists; remove it, choose another path, or pass "
+            f"nnslim.export: {existing[0]} exists; remove it, choose another path, or pass "
             f"overwrite=True. Nothing was written."
         )
-    _require("onnx", "onnxscript", *(("onnxruntime",) if check else ()))
+    engine = "onnxruntime" if format == "onnx" else "openvino"
+    _require("onnx", "onnxscript", *((engine,) if check or format == "openvino" else ()))
     inputs = as_inputs(example_inputs)
     if inputs is None:
         raise TypeError("nnslim.export: example_inputs is required.")
@@ -110,28 +132,30 @@ def export(
             f"nnslim.export: {fake[0]} is a fake-quant (QAT) layer: call nnslim.convert(model) "
             f"to make the integer layers before exporting."
         )
+    rules = _RULES if format == "onnx" else _OPENVINO_RULES
     was_training = model.training
     model.eval()
     try:
-        reference = _main_output(run_model(model, inputs))
-        twin = _for_onnx(model)
+        run_model(model, inputs)  # inputs the model cannot run: a clear error, nothing written
+        reference = _main_output(run_model(_dequantized(model), inputs))
+        twin = _for_onnx(model, rules)
     finally:
         model.train(was_training)
     kinds = {type(m) for m in twin.modules()}
-    int8_activations = _Int8DynamicOnnx in kinds or (
-        _Int4Onnx in kinds and INT4_ACCURACY_LEVEL == 4
+    # ONNX Runtime fuses DequantizeLinear(int8) + MatMul into its 8-bit MatMulNBits, which
+    # rounds the activations to int8 too; OpenVINO's CPU plugin quantizes the activations of
+    # layers with compressed weights at run time
+    int8_activations = bool(kinds & {_Int8DynamicOnnx, _Int8WeightOnnx}) or (
+        _Int4Onnx in kinds and (INT4_ACCURACY_LEVEL == 4 or format == "openvino")
     )
-    tolerance = _TOLERANCE[
-        "int8-activations"
-        if int8_activations
-        else "int-weights"
-        if kinds & {_Int8WeightOnnx, _Int4Onnx}
-        else "float"
-    ]
-    with atomic_path(target) as tmp:
-        _onnx(twin, inputs, tmp, dynamic)
-        if check:
-            _check(tmp, inputs, reference, tolerance)
+    tolerance = _TOLERANCE["int8-activations" if int8_activations else "float"]
+    if format == "onnx":
+        with atomic_path(target) as tmp:
+            _onnx(twin, inputs, tmp, dynamic)
+            if check:
+                _check(_run_onnxruntime(tmp, inputs), reference, tolerance, "ONNX Runtime")
+        return target
+    _openvino(twin, inputs, target, dynamic, reference if check else None, tolerance)
     return target
 
 
@@ -163,11 +187,29 @@ class _MainOutput(nn.Module):
         return _main_output(self.model(*args, **kwargs))
 
 
-def _for_onnx(model: nn.Module) -> nn.Module:
-    """A copy whose integer layers emit ONNX Runtime's operators (the model is untouched)."""
+def _dequantized(model: nn.Module) -> nn.Module:
+    """A copy whose integer linear layers are float ``nn.Linear`` layers with their dequantized
+    weights: the math the exported file must compute (nnslim's own CPU kernels round the
+    activations to bf16 on the way, which is not the model's meaning)."""
     twin = copy_model(model)
     for path, m in list(twin.named_modules()):
-        rule = _RULES.get(type(m))
+        if not isinstance(m, (Int8Linear, Int8DynamicLinear, Int4Linear)):
+            continue
+        lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+        with torch.no_grad():
+            lin.weight.copy_(m.dequantize())
+            if m.bias is not None:
+                lin.bias.copy_(m.bias)
+        parent, _, name = path.rpartition(".")
+        setattr(twin.get_submodule(parent) if parent else twin, name, lin)
+    return twin.float().eval()
+
+
+def _for_onnx(model: nn.Module, rules: dict[type, Any]) -> nn.Module:
+    """A copy whose nnslim layers emit the engine's operators (the model is untouched)."""
+    twin = copy_model(model)
+    for path, m in list(twin.named_modules()):
+        rule = rules.get(type(m))
         if rule is None:
             continue
         parent, _, name = path.rpartition(".")
@@ -291,8 +333,9 @@ class _PalettizedOnnx(nn.Module):
     one byte each for up to 256 clusters (nnslim packs them to the bit; ONNX has no bit
     unpacking that engines fold)."""
 
-    def __init__(self, m: PalettizedLinear | PalettizedConv2d) -> None:
+    def __init__(self, m: PalettizedLinear | PalettizedConv2d, dense: bool = False) -> None:
         super().__init__()
+        self.register_buffer("dense", m.dequantize().detach().float() if dense else None)
         codes = m.codes()
         rows = codes.shape[0]
         dtype = torch.uint8 if m.clusters <= 256 else torch.int32
@@ -314,7 +357,10 @@ class _PalettizedOnnx(nn.Module):
         self.pad = (m._reversed_padding(), m.padding_mode) if self.conv else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.codebook[self.codes.long() + self.offsets].reshape(self.shape).to(x.dtype)
+        w = self.dense
+        if w is None:
+            w = self.codebook[self.codes.long() + self.offsets].reshape(self.shape)
+        w = w.to(x.dtype)
         if self.conv is None:
             return nn.functional.linear(x, w, self.bias)
         conv = dict(self.conv)
@@ -330,6 +376,17 @@ _RULES: dict[type, Any] = {
     Int4Linear: _Int4Onnx,
     PalettizedLinear: _PalettizedOnnx,
     PalettizedConv2d: _PalettizedOnnx,
+}
+#: OpenVINO keeps int8 weights compressed from ``DequantizeLinear`` (not from
+#: ``MatMulInteger``, whose weight it widens to int32) and quantizes the activations of such
+#: layers itself at run time; it widens codebook indices to int64 (larger than the float
+#: weight), so palettized layers go as their dense weights
+_OPENVINO_RULES: dict[type, Any] = {
+    Int8Linear: _Int8WeightOnnx,
+    Int8DynamicLinear: _Int8WeightOnnx,
+    Int4Linear: _Int4Onnx,
+    PalettizedLinear: lambda m: _PalettizedOnnx(m, dense=True),
+    PalettizedConv2d: lambda m: _PalettizedOnnx(m, dense=True),
 }
 
 
@@ -392,24 +449,64 @@ def _onnx(twin: nn.Module, inputs: Inputs, path: Path, dynamic: bool) -> None:
     program.save(str(path), external_data=False)
 
 
-def _check(path: Path, inputs: Inputs, reference: torch.Tensor, tolerance: float) -> None:
+def _run_onnxruntime(path: Path, inputs: Inputs) -> torch.Tensor:
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
-    values = [t for t in [*inputs.args, *inputs.kwargs.values()] if isinstance(t, torch.Tensor)]
-    feed = {n: v.detach().cpu().numpy() for n, v in zip(names, values, strict=False)}
-    got = torch.from_numpy(session.run(None, feed)[0])
+    feed = {n: v.detach().cpu().numpy() for n, v in zip(names, _tensors(inputs), strict=False)}
+    return torch.from_numpy(session.run(None, feed)[0])
+
+
+def _tensors(inputs: Inputs) -> list[torch.Tensor]:
+    return [t for t in [*inputs.args, *inputs.kwargs.values()] if isinstance(t, torch.Tensor)]
+
+
+def _check(got: torch.Tensor, reference: torch.Tensor, tolerance: float, engine: str) -> None:
     ref = reference.detach().float().cpu()
     if got.shape != ref.shape:
         raise ValueError(
-            f"nnslim.export: ONNX Runtime's output has shape {tuple(got.shape)}, the model's "
+            f"nnslim.export: {engine}'s output has shape {tuple(got.shape)}, the model's "
             f"{tuple(ref.shape)}; nothing was written."
         )
     err = float((got.float() - ref).norm() / ref.norm().clamp_min(1e-12))
     if not err <= tolerance:
         raise ValueError(
-            f"nnslim.export: ONNX Runtime's output differs from the model's by {err:.3g} "
+            f"nnslim.export: {engine}'s output differs from the model's math by {err:.3g} "
             f"(relative; at most {tolerance} accepted); nothing was written. Pass check=False "
             f"to write it anyway."
         )
+
+
+# -- OpenVINO ---------------------------------------------------------------------------------
+def _openvino(
+    twin: nn.Module,
+    inputs: Inputs,
+    target: Path,
+    dynamic: bool,
+    reference: torch.Tensor | None,
+    tolerance: float,
+) -> None:
+    """ONNX first (OpenVINO reads nnslim's int8 and int4 layers from it as compressed
+    weights: int8 and uint4 constants decompressed in the graph), converted with
+    ``openvino.convert_model`` and saved as IR (.xml + .bin) beside ``target``; the .bin is
+    put in place before the .xml, so an .xml is only ever beside its own weights."""
+    import shutil
+
+    import openvino as ov
+
+    tmp = temp_dir_beside(target)
+    try:
+        onnx_path = tmp / "model.onnx"
+        _onnx(twin, inputs, onnx_path, dynamic)
+        model = ov.convert_model(str(onnx_path))
+        xml = tmp / target.name
+        ov.save_model(model, str(xml), compress_to_fp16=False)
+        if reference is not None:
+            compiled = ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+            got = torch.from_numpy(compiled([t.numpy() for t in _tensors(inputs)])[0])
+            _check(got, reference, tolerance, "OpenVINO")
+        os.replace(xml.with_suffix(".bin"), target.with_suffix(".bin"))
+        os.replace(xml, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
