@@ -24,6 +24,10 @@ than its direct torch conversion, which sees nnslim's custom operators. int8-dyn
 go as int8 weights (OpenVINO widens a ``MatMulInteger`` weight to int32), palettized layers
 as their dense weights (it widens codebook indices to int64).
 
+``format="gguf"`` writes Llama-family causal LMs for llama.cpp (:mod:`nnslim.io.gguf`): int4
+as ``Q4_1`` and int8 as ``Q8_0`` blocks holding nnslim's codes, the rest float32; checked by
+loading the file with transformers' GGUF loader.
+
 Hugging Face models export their main output (``logits``), with the batch axis (and the
 sequence axis of token inputs) dynamic. The file is written atomically; with ``check=True``
 (the default) it is run in ONNX Runtime on the example inputs and compared with the model
@@ -50,9 +54,9 @@ from ..modules.shared import PalettizedConv2d, PalettizedLinear
 __all__ = ["FORMATS", "export"]
 
 #: the formats :func:`export` writes
-FORMATS = ("onnx", "openvino")
+FORMATS = ("onnx", "openvino", "gguf")
 #: formats the deployment issue plans, not written yet
-_PLANNED = ("gguf", "compressed-tensors")
+_PLANNED = ("compressed-tensors",)
 #: ``check=True``: the largest relative error (norm of the difference over the norm of the
 #: output) accepted between ONNX Runtime and the model's math (integer layers as their
 #: dequantized weights): float and integer weights alike; where the engine rounds the
@@ -80,8 +84,9 @@ def export(
         example_inputs: inputs the model runs on (a tensor, a tuple, or a dict of keyword
             tensors for Hugging Face models).
         path: the file to write.
-        format: ``"onnx"`` (ONNX Runtime) or ``"openvino"`` (OpenVINO IR: ``path`` is the
-            ``.xml``, the weights go beside it in a ``.bin``).
+        format: ``"onnx"`` (ONNX Runtime), ``"openvino"`` (OpenVINO IR: ``path`` is the
+            ``.xml``, the weights go beside it in a ``.bin``) or ``"gguf"`` (llama.cpp; Llama
+            -family causal LMs: :mod:`nnslim.io.gguf`).
         dynamic: the batch axis (and a token input's sequence axis) may vary.
         check: run the written file in its engine on ``example_inputs`` and compare with the
             model's math (integer layers as their dequantized weights) before putting it in
@@ -121,6 +126,8 @@ def export(
             f"nnslim.export: {existing[0]} exists; remove it, choose another path, or pass "
             f"overwrite=True. Nothing was written."
         )
+    if format == "gguf":
+        return _gguf(model, example_inputs, target, check)
     engine = "onnxruntime" if format == "onnx" else "openvino"
     _require("onnx", "onnxscript", *((engine,) if check or format == "openvino" else ()))
     inputs = as_inputs(example_inputs)
@@ -510,3 +517,53 @@ def _openvino(
         os.replace(xml, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# -- GGUF -------------------------------------------------------------------------------------
+def _gguf(model: nn.Module, example_inputs: Any, target: Path, check: bool) -> Path:
+    """GGUF via :func:`nnslim.io.gguf.write_gguf`; checked by loading it back with
+    transformers' GGUF loader (which dequantizes it) and comparing the logits with the model's
+    math."""
+    _require("gguf", *(("transformers",) if check else ()))
+    from .gguf import write_gguf
+
+    inputs = as_inputs(example_inputs)
+    if inputs is None:
+        raise TypeError("nnslim.export: example_inputs is required.")
+    was_training = model.training
+    model.eval()
+    try:
+        run_model(model, inputs)
+        reference = _main_output(run_model(_dequantized(model), inputs)) if check else None
+    finally:
+        model.train(was_training)
+    with atomic_path(target) as tmp:
+        write_gguf(model, tmp)
+        if reference is not None:
+            _check(_run_gguf(tmp, inputs), reference, _GGUF_TOLERANCE, "transformers' GGUF loader")
+    return target
+
+
+#: fp16 block scales (Q8_0 rounds each channel's fp32 scale), float32 elsewhere
+_GGUF_TOLERANCE = 1e-2
+
+
+def _run_gguf(path: Path, inputs: Inputs) -> torch.Tensor:
+    import logging
+
+    import transformers
+
+    level = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    logging.disable(logging.WARNING)
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, torch_dtype=torch.float32
+        ).eval()
+    finally:
+        logging.disable(logging.NOTSET)
+        transformers.logging.set_verbosity(level)
+        transformers.logging.enable_progress_bar()
+    with torch.no_grad():
+        return _main_output(inputs.call(model)).float()

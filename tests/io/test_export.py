@@ -120,8 +120,8 @@ def test_hugging_face_model_with_dict_inputs_exports_its_logits(tmp_path):
 
 def test_bad_input_is_refused_and_nothing_is_written(tmp_path):
     model = _mlp()
-    with pytest.raises(ValueError, match="unknown format .gguf. \\(.gguf. is planned"):
-        nnslim.export(model, X, tmp_path / "a.gguf", format="gguf")
+    with pytest.raises(ValueError, match="'compressed-tensors' is planned, not built yet"):
+        nnslim.export(model, X, tmp_path / "ct", format="compressed-tensors")
     with pytest.raises(ValueError, match="unknown format 'tflite'.*supported: onnx"):
         nnslim.export(model, X, tmp_path / "a", format="tflite")
     with pytest.raises(ValueError, match=r"Sequential.forward failed on example_inputs"):
@@ -179,3 +179,66 @@ def test_openvino_path_is_the_xml_and_neither_file_is_overwritten(tmp_path):
     with pytest.raises(FileExistsError, match="m.bin exists"):
         nnslim.export(_mlp(), X, tmp_path / "m.xml", format="openvino")
     assert sorted(os.listdir(tmp_path)) == ["m.bin"]
+
+
+def _llama():
+    tf = pytest.importorskip("transformers")
+    from tests.zoo import llama_config
+
+    torch.manual_seed(0)
+    return tf.LlamaForCausalLM(llama_config()).eval()
+
+
+IDS = {"input_ids": torch.randint(0, 100, (2, 12))}
+
+
+@pytest.mark.parametrize(
+    "name, make, block, tol",
+    [
+        ("float", None, None, 1e-5),
+        ("int4-g32", lambda: nnslim.Quantize(scheme="int4", group_size=32), "Q4_1", 1e-4),
+        ("int4-g64", lambda: nnslim.Quantize(scheme="int4", group_size=64), "Q4_1", 1e-4),
+        ("int8", lambda: nnslim.Quantize(scheme="int8"), "Q8_0", 5e-3),
+        ("pruned", lambda: nnslim.Prune(ratio=0.25), None, 1e-5),
+    ],
+)
+def test_gguf_holds_the_codes_and_transformers_loads_it(tmp_path, name, make, block, tol):
+    """Q4_1 is nnslim's int4 exactly (a scale and a minimum per 32 weights; the bf16 scales
+    become fp16); Q8_0 rounds each channel's scale to fp16. transformers' GGUF loader
+    (dequantizing) gives the logits of the model's math."""
+    gguf = pytest.importorskip("gguf")
+    pytest.importorskip("accelerate")
+    import transformers
+
+    from nnslim.io.export import _dequantized
+
+    model = _llama()
+    if make is not None:
+        make().apply(model, IDS)
+    path = nnslim.export(model, IDS, tmp_path / "m.gguf", format="gguf")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    if block is not None:
+        assert types["blk.0.attn_q.weight"] == types["blk.1.ffn_down.weight"] == block
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path), gguf_file="m.gguf", dtype=torch.float32
+    ).eval()
+    other = torch.randint(0, 100, (1, 9))
+    with torch.no_grad():
+        assert (
+            _rel(loaded(input_ids=other).logits, _dequantized(model)(input_ids=other).logits) < tol
+        )
+
+
+def test_gguf_refuses_what_it_cannot_hold(tmp_path):
+    tf = pytest.importorskip("transformers")
+    pytest.importorskip("gguf")
+    from tests.zoo import gpt2_config
+
+    gpt2 = tf.GPT2LMHeadModel(gpt2_config()).eval()
+    with pytest.raises(ValueError, match="writes Llama-family causal LMs.*ONNX"):
+        nnslim.export(gpt2, IDS, tmp_path / "g.gguf", format="gguf")
+    model = _llama()
+    nnslim.Prune(select={"re:model\\.layers\\.0\\.mlp\\..*": 0.5}).apply(model, IDS)
+    with pytest.raises(ValueError, match=r"model.layers.0.mlp keeps .* one width for every layer"):
+        nnslim.export(model, IDS, tmp_path / "m.gguf", format="gguf")
+    assert os.listdir(tmp_path) == []

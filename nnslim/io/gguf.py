@@ -1,0 +1,196 @@
+"""GGUF (llama.cpp's format) for decoder LLMs of the Llama family.
+
+nnslim's integer layers go in as the GGUF block types that hold their codes exactly:
+
+* ``Int4Linear`` (asymmetric, a scale and a minimum per group): ``Q4_1``, whose blocks of 32
+  weights hold ``q * d + m``; a group of 64 or 128 is two or four blocks with the same
+  ``d`` and ``m``. The bf16 scale and minimum become fp16 (exact where they are in fp16's
+  range).
+* ``Int8Linear`` / ``Int8DynamicLinear`` (symmetric per output channel): ``Q8_0`` (blocks of 32
+  weights ``q * d``, ``d`` the channel's scale in fp16: about 1e-3 relative rounding).
+
+Every other weight is written in float32 (dense, for factorized or palettized layers); the
+query and key projections are permuted as llama.cpp's converter does (transformers' GGUF loader
+undoes it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..base.modules import linear_weight
+from ..modules.kernels import unpack_int4
+from ..modules.quantized import Int4Linear, Int8DynamicLinear, Int8Linear
+
+__all__ = ["write_gguf"]
+
+#: Hugging Face model types written, as llama.cpp's architecture
+ARCHITECTURES = {"llama": "llama", "mistral": "llama"}
+_BLOCK = 32  # weights per Q4_1 / Q8_0 block
+
+
+def write_gguf(model: nn.Module, path: Path) -> list[str]:
+    """Write ``model`` (a Hugging Face Llama-family causal LM) to ``path``; returns notes."""
+    import gguf
+
+    cfg = getattr(model, "config", None)
+    kind = getattr(cfg, "model_type", None)
+    if kind not in ARCHITECTURES:
+        raise ValueError(
+            f"nnslim.export(format='gguf'): writes Llama-family causal LMs ("
+            f"{', '.join(ARCHITECTURES)}); this model is {type(model).__name__} "
+            f"(model_type {kind!r}). Export it to ONNX instead."
+        )
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
+    layers = model.model.layers
+    _check_uniform(model, cfg)
+    notes: list[str] = []
+    w = gguf.GGUFWriter(str(path), ARCHITECTURES[kind])
+    w.add_name(getattr(cfg, "name_or_path", "") or type(model).__name__)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(len(layers))
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    w.add_rope_dimension_count(head_dim)
+    theta = getattr(cfg, "rope_theta", None) or (getattr(cfg, "rope_parameters", None) or {}).get(
+        "rope_theta", 10000.0
+    )
+    w.add_rope_freq_base(float(theta))
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+
+    def add(name: str, module: nn.Module, permute: int | None = None) -> None:
+        _add_linear(w, gguf, name, module, permute, notes)
+
+    w.add_tensor("token_embd.weight", _f32(model.model.embed_tokens.weight))
+    for i, layer in enumerate(layers):
+        b = f"blk.{i}"
+        att, mlp = layer.self_attn, layer.mlp
+        w.add_tensor(f"{b}.attn_norm.weight", _f32(layer.input_layernorm.weight))
+        add(f"{b}.attn_q.weight", att.q_proj, heads)
+        add(f"{b}.attn_k.weight", att.k_proj, kv_heads)
+        add(f"{b}.attn_v.weight", att.v_proj)
+        add(f"{b}.attn_output.weight", att.o_proj)
+        w.add_tensor(f"{b}.ffn_norm.weight", _f32(layer.post_attention_layernorm.weight))
+        add(f"{b}.ffn_gate.weight", mlp.gate_proj)
+        add(f"{b}.ffn_up.weight", mlp.up_proj)
+        add(f"{b}.ffn_down.weight", mlp.down_proj)
+    w.add_tensor("output_norm.weight", _f32(model.model.norm.weight))
+    head = model.get_output_embeddings()
+    if head is not None and linear_weight(head) is not model.model.embed_tokens.weight:
+        add("output.weight", head)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return notes
+
+
+def _check_uniform(model: nn.Module, cfg: Any) -> None:
+    """GGUF's Llama holds one width per kind of layer: a model pruned unevenly cannot go."""
+    for i, layer in enumerate(model.model.layers):
+        inter = linear_weight(layer.mlp.up_proj).shape[0]
+        if inter != cfg.intermediate_size:
+            raise ValueError(
+                f"nnslim.export(format='gguf'): model.layers.{i}.mlp keeps {inter} hidden units "
+                f"where the config says {cfg.intermediate_size}; GGUF's Llama has one width for "
+                f"every layer. Prune with one ratio for every layer, or export to ONNX."
+            )
+        for name in ("q_proj", "k_proj", "v_proj"):
+            m = getattr(layer.self_attn, name)
+            heads = cfg.num_attention_heads if name == "q_proj" else cfg.num_key_value_heads
+            hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+            if linear_weight(m).shape[0] != heads * hd:
+                raise ValueError(
+                    f"nnslim.export(format='gguf'): model.layers.{i}.self_attn.{name} has "
+                    f"{linear_weight(m).shape[0]} outputs, not the config's {heads} x {hd}; "
+                    f"GGUF's Llama has one head count for every layer."
+                )
+
+
+def _f32(t: torch.Tensor) -> np.ndarray:
+    return t.detach().float().cpu().numpy()
+
+
+def _permute(x: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's row order for the query and key projections (rotary halves interleaved)."""
+    return (
+        x.reshape(heads, 2, x.shape[0] // heads // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+    )
+
+
+def _add_linear(
+    w: Any, gguf: Any, name: str, m: nn.Module, heads: int | None, notes: list[str]
+) -> None:
+    """One projection; ``heads``: permute its rows as llama.cpp does (query, key)."""
+    smooth = m._buffers.get("smooth")
+    if isinstance(m, Int4Linear) and smooth is None and m.in_features % _BLOCK == 0:
+        blocks = _q4_1(m)
+        if heads is not None:
+            blocks = _permute(blocks, heads)
+        w.add_tensor(name, blocks, raw_dtype=gguf.GGMLQuantizationType.Q4_1)
+        return
+    if (
+        isinstance(m, (Int8Linear, Int8DynamicLinear))
+        and smooth is None
+        and m.in_features % _BLOCK == 0
+    ):
+        blocks = _q8_0(m)
+        if heads is not None:
+            blocks = _permute(blocks, heads)
+        w.add_tensor(name, blocks, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        return
+    if isinstance(m, (Int4Linear, Int8Linear, Int8DynamicLinear)):
+        notes.append(
+            f"{name}: {type(m).__name__} written as float32 (a smoothing scale or a width that "
+            f"is not a multiple of {_BLOCK} has no GGUF block type)"
+        )
+    weight = _f32(m.weight)
+    if heads is not None:
+        weight = _permute(weight, heads)
+    w.add_tensor(name, weight)
+
+
+def _q4_1(m: Int4Linear) -> np.ndarray:
+    """``block_q4_1 {fp16 d; fp16 m; uint8 qs[16]}`` per 32 weights: ``qs[j]`` holds weight
+    ``j`` in its low nibble and weight ``j + 16`` in its high nibble."""
+    q = unpack_int4(m.qweight)[:, : m.in_features].to(torch.uint8)  # (out, in) codes
+    out, inp = q.shape
+    per_group = m.group_size // _BLOCK if m.group_size >= _BLOCK else None
+    if per_group is None or m.group_size % _BLOCK:
+        raise ValueError(
+            f"nnslim.export(format='gguf'): int4 group size {m.group_size} is not a multiple "
+            f"of GGUF's 32-weight blocks; quantize with group_size 32, 64 or 128."
+        )
+    nb = inp // _BLOCK
+    d = m.scales.float().repeat_interleave(per_group, dim=1)[:, :nb].to(torch.float16)
+    mn = m.mins.float().repeat_interleave(per_group, dim=1)[:, :nb].to(torch.float16)
+    qb = q.reshape(out, nb, _BLOCK)
+    qs = qb[..., :16] | (qb[..., 16:] << 4)
+    raw = torch.cat(
+        [d.view(torch.uint8).reshape(out, nb, 2), mn.view(torch.uint8).reshape(out, nb, 2), qs],
+        dim=-1,
+    )
+    return raw.reshape(out, nb * 20).numpy()
+
+
+def _q8_0(m: Int8Linear | Int8DynamicLinear) -> np.ndarray:
+    """``block_q8_0 {fp16 d; int8 qs[32]}`` per 32 weights, ``d`` the channel's scale."""
+    q = m.qweight
+    out, inp = q.shape
+    nb = inp // _BLOCK
+    d = m.scale.float().to(torch.float16)[:, None].expand(out, nb).contiguous()
+    raw = torch.cat(
+        [d.view(torch.uint8).reshape(out, nb, 2), q.reshape(out, nb, _BLOCK).view(torch.uint8)],
+        dim=-1,
+    )
+    return raw.reshape(out, nb * 34).numpy()
