@@ -24,6 +24,9 @@ than its direct torch conversion, which sees nnslim's custom operators. int8-dyn
 go as int8 weights (OpenVINO widens a ``MatMulInteger`` weight to int32), palettized layers
 as their dense weights (it widens codebook indices to int64).
 
+``format="compressed-tensors"`` writes a Hugging Face model's int8 layers in llm-compressor's
+layout for vLLM (:mod:`nnslim.io.compressed_tensors`).
+
 ``format="gguf"`` writes Llama-family causal LMs for llama.cpp (:mod:`nnslim.io.gguf`): int4
 as ``Q4_1`` and int8 as ``Q8_0`` blocks holding nnslim's codes, the rest float32; checked by
 loading the file with transformers' GGUF loader.
@@ -54,9 +57,7 @@ from ..modules.shared import PalettizedConv2d, PalettizedLinear
 __all__ = ["FORMATS", "export"]
 
 #: the formats :func:`export` writes
-FORMATS = ("onnx", "openvino", "gguf")
-#: formats the deployment issue plans, not written yet
-_PLANNED = ("compressed-tensors",)
+FORMATS = ("onnx", "openvino", "gguf", "compressed-tensors")
 #: ``check=True``: the largest relative error (norm of the difference over the norm of the
 #: output) accepted between ONNX Runtime and the model's math (integer layers as their
 #: dequantized weights): float and integer weights alike; where the engine rounds the
@@ -85,8 +86,10 @@ def export(
             tensors for Hugging Face models).
         path: the file to write.
         format: ``"onnx"`` (ONNX Runtime), ``"openvino"`` (OpenVINO IR: ``path`` is the
-            ``.xml``, the weights go beside it in a ``.bin``) or ``"gguf"`` (llama.cpp; Llama
-            -family causal LMs: :mod:`nnslim.io.gguf`).
+            ``.xml``, the weights go beside it in a ``.bin``), ``"gguf"`` (llama.cpp;
+            Llama-family causal LMs: :mod:`nnslim.io.gguf`) or ``"compressed-tensors"``
+            (vLLM, transformers: a ``save_pretrained`` directory;
+            :mod:`nnslim.io.compressed_tensors`).
         dynamic: the batch axis (and a token input's sequence axis) may vary.
         check: run the written file in its engine on ``example_inputs`` and compare with the
             model's math (integer layers as their dequantized weights) before putting it in
@@ -106,9 +109,8 @@ def export(
     Nothing is written when it raises.
     """
     if format not in FORMATS:
-        planned = f" ({format!r} is planned, not built yet)" if format in _PLANNED else ""
         raise ValueError(
-            f"nnslim.export(format=...): unknown format {format!r}{planned}; supported: "
+            f"nnslim.export(format=...): unknown format {format!r}; supported: "
             f"{', '.join(FORMATS)}."
         )
     target = Path(path)
@@ -128,6 +130,8 @@ def export(
         )
     if format == "gguf":
         return _gguf(model, example_inputs, target, check)
+    if format == "compressed-tensors":
+        return _compressed_tensors(model, example_inputs, target, check)
     engine = "onnxruntime" if format == "onnx" else "openvino"
     _require("onnx", "onnxscript", *((engine,) if check or format == "openvino" else ()))
     inputs = as_inputs(example_inputs)
@@ -567,3 +571,42 @@ def _run_gguf(path: Path, inputs: Inputs) -> torch.Tensor:
         transformers.logging.enable_progress_bar()
     with torch.no_grad():
         return _main_output(inputs.call(model)).float()
+
+
+# -- compressed-tensors -----------------------------------------------------------------------
+def _compressed_tensors(model: nn.Module, example_inputs: Any, target: Path, check: bool) -> Path:
+    """A ``save_pretrained`` directory in compressed-tensors' layout
+    (:mod:`nnslim.io.compressed_tensors`), written beside ``target`` and renamed into place;
+    checked by loading it with ``from_pretrained`` (transformers reads the format through the
+    compressed-tensors package) and comparing the output with the model's math."""
+    from ..base.atomic import commit_dir
+    from .compressed_tensors import dense_copy, write_compressed_tensors
+
+    _require("compressed_tensors", "transformers")
+    inputs = as_inputs(example_inputs)
+    if inputs is None:
+        raise TypeError("nnslim.export: example_inputs is required.")
+    was_training = model.training
+    model.eval()
+    try:
+        run_model(model, inputs)
+        reference = _main_output(run_model(_dequantized(model), inputs))
+        dense = dense_copy(model, copy_model)
+    finally:
+        model.train(was_training)
+    tmp = temp_dir_beside(target)
+    try:
+        write_compressed_tensors(model, dense, tmp)
+        if check:
+            loaded = type(model).from_pretrained(str(tmp), dtype=torch.float32).eval()
+            with torch.no_grad():
+                got = _main_output(inputs.call(loaded)).float()
+            dynamic = any(isinstance(m, Int8DynamicLinear) for m in model.modules())
+            _check(got, reference, 5e-2 if dynamic else 1e-4, "transformers (compressed-tensors)")
+        commit_dir(tmp, target)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target

@@ -120,8 +120,6 @@ def test_hugging_face_model_with_dict_inputs_exports_its_logits(tmp_path):
 
 def test_bad_input_is_refused_and_nothing_is_written(tmp_path):
     model = _mlp()
-    with pytest.raises(ValueError, match="'compressed-tensors' is planned, not built yet"):
-        nnslim.export(model, X, tmp_path / "ct", format="compressed-tensors")
     with pytest.raises(ValueError, match="unknown format 'tflite'.*supported: onnx"):
         nnslim.export(model, X, tmp_path / "a", format="tflite")
     with pytest.raises(ValueError, match=r"Sequential.forward failed on example_inputs"):
@@ -241,4 +239,51 @@ def test_gguf_refuses_what_it_cannot_hold(tmp_path):
     nnslim.Prune(select={"re:model\\.layers\\.0\\.mlp\\..*": 0.5}).apply(model, IDS)
     with pytest.raises(ValueError, match=r"model.layers.0.mlp keeps .* one width for every layer"):
         nnslim.export(model, IDS, tmp_path / "m.gguf", format="gguf")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "name, make, fmt, key",
+    [
+        ("int8", lambda: nnslim.Quantize(scheme="int8"), "pack-quantized", "weight_packed"),
+        ("int8-dynamic", lambda: nnslim.Quantize(scheme="int8-dynamic"), "int-quantized", "weight"),
+        ("pruned", lambda: nnslim.Prune(ratio=0.25), None, "weight"),
+    ],
+)
+def test_compressed_tensors_directory_loads_in_transformers(tmp_path, name, make, fmt, key):
+    """llm-compressor's layout (W8A16 packed into int32 words, W8A8 with dynamic per-token
+    activations), written by the compressed-tensors package's own compressor from nnslim's
+    codes, loaded back by transformers through that package."""
+    pytest.importorskip("compressed_tensors")
+    import json
+
+    from safetensors import safe_open
+
+    from nnslim.io.export import _dequantized
+
+    model = _llama()
+    make().apply(model, IDS)
+    out = nnslim.export(model, IDS, tmp_path / "ct", format="compressed-tensors")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg.get("quantization_config", {}).get("format") == fmt
+    with safe_open(out / "model.safetensors", "pt") as f:
+        q = f.get_tensor(f"model.layers.0.self_attn.q_proj.{key}")
+    assert q.dtype == {"weight_packed": torch.int32, "weight": torch.int8}.get(key, q.dtype) or (
+        fmt is None and q.is_floating_point()
+    )
+    loaded = type(model).from_pretrained(str(out), dtype=torch.float32).eval()
+    other = torch.randint(0, 100, (1, 9))
+    with torch.no_grad():
+        err = _rel(loaded(input_ids=other).logits, _dequantized(model)(input_ids=other).logits)
+    assert err < (5e-2 if name == "int8-dynamic" else 1e-5)
+
+
+def test_compressed_tensors_refuses_int4_and_other_models(tmp_path):
+    pytest.importorskip("compressed_tensors")
+    model = _llama()
+    nnslim.Quantize(scheme="int4", group_size=32).apply(model, IDS)
+    with pytest.raises(ValueError, match="floating minimum per group.*GGUF or ONNX"):
+        nnslim.export(model, IDS, tmp_path / "ct", format="compressed-tensors")
+    with pytest.raises(ValueError, match="not a transformers model"):
+        nnslim.export(_mlp(), X, tmp_path / "ct", format="compressed-tensors")
     assert os.listdir(tmp_path) == []
