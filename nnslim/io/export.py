@@ -51,7 +51,7 @@ from ..base.atomic import atomic_path, temp_dir_beside
 from ..base.inputs import Inputs, as_inputs, first_tensor, run_model
 from ..base.modules import copy_model
 from ..modules.fake_quant import FakeQuantLinear
-from ..modules.quantized import Int4Linear, Int8DynamicLinear, Int8Linear
+from ..modules.quantized import Int4Linear, Int8Conv2d, Int8DynamicLinear, Int8Linear
 from ..modules.shared import PalettizedConv2d, PalettizedLinear
 
 __all__ = ["FORMATS", "export"]
@@ -77,6 +77,7 @@ def export(
     dynamic: bool = True,
     check: bool = True,
     overwrite: bool = False,
+    palettized: str = "lookup",
 ) -> Path:
     """Write ``model`` in an engine's format; returns the path written.
 
@@ -97,6 +98,9 @@ def export(
             to int8 (int8 and int8-dynamic layers, and int4 layers at ``MatMulNBits``'s
             accuracy level 4).
         overwrite: replace an existing file.
+        palettized: ONNX only: ``"lookup"`` writes palettized layers as their codebook and
+            one-byte codes (a small file; the engine folds the lookup into a dense weight when
+            it loads it), ``"dense"`` as their dense float weights.
 
     Raises:
         ValueError: an unknown format, inputs the model cannot run, a fake-quant model not yet
@@ -108,6 +112,10 @@ def export(
 
     Nothing is written when it raises.
     """
+    if palettized not in ("lookup", "dense"):
+        raise ValueError(
+            f"nnslim.export(palettized=...): expected 'lookup' or 'dense', got {palettized!r}."
+        )
     if format not in FORMATS:
         raise ValueError(
             f"nnslim.export(format=...): unknown format {format!r}; supported: "
@@ -143,7 +151,9 @@ def export(
             f"nnslim.export: {fake[0]} is a fake-quant (QAT) layer: call nnslim.convert(model) "
             f"to make the integer layers before exporting."
         )
-    rules = _RULES if format == "onnx" else _OPENVINO_RULES
+    rules = _OPENVINO_RULES if format == "openvino" else dict(_RULES)
+    if palettized == "dense":
+        rules.update({k: v for k, v in _OPENVINO_RULES.items() if k in _PALETTIZED})
     was_training = model.training
     model.eval()
     try:
@@ -339,6 +349,31 @@ class _Int4Onnx(_OnnxLinear):
         return y + sums @ self.offsets_t
 
 
+class _Int8ConvOnnx(nn.Module):
+    """int8 weight + per-channel ``DequantizeLinear`` -> ``Conv`` (the engine folds the
+    dequantization into a float weight when it loads the file)."""
+
+    def __init__(self, m: Int8Conv2d) -> None:
+        super().__init__()
+        self.register_buffer("qweight", m.qweight.detach().clone())
+        self.register_buffer("scale", m.scale.detach().float().clone())
+        self.bias = m.bias
+        self.conv = {k: getattr(m, k) for k in ("stride", "dilation", "groups")}
+        self.padding, self.padding_mode = m.padding, m.padding_mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = _symbolic(
+            "DequantizeLinear", (self.qweight, self.scale), {"axis": 0}, self.qweight.shape
+        )
+        w = w.to(x.dtype)
+        b = None if self.bias is None else self.bias.to(x.dtype)
+        if self.padding_mode != "zeros":
+            pad = [p for p in reversed(self.padding) for _ in range(2)]  # type: ignore[arg-type]
+            x = nn.functional.pad(x, pad, mode=self.padding_mode)
+            return nn.functional.conv2d(x, w, b, padding=0, **self.conv)
+        return nn.functional.conv2d(x, w, b, padding=self.padding, **self.conv)
+
+
 class _PalettizedOnnx(nn.Module):
     """A codebook lookup: the weight is ``Gather(codebook, codes + group offset)``, the codes
     one byte each for up to 256 clusters (nnslim packs them to the bit; ONNX has no bit
@@ -381,8 +416,10 @@ class _PalettizedOnnx(nn.Module):
         return nn.functional.conv2d(x, w, self.bias, **conv)
 
 
+_PALETTIZED = (PalettizedLinear, PalettizedConv2d)
 _RULES: dict[type, Any] = {
     Int8Linear: _Int8WeightOnnx,
+    Int8Conv2d: _Int8ConvOnnx,
     Int8DynamicLinear: _Int8DynamicOnnx,
     Int4Linear: _Int4Onnx,
     PalettizedLinear: _PalettizedOnnx,
@@ -394,6 +431,7 @@ _RULES: dict[type, Any] = {
 #: weight), so palettized layers go as their dense weights
 _OPENVINO_RULES: dict[type, Any] = {
     Int8Linear: _Int8WeightOnnx,
+    Int8Conv2d: _Int8ConvOnnx,
     Int8DynamicLinear: _Int8WeightOnnx,
     Int4Linear: _Int4Onnx,
     PalettizedLinear: lambda m: _PalettizedOnnx(m, dense=True),

@@ -287,3 +287,30 @@ def test_compressed_tensors_refuses_int4_and_other_models(tmp_path):
     with pytest.raises(ValueError, match="not a transformers model"):
         nnslim.export(_mlp(), X, tmp_path / "ct", format="compressed-tensors")
     assert os.listdir(tmp_path) == []
+
+
+def test_int8_convolutions_and_dense_palettes(tmp_path):
+    torch.manual_seed(0)
+    cnn = nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1, padding_mode="reflect"),
+    ).eval()
+    x = torch.randn(2, 3, 12, 12)
+    int8 = copy.deepcopy(cnn)
+    nnslim.Quantize(scheme="int8").apply(int8, x)
+    path = nnslim.export(int8, x, tmp_path / "int8.onnx")
+    ops = [n.op_type for n in onnx.load(path).graph.node]
+    assert ops.count("DequantizeLinear") == 2 and ops.count("Conv") == 2
+    with torch.no_grad():
+        assert _rel(_run(path, x), int8(x)) < 1e-4
+    shared = copy.deepcopy(cnn)
+    nnslim.ShareWeights(clusters=8).apply(shared, x)
+    lookup = nnslim.export(shared, x, tmp_path / "lookup.onnx")
+    dense = nnslim.export(shared, x, tmp_path / "dense.onnx", palettized="dense")
+    assert "GatherND" in {n.op_type for n in onnx.load(lookup).graph.node}
+    assert not {"Gather", "GatherND"} & {n.op_type for n in onnx.load(dense).graph.node}
+    with torch.no_grad():
+        assert _rel(_run(dense, x), shared(x)) < 1e-5
+    with pytest.raises(ValueError, match="palettized=.*'lookup' or 'dense'"):
+        nnslim.export(shared, x, tmp_path / "x.onnx", palettized="packed")
