@@ -63,9 +63,10 @@ FORMATS = ("onnx", "openvino", "gguf", "compressed-tensors")
 #: dequantized weights): float and integer weights alike; where the engine rounds the
 #: activations to int8 (int8-dynamic layers, int4 at accuracy level 4)
 _TOLERANCE = {"float": 1e-3, "int8-activations": 5e-2}
-#: ``MatMulNBits``'s compute: 4 rounds the activations to int8 per block (about 0.5% relative
-#: error, 10-20x faster than fp32 on one thread here), 0 computes in float32
-INT4_ACCURACY_LEVEL = 4
+#: ``int4_compute=`` -> ``MatMulNBits``'s accuracy level: ``"int8"`` rounds the activations to
+#: int8 per block (its fast path: 10-20x faster than fp32 at batch 1 on one thread here, about
+#: 0.5% relative error per layer), ``"float"`` computes in float32 (exact to the codes)
+_INT4_LEVELS = {"int8": 4, "float": 0}
 
 
 def export(
@@ -78,6 +79,7 @@ def export(
     check: bool = True,
     overwrite: bool = False,
     palettized: str = "lookup",
+    int4_compute: str = "int8",
 ) -> Path:
     """Write ``model`` in an engine's format; returns the path written.
 
@@ -101,6 +103,9 @@ def export(
         palettized: ONNX only: ``"lookup"`` writes palettized layers as their codebook and
             one-byte codes (a small file; the engine folds the lookup into a dense weight when
             it loads it), ``"dense"`` as their dense float weights.
+        int4_compute: ONNX only: how ONNX Runtime's ``MatMulNBits`` computes int4 layers:
+            ``"int8"`` (activations rounded to int8 per block: its fast path) or ``"float"``
+            (float32: exact to nnslim's codes, slower at small batches).
 
     Raises:
         ValueError: an unknown format, inputs the model cannot run, a fake-quant model not yet
@@ -112,6 +117,10 @@ def export(
 
     Nothing is written when it raises.
     """
+    if int4_compute not in _INT4_LEVELS:
+        raise ValueError(
+            f"nnslim.export(int4_compute=...): expected 'int8' or 'float', got {int4_compute!r}."
+        )
     if palettized not in ("lookup", "dense"):
         raise ValueError(
             f"nnslim.export(palettized=...): expected 'lookup' or 'dense', got {palettized!r}."
@@ -159,7 +168,7 @@ def export(
     try:
         run_model(model, inputs)  # inputs the model cannot run: a clear error, nothing written
         reference = _main_output(run_model(_dequantized(model), inputs))
-        twin = _for_onnx(model, rules)
+        twin = _for_onnx(model, rules, _INT4_LEVELS[int4_compute])
     finally:
         model.train(was_training)
     kinds = {type(m) for m in twin.modules()}
@@ -167,7 +176,7 @@ def export(
     # rounds the activations to int8 too; OpenVINO's CPU plugin quantizes the activations of
     # layers with compressed weights at run time
     int8_activations = bool(kinds & {_Int8DynamicOnnx, _Int8WeightOnnx}) or (
-        _Int4Onnx in kinds and (INT4_ACCURACY_LEVEL == 4 or format == "openvino")
+        _Int4Onnx in kinds and (int4_compute == "int8" or format == "openvino")
     )
     tolerance = _TOLERANCE["int8-activations" if int8_activations else "float"]
     if format == "onnx":
@@ -216,25 +225,32 @@ def _dequantized(model: nn.Module) -> nn.Module:
     for path, m in list(twin.named_modules()):
         if not isinstance(m, (Int8Linear, Int8DynamicLinear, Int4Linear)):
             continue
-        lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+        w = m.weight  # dequantized, in the dtype of the float weight it replaced
+        lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, dtype=w.dtype)
         with torch.no_grad():
-            lin.weight.copy_(m.dequantize())
+            lin.weight.copy_(w)
             if m.bias is not None:
                 lin.bias.copy_(m.bias)
         parent, _, name = path.rpartition(".")
         setattr(twin.get_submodule(parent) if parent else twin, name, lin)
-    return twin.float().eval()
+    return twin.eval()
 
 
-def _for_onnx(model: nn.Module, rules: dict[type, Any]) -> nn.Module:
+def _for_onnx(model: nn.Module, rules: dict[type, Any], int4_level: int = 4) -> nn.Module:
     """A copy whose nnslim layers emit the engine's operators (the model is untouched)."""
     twin = copy_model(model)
+    config = getattr(twin, "config", None)
+    if getattr(config, "use_cache", False):
+        config.use_cache = False  # the exported graph computes logits, no key/value cache
     for path, m in list(twin.named_modules()):
         rule = rules.get(type(m))
         if rule is None:
             continue
         parent, _, name = path.rpartition(".")
-        setattr(twin.get_submodule(parent) if parent else twin, name, rule(m))
+        new = rule(m)
+        if isinstance(new, _Int4Onnx):
+            new.accuracy_level = int4_level
+        setattr(twin.get_submodule(parent) if parent else twin, name, new)
     return _MainOutput(twin).eval()
 
 
@@ -331,6 +347,7 @@ class _Int4Onnx(_OnnxLinear):
         self.register_buffer("scales", s.reshape(-1).contiguous())
         self.register_buffer("offsets_t", (m.mins.float() + 8 * s).t().contiguous())
         self.in_features, self.group_size, self.blocks = m.in_features, m.group_size, blocks
+        self.accuracy_level = 4
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         attrs = {
@@ -338,7 +355,7 @@ class _Int4Onnx(_OnnxLinear):
             "N": self.out_features,
             "bits": 4,
             "block_size": self.group_size,
-            "accuracy_level": INT4_ACCURACY_LEVEL,
+            "accuracy_level": self.accuracy_level,
         }
         y = _symbolic(
             "MatMulNBits", (x, self.b, self.scales), attrs, (x.shape[0], self.out_features)

@@ -64,17 +64,14 @@ def test_compressed_models_run_in_onnx_runtime_with_a_dynamic_batch(tmp_path, na
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
-def test_int4_carries_the_codes_exactly(tmp_path, monkeypatch):
+def test_int4_carries_the_codes_exactly(tmp_path):
     """MatMulNBits computes with nnslim's own codes, scales and minimums: with float compute
     (accuracy level 0; the default, 4, rounds activations to int8) the engine's output is the
     dequantized weight's, to float rounding (nnslim's CPU kernel rounds activations to bf16, so
     it is compared with the float math)."""
-    from nnslim.io import export as ex
-
-    monkeypatch.setattr(ex, "INT4_ACCURACY_LEVEL", 0)
     model = _mlp()
     nnslim.Quantize(scheme="int4", group_size=32).apply(model, X)
-    path = nnslim.export(model, X, tmp_path / "m.onnx")
+    path = nnslim.export(model, X, tmp_path / "m.onnx", int4_compute="float")
     exact = X
     with torch.no_grad():
         for m in model:
