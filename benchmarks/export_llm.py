@@ -105,7 +105,9 @@ def main() -> None:
         row("ONNX Runtime (MatMulNBits, int8 compute)", nll_onnx(onnx_path, evals), size)
         onnx_path = nnslim.export(model, example, Path(d) / "f.onnx", int4_compute="float")
         row("ONNX Runtime (MatMulNBits, float compute)", nll_onnx(onnx_path, evals), size)
-        gguf_path = nnslim.export(model, example, Path(d) / "smollm2.gguf", format="gguf")
+        gguf_path = nnslim.export(
+            model, example, Path(d) / "smollm2.gguf", format="gguf", tokenizer_from=rd.SMOLLM2_GGUF
+        )
         from transformers import AutoModelForCausalLM
 
         back = AutoModelForCausalLM.from_pretrained(

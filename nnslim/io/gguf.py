@@ -34,8 +34,10 @@ ARCHITECTURES = {"llama": "llama", "mistral": "llama"}
 _BLOCK = 32  # weights per Q4_1 / Q8_0 block
 
 
-def write_gguf(model: nn.Module, path: Path) -> list[str]:
-    """Write ``model`` (a Hugging Face Llama-family causal LM) to ``path``; returns notes."""
+def write_gguf(model: nn.Module, path: Path, tokenizer_from: Path | None = None) -> list[str]:
+    """Write ``model`` (a Hugging Face Llama-family causal LM) to ``path``; returns notes.
+    ``tokenizer_from``: a GGUF file whose ``tokenizer.*`` metadata is copied (what llama.cpp
+    needs to run the file)."""
     import gguf
 
     cfg = getattr(model, "config", None)
@@ -67,6 +69,8 @@ def write_gguf(model: nn.Module, path: Path) -> list[str]:
     w.add_rope_freq_base(float(theta))
     w.add_vocab_size(cfg.vocab_size)
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    if tokenizer_from is not None:
+        _copy_tokenizer(gguf, w, Path(tokenizer_from), cfg.vocab_size)
 
     def add(name: str, module: nn.Module, permute: int | None = None) -> None:
         _add_linear(w, gguf, name, module, permute, notes)
@@ -93,6 +97,30 @@ def write_gguf(model: nn.Module, path: Path) -> list[str]:
     w.write_tensors_to_file()
     w.close()
     return notes
+
+
+def _copy_tokenizer(gguf: Any, w: Any, source: Path, vocab: int) -> None:
+    """The ``tokenizer.*`` fields of another GGUF file (the model's source), checked against
+    the model's vocabulary size."""
+    if not source.is_file():
+        raise FileNotFoundError(f"nnslim.export(tokenizer_from=...): no file {source}.")
+    fields = {
+        k: f for k, f in gguf.GGUFReader(str(source)).fields.items() if k.startswith("tokenizer.")
+    }
+    tokens = fields.get("tokenizer.ggml.tokens")
+    if tokens is None:
+        raise ValueError(
+            f"nnslim.export(tokenizer_from=...): {source} holds no tokenizer "
+            f"(no tokenizer.ggml.tokens field)."
+        )
+    if len(tokens.data) != vocab:
+        raise ValueError(
+            f"nnslim.export(tokenizer_from=...): {source}'s tokenizer has {len(tokens.data)} "
+            f"tokens, the model's vocabulary {vocab}."
+        )
+    for key, field in fields.items():
+        sub = field.types[1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(key, field.contents(), field.types[0], sub_type=sub)
 
 
 def _check_uniform(model: nn.Module, cfg: Any) -> None:

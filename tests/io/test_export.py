@@ -311,3 +311,34 @@ def test_int8_convolutions_and_dense_palettes(tmp_path):
         assert _rel(_run(dense, x), shared(x)) < 1e-5
     with pytest.raises(ValueError, match="palettized=.*'lookup' or 'dense'"):
         nnslim.export(shared, x, tmp_path / "x.onnx", palettized="packed")
+
+
+def test_gguf_carries_a_source_files_tokenizer(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    model = _llama()
+    vocab = model.config.vocab_size
+    source = tmp_path / "source.gguf"
+    w = gguf.GGUFWriter(str(source), "llama")
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([f"t{i}" for i in range(vocab)])
+    w.add_bos_token_id(1)
+    w.add_tensor("x", torch.zeros(2).numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    out = nnslim.export(model, IDS, tmp_path / "m.gguf", format="gguf", tokenizer_from=source)
+    fields = gguf.GGUFReader(out).fields
+    assert fields["tokenizer.ggml.model"].contents() == "gpt2"
+    assert fields["tokenizer.ggml.tokens"].contents()[:2] == ["t0", "t1"]
+    assert fields["tokenizer.ggml.bos_token_id"].contents() == 1
+    small = tmp_path / "small.gguf"
+    w = gguf.GGUFWriter(str(small), "llama")
+    w.add_token_list(["a", "b"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ValueError, match="has 2 tokens, the model's vocabulary"):
+        nnslim.export(model, IDS, tmp_path / "n.gguf", format="gguf", tokenizer_from=small)
+    assert not (tmp_path / "n.gguf").exists()
