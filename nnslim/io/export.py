@@ -148,6 +148,12 @@ def export(
             f"nnslim.export: {existing[0]} exists; remove it, choose another path, or pass "
             f"overwrite=True. Nothing was written."
         )
+    fake = [p for p, m in model.named_modules() if isinstance(m, FakeQuantLinear)]
+    if fake:
+        raise ValueError(
+            f"nnslim.export: {fake[0]} is a fake-quant (QAT) layer: call nnslim.convert(model) "
+            f"to make the integer layers before exporting."
+        )
     if format == "gguf":
         return _gguf(model, example_inputs, target, check, tokenizer_from)
     if format == "compressed-tensors":
@@ -157,12 +163,6 @@ def export(
     inputs = as_inputs(example_inputs)
     if inputs is None:
         raise TypeError("nnslim.export: example_inputs is required.")
-    fake = [p for p, m in model.named_modules() if isinstance(m, FakeQuantLinear)]
-    if fake:
-        raise ValueError(
-            f"nnslim.export: {fake[0]} is a fake-quant (QAT) layer: call nnslim.convert(model) "
-            f"to make the integer layers before exporting."
-        )
     rules = _OPENVINO_RULES if format == "openvino" else dict(_RULES)
     if palettized == "dense":
         rules.update({k: v for k, v in _OPENVINO_RULES.items() if k in _PALETTIZED})
