@@ -158,6 +158,22 @@ def export(
         return _gguf(model, example_inputs, target, check, tokenizer_from)
     if format == "compressed-tensors":
         return _compressed_tensors(model, example_inputs, target, check)
+    return _graph_export(
+        model, example_inputs, target, format, dynamic, check, palettized, int4_compute
+    )
+
+
+def _graph_export(
+    model: nn.Module,
+    example_inputs: Any,
+    target: Path,
+    format: str,
+    dynamic: bool,
+    check: bool,
+    palettized: str,
+    int4_compute: str,
+) -> Path:
+    """ONNX, and OpenVINO IR converted from it: the model as the engine's operators."""
     engine = "onnxruntime" if format == "onnx" else "openvino"
     _require("onnx", "onnxscript", *((engine,) if check or format == "openvino" else ()))
     inputs = as_inputs(example_inputs)
