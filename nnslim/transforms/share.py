@@ -246,7 +246,12 @@ class ShareWeights(Transform):
             self._palettize(model, ctx, report)
         if ref is not None and ctx.inputs is not None:
             err = _rel_error(_outputs(model, ctx.inputs), ref)
-            report.note(f"relative output error on the example inputs: {err:.4g}")
+            report.note(
+                f"relative output error on the example inputs: {err:.4g}"
+                if math.isfinite(err)
+                else "the output's shape changed on the example inputs (a detector keeps the "
+                "boxes its scores pass), so no relative error is given"
+            )
 
     # -- cross-layer sharing --------------------------------------------------------------------
     def _tie(
@@ -578,6 +583,10 @@ def _outputs(model: nn.Module, inputs: Inputs) -> list[torch.Tensor]:
 
 
 def _rel_error(got: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
+    """Relative L2 error of the outputs; infinite where their shapes differ (a detector's box
+    count follows its scores)."""
+    if len(got) != len(ref) or any(g.shape != r.shape for g, r in zip(got, ref)):
+        return math.inf
     num = sum(float((g - r).pow(2).sum()) for g, r in zip(got, ref))
     den = sum(float(r.pow(2).sum()) for r in ref)
     return math.sqrt(num / den) if den > 0 else math.sqrt(num)

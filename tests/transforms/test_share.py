@@ -707,3 +707,35 @@ def test_clustering_again_keeps_a_few_pruned_zeros_at_zero(mlp):
         assert layer.clusters <= 8 and layer.zero_code >= 0
         assert torch.equal(layer.weight == 0, ~mask)
     assert all(c.details["zeros_kept"] for c in report.changes if c.path in masks)
+
+
+class _Detector(nn.Module):
+    """Keeps the rows whose score passes a threshold, as a detector keeps boxes."""
+
+    def __init__(self):
+        super().__init__()
+        self.score = nn.Linear(8, 1)
+
+    def forward(self, x):
+        s = self.score(x).squeeze(-1)
+        return x[s > 0]
+
+
+def test_an_output_whose_shape_follows_the_weights_gets_no_error_figure():
+    """Palettizing changes which rows pass (torchvision keypoint R-CNN in the coverage sweep
+    raised a raw size mismatch computing the output error)."""
+    from nnslim.transforms.share import _rel_error
+
+    assert _rel_error([torch.zeros(3, 2)], [torch.zeros(5, 2)]) == float("inf")
+    torch.manual_seed(0)
+    model = _Detector().eval()
+    x = torch.randn(256, 8)
+    with torch.no_grad():
+        before = model(x).shape[0]
+        model.score.weight.copy_(torch.linspace(-1, 1, 8)[None])
+        ref = model(x).shape[0]
+    rep = nnslim.ShareWeights(clusters=2).apply(model, x)
+    with torch.no_grad():
+        changed = model(x).shape[0] != ref
+    assert changed and before > 0  # two clusters of eight distinct weights move the scores
+    assert any("no relative error is given" in n for n in rep.notes)
