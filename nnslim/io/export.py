@@ -539,7 +539,10 @@ def _run_onnxruntime(path: Path, inputs: Inputs) -> torch.Tensor:
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
-    feed = {n: v.detach().cpu().numpy() for n, v in zip(names, _tensors(inputs), strict=False)}
+    tensors = {k: v for k, v in inputs.kwargs.items() if isinstance(v, torch.Tensor)}
+    if not set(names) <= set(tensors):  # positional inputs: the graph's inputs in order
+        tensors = dict(zip(names, _tensors(inputs), strict=False))
+    feed = {n: tensors[n].detach().cpu().numpy() for n in names}
     return torch.from_numpy(session.run(None, feed)[0])
 
 
