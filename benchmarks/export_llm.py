@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import copy
 import math
-import sys
 import tempfile
 import time
 import warnings
@@ -26,7 +25,7 @@ from pathlib import Path
 import real_data as rd
 import torch
 from _common import print_table, write_json
-from real_llm import windows
+from real_llm import smollm2_windows
 
 import nnslim
 
@@ -67,15 +66,7 @@ def main() -> None:
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
     torch.set_num_threads(1)
-    loaded = rd.smollm2()
-    text = rd.wiki_text()
-    if loaded is None or text is None:
-        print(f"skipped: {rd.MISSING}")
-        sys.exit(0)
-    base, tok = loaded
-    n_eval, n_cal = (2, 4) if args.quick else (16, 16)
-    evals = windows(tok, text, n_eval, 0)
-    calib = [{"input_ids": w} for w in windows(tok, text, n_cal, n_eval)]
+    base, evals, calib = smollm2_windows(*((2, 4) if args.quick else (16, 16)))
     model = copy.deepcopy(base)
     t0 = time.perf_counter()
     nnslim.Quantize(

@@ -21,6 +21,7 @@ import math
 import sys
 import time
 import warnings
+from typing import Any
 
 import real_data as rd
 import torch
@@ -44,6 +45,20 @@ def windows(tok, text: str, n: int, offset: int) -> list[torch.Tensor]:
     return out
 
 
+def smollm2_windows(n_eval: int, n_cal: int) -> tuple[Any, list[torch.Tensor], list[dict]]:
+    """SmolLM2-135M, ``n_eval`` evaluation windows and ``n_cal`` calibration batches after them
+    from the Wikipedia text; exits cleanly (printing what is missing) without the packages."""
+    loaded = rd.smollm2()
+    text = rd.wiki_text()
+    if loaded is None or text is None:
+        print(f"skipped: {rd.MISSING}")
+        sys.exit(0)
+    base, tok = loaded
+    evals = windows(tok, text, n_eval, 0)
+    calib = [{"input_ids": w} for w in windows(tok, text, n_cal, n_eval)]
+    return base, evals, calib
+
+
 @torch.no_grad()
 def perplexity(model, wins: list[torch.Tensor]) -> float:
     nll, count = 0.0, 0
@@ -64,15 +79,7 @@ def main() -> None:
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
-    loaded = rd.smollm2()
-    text = rd.wiki_text()
-    if loaded is None or text is None:
-        print(f"skipped: {rd.MISSING}")
-        sys.exit(0)
-    base, tok = loaded
-    n_eval, n_cal = (2, 2) if args.quick else (32, 16)
-    evals = windows(tok, text, n_eval, 0)
-    calib = [{"input_ids": w} for w in windows(tok, text, n_cal, n_eval)]
+    base, evals, calib = smollm2_windows(*((2, 2) if args.quick else (32, 16)))
     blocks = "re:model\\.layers\\..*"
     rows = []
 

@@ -306,13 +306,17 @@ def _symbolic(op: str, inputs: tuple[Any, ...], attrs: dict[str, Any], shape: An
     )
 
 
-class _Int8WeightOnnx(_OnnxLinear):
-    """int8 weight (stored transposed) -> ``DequantizeLinear`` -> ``MatMul``."""
+class _Int8Onnx(_OnnxLinear):
+    """The int8 twins' weight: stored transposed (``(in, out)``), with its per-channel scale."""
 
-    def __init__(self, m: Int8Linear) -> None:
+    def __init__(self, m: Int8Linear | Int8DynamicLinear) -> None:
         super().__init__(m)
         self.register_buffer("qweight_t", m.qweight.t().contiguous())
         self.register_buffer("scale", m.scale.float().clone())
+
+
+class _Int8WeightOnnx(_Int8Onnx):
+    """int8 weight -> ``DequantizeLinear`` -> ``MatMul``."""
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         w = _symbolic(
@@ -321,13 +325,8 @@ class _Int8WeightOnnx(_OnnxLinear):
         return x @ w
 
 
-class _Int8DynamicOnnx(_OnnxLinear):
+class _Int8DynamicOnnx(_Int8Onnx):
     """``DynamicQuantizeLinear`` -> ``MatMulInteger`` with the int8 weight -> rescale."""
-
-    def __init__(self, m: Int8DynamicLinear) -> None:
-        super().__init__(m)
-        self.register_buffer("qweight_t", m.qweight.t().contiguous())
-        self.register_buffer("scale", m.scale.float().clone())
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         xq, sx, zx = torch.onnx.ops.symbolic_multi_out(
