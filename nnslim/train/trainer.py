@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 import itertools
 import os
 import sys
@@ -543,6 +544,12 @@ class Trainer:
             )
         finally:
             dist.unwrap(model, net)
+            if dist.sharded:
+                # FSDP's copy lives in reference cycles (module <-> hooks <-> state) holding
+                # its shards and the group's work handles: free them now, not at the next
+                # collection (or at exit, where destroying them aborts the process)
+                net = trained = None
+                gc.collect()
 
     def _fit(
         self,

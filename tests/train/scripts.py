@@ -70,6 +70,12 @@ def ddp_main(out, strategy="ddp"):
     assert type(model) is nn.Sequential, type(model)
     assert all(a is b for a, b in zip(held, model.parameters(), strict=True))
     assert all(type(p) is nn.Parameter for p in model.parameters())
+    if strategy == "fsdp":  # the sharded copy is freed by fit, not left to a later collection
+        import gc
+
+        from torch.distributed.fsdp import FSDPModule
+
+        assert not any(isinstance(o, FSDPModule) for o in gc.get_objects())
     model(torch.randn(2, 8))
     state = model.state_dict()
     if strategy == "fsdp":  # every rank holds the same full weights
