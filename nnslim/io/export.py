@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -660,7 +661,8 @@ def _compressed_tensors(model: nn.Module, example_inputs: Any, target: Path, che
     """A ``save_pretrained`` directory in compressed-tensors' layout
     (:mod:`nnslim.io.compressed_tensors`), written beside ``target`` and renamed into place;
     checked by loading it with ``from_pretrained`` (transformers reads the format through the
-    compressed-tensors package) and comparing the output with the model's math."""
+    compressed-tensors package; int4 de-quantized, see below) and comparing the output with
+    the model's math."""
     from ..base.atomic import commit_dir
     from .compressed_tensors import dense_copy, write_compressed_tensors
 
@@ -680,7 +682,19 @@ def _compressed_tensors(model: nn.Module, example_inputs: Any, target: Path, che
     try:
         write_compressed_tensors(model, dense, tmp)
         if check:
-            loaded = type(model).from_pretrained(str(tmp), dtype=torch.float32).eval()
+            kwargs: dict[str, Any] = {}
+            if any(isinstance(m, Int4Linear) for m in model.modules()):
+                # transformers (5.25, compressed-tensors 0.20.1) builds asymmetric packed
+                # layers with unpacked zero points and refuses the file's packed ones (vLLM's
+                # layout, which the package's own compressor writes): it loads them
+                # de-quantized, through the package's decompressor
+                from transformers import CompressedTensorsConfig
+
+                kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
+            with warnings.catch_warnings():  # "the config's quantization_config will be used"
+                warnings.filterwarnings("ignore", "You passed `quantization_config`")
+                loaded = type(model).from_pretrained(str(tmp), dtype=torch.float32, **kwargs)
+            loaded.eval()
             with torch.no_grad():
                 got = _main_output(inputs.call(loaded)).float()
             dynamic = any(isinstance(m, Int8DynamicLinear) for m in model.modules())

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .quantized import int4_grid
+
 __all__ = ["FakeQuantLinear", "fake_quant_weight"]
 
 SCHEMES = ("int8", "int8-dynamic", "int4")
@@ -28,9 +30,9 @@ def fake_quant_weight(w: torch.Tensor, scheme: str, group_size: int) -> torch.Te
         out, inp = w.shape
         # a width that group_size does not divide is padded with zeros, as Int4Linear pads it
         g = F.pad(w, (0, -inp % group_size)).reshape(out, -1, group_size)
-        mn = g.amin(-1, keepdim=True).detach()
-        mx = g.amax(-1, keepdim=True).detach()
-        scale = ((mx - mn) / 15).clamp_min(1e-8)
+        # the grid Int4Linear stores (bf16 scale and minimum), so convert keeps the function
+        scale, mn = int4_grid(g.amin(-1).detach(), g.amax(-1).detach())
+        scale, mn = scale[..., None], mn[..., None]
         q = torch.round((g - mn) / scale).clamp(0, 15) * scale + mn
         return _ste(w, q.reshape(out, -1)[:, :inp])
     amax = w.abs().amax(dim=1, keepdim=True).detach()

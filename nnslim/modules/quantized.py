@@ -26,7 +26,7 @@ layout (transposed, strided, 3-D/4-D) are made what the kernels need.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -44,10 +44,12 @@ from .kernels import (
 )
 
 __all__ = [
+    "ZERO_POINTS",
     "Int4Linear",
     "Int8Conv2d",
     "Int8DynamicLinear",
     "Int8Linear",
+    "int4_grid",
     "pack_int4",
     "quantize_groupwise",
     "quantize_per_channel",
@@ -70,22 +72,49 @@ def quantize_per_channel(w: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, 
     return q.reshape(w.shape).contiguous(), scale
 
 
+#: how an int4 group's offset is held: ``"float"``, a minimum per group (GGUF's ``Q4_1``);
+#: ``"integer"``, a zero point in ``[0, 15]`` (GPTQ/AWQ checkpoints, compressed-tensors, vLLM)
+ZeroPoint = Literal["float", "integer"]
+ZERO_POINTS: tuple[str, ...] = get_args(ZeroPoint)
+
+
+def int4_grid(
+    mn: torch.Tensor, mx: torch.Tensor, zero_point: str = "float"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, minimum)`` of the 4-bit grids spanning ``[mn, mx]``, as :class:`Int4Linear`
+    stores them, so that codes rounded on them dequantize to exactly what the layer holds.
+
+    The scale is rounded to bf16 (how it is stored). ``"float"``: the minimum is ``mn`` rounded
+    to bf16. ``"integer"``: the range is widened to include 0 and the minimum is
+    ``-zp * scale`` for an integer zero point ``zp`` in ``[0, 15]`` (exact in float32).
+    """
+    if zero_point == "integer":
+        mn, mx = mn.clamp(max=0), mx.clamp(min=0)
+    scale = ((mx - mn) / 15).clamp_min(1e-8).to(torch.bfloat16).float()
+    if zero_point == "integer":
+        return scale, -torch.round(-mn / scale).clamp(0, 15) * scale
+    return scale, mn.to(torch.bfloat16).float()
+
+
 def quantize_groupwise(
-    w: torch.Tensor, group_size: int, bits: int = 4
+    w: torch.Tensor, group_size: int, bits: int = 4, zero_point: str = "float"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric group-wise quantization along the input dim of ``w`` ``(out, in)``.
 
     Returns:
         ``(q, scale, minimum)``: integer codes ``q`` in ``[0, 2**bits - 1]`` (int32,
         ``(out, in)``), and per-group ``scale`` and ``minimum`` of shape ``(out, in/group)``
-        with ``w ~= q * scale + minimum``.
+        with ``w ~= q * scale + minimum`` (for 4 bits, the grid of :func:`int4_grid`).
     """
     out, inp = w.shape
     levels = 2**bits - 1
     g = w.detach().float().reshape(out, inp // group_size, group_size)
     mn = g.amin(-1)
     mx = g.amax(-1)
-    scale = ((mx - mn) / levels).clamp_min(1e-8)
+    if bits == 4:
+        scale, mn = int4_grid(mn, mx, zero_point)
+    else:
+        scale = ((mx - mn) / levels).clamp_min(1e-8)
     q = torch.round((g - mn[..., None]) / scale[..., None]).clamp(0, levels).to(torch.int32)
     return q.reshape(out, inp).contiguous(), scale, mn
 
@@ -272,10 +301,16 @@ class Int4Linear(_QuantLinearBase):
     """``nn.Linear`` with 4-bit weights, asymmetric per group of ``group_size`` inputs.
 
     Storage: two codes per byte plus a bf16 scale and minimum per group, about 1/7.5 of fp32
-    at group size 128. ``smooth`` (optional) divides the activations (activation-aware scaling).
+    at group size 128. With ``zero_point="integer"`` each minimum is ``-zp * scale`` for an
+    integer zero point ``zp`` in ``[0, 15]``, kept in float32 (exact; the layout GPTQ/AWQ
+    checkpoints and compressed-tensors hold). ``smooth`` (optional) divides the activations
+    (activation-aware scaling).
     A width that ``group_size`` does not divide is padded with zero weights up to the next
     multiple (``padded_in_features``), and the input with zeros to match, so any width works.
     """
+
+    #: ``"float"`` or ``"integer"`` (a class default: files saved before the field had floats)
+    zero_point: str = "float"
 
     def __init__(
         self,
@@ -284,12 +319,18 @@ class Int4Linear(_QuantLinearBase):
         bias: bool = True,
         group_size: int = 128,
         smooth: bool = False,
+        zero_point: ZeroPoint = "float",
     ) -> None:
         super().__init__()
         if group_size < 2 or group_size % 2:
             raise ValueError(
                 f"Int4Linear: group_size must be a positive even number, got {group_size}"
             )
+        if zero_point not in ZERO_POINTS:
+            raise ValueError(
+                f"Int4Linear: zero_point must be one of {ZERO_POINTS}, got {zero_point!r}"
+            )
+        self.zero_point = zero_point
         self.in_features = in_features
         self.out_features = out_features
         self.group_size = group_size
@@ -298,7 +339,8 @@ class Int4Linear(_QuantLinearBase):
             "qweight", torch.zeros(out_features, groups * group_size // 2, dtype=torch.uint8)
         )
         self.register_buffer("scales", torch.ones(out_features, groups, dtype=torch.bfloat16))
-        self.register_buffer("mins", torch.zeros(out_features, groups, dtype=torch.bfloat16))
+        mins_dtype = torch.float32 if zero_point == "integer" else torch.bfloat16
+        self.register_buffer("mins", torch.zeros(out_features, groups, dtype=mins_dtype))
         if smooth:
             self.register_buffer("smooth", torch.ones(in_features))
         self._init_bias(bias)
@@ -312,16 +354,24 @@ class Int4Linear(_QuantLinearBase):
         minimum: torch.Tensor,
         group_size: int,
         smooth: torch.Tensor | None = None,
+        zero_point: ZeroPoint = "float",
     ) -> Int4Linear:
         """Build from integer codes and group parameters (see :func:`quantize_groupwise`).
 
         ``q`` holds ``padded_in_features`` columns (the layer's width rounded up to a multiple
-        of ``group_size``); the layer's own width is ``linear``'s.
+        of ``group_size``); the layer's own width is ``linear``'s. With ``zero_point="integer"``
+        every minimum must be ``-zp * scale`` for an integer ``zp`` in ``[0, 15]``
+        (:func:`int4_grid` makes such grids).
         """
         out = q.shape[0]
         inp = linear_weight(linear).shape[1]
         m = cls(
-            inp, out, bias=linear.bias is not None, group_size=group_size, smooth=smooth is not None
+            inp,
+            out,
+            bias=linear.bias is not None,
+            group_size=group_size,
+            smooth=smooth is not None,
+            zero_point=zero_point,
         )
         if q.shape[1] != m.padded_in_features:
             raise ValueError(
@@ -331,13 +381,31 @@ class Int4Linear(_QuantLinearBase):
         dev = q.device
         m.qweight = pack_int4(q).to(dev)
         m.scales = scale.to(torch.bfloat16).to(dev)
-        m.mins = minimum.to(torch.bfloat16).to(dev)
+        m.mins = minimum.to(m.mins.dtype).to(dev)
+        if zero_point == "integer":
+            zp = m.zero_points()
+            if zp is None:
+                raise ValueError(
+                    "Int4Linear.from_codes(zero_point='integer'): the minima are not -zp * scale "
+                    "for integer zero points in [0, 15]; build the grid with int4_grid(..., "
+                    "'integer')."
+                )
         if smooth is not None:
             m.smooth = smooth.detach().float().to(dev)
         if linear.bias is not None:
             m.bias = nn.Parameter(linear.bias.detach().float().clone())
         m._take_float(linear_weight(linear))
         return m
+
+    def zero_points(self) -> torch.Tensor | None:
+        """The integer zero points ``zp = -minimum / scale`` (uint8, ``(out, groups)``) when
+        every minimum is such a multiple of its scale in ``[0, 15]`` (always for
+        ``zero_point="integer"``); ``None`` otherwise."""
+        s, m = self.scales.float(), self.mins.float()
+        zp = torch.round(-m / s)
+        if not torch.equal(-zp * s, m) or bool((zp < 0).any() or (zp > 15).any()):
+            return None
+        return zp.to(torch.uint8)
 
     @property
     def padded_in_features(self) -> int:
@@ -351,12 +419,13 @@ class Int4Linear(_QuantLinearBase):
         group_size: int = 128,
         weight: torch.Tensor | None = None,
         smooth: torch.Tensor | None = None,
+        zero_point: ZeroPoint = "float",
     ) -> Int4Linear:
         """Quantize (round to nearest)."""
         w = linear_weight(linear) if weight is None else weight
         w = _pad_columns(w, padded_width(w.shape[1], group_size))
-        q, s, mn = quantize_groupwise(w, group_size)
-        return cls.from_codes(linear, q, s, mn, group_size, smooth)
+        q, s, mn = quantize_groupwise(w, group_size, zero_point=zero_point)
+        return cls.from_codes(linear, q, s, mn, group_size, smooth, zero_point)
 
     def nnslim_weight_buffers(self) -> dict[str, int]:
         return {"qweight": self.out_features * self.in_features, "scales": 0, "mins": 0}
@@ -368,7 +437,8 @@ class Int4Linear(_QuantLinearBase):
         return f"Int4Linear {self.in_features}->{self.out_features} g{self.group_size}"
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", group_size={self.group_size}"
+        zp = ", zero_point='integer'" if self.zero_point == "integer" else ""
+        return super().extra_repr() + f", group_size={self.group_size}{zp}"
 
     def dequantize(self) -> torch.Tensor:
         w = dequantize_int4(self.qweight, self.scales, self.mins, self.group_size)

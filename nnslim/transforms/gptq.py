@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from ..modules.quantized import int4_grid
+
 __all__ = ["gptq", "rtn_int4_grid", "rtn_int8_grid"]
 
 #: ``grid(w_cols) -> (quantize, params)``: ``quantize(col) -> (codes, dequantized)``
@@ -41,8 +43,11 @@ def rtn_int4_grid(
     *,
     shrink: float = 0.0,
     steps: int = 20,
+    zero_point: str = "float",
 ) -> tuple[torch.Tensor, torch.Tensor, Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]]:
-    """Asymmetric 4-bit grid for one group of columns: ``(scale, minimum, quantize)``.
+    """Asymmetric 4-bit grid for one group of columns: ``(scale, minimum, quantize)``, as
+    :class:`~nnslim.modules.quantized.Int4Linear` stores it (:func:`int4_grid`: a bf16 scale;
+    a bf16 minimum or, with ``zero_point="integer"``, an integer zero point).
 
     Args:
         cols: ``(rows, group)`` weights.
@@ -51,6 +56,7 @@ def rtn_int4_grid(
         shrink: with ``shrink > 0``, each row's range is narrowed about its centre by up to
             this fraction (``steps`` candidates) to the one with the least rounding error; an
             outlier then no longer stretches the grid for the whole group. ``0``: min/max.
+        zero_point: ``"float"`` or ``"integer"``.
     """
     mn = cols.amin(dim=1)
     mx = cols.amax(dim=1)
@@ -62,9 +68,9 @@ def rtn_int4_grid(
         for k in range(steps + 1):
             f = 1 - shrink * k / steps
             lo, hi = centre - f * half, centre + f * half
-            s = ((hi - lo) / 15).clamp_min(1e-8)
-            q = torch.round((cols - lo[:, None]) / s[:, None]).clamp(0, 15)
-            err = ((q * s[:, None] + lo[:, None] - cols) ** 2 * imp[None, :]).sum(1)
+            s, m = int4_grid(lo, hi, zero_point)
+            q = torch.round((cols - m[:, None]) / s[:, None]).clamp(0, 15)
+            err = ((q * s[:, None] + m[:, None] - cols) ** 2 * imp[None, :]).sum(1)
             # clearly better only: near-ties keep the wider range, so that Hessians summed in
             # another order (across processes) choose the same grid
             better = err < best * (1 - 1e-4)
@@ -72,7 +78,7 @@ def rtn_int4_grid(
             lo_best = torch.where(better, lo, lo_best)
             hi_best = torch.where(better, hi, hi_best)
         mn, mx = lo_best, hi_best
-    scale = ((mx - mn) / 15).clamp_min(1e-8)
+    scale, mn = int4_grid(mn, mx, zero_point)
 
     def quantize(col: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q = torch.round((col - mn) / scale).clamp(0, 15)
@@ -92,6 +98,7 @@ def gptq(
     damp: float = 0.01,
     act_order: bool = True,
     clip: float = 0.0,
+    zero_point: str = "float",
     consume: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Quantize ``weight`` ``(out, in)`` given the input Hessian ``(in, in)``.
@@ -109,6 +116,8 @@ def gptq(
         clip: 4-bit groups search a range narrowed by up to this fraction for the least
             rounding error weighted by the Hessian diagonal (see :func:`rtn_int4_grid`);
             ``0``: each group's min/max.
+        zero_point: 4-bit groups' offsets, ``"float"`` (a minimum) or ``"integer"`` (a zero
+            point; see :func:`~nnslim.modules.quantized.int4_grid`).
         consume: overwrite ``hessian`` (float32) instead of copying it, to save memory.
 
     Returns:
@@ -130,7 +139,12 @@ def gptq(
         if group_size is None or cols % group_size:
             raise ValueError(f"group_size {group_size} must divide {cols} input features")
         static = [
-            rtn_int4_grid(W[:, g : g + group_size], hdiag[g : g + group_size], shrink=clip)
+            rtn_int4_grid(
+                W[:, g : g + group_size],
+                hdiag[g : g + group_size],
+                shrink=clip,
+                zero_point=zero_point,
+            )
             for g in range(0, cols, group_size)
         ]
     perm = torch.argsort(hdiag, descending=True) if act_order else torch.arange(cols)
@@ -180,7 +194,10 @@ def gptq(
                 _, _, quant = static[int(perm[c]) // group_size]  # type: ignore[operator]
             elif bits != 8 and c % group_size == 0:  # type: ignore[operator]
                 s, mn, quant = rtn_int4_grid(
-                    W1[:, i : i + group_size], hdiag[c : c + group_size], shrink=clip
+                    W1[:, i : i + group_size],
+                    hdiag[c : c + group_size],
+                    shrink=clip,
+                    zero_point=zero_point,
                 )
                 scales[:, c // group_size] = s  # type: ignore[operator]
                 mins[:, c // group_size] = mn  # type: ignore[index,operator]

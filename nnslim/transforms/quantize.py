@@ -25,10 +25,12 @@ from ..core.select import normalize_selector
 from ..core.transform import Context, Transform
 from ..modules.fake_quant import FakeQuantLinear
 from ..modules.quantized import (
+    ZERO_POINTS,
     Int4Linear,
     Int8Conv2d,
     Int8DynamicLinear,
     Int8Linear,
+    ZeroPoint,
     padded_width,
 )
 from .gptq import gptq
@@ -86,6 +88,10 @@ class Quantize(Transform):
             ``[0, 1]`` or ``"auto"`` to search it per layer. ``None``: off.
         qat: insert fake-quant modules for quantization-aware training instead; turn them
             into integer modules with :func:`nnslim.convert` after fine-tuning.
+        zero_point: int4 groups' offset: ``"float"`` (a minimum per group, as GGUF's
+            ``Q4_1``) or ``"integer"`` (a zero point in ``[0, 15]`` per group, the range
+            widened to include 0: what GPTQ/AWQ checkpoints hold, and what
+            ``nnslim.export(format="compressed-tensors")`` needs for vLLM).
         select: layers to quantize (default: every Linear/Conv1D, and Conv2d for int8).
         exclude: layers to keep in float.
 
@@ -105,6 +111,7 @@ class Quantize(Transform):
     method: Method = "rtn"
     smooth: Any = None
     qat: bool = False
+    zero_point: ZeroPoint = "float"
     select: Any = None
     exclude: Any = None
 
@@ -116,6 +123,7 @@ class Quantize(Transform):
         check_choice("Quantize", "group_size", self.group_size, GROUP_SIZES)
         check_choice("Quantize", "method", self.method, METHODS)
         check_type("Quantize", "qat", self.qat, bool)
+        check_choice("Quantize", "zero_point", self.zero_point, ZERO_POINTS)
         if self.smooth is not None:
             if isinstance(self.smooth, str):
                 check_choice("Quantize", "smooth", self.smooth, ("auto",))
@@ -130,6 +138,11 @@ class Quantize(Transform):
         if self.qat and (self.method != "rtn" or self.smooth is not None):
             raise ValueError(
                 "Quantize(qat=True) trains the rounding; do not combine it with gptq or smooth."
+            )
+        if self.qat and self.zero_point != "float":
+            raise ValueError(
+                "Quantize(qat=True) trains int4 with a float minimum per group; "
+                "zero_point='integer' is for post-training quantization (rtn or gptq)."
             )
 
     # ------------------------------------------------------------------------------------------
@@ -271,9 +284,12 @@ class Quantize(Transform):
                         bits=4,
                         group_size=gs,
                         clip=GPTQ_CLIP,
+                        zero_point=self.zero_point,
                         consume=True,
                     )
-                    new = Int4Linear.from_codes(old, codes, scale, mn, gs, smooth)
+                    new = Int4Linear.from_codes(
+                        old, codes, scale, mn, gs, smooth, zero_point=self.zero_point
+                    )
                 else:
                     codes, scale, _ = gptq(w, _take_gram(st), bits=8, consume=True)
                     cls = Int8DynamicLinear if scheme == "int8-dynamic" else Int8Linear
@@ -284,13 +300,17 @@ class Quantize(Transform):
                         )
             else:
                 if scheme == "int4":
-                    new = Int4Linear.from_float(old, gs, weight=w, smooth=smooth)
+                    new = Int4Linear.from_float(
+                        old, gs, weight=w, smooth=smooth, zero_point=self.zero_point
+                    )
                 elif scheme == "int8-dynamic":
                     new = Int8DynamicLinear.from_float(old, weight=w, smooth=smooth)
                 else:
                     new = Int8Linear.from_float(old, weight=w)
             if scheme == "int4":
                 details["group_size"] = gs
+                if self.zero_point != "float":
+                    details["zero_point"] = self.zero_point
                 if w.shape[1] % gs:
                     details["padded_to"] = padded_width(w.shape[1], gs)
         details["bits"] = 4 if scheme == "int4" else 8
