@@ -39,6 +39,7 @@ before it is put in place.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import warnings
@@ -81,7 +82,7 @@ def export(
     overwrite: bool = False,
     palettized: str = "lookup",
     int4_compute: str = "int8",
-    tokenizer_from: str | os.PathLike[str] | None = None,
+    tokenizer_from: Any = None,
 ) -> Path:
     """Write ``model`` in an engine's format; returns the path written.
 
@@ -108,8 +109,12 @@ def export(
         int4_compute: ONNX only: how ONNX Runtime's ``MatMulNBits`` computes int4 layers:
             ``"int8"`` (activations rounded to int8 per block: its fast path) or ``"float"``
             (float32: exact to nnslim's codes, slower at small batches).
-        tokenizer_from: GGUF only: a GGUF file (the model's source) whose tokenizer metadata
-            is copied into the written file, which llama.cpp needs to run it.
+        tokenizer_from: GGUF only: the tokenizer llama.cpp needs to run the file: a GGUF
+            file (the model's source) whose tokenizer metadata is copied, or a Hugging Face
+            tokenizer (a fast tokenizer object, or a directory ``save_pretrained`` wrote)
+            converted as llama.cpp's converter does (byte-level BPE of the GPT-2, SmolLM and
+            Llama 3 kinds; Llama SentencePiece); checked by transformers reading it back and
+            encoding a text to the same ids.
 
     Raises:
         ValueError: an unknown format, inputs the model cannot run, a fake-quant model not yet
@@ -606,7 +611,7 @@ def _gguf(
     example_inputs: Any,
     target: Path,
     check: bool,
-    tokenizer_from: str | os.PathLike[str] | None,
+    tokenizer_from: Any,
 ) -> Path:
     """GGUF via :func:`nnslim.io.gguf.write_gguf`; checked by loading it back with
     transformers' GGUF loader (which dequantizes it) and comparing the logits with the model's
@@ -624,18 +629,65 @@ def _gguf(
         reference = _main_output(run_model(_dequantized(model), inputs)) if check else None
     finally:
         model.train(was_training)
-    with atomic_path(target) as tmp:
-        write_gguf(model, tmp, None if tokenizer_from is None else Path(tokenizer_from))
-        if reference is not None:
-            _check(_run_gguf(tmp, inputs), reference, _GGUF_TOLERANCE, "transformers' GGUF loader")
+    with contextlib.ExitStack() as stack:
+        source = _tokenizer_source(tokenizer_from, stack)
+        with atomic_path(target) as tmp:
+            write_gguf(model, tmp, source)
+            if reference is not None:
+                got = _run_gguf(tmp, inputs)
+                _check(got, reference, _GGUF_TOLERANCE, "transformers' GGUF loader")
+            if check and source is not None and source.is_dir():
+                _check_gguf_tokenizer(tmp, source)
     return target
+
+
+def _tokenizer_source(tokenizer_from: Any, stack: contextlib.ExitStack) -> Path | None:
+    """``tokenizer_from`` as a path: a tokenizer object is saved into a temporary directory."""
+    if tokenizer_from is None:
+        return None
+    if hasattr(tokenizer_from, "save_pretrained"):
+        import tempfile
+
+        where = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        tokenizer_from.save_pretrained(str(where))
+        return where
+    return Path(tokenizer_from)
+
+
+#: encoded by the source tokenizer and by the one read back from the GGUF file
+_TOKENIZER_PROBE = (
+    "Hello world! The year 2026 had 365 days, and   spaces.\nNew line: naïve café, "
+    "日本語, emoji 🙂, code `x = y**2` and 'quotes' don't."
+)
+
+
+def _check_gguf_tokenizer(path: Path, source: Path) -> None:
+    """transformers reads the written tokenizer back; it must encode a probe text to the ids
+    the source tokenizer gives (tokens, merges and their order carried over)."""
+    import transformers
+
+    with _quiet_transformers():
+        theirs = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        mine = transformers.AutoTokenizer.from_pretrained(str(source))
+    a = mine(_TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]
+    b = theirs(_TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]
+    if a != b:
+        first = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
+        raise ValueError(
+            f"nnslim.export(format='gguf'): the tokenizer read back from the file encodes a "
+            f"probe text to other ids than {source} does ({len(b)} ids vs {len(a)}, first "
+            f"difference at {first}); nothing was written. Pass the source GGUF file as "
+            f"tokenizer_from instead."
+        )
 
 
 #: fp16 block scales (Q8_0 rounds each channel's fp32 scale), float32 elsewhere
 _GGUF_TOLERANCE = 1e-2
 
 
-def _run_gguf(path: Path, inputs: Inputs) -> torch.Tensor:
+@contextlib.contextmanager
+def _quiet_transformers() -> Any:
+    """transformers' GGUF loading without its warnings and progress bars."""
     import logging
 
     import transformers
@@ -645,13 +697,20 @@ def _run_gguf(path: Path, inputs: Inputs) -> torch.Tensor:
     transformers.logging.disable_progress_bar()
     logging.disable(logging.WARNING)
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            str(path.parent), gguf_file=path.name, torch_dtype=torch.float32
-        ).eval()
+        yield
     finally:
         logging.disable(logging.NOTSET)
         transformers.logging.set_verbosity(level)
         transformers.logging.enable_progress_bar()
+
+
+def _run_gguf(path: Path, inputs: Inputs) -> torch.Tensor:
+    import transformers
+
+    with _quiet_transformers():
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, torch_dtype=torch.float32
+        ).eval()
     with torch.no_grad():
         return _main_output(inputs.call(model)).float()
 

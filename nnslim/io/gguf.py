@@ -36,8 +36,9 @@ _BLOCK = 32  # weights per Q4_1 / Q8_0 block
 
 def write_gguf(model: nn.Module, path: Path, tokenizer_from: Path | None = None) -> list[str]:
     """Write ``model`` (a Hugging Face Llama-family causal LM) to ``path``; returns notes.
-    ``tokenizer_from``: a GGUF file whose ``tokenizer.*`` metadata is copied (what llama.cpp
-    needs to run the file)."""
+    ``tokenizer_from`` (what llama.cpp needs to run the file): a GGUF file whose
+    ``tokenizer.*`` metadata is copied, or a directory holding a Hugging Face tokenizer
+    (``tokenizer.json``) converted as llama.cpp's ``convert_hf_to_gguf.py`` does."""
     import gguf
 
     cfg = getattr(model, "config", None)
@@ -70,7 +71,11 @@ def write_gguf(model: nn.Module, path: Path, tokenizer_from: Path | None = None)
     w.add_vocab_size(cfg.vocab_size)
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
     if tokenizer_from is not None:
-        _copy_tokenizer(gguf, w, Path(tokenizer_from), cfg.vocab_size)
+        source = Path(tokenizer_from)
+        if source.is_dir():
+            _hf_tokenizer(gguf, w, source, cfg.vocab_size)
+        else:
+            _copy_tokenizer(gguf, w, source, cfg.vocab_size)
 
     def add(name: str, module: nn.Module, permute: int | None = None) -> None:
         _add_linear(w, gguf, name, module, permute, notes)
@@ -121,6 +126,137 @@ def _copy_tokenizer(gguf: Any, w: Any, source: Path, vocab: int) -> None:
     for key, field in fields.items():
         sub = field.types[1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
         w.add_key_value(key, field.contents(), field.types[0], sub_type=sub)
+
+
+#: llama.cpp's name for a byte-level BPE pre-tokenizer, from its ``tokenizer.json`` form
+#: (llama.cpp's converter tells them apart by hashing a test text's tokens; these are the
+#: ones whose structure names them unambiguously)
+_LLAMA3_SPLIT = (
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+"
+    "[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
+)
+
+
+def _bpe_pre(pre: Any) -> str | None:
+    """``tokenizer.ggml.pre`` for a ``tokenizer.json`` ``pre_tokenizer``; ``None``: unknown."""
+    if not isinstance(pre, dict):
+        return None
+
+    def byte_level(p: dict[str, Any], regex: bool) -> bool:
+        # llama.cpp's BPE adds no space before the text
+        return (
+            p.get("type") == "ByteLevel"
+            and bool(p.get("use_regex", True)) == regex
+            and not p.get("add_prefix_space", True)
+        )
+
+    if byte_level(pre, True):
+        return "gpt-2"
+    if pre.get("type") != "Sequence":
+        return None
+    parts = pre.get("pretokenizers", [])
+    shape = [p.get("type") for p in parts]
+    if shape == ["Digits", "ByteLevel"] and parts[0].get("individual_digits"):
+        # SmolLM/SmolLM2: digits one by one, then GPT-2's split
+        return "smollm" if byte_level(parts[1], True) else None
+    if shape == ["Split", "ByteLevel"] and byte_level(parts[1], False):
+        if (parts[0].get("pattern") or {}).get("Regex") == _LLAMA3_SPLIT:
+            return "llama-bpe"
+    return None
+
+
+def _hf_tokenizer(gguf: Any, w: Any, source: Path, vocab: int) -> None:
+    """A Hugging Face tokenizer directory as GGUF ``tokenizer.*`` metadata: a byte-level BPE
+    (GPT-2 style: ``gpt2`` with its merges) or a Llama SentencePiece tokenizer (``llama``),
+    padded with unused tokens to the model's vocabulary, special tokens and chat template
+    from the directory's config."""
+    import json
+
+    from gguf.vocab import BpeVocab, LlamaHfVocab, SpecialVocab
+
+    where = f"nnslim.export(tokenizer_from={str(source)!r})"
+    file = source / "tokenizer.json"
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"{where}: no tokenizer.json in the directory; save the tokenizer with "
+            f"tokenizer.save_pretrained(dir) (a fast tokenizer), or pass the source GGUF file."
+        )
+    spec = json.loads(file.read_text(encoding="utf-8"))
+    vocab_obj: Any = None
+    for cls in (BpeVocab, LlamaHfVocab):
+        try:
+            vocab_obj = cls(source)
+            break
+        except (FileNotFoundError, TypeError, ValueError, KeyError):
+            continue
+    if vocab_obj is None:
+        model_type = (spec.get("model") or {}).get("type")
+        raise ValueError(
+            f"{where}: a {model_type} tokenizer; GGUF is written for byte-level BPE (GPT-2 "
+            f"style) and Llama SentencePiece tokenizers. Pass the source GGUF file instead."
+        )
+    pre = None
+    if vocab_obj.tokenizer_model == "gpt2":
+        pre = _bpe_pre(spec.get("pre_tokenizer"))
+        if pre is None:
+            raise ValueError(
+                f"{where}: its pre-tokenizer ({json.dumps(spec.get('pre_tokenizer'))[:120]}) is "
+                f"not one nnslim can name for llama.cpp (GPT-2, SmolLM, Llama 3); a wrong name "
+                f"would split text differently. Pass the source GGUF file instead."
+            )
+    tokens, scores, types = [], [], []
+    for text, score, kind in vocab_obj.all_tokens():
+        tokens.append(text)
+        scores.append(score)
+        types.append(kind)
+    # added tokens by their flag, wherever their ids are (inside the base vocabulary too), as
+    # llama.cpp's converter types them: special ones are control tokens, others user-defined
+    for added in spec.get("added_tokens") or []:
+        i = added.get("id")
+        if isinstance(i, int) and 0 <= i < len(types):
+            special = added.get("special", False)
+            types[i] = gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED
+    if len(tokens) > vocab:
+        raise ValueError(
+            f"{where}: the tokenizer has {len(tokens)} tokens, more than the model's "
+            f"vocabulary of {vocab}."
+        )
+    for i in range(len(tokens), vocab):  # as llama.cpp's converter pads a larger embedding
+        tokens.append(f"[PAD{i}]".encode())
+        scores.append(-1000.0)
+        types.append(gguf.TokenType.UNUSED)
+    w.add_tokenizer_model(vocab_obj.tokenizer_model)
+    if pre is not None:
+        w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    if vocab_obj.tokenizer_model != "gpt2":  # BPE has merges, no scores
+        w.add_token_scores(scores)
+    w.add_token_types(types)
+    special = SpecialVocab(
+        source, load_merges=vocab_obj.tokenizer_model == "gpt2", n_vocab=len(tokens)
+    )
+    # whether the tokenizer adds BOS/EOS, as it behaves (its post-processor), where its config
+    # does not say: llama.cpp's defaults differ by tokenizer kind
+    added = _adds_special(file, special.special_token_ids)
+    for kind, value in added.items():
+        special.add_special_token.setdefault(kind, value)
+    special.add_to_gguf(w, quiet=True)
+
+
+def _adds_special(file: Path, ids: dict[str, int]) -> dict[str, bool]:
+    """``{"bos": bool, "eos": bool}``: whether encoding with special tokens puts the BOS/EOS
+    ids around a text."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(file))
+    plain = tok.encode("a", add_special_tokens=False).ids
+    full = tok.encode("a", add_special_tokens=True).ids
+    out = {}
+    if "bos" in ids:
+        out["bos"] = len(full) > len(plain) and full[0] == ids["bos"]
+    if "eos" in ids:
+        out["eos"] = len(full) > len(plain) and full[-1] == ids["eos"]
+    return out
 
 
 def _check_uniform(model: nn.Module, cfg: Any) -> None:

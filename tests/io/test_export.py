@@ -415,3 +415,135 @@ def test_gguf_carries_a_source_files_tokenizer(tmp_path):
     with pytest.raises(ValueError, match="has 2 tokens, the model's vocabulary"):
         nnslim.export(model, IDS, tmp_path / "n.gguf", format="gguf", tokenizer_from=small)
     assert not (tmp_path / "n.gguf").exists()
+
+
+def _bpe_tokenizer(pre=None, vocab=290):
+    """A byte-level BPE (SmolLM's pre-tokenizer: digits one by one, then GPT-2's split),
+    trained here on a short text, with a special token that is also BOS/EOS."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre or pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    text = ["the quick brown fox jumps over the lazy dog 2026 ", "hello world, naive cafe"] * 20
+    tok.train_from_iterator(text, trainer)
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>"
+    )
+
+
+def test_gguf_carries_a_hugging_face_tokenizer(tmp_path):
+    """An HF byte-level BPE goes in as llama.cpp's converter writes it (gpt2 model, named
+    pre-tokenizer, merges, the special token a control token, the vocabulary padded to the
+    model's with unused tokens); transformers reads it back to the same ids (the export's
+    check) and so does this test."""
+    gguf = pytest.importorskip("gguf")
+    import transformers
+
+    tok = _bpe_tokenizer()
+    model = _llama()
+    out = nnslim.export(model, IDS, tmp_path / "m.gguf", format="gguf", tokenizer_from=tok)
+    fields = gguf.GGUFReader(out).fields
+    assert fields["tokenizer.ggml.model"].contents() == "gpt2"
+    assert fields["tokenizer.ggml.pre"].contents() == "smollm"
+    tokens = fields["tokenizer.ggml.tokens"].contents()
+    types = fields["tokenizer.ggml.token_type"].contents()
+    assert len(tokens) == model.config.vocab_size == 300 and len(tok) == 290
+    assert tokens[:290] == [tok.convert_ids_to_tokens(i) for i in range(290)]
+    assert tokens[290:] == [f"[PAD{i}]" for i in range(290, 300)]
+    special = tok.convert_tokens_to_ids("<|endoftext|>")
+    assert types[special] == gguf.TokenType.CONTROL
+    assert set(types[290:]) == {gguf.TokenType.UNUSED}
+    assert fields["tokenizer.ggml.bos_token_id"].contents() == special
+    assert fields["tokenizer.ggml.add_bos_token"].contents() is False  # it adds none
+    import json
+
+    spec = json.loads(tok.backend_tokenizer.to_str())
+    assert len(fields["tokenizer.ggml.merges"].contents()) == len(spec["model"]["merges"])
+    back = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="m.gguf")
+    text = "the lazy fox 123, naive"
+    assert back(text)["input_ids"] == tok(text)["input_ids"]
+    # a directory save_pretrained wrote does the same
+    tok.save_pretrained(str(tmp_path / "tok"))
+    again = nnslim.export(
+        model, IDS, tmp_path / "d.gguf", format="gguf", tokenizer_from=tmp_path / "tok"
+    )
+    assert gguf.GGUFReader(again).fields["tokenizer.ggml.tokens"].contents() == tokens
+
+
+def test_gguf_refuses_tokenizers_it_cannot_name_for_llama_cpp(tmp_path):
+    pytest.importorskip("gguf")
+    from tokenizers import pre_tokenizers
+
+    from nnslim.io.export import _check_gguf_tokenizer
+
+    model = _llama()
+    odd = _bpe_tokenizer(pre=pre_tokenizers.Whitespace())
+    with pytest.raises(ValueError, match="pre-tokenizer .* not one nnslim can name"):
+        nnslim.export(model, IDS, tmp_path / "m.gguf", format="gguf", tokenizer_from=odd)
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
+        nnslim.export(model, IDS, tmp_path / "m.gguf", format="gguf", tokenizer_from=tmp_path)
+    big = _bpe_tokenizer(vocab=320)
+    with pytest.raises(ValueError, match="more than the model's vocabulary of 300"):
+        nnslim.export(model, IDS, tmp_path / "m.gguf", format="gguf", tokenizer_from=big)
+    assert not (tmp_path / "m.gguf").exists()
+    # the read-back check compares ids: another tokenizer's directory differs
+    out = nnslim.export(
+        model, IDS, tmp_path / "m.gguf", format="gguf", tokenizer_from=_bpe_tokenizer()
+    )
+    other = _bpe_tokenizer(vocab=270)
+    other.save_pretrained(str(tmp_path / "other"))
+    with pytest.raises(ValueError, match="encodes a probe text to other ids"):
+        _check_gguf_tokenizer(out, tmp_path / "other")
+
+
+def test_gguf_carries_a_llama_sentencepiece_style_tokenizer(tmp_path):
+    """A Llama (SentencePiece-style: byte fallback, metaspace) HF tokenizer goes in as
+    llama.cpp's ``llama`` tokenizer with scores; transformers reads it back to the same ids."""
+    gguf = pytest.importorskip("gguf")
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence(
+        [normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")]
+    )
+    tok.decoder = decoders.Sequence(
+        [
+            decoders.Replace("\u2581", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),
+        ]
+    )
+    byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>", *byte_tokens]
+    )
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog 2026"] * 20, trainer)
+    fast = transformers.LlamaTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    out = nnslim.export(_llama(), IDS, tmp_path / "m.gguf", format="gguf", tokenizer_from=fast)
+    fields = gguf.GGUFReader(out).fields
+    assert fields["tokenizer.ggml.model"].contents() == "llama"
+    assert "tokenizer.ggml.pre" not in fields
+    assert len(fields["tokenizer.ggml.scores"].contents()) == 300
+    assert fields["tokenizer.ggml.bos_token_id"].contents() == fast.bos_token_id
+    back = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="m.gguf")
+    text = "the lazy dog 42 caf\u00e9"
+    assert (
+        back(text, add_special_tokens=False)["input_ids"]
+        == fast(text, add_special_tokens=False)["input_ids"]
+    )
