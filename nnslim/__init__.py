@@ -32,6 +32,7 @@ from .train import (
     TrainState,
     compress,
 )
+from .transforms.allocation import OWL
 from .transforms.factorize import Factorize
 from .transforms.importance import Importance
 from .transforms.prune import Prune
@@ -39,6 +40,7 @@ from .transforms.quantize import Quantize, convert
 from .transforms.share import ShareWeights
 
 __all__ = [
+    "OWL",
     "Compose",
     "CompressionResult",
     "Context",

@@ -227,6 +227,14 @@ def compress_checkpoint(
         is removed; the source is untouched).
     """
     src, out = Path(source), Path(output)
+    for t in _leaves(transform):
+        if getattr(t, "allocation", "uniform") != "uniform":
+            raise ValueError(
+                f"compress_checkpoint: {type(t).__name__}(allocation='owl') sets each block's "
+                f"ratio from the outliers of every block, measured before any is pruned; a "
+                f"checkpoint compressed block by block sees one at a time. Give per-layer "
+                f"ratios (select={{name: ratio}}) or allocation='uniform'."
+            )
     if out.exists():
         raise ValueError(
             f"compress_checkpoint: {os.fspath(out)!r} exists; choose a new output directory."
@@ -293,6 +301,14 @@ def compress_checkpoint(
         f"{sum(per_block) / len(per_block):.2f} s per block"
     )
     return report
+
+
+def _leaves(transform: Transform) -> list[Transform]:
+    """``transform`` and, for a ``Compose``, the transforms inside it."""
+    inner = getattr(transform, "transforms", None)
+    if isinstance(inner, (list, tuple)):
+        return [t for s in inner for t in _leaves(s)]
+    return [transform]
 
 
 def _skeleton(src: Path, model_class: Any) -> tuple[Any, nn.Module]:

@@ -15,7 +15,7 @@ import torch
 
 from ..modules.quantized import int4_grid
 
-__all__ = ["gptq", "rtn_int4_grid", "rtn_int8_grid"]
+__all__ = ["gptq", "inverse_cholesky_", "rtn_int4_grid", "rtn_int8_grid"]
 
 #: ``grid(w_cols) -> (quantize, params)``: ``quantize(col) -> (codes, dequantized)``
 Grid = Callable[
@@ -87,6 +87,38 @@ def rtn_int4_grid(
     return scale, mn, quantize
 
 
+def inverse_cholesky_(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """The upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``, written into ``H``
+    (at most two ``(in, in)`` matrices alive); GPTQ's and SparseGPT's row-update operator.
+
+    A Hessian that is not positive definite after damping (too few calibration rows for its
+    width, or collinear inputs) gets ten times the damping once more before giving up.
+    """
+    mean = torch.mean(torch.diag(H))
+    H.diagonal().add_(damp * mean)
+    try:
+        tmp = torch.linalg.cholesky(H)
+    except RuntimeError:
+        H.diagonal().add_(0.1 * mean)
+        try:
+            tmp = torch.linalg.cholesky(H)
+        except RuntimeError:
+            raise ValueError(
+                f"the layer's input Hessian ({H.shape[0]} x {H.shape[0]}) is not positive "
+                f"definite even with {damp + 0.1:g} of its mean diagonal added: its calibration "
+                f"inputs are too few or degenerate; give more calibration batches."
+            ) from None
+    H.copy_(tmp)
+    del tmp
+    tmp = torch.cholesky_inverse(H)
+    H.copy_(tmp)
+    del tmp
+    tmp = torch.linalg.cholesky(H, upper=True)
+    H.copy_(tmp)
+    del tmp
+    return H
+
+
 @torch.no_grad()
 def gptq(
     weight: torch.Tensor,
@@ -155,21 +187,7 @@ def gptq(
         W = W[:, perm]
         H.copy_(H[perm])
         H.copy_(H[:, perm])
-    H.diagonal().add_(damp * torch.mean(torch.diag(H)))
-    try:
-        tmp = torch.linalg.cholesky(H)
-    except RuntimeError:
-        H.diagonal().add_(0.1 * torch.mean(torch.diag(H)))
-        tmp = torch.linalg.cholesky(H)
-    H.copy_(tmp)
-    del tmp
-    tmp = torch.cholesky_inverse(H)
-    H.copy_(tmp)
-    del tmp
-    tmp = torch.linalg.cholesky(H, upper=True)
-    H.copy_(tmp)
-    del tmp
-    Hinv = H
+    Hinv = inverse_cholesky_(H, damp)
 
     codes = torch.zeros(rows, cols, dtype=torch.int8, device=W.device)
     if bits == 8:

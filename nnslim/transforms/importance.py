@@ -8,6 +8,9 @@ unstructured and N:M sparsity rank the scores directly. Built-ins:
 * :class:`Taylor` (``"taylor"``): ``|w * dL/dw|``, first-order Taylor, from calibration batches;
 * :class:`Wanda` (``"wanda"``): ``|w| * ||x_j||``, weight times input activation norm
   (Sun et al. 2023), from calibration batches;
+* :class:`SparseGPT` (``"sparsegpt"``): unstructured and N:M sparsity with the weights kept
+  updated to reconstruct each layer's output (Frantar & Alistarh 2023), from calibration
+  batches;
 * :class:`Random` (``"random"``): a baseline.
 
 Your own: subclass :class:`Importance` as a frozen dataclass and implement :meth:`score`.
@@ -24,13 +27,14 @@ from torch import nn
 
 from ..base.config import Config
 from ..base.modules import is_hf_conv1d
-from ..base.validate import check_choice, check_int
+from ..base.validate import check_choice, check_fraction, check_int
 
 __all__ = [
     "IMPORTANCE_NAMES",
     "Importance",
     "Magnitude",
     "Random",
+    "SparseGPT",
     "Taylor",
     "Wanda",
     "as_importance",
@@ -44,10 +48,13 @@ class Importance(Config, abc.ABC):
     Attributes:
         needs_grad: the score uses gradients from calibration batches.
         needs_activations: the score uses input activation norms from calibration batches.
+        needs_hessian: not a score but a weight update from each layer's input Hessian
+            (:class:`SparseGPT`).
     """
 
     needs_grad: ClassVar[bool] = False
     needs_activations: ClassVar[bool] = False
+    needs_hessian: ClassVar[bool] = False
 
     @abc.abstractmethod
     def score(
@@ -137,7 +144,31 @@ class Random(Importance):
         return torch.rand(weight.shape, generator=g).to(weight.device)
 
 
-IMPORTANCE_NAMES = ("l1", "l2", "taylor", "wanda", "random")
+@dataclass(frozen=True)
+class SparseGPT(Wanda):
+    """SparseGPT (Frantar & Alistarh 2023): weights pruned by their optimal-brain-surgeon
+    saliency ``w^2 / [H^-1]_jj^2`` and the weights kept updated to reconstruct each layer's
+    output on its calibration inputs (``H = X^T X``), layer by layer, every block calibrated
+    on the outputs of the blocks already pruned. For ``Prune(structure="unstructured" or
+    "N:M")`` on Linear layers (and Hugging Face ``Conv1D``); needs calibration.
+
+    Where a plain ranking is asked for (OWL's outlier ratios) it scores like :class:`Wanda`.
+
+    Args:
+        block_size: columns per lazy-update (and unstructured mask-selection) block.
+        damp: fraction of the Hessian's mean diagonal added for numerical stability.
+    """
+
+    needs_hessian: ClassVar[bool] = True
+    block_size: int = 128
+    damp: float = 0.01
+
+    def __post_init__(self) -> None:
+        check_int("SparseGPT", "block_size", self.block_size, low=1)
+        check_fraction("SparseGPT", "damp", self.damp, high_inclusive=True)
+
+
+IMPORTANCE_NAMES = ("l1", "l2", "taylor", "wanda", "sparsegpt", "random")
 
 
 def as_importance(value: Any, owner: str = "Prune") -> Importance:
@@ -155,6 +186,7 @@ def as_importance(value: Any, owner: str = "Prune") -> Importance:
             "l2": Magnitude(p=2),
             "taylor": Taylor(),
             "wanda": Wanda(),
+            "sparsegpt": SparseGPT(),
             "random": Random(),
         }[value]
     raise TypeError(

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..base.describe import shape_of
 from ..base.inputs import Inputs, call_for_analysis, is_meta
-from ..base.modules import copy_model, is_hf_conv1d, out_width, shared_parameters
+from ..base.modules import copy_model, is_hf_conv1d, is_linear, out_width, shared_parameters
 from ..base.snapshot import Snapshot, preserve_modes, preserved_state
 from ..base.validate import all_finite, check_choice, check_fraction, check_int, check_type
 from ..core.calibrate import LayerStats, collect
@@ -30,6 +30,7 @@ from ..graph.trace import MAX_GROUP as MAX_GROUP_DEFAULT
 from ..graph.trace import TIME_LIMIT_S, Graph, root_types, trace
 from ..modules.masks import MASK_NAME
 from ..modules.mha import back_to_torch, to_head_prunable
+from .allocation import OWL, blocks_of, owl_ratios
 from .importance import IMPORTANCE_NAMES, Importance, as_importance
 from .scoring import GroupScorer
 from .sparsity import nm_mask, parse_pattern, unstructured_masks
@@ -40,6 +41,7 @@ __all__ = ["Prune"]
 Scope = Literal["local", "global"]
 SCOPES: tuple[str, ...] = get_args(Scope)
 STRUCTURES = ("channels", "unstructured", "N:M (e.g. '2:4')")
+ALLOCATIONS = ("uniform", "owl")
 
 
 @final
@@ -77,6 +79,10 @@ class Prune(Transform):
         steps: prune channels in this many equal steps (iterative pruning).
         time_limit: seconds each tracing phase may take before a ``TraceError`` names the
             module it was at (``None``: no limit).
+        allocation: unstructured sparsity per layer: ``"uniform"`` (``ratio`` everywhere) or
+            ``"owl"`` / :class:`~nnslim.OWL` (outlier-weighted: blocks whose weights have more
+            outliers of ``|w| * ||x||`` are pruned less, the mean over blocks is ``ratio``;
+            needs calibration).
 
     Example:
         >>> import torch, nnslim
@@ -98,6 +104,7 @@ class Prune(Transform):
     round_to: int | None = None
     steps: int = 1
     time_limit: float | None = TIME_LIMIT_S
+    allocation: Any = "uniform"
 
     _copy_on_snapshot = False
     _forward_failure_hint = (
@@ -148,6 +155,32 @@ class Prune(Transform):
         elif not isinstance(self.importance, Importance):
             as_importance(self.importance)  # raises the TypeError
         check_choice("Prune", "scope", self.scope, SCOPES)
+        if not isinstance(self.allocation, OWL):
+            check_choice("Prune", "allocation", self.allocation, ALLOCATIONS)
+        if self.allocation != "uniform":
+            if self.structure != "unstructured" or self.ratio is None:
+                raise ValueError(
+                    "Prune(allocation='owl') spreads an unstructured ratio= over the layers; "
+                    "use it with structure='unstructured' and ratio= (not N:M, channels or "
+                    "per-layer ratios)."
+                )
+            if self.scope == "global":
+                raise ValueError(
+                    "Prune(allocation='owl') sets each block's ratio itself; do not also give "
+                    "scope='global'."
+                )
+        if as_importance(self.importance).needs_hessian:
+            if self.structure == "channels":
+                raise ValueError(
+                    "Prune(importance='sparsegpt') zeroes single weights and updates the rest; "
+                    "use it with structure='unstructured' or 'N:M' (channels are ranked by "
+                    "'l2', 'taylor' or 'wanda')."
+                )
+            if self.scope == "global":
+                raise ValueError(
+                    "Prune(importance='sparsegpt') prunes each layer to its own ratio; for "
+                    "per-layer ratios from the model use allocation='owl', not scope='global'."
+                )
         if self.round_to is not None:
             check_int("Prune", "round_to", self.round_to, low=1)
         check_int("Prune", "steps", self.steps, low=1, high=1000)
@@ -715,6 +748,12 @@ class Prune(Transform):
                 + (f" ({'; '.join(tied)})." if tied else ".")
             )
         _check_finite_weights(model, list(chosen))
+        ratios = {p: (v if v is not None else self.ratio or 0.0) for p, v in chosen.items()}
+        if self.allocation != "uniform":
+            ratios = self._owl(model, ctx, report, list(chosen))
+        if imp.needs_hessian:
+            self._sparsegpt(model, ctx, report, imp, chosen, nm, ratios)
+            return
         stats = self._stats(model, ctx, imp, list(chosen))
         layers = {p: named[p] for p in chosen}
         scores = {}
@@ -729,7 +768,6 @@ class Prune(Transform):
         if nm is not None:
             masks = {p: nm_mask(layers[p], s, *nm) for p, s in scores.items()}
         else:
-            ratios = {p: (v if v is not None else self.ratio or 0.0) for p, v in chosen.items()}
             masks = unstructured_masks(
                 layers, scores, ratios, imp, self.scope == "global", self.ratio or 0.0
             )
@@ -758,6 +796,125 @@ class Prune(Transform):
                 f"{zeros:.1%} zeros",
                 sparsity=round(zeros, 4),
                 pattern=self.structure,
+            )
+
+    def _owl(
+        self, model: nn.Module, ctx: Context, report: Report, paths: list[str]
+    ) -> dict[str, float]:
+        """Per-layer ratios from OWL, measured on the model before any of it is pruned."""
+        owl = self.allocation if isinstance(self.allocation, OWL) else OWL()
+        batches = ctx.require_calibration(
+            "Prune(allocation='owl')", "to measure the outliers of |w| * ||x||"
+        )
+        named = dict(model.named_modules())
+        layers = {p: named[p] for p in paths}
+        stats = collect(model, batches, layers, norms=True)
+        norms = {p: (stats[p].input_norm if p in stats else None) for p in paths}
+        blocks = blocks_of(paths, named)
+        ratios, outliers = owl_ratios(layers, norms, blocks, self.ratio or 0.0, owl)
+        per_block = {blocks[p]: r for p, r in ratios.items()}
+        lo, hi = min(per_block.values()), max(per_block.values())
+        report.note(
+            f"OWL: {len(per_block)} blocks pruned {lo:.1%} to {hi:.1%} (mean "
+            f"{sum(per_block.values()) / len(per_block):.1%}) by their outlier ratios "
+            f"{min(outliers.values()):.2%} to {max(outliers.values()):.2%} (threshold "
+            f"{owl.threshold:g} x mean)"
+        )
+        return ratios
+
+    def _sparsegpt(
+        self,
+        model: nn.Module,
+        ctx: Context,
+        report: Report,
+        imp: Any,
+        chosen: dict[str, float | None],
+        nm: tuple[int, int] | None,
+        ratios: dict[str, float],
+    ) -> None:
+        """SparseGPT on the chosen Linear layers, block by block (:func:`run_sequential`):
+        each block's Hessians are gathered on the outputs of the blocks already pruned."""
+        from ..core.calibrate import run_sequential
+        from .sparsegpt import sparsegpt
+
+        named = dict(model.named_modules())
+        layers: dict[str, nn.Module] = {}
+        for p in chosen:
+            if is_linear(named[p]):
+                layers[p] = named[p]
+            else:
+                report.skipped(
+                    p, "importance='sparsegpt' updates Linear layers (from their input Hessian)"
+                )
+        if not layers:
+            raise ValueError(
+                "Prune(importance='sparsegpt'): no Linear layer (or Hugging Face Conv1D) among "
+                "the selected layers; use importance='wanda' for convolutions."
+            )
+        # a weight shared by two layers would take two updates from two Hessians
+        seen: dict[int, str] = {}
+        for p in list(layers):
+            other = seen.setdefault(id(layers[p].weight), p)
+            if other != p:
+                del layers[p]
+                report.skipped(p, f"its weight is tied to {other}'s: SparseGPT updates it once")
+        batches = ctx.require_calibration(
+            "Prune(importance='sparsegpt')", "to measure each layer's input Hessian"
+        )
+
+        few: list[str] = []
+
+        def process(paths: list[str], stats: dict[str, LayerStats]) -> None:
+            for p in paths:
+                m, st = layers[p], stats.pop(p)
+                if st.gram is None or st.rows == 0:
+                    raise ValueError(
+                        f"Prune(importance='sparsegpt'): module {p} ({shape_of(m)}) saw no "
+                        f"calibration input; it is not on the path of the calibration batches."
+                    )
+                w = m.weight
+                conv1d = is_hf_conv1d(m)
+                rows = w.detach().t() if conv1d else w.detach()
+                prior = m._buffers.get(MASK_NAME)
+                if prior is not None:
+                    prior = prior.t() if conv1d else prior
+                hessian, st.gram = st.gram, None
+                if st.rows < hessian.shape[0]:
+                    few.append(f"{p}: {st.rows} rows for {hessian.shape[0]} inputs")
+                try:
+                    new, keep = sparsegpt(
+                        rows,
+                        hessian,
+                        sparsity=ratios[p],
+                        nm=nm,
+                        keep=prior,
+                        block_size=imp.block_size,
+                        damp=imp.damp,
+                        consume=True,
+                    )
+                except ValueError as e:
+                    raise ValueError(f"Prune(importance='sparsegpt'): module {p}: {e}") from None
+                if conv1d:
+                    new, keep = new.t().contiguous(), keep.t().contiguous()
+                m.weight = nn.Parameter(new.to(w.dtype), requires_grad=w.requires_grad)
+                m.register_buffer(MASK_NAME, keep)
+                zeros = 1.0 - float(keep.float().mean())
+                report.changed(
+                    p,
+                    "sparsified (SparseGPT)",
+                    shape_of(m),
+                    f"{zeros:.1%} zeros",
+                    sparsity=round(zeros, 4),
+                    pattern=self.structure,
+                    calibration_rows=st.rows,
+                )
+
+        run_sequential(model, batches, layers, process, gram=True)
+        if few:
+            report.note(
+                f"SparseGPT: {len(few)} layer(s) saw fewer calibration rows (tokens) than "
+                f"inputs ({few[0]}): their Hessians are singular (damped), and the update can "
+                f"fit the calibration batches more than the model; give more calibration data"
             )
 
 
