@@ -10,6 +10,7 @@ Public API (everything else is implementation):
 * :class:`Report`.
 """
 
+from . import evaluate
 from ._version import __version__
 from .base.serialize import register_class
 from .core.report import Report
@@ -65,6 +66,7 @@ __all__ = [
     "compress",
     "compress_checkpoint",
     "convert",
+    "evaluate",
     "export",
     "hf",
     "load",

@@ -20,6 +20,7 @@ LAYERS = [
     "core",  # Transform, Context, Report, select, calibration
     "transforms",
     "large",
+    "evaluate",  # the pinned perplexity evaluation
     "train",
     "testing",
     "demo",
