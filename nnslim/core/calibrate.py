@@ -212,6 +212,7 @@ def run_sequential(
     norms: bool = False,
     gram: bool = False,
     rows: int = 0,
+    true_sequential: bool = False,
 ) -> None:
     """Calibrate ``layers`` block by block, calling ``process(paths, stats)`` after each block.
 
@@ -221,6 +222,11 @@ def run_sequential(
     Consecutive blocks of one container are fed the previous block's outputs directly; the
     rest runs the model up to the block.
 
+    With ``true_sequential`` the layers inside a block are processed in the order the block
+    runs them, those that read the same input together (a Llama block: q/k/v, then o, then
+    gate/up, then down), each group's statistics gathered with the groups before it already
+    processed: the block runs once per group.
+
     Args:
         model: the model.
         batches: calibration inputs.
@@ -228,6 +234,7 @@ def run_sequential(
         process: ``process(paths, stats)``: may replace the layers (the block object stays).
         norms, gram: statistics to gather (see :func:`collect`).
         rows: keep up to this many input rows per layer in ``stats.extra["rows"]``.
+        true_sequential: inside a block, layer group after layer group.
     """
     named = dict(model.named_modules())
     order = {p: i for i, p in enumerate(named)}
@@ -241,25 +248,41 @@ def run_sequential(
         for gi, key in enumerate(keys):
             paths = groups[key]
             block = named.get(key) if key is not None and key not in layers else None
-            stats = {p: LayerStats() for p in paths}
-            handles = [_stat_hook(named[p], stats[p], norms, gram, rows) for p in paths]
-            try:
-                if block is not None and cached is not None:
-                    with torch.no_grad():
-                        for a, k in cached:
-                            block(*a, **k)
-                else:
-                    cached = inputs_of(
-                        model,
-                        batches=batches,
-                        module=block if block is not None else named[key],
-                        run=True,
-                    )
-            finally:
-                for h in handles:
-                    h.remove()
-            _reduce(stats)
-            process(paths, stats)
+            if true_sequential and block is not None and len(paths) > 1:
+                if cached is None:
+                    cached = inputs_of(model, batches=batches, module=block)
+                for part in _by_shared_input(block, paths, named, cached[0]):
+                    stats = {p: LayerStats() for p in part}
+                    handles = [_stat_hook(named[p], stats[p], norms, gram, rows) for p in part]
+                    try:
+                        with torch.no_grad():
+                            for a, k in cached:
+                                block(*a, **k)
+                    finally:
+                        for h in handles:
+                            h.remove()
+                    _reduce(stats)
+                    process(part, stats)
+            else:
+                stats = {p: LayerStats() for p in paths}
+                handles = [_stat_hook(named[p], stats[p], norms, gram, rows) for p in paths]
+                try:
+                    if block is not None and cached is not None:
+                        with torch.no_grad():
+                            for a, k in cached:
+                                block(*a, **k)
+                    else:
+                        cached = inputs_of(
+                            model,
+                            batches=batches,
+                            module=block if block is not None else named[key],
+                            run=True,
+                        )
+                finally:
+                    for h in handles:
+                        h.remove()
+                _reduce(stats)
+                process(paths, stats)
             nxt = keys[gi + 1] if gi + 1 < len(keys) else None
             if (
                 block is not None
@@ -276,6 +299,44 @@ def run_sequential(
                 cached = outs
             else:
                 cached = None
+
+
+def _by_shared_input(
+    block: nn.Module,
+    paths: list[str],
+    named: dict[str, nn.Module],
+    first: tuple[tuple[Any, ...], dict[str, Any]],
+) -> list[list[str]]:
+    """``paths`` in groups that read the same input tensor, in the order the block runs them
+    (one forward of ``block`` on the ``first`` cached input). A layer the block does not run
+    (on this input) comes last, on its own."""
+    seen: list[tuple[int, str]] = []  # (input identity, path), in call order
+    held: list[Any] = []  # the inputs stay alive, so their ids are not reused meanwhile
+
+    def watch(path: str) -> Any:
+        def pre(_m: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0] if args else None
+            held.append(x)
+            if all(p != path for _, p in seen):
+                seen.append((id(x), path))
+
+        return named[path].register_forward_pre_hook(pre)
+
+    handles = [watch(p) for p in paths]
+    try:
+        with torch.no_grad():
+            block(*first[0], **first[1])
+    finally:
+        for h in handles:
+            h.remove()
+    parts: dict[int, list[str]] = {}
+    for ident, path in seen:
+        parts.setdefault(ident, []).append(path)
+    out = list(parts.values())
+    ran = {p for _, p in seen}
+    out += [[p] for p in paths if p not in ran]
+    held.clear()
+    return out
 
 
 def _consecutive(a: str | None, b: str | None, named: dict[str, nn.Module]) -> bool:

@@ -157,15 +157,21 @@ class SparseGPT(Wanda):
     Args:
         block_size: columns per lazy-update (and unstructured mask-selection) block.
         damp: fraction of the Hessian's mean diagonal added for numerical stability.
+        true_sequential: inside each block, layer group after layer group in the order the
+            block runs them (q/k/v, then o, then gate/up, then down), each calibrated on the
+            outputs of the groups already pruned; ``False``: all on the block's dense inputs.
     """
 
     needs_hessian: ClassVar[bool] = True
     block_size: int = 128
     damp: float = 0.01
+    true_sequential: bool = True
 
     def __post_init__(self) -> None:
         check_int("SparseGPT", "block_size", self.block_size, low=1)
         check_fraction("SparseGPT", "damp", self.damp, high_inclusive=True)
+        if not isinstance(self.true_sequential, bool):
+            raise TypeError("SparseGPT(true_sequential=...): expected a bool.")
 
 
 IMPORTANCE_NAMES = ("l1", "l2", "taylor", "wanda", "sparsegpt", "random")

@@ -909,7 +909,9 @@ class Prune(Transform):
                     calibration_rows=st.rows,
                 )
 
-        run_sequential(model, batches, layers, process, gram=True)
+        run_sequential(
+            model, batches, layers, process, gram=True, true_sequential=imp.true_sequential
+        )
         if few:
             report.note(
                 f"SparseGPT: {len(few)} layer(s) saw fewer calibration rows (tokens) than "

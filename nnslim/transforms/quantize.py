@@ -88,6 +88,11 @@ class Quantize(Transform):
             ``[0, 1]`` or ``"auto"`` to search it per layer. ``None``: off.
         qat: insert fake-quant modules for quantization-aware training instead; turn them
             into integer modules with :func:`nnslim.convert` after fine-tuning.
+        damp: GPTQ's damping: this fraction of the Hessian's mean diagonal is added to it.
+        true_sequential: GPTQ inside each block layer group after layer group in the order
+            the block runs them (a Llama block: q/k/v, then o, then gate/up, then down), each
+            calibrated on the outputs of the groups already quantized; ``False``: a block's
+            layers all on the block's float inputs (the block runs once).
         zero_point: int4 groups' offset: ``"float"`` (a minimum per group, as GGUF's
             ``Q4_1``) or ``"integer"`` (a zero point in ``[0, 15]`` per group, the range
             widened to include 0: what GPTQ/AWQ checkpoints hold, and what
@@ -111,6 +116,8 @@ class Quantize(Transform):
     method: Method = "rtn"
     smooth: Any = None
     qat: bool = False
+    damp: float = 0.01
+    true_sequential: bool = True
     zero_point: ZeroPoint = "float"
     select: Any = None
     exclude: Any = None
@@ -124,6 +131,8 @@ class Quantize(Transform):
         check_choice("Quantize", "method", self.method, METHODS)
         check_type("Quantize", "qat", self.qat, bool)
         check_choice("Quantize", "zero_point", self.zero_point, ZERO_POINTS)
+        check_fraction("Quantize", "damp", self.damp, high_inclusive=True)
+        check_type("Quantize", "true_sequential", self.true_sequential, bool)
         if self.smooth is not None:
             if isinstance(self.smooth, str):
                 check_choice("Quantize", "smooth", self.smooth, ("auto",))
@@ -244,6 +253,7 @@ class Quantize(Transform):
             if self.smooth == "auto"
             or (self.smooth is not None and any(plan[p] == "int4" for p in linears))
             else 0,
+            true_sequential=self.true_sequential and self.method == "gptq",
         )
 
     def _replace(
@@ -284,6 +294,7 @@ class Quantize(Transform):
                         bits=4,
                         group_size=gs,
                         clip=GPTQ_CLIP,
+                        damp=self.damp,
                         zero_point=self.zero_point,
                         consume=True,
                     )
@@ -291,7 +302,7 @@ class Quantize(Transform):
                         old, codes, scale, mn, gs, smooth, zero_point=self.zero_point
                     )
                 else:
-                    codes, scale, _ = gptq(w, _take_gram(st), bits=8, consume=True)
+                    codes, scale, _ = gptq(w, _take_gram(st), bits=8, damp=self.damp, consume=True)
                     cls = Int8DynamicLinear if scheme == "int8-dynamic" else Int8Linear
                     new = cls.from_float(old, weight=codes.float() * scale[:, None])
                     if smooth is not None and isinstance(new, Int8DynamicLinear):

@@ -74,6 +74,21 @@ def test_rtn_matches_in_memory_and_loads_on_meta(llama_ckpt, tmp_path):
     assert torch.equal(logits(back), logits(ref))
 
 
+def test_true_sequential_gptq_in_memory_equals_streamed(llama_ckpt, tmp_path):
+    """In memory, GPTQ inside a block goes layer group by layer group (q/k/v, o, gate/up,
+    down), as the streamed run does one layer after another: the same codes."""
+    model, src = llama_ckpt
+    t = nnslim.Quantize(scheme="int4", group_size=32, method="gptq")
+    nnslim.compress_checkpoint(src, tmp_path / "out", t, calib(4), progress=False)
+    back = nnslim.load(tmp_path / "out", tf.LlamaForCausalLM(llama_cfg())).eval()
+    ref = copy.deepcopy(model)
+    t.apply(ref, calibration=calib(4))
+    for name, m in ref.named_modules():
+        if type(m).__name__ == "Int4Linear":
+            assert torch.equal(back.get_submodule(name).qweight, m.qweight), name
+    assert torch.equal(logits(back), logits(ref))
+
+
 def test_gptq_streamed_beats_rtn(llama_ckpt, tmp_path):
     model, src = llama_ckpt
     ref = logits(model)
