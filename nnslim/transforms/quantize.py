@@ -89,6 +89,10 @@ class Quantize(Transform):
         qat: insert fake-quant modules for quantization-aware training instead; turn them
             into integer modules with :func:`nnslim.convert` after fine-tuning.
         damp: GPTQ's damping: this fraction of the Hessian's mean diagonal is added to it.
+        act_order: GPTQ quantizes the columns in order of decreasing Hessian diagonal (the
+            inputs with the most energy first), each group's grid fixed up front from the
+            float weight ("static groups", so groups stay contiguous for the kernels);
+            ``False``: left to right, each group's grid from the error-updated weights.
         true_sequential: GPTQ inside each block layer group after layer group in the order
             the block runs them (a Llama block: q/k/v, then o, then gate/up, then down), each
             calibrated on the outputs of the groups already quantized; ``False``: a block's
@@ -117,6 +121,7 @@ class Quantize(Transform):
     smooth: Any = None
     qat: bool = False
     damp: float = 0.01
+    act_order: bool = True
     true_sequential: bool = True
     zero_point: ZeroPoint = "float"
     select: Any = None
@@ -133,6 +138,7 @@ class Quantize(Transform):
         check_choice("Quantize", "zero_point", self.zero_point, ZERO_POINTS)
         check_fraction("Quantize", "damp", self.damp, high_inclusive=True)
         check_type("Quantize", "true_sequential", self.true_sequential, bool)
+        check_type("Quantize", "act_order", self.act_order, bool)
         if self.smooth is not None:
             if isinstance(self.smooth, str):
                 check_choice("Quantize", "smooth", self.smooth, ("auto",))
@@ -295,6 +301,7 @@ class Quantize(Transform):
                         group_size=gs,
                         clip=GPTQ_CLIP,
                         damp=self.damp,
+                        act_order=self.act_order,
                         zero_point=self.zero_point,
                         consume=True,
                     )
@@ -302,7 +309,14 @@ class Quantize(Transform):
                         old, codes, scale, mn, gs, smooth, zero_point=self.zero_point
                     )
                 else:
-                    codes, scale, _ = gptq(w, _take_gram(st), bits=8, damp=self.damp, consume=True)
+                    codes, scale, _ = gptq(
+                        w,
+                        _take_gram(st),
+                        bits=8,
+                        damp=self.damp,
+                        act_order=self.act_order,
+                        consume=True,
+                    )
                     cls = Int8DynamicLinear if scheme == "int8-dynamic" else Int8Linear
                     new = cls.from_float(old, weight=codes.float() * scale[:, None])
                     if smooth is not None and isinstance(new, Int8DynamicLinear):

@@ -326,8 +326,9 @@ def correlated_inputs(n, k, seed=0):
     return torch.randn(n, k // 4, generator=g) @ mix + 0.1 * torch.randn(n, k, generator=g)
 
 
+@pytest.mark.parametrize("act_order", [True, False])
 @pytest.mark.parametrize("scheme", ["int4", "int8"])
-def test_gptq_beats_round_to_nearest_on_layer_output(scheme):
+def test_gptq_beats_round_to_nearest_on_layer_output(scheme, act_order):
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(128, 64))
     calib = [correlated_inputs(256, 128, s) for s in range(2)]
@@ -335,13 +336,22 @@ def test_gptq_beats_round_to_nearest_on_layer_output(scheme):
     with torch.no_grad():
         ref = base(test)
     errs = {}
+    codes = {}
     for method in ("rtn", "gptq"):
         m = nn.Sequential(nn.Linear(128, 64))
         m.load_state_dict(base.state_dict())
-        nnslim.Quantize(scheme=scheme, group_size=32, method=method).apply(m, calibration=calib)
+        t = nnslim.Quantize(scheme=scheme, group_size=32, method=method, act_order=act_order)
+        t.apply(m, calibration=calib)
+        codes[method] = m[0].qweight.clone()
         with torch.no_grad():
             errs[method] = rel_err(m(test), ref)
     assert errs["gptq"] < 0.8 * errs["rtn"], errs
+    other = nn.Sequential(nn.Linear(128, 64))
+    other.load_state_dict(base.state_dict())
+    nnslim.Quantize(scheme=scheme, group_size=32, method="gptq", act_order=not act_order).apply(
+        other, calibration=calib
+    )
+    assert not torch.equal(other[0].qweight, codes["gptq"])  # the order changes the result
 
 
 @given(
