@@ -431,7 +431,9 @@ class Int4Linear(_QuantLinearBase):
         return {"qweight": self.out_features * self.in_features, "scales": 0, "mins": 0}
 
     def nnslim_zero_weights(self) -> int:
-        return 0
+        """Weights exactly zero (a sparse model quantized with integer zero points keeps its
+        zeros as the zero point's code)."""
+        return int((self.dequantize() == 0).sum())
 
     def nnslim_describe(self) -> str:
         return f"Int4Linear {self.in_features}->{self.out_features} g{self.group_size}"

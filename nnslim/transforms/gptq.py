@@ -131,6 +131,7 @@ def gptq(
     act_order: bool = True,
     clip: float = 0.0,
     zero_point: str = "float",
+    keep: torch.Tensor | None = None,
     consume: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Quantize ``weight`` ``(out, in)`` given the input Hessian ``(in, in)``.
@@ -150,6 +151,10 @@ def gptq(
             ``0``: each group's min/max.
         zero_point: 4-bit groups' offsets, ``"float"`` (a minimum) or ``"integer"`` (a zero
             point; see :func:`~nnslim.modules.quantized.int4_grid`).
+        keep: a sparsity keep-mask ``(out, in)``: the weights it drops stay exactly zero (the
+            code of 0: 0 for 8 bits, the group's zero point for 4 bits, which needs
+            ``zero_point="integer"``), and the error of the rest is spread over kept weights
+            only, as SparseGPT leaves them.
         consume: overwrite ``hessian`` (float32) instead of copying it, to save memory.
 
     Returns:
@@ -158,6 +163,15 @@ def gptq(
     """
     W = weight.detach().float().clone()
     rows, cols = W.shape
+    drop = None
+    if keep is not None:
+        if bits != 8 and zero_point != "integer":
+            raise ValueError(
+                "gptq(keep=...): a float minimum per group has no exact 0; keeping sparse "
+                "zeros at 4 bits needs zero_point='integer'"
+            )
+        drop = ~keep.to(torch.bool)
+        W[drop] = 0
     if consume and hessian.dtype == torch.float32:
         H = hessian.detach()
     else:
@@ -185,6 +199,8 @@ def gptq(
     # so at most two are alive at once
     if act_order:
         W = W[:, perm]
+        if drop is not None:
+            drop = drop[:, perm]
         H.copy_(H[perm])
         H.copy_(H[:, perm])
     Hinv = inverse_cholesky_(H, damp)
@@ -221,6 +237,12 @@ def gptq(
                 mins[:, c // group_size] = mn  # type: ignore[index,operator]
             w = W1[:, i]
             q, dq = quant(w)  # type: ignore[misc]
+            if drop is not None:
+                gone = drop[:, c]
+                if bool(gone.any()):
+                    zero, _ = quant(torch.zeros_like(w))  # type: ignore[misc]
+                    q = torch.where(gone, zero, q)
+                    dq = torch.where(gone, torch.zeros_like(dq), dq)
             codes[:, c] = q.to(torch.int8)
             err = (w - dq) / Hinv1[i, i]
             W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)

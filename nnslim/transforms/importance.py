@@ -160,18 +160,25 @@ class SparseGPT(Wanda):
         true_sequential: inside each block, layer group after layer group in the order the
             block runs them (q/k/v, then o, then gate/up, then down), each calibrated on the
             outputs of the groups already pruned; ``False``: all on the block's dense inputs.
+        int4_group_size: also quantize the weights kept to int4 in the same pass (32, 64 or
+            128 inputs per group, asymmetric with integer zero points, so every pruned weight
+            is exactly the zero point's code): the layers become
+            :class:`~nnslim.modules.quantized.Int4Linear`. ``None``: float weights and masks.
     """
 
     needs_hessian: ClassVar[bool] = True
     block_size: int = 128
     damp: float = 0.01
     true_sequential: bool = True
+    int4_group_size: int | None = None
 
     def __post_init__(self) -> None:
         check_int("SparseGPT", "block_size", self.block_size, low=1)
         check_fraction("SparseGPT", "damp", self.damp, high_inclusive=True)
         if not isinstance(self.true_sequential, bool):
             raise TypeError("SparseGPT(true_sequential=...): expected a bool.")
+        if self.int4_group_size is not None:
+            check_choice("SparseGPT", "int4_group_size", self.int4_group_size, (32, 64, 128))
 
 
 IMPORTANCE_NAMES = ("l1", "l2", "taylor", "wanda", "sparsegpt", "random")

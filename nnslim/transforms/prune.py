@@ -14,7 +14,14 @@ from torch import nn
 
 from ..base.describe import shape_of
 from ..base.inputs import Inputs, call_for_analysis, is_meta
-from ..base.modules import copy_model, is_hf_conv1d, is_linear, out_width, shared_parameters
+from ..base.modules import (
+    copy_model,
+    is_hf_conv1d,
+    is_linear,
+    out_width,
+    replace_module,
+    shared_parameters,
+)
 from ..base.snapshot import Snapshot, preserve_modes, preserved_state
 from ..base.validate import all_finite, check_choice, check_fraction, check_int, check_type
 from ..core.calibrate import LayerStats, collect
@@ -30,6 +37,7 @@ from ..graph.trace import MAX_GROUP as MAX_GROUP_DEFAULT
 from ..graph.trace import TIME_LIMIT_S, Graph, root_types, trace
 from ..modules.masks import MASK_NAME
 from ..modules.mha import back_to_torch, to_head_prunable
+from ..modules.quantized import Int4Linear
 from .allocation import OWL, blocks_of, owl_ratios
 from .importance import IMPORTANCE_NAMES, Importance, as_importance
 from .scoring import GroupScorer
@@ -875,6 +883,17 @@ class Prune(Transform):
                 w = m.weight
                 conv1d = is_hf_conv1d(m)
                 rows = w.detach().t() if conv1d else w.detach()
+                gs = None
+                if imp.int4_group_size is not None:
+                    gs = max(g for g in (32, 64, 128) if g <= imp.int4_group_size)
+                    while gs > 32 and rows.shape[1] % gs:
+                        gs //= 2
+                    if rows.shape[1] % gs:
+                        raise ValueError(
+                            f"Prune(importance=SparseGPT(int4_group_size=...)): module {p} "
+                            f"({shape_of(m)}) is {rows.shape[1]} inputs wide, which no int4 "
+                            f"group of 32, 64 or 128 divides; exclude it (exclude=[{p!r}])."
+                        )
                 prior = m._buffers.get(MASK_NAME)
                 if prior is not None:
                     prior = prior.t() if conv1d else prior
@@ -882,7 +901,7 @@ class Prune(Transform):
                 if st.rows < hessian.shape[0]:
                     few.append(f"{p}: {st.rows} rows for {hessian.shape[0]} inputs")
                 try:
-                    new, keep = sparsegpt(
+                    new, keep, int4 = sparsegpt(
                         rows,
                         hessian,
                         sparsity=ratios[p],
@@ -890,10 +909,29 @@ class Prune(Transform):
                         keep=prior,
                         block_size=imp.block_size,
                         damp=imp.damp,
+                        group_size=gs,
                         consume=True,
                     )
                 except ValueError as e:
                     raise ValueError(f"Prune(importance='sparsegpt'): module {p}: {e}") from None
+                if int4 is not None and gs is not None:
+                    q = Int4Linear.from_codes(m, *int4, gs, zero_point="integer")
+                    q._take_float(w)
+                    zeros = 1.0 - float(keep.float().mean())
+                    report.changed(
+                        p,
+                        "sparsified and quantized (SparseGPT + int4)",
+                        shape_of(m),
+                        shape_of(q),
+                        sparsity=round(zeros, 4),
+                        pattern=self.structure,
+                        bits=4,
+                        group_size=gs,
+                        zero_point="integer",
+                        calibration_rows=st.rows,
+                    )
+                    replace_module(model, p, q)
+                    continue
                 if conv1d:
                     new, keep = new.t().contiguous(), keep.t().contiguous()
                 m.weight = nn.Parameter(new.to(w.dtype), requires_grad=w.requires_grad)

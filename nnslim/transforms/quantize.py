@@ -12,6 +12,7 @@ from torch import nn
 from ..base.describe import shape_of
 from ..base.modules import (
     is_conv2d,
+    is_hf_conv1d,
     is_linear,
     linear_weight,
     out_width,
@@ -24,6 +25,7 @@ from ..core.report import Report
 from ..core.select import normalize_selector
 from ..core.transform import Context, Transform
 from ..modules.fake_quant import FakeQuantLinear
+from ..modules.masks import MASK_NAME
 from ..modules.quantized import (
     ZERO_POINTS,
     Int4Linear,
@@ -231,6 +233,19 @@ class Quantize(Transform):
                 )
                 replace_module(model, p, new)
             return
+        lost = [
+            p
+            for p, scheme in plan.items()
+            if scheme == "int4"
+            and self.zero_point != "integer"
+            and _keep_mask(named[p]) is not None
+        ]
+        if lost:
+            report.note(
+                f"{len(lost)} sparse layer(s) ({lost[0]}...) lose their exact zeros: int4 with a "
+                f"float minimum per group has no exact 0; quantize with zero_point='integer' "
+                f"to keep them"
+            )
         needs_data = self.method == "gptq" or self.smooth is not None
         if not needs_data:
             for p, scheme in plan.items():
@@ -280,6 +295,10 @@ class Quantize(Transform):
             details["method"] = "rtn"
         else:
             w = linear_weight(old).detach().float()
+            keep = _keep_mask(old)
+            exact_zero = scheme != "int4" or self.zero_point == "integer"
+            if keep is not None:
+                details["sparse_zeros_kept"] = exact_zero
             smooth = None
             if st is not None and self.smooth is not None and scheme in ("int8-dynamic", "int4"):
                 smooth, alpha = _smoothing(w, st, scheme, self.smooth, gs)
@@ -297,6 +316,9 @@ class Quantize(Transform):
                     codes, scale, mn = gptq(
                         F.pad(w, (0, pad)),
                         F.pad(gram, (0, pad, 0, pad)) if pad else gram,
+                        keep=F.pad(keep, (0, pad), value=True)
+                        if keep is not None and exact_zero
+                        else None,
                         bits=4,
                         group_size=gs,
                         clip=GPTQ_CLIP,
@@ -312,6 +334,7 @@ class Quantize(Transform):
                     codes, scale, _ = gptq(
                         w,
                         _take_gram(st),
+                        keep=keep,
                         bits=8,
                         damp=self.damp,
                         act_order=self.act_order,
@@ -341,6 +364,15 @@ class Quantize(Transform):
         details["bits"] = 4 if scheme == "int4" else 8
         report.changed(path, "quantized", shape_of(old), shape_of(new), **details)
         replace_module(model, path, new)
+
+
+def _keep_mask(m: nn.Module) -> torch.Tensor | None:
+    """A sparse layer's keep-mask ``(out, in)`` (its ``weight_mask``), or ``None``."""
+    mask = m._buffers.get(MASK_NAME)
+    if not isinstance(mask, torch.Tensor):
+        return None
+    mask = mask.to(torch.bool)
+    return mask.t() if is_hf_conv1d(m) else mask.reshape(mask.shape[0], -1)
 
 
 def _take_gram(st: LayerStats) -> torch.Tensor:

@@ -11,9 +11,11 @@ group of ``M`` columns for N:M. Blocked, with lazy updates, as the reference imp
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from .gptq import inverse_cholesky_
+from .gptq import inverse_cholesky_, rtn_int4_grid
 
 __all__ = ["sparsegpt"]
 
@@ -28,8 +30,9 @@ def sparsegpt(
     keep: torch.Tensor | None = None,
     block_size: int = 128,
     damp: float = 0.01,
+    group_size: int | None = None,
     consume: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
     """Prune ``weight`` ``(out, in)`` given the Hessian of its inputs ``(in, in)``.
 
     Args:
@@ -41,16 +44,31 @@ def sparsegpt(
             count toward the sparsity.
         block_size: columns per lazy-update block (and per mask-selection block).
         damp: fraction of the mean diagonal added to the Hessian.
+        group_size: also quantize the weights kept to int4 in the same pass (GPTQ's rounding
+            inside SparseGPT's loop), asymmetric per group of this many columns with integer
+            zero points, so the pruned weights are exactly the zero point's code; it must
+            divide the width.
         consume: overwrite ``hessian`` (float32) instead of copying it, to save memory.
 
     Returns:
-        ``(weight, keep)``: the updated weight with its pruned entries exactly zero, and the
-        boolean keep-mask.
+        ``(weight, keep, int4)``: the updated weight with its pruned entries exactly zero (for
+        int4, the de-quantized weight), the boolean keep-mask, and for int4 ``(codes, scale,
+        minimum)`` as :class:`~nnslim.modules.quantized.Int4Linear` takes them (else ``None``).
     """
     W = weight.detach().float().clone()
     rows, cols = W.shape
     if nm is not None and cols % nm[1]:
         raise ValueError(f"{nm[0]}:{nm[1]} sparsity needs a width divisible by {nm[1]}, not {cols}")
+    if group_size is not None and cols % group_size:
+        raise ValueError(f"group_size {group_size} must divide the {cols} input features")
+    codes = scales = mins = None
+    quant: Any = None
+    if group_size is not None:
+        # whole groups inside each block (a group's grid is set from its columns in the block)
+        block_size = max(group_size, (block_size // group_size) * group_size)
+        codes = torch.zeros(rows, cols, dtype=torch.uint8, device=W.device)
+        scales = torch.zeros(rows, cols // group_size, device=W.device)
+        mins = torch.zeros(rows, cols // group_size, device=W.device)
     H = hessian.detach() if consume and hessian.dtype == torch.float32 else hessian.float().clone()
     dead = torch.diag(H) == 0  # inputs never active: independent, unit curvature
     H[dead, dead] = 1
@@ -86,8 +104,20 @@ def sparsegpt(
                 mask1.scatter_(1, i + drop, True)
             if prior is not None:
                 mask1[:, i] |= ~prior[:, i1 + i]
+            c = i1 + i
+            if group_size is not None and c % group_size == 0:
+                # the group's grid from its columns as they are now (error-updated), pruned
+                # entries included as zeros: 0 is on an integer-zero-point grid
+                cols_now = W1[:, i : i + group_size].clone()
+                cols_now[mask1[:, i : i + group_size]] = 0
+                s_, mn, quant = rtn_int4_grid(cols_now, zero_point="integer")
+                scales[:, c // group_size] = s_  # type: ignore[index]
+                mins[:, c // group_size] = mn  # type: ignore[index]
             q = w.clone()
             q[mask1[:, i]] = 0
+            if quant is not None:
+                code, q = quant(q)
+                codes[:, c] = code.to(torch.uint8)  # type: ignore[index]
             Q1[:, i] = q
             err = (w - q) / Hinv1[i, i]
             W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
@@ -96,4 +126,5 @@ def sparsegpt(
         mask[:, i1:i2] = mask1
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     W[mask] = 0.0  # exactly zero (the lazy updates touched later columns only)
-    return W, ~mask
+    int4 = None if codes is None else (codes, scales, mins)
+    return W, ~mask, int4  # type: ignore[return-value]

@@ -35,7 +35,7 @@ def _out_err(w_new, w, x):
 )
 def test_unstructured_zeros_exactly_and_beats_masks_without_update(sparsity, seed, block):
     w, x = _layer_data(seed=seed)
-    new, keep = sparsegpt(w, x.t() @ x, sparsity=sparsity, block_size=block)
+    new, keep, _ = sparsegpt(w, x.t() @ x, sparsity=sparsity, block_size=block)
     assert bool((new[~keep] == 0).all())
     # each mask-selection block loses its share
     for i in range(0, 64, block):
@@ -57,7 +57,7 @@ def test_unstructured_zeros_exactly_and_beats_masks_without_update(sparsity, see
 @pytest.mark.parametrize("n, m", [(2, 4), (1, 4), (4, 8)])
 def test_n_of_m_keeps_n_in_every_group(n, m):
     w, x = _layer_data()
-    new, keep = sparsegpt(w, x.t() @ x, nm=(n, m))
+    new, keep, _ = sparsegpt(w, x.t() @ x, nm=(n, m))
     groups = keep.reshape(w.shape[0], -1, m)
     assert bool((groups.sum(-1) == n).all())
     assert bool((new[~keep] == 0).all())
@@ -71,7 +71,7 @@ def test_n_of_m_keeps_n_in_every_group(n, m):
 def test_weights_pruned_before_stay_pruned():
     w, x = _layer_data()
     prior = torch.rand(w.shape, generator=torch.Generator().manual_seed(1)) > 0.3
-    new, keep = sparsegpt(w * prior, x.t() @ x, sparsity=0.5, keep=prior)
+    new, keep, _ = sparsegpt(w * prior, x.t() @ x, sparsity=0.5, keep=prior)
     assert not bool((keep & ~prior).any())  # nothing comes back
     assert bool((new[~prior] == 0).all())
     assert abs(float((~keep).float().mean()) - 0.5) < 0.01
@@ -80,10 +80,10 @@ def test_weights_pruned_before_stay_pruned():
 def test_a_dead_input_channel_and_a_singular_hessian():
     w, x = _layer_data()
     x[:, 7] = 0  # never active
-    new, keep = sparsegpt(w, x.t() @ x, sparsity=0.5)
+    new, keep, _ = sparsegpt(w, x.t() @ x, sparsity=0.5)
     assert torch.isfinite(new).all()
     # fewer rows than columns: rank-deficient, damping makes it invertible
-    new, _ = sparsegpt(w, x[:8].t() @ x[:8], sparsity=0.5)
+    new, _, _ = sparsegpt(w, x[:8].t() @ x[:8], sparsity=0.5)
     assert torch.isfinite(new).all()
     with pytest.raises(ValueError, match="not positive definite"):
         sparsegpt(w, torch.full((64, 64), float("nan")), sparsity=0.5)
@@ -168,3 +168,78 @@ def test_bad_requests_and_the_model_untouched_on_failure():
         nnslim.Prune(
             ratio=0.5, structure="unstructured", importance="sparsegpt", select=["0"]
         ).apply(cnn, calibration=[torch.randn(2, 3, 8, 8)])
+
+
+def test_sparse_and_int4_in_one_pass():
+    """With a group size the kept weights are rounded to int4 inside SparseGPT's loop: the
+    pruned weights are exactly the zero point's code, and the result beats pruning then
+    rounding to nearest."""
+    from nnslim.modules.quantized import Int4Linear, unpack_int4
+
+    w, x = _layer_data(rows=32, cols=128)
+    h = x.t() @ x
+    new, keep, int4 = sparsegpt(w, h, nm=(2, 4), group_size=32)
+    codes, scale, mn = int4
+    zp = torch.round(-mn / scale)
+    assert torch.equal(-zp * scale, mn)  # integer zero points
+    z = zp.repeat_interleave(32, dim=1)
+    assert bool((codes[~keep].float() == z[~keep]).all())
+    layer = Int4Linear.from_codes(nn.Linear(128, 32), codes, scale, mn, 32, zero_point="integer")
+    assert torch.equal(layer.dequantize(), new)
+    assert bool((new[~keep] == 0).all())
+    assert bool(((new != 0).reshape(32, -1, 4).sum(-1) <= 2).all())
+    sparse_only, keep2, _ = sparsegpt(w, h, nm=(2, 4))
+    rtn = Int4Linear.from_float(
+        nn.Linear(128, 32), group_size=32, weight=sparse_only, zero_point="integer"
+    )
+    assert _out_err(new, w, x) < _out_err(rtn.dequantize(), w, x)
+    assert bool((unpack_int4(layer.qweight) < 16).all())
+    with pytest.raises(ValueError, match="must divide"):
+        sparsegpt(w[:, :100], h[:100, :100], sparsity=0.5, group_size=32)
+
+
+def test_prune_with_sparsegpt_int4_and_quantize_keeps_sparse_zeros(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from nnslim.modules.quantized import Int4Linear
+    from nnslim.transforms.importance import SparseGPT
+    from tests.zoo import llama_config
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(llama_config()).eval()
+    base = copy.deepcopy(model)
+    ids = [{"input_ids": torch.randint(0, 300, (2, 32))} for _ in range(4)]
+    report = nnslim.Prune(structure="2:4", importance=SparseGPT(int4_group_size=64)).apply(
+        copy.deepcopy(model), calibration=ids
+    )
+    joint = copy.deepcopy(model)
+    nnslim.Prune(structure="2:4", importance=SparseGPT(int4_group_size=64)).apply(
+        joint, calibration=ids
+    )
+    up = joint.model.layers[0].mlp.up_proj
+    assert isinstance(up, Int4Linear) and up.zero_point == "integer" and up.group_size == 64
+    assert report.changes[0].details["bits"] == 4
+    assert bool(((up.weight != 0).reshape(up.out_features, -1, 4).sum(-1) <= 2).all())
+    nnslim.save(joint, tmp_path / "j.safetensors")
+    back = nnslim.load(tmp_path / "j.safetensors", copy.deepcopy(base))
+    with torch.no_grad():
+        assert torch.equal(back(**ids[0]).logits, joint(**ids[0]).logits)
+    # two passes: Quantize keeps a pruned model's zeros exactly with integer zero points
+    # (RTN and GPTQ, whose updates go to kept weights only), and says when it cannot
+    sparse = copy.deepcopy(model)
+    nnslim.Prune(structure="2:4", importance="sparsegpt").apply(sparse, calibration=ids)
+    mask = sparse.model.layers[0].mlp.up_proj.weight_mask
+    for method in ("rtn", "gptq"):
+        for zero_point in ("integer", "float"):
+            m = copy.deepcopy(sparse)
+            r = nnslim.Quantize(
+                scheme="int4", group_size=32, method=method, zero_point=zero_point
+            ).apply(m, calibration=ids)
+            w = m.model.layers[0].mlp.up_proj.weight
+            if zero_point == "integer":
+                assert bool((w[~mask] == 0).all()), method
+                assert not any("lose their exact zeros" in n for n in r.notes)
+            else:
+                assert any("lose their exact zeros" in n for n in r.notes)
+    m = copy.deepcopy(sparse)
+    nnslim.Quantize(scheme="int8", method="gptq").apply(m, calibration=ids)
+    assert bool((m.model.layers[0].mlp.up_proj.weight[~mask] == 0).all())
