@@ -54,6 +54,15 @@ def perplexity(model, wins) -> float:
     return nnslim.evaluate.perplexity(model, wins).value
 
 
+def _json_name(args: argparse.Namespace) -> str:
+    """``real_llm[-quick][-only-<texts>]``: a partial run does not overwrite another's."""
+    name = "real_llm" + ("-quick" if args.quick else "")
+    if args.only:
+        slug = "".join(c if c.isalnum() else "_" for c in args.only).strip("_")
+        name += f"-only-{slug}"
+    return name
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -168,7 +177,7 @@ def main() -> None:
         title=f"SmolLM2-135M-Instruct, Wikipedia (gensim test data), {len(evals)} windows of {WINDOW} tokens",
     )
     print(
-        f"wrote {write_json('real_llm' + ('-quick' if args.quick else '') + ('-only' if args.only else ''), {'rows': rows, 'windows': len(evals), 'calibration_windows': len(calib)})}"
+        f"wrote {write_json(_json_name(args), {'rows': rows, 'windows': len(evals), 'calibration_windows': len(calib)})}"
     )
 
 
