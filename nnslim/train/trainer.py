@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, Sampler
 
+from ..base.blocks import layer_stack
 from ..base.distributed import rank_world
 from ..base.inputs import as_inputs, first_tensor
 from ..base.modules import copy_model, is_hf_conv1d
@@ -76,6 +77,32 @@ class Distillation:
                 f"Distillation(features=...): expected a dict of student module path -> teacher "
                 f"module path (strings), got {self.features!r:.80}."
             )
+
+    @classmethod
+    def for_blocks(cls, model: nn.Module, *, every: int = 1, **kwargs: Any) -> Distillation:
+        """Distillation that matches the output of every ``every``-th repeated block of
+        ``model`` (a transformer's layers: the residual stream, whose width head and MLP
+        pruning keep) and of its last block with the same block of the teacher, besides the
+        logits: intermediate-feature distillation as Minitron recovers pruned LLMs with.
+
+        Args:
+            model: the student (or the teacher: the paths are the same).
+            every: match every this-many blocks.
+            kwargs: ``temperature``, ``alpha``, ``feature_weight``.
+
+        Raises:
+            ValueError: the model has no repeated blocks (name the layers with ``features=``).
+        """
+        check_int("Distillation.for_blocks", "every", every, low=1)
+        stack = layer_stack(model)
+        if stack is None:
+            raise ValueError(
+                f"Distillation.for_blocks: {type(model).__name__} has no list of repeated blocks; "
+                f"give the layers to match as Distillation(features={{student: teacher}})."
+            )
+        path, blocks = stack
+        picked = sorted({*range(0, len(blocks), every), len(blocks) - 1})
+        return cls(features={f"{path}.{i}": f"{path}.{i}" for i in picked}, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -937,7 +964,13 @@ class _FeatureTaps:
         for key in self.pairs:
             s, t = self.s.get(key), self.t.get(key)
             if s is None or t is None:
-                continue
+                who = (
+                    f"the student's {key!r}" if s is None else f"the teacher's {self.pairs[key]!r}"
+                )
+                raise ValueError(
+                    f"Distillation(features=...): {who} did not run in this forward (or "
+                    f"returned no tensor); match modules that both models run on every batch."
+                )
             if s.shape != t.shape:
                 raise ValueError(
                     f"Distillation(features=...): {key!r} has shape {tuple(s.shape)} but the "
@@ -945,6 +978,9 @@ class _FeatureTaps:
                     f"pruning kept (block outputs in the residual stream)."
                 )
             total = total + F.mse_loss(s.float(), t.detach().float())
+        # this step's features only: none is reused by a later step, and none is held
+        self.s.clear()
+        self.t.clear()
         return total
 
     def close(self) -> None:

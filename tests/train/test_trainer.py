@@ -1,3 +1,4 @@
+import copy
 import os
 import shutil
 import subprocess
@@ -550,3 +551,72 @@ def test_a_model_in_train_mode_keeps_the_batchnorm_it_froze():
     model.eval()
     nnslim.Trainer(lr=0.1, options=QUIET).fit(model, data)
     assert model[1].training and not torch.equal(model[1].running_mean, stats)
+
+
+def test_distillation_for_blocks_recovers_a_pruned_llama():
+    """Minitron-style recovery in a few lines: the blocks' outputs (the residual stream, kept
+    wide by MLP pruning) and the logits of the unpruned model teach the pruned one. The
+    teacher first learns a rule (each token is the previous + 7), so pruning costs it."""
+    transformers = pytest.importorskip("transformers")
+    from tests.zoo import llama_config
+
+    torch.manual_seed(0)
+    teacher = transformers.LlamaForCausalLM(llama_config(num_hidden_layers=3))
+    g = torch.Generator().manual_seed(0)
+
+    def batch():
+        x = (torch.randint(0, 300, (8, 1), generator=g) + 7 * torch.arange(16)) % 300
+        return {"input_ids": x}
+
+    opt = torch.optim.Adam(teacher.parameters(), lr=3e-3)
+    for _ in range(100):
+        b = batch()
+        loss = teacher(**b, labels=b["input_ids"]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    teacher.eval()
+    ids = [batch() for _ in range(6)]
+    student = copy.deepcopy(teacher)
+    nnslim.Prune(ratio=0.5, select="re:.*mlp.*").apply(student, ids[0])
+    d = nnslim.Distillation.for_blocks(teacher, every=2)
+    assert d.features == {f"model.layers.{i}": f"model.layers.{i}" for i in (0, 2)}
+
+    def gap():
+        with torch.no_grad():
+            return sum(
+                float(
+                    nn.functional.kl_div(
+                        student(**b).logits.log_softmax(-1),
+                        teacher(**b).logits.softmax(-1),
+                        reduction="batchmean",
+                    )
+                )
+                for b in ids
+            )
+
+    before = gap()
+    nnslim.Trainer(
+        optimizer=torch.optim.Adam, lr=1e-3, teacher=teacher, distillation=d, options=QUIET
+    ).fit(student, ids, epochs=4)
+    assert gap() < 0.2 * before
+    with pytest.raises(ValueError, match="no list of repeated blocks"):
+        nnslim.Distillation.for_blocks(nn.Linear(2, 2))
+
+
+def test_a_feature_that_does_not_run_is_an_error_not_a_skip():
+    class Skips(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.unused = nn.Linear(8, 2), nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.a(x)
+
+    t2 = Skips().eval()
+    s2 = copy.deepcopy(t2)
+    trainer = nnslim.Trainer(
+        teacher=t2, distillation=nnslim.Distillation(features={"unused": "unused"}), options=QUIET
+    )
+    with pytest.raises(ValueError, match="student's 'unused' did not run"):
+        trainer.fit(s2, [(torch.randn(4, 8), torch.randint(0, 2, (4,)))])
