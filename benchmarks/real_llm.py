@@ -117,6 +117,37 @@ def main() -> None:
         True,
     )
     run(
+        "int4 g64 GPTQ, no act-order",
+        nnslim.Quantize(
+            scheme="int4", group_size=64, method="gptq", act_order=False, select=blocks
+        ),
+        True,
+    )
+    run(
+        "int4 g64 GPTQ, block-parallel (not true-sequential)",
+        nnslim.Quantize(
+            scheme="int4", group_size=64, method="gptq", true_sequential=False, select=blocks
+        ),
+        True,
+    )
+    run(
+        "int4 g64 GPTQ, integer zero points",
+        nnslim.Quantize(
+            scheme="int4", group_size=64, method="gptq", zero_point="integer", select=blocks
+        ),
+        True,
+    )
+    run(
+        "int4 g64 AWQ (smooth='auto') + RTN",
+        nnslim.Quantize(scheme="int4", group_size=64, smooth="auto", select=blocks),
+        True,
+    )
+    run(
+        "int4 g64 AWQ (smooth='auto') + GPTQ",
+        nnslim.Quantize(scheme="int4", group_size=64, method="gptq", smooth="auto", select=blocks),
+        True,
+    )
+    run(
         "50% unstructured magnitude",
         nnslim.Prune(ratio=0.5, structure="unstructured", select=blocks),
         False,
