@@ -192,6 +192,11 @@ def main() -> None:
         False,
     )
     run("Factorize 80% params, activation-aware", nnslim.Factorize(ratio=0.8, select=blocks), True)
+    run(
+        "Factorize 80% params, activation-aware + refit",
+        nnslim.Factorize(ratio=0.8, select=blocks, refit=True),
+        True,
+    )
     fp = rows[0]["perplexity"]
     print_table(
         ["variant", "perplexity", "vs fp32", "weight bytes", "sparsity"],

@@ -9,6 +9,7 @@ are left as they were.
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,6 +57,9 @@ def _reduce(stats: dict[str, LayerStats]) -> None:
         st.rows = int(rows.item())
         if "amax" in st.extra:
             dist.all_reduce(st.extra["amax"], op=dist.ReduceOp.MAX)
+        for name in ("cross", "ref_gram"):
+            if isinstance(st.extra.get(name), torch.Tensor):
+                dist.all_reduce(st.extra[name])
         if "abs_sum" in st.extra and isinstance(st.extra["abs_sum"], torch.Tensor):
             dist.all_reduce(st.extra["abs_sum"])
         if "rows" in st.extra:  # a row sample: everyone uses rank 0's
@@ -213,6 +217,7 @@ def run_sequential(
     gram: bool = False,
     rows: int = 0,
     true_sequential: bool = False,
+    reference: bool = False,
 ) -> None:
     """Calibrate ``layers`` block by block, calling ``process(paths, stats)`` after each block.
 
@@ -235,6 +240,13 @@ def run_sequential(
         norms, gram: statistics to gather (see :func:`collect`).
         rows: keep up to this many input rows per layer in ``stats.extra["rows"]``.
         true_sequential: inside a block, layer group after layer group.
+        reference: also run an unprocessed copy of each block on the unprocessed model's
+            inputs (a second stream beside the processed one) and give each layer
+            ``stats.extra["cross"] = X^T X_ref``, its inputs against the inputs it had in the
+            original model, for the same tokens (a refit toward the original outputs), and
+            ``stats.extra["ref_gram"] = X_ref^T X_ref``. Where
+            the unprocessed inputs are not at hand (a block the previous one does not feed),
+            ``X_ref`` is the processed stream's own.
     """
     named = dict(model.named_modules())
     order = {p: i for i, p in enumerate(named)}
@@ -244,6 +256,7 @@ def run_sequential(
         groups.setdefault(b if b is not None else p, []).append(p)
     keys = list(groups)
     cached: list[tuple[tuple[Any, ...], dict[str, Any]]] | None = None
+    ref_cached: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
     with preserved_state(model):
         for gi, key in enumerate(keys):
             paths = groups[key]
@@ -263,6 +276,20 @@ def run_sequential(
                             h.remove()
                     _reduce(stats)
                     process(part, stats)
+            elif reference and block is not None:
+                if cached is None:
+                    cached = inputs_of(model, batches=batches, module=block)
+                    ref_cached = cached  # the streams part from here on
+                stats = {p: LayerStats() for p in paths}
+                dense = copy.deepcopy(block)
+                _cross_stats(
+                    block, dense, paths, named, stats, cached, ref_cached, norms, gram, rows
+                )
+                _reduce(stats)
+                process(paths, stats)
+                with torch.no_grad():
+                    ref_cached = [_advanced(dense, a, k) for a, k in ref_cached]
+                del dense
             else:
                 stats = {p: LayerStats() for p in paths}
                 handles = [_stat_hook(named[p], stats[p], norms, gram, rows) for p in paths]
@@ -299,6 +326,62 @@ def run_sequential(
                 cached = outs
             else:
                 cached = None
+
+
+def _advanced(
+    block: nn.Module, a: tuple[Any, ...], k: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The next block's cached input: ``block``'s output in place of its first argument."""
+    out = block(*a, **k)
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    return _replace_first(a, out), k
+
+
+def _cross_stats(
+    block: nn.Module,
+    dense: nn.Module,
+    paths: list[str],
+    named: dict[str, nn.Module],
+    stats: dict[str, LayerStats],
+    cached: list[tuple[tuple[Any, ...], dict[str, Any]]],
+    ref_cached: list[tuple[tuple[Any, ...], dict[str, Any]]],
+    norms: bool,
+    gram: bool,
+    rows: int,
+) -> None:
+    """The block's statistics on the processed stream, plus ``extra["cross"]`` per layer:
+    its processed-stream inputs against its unprocessed copy's inputs, batch by batch."""
+    prefix = next(p for p, m in named.items() if m is block) + "."
+    seen: dict[str, list[torch.Tensor]] = {p: [] for p in paths}
+    ref: dict[str, list[torch.Tensor]] = {p: [] for p in paths}
+
+    def tap(store: list[torch.Tensor], m: nn.Module) -> Any:
+        def hook(_m: nn.Module, args: tuple[Any, ...], _out: Any) -> None:
+            if args and isinstance(args[0], torch.Tensor):
+                store.append(_rows(m, args[0].detach()).float())
+
+        return m.register_forward_hook(hook)
+
+    handles = [_stat_hook(named[p], stats[p], norms, gram, rows) for p in paths]
+    handles += [tap(seen[p], named[p]) for p in paths]
+    handles += [tap(ref[p], dense.get_submodule(p[len(prefix) :])) for p in paths]
+    try:
+        with torch.no_grad():
+            for (a, k), (ra, rk) in zip(cached, ref_cached, strict=True):
+                block(*a, **k)
+                dense(*ra, **rk)
+                for p in paths:
+                    x, xr = seen[p], ref[p]
+                    if x and len(x) == len(xr):
+                        xs, xrs = torch.cat(x), torch.cat(xr)
+                        for name, t in (("cross", xs.t() @ xrs), ("ref_gram", xrs.t() @ xrs)):
+                            prev = stats[p].extra.get(name)
+                            stats[p].extra[name] = t if prev is None else prev + t
+                    x.clear()
+                    xr.clear()
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _by_shared_input(

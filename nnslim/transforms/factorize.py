@@ -97,6 +97,11 @@ class Factorize(Transform):
         conv: ``"tucker"`` or ``"spatial"`` for Conv2d layers.
         activation_aware: whiten with calibration statistics (default: whenever calibration
             data is given).
+        refit: activation-aware only: after truncation, refit each layer's second factor in
+            closed form (least squares) so that, on the inputs it now gets from the layers
+            already factorized, it reproduces the original model's output for the same
+            tokens (SVD-LLM's second stage, as an exact solve: an unfactorized copy of each
+            block runs beside it).
         select: layers to factorize (default every Linear/Conv1D/Conv2d); a mapping gives
             per-layer ranks.
         exclude: layers to leave alone.
@@ -127,6 +132,7 @@ class Factorize(Transform):
     macs: float | None = None
     conv: ConvKind = "tucker"
     activation_aware: bool | None = None
+    refit: bool = False
     select: Any = None
     exclude: Any = None
 
@@ -155,6 +161,12 @@ class Factorize(Transform):
         check_choice("Factorize", "conv", self.conv, CONV_KINDS)
         if self.activation_aware is not None:
             check_type("Factorize", "activation_aware", self.activation_aware, bool)
+        check_type("Factorize", "refit", self.refit, bool)
+        if self.refit and self.activation_aware is False:
+            raise ValueError(
+                "Factorize(refit=True) fits on calibration activations; do not also give "
+                "activation_aware=False."
+            )
         if sel is not None:
             for key, v in sel:
                 if v is not None:
@@ -278,10 +290,17 @@ class Factorize(Transform):
                         stats[p].gram,
                         now.get(p),
                         named[p],
+                        stats[p].extra.get("cross"),
+                        stats[p].extra.get("ref_gram"),
                     )
 
             run_sequential(
-                model, ctx.calibration, {p: named[p] for p in linears}, process, gram=True
+                model,
+                ctx.calibration,
+                {p: named[p] for p in linears},
+                process,
+                gram=True,
+                reference=self.refit,
             )
         else:
             for p, m in linears.items():
@@ -429,9 +448,12 @@ class Factorize(Transform):
         gram: torch.Tensor | None,
         now: tuple[int, ...] | None = None,
         original: nn.Module | None = None,
+        cross: torch.Tensor | None = None,
+        ref_gram: torch.Tensor | None = None,
     ) -> None:
         """Factorize ``m`` (at ``p``); ``now``: ``m`` stands in for a layer already factorized
-        at that rank (``original``), which only a lower rank replaces."""
+        at that rank (``original``), which only a lower rank replaces. ``cross``: ``X^T X_ref``
+        (with ``gram`` = ``X^T X``) to refit the second factor toward the original output."""
         w = _weight(m)
         out, inp = w.shape
         if isinstance(fixed, float) and fixed >= 1.0:
@@ -450,6 +472,10 @@ class Factorize(Transform):
             )
             return
         first, second = svd_factors(w, r, gram)
+        refit = {}
+        if cross is not None and ref_gram is not None and gram is not None and self.refit:
+            second, before, after = refit_second(w, first, second, gram, cross, ref_gram)
+            refit = {"output_error_truncated": round(before, 4), "output_error": round(after, 4)}
         new = FactorizedLinear(inp, out, r, bias=m.bias is not None).to(m.weight.device)
         with torch.no_grad():
             new.first.weight.copy_(first)
@@ -470,6 +496,7 @@ class Factorize(Transform):
             params_kept=round(kept, 4),
             weight_error=round(err, 4),
             whitened=gram is not None,
+            **refit,
         )
         replace_module(model, p, new)
 
@@ -677,6 +704,40 @@ def svd_factors(
         first = first @ s_inv.double()
     second = u[:, :rank] * sq[None, :]
     return first.float(), second.float()
+
+
+def refit_second(
+    w: torch.Tensor,
+    first: torch.Tensor,
+    second: torch.Tensor,
+    gram: torch.Tensor,
+    cross: torch.Tensor,
+    ref_gram: torch.Tensor,
+) -> tuple[torch.Tensor, float, float]:
+    """The second factor ``B`` minimising ``||X A^T B^T - X_ref W^T||`` for the first factor
+    ``A``, given ``gram = X^T X``, ``cross = X^T X_ref`` and ``ref_gram = X_ref^T X_ref``:
+    ``B = W C^T A^T (A G A^T)^-1``.
+
+    Returns ``(B, before, after)``: the relative output error on the calibration tokens
+    (against the original output ``X_ref W^T``) with the truncated and the refit factor. The
+    refit is the least-squares optimum, so ``after <= before`` up to rounding; where it is not,
+    ``B`` is the truncated factor.
+    """
+    a, g, c, wd = first.double(), gram.double(), cross.double(), w.double()
+    m = a @ g @ a.t()
+    m.diagonal().add_(1e-8 * m.diagonal().mean().clamp_min(1e-30))
+    rhs = a @ c @ wd.t()  # (rank, out)
+    b = torch.linalg.solve(m, rhs).t()
+    energy = (wd @ ref_gram.double() * wd).sum().clamp_min(1e-30)
+
+    def rel(bb: torch.Tensor) -> float:
+        e = (bb @ m * bb).sum() - 2 * (bb * rhs.t()).sum() + energy
+        return float((e.clamp_min(0) / energy).sqrt())
+
+    before, after = rel(second.double()), rel(b)
+    if not after <= before:
+        return second, before, before
+    return b.float(), before, after
 
 
 def tucker2(

@@ -382,3 +382,71 @@ def test_a_factorized_layer_with_quantized_factors_is_left_alone():
         (s.path, s.reason) for s in report.skips
     ]
     assert model[2].rank == 4
+
+
+@given(seed=st.integers(0, 1000), rank=st.integers(2, 12))
+def test_refit_is_the_least_squares_second_factor(seed, rank):
+    """``B`` minimising ``||X A^T B^T - X_ref W^T||`` from the Gram statistics alone equals the
+    direct least-squares solve, and never raises the calibration error."""
+    from nnslim.transforms.factorize import refit_second
+
+    g = torch.Generator().manual_seed(seed)
+    x_ref = torch.randn(400, 24, generator=g, dtype=torch.float64)
+    x = x_ref + 0.3 * torch.randn(400, 24, generator=g, dtype=torch.float64)  # drifted inputs
+    w = torch.randn(16, 24, generator=g, dtype=torch.float64)
+    gram = x.t() @ x
+    first, second = svd_factors(w.float(), rank, gram.float())
+    b, before, after = refit_second(w, first, second, gram, x.t() @ x_ref, x_ref.t() @ x_ref)
+    z = x @ first.double().t()
+    direct = torch.linalg.lstsq(z, x_ref @ w.t()).solution.t()
+    torch.testing.assert_close(b.double(), direct, rtol=1e-3, atol=1e-4)
+    target = x_ref @ w.t()
+
+    def rel(bb):
+        return float((z @ bb.double().t() - target).norm() / target.norm())
+
+    assert before == pytest.approx(rel(second), rel=1e-4, abs=1e-6)
+    assert after == pytest.approx(rel(b), rel=1e-4, abs=1e-6)
+    assert after <= before + 1e-9
+
+
+def test_reference_stream_statistics_and_refit_on_a_llama():
+    transformers = pytest.importorskip("transformers")
+    from nnslim.base.inputs import as_inputs
+    from nnslim.core.calibrate import run_sequential
+    from tests.zoo import llama_config
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(llama_config()).eval()
+    g = torch.Generator().manual_seed(0)
+    calib = [{"input_ids": torch.randint(0, 300, (4, 16), generator=g)} for _ in range(8)]
+    named = dict(model.named_modules())
+    layers = {
+        p: m for p, m in named.items() if p.startswith("model.layers.") and isinstance(m, nn.Linear)
+    }
+    seen = {}
+
+    def process(paths, stats):
+        for p in paths:
+            seen[p] = (stats[p].gram, stats[p].extra["cross"], stats[p].extra["ref_gram"])
+            with torch.no_grad():
+                named[p].weight.mul_(0.5)  # "compressed": the next block's inputs drift
+
+    run_sequential(model, [as_inputs(b) for b in calib], layers, process, gram=True, reference=True)
+    g0, c0, r0 = seen["model.layers.0.mlp.up_proj"]
+    torch.testing.assert_close(c0, g0)  # block 0: both streams are the original inputs
+    torch.testing.assert_close(r0, g0)
+    g1, c1, r1 = seen["model.layers.1.mlp.up_proj"]
+    assert not torch.allclose(c1, g1) and not torch.allclose(r1, g1)
+    # the transform: every refit layer's calibration error at most the truncated one's
+    model = transformers.LlamaForCausalLM(llama_config()).eval()
+    report = nnslim.Factorize(ratio=0.5, select="re:model\\.layers\\..*", refit=True).apply(
+        model, calibration=calib
+    )
+    rows = [c.details for c in report.changes]
+    assert rows and all(d["output_error"] <= d["output_error_truncated"] + 1e-9 for d in rows)
+    assert any(d["output_error"] < d["output_error_truncated"] - 1e-3 for d in rows)
+    t = nnslim.Factorize(ratio=0.5, refit=True)
+    assert nnslim.Transform.from_json(t.to_json()) == t
+    with pytest.raises(ValueError, match="refit=True"):
+        nnslim.Factorize(ratio=0.5, refit=True, activation_aware=False)
