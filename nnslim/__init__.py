@@ -34,6 +34,7 @@ from .train import (
     compress,
 )
 from .transforms.allocation import OWL
+from .transforms.auto import Auto
 from .transforms.factorize import Factorize
 from .transforms.importance import Importance
 from .transforms.prune import Prune
@@ -42,6 +43,7 @@ from .transforms.share import ShareWeights
 
 __all__ = [
     "OWL",
+    "Auto",
     "Compose",
     "CompressionResult",
     "Context",

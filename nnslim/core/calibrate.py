@@ -57,7 +57,7 @@ def _reduce(stats: dict[str, LayerStats]) -> None:
         st.rows = int(rows.item())
         if "amax" in st.extra:
             dist.all_reduce(st.extra["amax"], op=dist.ReduceOp.MAX)
-        for name in ("cross", "ref_gram"):
+        for name in ("cross", "ref_gram", "out_grad_sq"):
             if isinstance(st.extra.get(name), torch.Tensor):
                 dist.all_reduce(st.extra[name])
         if "abs_sum" in st.extra and isinstance(st.extra["abs_sum"], torch.Tensor):
@@ -140,6 +140,7 @@ def collect(
     norms: bool = False,
     gram: bool = False,
     grads: bool = False,
+    out_grads: bool = False,
 ) -> dict[str, LayerStats]:
     """Run the calibration batches and gather statistics for ``layers`` (path -> module).
 
@@ -151,6 +152,9 @@ def collect(
         gram: ``X^T X`` (GPTQ, activation-aware factorization); for a convolution over its
             input channels, summed over every position.
         grads: weight gradients of :func:`calibration_loss` (Taylor).
+        out_grads: per output channel, the sum over rows of the squared gradient of
+            :func:`calibration_loss` with respect to the layer's output, in
+            ``stats.extra["out_grad_sq"]`` (the output factor of a K-FAC Fisher).
     """
     stats = {p: LayerStats() for p in layers}
     handles = (
@@ -158,19 +162,30 @@ def collect(
         if norms or gram
         else []
     )
+    if out_grads:
+        handles += [_out_grad_hook(m, stats[path]) for path, m in layers.items()]
     saved_grads = {id(p): p.grad for p in model.parameters()}
     try:
         with preserved_state(model):
             for i, batch in enumerate(batches):
-                if grads:
+                if grads or out_grads:
                     with torch.enable_grad():
                         for p in model.parameters():
                             p.grad = None
                         loss = calibration_loss(call_batch(model, batch, i), batch.targets)
+                        # the weights' gradients (the outputs' hooks fire on the way to them)
                         watched = [
                             (p, m.weight) for p, m in layers.items() if m.weight.requires_grad
                         ]
+                        if not watched:
+                            raise ValueError(
+                                "calibration: the gradients it needs flow to no layer (every "
+                                "watched layer's weight has requires_grad=False); unfreeze "
+                                "them for the measurement."
+                            )
                         gs = torch.autograd.grad(loss, [w for _, w in watched], allow_unused=True)
+                    if not grads:
+                        continue
                     for (path, _), g in zip(watched, gs):
                         if g is not None:
                             st = stats[path]
@@ -185,6 +200,31 @@ def collect(
             p.grad = saved_grads.get(id(p))
     _reduce(stats)
     return stats
+
+
+def _out_grad_hook(m: nn.Module, st: LayerStats) -> Any:
+    """Accumulate ``sum over rows of (dL/dy)^2`` per output channel of ``m`` in
+    ``st.extra["out_grad_sq"]`` (rows: tokens, or positions of a convolution)."""
+
+    def hook(_mod: nn.Module, _args: Any, out: Any) -> None:
+        y = first_tensor(out)
+        if not isinstance(y, torch.Tensor) or not y.requires_grad:
+            return
+
+        def grad_hook(g: torch.Tensor) -> None:
+            g = g.detach().float()
+            rows = (
+                g.transpose(0, 1).reshape(g.shape[1], -1).t()
+                if g.dim() == 4
+                else g.reshape(-1, g.shape[-1])
+            )
+            sq = rows.pow(2).sum(0)
+            prev = st.extra.get("out_grad_sq")
+            st.extra["out_grad_sq"] = sq if prev is None else prev + sq
+
+        y.register_hook(grad_hook)
+
+    return m.register_forward_hook(hook)
 
 
 # -- block-sequential calibration -------------------------------------------------------------
