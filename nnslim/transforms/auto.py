@@ -242,26 +242,49 @@ def _allocate(
     options: dict[str, list[tuple[str, float, float]]], budget: float, buckets: int = 4096
 ) -> dict[str, int]:
     """One option index per layer with the least total loss whose bytes fit ``budget``: the
-    multiple-choice knapsack solved exactly by dynamic programming over the budget cut into
-    ``buckets`` (each option's bytes rounded up to whole buckets, so the plan always fits),
-    then the bytes the rounding left spent greedily on the upgrades that remove the most loss
-    per byte."""
+    multiple-choice knapsack solved by dynamic programming over the budget cut into
+    ``buckets``, twice (each option's bytes rounded up, which always fits, and rounded to
+    the nearest, then corrected with greedy downgrades where the exact bytes overshoot); each
+    then spends what the rounding left on the upgrades that remove the most loss per byte, and
+    the better plan is kept."""
+    plans = []
+    for rounding in ("up", "nearest"):
+        plan = _knapsack(options, budget, buckets, rounding)
+        if plan is not None:
+            plans.append(_fit(options, budget, plan))
+    plans = [p for p in plans if p is not None]
+    if not plans:
+        raise ValueError("Auto: no combination of the candidates fits the budget.")
+    return min(plans, key=lambda c: sum(options[p][i][2] for p, i in c.items()))
+
+
+def _knapsack(
+    options: dict[str, list[tuple[str, float, float]]],
+    budget: float,
+    buckets: int,
+    rounding: str,
+) -> dict[str, int] | None:
+    import math
+
     import numpy as np
 
-    paths = list(options)
     unit = budget / buckets if budget > 0 else 1.0
-    inf = float("inf")
-    best = np.full(buckets + 1, inf)
+
+    def steps(size: float) -> int:
+        return math.ceil(size / unit - 1e-9) if rounding == "up" else round(size / unit)
+
+    paths = list(options)
+    best = np.full(buckets + 1, np.inf)
     best[0] = 0.0
     picks = []
     for p in paths:
-        new = np.full(buckets + 1, inf)
+        new = np.full(buckets + 1, np.inf)
         arg = np.full(buckets + 1, -1, dtype=np.int64)
         for j, (_, size, loss) in enumerate(options[p]):
-            k = int(np.ceil(size / unit - 1e-9))
+            k = steps(size)
             if k > buckets:
                 continue
-            cand = np.full(buckets + 1, inf)
+            cand = np.full(buckets + 1, np.inf)
             cand[k:] = best[: buckets + 1 - k] + loss
             better = cand < new
             new[better] = cand[better]
@@ -270,20 +293,43 @@ def _allocate(
         picks.append(arg)
     end = int(np.argmin(best))
     if not np.isfinite(best[end]):
-        raise ValueError("Auto: no combination of the candidates fits the budget.")
+        return None
     choice: dict[str, int] = {}
     for p, arg in zip(reversed(paths), reversed(picks), strict=True):
         j = int(arg[end])
         choice[p] = j
-        end -= int(np.ceil(options[p][j][1] / unit - 1e-9))
+        end -= steps(options[p][j][1])
+    return choice
+
+
+def _fit(
+    options: dict[str, list[tuple[str, float, float]]], budget: float, choice: dict[str, int]
+) -> dict[str, int] | None:
+    """``choice`` made to fit the exact budget (downgrades costing the least loss per byte
+    saved) and then to use what is left (upgrades removing the most loss per byte)."""
+    choice = dict(choice)
     left = budget - sum(options[p][i][1] for p, i in choice.items())
-    while True:  # the rounding's leftover: the best loss-per-byte upgrade that still fits
+    while left < 0:
+        found = None
+        for p, i in choice.items():
+            for j, (_, b, loss) in enumerate(options[p]):
+                saved = options[p][i][1] - b
+                if saved > 0:
+                    rate = (loss - options[p][i][2]) / saved
+                    if found is None or rate < found[0]:
+                        found = (rate, p, j, saved)
+        if found is None:
+            return None
+        _, p, j, saved = found
+        choice[p] = j
+        left += saved
+    while True:
         found = None
         for p, i in choice.items():
             for j, (_, b, loss) in enumerate(options[p]):
                 extra = b - options[p][i][1]
                 gain = options[p][i][2] - loss
-                if gain > 0 and extra <= left and (extra > 0 or gain > 0):
+                if gain > 0 and extra <= left:
                     rate = gain / max(extra, 1e-12)
                     if found is None or rate > found[0]:
                         found = (rate, p, j, extra)

@@ -1,0 +1,127 @@
+"""Issue 20: nnslim.Auto against uniform int4 at the same bytes, SmolLM2-135M perplexity.
+
+Budgets: the bytes of uniform int4 g64 on the transformer blocks (the embeddings and the
+tied head stay float), and 0.5x / 0.35x the bytes of the int8 model. Rows: uniform RTN,
+uniform GPTQ, Auto with RTN and with GPTQ (candidates int8, int4 g64, int4 g32; 576 and
+1536 are not multiples of 128, so g128 is g64 here). Perplexity with ``nnslim.evaluate`` on
+the same windows as ``real_llm.py``; each row names its measured bytes and the time the
+search took.
+
+    python benchmarks/auto.py            # 32 eval windows, 16 calibration windows
+    python benchmarks/auto.py --quick    # 2 and 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+import warnings
+
+import torch
+from _common import print_table, write_json
+from real_llm import smollm2_windows
+
+import nnslim
+from nnslim.evaluate import perplexity
+
+BLOCKS = "re:model\\.layers\\..*"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    warnings.simplefilter("ignore")
+    torch.manual_seed(0)
+    base, evals, calib = smollm2_windows(*((2, 2) if args.quick else (32, 16)))
+    example = calib[0]
+    full = nnslim.profile(base, example, memory=False).param_bytes
+    rows = []
+
+    def run(name: str, transform: nnslim.Transform | None, budget: str) -> float:
+        m = copy.deepcopy(base)
+        t0 = time.perf_counter()
+        if transform is not None:
+            report = transform.apply(m, calibration=calib)
+            notes = [n for n in report.notes if n.startswith("Auto:")]
+        else:
+            notes = []
+        seconds = time.perf_counter() - t0
+        result = perplexity(m, evals)
+        size = nnslim.profile(m, example, memory=False).param_bytes
+        rows.append(
+            {
+                "budget": budget,
+                "variant": name,
+                "perplexity": result.value,
+                "bytes_fraction": size / full,
+                "seconds": seconds,
+                "plan": notes[0] if notes else "",
+            }
+        )
+        print(f"  {budget} {name}: {result} bytes {size / full:.4f} ({seconds:.0f} s)", flush=True)
+        return size / full
+
+    run("fp32", None, "-")
+    int4 = run(
+        "uniform int4 g64 RTN",
+        nnslim.Quantize(scheme="int4", group_size=64, select=BLOCKS),
+        "int4 g64",
+    )
+    run(
+        "uniform int4 g64 GPTQ",
+        nnslim.Quantize(scheme="int4", group_size=64, method="gptq", select=BLOCKS),
+        "int4 g64",
+    )
+    cands = ("int8", "int4-g64", "int4-g32")
+    for method in ("rtn", "gptq"):
+        run(
+            f"Auto ({method})",
+            nnslim.Auto(target={"bytes": int4}, candidates=cands, method=method, select=BLOCKS),
+            "int4 g64",
+        )
+    int8 = nnslim.Quantize(scheme="int8", select=BLOCKS)
+    m = copy.deepcopy(base)
+    int8.apply(m, calibration=calib[:1])
+    blocks_int8 = nnslim.profile(m, example, memory=False).param_bytes / full
+    del m
+    for mult in (0.5, 0.35):
+        # the whole model at this fraction of the int8 model's bytes (Auto says so where
+        # even every block layer at int4 g64 does not reach it: the float embeddings)
+        target = mult * blocks_int8
+        for method in ("rtn", "gptq"):
+            try:
+                run(
+                    f"Auto ({method})",
+                    nnslim.Auto(
+                        target={"bytes": target}, candidates=cands, method=method, select=BLOCKS
+                    ),
+                    f"{mult}x int8",
+                )
+            except ValueError as e:
+                print(f"  {mult}x int8 Auto ({method}): {e}")
+    fp = rows[0]["perplexity"]
+    print_table(
+        ["budget", "variant", "perplexity", "vs fp32", "bytes", "search+apply s"],
+        [
+            [
+                r["budget"],
+                r["variant"],
+                f"{r['perplexity']:.3f}",
+                f"{r['perplexity'] / fp - 1:+.1%}",
+                f"{r['bytes_fraction']:.4f}",
+                f"{r['seconds']:.0f}",
+            ]
+            for r in rows
+        ],
+        title=f"SmolLM2-135M-Instruct, {evals.describe()} (Wikipedia), Auto vs uniform",
+    )
+    name = "auto" + ("-quick" if args.quick else "")
+    print(
+        f"wrote {write_json(name, {'rows': rows, 'windows': len(evals), 'length': evals.length})}"
+    )
+
+
+if __name__ == "__main__":
+    main()
