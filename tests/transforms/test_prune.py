@@ -137,7 +137,7 @@ def test_residual_and_concat_model():
         ({"macs": 0.0}, r"expected a number in \(0.0, 1.0\]"),
         (
             {"ratio": 0.2, "importance": "l3"},
-            "unknown value 'l3'; supported: 'l1', 'l2', 'taylor', 'wanda', 'random'",
+            "unknown value 'l3'; supported: 'l1', 'l2', 'taylor', 'wanda', 'sparsegpt', 'random'",
         ),
         ({"ratio": 0.2, "select": {"fc1": 2.0}}, r"select\['fc1'\]"),
     ],
