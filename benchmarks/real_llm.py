@@ -78,10 +78,14 @@ def main() -> None:
     blocks = "re:model\\.layers\\..*"
     rows = []
 
-    def run(name: str, transform: nnslim.Transform | None, data: bool) -> None:
+    def run(
+        name: str, transform: nnslim.Transform | None, data: bool, extended: bool = False
+    ) -> None:
         wanted = None if args.only is None else args.only.split(",")
         if wanted is not None and transform is not None and not any(w in name for w in wanted):
             return
+        if extended and args.quick and wanted is None:
+            return  # the variants of a method: full runs (or --only) measure them
         m = copy.deepcopy(base)
         t0 = time.perf_counter()
         if transform is not None:
@@ -122,6 +126,7 @@ def main() -> None:
             scheme="int4", group_size=64, method="gptq", act_order=False, select=blocks
         ),
         True,
+        extended=True,
     )
     run(
         "int4 g64 GPTQ, block-parallel (not true-sequential)",
@@ -129,6 +134,7 @@ def main() -> None:
             scheme="int4", group_size=64, method="gptq", true_sequential=False, select=blocks
         ),
         True,
+        extended=True,
     )
     run(
         "int4 g64 GPTQ, integer zero points",
@@ -136,16 +142,19 @@ def main() -> None:
             scheme="int4", group_size=64, method="gptq", zero_point="integer", select=blocks
         ),
         True,
+        extended=True,
     )
     run(
         "int4 g64 AWQ (smooth='auto') + RTN",
         nnslim.Quantize(scheme="int4", group_size=64, smooth="auto", select=blocks),
         True,
+        extended=True,
     )
     run(
         "int4 g64 AWQ (smooth='auto') + GPTQ",
         nnslim.Quantize(scheme="int4", group_size=64, method="gptq", smooth="auto", select=blocks),
         True,
+        extended=True,
     )
     run(
         "50% unstructured magnitude",
@@ -167,6 +176,7 @@ def main() -> None:
             select=blocks,
         ),
         True,
+        extended=True,
     )
     run(
         "50% unstructured SparseGPT",
@@ -183,6 +193,7 @@ def main() -> None:
             select=blocks,
         ),
         True,
+        extended=True,
     )
     run("2:4 Wanda", nnslim.Prune(structure="2:4", importance="wanda", select=blocks), True)
     run("2:4 SparseGPT", nnslim.Prune(structure="2:4", importance="sparsegpt", select=blocks), True)
@@ -196,6 +207,7 @@ def main() -> None:
         "Factorize 80% params, activation-aware + refit",
         nnslim.Factorize(ratio=0.8, select=blocks, refit=True),
         True,
+        extended=True,
     )
     fp = rows[0]["perplexity"]
     print_table(
