@@ -113,10 +113,15 @@ def _rows(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def calibration_loss(output: Any, targets: tuple[Any, ...]) -> torch.Tensor:
     """The loss Taylor importance differentiates.
 
-    Cross-entropy against the labels when the batch carried integer labels shaped like the
-    output's leading dims; otherwise cross-entropy against the model's own predictions
-    (self-labelling), or the mean square of a non-logit output.
+    The model's own loss when its output carries one (a Hugging Face model given ``labels``:
+    for a causal LM, the next-token loss); cross-entropy against the labels when the batch
+    carried integer labels shaped like the output's leading dims; otherwise cross-entropy
+    against the model's own predictions (self-labelling), or the mean square of a non-logit
+    output.
     """
+    own = getattr(output, "loss", None)
+    if isinstance(own, torch.Tensor) and own.dim() == 0:
+        return own.float()
     out = first_tensor(output)
     if out is None:
         raise ValueError("the model output holds no tensor to compute a calibration loss from")

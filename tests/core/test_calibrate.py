@@ -103,3 +103,19 @@ def test_true_sequential_calibrates_each_group_on_the_groups_processed_before(tr
     else:
         assert len(calls) == 2 and len(calls[0]) == 7
         assert float(o_gram.abs().max()) > 0.0
+
+
+def test_the_calibration_loss_is_the_models_own_loss_when_it_has_one():
+    """A Hugging Face model given labels reports its loss (for a causal LM, the next-token
+    loss): that is what gradient-based estimates differentiate, not a loss of the logits."""
+    from nnslim.core.calibrate import calibration_loss
+
+    model = _llama()
+    ids = torch.randint(0, 300, (2, 16))
+    with torch.no_grad():
+        out = model(input_ids=ids, labels=ids)
+        plain = model(input_ids=ids)
+    assert torch.equal(calibration_loss(out, ()), out.loss.float())
+    own = plain.logits.reshape(-1, plain.logits.shape[-1])
+    expected = torch.nn.functional.cross_entropy(own, own.argmax(-1))
+    torch.testing.assert_close(calibration_loss(plain, ()), expected)
