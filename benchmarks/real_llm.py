@@ -182,6 +182,7 @@ def main() -> None:
         "50% unstructured SparseGPT",
         nnslim.Prune(ratio=0.5, structure="unstructured", importance="sparsegpt", select=blocks),
         True,
+        extended=True,
     )
     run(
         "50% unstructured SparseGPT + OWL",
@@ -196,7 +197,12 @@ def main() -> None:
         extended=True,
     )
     run("2:4 Wanda", nnslim.Prune(structure="2:4", importance="wanda", select=blocks), True)
-    run("2:4 SparseGPT", nnslim.Prune(structure="2:4", importance="sparsegpt", select=blocks), True)
+    run(
+        "2:4 SparseGPT",
+        nnslim.Prune(structure="2:4", importance="sparsegpt", select=blocks),
+        True,
+        extended=True,
+    )
     run(
         "Factorize 80% params, plain",
         nnslim.Factorize(ratio=0.8, select=blocks, activation_aware=False),
