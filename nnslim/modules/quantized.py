@@ -44,12 +44,14 @@ from .kernels import (
 )
 
 __all__ = [
+    "GROUP_SIZES",
     "ZERO_POINTS",
     "Int4Linear",
     "Int8Conv2d",
     "Int8DynamicLinear",
     "Int8Linear",
     "int4_grid",
+    "int4_group_size",
     "pack_int4",
     "quantize_groupwise",
     "quantize_per_channel",
@@ -128,6 +130,22 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
 def padded_width(width: int, group_size: int) -> int:
     """``width`` rounded up to a multiple of ``group_size`` (how wide an int4 layer is stored)."""
     return -(-width // group_size) * group_size
+
+
+#: the int4 group sizes (inputs per group) nnslim quantizes with
+GROUP_SIZES = (32, 64, 128)
+
+
+def int4_group_size(width: int, wanted: int) -> int:
+    """The group size an int4 layer ``width`` inputs wide gets when ``wanted`` is asked for.
+
+    The largest of the allowed sizes up to ``wanted`` that divides ``width``; where none does,
+    the one that needs the fewest zero columns of padding (the largest among equals).
+    """
+    sizes = [g for g in GROUP_SIZES if g <= wanted]
+    padded = {g: padded_width(width, g) for g in sizes}
+    least = min(padded.values())
+    return max(g for g in sizes if padded[g] == least)
 
 
 def _pad_columns(w: torch.Tensor, width: int) -> torch.Tensor:

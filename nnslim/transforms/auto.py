@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, final
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..base.modules import is_linear, linear_weight, unreplaceable
@@ -37,8 +38,13 @@ from ..core.calibrate import collect
 from ..core.report import Report
 from ..core.target import Target
 from ..core.transform import Compose, Context, Transform
-from ..modules.quantized import int4_grid, padded_width, quantize_per_channel
-from .quantize import METHODS, Quantize, _lm_heads, int4_group_size
+from ..modules.quantized import (
+    int4_group_size,
+    padded_width,
+    quantize_groupwise,
+    quantize_per_channel,
+)
+from .quantize import METHODS, Quantize, _lm_heads
 
 __all__ = ["CANDIDATES", "Auto"]
 
@@ -222,10 +228,9 @@ def _rounded(w: torch.Tensor, scheme: str, gs: int, zero_point: str) -> torch.Te
         return q.float() * s[:, None]
     out, inp = w.shape
     width = padded_width(inp, gs)
-    g = torch.nn.functional.pad(w, (0, width - inp)).reshape(out, -1, gs)
-    scale, mn = int4_grid(g.amin(-1), g.amax(-1), zero_point)
-    q = torch.round((g - mn[..., None]) / scale[..., None]).clamp(0, 15)
-    return (q * scale[..., None] + mn[..., None]).reshape(out, width)[:, :inp]
+    q, scale, mn = quantize_groupwise(F.pad(w, (0, width - inp)), gs, zero_point=zero_point)
+    dq = q.reshape(out, -1, gs) * scale[..., None] + mn[..., None]
+    return dq.reshape(out, width)[:, :inp]
 
 
 def _bytes(w: torch.Tensor, scheme: str, gs: int, zero_point: str) -> float:

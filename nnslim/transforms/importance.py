@@ -28,6 +28,7 @@ from torch import nn
 from ..base.config import Config
 from ..base.modules import is_hf_conv1d
 from ..base.validate import check_choice, check_fraction, check_int
+from ..modules.quantized import GROUP_SIZES
 
 __all__ = [
     "IMPORTANCE_NAMES",
@@ -178,7 +179,7 @@ class SparseGPT(Wanda):
         if not isinstance(self.true_sequential, bool):
             raise TypeError("SparseGPT(true_sequential=...): expected a bool.")
         if self.int4_group_size is not None:
-            check_choice("SparseGPT", "int4_group_size", self.int4_group_size, (32, 64, 128))
+            check_choice("SparseGPT", "int4_group_size", self.int4_group_size, GROUP_SIZES)
 
 
 IMPORTANCE_NAMES = ("l1", "l2", "taylor", "wanda", "sparsegpt", "random")

@@ -37,7 +37,7 @@ from ..graph.trace import MAX_GROUP as MAX_GROUP_DEFAULT
 from ..graph.trace import TIME_LIMIT_S, Graph, root_types, trace
 from ..modules.masks import MASK_NAME
 from ..modules.mha import back_to_torch, to_head_prunable
-from ..modules.quantized import Int4Linear
+from ..modules.quantized import Int4Linear, int4_group_size
 from .allocation import OWL, blocks_of, owl_ratios
 from .importance import IMPORTANCE_NAMES, Importance, as_importance
 from .scoring import GroupScorer
@@ -885,10 +885,8 @@ class Prune(Transform):
                 rows = w.detach().t() if conv1d else w.detach()
                 gs = None
                 if imp.int4_group_size is not None:
-                    gs = max(g for g in (32, 64, 128) if g <= imp.int4_group_size)
-                    while gs > 32 and rows.shape[1] % gs:
-                        gs //= 2
-                    if rows.shape[1] % gs:
+                    gs = int4_group_size(rows.shape[1], imp.int4_group_size)
+                    if rows.shape[1] % gs:  # none divides: Quantize would pad, SparseGPT cannot
                         raise ValueError(
                             f"Prune(importance=SparseGPT(int4_group_size=...)): module {p} "
                             f"({shape_of(m)}) is {rows.shape[1]} inputs wide, which no int4 "

@@ -27,36 +27,24 @@ from ..core.transform import Context, Transform
 from ..modules.fake_quant import FakeQuantLinear
 from ..modules.masks import MASK_NAME
 from ..modules.quantized import (
+    GROUP_SIZES,
     ZERO_POINTS,
     Int4Linear,
     Int8Conv2d,
     Int8DynamicLinear,
     Int8Linear,
     ZeroPoint,
+    int4_group_size,
     padded_width,
 )
 from .gptq import gptq
 
-__all__ = ["SCHEMES", "Quantize", "convert"]
+__all__ = ["GROUP_SIZES", "SCHEMES", "Quantize", "convert", "int4_group_size"]
 
 Scheme = Literal["int8", "int8-dynamic", "int4"]
 Method = Literal["rtn", "gptq"]
 SCHEMES: tuple[str, ...] = get_args(Scheme)
 METHODS: tuple[str, ...] = get_args(Method)
-GROUP_SIZES = (32, 64, 128)
-
-
-def int4_group_size(width: int, wanted: int) -> int:
-    """The group size an int4 layer ``width`` inputs wide gets when ``wanted`` is asked for.
-
-    The largest of the allowed sizes up to ``wanted`` that divides ``width``; where none does,
-    the one that needs the fewest zero columns of padding (the largest among equals).
-    """
-    sizes = [g for g in GROUP_SIZES if g <= wanted]
-    padded = {g: padded_width(width, g) for g in sizes}
-    least = min(padded.values())
-    return max(g for g in sizes if padded[g] == least)
-
 
 #: how much narrower than min/max an int4 GPTQ group's range may get (see ``gptq(clip=)``)
 GPTQ_CLIP = 0.2
