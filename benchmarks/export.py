@@ -1,17 +1,23 @@
 """Deployment side by side: nnslim models in eager torch, torch.compile, ONNX Runtime, OpenVINO.
 
-Models: a 4-layer MLP (4096 wide; ``--quick``: 1024) at batch 1 and 32, and resnet50 pruned to
-half its MACs (``--resnet``). Rows per case: torch fp32 (the baseline), the torch.ao
-``quantize_dynamic`` peer, fp32 in ONNX Runtime, and each nnslim variant (int8-dynamic, int4
-group 128; the pruned resnet) in eager torch, ``torch.compile``, ONNX Runtime and OpenVINO
-(``nnslim.export``). Latency is the median of repeated runs after warm-up, on 1 and 2
+Models: a 4-layer MLP (4096 wide; ``--quick``: 1024) at batch 1 and 32, a Llama-shaped
+decoder built from its config (hidden 1024, 4 layers, 32000 tokens; 1 x 32 tokens; ``--llama``)
+and resnet50 pruned to half its MACs (``--resnet``). Rows per case: torch fp32 (the baseline),
+the torch.ao ``quantize_dynamic`` peer, fp32 in ONNX Runtime, and each nnslim variant
+(int8-dynamic, int4 group 128; the pruned resnet) in eager torch, ``torch.compile``, ONNX
+Runtime and OpenVINO (``nnslim.export``), plus int4 in ONNX Runtime with
+``int4_compute="float"``. Latency is the median of repeated runs after warm-up, on 1 and 2
 threads, as a ratio to torch fp32 in the same run (this machine is shared and noisy: compare
-ratios, not milliseconds). ``file_mb`` is the exported ONNX file; ``rel_error`` the relative
-L2 error of the output against nnslim eager (the model exported).
+ratios, not milliseconds). ``file_mb`` is the exported file; ``rel_error`` the relative L2
+error of the output against nnslim eager (the model exported), ``rel_error_math`` against
+its math in float32 (the integer layers' dequantized weights, unrounded activations): an
+engine can differ from eager by rounding activations differently, and be the closer of the
+two to the math.
 
     python benchmarks/export.py                 # writes benchmarks/results/export.json
     python benchmarks/export.py --quick         # 1024-wide MLP
     python benchmarks/export.py --resnet        # also resnet50 pruned to 0.5x MACs
+    python benchmarks/export.py --llama         # also the Llama-shaped decoder
 """
 
 from __future__ import annotations
@@ -63,26 +69,45 @@ def _ort_session(path: Path, threads: int) -> Any:
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
+#: OpenVINO computes in float32 here, as torch fp32 does (its default on CPUs with AMX is bf16;
+#: OpenVINO 2026.4.1's CPU plugin also dies of a divide error (SIGFPE) compiling a Llama graph
+#: at bf16 with one inference thread)
+OPENVINO = {"NUM_STREAMS": 1, "INFERENCE_PRECISION_HINT": "f32"}
+
+#: variants run in ONNX Runtime only, with these export options (the model of the variant named
+#: before the comma)
+ONNX_OPTIONS = {"nnslim int4 g128, float compute": {"int4_compute": "float"}}
+
+
 def run_case(
     name: str, variants: dict[str, nn.Module], x: torch.Tensor, repeat: int, tmp: Path
 ) -> list[dict[str, Any]]:
+    from nnslim.io.export import _dequantized
+
     rows: list[dict[str, Any]] = []
     fp32: dict[int, float] = {}
-    for label, model in variants.items():
+    labels = list(variants)
+    labels += [o for o in ONNX_OPTIONS if o.split(",")[0] in variants]
+    for label in labels:
+        model = variants[label.split(",")[0]]
+        options = ONNX_OPTIONS.get(label, {})
         with torch.no_grad():
             ref = model(x).float()
-        engines: dict[str, Any] = {"eager": model}
-        if label.startswith("nnslim") or label == "fp32":
-            engines["onnxruntime"] = None
-            engines["openvino"] = None
+            math = _dequantized(model)(x).float()
+        engines: list[str] = ["eager"]
+        if options:
+            engines = ["onnxruntime"]
+        elif label.startswith("nnslim") or label == "fp32":
+            engines += ["onnxruntime", "openvino"]
             if label.startswith("nnslim"):
-                engines["torch.compile"] = None
+                engines.append("torch.compile")
         for engine in engines:
             row: dict[str, Any] = {"case": name, "variant": label, "engine": engine}
             try:
-                run, size, out = _engine(engine, model, x, tmp / f"{label}.onnx")
+                run, size, out = _engine(engine, model, x, tmp / f"{len(rows)}.onnx", options)
                 row["file_mb"] = size
                 row["rel_error"] = float((out.float() - ref).norm() / ref.norm())
+                row["rel_error_math"] = float((out.float() - math).norm() / math.norm())
                 for threads in (1, 2):
                     torch.set_num_threads(threads)
                     fn = run(threads)
@@ -101,7 +126,9 @@ def run_case(
     return rows
 
 
-def _engine(engine: str, model: nn.Module, x: torch.Tensor, path: Path) -> Any:
+def _engine(
+    engine: str, model: nn.Module, x: torch.Tensor, path: Path, options: dict[str, Any]
+) -> Any:
     """``(threads -> callable, file MB or None, output)`` for one engine."""
     if engine == "eager":
 
@@ -129,14 +156,14 @@ def _engine(engine: str, model: nn.Module, x: torch.Tensor, path: Path) -> Any:
             c = compiled.setdefault(
                 threads,
                 ov.Core().compile_model(
-                    str(xml), "CPU", {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1}
+                    str(xml), "CPU", {**OPENVINO, "INFERENCE_NUM_THREADS": threads}
                 ),
             )
             return lambda: c([x.numpy()])
 
         size = (xml.stat().st_size + xml.with_suffix(".bin").stat().st_size) / 2**20
         return ov_run, size, torch.from_numpy(ov_run(1)()[0])
-    nnslim.export(model, x, path, overwrite=True)
+    nnslim.export(model, x, path, overwrite=True, **options)
     feed = {"x": x.numpy()}
     sessions: dict[int, Any] = {}
 
@@ -173,6 +200,35 @@ def mlp_variants(base: nn.Module) -> dict[str, nn.Module]:
     }
 
 
+class Logits(nn.Module):
+    """A causal LM's logits from token ids (one tensor in, one out, as the engines take it)."""
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm(input_ids=ids, use_cache=False).logits
+
+
+def llama_variants() -> tuple[dict[str, nn.Module], torch.Tensor]:
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=4,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        vocab_size=32000,
+        tie_word_embeddings=False,
+    )
+    base = Logits(transformers.LlamaForCausalLM(config)).eval()
+    x = torch.randint(0, config.vocab_size, (1, 32))
+    return mlp_variants(base), x
+
+
 def resnet_variants() -> tuple[dict[str, nn.Module], torch.Tensor]:
     import torchvision
 
@@ -188,6 +244,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--resnet", action="store_true")
+    parser.add_argument("--llama", action="store_true")
     args = parser.parse_args()
     width = 1024 if args.quick else 4096
     repeat = 5 if args.quick else 15
@@ -200,11 +257,24 @@ def main() -> None:
             name = f"MLP 4x{width} bs{bs}"
             print(name)
             records += run_case(name, variants, torch.randn(bs, width), repeat, tmp)
+        if args.llama:
+            lv, x = llama_variants()
+            print("Llama")
+            records += run_case("Llama 4x1024 1x32", lv, x, repeat, tmp)
         if args.resnet:
             rv, x = resnet_variants()
             print("resnet50")
             records += run_case("resnet50 1x224", rv, x, repeat, tmp)
-    headers = ["case", "variant", "engine", "x fp32 (1 thr)", "x fp32 (2 thr)", "MB", "rel err"]
+    headers = [
+        "case",
+        "variant",
+        "engine",
+        "x fp32 (1 thr)",
+        "x fp32 (2 thr)",
+        "MB",
+        "rel err",
+        "vs math",
+    ]
     table = [
         [
             r["case"],
@@ -214,6 +284,7 @@ def main() -> None:
             f"{r['speedup_2']:.2f}" if "speedup_2" in r else "",
             f"{r['file_mb']:.1f}" if r.get("file_mb") else "",
             f"{r['rel_error']:.4f}" if "rel_error" in r else "",
+            f"{r['rel_error_math']:.4f}" if "rel_error_math" in r else "",
         ]
         for r in records
     ]

@@ -9,9 +9,12 @@ nnslim's integer layers go in as the GGUF block types that hold their codes exac
 * ``Int8Linear`` / ``Int8DynamicLinear`` (symmetric per output channel): ``Q8_0`` (blocks of 32
   weights ``q * d``, ``d`` the channel's scale in fp16: about 1e-3 relative rounding).
 
-Every other weight is written in float32 (dense, for factorized or palettized layers); the
-query and key projections are permuted as llama.cpp's converter does (transformers' GGUF loader
-undoes it).
+Every other matrix (the token embedding, an untied output head, layers no block type holds,
+dense for factorized or palettized layers) is written in ``float_type``: ``"f16"`` (the
+default, as llama.cpp's converter writes them: half the bytes of float32, ~5e-4 relative
+rounding), ``"bf16"`` or ``"f32"`` (exact); the norms' vectors stay float32, as llama.cpp keeps
+them. The query and key projections are permuted as llama.cpp's converter does
+(transformers' GGUF loader undoes it).
 """
 
 from __future__ import annotations
@@ -34,13 +37,24 @@ ARCHITECTURES = {"llama": "llama", "mistral": "llama"}
 _BLOCK = 32  # weights per Q4_1 / Q8_0 block
 
 
-def write_gguf(model: nn.Module, path: Path, tokenizer_from: Path | None = None) -> list[str]:
+#: ``float_type`` -> how the matrices without a block type are stored
+FLOAT_TYPES = ("f16", "bf16", "f32")
+
+
+def write_gguf(
+    model: nn.Module, path: Path, tokenizer_from: Path | None = None, float_type: str = "f16"
+) -> list[str]:
     """Write ``model`` (a Hugging Face Llama-family causal LM) to ``path``; returns notes.
     ``tokenizer_from`` (what llama.cpp needs to run the file): a GGUF file whose
     ``tokenizer.*`` metadata is copied, or a directory holding a Hugging Face tokenizer
     (``tokenizer.json``) converted as llama.cpp's ``convert_hf_to_gguf.py`` does."""
     import gguf
 
+    if float_type not in FLOAT_TYPES:
+        raise ValueError(
+            f"nnslim.export(float_type=...): expected one of {', '.join(FLOAT_TYPES)}, got "
+            f"{float_type!r}."
+        )
     cfg = getattr(model, "config", None)
     kind = getattr(cfg, "model_type", None)
     if kind not in ARCHITECTURES:
@@ -69,7 +83,7 @@ def write_gguf(model: nn.Module, path: Path, tokenizer_from: Path | None = None)
     )
     w.add_rope_freq_base(float(theta))
     w.add_vocab_size(cfg.vocab_size)
-    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_file_type(_file_type(gguf, model, float_type))
     if tokenizer_from is not None:
         source = Path(tokenizer_from)
         if source.is_dir():
@@ -78,9 +92,9 @@ def write_gguf(model: nn.Module, path: Path, tokenizer_from: Path | None = None)
             _copy_tokenizer(gguf, w, source, cfg.vocab_size)
 
     def add(name: str, module: nn.Module, permute: int | None = None) -> None:
-        _add_linear(w, gguf, name, module, permute, notes)
+        _add_linear(w, gguf, name, module, permute, notes, float_type)
 
-    w.add_tensor("token_embd.weight", _f32(model.model.embed_tokens.weight))
+    _add_float(w, gguf, "token_embd.weight", _f32(model.model.embed_tokens.weight), float_type)
     for i, layer in enumerate(layers):
         b = f"blk.{i}"
         att, mlp = layer.self_attn, layer.mlp
@@ -285,6 +299,32 @@ def _f32(t: torch.Tensor) -> np.ndarray:
     return t.detach().float().cpu().numpy()
 
 
+def _add_float(w: Any, gguf: Any, name: str, x: np.ndarray, float_type: str) -> None:
+    """A matrix in ``float_type`` (bf16 as its raw 16-bit patterns, rounded to nearest even
+    by torch)."""
+    if float_type == "f16":
+        w.add_tensor(name, x.astype(np.float16))
+    elif float_type == "bf16":
+        raw = torch.from_numpy(x).to(torch.bfloat16).view(torch.uint16).numpy()
+        w.add_tensor(name, raw, raw_shape=x.shape, raw_dtype=gguf.GGMLQuantizationType.BF16)
+    else:
+        w.add_tensor(name, x)
+
+
+def _file_type(gguf: Any, model: nn.Module, float_type: str) -> Any:
+    """``general.file_type``: the block type most layers take, as llama.cpp names files."""
+    kinds = {type(m) for m in model.modules()}
+    if Int4Linear in kinds:
+        return gguf.LlamaFileType.MOSTLY_Q4_1
+    if kinds & {Int8Linear, Int8DynamicLinear}:
+        return gguf.LlamaFileType.MOSTLY_Q8_0
+    return {
+        "f16": gguf.LlamaFileType.MOSTLY_F16,
+        "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+        "f32": gguf.LlamaFileType.ALL_F32,
+    }[float_type]
+
+
 def _permute(x: np.ndarray, heads: int) -> np.ndarray:
     """llama.cpp's row order for the query and key projections (rotary halves interleaved)."""
     return (
@@ -293,7 +333,13 @@ def _permute(x: np.ndarray, heads: int) -> np.ndarray:
 
 
 def _add_linear(
-    w: Any, gguf: Any, name: str, m: nn.Module, heads: int | None, notes: list[str]
+    w: Any,
+    gguf: Any,
+    name: str,
+    m: nn.Module,
+    heads: int | None,
+    notes: list[str],
+    float_type: str,
 ) -> None:
     """One projection; ``heads``: permute its rows as llama.cpp does (query, key)."""
     smooth = m._buffers.get("smooth")
@@ -315,13 +361,13 @@ def _add_linear(
         return
     if isinstance(m, (Int4Linear, Int8Linear, Int8DynamicLinear)):
         notes.append(
-            f"{name}: {type(m).__name__} written as float32 (a smoothing scale or a width that "
+            f"{name}: {type(m).__name__} written as {float_type} (a smoothing scale or a width that "
             f"is not a multiple of {_BLOCK} has no GGUF block type)"
         )
     weight = _f32(m.weight)
     if heads is not None:
         weight = _permute(weight, heads)
-    w.add_tensor(name, weight)
+    _add_float(w, gguf, name, weight, float_type)
 
 
 def _q4_1(m: Int4Linear) -> np.ndarray:

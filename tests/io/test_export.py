@@ -65,6 +65,31 @@ def test_compressed_models_run_in_onnx_runtime_with_a_dynamic_batch(tmp_path, na
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
+def test_int8_dynamic_rounds_activations_per_row_as_nnslim_does(tmp_path):
+    """The engine rounds each activation row on its own scale, like nnslim's kernel: the same
+    output to float rounding where nnslim's kernel takes 8-bit activations (VNNI/AMX CPUs;
+    without VNNI it takes 7-bit ones, so the engine is the more precise there). ONNX Runtime's
+    ``DynamicQuantizeLinear`` (one scale per tensor) was ~1% off per layer; a rows' scale
+    multiplied before the per-column one made ONNX Runtime fuse it as per-column (1.5% off)."""
+    from nnslim.modules.kernels import cpu_has_vnni
+
+    model = _mlp()
+    nnslim.Quantize(scheme="int8-dynamic").apply(model, X)
+    path = nnslim.export(model, X, tmp_path / "m.onnx")
+    ops = [n.op_type for n in onnx.load(path).graph.node]
+    assert "DynamicQuantizeLinear" not in ops and "MatMulInteger" in ops
+    x = torch.randn(9, 64) * torch.logspace(-2, 2, 9)[:, None]  # rows of very different sizes
+    with torch.no_grad():
+        eager = model(x)
+    assert _rel(_run(path, x), eager) < (1e-5 if cpu_has_vnni() else 3e-2)
+    # and a session with every graph optimization (the fusions) agrees with one without
+    o = ort.SessionOptions()
+    o.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    s = ort.InferenceSession(str(path), o, providers=["CPUExecutionProvider"])
+    plain = torch.from_numpy(s.run(None, {s.get_inputs()[0].name: x.numpy()})[0])
+    assert _rel(_run(path, x), plain) < 1e-6
+
+
 def test_int4_carries_the_codes_exactly(tmp_path):
     """MatMulNBits computes with nnslim's own codes, scales and minimums: with float compute
     (accuracy level 0; the default, 4, rounds activations to int8) the engine's output is the
@@ -211,7 +236,7 @@ def test_gguf_holds_the_codes_and_transformers_loads_it(tmp_path, name, make, bl
     model = _llama()
     if make is not None:
         make().apply(model, IDS)
-    path = nnslim.export(model, IDS, tmp_path / "m.gguf", format="gguf")
+    path = nnslim.export(model, IDS, tmp_path / "m.gguf", format="gguf", float_type="f32")
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
     if block is not None:
         assert types["blk.0.attn_q.weight"] == types["blk.1.ffn_down.weight"] == block
@@ -223,6 +248,41 @@ def test_gguf_holds_the_codes_and_transformers_loads_it(tmp_path, name, make, bl
         assert (
             _rel(loaded(input_ids=other).logits, _dequantized(model)(input_ids=other).logits) < tol
         )
+
+
+@pytest.mark.parametrize("float_type, tol", [("f16", 1e-3), ("bf16", 1e-2)])
+def test_gguf_writes_float_matrices_in_half_precision_as_llama_cpp_does(tmp_path, float_type, tol):
+    """The default (``f16``, llama.cpp's converter's) halves the embedding's bytes; the norms
+    stay float32; the integer layers keep their block types; the file's type names them."""
+    gguf = pytest.importorskip("gguf")
+    pytest.importorskip("accelerate")
+    import transformers
+
+    from nnslim.io.export import _dequantized
+
+    model = _llama()
+    nnslim.Quantize(scheme="int4", group_size=32).apply(model, IDS)
+    kw = {} if float_type == "f16" else {"float_type": float_type}
+    path = nnslim.export(model, IDS, tmp_path / "m.gguf", format="gguf", **kw)
+    reader = gguf.GGUFReader(path)
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["token_embd.weight"] == float_type.upper()
+    assert types["blk.0.attn_norm.weight"] == types["output_norm.weight"] == "F32"
+    assert types["blk.0.attn_q.weight"] == "Q4_1"
+    assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q4_1
+    f32 = nnslim.export(model, IDS, tmp_path / "f.gguf", format="gguf", float_type="f32")
+    embedding = model.model.embed_tokens.weight.numel()
+    assert os.path.getsize(f32) - os.path.getsize(path) >= 2 * embedding
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path), gguf_file="m.gguf", dtype=torch.float32
+    ).eval()
+    other = torch.randint(0, 100, (1, 9))
+    with torch.no_grad():
+        ref = _dequantized(model)(input_ids=other).logits
+        assert _rel(loaded(input_ids=other).logits, ref) < tol
+    with pytest.raises(ValueError, match="float_type"):
+        nnslim.export(model, IDS, tmp_path / "x.gguf", format="gguf", float_type="q8")
+    assert not (tmp_path / "x.gguf").exists()
 
 
 def test_gguf_refuses_what_it_cannot_hold(tmp_path):
