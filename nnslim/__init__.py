@@ -34,7 +34,7 @@ from .train import (
     compress,
 )
 from .transforms.allocation import OWL
-from .transforms.auto import Auto
+from .transforms.auto import Auto, AutoTable
 from .transforms.factorize import Factorize
 from .transforms.importance import Importance
 from .transforms.prune import Prune
@@ -44,6 +44,7 @@ from .transforms.share import ShareWeights
 __all__ = [
     "OWL",
     "Auto",
+    "AutoTable",
     "Compose",
     "CompressionResult",
     "Context",

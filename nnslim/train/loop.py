@@ -4,6 +4,7 @@ and repeat."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +18,7 @@ from ..base.validate import check_fraction, check_int
 from ..core.target import Target
 from ..core.transform import Transform, check_transform_items
 from ..profiling.profiler import profile
+from ..transforms.auto import Auto
 
 __all__ = ["CompressionResult", "compress", "schedule"]
 
@@ -70,6 +72,9 @@ class CompressionResult:
         baseline: the original model's row.
         reached: whether the target was reached within the tolerance.
         notes: steps that did not apply to the model (and why).
+        plan: with :class:`~nnslim.Auto`: the kept round's setting per layer.
+        front: with :class:`~nnslim.Auto`: the estimated Pareto front (budget, predicted
+            cost and loss, plan; :meth:`AutoTable.front <nnslim.AutoTable.front>`).
     """
 
     model: nn.Module
@@ -77,6 +82,8 @@ class CompressionResult:
     baseline: dict[str, Any] = field(default_factory=dict)
     reached: bool = False
     notes: list[str] = field(default_factory=list)
+    plan: dict[str, str] = field(default_factory=dict)
+    front: list[dict[str, Any]] = field(default_factory=list)
 
     def table(self) -> str:
         rows = [self._row("original", self.baseline)]
@@ -135,13 +142,14 @@ def compress(
     transforms: Transform | Sequence[Transform],
     *,
     evaluate: Callable[[nn.Module], float],
-    target: dict[str, float] | Target | Sequence[Target],
+    target: dict[str, float] | Target | Sequence[Target] | None = None,
     tolerance: float,
     example_inputs: Any,
     trainer: Any = None,
     train_data: Iterable[Any] | None = None,
     steps: int = 5,
     calibration: Any = None,
+    rounds: int = 3,
 ) -> CompressionResult:
     """Compress in small steps until ``target`` is reached or the metric drops too far.
 
@@ -169,6 +177,21 @@ def compress(
         train_data: batches for the trainer.
         steps: how finely to split each transform.
         calibration: calibration batches for data-aware transforms.
+        rounds: with an :class:`~nnslim.Auto`, how many plans to try (see below).
+
+    With an :class:`~nnslim.Auto` (``transforms=nnslim.Auto(target=..., ...)``; ``target``
+    defaults to the Auto's), the loop is the search's: the per-layer table is measured once;
+    each round allocates the budget, applies the plan to a copy, fine-tunes it if a trainer is
+    given, and evaluates it. A round that loses more than ``tolerance`` is taken apart: its
+    changed layers, in up to four groups of equal estimated loss, are each put back in turn
+    and evaluated, and each group's estimates are multiplied by what putting it back
+    recovered over what the estimate said (the estimate's overall scale taken from the
+    round); the next round allocates with the corrected estimates. It stops at the first
+    round within the tolerance, or when a round's plan repeats one already tried, or after
+    ``rounds``. Every round is a row of ``history`` (its plan, predicted cost and loss,
+    measured cost and metric); ``plan`` is the kept round's, ``front`` the estimated Pareto
+    front over budgets. No round within the tolerance: ``model`` is the original (a copy)
+    and ``reached`` false.
 
     Returns:
         A :class:`CompressionResult`.
@@ -180,6 +203,13 @@ def compress(
         raise TypeError("compress(evaluate=...): expected a callable model -> metric.")
     check_fraction("compress", "tolerance", tolerance, low=0.0, high=float("inf"))
     check_int("compress", "steps", steps, low=1)
+    auto = transforms if isinstance(transforms, Auto) else None
+    if auto is not None and auto.target is None:
+        raise ValueError("compress(Auto(...)): give the Auto its budget (target=...).")
+    if auto is not None and target is None:
+        target = auto.target
+    if target is None:
+        raise ValueError("compress(target=...): give the target, e.g. {'macs': 0.5}.")
     targets = Target.parse("compress", target)
     if trainer is not None and train_data is None:
         raise ValueError("compress: a trainer needs train_data=.")
@@ -200,6 +230,11 @@ def compress(
         }
 
     base_metric = float(evaluate(model))
+    if not math.isfinite(base_metric):
+        raise ValueError(
+            f"compress: evaluate(model) returned {base_metric} for the model as given; it must "
+            f"return a finite metric (higher is better). Nothing was changed."
+        )
     baseline = measure(model, base_metric, "original")
     result = CompressionResult(model=copy_model(model), baseline=baseline)
 
@@ -208,6 +243,13 @@ def compress(
 
     if reached(baseline):
         result.reached = True
+        return result
+    if auto is not None:
+        _auto_rounds(
+            model, auto, result, evaluate, tolerance, example_inputs, calibration,
+            trainer, train_data, measure, rounds,
+        )  # fmt: skip
+        result.reached = result.reached and reached(result.history[-1])
         return result
     best = result.model
     for piece, optional in pieces:
@@ -245,6 +287,93 @@ def compress(
             break
     result.model = best
     return result
+
+
+def _auto_rounds(
+    model: nn.Module,
+    auto: Auto,
+    result: CompressionResult,
+    evaluate: Callable[[nn.Module], float],
+    tolerance: float,
+    example_inputs: Any,
+    calibration: Any,
+    trainer: Any,
+    train_data: Any,
+    measure: Callable[[nn.Module, float, str], dict[str, Any]],
+    rounds: int,
+) -> None:
+    """:func:`compress` with an :class:`Auto`: plan, apply, evaluate, correct, again."""
+    check_int("compress", "rounds", rounds, low=1)
+    table = auto.table(model, calibration, example_inputs)
+    fraction = auto._target.fraction
+    result.front = table.front()
+    base_metric = result.baseline["metric"]
+    scale: dict[str, float] = {}
+    tried: list[dict[str, str]] = []
+
+    def run(plan: dict[str, str], fine_tune: bool) -> tuple[nn.Module, float]:
+        candidate = copy_model(model)
+        dataclasses.replace(auto, target=None, plan=plan).apply(
+            candidate, example_inputs, calibration=calibration
+        )
+        if fine_tune and trainer is not None:
+            trainer.fit(candidate, train_data)
+        return candidate, float(evaluate(candidate))
+
+    for r in range(rounds):
+        plan = table.allocate(fraction, scale)
+        if plan in tried:
+            result.notes.append(
+                f"Auto: round {r + 1} would repeat an earlier plan: the corrected estimates "
+                f"put the loss where they did before; stopped."
+            )
+            break
+        tried.append(plan)
+        candidate, metric = run(plan, True)
+        row = measure(candidate, metric, f"Auto round {r + 1}")
+        estimated = {p: table.loss_of({p: n}) * scale.get(p, 1.0) for p, n in plan.items()}
+        row.update(
+            plan=plan,
+            predicted_cost=table.cost_of(plan) / table.total,
+            predicted_loss=sum(estimated.values()),
+            kept=base_metric - metric <= tolerance,
+        )
+        result.history.append(row)
+        if row["kept"]:
+            result.model, result.plan, result.reached = candidate, plan, True
+            return
+        if r == rounds - 1:
+            break
+        drop = base_metric - metric
+        total = sum(estimated.values())
+        if total <= 0:
+            break
+        per_unit = drop / total  # the metric each unit of estimated loss costs, this round
+        for group in _groups(estimated, 4):
+            _, without = run({p: n for p, n in plan.items() if p not in group}, False)
+            recovered = without - metric
+            said = per_unit * sum(estimated[p] for p in group)
+            factor = min(16.0, max(1 / 16, recovered / said)) if said > 0 else 1.0
+            for p in group:
+                scale[p] = scale.get(p, 1.0) * factor
+    result.notes.append(
+        f"Auto: no round kept the metric within {tolerance:g} of {base_metric:.4g}; the model "
+        f"is left as it was (each round's plan is in the history)."
+    )
+
+
+def _groups(estimated: dict[str, float], n: int) -> list[list[str]]:
+    """The layers, largest estimate first, cut into at most ``n`` runs of about equal total."""
+    order = sorted(estimated, key=lambda p: -estimated[p])
+    total = sum(estimated.values()) or 1.0
+    groups: list[list[str]] = [[]]
+    acc = 0.0
+    for p in order:
+        if acc >= total * len(groups) / n and len(groups) < n:
+            groups.append([])
+        groups[-1].append(p)
+        acc += estimated[p]
+    return [g for g in groups if g]
 
 
 def _pieces(transforms: Any, steps: int) -> list[tuple[Transform, bool]]:

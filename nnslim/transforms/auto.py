@@ -1,79 +1,111 @@
-"""``Auto``: choose each layer's setting to meet a size budget with the least estimated loss.
+"""``Auto``: choose each layer's setting to meet a size or MACs budget with the least estimated
+loss.
 
-The loop the library starts from, for weight bytes: every eligible Linear layer gets a list of
-candidates (kept in float, int8, int4 with groups of 128, 64 or 32 inputs), each with its exact
-cost in bytes and an estimate of what it costs the model's loss; a multiple-choice knapsack
+The loop the library starts from, automatic: every eligible Linear layer gets a list of
+candidates (kept as it is; int8; int4 with groups of 128, 64 or 32 inputs; palettized to 256,
+16 or 8 shared values; low rank keeping half or a quarter of its parameters; or any
+:class:`~nnslim.Transform` of the user's that replaces a layer chosen by ``select``), each with
+its exact cost and an estimate of what it costs the model's loss; a multiple-choice knapsack
 (dynamic programming over the budget in 4096 steps, then the rounding's leftover filled
-greedily) picks one candidate per layer so that the model fits the budget with the least total
-estimate; the choice is
-applied as one :class:`~nnslim.Quantize` per setting, in one atomic step.
+greedily) picks one candidate per layer so that the model fits the budget with the least
+total estimate; the choice is applied as one transform per setting, in one atomic step.
+
+A candidate is measured by applying it to a copy of the one layer (a candidate that does not
+apply to a layer, or leaves it unchanged, is not offered for it): its cost is the profiler's
+figure for the new layer (weight bytes; MACs scaled to the calls the layer makes in the
+model), and the weight it leaves is read back by running the new layer on the identity matrix
+(so it is the weight the layer computes with, whatever the transform stores). This is the whole
+protocol for a transform of your own: a :class:`~nnslim.Transform` with a ``select`` field that
+replaces (or changes) the Linear layers it selects joins the search unchanged.
 
 The loss estimate of a candidate is the second-order change of the calibration loss when that
-layer alone takes its rounding error ``dW``, with the K-FAC approximation of the Fisher
+layer alone takes its weight change ``dW``, with the K-FAC approximation of the Fisher
 (Martens & Grosse 2015, the output factor's diagonal): with ``L`` the mean of ``B`` batch
 losses, ``dL ~= 1/2 sum_o (S_o / B^2) * dW_o (X^T X) dW_o^T``, where ``S_o`` is the squared
 gradient of the batch loss with respect to output ``o`` of the layer summed over rows and
-batches, and ``X^T X`` the Gram matrix of its inputs summed the same way. One forward and backward pass over the calibration batches gives
-every layer's statistics; each candidate then costs one rounding and one product. Why this
-estimate: it weighs a layer's output error by how much the loss reacts to that output (a
-plain output error treats a layer feeding the LM head like one feeding a residual that
-normalises it away), it needs no forward pass per candidate (one per layer and candidate would
-be hundreds of passes on an LLM), and the errors of different layers add up (the knapsack
-needs that). It rounds to nearest for the estimate: GPTQ (``method="gptq"``) then applies the
-chosen settings with less error than estimated.
+batches, and ``X^T X`` the Gram matrix of its inputs summed the same way. One forward and
+backward pass over the calibration batches gives every layer's statistics; each candidate then
+costs one application to a copy of the layer and one product. Why this estimate: it weighs a
+layer's output error by how much the loss reacts to that output (a plain output error treats
+a layer feeding the LM head like one feeding a residual that normalises it away), it needs no
+forward pass of the model per candidate (one per layer and candidate would be hundreds of
+passes on an LLM), and the errors of different layers add up (the knapsack needs that). It
+measures candidates without calibration (round to nearest, plain SVD): GPTQ
+(``method="gptq"``) and activation-aware factorization then apply the chosen settings with
+less error than estimated.
+
+:meth:`Auto.table` gives the per-layer table (cached on the model's weights, so a second
+budget reuses it); :meth:`AutoTable.front` the predicted loss over a range of budgets.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import math
+import weakref
 from dataclasses import dataclass
 from typing import Any, final
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ..base.inputs import as_inputs, calibration_batches, first_tensor
 from ..base.modules import is_linear, linear_weight, unreplaceable
 from ..base.validate import check_choice
 from ..core.calibrate import collect
 from ..core.report import Report
 from ..core.target import Target
 from ..core.transform import Compose, Context, Transform
-from ..modules.quantized import (
-    int4_group_size,
-    padded_width,
-    quantize_groupwise,
-    quantize_per_channel,
-)
+from .factorize import Factorize
 from .quantize import METHODS, Quantize, _lm_heads
+from .share import ShareWeights
 
-__all__ = ["CANDIDATES", "Auto"]
+__all__ = ["CANDIDATES", "Auto", "AutoTable"]
 
-#: the built-in candidates: scheme and int4 group size
-CANDIDATES: dict[str, tuple[str, int]] = {
-    "int8": ("int8", 0),
-    "int4-g128": ("int4", 128),
-    "int4-g64": ("int4", 64),
-    "int4-g32": ("int4", 32),
+#: the built-in candidates, by name
+CANDIDATES: dict[str, Transform] = {
+    "int8": Quantize(scheme="int8"),
+    "int4-g128": Quantize(scheme="int4", group_size=128),
+    "int4-g64": Quantize(scheme="int4", group_size=64),
+    "int4-g32": Quantize(scheme="int4", group_size=32),
+    "palette-256": ShareWeights(clusters=256),
+    "palette-16": ShareWeights(clusters=16),
+    "palette-8": ShareWeights(clusters=8),
+    "rank-0.5": Factorize(ratio=0.5),
+    "rank-0.25": Factorize(ratio=0.25),
 }
+#: what Auto searches unless told otherwise
+DEFAULT_CANDIDATES = ("int8", "int4-g128", "int4-g64", "int4-g32", "palette-16", "rank-0.5")
+#: budgets Auto searches: the target's metric -> the profiler's per-module figure
+_COSTS = {"param_bytes": "param_bytes", "macs": "macs"}
+
+Option = tuple[str, float, float]  # (candidate name, cost, estimated loss)
 
 
 @final
 @dataclass(frozen=True)
 class Auto(Transform):
-    """Mixed precision under a budget: each Linear layer kept in float, int8 or int4
-    (group 128/64/32), chosen to meet ``target`` with the least estimated loss (see the
-    module docstring for the estimate and the allocation). Needs calibration batches.
+    """Per-layer settings under a budget: each Linear layer kept as it is or given one of the
+    ``candidates``, chosen to meet ``target`` with the least estimated loss (see the module
+    docstring for the estimate, the allocation and how a transform of your own joins).
+    Needs calibration batches.
 
     Args:
-        target: ``{"bytes": f}``: the whole model's parameter bytes at most ``f`` of today's.
-        candidates: the settings layers may take besides staying as they are (names in
-            :data:`CANDIDATES`).
-        method: how the chosen settings are applied: ``"rtn"`` or ``"gptq"``.
-        zero_point: int4's offsets (see :class:`~nnslim.Quantize`).
+        target: ``{"bytes": f}`` (the whole model's weight bytes at most ``f`` of today's) or
+            ``{"macs": f}`` (its MACs on the example inputs).
+        candidates: the settings layers may take besides staying as they are: names in
+            :data:`CANDIDATES` and/or transforms with a ``select`` field.
+        method: how the built-in quantization candidates are applied: ``"rtn"`` or
+            ``"gptq"``.
+        zero_point: the built-in int4 candidates' offsets (see :class:`~nnslim.Quantize`).
+        plan: ``{layer path: candidate name}``: apply this plan instead of searching (what
+            :meth:`table` and :meth:`AutoTable.allocate` return; the names as
+            :meth:`AutoTable.names` gives them).
         select: layers the search may change (default: every Linear but the LM head).
         exclude: layers it leaves alone.
 
-    The report notes the plan (layers per setting, predicted bytes and loss); each layer's
+    The report notes the plan (layers per setting, predicted cost and loss); each layer's
     change records its setting.
 
     Example:
@@ -87,55 +119,65 @@ class Auto(Transform):
     """
 
     target: Any = None
-    candidates: tuple[str, ...] = tuple(CANDIDATES)
+    candidates: tuple[Any, ...] = DEFAULT_CANDIDATES
     method: str = "rtn"
     zero_point: str = "float"
+    plan: Any = None
     select: Any = None
     exclude: Any = None
 
     _copy_on_snapshot = False
 
     def __post_init__(self) -> None:
-        targets = Target.parse("Auto", self.target)
-        if len(targets) != 1 or targets[0].metric != "param_bytes":
-            raise ValueError(
-                "Auto(target=...): give the budget as {'bytes': fraction} (the whole model's "
-                "parameter bytes as a fraction of today's); MACs and latency budgets are not "
-                "searched yet."
-            )
+        if self.plan is None or self.target is not None:
+            targets = Target.parse("Auto", self.target)
+            if len(targets) != 1 or targets[0].metric not in _COSTS:
+                raise ValueError(
+                    "Auto(target=...): give one budget, {'bytes': fraction} (the whole "
+                    "model's weight bytes as a fraction of today's) or {'macs': fraction}; "
+                    "latency budgets are not searched yet."
+                )
         if isinstance(self.candidates, list):
             object.__setattr__(self, "candidates", tuple(self.candidates))
+        if isinstance(self.plan, dict):
+            object.__setattr__(self, "plan", dict(self.plan))
         if not self.candidates:
             raise ValueError("Auto(candidates=...): give at least one setting.")
+        names = [_name(c) for c in self.candidates]
         for c in self.candidates:
-            check_choice("Auto", "candidates", c, tuple(CANDIDATES))
+            if isinstance(c, str):
+                check_choice("Auto", "candidates", c, tuple(CANDIDATES))
+            elif not isinstance(c, Transform) or "select" not in {
+                f.name for f in dataclasses.fields(c)
+            }:
+                raise ValueError(
+                    f"Auto(candidates=...): {c!r} is neither a built-in name "
+                    f"({', '.join(CANDIDATES)}) nor a transform with a `select` field (Auto "
+                    f"applies a candidate to the layers that take it through `select`)."
+                )
+        if len(set(names)) != len(names):
+            raise ValueError(f"Auto(candidates=...): a setting is given twice: {names}.")
+        if self.plan is not None:
+            unknown = sorted({v for v in self.plan.values()} - set(names))
+            if unknown:
+                raise ValueError(f"Auto(plan=...): {unknown} are not among the candidates {names}.")
         check_choice("Auto", "method", self.method, METHODS)
         Quantize(zero_point=self.zero_point)  # validates it
 
     @property
-    def _fraction(self) -> float:
-        return Target.parse("Auto", self.target)[0].fraction
+    def _target(self) -> Target:
+        return Target.parse("Auto", self.target)[0]
 
     # ------------------------------------------------------------------------------------------
     def _run(
         self, model: nn.Module, ctx: Context, report: Report, state: dict[str, Any]
     ) -> list[Any]:
-        plan = self.plan(model, ctx, report)
+        plan = self.plan if self.plan is not None else self._search(model, ctx, report)
         parts = []
-        for name in self.candidates:
-            paths = [p for p, c in plan.items() if c == name]
-            if not paths:
-                continue
-            scheme, gs = CANDIDATES[name]
-            parts.append(
-                Quantize(
-                    scheme=scheme,  # type: ignore[arg-type]
-                    group_size=gs or 128,
-                    method=self.method,  # type: ignore[arg-type]
-                    zero_point=self.zero_point,  # type: ignore[arg-type]
-                    select=paths,
-                )
-            )
+        for c in self.candidates:
+            paths = [p for p, n in plan.items() if n == _name(c)]
+            if paths:
+                parts.append(dataclasses.replace(self._transform(c), select=paths))
         if not parts:
             report.note("Auto: every layer stays as it is within the budget")
             return []
@@ -144,69 +186,72 @@ class Auto(Transform):
     def _apply(self, model: nn.Module, ctx: Context, report: Report) -> None:
         self._run(model, ctx, report, {})
 
-    def plan(self, model: nn.Module, ctx: Context, report: Report) -> dict[str, str]:
-        """``{layer path: candidate name}`` for the layers that change (the rest stay)."""
-        from ..profiling.profiler import profile
+    def _transform(self, c: Any) -> Transform:
+        """The candidate as applied: built-in quantization with this Auto's method and zero
+        point."""
+        if not isinstance(c, str):
+            return c
+        t = CANDIDATES[c]
+        if isinstance(t, Quantize):
+            t = dataclasses.replace(t, method=self.method, zero_point=self.zero_point)
+        return t
 
+    def _search(self, model: nn.Module, ctx: Context, report: Report) -> dict[str, str]:
+        table = self.table(model, ctx=ctx, report=report)
+        fraction = self._target.fraction
+        choice = table.allocate(fraction)
+        predicted, loss = table.cost_of(choice), table.loss_of(choice)
+        counts: dict[str, int] = {}
+        for name in choice.values():
+            counts[name] = counts.get(name, 0) + 1
+        kept = len(table.options) - len(choice)
+        if kept:
+            counts = {"keep": kept, **counts}
+        report.note(
+            f"Auto: {', '.join(f'{n} {k}' for k, n in counts.items())} of "
+            f"{len(table.options)} layers; predicted {predicted / table.total:.4f} of the "
+            f"{table.metric_name} (budget {fraction:g}), estimated loss increase {loss:.4g} "
+            f"(K-FAC second order, candidates measured without calibration)"
+        )
+        return choice
+
+    def table(
+        self,
+        model: nn.Module,
+        calibration: Any = None,
+        example_inputs: Any = None,
+        *,
+        ctx: Context | None = None,
+        report: Report | None = None,
+    ) -> AutoTable:
+        """Every eligible layer's candidates with their cost and estimated loss, for this
+        Auto's target metric. Cached on the model (its weights' identities and versions, the
+        candidates and the calibration batches' identity): a second budget reuses it."""
+        if ctx is None:
+            batches = calibration_batches(model, calibration)
+            ctx = Context(as_inputs(example_inputs) or (batches[0] if batches else None), batches)
+        report = report if report is not None else Report(transform="Auto")
         batches = ctx.require_calibration("Auto", "to measure each layer's sensitivity")
+        metric = self._target.metric if self.target is not None else "param_bytes"
+        key = (
+            metric,
+            tuple(_name(c) for c in self.candidates),
+            self.method,
+            self.zero_point,
+            repr(self.select),
+            repr(self.exclude),
+            tuple(id(first_tensor((b.args, dict(b.kwargs)))) for b in batches),
+            tuple((id(t), t._version) for t in model.parameters()),
+        )
+        cached = _TABLES.get(model)
+        if cached is not None and cached[0] == key:
+            return cached[1]
         layers = self._layers(model, ctx, report)
         if not layers:
             raise ValueError("Auto: no Linear layer to choose a setting for after select/exclude.")
-        stats = collect(model, batches, layers, gram=True, out_grads=True)
-        options: dict[str, list[tuple[str, float, float]]] = {}
-        for p, m in layers.items():
-            st = stats[p]
-            w = linear_weight(m).detach().float()
-            keep_bytes = float(w.numel() * linear_weight(m).element_size())
-            fisher = st.extra.get("out_grad_sq")
-            if st.gram is None or fisher is None or st.rows == 0:
-                raise ValueError(
-                    f"Auto: module {p} saw no calibration input (or no gradient reached it); "
-                    f"it is not on the path of the calibration batches: exclude it."
-                )
-            # the loss is a mean over each batch's rows: summed squared output gradients
-            # over B batches, / B^2, weight the summed input Gram (see _kfac_loss)
-            f = fisher / len(batches) ** 2
-            opts = [("keep", keep_bytes, 0.0)]
-            seen: set[tuple[str, int]] = set()
-            for name in self.candidates:
-                scheme, gs = CANDIDATES[name]
-                if scheme == "int4":  # the size Quantize gives this width (it may pick less)
-                    gs = int4_group_size(w.shape[1], gs)
-                if (scheme, gs) in seen:
-                    continue
-                seen.add((scheme, gs))
-                dq = _rounded(w, scheme, gs, self.zero_point)
-                d = dq - w
-                loss = 0.5 * float(((d @ st.gram) * d).sum(1) @ f)
-                opts.append((name, _bytes(w, scheme, gs, self.zero_point), loss))
-            options[p] = opts
-            st.gram = None
-        inputs = ctx.inputs if ctx.inputs is not None else batches[0]
-        total = float(profile(model, inputs, memory=False).param_bytes)
-        budget = self._fraction * total
-        fixed = total - sum(o[0][1] for o in options.values())
-        smallest = fixed + sum(min(b for _, b, _ in o) for o in options.values())
-        if smallest > budget * (1 + 1e-9):
-            raise ValueError(
-                f"Auto(target={self.target!r}): the smallest reachable is "
-                f"{smallest / total:.3f} of the model's bytes (every chosen layer at its "
-                f"smallest setting, the rest as it is); ask for at least that, or add smaller "
-                f"candidates."
-            )
-        choice = _allocate(options, budget - fixed)
-        predicted = fixed + sum(options[p][i][1] for p, i in choice.items())
-        loss = sum(options[p][i][2] for p, i in choice.items())
-        plan = {p: options[p][i][0] for p, i in choice.items() if options[p][i][0] != "keep"}
-        counts: dict[str, int] = {}
-        for p, i in choice.items():
-            counts[options[p][i][0]] = counts.get(options[p][i][0], 0) + 1
-        report.note(
-            f"Auto: {', '.join(f'{n} {k}' for k, n in counts.items())} of {len(choice)} layers; "
-            f"predicted {predicted / total:.4f} of the bytes (budget {self._fraction:g}), "
-            f"estimated loss increase {loss:.4g} (K-FAC second order, round to nearest)"
-        )
-        return plan
+        table = _measure(self, model, ctx, batches, layers, metric)
+        _TABLES[model] = (key, table)
+        return table
 
     def _layers(self, model: nn.Module, ctx: Context, report: Report) -> dict[str, nn.Module]:
         named = dict(model.named_modules())
@@ -221,26 +266,213 @@ class Auto(Transform):
         return {p: named[p] for p in chosen}
 
 
-def _rounded(w: torch.Tensor, scheme: str, gs: int, zero_point: str) -> torch.Tensor:
-    """``w`` rounded to nearest on the candidate's grid, as the layer would hold it."""
-    if scheme == "int8":
-        q, s = quantize_per_channel(w)
-        return q.float() * s[:, None]
-    out, inp = w.shape
-    width = padded_width(inp, gs)
-    q, scale, mn = quantize_groupwise(F.pad(w, (0, width - inp)), gs, zero_point=zero_point)
-    dq = q.reshape(out, -1, gs) * scale[..., None] + mn[..., None]
-    return dq.reshape(out, width)[:, :inp]
+_TABLES: weakref.WeakKeyDictionary[nn.Module, tuple[Any, AutoTable]] = weakref.WeakKeyDictionary()
 
 
-def _bytes(w: torch.Tensor, scheme: str, gs: int, zero_point: str) -> float:
-    """The bytes the replaced layer's weight takes (its codes, scales and minima)."""
-    out, inp = w.shape
-    if scheme == "int8":
-        return float(out * inp + 4 * out)
-    groups = padded_width(inp, gs) // gs
-    mins = 4 if zero_point == "integer" else 2
-    return float(out * groups * gs // 2 + out * groups * (2 + mins))
+@dataclass
+class AutoTable:
+    """What :meth:`Auto.table` measured: per layer, ``(candidate, cost, estimated loss)``
+    options (the first is keeping the layer), and the whole model's cost.
+
+    Attributes:
+        metric_name: ``"bytes"`` or ``"MACs"``.
+        total: the model's cost today.
+        options: ``{layer path: [(candidate name, cost, loss), ...]}``.
+        unavailable: ``{layer path: {candidate name: why}}`` for candidates a layer cannot
+            take (a layer too small for the clusters, a rank that saves nothing...).
+    """
+
+    metric_name: str
+    total: float
+    options: dict[str, list[Option]]
+    unavailable: dict[str, dict[str, str]]
+
+    @property
+    def fixed(self) -> float:
+        """The cost of everything the search does not change."""
+        return self.total - sum(o[0][1] for o in self.options.values())
+
+    def smallest(self) -> float:
+        """The least reachable cost, as a fraction of today's."""
+        return (
+            self.fixed + sum(min(b for _, b, _ in o) for o in self.options.values())
+        ) / self.total
+
+    def allocate(self, fraction: float, scale: dict[str, float] | None = None) -> dict[str, str]:
+        """``{layer path: candidate name}`` for the layers that change under a budget of
+        ``fraction`` of today's cost, with the least total estimated loss (each layer's
+        estimates multiplied by ``scale[path]`` where given: how :func:`nnslim.compress`
+        corrects them after measuring)."""
+        budget = fraction * self.total
+        if self.smallest() * self.total > budget * (1 + 1e-9):
+            raise ValueError(
+                f"Auto(target=...): the smallest reachable is {self.smallest():.3f} of the "
+                f"model's {self.metric_name} (every chosen layer at its smallest setting, the "
+                f"rest as it is); ask for at least that, or add smaller candidates."
+            )
+        options = self.options
+        if scale:
+            options = {
+                p: [(n, c, loss * scale.get(p, 1.0)) for n, c, loss in o]
+                for p, o in options.items()
+            }
+        choice = _allocate(options, budget - self.fixed)
+        return {
+            p: self.options[p][i][0] for p, i in choice.items() if self.options[p][i][0] != "keep"
+        }
+
+    def _lookup(self, plan: dict[str, str]) -> list[Option]:
+        out = []
+        for p, opts in self.options.items():
+            name = plan.get(p, "keep")
+            out.append(next(o for o in opts if o[0] == name))
+        return out
+
+    def cost_of(self, plan: dict[str, str]) -> float:
+        """The predicted cost of a plan (the whole model's)."""
+        return self.fixed + sum(o[1] for o in self._lookup(plan))
+
+    def loss_of(self, plan: dict[str, str]) -> float:
+        """The estimated loss increase of a plan."""
+        return sum(o[2] for o in self._lookup(plan))
+
+    def front(self, fractions: Any = None) -> list[dict[str, Any]]:
+        """The predicted loss at each budget (default: 10 steps from the smallest reachable
+        to today's cost): ``[{"budget", "cost", "loss", "plan"}]``, the cheapest first.
+        Each point is the knapsack's optimum for its budget, so the loss falls as the budget
+        grows: the estimated Pareto front of cost against loss."""
+        if fractions is None:
+            lo = self.smallest()
+            fractions = [lo + (1 - lo) * i / 9 for i in range(10)]
+        points = []
+        for f in sorted(fractions):
+            plan = self.allocate(f)
+            points.append(
+                {
+                    "budget": f,
+                    "cost": self.cost_of(plan) / self.total,
+                    "loss": self.loss_of(plan),
+                    "plan": plan,
+                }
+            )
+        return points
+
+    def names(self) -> list[str]:
+        """The candidate names the table holds (``keep`` first)."""
+        seen: dict[str, None] = {}
+        for opts in self.options.values():
+            for name, _, _ in opts:
+                seen.setdefault(name, None)
+        return list(seen)
+
+
+def _name(c: Any) -> str:
+    """A candidate's name: a built-in's own, or the transform's repr."""
+    return c if isinstance(c, str) else repr(c)
+
+
+def _measure(
+    auto: Auto,
+    model: nn.Module,
+    ctx: Context,
+    batches: list[Any],
+    layers: dict[str, nn.Module],
+    metric: str,
+) -> AutoTable:
+    """The table: K-FAC statistics from one pass, then each candidate on a copy of each
+    layer."""
+    from ..profiling.profiler import profile
+
+    stats = collect(model, batches, layers, gram=True, out_grads=True)
+    inputs = ctx.inputs if ctx.inputs is not None else batches[0]
+    whole = profile(model, inputs, memory=False)
+    total = float(getattr(whole, _COSTS[metric]))
+    options: dict[str, list[Option]] = {}
+    unavailable: dict[str, dict[str, str]] = {}
+    probes = [(_name(c), _probe_transform(auto._transform(c))) for c in auto.candidates]
+    for p, m in layers.items():
+        st = stats[p]
+        fisher = st.extra.get("out_grad_sq")
+        if st.gram is None or fisher is None or st.rows == 0:
+            raise ValueError(
+                f"Auto: module {p} saw no calibration input (or no gradient reached it); "
+                f"it is not on the path of the calibration batches: exclude it."
+            )
+        # the loss is a mean over each batch's rows: summed squared output gradients over B
+        # batches, / B^2, weight the summed input Gram
+        f = fisher.float() / len(batches) ** 2
+        gram = st.gram.float()
+        w = linear_weight(m).detach().float()
+        base = _LayerProbe(m, w.shape[1])
+        scale = 1.0
+        if metric == "macs":
+            calls = float(whole.modules[p].macs) if p in whole.modules else 0.0
+            scale = calls / base.cost["macs"] if base.cost["macs"] else 0.0
+        keep = base.cost[metric] * scale
+        opts: list[Option] = [("keep", keep, 0.0)]
+        for name, t in probes:
+            try:
+                new = base.apply(t)
+            except ValueError as e:
+                unavailable.setdefault(p, {})[name] = str(e).split("\n")[0][:200]
+                continue
+            if new is None:
+                unavailable.setdefault(p, {})[name] = "leaves the layer as it is"
+                continue
+            cost, after = new
+            d = after - w
+            loss = 0.5 * float(((d @ gram) * d).sum(1) @ f)
+            opts.append((name, cost[metric] * scale, loss))
+        options[p] = opts
+        st.gram = None
+    return AutoTable("bytes" if metric == "param_bytes" else "MACs", total, options, unavailable)
+
+
+def _probe_transform(t: Transform) -> Transform:
+    """A candidate as measured: without calibration data (GPTQ as round to nearest)."""
+    if isinstance(t, Quantize) and t.method != "rtn":
+        t = dataclasses.replace(t, method="rtn")
+    return t
+
+
+class _LayerProbe:
+    """One layer alone in a container, its cost, and a candidate's effect on a copy of it."""
+
+    def __init__(self, layer: nn.Module, width: int) -> None:
+        self.layer, self.width = layer, width
+        self.x = torch.zeros(1, width, device=linear_weight(layer).device)
+        self.cost = self._cost(nn.Sequential(layer))
+
+    def _cost(self, holder: nn.Module) -> dict[str, float]:
+        from ..profiling.profiler import profile
+
+        with torch.no_grad():
+            prof = profile(holder, self.x, memory=False)
+        m = prof.modules.get("0")
+        return {"param_bytes": float(m.param_bytes), "macs": float(m.macs)} if m else {}
+
+    def apply(self, t: Transform) -> tuple[dict[str, float], torch.Tensor] | None:
+        """``(cost, the weight it computes with)`` after ``t``, or None if it changed
+        nothing. Raises ``ValueError`` where ``t`` refuses the layer."""
+        holder = nn.Sequential(copy.deepcopy(self.layer))
+        report = dataclasses.replace(t, select=["0"]).apply(holder, self.x)
+        if not report.changes:
+            return None
+        return self._cost(holder), _effective_weight(holder[0], self.width, self.x)
+
+
+def _effective_weight(layer: nn.Module, width: int, zero: torch.Tensor) -> torch.Tensor:
+    """``(out, in)``: what ``layer`` multiplies its input by, read back by running it on the
+    identity (and subtracting its output for zero: the bias)."""
+    with torch.no_grad():
+        bias = layer(zero).float()
+        cols = []
+        step = max(1, min(width, 2**22 // max(1, int(bias.shape[-1]))))
+        for i in range(0, width, step):
+            eye = torch.zeros(min(step, width - i), width, device=zero.device)
+            eye[:, i : i + eye.shape[0]] = torch.eye(eye.shape[0], device=zero.device)
+            cols.append(layer(eye).float() - bias)
+        return torch.cat(cols).t()
 
 
 def _allocate(
@@ -269,7 +501,6 @@ def _knapsack(
     buckets: int,
     rounding: str,
 ) -> dict[str, int] | None:
-    import math
 
     import numpy as np
 

@@ -1,6 +1,8 @@
 """nnslim.Auto: per-layer settings under a byte budget, from a K-FAC loss estimate."""
 
 import copy
+import dataclasses
+from typing import Any
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from torch import nn
 
 import nnslim
 from nnslim.testing import assert_same_state, model_state
+from nnslim.transforms.auto import CANDIDATES
 
 
 class _Net(nn.Module):
@@ -150,6 +153,172 @@ def test_saves_loads_round_trips_and_refuses_bad_input(tmp_path):
         nnslim.Auto(target={"bytes": 0.5}).apply(model, data[0][0])
     assert_same_state(before, model_state(model), "after refused budgets")
     with pytest.raises(ValueError, match="\\{'bytes': fraction\\}"):
-        nnslim.Auto(target={"macs": 0.5})
+        nnslim.Auto(target={"latency": 0.5})
+    with pytest.raises(ValueError, match="select"):
+        nnslim.Auto(target={"bytes": 0.5}, candidates=(nnslim.Compose([nnslim.Quantize()]),))
+    with pytest.raises(ValueError, match="not among the candidates"):
+        nnslim.Auto(plan={"a": "int2"})
     with pytest.raises(ValueError, match="candidates"):
         nnslim.Auto(target={"bytes": 0.5}, candidates=("int3",))
+
+
+@dataclasses.dataclass(frozen=True)
+class HalfWeights(nnslim.Transform):
+    """A transform of a user's own: the selected Linear layers' weights stored in fp16."""
+
+    select: Any = None
+
+    def _apply(self, model, ctx, report):
+        eligible = [(p, m) for p, m in model.named_modules() if isinstance(m, nn.Linear)]
+        for path, _ in self.resolve(model, self.select, eligible=eligible):
+            layer = model.get_submodule(path)
+            half = _HalfLinear(layer)
+            report.changed(path, "fp16 weights")
+            parent, _, name = path.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, name, half)
+
+
+class _HalfLinear(nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.weight = nn.Parameter(layer.weight.detach().half(), requires_grad=False)
+        self.bias = layer.bias
+
+    def forward(self, x):
+        return F.linear(x, self.weight.float(), self.bias)
+
+
+def test_a_transform_of_a_users_own_joins_the_search():
+    """No method to write: Auto applies it to a copy of each layer, reads the new layer's
+    bytes from the profiler and its weight back through the identity."""
+    model, data = _trained()
+    t = nnslim.Auto(target={"bytes": 0.6}, candidates=("int4-g32", HalfWeights()))
+    table = t.table(model, data)
+    name = repr(HalfWeights())
+    for p, opts in table.options.items():
+        by = {n: (c, loss) for n, c, loss in opts}
+        w = getattr(model, p).weight
+        assert by[name][0] == pytest.approx(by["keep"][0] - 2 * w.numel())  # fp16: half the bytes
+        assert 0 < by[name][1] < by["int4-g32"][1]  # fp16 rounds far less than int4
+    report = t.apply(model, calibration=data)
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert "_HalfLinear" in kinds
+    note = next(n for n in report.notes if n.startswith("Auto:"))
+    predicted = float(note.split("predicted ")[1].split(" ")[0])
+    assert report.after.param_bytes / report.before.param_bytes == pytest.approx(
+        predicted, rel=0.02
+    )
+
+
+def test_palettes_and_low_rank_join_and_a_macs_budget_is_met():
+    """Below uniform int4 g64's bytes only palettes (and low rank) fit; under a MACs budget only
+    low rank saves anything. Both budgets are met as predicted."""
+    model, data = _trained()
+    table = nnslim.Auto(target={"bytes": 0.5}, candidates=tuple(CANDIDATES)).table(model, data)
+    names = {n for opts in table.options.values() for n, _, _ in opts}
+    assert {"palette-8", "palette-16", "palette-256", "rank-0.5", "rank-0.25"} <= names
+    for opts in table.options.values():
+        by = {n: c for n, c, _ in opts}
+        assert by["palette-8"] < by["palette-16"] < by["int4-g64"] < by["int8"] < by["keep"]
+    m = copy.deepcopy(model)
+    report = nnslim.Auto(
+        target={"bytes": 0.15}, candidates=("int4-g64", "palette-8", "palette-16")
+    ).apply(m, calibration=data)
+    assert report.after.param_bytes / report.before.param_bytes <= 0.15 + 1e-6
+    assert any(type(x).__name__ == "PalettizedLinear" for x in m.modules())
+    m = copy.deepcopy(model)
+    t = nnslim.Auto(target={"macs": 0.7}, candidates=("int8", "rank-0.5", "rank-0.25"))
+    report = t.apply(m, data[0][0], calibration=data)
+    note = next(n for n in report.notes if n.startswith("Auto:"))
+    predicted = float(note.split("predicted ")[1].split(" ")[0])
+    measured = report.after.macs / report.before.macs
+    assert measured <= 0.7 + 1e-6 and measured == pytest.approx(predicted, rel=0.02)
+    assert not any(type(x).__name__.startswith("Int8") for x in m.modules())  # saves no MACs
+
+
+def test_the_table_is_cached_and_its_front_falls_with_the_budget():
+    model, data = _trained()
+    t = nnslim.Auto(target={"bytes": 0.3})
+    table = t.table(model, data)
+    assert nnslim.Auto(target={"bytes": 0.5}).table(model, data) is table  # same weights, data
+    front = table.front()
+    assert front[0]["budget"] == pytest.approx(table.smallest())
+    losses = [p["loss"] for p in front]
+    assert all(a >= b - 1e-12 for a, b in zip(losses, losses[1:], strict=False))
+    assert front[-1]["plan"] == {} and front[-1]["loss"] == 0.0
+    for p in front:
+        assert p["cost"] <= p["budget"] + 1e-9
+    # a plan applies as given, and the applied model is the one the search gives
+    plan = table.allocate(0.3)
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    nnslim.Auto(plan=plan).apply(a, calibration=data)
+    t.apply(b, calibration=data)
+    x = data[0][0]
+    with torch.no_grad():
+        assert torch.equal(a(x), b(x))
+    with torch.no_grad():
+        model.a.weight.mul_(2)  # new weights: measured again
+    assert nnslim.Auto(target={"bytes": 0.5}).table(model, data) is not table
+    again = nnslim.Auto(plan=plan)
+    assert nnslim.Transform.from_json(again.to_json()) == again
+
+
+def _accuracy(data):
+    def evaluate(model):
+        with torch.no_grad():
+            return sum(float((model(x).argmax(1) == y).float().mean()) for x, y in data) / len(data)
+
+    return evaluate
+
+
+def test_compress_with_auto_keeps_the_first_round_within_the_tolerance():
+    model, data = _trained()
+    before = model_state(model)
+    auto = nnslim.Auto(target={"bytes": 0.3})
+    result = nnslim.compress(
+        model, auto, evaluate=_accuracy(data), tolerance=0.5, example_inputs=data[0][0],
+        calibration=data,
+    )  # fmt: skip
+    assert_same_state(before, model_state(model), "compress works on a copy")
+    assert result.reached and len(result.history) == 1
+    row = result.history[0]
+    assert row["kept"] and result.plan == row["plan"] == auto.table(model, data).allocate(0.3)
+    assert row["param_bytes"] / result.baseline["param_bytes"] == pytest.approx(
+        row["predicted_cost"], rel=0.02
+    )
+    assert result.front and result.front[-1]["loss"] == 0.0
+    assert "Auto round 1" in result.table()
+
+
+def test_compress_with_auto_corrects_its_estimates_and_says_when_no_round_fits():
+    """Tolerance 0 at a small budget: each round misses; between rounds the changed layers are
+    put back group by group and the estimates rescaled by what that recovered; the model is
+    left as it was, every round in the history."""
+    model, data = _trained()
+    calls = []
+    acc = _accuracy(data)
+
+    def evaluate(m):
+        calls.append(1)
+        return acc(m)
+
+    result = nnslim.compress(
+        model, nnslim.Auto(target={"bytes": 0.16}, candidates=("int4-g32", "palette-8")),
+        evaluate=evaluate, tolerance=0.0, example_inputs=data[0][0], calibration=data, rounds=3,
+    )  # fmt: skip
+    assert not result.reached and result.plan == {}
+    assert all(not r["kept"] for r in result.history) and 1 <= len(result.history) <= 3
+    assert any("no round kept the metric" in n for n in result.notes)
+    rounds = len(result.history)
+    changed = len(result.history[0]["plan"])
+    # the baseline, each round, and after each missed round that is not the last, one per
+    # group put back (at most four); a round whose plan repeats is not run
+    assert rounds == 3 or any("repeat an earlier plan" in n for n in result.notes)
+    assert 1 + rounds < len(calls) <= 1 + rounds + min(4, changed) * rounds
+    with torch.no_grad():
+        assert torch.equal(result.model(data[0][0]), model(data[0][0]))
+    with pytest.raises(ValueError, match="finite"):
+        nnslim.compress(
+            model, nnslim.Auto(target={"bytes": 0.5}), evaluate=lambda m: float("nan"),
+            tolerance=0.1, example_inputs=data[0][0], calibration=data,
+        )  # fmt: skip
