@@ -2,6 +2,7 @@
 
 import copy
 import dataclasses
+import itertools
 from typing import Any
 
 import pytest
@@ -244,7 +245,7 @@ def test_the_table_is_cached_and_its_front_falls_with_the_budget():
     front = table.front()
     assert front[0]["budget"] == pytest.approx(table.smallest())
     losses = [p["loss"] for p in front]
-    assert all(a >= b - 1e-12 for a, b in zip(losses, losses[1:], strict=False))
+    assert all(a >= b - 1e-12 for a, b in itertools.pairwise(losses))
     assert front[-1]["plan"] == {} and front[-1]["loss"] == 0.0
     for p in front:
         assert p["cost"] <= p["budget"] + 1e-9
