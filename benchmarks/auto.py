@@ -2,10 +2,12 @@
 
 Budgets: the bytes of uniform int4 g64 on the transformer blocks (the embeddings and the
 tied head stay float), and 0.5x / 0.35x the bytes of the int8 model. Rows: uniform RTN,
-uniform GPTQ, Auto with RTN and with GPTQ (candidates int8, int4 g64, int4 g32; 576 and
-1536 are not multiples of 128, so g128 is g64 here). Perplexity with ``nnslim.evaluate`` on
-the same windows as ``real_llm.py``; each row names its measured bytes and the time the
-search took.
+uniform GPTQ, Auto with RTN and with GPTQ (candidates int8, int4 g64, int4 g32, palettes of
+16 and 8 values; 576 and 1536 are not multiples of 128, so g128 is g64 here). The table
+(Auto's per-layer measurement) is made once and each Auto row applies its plan
+(``Auto(plan=...)``); its time is printed beside one uniform GPTQ pass's. Perplexity with
+``nnslim.evaluate`` on the same windows as ``real_llm.py``; each row names its measured bytes
+and the time it took to apply.
 
     python benchmarks/auto.py            # 32 eval windows, 16 calibration windows
     python benchmarks/auto.py --quick    # 2 and 2
@@ -77,13 +79,27 @@ def main() -> None:
         nnslim.Quantize(scheme="int4", group_size=64, method="gptq", select=BLOCKS),
         "int4 g64",
     )
-    cands = ("int8", "int4-g64", "int4-g32")
+    cands = ("int8", "int4-g64", "int4-g32", "palette-16", "palette-8")
+    t0 = time.perf_counter()
+    table = nnslim.Auto(target={"bytes": int4}, candidates=cands, select=BLOCKS).table(
+        base, labelled
+    )
+    search = time.perf_counter() - t0
+    gptq_s = next(r["seconds"] for r in rows if r["variant"] == "uniform int4 g64 GPTQ")
+    print(
+        f"  Auto's table: {len(table.options)} layers x {len(cands)} candidates in "
+        f"{search:.0f} s ({search / gptq_s:.2f}x one uniform GPTQ pass)"
+    )
+    plan = table.allocate(int4)
     for method in ("rtn", "gptq"):
         run(
             f"Auto ({method})",
-            nnslim.Auto(target={"bytes": int4}, candidates=cands, method=method, select=BLOCKS),
+            nnslim.Auto(plan=plan, candidates=cands, method=method, select=BLOCKS),
             "int4 g64",
         )
+    front = table.front()
+    for point in front:
+        print(f"  front: budget {point['budget']:.4f} estimated loss {point['loss']:.4g}")
     int8 = nnslim.Quantize(scheme="int8", select=BLOCKS)
     m = copy.deepcopy(base)
     int8.apply(m, calibration=calib[:1])
@@ -91,19 +107,12 @@ def main() -> None:
     del m
     for mult in (0.5, 0.35):
         # the whole model at this fraction of the int8 model's bytes (Auto says so where
-        # even every block layer at int4 g64 does not reach it: the float embeddings)
+        # even every block layer at its smallest does not reach it: the float embeddings)
         target = mult * blocks_int8
-        for method in ("rtn", "gptq"):
-            try:
-                run(
-                    f"Auto ({method})",
-                    nnslim.Auto(
-                        target={"bytes": target}, candidates=cands, method=method, select=BLOCKS
-                    ),
-                    f"{mult}x int8",
-                )
-            except ValueError as e:
-                print(f"  {mult}x int8 Auto ({method}): {e}")
+        try:
+            table.allocate(target)
+        except ValueError as e:
+            print(f"  {mult}x int8: {e}")
     fp = rows[0]["perplexity"]
     print_table(
         ["budget", "variant", "perplexity", "vs fp32", "bytes", "search+apply s"],
@@ -122,7 +131,21 @@ def main() -> None:
     )
     name = "auto" + ("-quick" if args.quick else "")
     print(
-        f"wrote {write_json(name, {'rows': rows, 'windows': len(evals), 'length': evals.length})}"
+        "wrote "
+        + str(
+            write_json(
+                name,
+                {
+                    "rows": rows,
+                    "windows": len(evals),
+                    "length": evals.length,
+                    "table_seconds": search,
+                    "gptq_seconds": gptq_s,
+                    "plan": plan,
+                    "front": [{k: v for k, v in p.items() if k != "plan"} for p in front],
+                },
+            )
+        )
     )
 
 
