@@ -107,25 +107,52 @@ def _(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tens
 
 
 # -- int8 weights and dynamically quantized activations ---------------------------------------
+@torch.compiler.assume_constant_result
+def _half_range() -> int:
+    """The activations' codes are ``[0, 2 * half + 1]`` around ``half + 1``: without VNNI, u8 x
+    s8 pairs are summed in int16 and saturate, so 7-bit (as fbgemm's reduce_range does)."""
+    return 127 if cpu_has_vnni() else 63
+
+
+def _quantize_rows(x2: torch.Tensor, half: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row of ``x2`` (float32) as uint8 codes around ``half + 1``, and its scale."""
+    sx = (x2.abs().amax(dim=1, keepdim=True) / half).clamp_min(MIN_SCALE)
+    xq = (torch.round(x2 / sx) + (half + 1)).clamp(0, 2 * half + 1).to(torch.uint8)
+    return xq, sx
+
+
+def _int8_rows_mm(
+    xq: torch.Tensor, sx: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, half: int
+) -> torch.Tensor:
+    """oneDNN's u8 x s8 GEMM of the row codes (zero point ``half + 1``) with the int8 weight
+    (packed once per weight), rescaled per column and per row, in float32."""
+    packed = _packed_of(qweight)
+    if packed is None:
+        packed = torch.ops.onednn.qlinear_prepack(qweight, None)
+        _keep_packed(qweight, packed)
+    zp = torch.zeros(qweight.shape[0], dtype=torch.int64)
+    y = torch.ops.onednn.qlinear_pointwise(
+        xq, 1.0, half + 1, packed, scale.float(), zp, None, 1.0, 0, torch.float32, "none",
+        [], "",
+    )  # fmt: skip
+    return y * sx
+
+
+int8_rows_mm = torch.library.custom_op("nnslim::int8_rows_mm", mutates_args=())(_int8_rows_mm)
+
+
+@int8_rows_mm.register_fake
+def _(xq, sx, qweight, scale, half):  # type: ignore[no-untyped-def]
+    return sx.new_empty((xq.shape[0], qweight.shape[0]), dtype=torch.float32)
+
+
 def _int8_dynamic_mm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``x`` quantized per row to int8 at run time, times the int8 weight, in float32."""
     x2 = x.float().contiguous()
     if x.device.type == "cpu" and onednn_available():
-        # without VNNI, u8 x s8 pairs are summed in int16 and saturate: use 7-bit
-        # activations (as fbgemm's reduce_range does)
-        half = 127 if cpu_has_vnni() else 63
-        sx = (x2.abs().amax(dim=1, keepdim=True) / half).clamp_min(MIN_SCALE)
-        xq = (torch.round(x2 / sx) + (half + 1)).clamp(0, 2 * half + 1).to(torch.uint8)
-        packed = _packed_of(qweight)
-        if packed is None:
-            packed = torch.ops.onednn.qlinear_prepack(qweight, None)
-            _keep_packed(qweight, packed)
-        zp = torch.zeros(qweight.shape[0], dtype=torch.int64)
-        y = torch.ops.onednn.qlinear_pointwise(
-            xq, 1.0, half + 1, packed, scale.float(), zp, None, 1.0, 0, torch.float32, "none",
-            [], "",
-        )  # fmt: skip
-        return y * sx
+        half = _half_range()
+        xq, sx = _quantize_rows(x2, half)
+        return _int8_rows_mm(xq, sx, qweight, scale, half)
     sx = (x2.abs().amax(dim=1, keepdim=True) / 127).clamp_min(MIN_SCALE)
     xq = torch.round(x2 / sx).clamp(-127, 127).to(torch.int8)
     return torch._int_mm(xq, qweight.t()).float() * sx * scale.float()
@@ -239,8 +266,19 @@ _EAGER = {}  # operator -> its plain function, filled below
 
 
 def matmul(op: Any, x: torch.Tensor, *args: Any) -> torch.Tensor:
-    """``op(x, *args)``; in eager inference its function directly (same result, no dispatch)."""
-    if torch.compiler.is_compiling() or (x.requires_grad and torch.is_grad_enabled()):
+    """``op(x, *args)``; in eager inference its function directly (same result, no dispatch).
+
+    Compiled inference of int8-dynamic on CPU traces the activations' rounding as plain torch
+    operations (Inductor fuses them into one kernel) and keeps only the integer GEMM opaque
+    (``nnslim::int8_rows_mm``): the same arithmetic as the eager kernel."""
+    grad = x.requires_grad and torch.is_grad_enabled()
+    if torch.compiler.is_compiling() and not grad:
+        if op is int8_dynamic_mm and x.device.type == "cpu" and onednn_available():
+            half = _half_range()
+            xq, sx = _quantize_rows(x.float().contiguous(), half)
+            return int8_rows_mm(xq, sx, *args, half)
+        return op(x, *args)
+    if torch.compiler.is_compiling() or grad:
         return op(x, *args)
     return _EAGER[op](x, *args)
 

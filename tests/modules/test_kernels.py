@@ -69,6 +69,27 @@ def test_compiled_layer_matches_eager(name, fresh_dynamo):
     assert torch.allclose(got, m(x), atol=1e-5, rtol=1e-5)
 
 
+def test_compiled_int8_dynamic_traces_the_rounding_and_keeps_only_the_gemm_opaque(fresh_dynamo):
+    """Compiled inference of int8-dynamic on CPU: the activations' rounding is plain torch
+    operations Inductor fuses, only the integer GEMM is an operator, with no graph break
+    (reading /proc/cpuinfo for VNNI inside the trace broke the graph per layer), and the
+    result is the eager kernel's exactly."""
+    if not kernels.onednn_available():
+        pytest.skip("no oneDNN quantized kernels in this torch build")
+    m = nn.Sequential(
+        _layer("int8-dynamic"), nn.ReLU(), Int8DynamicLinear.from_float(nn.Linear(40, 8))
+    ).eval()
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        explained = torch._dynamo.explain(m)(x)
+        assert explained.graph_break_count == 0
+        gm = explained.graphs[0]
+        ops = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+        assert "nnslim.int8_rows_mm.default" in ops and "nnslim.int8_dynamic_mm.default" not in ops
+        assert torch.equal(torch.compile(m)(x), m(x))
+    torch.library.opcheck(kernels.int8_rows_mm, (*kernels._quantize_rows(x, 127), *_codes8(), 127))
+
+
 @pytest.mark.parametrize("name", list(LAYERS))
 def test_gradient_reaches_the_inputs_through_the_dequantized_weight(name):
     """The int4 and int8 kernels have no derivative; the ops pass the gradient of
