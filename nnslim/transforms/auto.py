@@ -544,7 +544,9 @@ def _fit(
     """``choice`` made to fit the exact budget (downgrades costing the least loss per byte
     saved) and then to use what is left (upgrades removing the most loss per byte)."""
     choice = dict(choice)
-    left = budget - sum(options[p][i][1] for p, i in choice.items())
+    # a budget that is a plan's cost up to float rounding fits it
+    slack = 1e-9 * max(abs(budget), 1.0)
+    left = budget + slack - sum(options[p][i][1] for p, i in choice.items())
     while left < 0:
         found = None
         for p, i in choice.items():
