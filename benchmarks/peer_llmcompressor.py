@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import tempfile
 import time
 import warnings
+from typing import Any
 
 import torch
 from _common import print_table, write_json
@@ -31,7 +33,7 @@ from real_llm import smollm2_windows
 from nnslim.evaluate import perplexity
 
 
-def _gptq(model: torch.nn.Module, calib: list[dict], symmetric: bool) -> dict:
+def _gptq(model: torch.nn.Module, tok: Any, calib: list[dict], symmetric: bool) -> dict:
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from datasets import Dataset
     from llmcompressor import oneshot
@@ -50,6 +52,7 @@ def _gptq(model: torch.nn.Module, calib: list[dict], symmetric: bool) -> dict:
         model=model,
         dataset=data,
         recipe=modifier,
+        processor=tok,
         num_calibration_samples=len(ids),
         max_seq_length=max(len(i) for i in ids),
     )
@@ -68,15 +71,31 @@ def main() -> None:
     torch.manual_seed(0)
     base, evals, calib = smollm2_windows(*((2, 2) if args.quick else (32, 16)))
     import llmcompressor
+    import real_data
+
+    _, tok = real_data.smollm2()  # the tokenizer (oneshot wants a processor with a dataset)
 
     rows = []
     ppl = perplexity(base, evals)
     rows.append({"variant": "fp32 (this venv)", "perplexity": ppl.value, "seconds": 0.0})
     print(f"  fp32: {ppl}", flush=True)
+    # llm-compressor reads the model's config from disk (``config.name_or_path``): the
+    # GGUF-loaded model goes through a save_pretrained directory, as a user's would
+    from transformers import AutoModelForCausalLM
+
+    saved = tempfile.mkdtemp()
+    config = copy.deepcopy(base.config)
+    if hasattr(config, "quantization_config"):  # the GGUF source, already dequantized
+        delattr(config, "quantization_config")
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(base.state_dict())
+    plain.save_pretrained(saved)
+    tok.save_pretrained(saved)
+    del plain
     for symmetric in (False, True):
-        m = copy.deepcopy(base)
+        m = AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float32).eval()
         t0 = time.perf_counter()
-        options = _gptq(m, calib, symmetric)
+        options = _gptq(m, tok, calib, symmetric)
         seconds = time.perf_counter() - t0
         ppl = perplexity(m, evals)
         name = f"llm-compressor GPTQ int4 g64 {'symmetric' if symmetric else 'asymmetric'}"
