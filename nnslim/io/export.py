@@ -54,10 +54,10 @@ from ..base.atomic import atomic_path, temp_dir_beside
 from ..base.inputs import Inputs, as_inputs, first_tensor, run_model
 from ..base.modules import copy_model
 from ..modules.fake_quant import FakeQuantLinear
-from ..modules.kernels import MIN_SCALE
+from ..modules.kernels import quantize_rows
 from ..modules.quantized import Int4Linear, Int8Conv2d, Int8DynamicLinear, Int8Linear
 from ..modules.shared import PalettizedConv2d, PalettizedLinear
-from .gguf import FLOAT_TYPES
+from .gguf import check_float_type
 
 __all__ = ["FORMATS", "export"]
 
@@ -138,11 +138,7 @@ def export(
         raise ValueError(
             f"nnslim.export(int4_compute=...): expected 'int8' or 'float', got {int4_compute!r}."
         )
-    if float_type not in FLOAT_TYPES:
-        raise ValueError(
-            f"nnslim.export(float_type=...): expected one of {', '.join(FLOAT_TYPES)}, got "
-            f"{float_type!r}."
-        )
+    check_float_type(float_type)
     if palettized not in ("lookup", "dense"):
         raise ValueError(
             f"nnslim.export(palettized=...): expected 'lookup' or 'dense', got {palettized!r}."
@@ -355,11 +351,11 @@ class _Int8DynamicOnnx(_Int8Onnx):
     wrong for a per-row one (measured: 1.5% error)."""
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        sx = (x.abs().amax(dim=1, keepdim=True) / 127).clamp_min(MIN_SCALE)
-        xq = (torch.round(x / sx) + 128).to(torch.uint8)
+        half = 127  # 8-bit codes around 128 (the exported file may run on a VNNI CPU or not)
+        xq, sx = quantize_rows(x, half)
         acc = torch.onnx.ops.symbolic(
             "MatMulInteger",
-            (xq, self.qweight_t, torch.tensor(128, dtype=torch.uint8)),
+            (xq, self.qweight_t, torch.tensor(half + 1, dtype=torch.uint8)),
             {},
             dtype=torch.int32,
             shape=(x.shape[0], self.qweight_t.shape[1]),

@@ -41,6 +41,15 @@ _BLOCK = 32  # weights per Q4_1 / Q8_0 block
 FLOAT_TYPES = ("f16", "bf16", "f32")
 
 
+def check_float_type(float_type: str) -> None:
+    """Refuse a ``float_type`` that is not one of :data:`FLOAT_TYPES`."""
+    if float_type not in FLOAT_TYPES:
+        raise ValueError(
+            f"nnslim.export(float_type=...): expected one of {', '.join(FLOAT_TYPES)}, got "
+            f"{float_type!r}."
+        )
+
+
 def write_gguf(
     model: nn.Module, path: Path, tokenizer_from: Path | None = None, float_type: str = "f16"
 ) -> list[str]:
@@ -50,11 +59,7 @@ def write_gguf(
     (``tokenizer.json``) converted as llama.cpp's ``convert_hf_to_gguf.py`` does."""
     import gguf
 
-    if float_type not in FLOAT_TYPES:
-        raise ValueError(
-            f"nnslim.export(float_type=...): expected one of {', '.join(FLOAT_TYPES)}, got "
-            f"{float_type!r}."
-        )
+    check_float_type(float_type)
     cfg = getattr(model, "config", None)
     kind = getattr(cfg, "model_type", None)
     if kind not in ARCHITECTURES:

@@ -30,7 +30,14 @@ import torch.nn.functional as F
 
 from ..profiling.formulas import register_formula
 
-__all__ = ["cpu_has_vnni", "int4_mm", "int8_dynamic_mm", "int8_weight_mm", "matmul"]
+__all__ = [
+    "cpu_has_vnni",
+    "int4_mm",
+    "int8_dynamic_mm",
+    "int8_weight_mm",
+    "matmul",
+    "quantize_rows",
+]
 
 #: smallest per-row activation scale: keeps tiny (but nonzero) activations from rounding to 0
 MIN_SCALE = torch.finfo(torch.float32).tiny
@@ -114,7 +121,7 @@ def _half_range() -> int:
     return 127 if cpu_has_vnni() else 63
 
 
-def _quantize_rows(x2: torch.Tensor, half: int) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows(x2: torch.Tensor, half: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row of ``x2`` (float32) as uint8 codes around ``half + 1``, and its scale."""
     sx = (x2.abs().amax(dim=1, keepdim=True) / half).clamp_min(MIN_SCALE)
     xq = (torch.round(x2 / sx) + (half + 1)).clamp(0, 2 * half + 1).to(torch.uint8)
@@ -151,7 +158,7 @@ def _int8_dynamic_mm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor
     x2 = x.float().contiguous()
     if x.device.type == "cpu" and onednn_available():
         half = _half_range()
-        xq, sx = _quantize_rows(x2, half)
+        xq, sx = quantize_rows(x2, half)
         return _int8_rows_mm(xq, sx, qweight, scale, half)
     sx = (x2.abs().amax(dim=1, keepdim=True) / 127).clamp_min(MIN_SCALE)
     xq = torch.round(x2 / sx).clamp(-127, 127).to(torch.int8)
@@ -272,15 +279,13 @@ def matmul(op: Any, x: torch.Tensor, *args: Any) -> torch.Tensor:
     operations (Inductor fuses them into one kernel) and keeps only the integer GEMM opaque
     (``nnslim::int8_rows_mm``): the same arithmetic as the eager kernel."""
     grad = x.requires_grad and torch.is_grad_enabled()
-    if torch.compiler.is_compiling() and not grad:
-        if op is int8_dynamic_mm and x.device.type == "cpu" and onednn_available():
-            half = _half_range()
-            xq, sx = _quantize_rows(x.float().contiguous(), half)
-            return int8_rows_mm(xq, sx, *args, half)
-        return op(x, *args)
-    if torch.compiler.is_compiling() or grad:
-        return op(x, *args)
-    return _EAGER[op](x, *args)
+    if not (torch.compiler.is_compiling() or grad):
+        return _EAGER[op](x, *args)
+    if not grad and op is int8_dynamic_mm and x.device.type == "cpu" and onednn_available():
+        half = _half_range()
+        xq, sx = quantize_rows(x.float().contiguous(), half)
+        return int8_rows_mm(xq, sx, *args, half)
+    return op(x, *args)
 
 
 _EAGER.update(

@@ -203,6 +203,7 @@ def compress(
         raise TypeError("compress(evaluate=...): expected a callable model -> metric.")
     check_fraction("compress", "tolerance", tolerance, low=0.0, high=float("inf"))
     check_int("compress", "steps", steps, low=1)
+    check_int("compress", "rounds", rounds, low=1)
     auto = transforms if isinstance(transforms, Auto) else None
     if auto is not None and auto.target is None:
         raise ValueError("compress(Auto(...)): give the Auto its budget (target=...).")
@@ -303,7 +304,6 @@ def _auto_rounds(
     rounds: int,
 ) -> None:
     """:func:`compress` with an :class:`Auto`: plan, apply, evaluate, correct, again."""
-    check_int("compress", "rounds", rounds, low=1)
     table = auto.table(model, calibration, example_inputs)
     fraction = auto._target.fraction
     result.front = table.front()

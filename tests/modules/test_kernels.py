@@ -87,7 +87,7 @@ def test_compiled_int8_dynamic_traces_the_rounding_and_keeps_only_the_gemm_opaqu
         ops = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
         assert "nnslim.int8_rows_mm.default" in ops and "nnslim.int8_dynamic_mm.default" not in ops
         assert torch.equal(torch.compile(m)(x), m(x))
-    torch.library.opcheck(kernels.int8_rows_mm, (*kernels._quantize_rows(x, 127), *_codes8(), 127))
+    torch.library.opcheck(kernels.int8_rows_mm, (*kernels.quantize_rows(x, 127), *_codes8(), 127))
 
 
 @pytest.mark.parametrize("name", list(LAYERS))
