@@ -57,12 +57,18 @@ class Distillation:
             mean squared error (shapes must agree: pick layers pruning did not narrow, such as
             residual-stream block outputs).
         feature_weight: weight of the feature terms.
+        feature_loss: ``"mse"``: the mean squared error of each matched pair, summed;
+            ``"relative"``: each pair's squared error divided by the teacher feature's mean
+            square, averaged over the pairs (scale-free: a transformer's residual stream reaches
+            values in the thousands, where plain MSE drowns the logit term; the default of
+            :meth:`for_blocks`).
     """
 
     temperature: float = 4.0
     alpha: float = 0.5
     features: dict[str, str] = field(default_factory=dict)
     feature_weight: float = 1.0
+    feature_loss: Literal["mse", "relative"] = "mse"
 
     def __post_init__(self) -> None:
         check_fraction(
@@ -70,6 +76,7 @@ class Distillation:
         )
         check_fraction("Distillation", "alpha", self.alpha, high_inclusive=True)
         check_fraction("Distillation", "feature_weight", self.feature_weight, high=1e6)
+        check_choice("Distillation", "feature_loss", self.feature_loss, ("mse", "relative"))
         if not isinstance(self.features, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in self.features.items()
         ):
@@ -88,7 +95,8 @@ class Distillation:
         Args:
             model: the student (or the teacher: the paths are the same).
             every: match every this-many blocks.
-            kwargs: ``temperature``, ``alpha``, ``feature_weight``.
+            kwargs: ``temperature``, ``alpha``, ``feature_weight``, ``feature_loss``
+                (default ``"relative"`` here).
 
         Raises:
             ValueError: the model has no repeated blocks (name the layers with ``features=``).
@@ -102,6 +110,7 @@ class Distillation:
             )
         path, blocks = stack
         picked = sorted({*range(0, len(blocks), every), len(blocks) - 1})
+        kwargs.setdefault("feature_loss", "relative")
         return cls(features={f"{path}.{i}": f"{path}.{i}" for i in picked}, **kwargs)
 
 
@@ -611,7 +620,9 @@ class Trainer:
                 data = itertools.chain([first], it)
         if resume:
             resume = self._resume(ckpts.directory, model, opt, sched, dist, state, result)
-        features = _FeatureTaps(model, self.teacher, self.distillation.features)
+        features = _FeatureTaps(
+            model, self.teacher, self.distillation.features, self.distillation.feature_loss
+        )
         if self.teacher is not None:
             self.teacher.eval()
         bar = _progress(self.options.verbose, max_steps, dist.rank)
@@ -935,8 +946,13 @@ class _FeatureTaps:
     """Forward hooks capturing matched student/teacher features."""
 
     def __init__(
-        self, student: nn.Module, teacher: nn.Module | None, pairs: dict[str, str]
+        self,
+        student: nn.Module,
+        teacher: nn.Module | None,
+        pairs: dict[str, str],
+        kind: str = "mse",
     ) -> None:
+        self.kind = kind
         self.handles: list[Any] = []
         self.s: dict[str, torch.Tensor] = {}
         self.t: dict[str, torch.Tensor] = {}
@@ -977,7 +993,11 @@ class _FeatureTaps:
                     f"teacher's {self.pairs[key]!r} has {tuple(t.shape)}; match layers whose width "
                     f"pruning kept (block outputs in the residual stream)."
                 )
-            total = total + F.mse_loss(s.float(), t.detach().float())
+            t = t.detach().float()
+            err = F.mse_loss(s.float(), t)
+            if self.kind == "relative":
+                err = err / (t.pow(2).mean() + 1e-12) / len(self.pairs)
+            total = total + err
         # this step's features only: none is reused by a later step, and none is held
         self.s.clear()
         self.t.clear()

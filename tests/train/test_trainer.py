@@ -91,6 +91,37 @@ def test_feature_matching_checks_shapes():
     assert ok.fit(student, [(torch.randn(4, 8), torch.randint(0, 2, (4,)))]).steps == 1
 
 
+@pytest.mark.parametrize("scale", [1.0, 1000.0])
+def test_relative_feature_loss_is_the_error_over_the_teachers_mean_square(scale):
+    """With identical (zero) logits the loss is the feature term alone: the squared error over
+    the teacher feature's mean square, averaged over pairs, the same at any feature scale (a
+    residual stream in the thousands does not drown the logits)."""
+    torch.manual_seed(0)
+
+    def net(w):
+        first = nn.Linear(8, 16)
+        nn.init.zeros_(first.bias)
+        with torch.no_grad():
+            first.weight.copy_(w * scale)
+        last = nn.Linear(16, 2)
+        nn.init.zeros_(last.weight), nn.init.zeros_(last.bias)
+        return nn.Sequential(first, nn.ReLU(), last)
+
+    w_t, w_s = torch.randn(16, 8), torch.randn(16, 8)
+    teacher, student = net(w_t).eval(), net(w_s)
+    x = torch.randn(4, 8)
+    d = nnslim.Distillation(
+        alpha=1.0, features={"0": "0", "1": "1"}, feature_loss="relative", feature_weight=2.0
+    )
+    trainer = nnslim.Trainer(lr=1e-9, teacher=teacher, distillation=d, options=QUIET)
+    got = trainer.fit(student, [(x, torch.zeros(4, dtype=torch.long))]).losses[0]
+    with torch.no_grad():
+        t0, s0 = teacher[0](x), student[0](x)
+        t1, s1 = t0.relu(), s0.relu()
+    want = 2.0 * sum(((s - t) ** 2).mean() / (t**2).mean() for s, t in ((s0, t0), (s1, t1))) / 2
+    assert got == pytest.approx(float(want), rel=1e-5)
+
+
 def test_regularization_shrinks_what_it_targets():
     torch.manual_seed(0)
     data = [(torch.randn(2, 3, 8, 8), torch.randint(0, 5, (2,))) for _ in range(4)]
@@ -581,6 +612,7 @@ def test_distillation_for_blocks_recovers_a_pruned_llama():
     nnslim.Prune(ratio=0.5, select="re:.*mlp.*").apply(student, ids[0])
     d = nnslim.Distillation.for_blocks(teacher, every=2)
     assert d.features == {f"model.layers.{i}": f"model.layers.{i}" for i in (0, 2)}
+    assert d.feature_loss == "relative"  # scale-free: the residual stream is not O(1)
 
     def gap():
         with torch.no_grad():
