@@ -1,5 +1,5 @@
-"""``Auto``: choose each layer's setting to meet a size or MACs budget with the least estimated
-loss.
+"""``Auto``: choose each layer's setting to meet a size, MACs or latency budget with the least
+estimated loss.
 
 The loop the library starts from, automatic: every eligible Linear layer gets a list of
 candidates (kept as it is; int8; int4 with groups of 128, 64 or 32 inputs; palettized to 256,
@@ -13,7 +13,9 @@ total estimate; the choice is applied as one transform per setting, in one atomi
 A candidate is measured by applying it to a copy of the one layer (a candidate that does not
 apply to a layer, or leaves it unchanged, is not offered for it): its cost is the profiler's
 figure for the new layer (weight bytes; MACs scaled to the calls the layer makes in the
-model), and the weight it leaves is read back by running the new layer on the identity matrix
+model) or, for a latency budget, the new layer's median time in eager torch on as many input
+rows as the layer sees in one forward of the example inputs (the rest of the model's time is
+measured once and held fixed), and the weight it leaves is read back by running the new layer on the identity matrix
 (so it is the weight the layer computes with, whatever the transform stores). This is the whole
 protocol for a transform of your own: a :class:`~nnslim.Transform` with a ``select`` field that
 replaces (or changes) the Linear layers it selects joins the search unchanged.
@@ -66,6 +68,9 @@ __all__ = ["CANDIDATES", "Auto", "AutoTable"]
 #: the built-in candidates, by name
 CANDIDATES: dict[str, Transform] = {
     "int8": Quantize(scheme="int8"),
+    # activations rounded too: the fastest setting in eager CPU torch; the loss estimate sees
+    # only its weight rounding (the activations' is per row at run time)
+    "int8-dynamic": Quantize(scheme="int8-dynamic"),
     "int4-g128": Quantize(scheme="int4", group_size=128),
     "int4-g64": Quantize(scheme="int4", group_size=64),
     "int4-g32": Quantize(scheme="int4", group_size=32),
@@ -78,7 +83,8 @@ CANDIDATES: dict[str, Transform] = {
 #: what Auto searches unless told otherwise
 DEFAULT_CANDIDATES = ("int8", "int4-g128", "int4-g64", "int4-g32", "palette-16", "rank-0.5")
 #: budgets Auto searches: the target's metric -> the profiler's per-module figure
-_COSTS = {"param_bytes": "param_bytes", "macs": "macs"}
+_COSTS = {"param_bytes": "param_bytes", "macs": "macs", "latency_ms": "latency_ms"}
+_METRIC_NAMES = {"param_bytes": "bytes", "macs": "MACs", "latency_ms": "latency"}
 
 Option = tuple[str, float, float]  # (candidate name, cost, estimated loss)
 
@@ -92,8 +98,11 @@ class Auto(Transform):
     Needs calibration batches.
 
     Args:
-        target: ``{"bytes": f}`` (the whole model's weight bytes at most ``f`` of today's) or
-            ``{"macs": f}`` (its MACs on the example inputs).
+        target: ``{"bytes": f}`` (the whole model's weight bytes at most ``f`` of today's),
+            ``{"macs": f}`` (its MACs on the example inputs) or ``{"latency": f}`` (its eager
+            forward time on the example inputs, measured on this machine: the layers' times
+            add up to the model's within the timing noise, so check the result with
+            :func:`nnslim.profile` or let :func:`nnslim.compress` measure it).
         candidates: the settings layers may take besides staying as they are: names in
             :data:`CANDIDATES` and/or transforms with a ``select`` field.
         method: how the built-in quantization candidates are applied: ``"rtn"`` or
@@ -134,8 +143,8 @@ class Auto(Transform):
             if len(targets) != 1 or targets[0].metric not in _COSTS:
                 raise ValueError(
                     "Auto(target=...): give one budget, {'bytes': fraction} (the whole "
-                    "model's weight bytes as a fraction of today's) or {'macs': fraction}; "
-                    "latency budgets are not searched yet."
+                    "model's weight bytes as a fraction of today's), {'macs': fraction} or "
+                    "{'latency': fraction}."
                 )
         if isinstance(self.candidates, list):
             object.__setattr__(self, "candidates", tuple(self.candidates))
@@ -275,7 +284,7 @@ class AutoTable:
     options (the first is keeping the layer), and the whole model's cost.
 
     Attributes:
-        metric_name: ``"bytes"`` or ``"MACs"``.
+        metric_name: ``"bytes"``, ``"MACs"`` or ``"latency"`` (milliseconds).
         total: the model's cost today.
         options: ``{layer path: [(candidate name, cost, loss), ...]}``.
         unavailable: ``{layer path: {candidate name: why}}`` for candidates a layer cannot
@@ -316,7 +325,9 @@ class AutoTable:
                 p: [(n, c, loss * scale.get(p, 1.0)) for n, c, loss in o]
                 for p, o in options.items()
             }
-        choice = _allocate(options, budget - self.fixed)
+        # a budget at the smallest reachable (within the check's slack) gets exactly that room
+        floor = sum(min(c for _, c, _ in o) for o in options.values())
+        choice = _allocate(options, max(budget - self.fixed, floor))
         return {
             p: self.options[p][i][0] for p, i in choice.items() if self.options[p][i][0] != "keep"
         }
@@ -385,8 +396,9 @@ def _measure(
 
     stats = collect(model, batches, layers, gram=True, out_grads=True)
     inputs = ctx.inputs if ctx.inputs is not None else batches[0]
+    timed = metric == "latency_ms"
     whole = profile(model, inputs, memory=False)
-    total = float(getattr(whole, _COSTS[metric]))
+    total = _time_ms(model, inputs) if timed else float(getattr(whole, _COSTS[metric]))
     options: dict[str, list[Option]] = {}
     unavailable: dict[str, dict[str, str]] = {}
     probes = [(_name(c), _probe_transform(auto._transform(c))) for c in auto.candidates]
@@ -405,9 +417,14 @@ def _measure(
         w = linear_weight(m).detach().float()
         base = _LayerProbe(m, w.shape[1])
         scale = 1.0
-        if metric == "macs":
+        if metric != "param_bytes":
             calls = float(whole.modules[p].macs) if p in whole.modules else 0.0
             scale = calls / base.cost["macs"] if base.cost["macs"] else 0.0
+        if timed:  # one call on every input row it sees in a forward: its time per forward
+            own = linear_weight(m)
+            base.timing = torch.randn(max(1, round(scale)), base.width).to(own.device, own.dtype)
+            scale = 1.0 if calls else 0.0
+            base.cost["latency_ms"] = _time_ms(base.layer, base.timing)
         keep = base.cost[metric] * scale
         opts: list[Option] = [("keep", keep, 0.0)]
         for name, t in probes:
@@ -425,7 +442,14 @@ def _measure(
             opts.append((name, cost[metric] * scale, loss))
         options[p] = opts
         st.gram = None
-    return AutoTable("bytes" if metric == "param_bytes" else "MACs", total, options, unavailable)
+    return AutoTable(_METRIC_NAMES[metric], total, options, unavailable)
+
+
+def _time_ms(module: nn.Module, inputs: Any) -> float:
+    """Median eager time of ``module`` on ``inputs`` (a tensor or example inputs), in ms."""
+    from ..profiling.latency import measure_latency
+
+    return measure_latency(module, as_inputs(inputs), warmup=2, repeat=7, min_time_s=0.01).median_ms
 
 
 def _probe_transform(t: Transform) -> Transform:
@@ -440,6 +464,7 @@ class _LayerProbe:
 
     def __init__(self, layer: nn.Module, width: int) -> None:
         self.layer, self.width = layer, width
+        self.timing: torch.Tensor | None = None  # a latency budget: time candidates on it
         self.x = torch.zeros(1, width, device=linear_weight(layer).device)
         self.cost = self._cost(nn.Sequential(layer))
 
@@ -458,7 +483,10 @@ class _LayerProbe:
         report = dataclasses.replace(t, select=["0"]).apply(holder, self.x)
         if not report.changes:
             return None
-        return self._cost(holder), _effective_weight(holder[0], self.width, self.x)
+        cost = self._cost(holder)
+        if self.timing is not None:
+            cost["latency_ms"] = _time_ms(holder[0], self.timing)
+        return cost, _effective_weight(holder[0], self.width, self.x)
 
 
 def _effective_weight(layer: nn.Module, width: int, zero: torch.Tensor) -> torch.Tensor:
@@ -490,6 +518,9 @@ def _allocate(
         if plan is not None:
             plans.append(_fit(options, budget, plan))
     plans = [p for p in plans if p is not None]
+    if not plans:  # a budget at (about) the smallest plan: the buckets' rounding overshoots
+        smallest = {p: min(range(len(o)), key=lambda i, o=o: o[i][1]) for p, o in options.items()}
+        plans = [c for c in [_fit(options, budget, smallest)] if c is not None]
     if not plans:
         raise ValueError("Auto: no combination of the candidates fits the budget.")
     return min(plans, key=lambda c: sum(options[p][i][2] for p, i in c.items()))

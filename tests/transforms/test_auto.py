@@ -154,7 +154,7 @@ def test_saves_loads_round_trips_and_refuses_bad_input(tmp_path):
         nnslim.Auto(target={"bytes": 0.5}).apply(model, data[0][0])
     assert_same_state(before, model_state(model), "after refused budgets")
     with pytest.raises(ValueError, match="\\{'bytes': fraction\\}"):
-        nnslim.Auto(target={"latency": 0.5})
+        nnslim.Auto(target={"params": 0.5})
     with pytest.raises(ValueError, match="select"):
         nnslim.Auto(target={"bytes": 0.5}, candidates=(nnslim.Compose([nnslim.Quantize()]),))
     with pytest.raises(ValueError, match="not among the candidates"):
@@ -235,6 +235,59 @@ def test_palettes_and_low_rank_join_and_a_macs_budget_is_met():
     measured = report.after.macs / report.before.macs
     assert measured <= 0.7 + 1e-6 and measured == pytest.approx(predicted, rel=0.02)
     assert not any(type(x).__name__.startswith("Int8") for x in m.modules())  # saves no MACs
+
+
+def _fake_clock(module, inputs):
+    """A deterministic clock for the plumbing: each leaf's MACs on ``inputs``, int8-dynamic
+    layers at half their MACs' time and int8 weight-only ones at 1.2x (as on CPUs without
+    fast integer GEMMs for float activations), everything else at one unit a MAC."""
+    prof = nnslim.profile(module, inputs, memory=False)
+    factor = {"Int8DynamicLinear": 0.5, "Int8Linear": 1.2}
+    total = 0.0
+    for name, m in module.named_modules():
+        if not list(m.children()) and name in prof.modules:
+            total += prof.modules[name].macs * factor.get(type(m).__name__, 1.0)
+    return total
+
+
+def test_a_latency_budget_times_each_setting_on_its_rows(monkeypatch):
+    """Under {"latency": f} a layer's cost is its time on the rows it sees in one forward,
+    each candidate timed on a copy, the rest of the model timed once; with a clock that makes
+    int8 weight-only slower and int8-dynamic faster, the search never picks the slower one and
+    meets the budget as that clock measures the model afterwards."""
+    import nnslim.transforms.auto as auto_mod
+
+    monkeypatch.setattr(auto_mod, "_time_ms", _fake_clock)
+    model, data = _trained()
+    x = data[0][0]
+    t = nnslim.Auto(target={"latency": 0.6}, candidates=("int8", "int8-dynamic", "rank-0.25"))
+    table = t.table(model, data, x)
+    assert table.metric_name == "latency"
+    assert table.total == pytest.approx(_fake_clock(model, x))
+    for opts in table.options.values():
+        by = {n: c for n, c, _ in opts}
+        assert by["int8"] == pytest.approx(1.2 * by["keep"])
+        assert by["int8-dynamic"] == pytest.approx(0.5 * by["keep"])
+    m = copy.deepcopy(model)
+    report = t.apply(m, x, calibration=data)
+    note = next(n for n in report.notes if n.startswith("Auto:"))
+    predicted = float(note.split("predicted ")[1].split(" ")[0])
+    measured = _fake_clock(m, x) / _fake_clock(model, x)
+    assert measured <= 0.6 + 1e-6 and measured == pytest.approx(predicted, abs=1e-4)
+    assert not any(type(x).__name__ == "Int8Linear" for x in m.modules())
+    assert any(type(x).__name__ == "Int8DynamicLinear" for x in m.modules())
+
+
+def test_a_latency_budget_runs_on_the_real_clock():
+    """The same search on this machine's clock: every setting timed (no threshold on the
+    times: the machine is shared), the plan within the budget it predicts."""
+    model, data = _trained()
+    table = nnslim.Auto(target={"latency": 0.9}, candidates=("int8-dynamic", "rank-0.25")).table(
+        model, data, data[0][0]
+    )
+    assert table.total > 0 and all(c > 0 for o in table.options.values() for _, c, _ in o)
+    plan = table.allocate(max(0.9, table.smallest()))
+    assert table.cost_of(plan) <= max(0.9, table.smallest()) * table.total * (1 + 1e-9)
 
 
 def test_the_table_is_cached_and_its_front_falls_with_the_budget():
@@ -323,3 +376,20 @@ def test_compress_with_auto_corrects_its_estimates_and_says_when_no_round_fits()
             model, nnslim.Auto(target={"bytes": 0.5}), evaluate=lambda m: float("nan"),
             tolerance=0.1, example_inputs=data[0][0], calibration=data,
         )  # fmt: skip
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), fixed=st.floats(-50.0, 50.0))
+def test_the_smallest_reachable_budget_is_always_allocatable(seed, fixed):
+    """``allocate(smallest())`` fits whatever the float rounding of the fraction (a latency
+    table's fixed part, the model's time less its layers' times, can even be negative)."""
+    g = torch.Generator().manual_seed(seed)
+    options = {
+        f"l{i}": [("keep", 100.0 + float(torch.rand(1, generator=g)) * 50, 0.0)]
+        + [(f"c{j}", float(torch.rand(1, generator=g)) * 90 + 1e-3, float(j + 1)) for j in range(3)]
+        for i in range(5)
+    }
+    total = sum(o[0][1] for o in options.values()) + fixed
+    table = nnslim.AutoTable("latency", total, options, {})
+    plan = table.allocate(table.smallest())
+    assert table.cost_of(plan) <= table.smallest() * table.total * (1 + 1e-9)
