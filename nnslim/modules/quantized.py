@@ -168,11 +168,35 @@ class _DtypeTracking(nn.Module):
         if w.is_floating_point():
             self.float_dtype = str(w.dtype).removeprefix("torch.")
 
+    #: buffers whose dtype is part of the stored format (scales, minima, smoothing factors):
+    #: a dtype cast of the layer (``.half()``, ``.to(torch.bfloat16)``) moves them but keeps
+    #: their dtype (fp16 scales would underflow below ~6e-8, and the integer-zero-point
+    #: minima would lose exactness); the layer still computes in the new dtype
+    _format_buffers: tuple[str, ...] = ("scale", "scales", "mins", "smooth")
+
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
         probe = fn(torch.empty(0, dtype=self._weight_dtype()))
         if isinstance(probe, torch.Tensor) and probe.is_floating_point():
             self.float_dtype = str(probe.dtype).removeprefix("torch.")
-        return super()._apply(fn, recurse)
+        casts = isinstance(probe, torch.Tensor) and any(
+            fn(torch.empty(0, dtype=d)).dtype != d
+            for d in (torch.float32, torch.bfloat16, torch.float16)
+        )
+        if not casts:
+            return super()._apply(fn, recurse)
+        kept = {
+            n: self._buffers[n]
+            for n in self._format_buffers
+            if isinstance(self._buffers.get(n), torch.Tensor)
+        }
+        for n in kept:
+            self._buffers[n] = None
+        try:
+            out = super()._apply(fn, recurse)
+        finally:
+            for n, b in kept.items():
+                self._buffers[n] = b.to(probe.device)
+        return out
 
     @property
     def weight(self) -> torch.Tensor:

@@ -71,6 +71,27 @@ def test_to_dtype_moves_the_reported_weight_and_runs(kind, dtype):
     assert new.weight.dtype == torch.float32
 
 
+@pytest.mark.parametrize("kind", ["int8", "int8-dynamic", "int4"])
+def test_a_dtype_cast_keeps_the_stored_scales_exact(kind):
+    """``.half()`` converted bf16 int4 scales (and fp32 int8 ones) to fp16, whose range ends
+    near 6e-8: tiny scales underflowed to zero and a cast back lost bits. The scales, minima
+    and smoothing factors keep their dtype; the layer computes in the new one."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 24)
+    with torch.no_grad():
+        lin.weight[:4] *= 1e-7  # rows whose scale is below fp16's smallest subnormal
+    new = _linear_variants(lin)[kind]
+    before = {k: v.clone() for k, v in new.state_dict().items()}
+    for cast in (lambda m: m.half(), lambda m: m.to(torch.bfloat16), lambda m: m.float()):
+        cast(new)
+        for name in ("scale", "scales", "mins"):
+            if name in before:
+                got = new.state_dict()[name]
+                assert got.dtype == before[name].dtype and torch.equal(got, before[name])
+    assert new.weight.dtype == torch.float32
+    assert (new.weight[:4].abs().amax(1) > 0).all()  # the tiny rows are not wiped out
+
+
 def test_int8_conv_and_palettized_and_factorized_conv_answer_like_nn_conv2d():
     torch.manual_seed(0)
     conv = nn.Conv2d(8, 12, 3, stride=2, padding=1)
