@@ -11,6 +11,8 @@ quantization: the gradient of ``x @ dequantized(W).T``).
 * ``nnslim::int8_dynamic_mm(x, qweight, scale)``: int8 weights, activations quantized per
   row at run time (7-bit on CPUs without VNNI, whose u8 x s8 sums saturate in int16).
 * ``nnslim::int4_mm(x, qweight, scales, mins, group_size)``: 4-bit group-wise weights.
+* ``nnslim::int8_rows_mm`` and ``nnslim::int4_packed_mm``: the bare CPU GEMMs that compiled
+  inference calls, with the rounding and casts around them traced (see :func:`matmul`).
 
 ``x`` is 2-D ``(rows, in_features)``; each returns float32 ``(rows, out_features)``. Packed
 kernel layouts are cached per weight tensor (a new weight tensor packs again).
@@ -189,12 +191,10 @@ def _int4_mm(
     if x.device.type != "cpu":
         w = dequantize_int4(qweight, scales, mins, group_size)[:, : x.shape[1]]
         return F.linear(x.float(), w)
-    packed, sz = _int4_packed(qweight, scales, mins)
     xb = x.to(torch.bfloat16)
     if padded != x.shape[1]:
         xb = F.pad(xb, (0, padded - x.shape[1]))
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb.contiguous(), packed, group_size, sz)
-    return y[:, :out].float()
+    return _int4_packed_mm(xb.contiguous(), qweight, scales, mins, group_size)[:, :out].float()
 
 
 int4_mm = torch.library.custom_op("nnslim::int4_mm", mutates_args=())(_int4_mm)
@@ -203,6 +203,28 @@ int4_mm = torch.library.custom_op("nnslim::int4_mm", mutates_args=())(_int4_mm)
 @int4_mm.register_fake
 def _(x, qweight, scales, mins, group_size):  # type: ignore[no-untyped-def]
     return x.new_empty((x.shape[0], qweight.shape[0]), dtype=torch.float32)
+
+
+def _int4_packed_mm(
+    xb: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    mins: torch.Tensor,
+    group_size: int,
+) -> torch.Tensor:
+    """The CPU int4 GEMM alone: bf16 ``xb`` of the stored (padded) width times the weight
+    (packed once per weight), bf16 out with the output width padded to a multiple of 16."""
+    packed, sz = _int4_packed(qweight, scales, mins)
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, group_size, sz)
+
+
+int4_packed_mm = torch.library.custom_op("nnslim::int4_packed_mm", mutates_args=())(_int4_packed_mm)
+
+
+@int4_packed_mm.register_fake
+def _(xb, qweight, scales, mins, group_size):  # type: ignore[no-untyped-def]
+    n = qweight.shape[0]
+    return xb.new_empty((xb.shape[0], n + (-n) % 16), dtype=torch.bfloat16)
 
 
 def _int4_packed(
@@ -258,6 +280,11 @@ def _matmul_cost(args: Any, kwargs: Any, out: Any) -> tuple[int, int]:
     return x.shape[0] * x.shape[1] * out.shape[1], 0
 
 
+def _packed_cost(args: Any, kwargs: Any, out: Any) -> tuple[int, int]:
+    xb, qweight = args[0], args[1]  # the padding of the output width is not the layer's work
+    return xb.shape[0] * xb.shape[1] * qweight.shape[0], 0
+
+
 def _dynamic_cost(args: Any, kwargs: Any, out: Any) -> tuple[int, int]:
     # quantizing the activations (absolute value, row maximum, divide, round, clamp: five per
     # input element) and rescaling the output (two per output element)
@@ -267,6 +294,7 @@ def _dynamic_cost(args: Any, kwargs: Any, out: Any) -> tuple[int, int]:
 
 register_formula(torch.ops.nnslim.int8_weight_mm, torch.ops.nnslim.int4_mm)(_matmul_cost)
 register_formula(torch.ops.nnslim.int8_dynamic_mm)(_dynamic_cost)
+register_formula(torch.ops.nnslim.int4_packed_mm)(_packed_cost)
 
 
 _EAGER = {}  # operator -> its plain function, filled below
@@ -275,9 +303,11 @@ _EAGER = {}  # operator -> its plain function, filled below
 def matmul(op: Any, x: torch.Tensor, *args: Any) -> torch.Tensor:
     """``op(x, *args)``; in eager inference its function directly (same result, no dispatch).
 
-    Compiled inference of int8-dynamic on CPU traces the activations' rounding as plain torch
-    operations (Inductor fuses them into one kernel) and keeps only the integer GEMM opaque
-    (``nnslim::int8_rows_mm``): the same arithmetic as the eager kernel."""
+    Compiled inference on CPU traces what surrounds the integer GEMM as plain torch operations
+    (Inductor fuses them with the layers around) and keeps only the GEMM opaque, with the same
+    arithmetic as the eager kernel: int8-dynamic's activation rounding around
+    ``nnslim::int8_rows_mm``, int4's casts to and from bf16 and its padding around
+    ``nnslim::int4_packed_mm``."""
     grad = x.requires_grad and torch.is_grad_enabled()
     if not (torch.compiler.is_compiling() or grad):
         return _EAGER[op](x, *args)
@@ -285,6 +315,14 @@ def matmul(op: Any, x: torch.Tensor, *args: Any) -> torch.Tensor:
         half = _half_range()
         xq, sx = quantize_rows(x.float().contiguous(), half)
         return int8_rows_mm(xq, sx, *args, half)
+    if not grad and op is int4_mm and x.device.type == "cpu":
+        qweight, scales, mins, group_size = args
+        xb = x.to(torch.bfloat16)
+        padded = 2 * qweight.shape[1]
+        if padded != x.shape[1]:
+            xb = F.pad(xb, (0, padded - x.shape[1]))
+        y = int4_packed_mm(xb.contiguous(), qweight, scales, mins, group_size)
+        return y[:, : qweight.shape[0]].float()
     return op(x, *args)
 
 
