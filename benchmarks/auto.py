@@ -11,6 +11,7 @@ and the time it took to apply.
 
     python benchmarks/auto.py            # 32 eval windows, 16 calibration windows
     python benchmarks/auto.py --quick    # 2 and 2
+    python benchmarks/auto.py --latency 0.6   # a latency budget instead (see latency_budget)
 """
 
 from __future__ import annotations
@@ -30,13 +31,81 @@ from nnslim.evaluate import perplexity
 BLOCKS = "re:model\\.layers\\..*"
 
 
+def latency_budget(args: argparse.Namespace, base, evals, calib) -> None:
+    """``--latency F``: Auto under a budget of F of the model's eager forward time on one
+    512-token window (one thread), candidates int8-dynamic, int4 g64 and low rank 1/2 and 1/4,
+    against uniform int8-dynamic; each row's time measured after applying (median of 20 runs,
+    one thread), beside the time Auto predicted."""
+    torch.set_num_threads(1)
+    example = calib[0]
+    labelled = [{"input_ids": b["input_ids"], "labels": b["input_ids"]} for b in calib]
+    cands = ("int8-dynamic", "int4-g64", "rank-0.5", "rank-0.25")
+    rows = []
+
+    def measure(name: str, m, predicted: float | None, seconds: float) -> None:
+        ms = nnslim.profile(m, example, memory=False, latency=True, repeat=20).latency.median_ms
+        ppl = perplexity(m, evals).value
+        rows.append(
+            {
+                "variant": name,
+                "perplexity": ppl,
+                "ms": ms,
+                "predicted": predicted,
+                "seconds": seconds,
+            }
+        )
+        print(f"  {name}: ppl {ppl:.3f}, {ms:.1f} ms ({seconds:.0f} s)", flush=True)
+
+    measure("fp32", base, None, 0.0)
+    m = copy.deepcopy(base)
+    t0 = time.perf_counter()
+    nnslim.Quantize(scheme="int8-dynamic", select=BLOCKS).apply(m)
+    measure("uniform int8-dynamic", m, None, time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    auto = nnslim.Auto(target={"latency": args.latency}, candidates=cands, select=BLOCKS)
+    table = auto.table(base, labelled, example)
+    search = time.perf_counter() - t0
+    plan = table.allocate(args.latency)
+    m = copy.deepcopy(base)
+    nnslim.Auto(plan=plan, candidates=cands, select=BLOCKS).apply(m, calibration=labelled)
+    counts: dict[str, int] = {}
+    for n in plan.values():
+        counts[n] = counts.get(n, 0) + 1
+    print(f"  Auto's plan: {counts} of {len(table.options)} layers; table {search:.0f} s")
+    measure(f"Auto latency {args.latency:g}", m, table.cost_of(plan), search)
+    fp_ms, fp = rows[0]["ms"], rows[0]["perplexity"]
+    print_table(
+        ["variant", "perplexity", "vs fp32", "latency ms", "x fp32 time", "predicted ms"],
+        [
+            [
+                r["variant"],
+                f"{r['perplexity']:.3f}",
+                f"{r['perplexity'] / fp - 1:+.1%}",
+                f"{r['ms']:.1f}",
+                f"{r['ms'] / fp_ms:.3f}",
+                f"{r['predicted']:.1f}" if r["predicted"] is not None else "",
+            ]
+            for r in rows
+        ],
+        title=f"SmolLM2-135M-Instruct, latency budget {args.latency:g} (1 thread, eager), "
+        f"{evals.describe()}",
+    )
+    name = f"auto-latency{args.latency:g}" + ("-quick" if args.quick else "")
+    payload = {"rows": rows, "plan": plan, "counts": counts, "table_seconds": search}
+    print(f"wrote {write_json(name, payload)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--latency", type=float, default=None, metavar="F")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
     base, evals, calib = smollm2_windows(*((2, 2) if args.quick else (32, 16)))
+    if args.latency is not None:
+        latency_budget(args, base, evals, calib)
+        return
     example = calib[0]
     full = nnslim.profile(base, example, memory=False).param_bytes
     rows = []

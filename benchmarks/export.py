@@ -241,7 +241,40 @@ def resnet_variants() -> tuple[dict[str, nn.Module], torch.Tensor]:
     x = torch.randn(1, 3, 224, 224)
     pruned = copy.deepcopy(base)
     nnslim.Prune(macs=0.5).apply(pruned, x)
-    return {"fp32": base, "nnslim pruned 0.5x MACs": pruned}, x
+    # channel counts in multiples of 8 (Torch-Pruning's round_to): the engines' convolution
+    # kernels work in blocks of 8/16 channels, so odd counts waste part of each block
+    rounded = copy.deepcopy(base)
+    nnslim.Prune(macs=0.5, round_to=8).apply(rounded, x)
+    return {
+        "fp32": base,
+        "nnslim pruned 0.5x MACs": pruned,
+        "nnslim pruned 0.5x MACs, round_to=8": rounded,
+    }, x
+
+
+def _in_engine(
+    rows: list[dict[str, Any]], variants: dict[str, nn.Module], x: torch.Tensor
+) -> list[dict[str, Any]]:
+    """Each pruned variant's speed-up inside each engine (one thread) over the same engine's
+    fp32 model, against its MACs speed-up (the profiler's count)."""
+    macs = {k: nnslim.profile(m, x, memory=False).macs for k, m in variants.items()}
+    ms = {(r["variant"], r["engine"]): r.get("ms_1") for r in rows}
+    out = []
+    for (variant, engine), t in ms.items():
+        base = ms.get(("fp32", engine))
+        if variant == "fp32" or t is None or base is None:
+            continue
+        ratio = macs[variant] / macs["fp32"]
+        out.append(
+            {
+                "variant": variant,
+                "engine": engine,
+                "macs_ratio": ratio,
+                "speedup": base / t,
+                "of_macs_speedup": (base / t) * ratio,
+            }
+        )
+    return out
 
 
 def main() -> None:
@@ -266,10 +299,13 @@ def main() -> None:
             lv, x = llama_variants()
             print("Llama")
             records += run_case("Llama 4x1024 1x32", lv, x, repeat, tmp)
+        in_engine: list[dict[str, Any]] = []
         if args.resnet:
             rv, x = resnet_variants()
             print("resnet50")
-            records += run_case("resnet50 1x224", rv, x, repeat, tmp)
+            rrows = run_case("resnet50 1x224", rv, x, repeat, tmp)
+            records += rrows
+            in_engine = _in_engine(rrows, rv, x)
     headers = [
         "case",
         "variant",
@@ -294,10 +330,25 @@ def main() -> None:
         for r in records
     ]
     print_table(headers, table, title="Deployment: speed-up over torch fp32 (same run)")
+    if in_engine:
+        print_table(
+            ["variant", "engine", "MACs ratio", "speed-up (1 thr)", "of MACs speed-up"],
+            [
+                [
+                    r["variant"],
+                    r["engine"],
+                    f"{r['macs_ratio']:.3f}",
+                    f"{r['speedup']:.2f}x",
+                    f"{r['of_macs_speedup']:.2f}",
+                ]
+                for r in in_engine
+            ],
+            title="Pruned resnet50 inside each engine: speed-up over the engine's own fp32",
+        )
     # a run without the MLP cases does not overwrite a full run's file
     cases = ["llama"] * args.llama + ["resnet"] * args.resnet
     name = "-".join(["export", *cases]) if args.no_mlp else "export"
-    print(f"wrote {write_json(name, {'rows': records})}")
+    print(f"wrote {write_json(name, {'rows': records, 'in_engine': in_engine})}")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,15 @@ GPTQ 4-bit stays within a few percent of fp16 while RTN does not at 3 bits.
     python benchmarks/real_llm.py            # 32 eval windows, 16 calibration windows
     python benchmarks/real_llm.py --quick    # 2 eval windows, 2 calibration windows
     python benchmarks/real_llm.py --only "50%,2:4"   # fp32 and the sparsity rows
+    python benchmarks/real_llm.py --recover 200 --only "50% unstructured Wanda,2:4 SparseGPT"
+
+``--only`` takes comma-separated texts (semicolon-separated when one has a comma): a variant
+whose name contains one runs (a text equal to a variant's whole name selects that variant
+alone). ``--recover N`` fine-tunes each pruned or
+factorized row afterwards for N steps (one window of 512 tokens each, windows after the
+evaluation and calibration ones) by distillation from the uncompressed model: KL on the logits
+at temperature 1 plus the relative error of every block's output (``Distillation.for_blocks``),
+AdamW with a cosine schedule: the recovery recipe of docs/training.rst.
 """
 
 from __future__ import annotations
@@ -50,6 +59,32 @@ def smollm2_windows(n_eval: int, n_cal: int) -> tuple[Any, list[torch.Tensor], l
     return base, evals, [{"input_ids": w} for w in cal]
 
 
+def train_windows(count: int, offset: int) -> list[dict]:
+    """``count`` windows of the same text from window ``offset`` on, as training batches."""
+    loaded, text = rd.smollm2(), rd.wiki_text()
+    assert loaded is not None and text is not None  # smollm2_windows has checked
+    wins = token_windows(loaded[1], text, length=WINDOW, count=count, offset=offset)
+    return [{"input_ids": w} for w in wins]
+
+
+def recover(model, teacher, data: list[dict], lr: float) -> nnslim.TrainResult:
+    """Distil ``teacher`` into the compressed ``model`` (in place): logits at temperature 1 and
+    every block's output, one window per AdamW step, cosine schedule, gradients clipped at 1."""
+    trainer = nnslim.Trainer(
+        optimizer=torch.optim.AdamW,
+        lr=lr,
+        scheduler=lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, len(data)),
+        teacher=teacher,
+        distillation=nnslim.Distillation.for_blocks(teacher, temperature=1.0, alpha=1.0),
+        options=nnslim.TrainOptions(verbose=False, clip_grad_norm=1.0),
+    )
+    model.train()
+    try:
+        return trainer.fit(model, data)
+    finally:
+        model.eval()
+
+
 def perplexity(model, wins) -> float:
     return nnslim.evaluate.perplexity(model, wins).value
 
@@ -57,10 +92,17 @@ def perplexity(model, wins) -> float:
 def _json_name(args: argparse.Namespace) -> str:
     """``real_llm[-quick][-only-<texts>]``: a partial run does not overwrite another's."""
     name = "real_llm" + ("-quick" if args.quick else "")
+    if args.recover:
+        name += f"-recover{args.recover}"
     if args.only:
         slug = "".join(c if c.isalnum() else "_" for c in args.only).strip("_")
         name += f"-only-{slug}"
     return name
+
+
+def _wanted(name: str, texts: list[str], names: set[str]) -> bool:
+    """``name`` is one of ``texts`` or contains one that is no variant's whole name."""
+    return name in texts or any(t in name and t not in names for t in texts)
 
 
 def _torchao_int8_dynamic(model: torch.nn.Module) -> None:
@@ -81,25 +123,43 @@ def main() -> None:
     parser.add_argument(
         "--only",
         default=None,
-        help="run fp32 and the variants whose name contains one of these comma-separated texts",
+        help="run fp32 and the variants whose name contains one of these comma-separated texts "
+        "(semicolons when a text has a comma; a whole name selects that variant alone)",
     )
+    parser.add_argument(
+        "--recover",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="fine-tune each pruned or factorized row for this many distillation steps",
+    )
+    parser.add_argument("--recover-lr", type=float, default=2e-4)
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
     base, evals, calib = smollm2_windows(*((2, 2) if args.quick else (32, 16)))
+    training = train_windows(args.recover, len(evals) + len(calib)) if args.recover else []
     blocks = "re:model\\.layers\\..*"
+    # the roots of the head groups (q_proj) and the MLP unit groups (up_proj): the residual
+    # stream (rooted at o_proj/down_proj, shared with the embedding) keeps its width
+    heads_and_units = "re:model\\.layers\\.\\d+\\.(self_attn\\.q_proj|mlp\\.up_proj)"
     rows = []
 
-    def run(
+    specs: list[tuple[tuple, dict]] = []
+
+    def run(*a: Any, **k: Any) -> None:  # declared first, measured below
+        specs.append((a, k))
+
+    def measure(
         name: str,
         transform: nnslim.Transform | None,
         data: bool,
         extended: bool = False,
         peer: Any = None,
     ) -> None:
-        wanted = None if args.only is None else args.only.split(",")
+        wanted = None if args.only is None else args.only.split(";" if ";" in args.only else ",")
         changes = transform is not None or peer is not None
-        if wanted is not None and changes and not any(w in name for w in wanted):
+        if wanted is not None and changes and not _wanted(name, wanted, names):
             return
         if extended and args.quick and wanted is None:
             return  # the variants of a method: full runs (or --only) measure them
@@ -117,8 +177,26 @@ def main() -> None:
             row.update(params=p.params, param_bytes=p.param_bytes, sparsity=p.sparsity)
         except Exception as e:  # a peer's tensor subclasses the profiler does not know
             row["profile_failed"] = f"{type(e).__name__}: {e}"[:120]
-        rows.append(row)
         print(f"  {name}: ppl {ppl:.3f} ({seconds:.0f} s)", flush=True)
+        if training and isinstance(transform, (nnslim.Prune, nnslim.Factorize)):
+            torch.manual_seed(0)
+            t0 = time.perf_counter()
+            fit = recover(m, base, training, args.recover_lr)
+            row.update(
+                recovered=perplexity(m, evals),
+                recovery_steps=fit.steps,
+                recovery_tokens=fit.steps * WINDOW,
+                recovery_seconds=time.perf_counter() - t0,
+                recovery_lr=args.recover_lr,
+                recovery_loss_first_last=[fit.losses[0], fit.losses[-1]],
+                recovered_sparsity=nnslim.profile(m, evals[0], memory=False).sparsity,
+            )
+            print(
+                f"    after {fit.steps} recovery steps: ppl {row['recovered']:.3f} "
+                f"({row['recovery_seconds']:.0f} s)",
+                flush=True,
+            )
+        rows.append(row)
 
     run("fp32", None, False)
     run("int8 (weight-only, RTN)", nnslim.Quantize(scheme="int8", select=blocks), False)
@@ -243,9 +321,18 @@ def main() -> None:
         True,
         extended=True,
     )
+    run(
+        "structured 20% heads and MLP units (Wanda)",
+        nnslim.Prune(ratio=0.2, importance="wanda", select=heads_and_units),
+        True,
+    )
+    names = {a[0] for a, _ in specs}
+    for a, k in specs:
+        measure(*a, **k)
     fp = rows[0]["perplexity"]
     print_table(
-        ["variant", "perplexity", "vs fp32", "weight bytes", "sparsity"],
+        ["variant", "perplexity", "vs fp32", "weight bytes", "sparsity"]
+        + (["after recovery", "vs fp32", "steps"] if training else []),
         [
             [
                 r["variant"],
@@ -254,6 +341,17 @@ def main() -> None:
                 f"{r['param_bytes'] / 2**20:.1f} MiB" if "param_bytes" in r else "-",
                 f"{r['sparsity']:.1%}" if "sparsity" in r else "-",
             ]
+            + (
+                [
+                    f"{r['recovered']:.3f}",
+                    f"{r['recovered'] / fp:.3f}x",
+                    str(r["recovery_steps"]),
+                ]
+                if "recovered" in r
+                else ["-"] * 3
+                if training
+                else []
+            )
             for r in rows
         ],
         title=f"SmolLM2-135M-Instruct, Wikipedia (gensim test data), {len(evals)} windows of {WINDOW} tokens",

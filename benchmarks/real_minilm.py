@@ -10,8 +10,16 @@ Factorize at 80% of the encoder's parameters (plain and activation-aware), Prune
 and MLP width). Goals: int8 cosine >= 0.99 and WordSim within 0.01 of fp32; int4 GPTQ
 cosine >= 0.97.
 
+Auto rows (issue 20): ``nnslim.Auto`` over the encoder's Linear layers (default candidates,
+GPTQ) at half the encoder's float bytes and at uniform int4 g128's bytes, against the uniform
+rows. Recovery rows (issue 19, ``--recover N``): the pruned and factorized encoders fine-tuned
+for N steps (16 sentences each, sentences after the evaluation and calibration ones) by
+distillation from the fp32 model: every layer's output by its relative error
+(``Distillation.for_blocks``) beside the KL term on the output, AdamW, cosine schedule.
+
     python benchmarks/real_minilm.py           # 512 sentences
     python benchmarks/real_minilm.py --quick   # 64 sentences, 100 word pairs
+    python benchmarks/real_minilm.py --recover 300 --only "Prune,Factorize"
 """
 
 from __future__ import annotations
@@ -67,9 +75,14 @@ def spearman(a: list[float], b: list[float]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--recover", type=int, default=0, metavar="STEPS")
+    parser.add_argument("--recover-lr", type=float, default=1e-4)
+    parser.add_argument(
+        "--only", default=None, help="fp32 and the rows whose name holds one of these texts"
+    )
     args = parser.parse_args()
     warnings.simplefilter("ignore")
-    loaded, pairs, text = rd.minilm(), rd.wordsim353(), rd.wiki_text(max_chars=400_000)
+    loaded, pairs, text = rd.minilm(), rd.wordsim353(), rd.wiki_text(max_chars=None if args.recover else 400_000)
     if loaded is None or pairs is None or text is None:
         print(f"skipped: {rd.MISSING}")
         sys.exit(0)
@@ -89,6 +102,21 @@ def main() -> None:
         )
         for i in range(0, len(cal_text), 16)
     ]
+    train_text = sentences(text, 16 * args.recover, skip=n + len(cal_text))
+    training = [
+        dict(
+            tok(
+                train_text[i : i + 16],
+                padding=True,
+                truncation=True,
+                max_length=128,
+                return_tensors="pt",
+            )
+        )
+        for i in range(0, len(train_text), 16)
+    ]
+    if args.recover and len(training) < args.recover:
+        print(f"  note: the text holds {len(training)} training batches, not {args.recover}")
     if args.quick:
         pairs = pairs[:100]
     words = sorted({w for a, b, _ in pairs for w in (a, b)})
@@ -104,9 +132,26 @@ def main() -> None:
     rows = []
 
     def run(name, transform, data):
+        if args.only and transform is not None and not any(w in name for w in args.only.split(",")):
+            return
         m = copy.deepcopy(base)
         if transform is not None:
             transform.apply(m, example, calibration=calib if data else None)
+        add(name, m)
+        if training and isinstance(transform, (nnslim.Prune, nnslim.Factorize)):
+            torch.manual_seed(0)
+            fit = nnslim.Trainer(
+                optimizer=torch.optim.AdamW,
+                lr=args.recover_lr,
+                scheduler=lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, len(training)),
+                teacher=base,
+                distillation=nnslim.Distillation.for_blocks(base, temperature=1.0, alpha=1.0),
+                options=nnslim.TrainOptions(verbose=False, clip_grad_norm=1.0),
+            ).fit(m.train(), training)
+            m.eval()
+            add(f"{name} + {fit.steps} steps distilled", m)
+
+    def add(name, m):
         e = embed(m, tok, evals)
         p = nnslim.profile(m, example, memory=False)
         rows.append(
@@ -141,6 +186,22 @@ def main() -> None:
     )
     run("Factorize 80% params, activation-aware", nnslim.Factorize(ratio=0.8, select=encoder), True)
     run("Prune 25% (heads and MLP width)", nnslim.Prune(ratio=0.25), False)
+    full = rows[0]["param_bytes"]
+    linears = sum(
+        sum(t.numel() * t.element_size() for t in m.parameters())
+        for p, m in base.named_modules()
+        if p.startswith("encoder.") and isinstance(m, torch.nn.Linear)
+    )
+    int4 = next((r for r in rows if r["variant"] == "int4 g128 GPTQ"), None)
+    budgets = {"half the encoder's bytes": 1 - 0.5 * linears / full}
+    if int4 is not None:
+        budgets["uniform int4 g128's bytes"] = int4["param_bytes"] / full
+    for label, fraction in budgets.items():
+        run(
+            f"Auto at {label} (GPTQ)",
+            nnslim.Auto(target={"bytes": fraction}, method="gptq", select=encoder),
+            True,
+        )
     fp = rows[0]
     print_table(
         ["variant", "cosine to fp32 (mean / min)", "WordSim353 Spearman", "weight bytes", "MACs"],
@@ -156,7 +217,10 @@ def main() -> None:
         ],
         title=f"all-MiniLM-L6-v2: {len(evals)} Wikipedia sentences, {len(pairs)} WordSim353 pairs",
     )
-    print(f"wrote {write_json('real_minilm' + ('-quick' if args.quick else ''), {'rows': rows})}")
+    name = "real_minilm" + ("-quick" if args.quick else "")
+    name += f"-recover{args.recover}" if args.recover else ""
+    name += "-only-" + "".join(c if c.isalnum() else "_" for c in args.only) if args.only else ""
+    print(f"wrote {write_json(name, {'rows': rows, 'recovery_steps': args.recover})}")
 
 
 if __name__ == "__main__":
