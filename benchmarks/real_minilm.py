@@ -82,7 +82,11 @@ def main() -> None:
     )
     args = parser.parse_args()
     warnings.simplefilter("ignore")
-    loaded, pairs, text = rd.minilm(), rd.wordsim353(), rd.wiki_text(max_chars=None if args.recover else 400_000)
+    loaded, pairs, text = (
+        rd.minilm(),
+        rd.wordsim353(),
+        rd.wiki_text(max_chars=None if args.recover else 400_000),
+    )
     if loaded is None or pairs is None or text is None:
         print(f"skipped: {rd.MISSING}")
         sys.exit(0)
