@@ -157,14 +157,22 @@ def _(xq, sx, qweight, scale, half):  # type: ignore[no-untyped-def]
 
 def _int8_dynamic_mm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``x`` quantized per row to int8 at run time, times the int8 weight, in float32."""
-    x2 = x.float().contiguous()
     if x.device.type == "cpu" and onednn_available():
-        half = _half_range()
-        xq, sx = quantize_rows(x2, half)
-        return _int8_rows_mm(xq, sx, qweight, scale, half)
+        return _int8_rows_cpu(_int8_rows_mm, x, qweight, scale)
+    x2 = x.float().contiguous()
     sx = (x2.abs().amax(dim=1, keepdim=True) / 127).clamp_min(MIN_SCALE)
     xq = torch.round(x2 / sx).clamp(-127, 127).to(torch.int8)
     return torch._int_mm(xq, qweight.t()).float() * sx * scale.float()
+
+
+def _int8_rows_cpu(
+    gemm: Any, x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
+    """int8-dynamic on CPU: ``x``'s rows rounded on their own scales, then ``gemm`` (the
+    integer GEMM, as a function or as its operator)."""
+    half = _half_range()
+    xq, sx = quantize_rows(x.float().contiguous(), half)
+    return gemm(xq, sx, qweight, scale, half)
 
 
 int8_dynamic_mm = torch.library.custom_op("nnslim::int8_dynamic_mm", mutates_args=())(
@@ -187,14 +195,27 @@ def _int4_mm(
 ) -> torch.Tensor:
     """``x @ W.T`` for 4-bit codes ``W = q * scale + min`` per group of ``group_size`` inputs,
     in float32; ``x`` has the layer's own width (at most the stored, padded one)."""
-    out, padded = qweight.shape[0], 2 * qweight.shape[1]
     if x.device.type != "cpu":
         w = dequantize_int4(qweight, scales, mins, group_size)[:, : x.shape[1]]
         return F.linear(x.float(), w)
+    return _int4_cpu(_int4_packed_mm, x, qweight, scales, mins, group_size)
+
+
+def _int4_cpu(
+    gemm: Any,
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    mins: torch.Tensor,
+    group_size: int,
+) -> torch.Tensor:
+    """int4 on CPU: ``x`` in bf16, padded to the stored width, through ``gemm`` (the packed
+    GEMM, as a function or as its operator), cut back to the output width, in float32."""
+    out, padded = qweight.shape[0], 2 * qweight.shape[1]
     xb = x.to(torch.bfloat16)
     if padded != x.shape[1]:
         xb = F.pad(xb, (0, padded - x.shape[1]))
-    return _int4_packed_mm(xb.contiguous(), qweight, scales, mins, group_size)[:, :out].float()
+    return gemm(xb.contiguous(), qweight, scales, mins, group_size)[:, :out].float()
 
 
 int4_mm = torch.library.custom_op("nnslim::int4_mm", mutates_args=())(_int4_mm)
@@ -312,17 +333,9 @@ def matmul(op: Any, x: torch.Tensor, *args: Any) -> torch.Tensor:
     if not (torch.compiler.is_compiling() or grad):
         return _EAGER[op](x, *args)
     if not grad and op is int8_dynamic_mm and x.device.type == "cpu" and onednn_available():
-        half = _half_range()
-        xq, sx = quantize_rows(x.float().contiguous(), half)
-        return int8_rows_mm(xq, sx, *args, half)
+        return _int8_rows_cpu(int8_rows_mm, x, *args)
     if not grad and op is int4_mm and x.device.type == "cpu":
-        qweight, scales, mins, group_size = args
-        xb = x.to(torch.bfloat16)
-        padded = 2 * qweight.shape[1]
-        if padded != x.shape[1]:
-            xb = F.pad(xb, (0, padded - x.shape[1]))
-        y = int4_packed_mm(xb.contiguous(), qweight, scales, mins, group_size)
-        return y[:, : qweight.shape[0]].float()
+        return _int4_cpu(int4_packed_mm, x, *args)
     return op(x, *args)
 
 

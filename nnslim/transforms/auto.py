@@ -15,8 +15,9 @@ apply to a layer, or leaves it unchanged, is not offered for it): its cost is th
 figure for the new layer (weight bytes; MACs scaled to the calls the layer makes in the
 model) or, for a latency budget, the new layer's median time in eager torch on as many input
 rows as the layer sees in one forward of the example inputs (the rest of the model's time is
-measured once and held fixed), and the weight it leaves is read back by running the new layer on the identity matrix
-(so it is the weight the layer computes with, whatever the transform stores). This is the whole
+measured once and held fixed), and the weight it leaves is read back by running the new layer
+on the identity matrix (so it is the weight the layer computes with, whatever the transform
+stores). This is the whole
 protocol for a transform of your own: a :class:`~nnslim.Transform` with a ``select`` field that
 replaces (or changes) the Linear layers it selects joins the search unchanged.
 
@@ -421,10 +422,8 @@ def _measure(
             calls = float(whole.modules[p].macs) if p in whole.modules else 0.0
             scale = calls / base.cost["macs"] if base.cost["macs"] else 0.0
         if timed:  # one call on every input row it sees in a forward: its time per forward
-            own = linear_weight(m)
-            base.timing = torch.randn(max(1, round(scale)), base.width).to(own.device, own.dtype)
+            base.time_on(max(1, round(scale)))
             scale = 1.0 if calls else 0.0
-            base.cost["latency_ms"] = _time_ms(base.layer, base.timing)
         keep = base.cost[metric] * scale
         opts: list[Option] = [("keep", keep, 0.0)]
         for name, t in probes:
@@ -467,6 +466,12 @@ class _LayerProbe:
         self.timing: torch.Tensor | None = None  # a latency budget: time candidates on it
         self.x = torch.zeros(1, width, device=linear_weight(layer).device)
         self.cost = self._cost(nn.Sequential(layer))
+
+    def time_on(self, rows: int) -> None:
+        """Time the layer, and from now on each candidate, on ``rows`` random input rows."""
+        w = linear_weight(self.layer)
+        self.timing = torch.randn(rows, self.width).to(w.device, w.dtype)
+        self.cost["latency_ms"] = _time_ms(self.layer, self.timing)
 
     def _cost(self, holder: nn.Module) -> dict[str, float]:
         from ..profiling.profiler import profile
