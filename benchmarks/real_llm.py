@@ -68,8 +68,9 @@ def train_windows(count: int, offset: int) -> list[dict]:
 
 
 def recover(model, teacher, data: list[dict], lr: float) -> nnslim.TrainResult:
-    """Distil ``teacher`` into the compressed ``model`` (in place): logits at temperature 1 and
-    every block's output, one window per AdamW step, cosine schedule, gradients clipped at 1."""
+    """Distil ``teacher`` into the compressed ``model`` (in place): the output at temperature 1
+    and every block's output, one batch per AdamW step, cosine schedule, gradients clipped at
+    1 (the recipe of this benchmark and of ``real_minilm.py``)."""
     trainer = nnslim.Trainer(
         optimizer=torch.optim.AdamW,
         lr=lr,

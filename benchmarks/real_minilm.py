@@ -33,6 +33,7 @@ import warnings
 import real_data as rd
 import torch
 from _common import print_table, write_json
+from real_llm import recover
 
 import nnslim
 
@@ -58,6 +59,22 @@ def embed(model, tok, texts: list[str], batch: int = 32) -> torch.Tensor:
             e = (h * mask).sum(1) / mask.sum(1)
             out.append(torch.nn.functional.normalize(e, dim=-1))
     return torch.cat(out)
+
+
+def token_batches(tok, texts: list[str], size: int = 16) -> list[dict]:
+    """``texts`` tokenized in batches of ``size`` (padded, at most 128 tokens)."""
+    return [
+        dict(
+            tok(
+                texts[i : i + size],
+                padding=True,
+                truncation=True,
+                max_length=128,
+                return_tensors="pt",
+            )
+        )
+        for i in range(0, len(texts), size)
+    ]
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -94,31 +111,8 @@ def main() -> None:
     n = 64 if args.quick else 512
     evals = sentences(text, n)
     cal_text = sentences(text, 64 if args.quick else 256, skip=n)
-    calib = [
-        dict(
-            tok(
-                cal_text[i : i + 16],
-                padding=True,
-                truncation=True,
-                max_length=128,
-                return_tensors="pt",
-            )
-        )
-        for i in range(0, len(cal_text), 16)
-    ]
-    train_text = sentences(text, 16 * args.recover, skip=n + len(cal_text))
-    training = [
-        dict(
-            tok(
-                train_text[i : i + 16],
-                padding=True,
-                truncation=True,
-                max_length=128,
-                return_tensors="pt",
-            )
-        )
-        for i in range(0, len(train_text), 16)
-    ]
+    calib = token_batches(tok, cal_text)
+    training = token_batches(tok, sentences(text, 16 * args.recover, skip=n + len(cal_text)))
     if args.recover and len(training) < args.recover:
         print(f"  note: the text holds {len(training)} training batches, not {args.recover}")
     if args.quick:
@@ -144,15 +138,7 @@ def main() -> None:
         add(name, m)
         if training and isinstance(transform, (nnslim.Prune, nnslim.Factorize)):
             torch.manual_seed(0)
-            fit = nnslim.Trainer(
-                optimizer=torch.optim.AdamW,
-                lr=args.recover_lr,
-                scheduler=lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, len(training)),
-                teacher=base,
-                distillation=nnslim.Distillation.for_blocks(base, temperature=1.0, alpha=1.0),
-                options=nnslim.TrainOptions(verbose=False, clip_grad_norm=1.0),
-            ).fit(m.train(), training)
-            m.eval()
+            fit = recover(m, base, training, args.recover_lr)
             add(f"{name} + {fit.steps} steps distilled", m)
 
     def add(name, m):
