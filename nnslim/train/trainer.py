@@ -8,7 +8,7 @@ import itertools
 import os
 import sys
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -51,6 +51,15 @@ class Distillation:
 
     Attributes:
         temperature: softening temperature of the KL term on logits.
+        output_loss: how the student's output is matched to the teacher's. ``"kl"``: KL
+            divergence of the softened distributions (the output is logits); ``"mse"``: mean
+            squared error; ``"relative"``: squared error divided by the teacher output's mean
+            square (scale-free); ``"cosine"``: one minus the cosine similarity of each output
+            vector (last dimension), averaged; ``"auto"`` (default): ``"kl"`` when the output is
+            logits (a tensor, a tuple, or a Hugging Face output with ``logits``), and
+            ``"relative"`` when it is a hidden state or an embedding (an output with
+            ``last_hidden_state``, ``sentence_embedding`` or ``embeddings`` and no ``logits``:
+            an encoder's, where a softmax over hidden units is meaningless).
         alpha: weight of the distillation terms (the task loss gets ``1 - alpha``; without
             targets the distillation terms alone are used).
         features: student module path -> teacher module path whose outputs are matched with a
@@ -69,6 +78,7 @@ class Distillation:
     features: dict[str, str] = field(default_factory=dict)
     feature_weight: float = 1.0
     feature_loss: Literal["mse", "relative"] = "mse"
+    output_loss: Literal["auto", "kl", "mse", "relative", "cosine"] = "auto"
 
     def __post_init__(self) -> None:
         check_fraction(
@@ -77,6 +87,12 @@ class Distillation:
         check_fraction("Distillation", "alpha", self.alpha, high_inclusive=True)
         check_fraction("Distillation", "feature_weight", self.feature_weight, high=1e6)
         check_choice("Distillation", "feature_loss", self.feature_loss, ("mse", "relative"))
+        check_choice(
+            "Distillation",
+            "output_loss",
+            self.output_loss,
+            ("auto", "kl", "mse", "relative", "cosine"),
+        )
         if not isinstance(self.features, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in self.features.items()
         ):
@@ -96,7 +112,7 @@ class Distillation:
             model: the student (or the teacher: the paths are the same).
             every: match every this-many blocks.
             kwargs: ``temperature``, ``alpha``, ``feature_weight``, ``feature_loss``
-                (default ``"relative"`` here).
+                (default ``"relative"`` here), ``output_loss``.
 
         Raises:
             ValueError: the model has no repeated blocks (name the layers with ``features=``).
@@ -787,7 +803,10 @@ class Trainer:
             if self.teacher is not None:
                 with torch.no_grad():
                     t_out = first_tensor(_call(self.teacher, inputs))
-                kd = self._kd(main, t_out) + d.feature_weight * features.loss()
+                kind = d.output_loss
+                if kind == "auto":
+                    kind = "relative" if _is_hidden_state(outputs) else "kl"
+                kd = self._kd(main, t_out, kind) + d.feature_weight * features.loss()
                 total = kd if task is None else (1 - d.alpha) * task + d.alpha * kd
             elif task is None:
                 raise ValueError(
@@ -812,15 +831,30 @@ class Trainer:
             return F.cross_entropy(main.reshape(-1, main.shape[-1]).float(), targets.reshape(-1))
         return F.mse_loss(main.float(), targets.float())
 
-    def _kd(self, student: torch.Tensor | None, teacher: torch.Tensor | None) -> torch.Tensor:
+    def _kd(
+        self, student: torch.Tensor | None, teacher: torch.Tensor | None, kind: str
+    ) -> torch.Tensor:
         if student is None or teacher is None:
             return torch.zeros(())
-        t = self.distillation.temperature
+        if student.shape != teacher.shape:
+            raise ValueError(
+                f"Distillation: the student's output has shape {tuple(student.shape)} but the "
+                f"teacher's has {tuple(teacher.shape)}; distil into a model whose output keeps "
+                f"the teacher's shape (prune inside it, not its output width)."
+            )
         s = student.reshape(-1, student.shape[-1]).float()
         tt = teacher.reshape(-1, teacher.shape[-1]).float()
-        return (
-            F.kl_div(F.log_softmax(s / t, -1), F.softmax(tt / t, -1), reduction="batchmean") * t * t
-        )
+        if kind == "kl":
+            t = self.distillation.temperature
+            return (
+                F.kl_div(F.log_softmax(s / t, -1), F.softmax(tt / t, -1), reduction="batchmean")
+                * t
+                * t
+            )
+        if kind == "cosine":
+            return (1 - F.cosine_similarity(s, tt, dim=-1)).mean()
+        err = F.mse_loss(s, tt)
+        return err / (tt.pow(2).mean() + 1e-12) if kind == "relative" else err
 
     def _penalty(self, model: nn.Module) -> torch.Tensor:
         r = self.regularization
@@ -837,6 +871,28 @@ class Trainer:
                 if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None:
                     total = total + r.bn_l1 * m.weight.abs().sum()
         return total
+
+
+def _is_hidden_state(output: Any) -> bool:
+    """Whether a model output is a hidden state or an embedding rather than logits: a Hugging
+    Face output (or dict) with ``last_hidden_state``, ``sentence_embedding`` or ``embeddings``
+    and no ``logits``."""
+
+    def get(name: str) -> Any:
+        if isinstance(output, Mapping):
+            return output.get(name)
+        return getattr(output, name, None)
+
+    if isinstance(output, (torch.Tensor, tuple, list)) and not isinstance(output, Mapping):
+        return False
+    if isinstance(get("logits"), torch.Tensor) or isinstance(
+        get("prediction_logits"), torch.Tensor
+    ):
+        return False
+    return any(
+        isinstance(get(n), torch.Tensor)
+        for n in ("last_hidden_state", "sentence_embedding", "embeddings")
+    )
 
 
 def _check_same_setup(state: dict[str, Any], opt: Any, sched: Any, path: Any) -> None:

@@ -46,6 +46,7 @@ CASES = {
     "alpha>1": (lambda: Distillation(alpha=1.5), ValueError, "alpha"),
     "features": (lambda: Distillation(features=["a"]), TypeError, "features"),
     "feature_loss": (lambda: Distillation(feature_loss="l1"), ValueError, "feature_loss"),
+    "output_loss": (lambda: Distillation(output_loss="l1"), ValueError, "output_loss"),
     "optimizer=123": (lambda: Trainer(optimizer=123), TypeError, r"Trainer\(optimizer=...\)"),
     "options='x'": (lambda: Trainer(options="x"), TypeError, "expected TrainOptions"),
     "distillation='x'": (lambda: Trainer(distillation="x"), TypeError, "expected Distillation"),

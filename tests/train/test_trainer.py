@@ -122,6 +122,88 @@ def test_relative_feature_loss_is_the_error_over_the_teachers_mean_square(scale)
     assert got == pytest.approx(float(want), rel=1e-5)
 
 
+class _Encoder(nn.Module):
+    """A model whose output is a hidden state (a Hugging Face encoder's output)."""
+
+    def __init__(self, w: torch.Tensor):
+        super().__init__()
+        self.proj = nn.Linear(8, 6, bias=False)
+        with torch.no_grad():
+            self.proj.weight.copy_(w)
+
+    def forward(self, x):
+        from transformers.modeling_outputs import BaseModelOutput
+
+        return BaseModelOutput(last_hidden_state=self.proj(x))
+
+
+@pytest.mark.parametrize(
+    "output_loss, want",
+    [
+        ("auto", lambda s, t: ((s - t) ** 2).mean() / (t**2).mean()),
+        ("relative", lambda s, t: ((s - t) ** 2).mean() / (t**2).mean()),
+        ("mse", lambda s, t: ((s - t) ** 2).mean()),
+        ("cosine", lambda s, t: (1 - nn.functional.cosine_similarity(s, t, dim=-1)).mean()),
+        (
+            "kl",
+            lambda s, t: (
+                nn.functional.kl_div(
+                    (s / 2).log_softmax(-1), (t / 2).softmax(-1), reduction="batchmean"
+                )
+                * 4
+            ),
+        ),
+    ],
+)
+def test_output_loss_of_a_hidden_state(output_loss, want):
+    """An encoder's output (``last_hidden_state``, no logits) is matched by its relative
+    squared error under ``"auto"``, not by a softmax over hidden units; each named loss is the
+    formula it documents (exactly, on the first step)."""
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    teacher, student = _Encoder(torch.randn(6, 8)).eval(), _Encoder(torch.randn(6, 8))
+    x = torch.randn(2, 3, 8)
+    d = nnslim.Distillation(alpha=1.0, temperature=2.0, output_loss=output_loss)
+    trainer = nnslim.Trainer(lr=1e-9, teacher=teacher, distillation=d, options=QUIET)
+    got = trainer.fit(student, [x]).losses[0]
+    with torch.no_grad():
+        s, t = student.proj(x).reshape(-1, 6), teacher.proj(x).reshape(-1, 6)
+    assert got == pytest.approx(float(want(s, t)), rel=1e-5)
+
+
+def test_auto_output_loss_keeps_kl_for_logits():
+    """Logits (a plain tensor, or an output with ``logits`` beside a hidden state) keep the KL
+    term under ``"auto"``."""
+    pytest.importorskip("transformers")
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    from nnslim.train.trainer import _is_hidden_state
+
+    h = torch.randn(2, 3)
+    assert not _is_hidden_state(h)
+    assert not _is_hidden_state((h, h))
+    assert not _is_hidden_state(CausalLMOutputWithPast(logits=h, hidden_states=(h,)))
+    assert _is_hidden_state({"sentence_embedding": h})
+    teacher = nn.Linear(8, 4).eval()
+    student = nn.Linear(8, 4)
+    x = torch.randn(5, 8)
+    d = nnslim.Distillation(alpha=1.0, temperature=3.0)
+    got = nnslim.Trainer(lr=1e-9, teacher=teacher, distillation=d, options=QUIET)
+    loss = got.fit(student, [x]).losses[0]
+    with torch.no_grad():
+        want = nn.functional.kl_div(
+            (student(x) / 3).log_softmax(-1), (teacher(x) / 3).softmax(-1), reduction="batchmean"
+        )
+    assert loss == pytest.approx(float(want) * 9, rel=1e-5)
+
+
+def test_output_of_another_shape_is_refused():
+    teacher, student = nn.Linear(8, 4).eval(), nn.Linear(8, 3)
+    trainer = nnslim.Trainer(teacher=teacher, options=QUIET)
+    with pytest.raises(ValueError, match=r"student's output has shape \(5, 3\) but the teacher's"):
+        trainer.fit(student, [torch.randn(5, 8)])
+
+
 def test_regularization_shrinks_what_it_targets():
     torch.manual_seed(0)
     data = [(torch.randn(2, 3, 8, 8), torch.randint(0, 5, (2,))) for _ in range(4)]
