@@ -251,6 +251,24 @@ def first_tensor(output: Any) -> torch.Tensor | None:
     return None
 
 
+def is_hidden_state(output: Any) -> bool:
+    """Whether a model output is a hidden state or an embedding rather than logits: a Hugging
+    Face output (or a dict) with ``last_hidden_state``, ``sentence_embedding`` or ``embeddings``
+    and no ``logits`` (an encoder's). A tensor or a tuple counts as logits."""
+    if not isinstance(output, Mapping) and not hasattr(output, "last_hidden_state"):
+        return False
+
+    def get(name: str) -> Any:
+        return output.get(name) if isinstance(output, Mapping) else getattr(output, name, None)
+
+    if any(isinstance(get(n), torch.Tensor) for n in ("logits", "prediction_logits")):
+        return False
+    return any(
+        isinstance(get(n), torch.Tensor)
+        for n in ("last_hidden_state", "sentence_embedding", "embeddings")
+    )
+
+
 def output_tensors(output: Any) -> list[torch.Tensor]:
     """Every tensor in a model output (ModelOutput, tuple, dict), in order."""
     if hasattr(output, "to_tuple") and callable(output.to_tuple):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..base.blocks import block_of
-from ..base.inputs import Inputs, first_tensor, forward_error
+from ..base.inputs import Inputs, first_tensor, forward_error, is_hidden_state
 from ..base.modules import is_hf_conv1d
 from ..base.snapshot import preserved_state
 
@@ -110,14 +110,24 @@ def _rows(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-def calibration_loss(output: Any, targets: tuple[Any, ...]) -> torch.Tensor:
-    """The loss Taylor importance differentiates.
+def calibration_loss(
+    output: Any, targets: tuple[Any, ...], *, sample: int | None = None
+) -> torch.Tensor:
+    """The loss Taylor importance and Auto's K-FAC statistics differentiate.
 
     The model's own loss when its output carries one (a Hugging Face model given ``labels``:
     for a causal LM, the next-token loss); cross-entropy against the labels when the batch
     carried integer labels shaped like the output's leading dims; otherwise cross-entropy
     against the model's own predictions (self-labelling), or the mean square of a non-logit
     output.
+
+    With ``sample`` (a seed; for squared output gradients, not for first-order importance), an
+    output that is a hidden state or an embedding (an encoder's ``last_hidden_state``: see
+    :func:`~nnslim.base.inputs.is_hidden_state`) is instead matched to a Gaussian target drawn
+    around itself: the loss is the squared error's, and its squared output gradient is, in
+    expectation, the Gauss-Newton diagonal (how much the output moves, each direction alike),
+    where a cross-entropy over hidden units would weigh them by a softmax they never go
+    through.
     """
     own = getattr(output, "loss", None)
     if isinstance(own, torch.Tensor) and own.dim() == 0:
@@ -125,6 +135,10 @@ def calibration_loss(output: Any, targets: tuple[Any, ...]) -> torch.Tensor:
     out = first_tensor(output)
     if out is None:
         raise ValueError("the model output holds no tensor to compute a calibration loss from")
+    if sample is not None and is_hidden_state(output):
+        # 1/2 mean (out - (out + eps))^2 has the gradient -eps / numel
+        noise = torch.randn(out.shape, generator=torch.Generator().manual_seed(sample))
+        return (out.float() * noise.to(out.device)).sum() / out.numel()
     out = out.float()
     y = targets[0] if targets and isinstance(targets[0], torch.Tensor) else None
     if out.dim() >= 2 and out.shape[-1] > 1:
@@ -177,7 +191,11 @@ def collect(
                     with torch.enable_grad():
                         for p in model.parameters():
                             p.grad = None
-                        loss = calibration_loss(call_batch(model, batch, i), batch.targets)
+                        loss = calibration_loss(
+                            call_batch(model, batch, i),
+                            batch.targets,
+                            sample=i if out_grads and not grads else None,
+                        )
                         # the weights' gradients (the outputs' hooks fire on the way to them)
                         watched = [
                             (p, m.weight) for p, m in layers.items() if m.weight.requires_grad

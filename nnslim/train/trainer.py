@@ -8,7 +8,7 @@ import itertools
 import os
 import sys
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, Sa
 
 from ..base.blocks import layer_stack
 from ..base.distributed import rank_world
-from ..base.inputs import as_inputs, first_tensor
+from ..base.inputs import as_inputs, first_tensor, is_hidden_state
 from ..base.modules import copy_model, is_hf_conv1d
 from ..base.snapshot import preserve_modes
 from ..base.validate import check_choice, check_fraction, check_int, check_type
@@ -805,7 +805,7 @@ class Trainer:
                     t_out = first_tensor(_call(self.teacher, inputs))
                 kind = d.output_loss
                 if kind == "auto":
-                    kind = "relative" if _is_hidden_state(outputs) else "kl"
+                    kind = "relative" if is_hidden_state(outputs) else "kl"
                 kd = self._kd(main, t_out, kind) + d.feature_weight * features.loss()
                 total = kd if task is None else (1 - d.alpha) * task + d.alpha * kd
             elif task is None:
@@ -871,28 +871,6 @@ class Trainer:
                 if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None:
                     total = total + r.bn_l1 * m.weight.abs().sum()
         return total
-
-
-def _is_hidden_state(output: Any) -> bool:
-    """Whether a model output is a hidden state or an embedding rather than logits: a Hugging
-    Face output (or dict) with ``last_hidden_state``, ``sentence_embedding`` or ``embeddings``
-    and no ``logits``."""
-
-    def get(name: str) -> Any:
-        if isinstance(output, Mapping):
-            return output.get(name)
-        return getattr(output, name, None)
-
-    if isinstance(output, (torch.Tensor, tuple, list)) and not isinstance(output, Mapping):
-        return False
-    if isinstance(get("logits"), torch.Tensor) or isinstance(
-        get("prediction_logits"), torch.Tensor
-    ):
-        return False
-    return any(
-        isinstance(get(n), torch.Tensor)
-        for n in ("last_hidden_state", "sentence_embedding", "embeddings")
-    )
 
 
 def _check_same_setup(state: dict[str, Any], opt: Any, sched: Any, path: Any) -> None:

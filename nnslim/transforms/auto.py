@@ -27,7 +27,10 @@ layer alone takes its weight change ``dW``, with the K-FAC approximation of the 
 losses, ``dL ~= 1/2 sum_o (S_o / B^2) * dW_o (X^T X) dW_o^T``, where ``S_o`` is the squared
 gradient of the batch loss with respect to output ``o`` of the layer summed over rows and
 batches, and ``X^T X`` the Gram matrix of its inputs summed the same way. One forward and
-backward pass over the calibration batches gives every layer's statistics; each candidate then
+backward pass over the calibration batches gives every layer's statistics (the batch loss is
+:func:`~nnslim.core.calibrate.calibration_loss`'s: the model's own loss, or a cross-entropy
+against its own predictions; for an encoder whose output is a hidden state, a squared error to a
+Gaussian target drawn around it, so ``S_o`` is the Gauss-Newton diagonal); each candidate then
 costs one application to a copy of the layer and one product. Why this estimate: it weighs a
 layer's output error by how much the loss reacts to that output (a plain output error treats
 a layer feeding the LM head like one feeding a residual that normalises it away), it needs no

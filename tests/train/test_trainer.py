@@ -177,13 +177,13 @@ def test_auto_output_loss_keeps_kl_for_logits():
     pytest.importorskip("transformers")
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    from nnslim.train.trainer import _is_hidden_state
+    from nnslim.base.inputs import is_hidden_state
 
     h = torch.randn(2, 3)
-    assert not _is_hidden_state(h)
-    assert not _is_hidden_state((h, h))
-    assert not _is_hidden_state(CausalLMOutputWithPast(logits=h, hidden_states=(h,)))
-    assert _is_hidden_state({"sentence_embedding": h})
+    assert not is_hidden_state(h)
+    assert not is_hidden_state((h, h))
+    assert not is_hidden_state(CausalLMOutputWithPast(logits=h, hidden_states=(h,)))
+    assert is_hidden_state({"sentence_embedding": h})
     teacher = nn.Linear(8, 4).eval()
     student = nn.Linear(8, 4)
     x = torch.randn(5, 8)

@@ -106,6 +106,49 @@ def test_output_gradient_statistics_are_the_k_fac_factor():
         assert (t.grad is None and before[n] is None) or torch.equal(t.grad, before[n])
 
 
+class _Encoder(nn.Module):
+    """Two Linears whose output is a hidden state (a Hugging Face encoder's output)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 12), nn.Linear(12, 6)
+
+    def forward(self, x):
+        from transformers.modeling_outputs import BaseModelOutput
+
+        return BaseModelOutput(last_hidden_state=self.b(self.a(x).relu()))
+
+
+def test_an_encoders_output_gradients_are_the_gauss_newton_diagonals():
+    """For a hidden-state output the K-FAC statistics come from a squared error to a Gaussian
+    target drawn around the output (seed: the batch's index), not from a cross-entropy over
+    hidden units: the squared output gradients are exactly ``(eps / numel) @ J``'s."""
+    pytest.importorskip("transformers")
+    from nnslim.core.calibrate import collect
+    from nnslim.core.transform import calibration_batches
+
+    torch.manual_seed(0)
+    model = _Encoder().eval()
+    data = [torch.randn(2, 5, 8) for _ in range(3)]
+    layers = {"a": model.a, "b": model.b}
+    stats = collect(model, calibration_batches(model, data), layers, out_grads=True)
+    want_a, want_b = torch.zeros(12), torch.zeros(6)
+    for i, x in enumerate(data):
+        h = model.a(x)
+        eps = torch.randn((2, 5, 6), generator=torch.Generator().manual_seed(i)) / (2 * 5 * 6)
+        want_b += eps.pow(2).sum((0, 1))
+        with torch.no_grad():
+            g_a = (eps @ model.b.weight) * (h > 0)
+        want_a += g_a.pow(2).sum((0, 1))
+    torch.testing.assert_close(stats["b"].extra["out_grad_sq"], want_b, rtol=1e-5, atol=0)
+    torch.testing.assert_close(stats["a"].extra["out_grad_sq"], want_a, rtol=1e-5, atol=0)
+    # and the search runs on it
+    report = nnslim.Auto(target={"bytes": 0.6}, select=["a", "b"]).apply(
+        model, data[0], calibration=data
+    )
+    assert report.after.param_bytes <= 0.6 * report.before.param_bytes
+
+
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 10_000), layers=st.integers(1, 4), frac=st.floats(0.2, 1.0))
 def test_the_allocation_is_the_knapsack_optimum_or_close(seed, layers, frac):
