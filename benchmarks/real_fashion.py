@@ -270,6 +270,43 @@ def recovery(args, base, train, example, row) -> None:
     )
 
 
+def auto_rows(base, train, example, row, epochs: int) -> None:
+    """Issue 20's rows: ``nnslim.Auto`` at 0.15x the weight bytes and at 0.4x the MACs against
+    uniform settings at the same budget, each given the same distilled fine-tune (``epochs``).
+    Auto's calibration: 8 training batches of 128 with their labels (its loss estimate
+    differentiates the cross-entropy on them)."""
+    calib = [b for _, b in zip(range(8), train)]
+    full = nnslim.profile(base, example, memory=False)
+
+    def tuned(name, transform) -> None:
+        m = copy.deepcopy(base)
+        t0 = time.perf_counter()
+        try:
+            report = transform.apply(m, example, calibration=calib)
+        except ValueError as e:  # a budget Auto cannot reach is a result too
+            print(f"  {name}: {str(e).splitlines()[0]}", flush=True)
+            return
+        plan = next((n for n in report.notes if n.startswith("Auto:")), "")
+        if plan:
+            print(f"  {plan}", flush=True)
+        torch.manual_seed(0)
+        fit(m, train, epochs, lr=1e-3, teacher=base)
+        p = nnslim.profile(m, example, memory=False)
+        row(
+            f"{name} ({p.param_bytes / full.param_bytes:.3f}x bytes, "
+            f"{p.macs / full.macs:.2f}x MACs) + fine-tune",
+            m,
+            time.perf_counter() - t0,
+        )
+
+    row("baseline (fp32)", copy.deepcopy(base))
+    cands = ("int8", "palette-16", "palette-8", "rank-0.5", "rank-0.25")
+    tuned("uniform ShareWeights 8 clusters", nnslim.ShareWeights(clusters=8))
+    tuned("Auto at 0.15x bytes", nnslim.Auto(target={"bytes": 0.15}, candidates=cands))
+    tuned("uniform Prune to 0.4x MACs", nnslim.Prune(macs=0.4))
+    tuned("Auto at 0.4x MACs", nnslim.Auto(target={"macs": 0.4}, candidates=cands))
+
+
 def standard(row, tuned, base, example, train, tune_epochs, rows) -> None:
     """The one-epoch rows (the table of 2026-11-29)."""
     row("baseline (fp32)", copy.deepcopy(base))
@@ -304,6 +341,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--recover", type=int, default=0, metavar="EPOCHS")
+    parser.add_argument("--auto", action="store_true", help="issue 20's rows (nnslim.Auto)")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     data = rd.fashion_mnist()
@@ -352,7 +390,9 @@ def main() -> None:
         row(name, m, time.perf_counter() - t0)
         return m
 
-    if args.recover:
+    if args.auto:
+        auto_rows(base, train, example, row, tune_epochs)
+    elif args.recover:
         recovery(args, base, train, example, row)
     else:
         standard(row, tuned, base, example, train, tune_epochs, rows)
@@ -373,6 +413,7 @@ def main() -> None:
     )
     name = "real_fashion" + ("-quick" if args.quick else "")
     name += f"-recover{args.recover}" if args.recover else ""
+    name += "-auto" if args.auto else ""
     print(f"wrote {write_json(name, {'rows': rows, 'recovery_epochs': args.recover})}")
 
 

@@ -228,6 +228,7 @@ def collect(
 def _out_grad_hook(m: nn.Module, st: LayerStats) -> Any:
     """Accumulate ``sum over rows of (dL/dy)^2`` per output channel of ``m`` in
     ``st.extra["out_grad_sq"]`` (rows: tokens, or positions of a convolution)."""
+    conv = isinstance(m, nn.modules.conv._ConvNd)
 
     def hook(_mod: nn.Module, _args: Any, out: Any) -> None:
         y = first_tensor(out)
@@ -236,9 +237,11 @@ def _out_grad_hook(m: nn.Module, st: LayerStats) -> Any:
 
         def grad_hook(g: torch.Tensor) -> None:
             g = g.detach().float()
+            # a convolution's channels are dim 1; a Linear's the last, whatever the rank (a
+            # Linear over an NHWC image, as ConvNeXt's and Swin's MLPs are, is 4-D too)
             rows = (
                 g.transpose(0, 1).reshape(g.shape[1], -1).t()
-                if g.dim() == 4
+                if conv
                 else g.reshape(-1, g.shape[-1])
             )
             sq = rows.pow(2).sum(0)

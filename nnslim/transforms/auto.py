@@ -1,7 +1,8 @@
 """``Auto``: choose each layer's setting to meet a size, MACs or latency budget with the least
 estimated loss.
 
-The loop the library starts from, automatic: every eligible Linear layer gets a list of
+The loop the library starts from, automatic: every eligible Linear layer (and dense Conv2d:
+grouped and depthwise convolutions are reported as left) gets a list of
 candidates (kept as it is; int8; int4 with groups of 128, 64 or 32 inputs; palettized to 256,
 16 or 8 shared values; low rank keeping half or a quarter of its parameters; or any
 :class:`~nnslim.Transform` of the user's that replaces a layer chosen by ``select``), each with
@@ -17,7 +18,7 @@ model) or, for a latency budget, the new layer's median time in eager torch on a
 rows as the layer sees in one forward of the example inputs (the rest of the model's time is
 measured once and held fixed), and the weight it leaves is read back by running the new layer
 on the identity matrix (so it is the weight the layer computes with, whatever the transform
-stores). This is the whole
+stores; a convolution from one impulse per input channel and kernel offset). This is the whole
 protocol for a transform of your own: a :class:`~nnslim.Transform` with a ``select`` field that
 replaces (or changes) the Linear layers it selects joins the search unchanged.
 
@@ -26,7 +27,9 @@ layer alone takes its weight change ``dW``, with the K-FAC approximation of the 
 (Martens & Grosse 2015, the output factor's diagonal): with ``L`` the mean of ``B`` batch
 losses, ``dL ~= 1/2 sum_o (S_o / B^2) * dW_o (X^T X) dW_o^T``, where ``S_o`` is the squared
 gradient of the batch loss with respect to output ``o`` of the layer summed over rows and
-batches, and ``X^T X`` the Gram matrix of its inputs summed the same way. One forward and
+batches, and ``X^T X`` the Gram matrix of its inputs summed the same way (for a convolution:
+rows are positions, ``X^T X`` the input channels' Gram, and each kernel offset's slice of
+``dW`` is weighed by it alone, the offsets' cross terms left out). One forward and
 backward pass over the calibration batches gives every layer's statistics (the batch loss is
 :func:`~nnslim.core.calibrate.calibration_loss`'s: the model's own loss, or a cross-entropy
 against its own predictions; for an encoder whose output is a hidden state, a squared error to a
@@ -57,7 +60,7 @@ import torch
 from torch import nn
 
 from ..base.inputs import as_inputs, calibration_batches, first_tensor
-from ..base.modules import is_linear, linear_weight, unreplaceable
+from ..base.modules import is_conv2d, is_linear, linear_weight, unreplaceable
 from ..base.validate import check_choice
 from ..core.calibrate import collect
 from ..core.report import Report
@@ -96,7 +99,8 @@ Option = tuple[str, float, float]  # (candidate name, cost, estimated loss)
 @final
 @dataclass(frozen=True)
 class Auto(Transform):
-    """Per-layer settings under a budget: each Linear layer kept as it is or given one of the
+    """Per-layer settings under a budget: each Linear and dense Conv2d layer kept as it is or
+    given one of the
     ``candidates``, chosen to meet ``target`` with the least estimated loss (see the module
     docstring for the estimate, the allocation and how a transform of your own joins).
     Needs calibration batches.
@@ -115,7 +119,8 @@ class Auto(Transform):
         plan: ``{layer path: candidate name}``: apply this plan instead of searching (what
             :meth:`table` and :meth:`AutoTable.allocate` return; the names as
             :meth:`AutoTable.names` gives them).
-        select: layers the search may change (default: every Linear but the LM head).
+        select: layers the search may change (default: every Linear and dense Conv2d but the
+            LM head).
         exclude: layers it leaves alone.
 
     The report notes the plan (layers per setting, predicted cost and loss); each layer's
@@ -261,7 +266,9 @@ class Auto(Transform):
             return cached[1]
         layers = self._layers(model, ctx, report)
         if not layers:
-            raise ValueError("Auto: no Linear layer to choose a setting for after select/exclude.")
+            raise ValueError(
+                "Auto: no Linear or Conv2d layer to choose a setting for after select/exclude."
+            )
         table = _measure(self, model, ctx, batches, layers, metric)
         _TABLES[model] = (key, table)
         return table
@@ -269,8 +276,13 @@ class Auto(Transform):
     def _layers(self, model: nn.Module, ctx: Context, report: Report) -> dict[str, nn.Module]:
         named = dict(model.named_modules())
         left = unreplaceable(model)
-        eligible = [(p, m) for p, m in named.items() if p and p not in left and is_linear(m)]
+        eligible = [
+            (p, m) for p, m in named.items() if p and p not in left and (is_linear(m) or _conv(m))
+        ]
         chosen = dict(self.resolve(model, self.select, self.exclude, eligible=eligible))
+        for p, m in named.items():
+            if p and is_conv2d(m) and not _conv(m) and p not in left:
+                report.skipped(p, "grouped convolution: Auto chooses for dense ones only")
         heads = _lm_heads(model, ctx)
         for p in list(chosen):
             if p in heads and not (isinstance(self.select, (list, tuple)) and p in self.select):
@@ -403,6 +415,7 @@ def _measure(
     timed = metric == "latency_ms"
     whole = profile(model, inputs, memory=False)
     total = _time_ms(model, inputs) if timed else float(getattr(whole, _COSTS[metric]))
+    shapes = _conv_input_shapes(model, inputs, layers) if timed else {}
     options: dict[str, list[Option]] = {}
     unavailable: dict[str, dict[str, str]] = {}
     probes = [(_name(c), _probe_transform(auto._transform(c))) for c in auto.candidates]
@@ -418,14 +431,14 @@ def _measure(
         # batches, / B^2, weight the summed input Gram
         f = fisher.float() / len(batches) ** 2
         gram = st.gram.float()
-        w = linear_weight(m).detach().float()
-        base = _LayerProbe(m, w.shape[1])
+        w = (m.weight if _conv(m) else linear_weight(m)).detach().float()
+        base = _LayerProbe(m)
         scale = 1.0
         if metric != "param_bytes":
             calls = float(whole.modules[p].macs) if p in whole.modules else 0.0
             scale = calls / base.cost["macs"] if base.cost["macs"] else 0.0
-        if timed:  # one call on every input row it sees in a forward: its time per forward
-            base.time_on(max(1, round(scale)))
+        if timed:  # timed on what it sees in a forward: its time per forward
+            base.time_on(shapes.get(p) or (max(1, round(scale)), w.shape[1]))
             scale = 1.0 if calls else 0.0
         keep = base.cost[metric] * scale
         opts: list[Option] = [("keep", keep, 0.0)]
@@ -440,7 +453,11 @@ def _measure(
                 continue
             cost, after = new
             d = after - w
-            loss = 0.5 * float(((d @ gram) * d).sum(1) @ f)
+            if d.dim() == 4:  # a convolution: each kernel offset against the channels' Gram
+                d = d.flatten(2)
+                loss = 0.5 * float(torch.einsum("oik,ij,ojk->o", d, gram, d) @ f)
+            else:
+                loss = 0.5 * float(((d @ gram) * d).sum(1) @ f)
             opts.append((name, cost[metric] * scale, loss))
         options[p] = opts
         st.gram = None
@@ -461,19 +478,62 @@ def _probe_transform(t: Transform) -> Transform:
     return t
 
 
-class _LayerProbe:
-    """One layer alone in a container, its cost, and a candidate's effect on a copy of it."""
+def _conv(m: nn.Module) -> bool:
+    """A dense 2-D convolution (the convolutions Auto chooses settings for)."""
+    return is_conv2d(m) and m.groups == 1
 
-    def __init__(self, layer: nn.Module, width: int) -> None:
-        self.layer, self.width = layer, width
+
+def _conv_input_shapes(
+    model: nn.Module, inputs: Any, layers: dict[str, nn.Module]
+) -> dict[str, tuple[int, ...]]:
+    """The input shape each convolution among ``layers`` sees in one forward of ``inputs``."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    hooks = [
+        m.register_forward_pre_hook(
+            lambda _m, args, p=p: shapes.setdefault(p, tuple(args[0].shape))
+        )
+        for p, m in layers.items()
+        if _conv(m)
+    ]
+    try:
+        with torch.no_grad():
+            as_inputs(inputs).call_stateless(model)
+    finally:
+        for h in hooks:
+            h.remove()
+    return shapes
+
+
+class _LayerProbe:
+    """One layer alone in a container, its cost, and a candidate's effect on a copy of it.
+
+    A Linear is probed on one row; a convolution on the smallest image whose output has a
+    position (``at``) whose window lies inside the image (no padding), so its weight can be
+    read back from impulses there, whatever the stride, padding and dilation."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.layer = layer
         self.timing: torch.Tensor | None = None  # a latency budget: time candidates on it
-        self.x = torch.zeros(1, width, device=linear_weight(layer).device)
+        if _conv(layer):
+            w = layer.weight
+            self.width = w.shape[1]
+            pad = _pair(layer)
+            self.at = [-(-p // s) for p, s in zip(pad, layer.stride)]
+            self.start = [a * s - p for a, s, p in zip(self.at, layer.stride, pad)]
+            size = [
+                st + (k - 1) * d + 1 for st, k, d in zip(self.start, w.shape[2:], layer.dilation)
+            ]
+            self.x = torch.zeros(1, self.width, *size, device=w.device)
+        else:
+            w = linear_weight(layer)
+            self.width = w.shape[1]
+            self.x = torch.zeros(1, self.width, device=w.device)
         self.cost = self._cost(nn.Sequential(layer))
 
-    def time_on(self, rows: int) -> None:
-        """Time the layer, and from now on each candidate, on ``rows`` random input rows."""
-        w = linear_weight(self.layer)
-        self.timing = torch.randn(rows, self.width).to(w.device, w.dtype)
+    def time_on(self, shape: tuple[int, ...]) -> None:
+        """Time the layer, and from now on each candidate, on a random input of ``shape``."""
+        w = self.layer.weight
+        self.timing = torch.randn(shape).to(w.device, w.dtype)
         self.cost["latency_ms"] = _time_ms(self.layer, self.timing)
 
     def _cost(self, holder: nn.Module) -> dict[str, float]:
@@ -494,7 +554,41 @@ class _LayerProbe:
         cost = self._cost(holder)
         if self.timing is not None:
             cost["latency_ms"] = _time_ms(holder[0], self.timing)
+        if self.x.dim() == 4:
+            return cost, self._conv_weight(holder[0])
         return cost, _effective_weight(holder[0], self.width, self.x)
+
+    def _conv_weight(self, layer: nn.Module) -> torch.Tensor:
+        """``(out, in, kh, kw)``: the convolution ``layer`` computes, read back from one
+        impulse per input channel and kernel offset at the probe position (less its output
+        for zero: the bias)."""
+        kh, kw = self.layer.weight.shape[2:]
+        dh, dw = self.layer.dilation
+        (ah, aw), (sh, sw) = self.at, self.start
+        k = kh * kw
+        with torch.no_grad():
+            bias = layer(self.x).float()[0, :, ah, aw]
+            out = []
+            for c0 in range(0, self.width, 64):
+                cs = range(c0, min(self.width, c0 + 64))
+                x = self.x.expand(len(cs) * k, -1, -1, -1).clone()
+                for i, c in enumerate(cs):
+                    for y in range(kh):
+                        for z in range(kw):
+                            x[i * k + y * kw + z, c, sh + y * dh, sw + z * dw] = 1.0
+                out.append(layer(x).float()[:, :, ah, aw] - bias)  # (channels * k, out)
+            w = torch.cat(out)  # rows: channel, then kernel offset
+            return w.reshape(self.width, kh, kw, -1).permute(3, 0, 1, 2)
+
+
+def _pair(conv: nn.Module) -> tuple[int, ...]:
+    """A Conv2d's padding before each spatial dim, as ints (``"same"``: torch pads
+    ``dilation * (kernel - 1) // 2`` before; ``"valid"``: none)."""
+    if conv.padding == "valid":
+        return (0, 0)
+    if conv.padding == "same":
+        return tuple(d * (k - 1) // 2 for d, k in zip(conv.dilation, conv.weight.shape[2:]))
+    return tuple(conv.padding)
 
 
 def _effective_weight(layer: nn.Module, width: int, zero: torch.Tensor) -> torch.Tensor:

@@ -436,3 +436,127 @@ def test_the_smallest_reachable_budget_is_always_allocatable(seed, fixed):
     table = nnslim.AutoTable("latency", total, options, {})
     plan = table.allocate(table.smallest())
     assert table.cost_of(plan) <= table.smallest() * table.total * (1 + 1e-9)
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        dict(kernel_size=3, padding=1),
+        dict(kernel_size=3, stride=2, padding=1, dilation=2),
+        dict(kernel_size=(3, 5), padding="same", dilation=(2, 1)),
+        dict(kernel_size=2, stride=3, padding_mode="reflect", padding=1, bias=False),
+    ],
+)
+@pytest.mark.parametrize("candidate", ["keep", "rank-0.5", "palette-16", "int8"])
+def test_a_convolutions_weight_is_read_back_whatever_its_geometry(conv, candidate):
+    """The probe reads back the convolution a candidate leaves (a factorized pair, a palette,
+    int8 codes) from impulses: convolving with it (and the layer's bias) gives the layer's
+    output at every position, for any stride, padding and dilation."""
+    from nnslim.transforms.auto import _LayerProbe
+
+    torch.manual_seed(0)
+    layer = nn.Conv2d(6, 10, **conv)
+    probe = _LayerProbe(layer)
+    if candidate == "keep":
+        new, got = layer, probe._conv_weight(layer)
+    else:
+        cost_weight = probe.apply(CANDIDATES[candidate])
+        assert cost_weight is not None
+        holder = nn.Sequential(copy.deepcopy(layer))
+        dataclasses.replace(CANDIDATES[candidate], select=["0"]).apply(holder, probe.x)
+        new, got = holder[0], cost_weight[1]
+    assert got.shape == layer.weight.shape
+    x = torch.randn(2, 6, 11, 13)
+    with torch.no_grad():
+        want = new(x)
+        bias = layer.bias if layer.bias is not None else None
+        if candidate == "keep":
+            torch.testing.assert_close(got, layer.weight.detach(), rtol=0, atol=1e-7)
+        padded = (
+            F.pad(x, (1, 1, 1, 1), mode="reflect") if conv.get("padding_mode") == "reflect" else x
+        )
+        kw = {k: v for k, v in conv.items() if k in ("stride", "dilation")}
+        pad = 0 if conv.get("padding_mode") == "reflect" else conv.get("padding", 0)
+        again = F.conv2d(padded, got, None, padding=pad, **kw)
+    if bias is not None:
+        b = new(torch.zeros(1, 6, 11, 13))
+        again = again + b
+    torch.testing.assert_close(again, want, rtol=1e-4, atol=1e-4)
+
+
+class _Pointwise(nn.Module):
+    """The same network as 1x1 convolutions over an image or as Linears over its pixels."""
+
+    def __init__(self, conv: bool):
+        super().__init__()
+        make = (lambda i, o: nn.Conv2d(i, o, 1)) if conv else nn.Linear
+        self.conv = conv
+        self.a, self.b, self.head = make(8, 32), make(32, 32), make(32, 5)
+
+    def forward(self, x):  # x: (N, 8, H, W)
+        if not self.conv:
+            x = x.permute(0, 2, 3, 1)
+        y = self.head(F.relu(self.b(F.relu(self.a(x)))))
+        return y.mean((2, 3)) if self.conv else y.mean((1, 2))
+
+
+def test_a_pointwise_convolution_is_searched_as_the_linear_it_computes():
+    """1x1 convolutions over an image and Linears over its pixels compute the same thing: the
+    table is the same (costs and loss estimates), candidate by candidate; and the plan fits
+    its budget as the profiler measures it afterwards."""
+    torch.manual_seed(0)
+    lin = _Pointwise(conv=False)
+    conv = _Pointwise(conv=True)
+    with torch.no_grad():
+        for name in ("a", "b", "head"):
+            getattr(conv, name).weight.copy_(getattr(lin, name).weight[:, :, None, None])
+            getattr(conv, name).bias.copy_(getattr(lin, name).bias)
+    data = [(torch.randn(4, 8, 6, 6), torch.randint(0, 5, (4,))) for _ in range(3)]
+    # palettes compute the same in both; int8 Linears run a bf16 kernel, int8 convolutions
+    # float (so their estimates differ by that rounding); Factorize leaves 1x1 convolutions
+    cands = ("palette-16", "palette-8")
+    sel = ["a", "b", "head"]
+    t_lin = nnslim.Auto(target={"bytes": 0.5}, candidates=cands, select=sel).table(lin, data)
+    t_conv = nnslim.Auto(target={"bytes": 0.5}, candidates=cands, select=sel).table(conv, data)
+    assert set(t_conv.options) == set(sel)
+    for p in sel:
+        for (n1, c1, l1), (n2, c2, l2) in zip(t_lin.options[p], t_conv.options[p], strict=True):
+            assert n1 == n2
+            assert c2 == c1
+            assert l2 == pytest.approx(l1, rel=1e-4, abs=1e-12)
+    m = copy.deepcopy(conv)
+    report = nnslim.Auto(target={"bytes": 0.5}, candidates=cands, select=sel).apply(
+        m, data[0][0], calibration=data
+    )
+    assert report.after.param_bytes <= 0.5 * report.before.param_bytes * (1 + 1e-6)
+
+
+def test_a_cnn_gets_settings_for_its_convolutions_and_grouped_ones_are_named():
+    """On a CNN, convolutions are searched by default (a depthwise one is reported as left,
+    not silently passed over); MACs budgets see the convolutions' MACs."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1, groups=16),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 10),
+    )
+    data = [(torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))) for _ in range(2)]
+    table = nnslim.Auto(target={"macs": 0.6}, candidates=("rank-0.5", "rank-0.25")).table(
+        model, data
+    )
+    assert {"0", "4"} <= set(table.options)
+    assert "2" not in table.options
+    m = copy.deepcopy(model)
+    report = nnslim.Auto(target={"macs": 0.6}, candidates=("rank-0.5", "rank-0.25")).apply(
+        m, data[0][0], calibration=data
+    )
+    assert any(s.path == "2" and "grouped" in s.reason for s in report.skips)
+    after = nnslim.profile(m, data[0][0], memory=False).macs
+    before = nnslim.profile(model, data[0][0], memory=False).macs
+    assert after <= 0.6 * before * (1 + 1e-6)
