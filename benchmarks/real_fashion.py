@@ -301,6 +301,7 @@ def auto_rows(base, train, example, row, epochs: int) -> None:
 
     row("baseline (fp32)", copy.deepcopy(base))
     cands = ("int8", "palette-16", "palette-8", "rank-0.5", "rank-0.25")
+    tuned("uniform ShareWeights 16 clusters", nnslim.ShareWeights(clusters=16))
     tuned("uniform ShareWeights 8 clusters", nnslim.ShareWeights(clusters=8))
     tuned("Auto at 0.15x bytes", nnslim.Auto(target={"bytes": 0.15}, candidates=cands))
     tuned("uniform Prune to 0.4x MACs", nnslim.Prune(macs=0.4))
