@@ -18,6 +18,13 @@ two to the math.
     python benchmarks/export.py --quick         # 1024-wide MLP
     python benchmarks/export.py --resnet        # also resnet50 pruned to 0.5x MACs
     python benchmarks/export.py --llama         # also the Llama-shaped decoder
+    python benchmarks/export.py --int4-levels   # int4 in ONNX Runtime: group x accuracy level
+
+``--int4-levels`` answers one question of issue 18 (int4 in ONNX Runtime at >= 3x fp32 and
+within 1e-2 of eager, at once?): the MLP at batch 1, one thread, int4 with groups of 128, 64
+and 32, exported at each ``MatMulNBits`` accuracy level (0: unset, 1: fp32, 2: fp16, 3: bf16,
+4: int8 activations), speed-up over torch fp32, error against eager and the math, file size
+as a fraction of fp32's.
 """
 
 from __future__ import annotations
@@ -277,15 +284,95 @@ def _in_engine(
     return out
 
 
+def int4_levels(width: int, repeat: int, tmp: Path) -> list[dict[str, Any]]:
+    """The ``--int4-levels`` table (see the module docstring)."""
+    import nnslim.io.export as ex
+    from nnslim.io.export import _dequantized
+
+    torch.set_num_threads(1)
+    base = mlp(width)
+    x = torch.randn(1, width)
+    with torch.no_grad():
+        fp32 = _median_ms(lambda: base(x), repeat)
+    fp32_mb = sum(p.numel() * 4 for p in base.parameters()) / 2**20
+    rows = []
+    saved = dict(ex._INT4_LEVELS)
+    try:
+        for group in (128, 64, 32):
+            m = copy.deepcopy(base)
+            nnslim.Quantize(scheme="int4", group_size=group).apply(m, x)
+            with torch.no_grad():
+                ref, math = m(x).float(), _dequantized(m)(x).float()
+            for level in (0, 1, 2, 3, 4):
+                ex._INT4_LEVELS["float"] = level  # the export option's level, for this sweep
+                path = tmp / f"int4-{group}-{level}.onnx"
+                nnslim.export(m, x, path, format="onnx", int4_compute="float", check=False)
+                sess = _ort_session(path, 1)
+                name = sess.get_inputs()[0].name
+                feed = {name: x.numpy()}
+                out = torch.from_numpy(sess.run(None, feed)[0]).float()
+                ms = _median_ms(lambda s=sess, f=feed: s.run(None, f), repeat)
+                size = sum(f.stat().st_size for f in tmp.glob(f"int4-{group}-{level}.onnx*"))
+                rows.append(
+                    {
+                        "group": group,
+                        "level": level,
+                        "speedup_1": fp32 / ms,
+                        "rel_error": float((out - ref).norm() / ref.norm()),
+                        "rel_error_math": float((out - math).norm() / math.norm()),
+                        "file_fraction": size / 2**20 / fp32_mb,
+                    }
+                )
+                r = rows[-1]
+                print(
+                    f"  g{group} level {level}: {r['speedup_1']:.2f}x, error {r['rel_error']:.4f}"
+                    f" (math {r['rel_error_math']:.4f}), file {r['file_fraction']:.3f} of fp32",
+                    flush=True,
+                )
+    finally:
+        ex._INT4_LEVELS.clear()
+        ex._INT4_LEVELS.update(saved)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--resnet", action="store_true")
     parser.add_argument("--llama", action="store_true")
     parser.add_argument("--no-mlp", action="store_true", help="skip the MLP cases")
+    parser.add_argument("--int4-levels", action="store_true", help="only the int4 level sweep")
     args = parser.parse_args()
     width = 1024 if args.quick else 4096
     repeat = 5 if args.quick else 15
+    if args.int4_levels:
+        with tempfile.TemporaryDirectory() as d:
+            rows = int4_levels(width, repeat, Path(d))
+        print_table(
+            [
+                "group",
+                "accuracy level",
+                "x fp32 (1 thr, bs1)",
+                "rel err vs eager",
+                "vs math",
+                "file",
+            ],
+            [
+                [
+                    r["group"],
+                    r["level"],
+                    f"{r['speedup_1']:.2f}",
+                    f"{r['rel_error']:.4f}",
+                    f"{r['rel_error_math']:.4f}",
+                    f"{r['file_fraction']:.3f}",
+                ]
+                for r in rows
+            ],
+            title=f"int4 MLP 4x{width} in ONNX Runtime, MatMulNBits accuracy levels",
+        )
+        name = "export-int4-levels" + ("-quick" if args.quick else "")
+        print(f"wrote {write_json(name, {'rows': rows})}")
+        return
     records: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
