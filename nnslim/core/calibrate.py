@@ -57,7 +57,7 @@ def _reduce(stats: dict[str, LayerStats]) -> None:
         st.rows = int(rows.item())
         if "amax" in st.extra:
             dist.all_reduce(st.extra["amax"], op=dist.ReduceOp.MAX)
-        for name in ("cross", "ref_gram", "out_grad_sq"):
+        for name in ("cross", "ref_gram", "out_grad_sq", "out_rows"):
             if isinstance(st.extra.get(name), torch.Tensor):
                 dist.all_reduce(st.extra[name])
         if "abs_sum" in st.extra and isinstance(st.extra["abs_sum"], torch.Tensor):
@@ -227,7 +227,8 @@ def collect(
 
 def _out_grad_hook(m: nn.Module, st: LayerStats) -> Any:
     """Accumulate ``sum over rows of (dL/dy)^2`` per output channel of ``m`` in
-    ``st.extra["out_grad_sq"]`` (rows: tokens, or positions of a convolution)."""
+    ``st.extra["out_grad_sq"]`` (rows: tokens, or positions of a convolution), and the rows
+    counted in ``st.extra["out_rows"]``."""
     conv = isinstance(m, nn.modules.conv._ConvNd)
 
     def hook(_mod: nn.Module, _args: Any, out: Any) -> None:
@@ -247,6 +248,8 @@ def _out_grad_hook(m: nn.Module, st: LayerStats) -> Any:
             sq = rows.pow(2).sum(0)
             prev = st.extra.get("out_grad_sq")
             st.extra["out_grad_sq"] = sq if prev is None else prev + sq
+            n = torch.tensor(float(rows.shape[0]), dtype=torch.float64, device=sq.device)
+            st.extra["out_rows"] = n + st.extra.get("out_rows", 0.0)
 
         y.register_hook(grad_hook)
 

@@ -277,11 +277,14 @@ class Auto(Transform):
         named = dict(model.named_modules())
         left = unreplaceable(model)
         eligible = [
-            (p, m) for p, m in named.items() if p and p not in left and (is_linear(m) or _conv(m))
+            (p, m)
+            for p, m in named.items()
+            if p and p not in left and (is_linear(m) or is_conv2d(m))
         ]
         chosen = dict(self.resolve(model, self.select, self.exclude, eligible=eligible))
-        for p, m in named.items():
-            if p and is_conv2d(m) and not _conv(m) and p not in left:
+        for p in list(chosen):
+            if is_conv2d(named[p]) and not _conv(named[p]):
+                del chosen[p]
                 report.skipped(p, "grouped convolution: Auto chooses for dense ones only")
         heads = _lm_heads(model, ctx)
         for p in list(chosen):
@@ -431,6 +434,8 @@ def _measure(
         # batches, / B^2, weight the summed input Gram
         f = fisher.float() / len(batches) ** 2
         gram = st.gram.float()
+        if _conv(m):  # the Gram summed over input positions, counted per output position
+            gram = gram * (float(st.extra["out_rows"]) / max(1, st.rows))
         w = (m.weight if _conv(m) else linear_weight(m)).detach().float()
         base = _LayerProbe(m)
         scale = 1.0
