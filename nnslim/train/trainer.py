@@ -853,8 +853,7 @@ class Trainer:
             )
         if kind == "cosine":
             return (1 - F.cosine_similarity(s, tt, dim=-1)).mean()
-        err = F.mse_loss(s, tt)
-        return err / (tt.pow(2).mean() + 1e-12) if kind == "relative" else err
+        return _squared_error(s, tt, relative=kind == "relative")
 
     def _penalty(self, model: nn.Module) -> torch.Tensor:
         r = self.regularization
@@ -871,6 +870,13 @@ class Trainer:
                 if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None:
                     total = total + r.bn_l1 * m.weight.abs().sum()
         return total
+
+
+def _squared_error(s: torch.Tensor, t: torch.Tensor, *, relative: bool) -> torch.Tensor:
+    """The mean squared error of ``s`` against the teacher's ``t``; ``relative``: over ``t``'s
+    mean square (scale-free)."""
+    err = F.mse_loss(s, t)
+    return err / (t.pow(2).mean() + 1e-12) if relative else err
 
 
 def _check_same_setup(state: dict[str, Any], opt: Any, sched: Any, path: Any) -> None:
@@ -1027,11 +1033,8 @@ class _FeatureTaps:
                     f"teacher's {self.pairs[key]!r} has {tuple(t.shape)}; match layers whose width "
                     f"pruning kept (block outputs in the residual stream)."
                 )
-            t = t.detach().float()
-            err = F.mse_loss(s.float(), t)
-            if self.kind == "relative":
-                err = err / (t.pow(2).mean() + 1e-12) / len(self.pairs)
-            total = total + err
+            err = _squared_error(s.float(), t.detach().float(), relative=self.kind == "relative")
+            total = total + (err / len(self.pairs) if self.kind == "relative" else err)
         # this step's features only: none is reused by a later step, and none is held
         self.s.clear()
         self.t.clear()
