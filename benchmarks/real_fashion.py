@@ -34,6 +34,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import real_data as rd
 import torch
@@ -94,17 +95,26 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return correct / len(x)
 
 
-def fit(
-    model: nn.Module, loader: DataLoader, epochs: int, lr: float, teacher: nn.Module | None = None
-) -> None:
-    nnslim.Trainer(
+def trainer(
+    loader: DataLoader, epochs: int, lr: float, teacher: nn.Module | None = None, **kwargs: Any
+) -> nnslim.Trainer:
+    """The benchmark's fine-tune: AdamW, a cosine schedule over ``epochs`` of ``loader``,
+    distillation at T=4, alpha 0.7 from ``teacher``; ``kwargs`` to the Trainer."""
+    return nnslim.Trainer(
         optimizer=torch.optim.AdamW,
         lr=lr,
         teacher=teacher,
         distillation=nnslim.Distillation(temperature=4.0, alpha=0.7),
         scheduler=lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, epochs * len(loader)),
         options=nnslim.TrainOptions(verbose=False),
-    ).fit(model, loader, epochs=epochs)
+        **kwargs,
+    )
+
+
+def fit(
+    model: nn.Module, loader: DataLoader, epochs: int, lr: float, teacher: nn.Module | None = None
+) -> None:
+    trainer(loader, epochs, lr, teacher).fit(model, loader, epochs=epochs)
     model.eval()
 
 
@@ -124,29 +134,41 @@ def baseline(data, quick: bool) -> FashionNet:
     return model
 
 
-def peer_torch_pruning(model: nn.Module, x: torch.Tensor, target_macs: float) -> nn.Module:
-    """torch-pruning's MetaPruner, group L2 magnitude, bisected to the same MACs."""
+def tp_pruner(m: nn.Module, x: torch.Tensor, ratio: float, steps: int = 1) -> Any:
+    """torch-pruning's MetaPruner on ``m``, group L2 magnitude, the classifier kept."""
     import torch_pruning as tp
 
+    return tp.pruner.MetaPruner(
+        m,
+        x,
+        importance=tp.importance.GroupMagnitudeImportance(p=2),
+        pruning_ratio=ratio,
+        iterative_steps=steps,
+        ignored_layers=[m.fc],
+    )
+
+
+def tp_ratio(model: nn.Module, x: torch.Tensor, target_macs: float, iterations: int) -> float:
+    """The MetaPruner ratio, bisected one-shot, whose model has at most ``target_macs`` of
+    ``model``'s MACs (the last ratio tried if none does)."""
     base = nnslim.profile(model, x, memory=False).macs
     lo, hi, best = 0.0, 0.95, None
-    for _ in range(10):
+    for _ in range(iterations):
         mid = (lo + hi) / 2
         m = copy.deepcopy(model)
-        pruner = tp.pruner.MetaPruner(
-            m,
-            x,
-            importance=tp.importance.GroupMagnitudeImportance(p=2),
-            pruning_ratio=mid,
-            ignored_layers=[m.fc],
-        )
-        pruner.step()
-        macs = nnslim.profile(m, x, memory=False).macs
-        if macs <= target_macs * base:
-            best, hi = m, mid
+        tp_pruner(m, x, mid).step()
+        if nnslim.profile(m, x, memory=False).macs <= target_macs * base:
+            best, hi = mid, mid
         else:
             lo = mid
-    return best if best is not None else m
+    return best if best is not None else mid
+
+
+def peer_torch_pruning(model: nn.Module, x: torch.Tensor, target_macs: float) -> nn.Module:
+    """torch-pruning's MetaPruner, group L2 magnitude, bisected to the same MACs."""
+    m = copy.deepcopy(model)
+    tp_pruner(m, x, tp_ratio(model, x, target_macs, 10)).step()
+    return m
 
 
 #: group-lasso weight of the sparsity-training epoch (the penalty sums each channel group's L2
@@ -159,30 +181,8 @@ def peer_iterative(
 ) -> nn.Module:
     """torch-pruning's MetaPruner in ``steps`` steps to ``target_macs`` (its final ratio bisected
     one-shot, which prunes the same channel counts), ``tune(model)`` after each step."""
-    import torch_pruning as tp
-
-    def pruner(m, ratio, n):
-        return tp.pruner.MetaPruner(
-            m,
-            x,
-            importance=tp.importance.GroupMagnitudeImportance(p=2),
-            pruning_ratio=ratio,
-            iterative_steps=n,
-            ignored_layers=[m.fc],
-        )
-
-    base = nnslim.profile(model, x, memory=False).macs
-    lo, hi, ratio = 0.0, 0.95, 0.95
-    for _ in range(12):
-        mid = (lo + hi) / 2
-        m = copy.deepcopy(model)
-        pruner(m, mid, 1).step()
-        if nnslim.profile(m, x, memory=False).macs <= target_macs * base:
-            ratio, hi = mid, mid
-        else:
-            lo = mid
     m = copy.deepcopy(model)
-    p = pruner(m, ratio, steps)
+    p = tp_pruner(m, x, tp_ratio(model, x, target_macs, 12), steps)
     for _ in range(steps):
         p.step()
         tune(m)
@@ -195,17 +195,6 @@ def recovery(args, base, train, example, row) -> None:
     if epochs < 2:
         raise SystemExit("--recover needs at least 2 epochs (one of sparsity training, one step)")
     lr = 1e-3
-
-    def trainer(**kwargs):
-        return nnslim.Trainer(
-            optimizer=torch.optim.AdamW,
-            lr=lr,
-            teacher=base,
-            distillation=nnslim.Distillation(temperature=4.0, alpha=0.7),
-            scheduler=lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, len(train)),
-            options=nnslim.TrainOptions(verbose=False),
-            **kwargs,
-        )
 
     # the loop's evaluate is a readout on training images only: at this tolerance it decides
     # nothing (no step is undone), so the test images stay unseen
@@ -221,7 +210,7 @@ def recovery(args, base, train, example, row) -> None:
             target=target,
             tolerance=1.0,
             example_inputs=example,
-            trainer=trainer(),
+            trainer=trainer(train, 1, lr, base),
             train_data=train,
             steps=steps,
         )
@@ -231,8 +220,7 @@ def recovery(args, base, train, example, row) -> None:
 
     def tune(m):
         torch.manual_seed(0)
-        trainer().fit(m, train)
-        m.eval()
+        fit(m, train, 1, lr, teacher=base)
 
     row("baseline (fp32)", copy.deepcopy(base))
     # the CNN recipe: one distilled epoch of group-lasso sparsity training, then pruning in
@@ -240,7 +228,9 @@ def recovery(args, base, train, example, row) -> None:
     t0 = time.perf_counter()
     sparse = copy.deepcopy(base)
     torch.manual_seed(0)
-    trainer(regularization=nnslim.Regularization(group_lasso=LASSO)).fit(sparse, train)
+    trainer(train, 1, lr, base, regularization=nnslim.Regularization(group_lasso=LASSO)).fit(
+        sparse, train
+    )
     sparse.eval()
     lasso_s = time.perf_counter() - t0
     row(f"after 1 epoch of group-lasso sparsity training ({LASSO:g})", copy.deepcopy(sparse))
