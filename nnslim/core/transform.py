@@ -302,6 +302,7 @@ def _untied(model: nn.Module, ties: list[list[str]]) -> list[str]:
     notes = []
     for group in ties:
         held = {}
+        buffers: list[set[int]] = []
         for full in group:
             mod, _, name = full.rpartition(".")
             try:
@@ -310,9 +311,13 @@ def _untied(model: nn.Module, ties: list[list[str]]) -> list[str]:
                 continue
             t = m._parameters.get(name)
             held[full] = (id(m), id(t) if t is not None else None)
+            buffers.append({id(b) for b in m._buffers.values() if b is not None})
         mods = {v[0] for v in held.values()}
         params = {v[1] for v in held.values()}
-        if len(mods) > 1 and (len(params) > 1 or None in params):
+        # replaced by modules that share their stored tensors (a quantized LM head and the
+        # embedding lookup over its codes): still one weight
+        kept = params == {None} and bool(buffers) and bool(set.intersection(*buffers))
+        if len(mods) > 1 and (len(params) > 1 or None in params) and not kept:
             replaced = [k for k, v in held.items() if v[1] is None] or list(held)
             notes.append(
                 f"{', '.join(group)} were one shared parameter; the replacement of "

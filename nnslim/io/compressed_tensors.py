@@ -16,7 +16,11 @@ Other layers are written as dense float weights (pruned, factorized, palettized;
 layers with their zeros: compressed-tensors dropped its 2:4 formats after 0.14 and vLLM its
 2:4 kernels, so a file that carried them would load nowhere). An int4 layer with a floating
 minimum per group (the default, and GGUF's ``Q4_1``) has no exact place in the format's
-integer zero points: such a model is refused rather than silently requantized.
+integer zero points: such a model is refused rather than silently requantized. Quantized
+embeddings (``Int8Embedding``, ``Int4Embedding``) are written as their de-quantized float
+tables (the format quantizes Linear layers only), and an LM head quantized apart from the
+embedding it was tied to is written untied (``tie_word_embeddings`` false), so loading does
+not tie it back.
 """
 
 from __future__ import annotations
@@ -84,6 +88,16 @@ def write_compressed_tensors(model: nn.Module, dense: nn.Module, directory: Path
             )
         del state[f"{p}.weight"]
         state.update({f"{p}.{k}": v.contiguous() for k, v in packed.items()})
+    config = dense.config
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if (
+        getattr(config, "tie_word_embeddings", False)
+        and head is not None
+        and head in layers.values()
+    ):
+        # a quantized LM head is stored apart from the (float) embedding it was tied to:
+        # transformers would otherwise tie the loaded head back to the embedding
+        config.tie_word_embeddings = False
     dense.save_pretrained(str(directory), state_dict=state)
     if not layers:
         return
@@ -193,8 +207,10 @@ def dense_copy(model: nn.Module, copy: Any) -> nn.Module:
         if not isinstance(w, torch.Tensor):
             continue
         bias = getattr(m, "bias", None)
-        if w.dim() == 2:
-            layer: nn.Module = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None)
+        if hasattr(m, "num_embeddings"):  # a quantized embedding: the format keeps them float
+            layer: nn.Module = nn.Embedding(*w.shape, padding_idx=m.padding_idx)
+        elif w.dim() == 2:
+            layer = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None)
         else:
             continue
         with torch.no_grad():

@@ -13,6 +13,8 @@
 * ``Int4Linear``: ONNX Runtime's ``MatMulNBits`` (``com.microsoft``), block size = group size,
   carrying nnslim's codes exactly (with the engine's default zero point, and each group's
   minimum as a small correction term);
+* ``Int8Embedding``/``Int4Embedding``: ``Gather`` on the integer table, de-quantized per row
+  read; an embedding tied to its LM head reads the head's initializer (one copy in the file);
 * pruned, factorized, palettized (a codebook lookup: ``Gather`` on the indices), cross-layer
   shared and sparse models, and ``Int8Conv2d``, as the torch operators their forwards run.
 
@@ -28,7 +30,8 @@ as their dense weights (it widens codebook indices to int64).
 layout for vLLM (:mod:`nnslim.io.compressed_tensors`).
 
 ``format="gguf"`` writes Llama-family causal LMs for llama.cpp (:mod:`nnslim.io.gguf`): int4
-as ``Q4_1`` and int8 as ``Q8_0`` blocks holding nnslim's codes, the other matrices in fp16
+as ``Q4_1`` and int8 as ``Q8_0`` blocks holding nnslim's codes (the token embedding too, and
+a head tied to it is left out, as llama.cpp reads it), the other matrices in fp16
 (``float_type=``), the norms float32; checked by loading the file with transformers' GGUF
 loader.
 
@@ -55,7 +58,14 @@ from ..base.inputs import Inputs, as_inputs, first_tensor, run_model
 from ..base.modules import copy_model
 from ..modules.fake_quant import FakeQuantLinear
 from ..modules.kernels import quantize_rows
-from ..modules.quantized import Int4Linear, Int8Conv2d, Int8DynamicLinear, Int8Linear
+from ..modules.quantized import (
+    Int4Embedding,
+    Int4Linear,
+    Int8Conv2d,
+    Int8DynamicLinear,
+    Int8Embedding,
+    Int8Linear,
+)
 from ..modules.shared import PalettizedConv2d, PalettizedLinear
 from .gguf import check_float_type
 
@@ -276,6 +286,7 @@ def _for_onnx(model: nn.Module, rules: dict[type, Any], int4_level: int = 4) -> 
     config = getattr(twin, "config", None)
     if getattr(config, "use_cache", False):
         config.use_cache = False  # the exported graph computes logits, no key/value cache
+    made: dict[int, nn.Module] = {}  # the twin made from a layer's codes, by their identity
     for path, m in list(twin.named_modules()):
         rule = rules.get(type(m))
         if rule is None:
@@ -284,6 +295,15 @@ def _for_onnx(model: nn.Module, rules: dict[type, Any], int4_level: int = 4) -> 
         new = rule(m)
         if isinstance(new, _Int4Onnx):
             new.accuracy_level = int4_level
+        codes = m._buffers.get("qweight")
+        if codes is not None:
+            # an embedding tied to its LM head reads the head's codes: one initializer
+            first = made.setdefault(id(codes), new)
+            for n, t in new._buffers.items():
+                mine = first._buffers.get(n)
+                if first is not new and t is not None and mine is not None:
+                    if mine.shape == t.shape and mine.dtype == t.dtype:
+                        new._buffers[n] = mine
         setattr(twin.get_submodule(parent) if parent else twin, name, new)
     return _MainOutput(twin).eval()
 
@@ -467,12 +487,65 @@ class _PalettizedOnnx(nn.Module):
         return nn.functional.conv2d(x, w, self.bias, **conv)
 
 
+class _Int8EmbeddingOnnx(nn.Module):
+    """A lookup of int8 rows (``Gather`` on the int8 table, stored ``(dim, vocab)`` as the int8
+    LM head's twin stores it, so a tied pair is one initializer) times each row's scale."""
+
+    def __init__(self, m: Int8Embedding) -> None:
+        super().__init__()
+        self.register_buffer("qweight_t", m.qweight.t().contiguous())
+        self.register_buffer("scale", m.scale.float().clone())
+        s = m._buffers.get("smooth")
+        self.register_buffer("inv_smooth", None if s is None else 1.0 / s.float())
+        self.dim, self.dtype = m.embedding_dim, m._weight_dtype()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        rows = self.qweight_t[:, flat].t().float() * self.scale[flat][:, None]
+        if self.inv_smooth is not None:
+            rows = rows * self.inv_smooth
+        return rows.reshape(*ids.shape, self.dim).to(self.dtype)
+
+
+class _Int4EmbeddingOnnx(nn.Module):
+    """A lookup of 4-bit rows in ``MatMulNBits``' layout (as the int4 LM head's twin holds
+    them, so a tied pair is one initializer): the packed bytes gathered, split into their two
+    nibbles, ``(q - 8) * scale + (minimum + 8 * scale)`` per group."""
+
+    def __init__(self, m: Int4Embedding) -> None:
+        super().__init__()
+        q = m.qweight
+        blocks = m.scales.shape[1]
+        swapped = ((q >> 4) | (q << 4)).to(torch.uint8)
+        self.register_buffer("b", swapped.reshape(q.shape[0], blocks, m.group_size // 2))
+        s = m.scales.float()
+        self.register_buffer("scales", s.reshape(-1).contiguous())
+        self.register_buffer("offsets_t", (m.mins.float() + 8 * s).t().contiguous())
+        sm = m._buffers.get("smooth")
+        self.register_buffer("inv_smooth", None if sm is None else 1.0 / sm.float())
+        self.dim, self.blocks, self.group_size = m.embedding_dim, blocks, m.group_size
+        self.dtype = m._weight_dtype()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        g = self.b[flat].to(torch.int32)  # (rows, blocks, group / 2): low nibble first
+        codes = torch.stack([g % 16, g // 16], -1).reshape(-1, self.blocks, self.group_size)
+        scale = self.scales.reshape(-1, self.blocks)[flat][..., None]
+        offset = self.offsets_t.t()[flat][..., None]
+        rows = ((codes.float() - 8) * scale + offset).reshape(flat.shape[0], -1)[:, : self.dim]
+        if self.inv_smooth is not None:
+            rows = rows * self.inv_smooth
+        return rows.reshape(*ids.shape, self.dim).to(self.dtype)
+
+
 _PALETTIZED = (PalettizedLinear, PalettizedConv2d)
 _RULES: dict[type, Any] = {
     Int8Linear: _Int8WeightOnnx,
     Int8Conv2d: _Int8ConvOnnx,
     Int8DynamicLinear: _Int8DynamicOnnx,
     Int4Linear: _Int4Onnx,
+    Int8Embedding: _Int8EmbeddingOnnx,
+    Int4Embedding: _Int4EmbeddingOnnx,
     PalettizedLinear: _PalettizedOnnx,
     PalettizedConv2d: _PalettizedOnnx,
 }
@@ -485,6 +558,8 @@ _OPENVINO_RULES: dict[type, Any] = {
     Int8Conv2d: _Int8ConvOnnx,
     Int8DynamicLinear: _Int8WeightOnnx,
     Int4Linear: _Int4Onnx,
+    Int8Embedding: _Int8EmbeddingOnnx,
+    Int4Embedding: _Int4EmbeddingOnnx,
     PalettizedLinear: lambda m: _PalettizedOnnx(m, dense=True),
     PalettizedConv2d: lambda m: _PalettizedOnnx(m, dense=True),
 }

@@ -28,7 +28,16 @@ from torch import nn
 
 from ..base.modules import linear_weight
 from ..modules.kernels import unpack_int4
-from ..modules.quantized import Int4Linear, Int8DynamicLinear, Int8Linear
+from ..modules.quantized import (
+    Int4Embedding,
+    Int4Linear,
+    Int8DynamicLinear,
+    Int8Embedding,
+    Int8Linear,
+)
+
+_INT4 = (Int4Linear, Int4Embedding)
+_INT8 = (Int8Linear, Int8DynamicLinear, Int8Embedding)
 
 __all__ = ["write_gguf"]
 
@@ -99,7 +108,8 @@ def write_gguf(
     def add(name: str, module: nn.Module, permute: int | None = None) -> None:
         _add_linear(w, gguf, name, module, permute, notes, float_type)
 
-    _add_float(w, gguf, "token_embd.weight", _f32(model.model.embed_tokens.weight), float_type)
+    embed = model.model.embed_tokens
+    add("token_embd.weight", embed)
     for i, layer in enumerate(layers):
         b = f"blk.{i}"
         att, mlp = layer.self_attn, layer.mlp
@@ -114,7 +124,7 @@ def write_gguf(
         add(f"{b}.ffn_down.weight", mlp.down_proj)
     w.add_tensor("output_norm.weight", _f32(model.model.norm.weight))
     head = model.get_output_embeddings()
-    if head is not None and linear_weight(head) is not model.model.embed_tokens.weight:
+    if head is not None and not _tied(head, embed):  # llama.cpp reads a missing one as tied
         add("output.weight", head)
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -321,7 +331,7 @@ def _file_type(gguf: Any, model: nn.Module, float_type: str) -> Any:
     kinds = {type(m) for m in model.modules()}
     if Int4Linear in kinds:
         return gguf.LlamaFileType.MOSTLY_Q4_1
-    if kinds & {Int8Linear, Int8DynamicLinear}:
+    if kinds & {Int8Linear, Int8DynamicLinear, Int8Embedding}:
         return gguf.LlamaFileType.MOSTLY_Q8_0
     return {
         "f16": gguf.LlamaFileType.MOSTLY_F16,
@@ -337,6 +347,20 @@ def _permute(x: np.ndarray, heads: int) -> np.ndarray:
     )
 
 
+def _tied(head: nn.Module, embed: nn.Module) -> bool:
+    """Whether the LM head is the embedding's weight (float), or reads its codes (quantized)."""
+    q = embed._buffers.get("qweight")
+    if q is not None:
+        return head._buffers.get("qweight") is q
+    return isinstance(embed, nn.Embedding) and linear_weight(head) is embed.weight
+
+
+def _width(m: nn.Module) -> int:
+    """A projection's input width, or an embedding's row width."""
+    width = getattr(m, "embedding_dim", None)
+    return int(width) if width is not None else int(m.in_features)
+
+
 def _add_linear(
     w: Any,
     gguf: Any,
@@ -346,25 +370,22 @@ def _add_linear(
     notes: list[str],
     float_type: str,
 ) -> None:
-    """One projection; ``heads``: permute its rows as llama.cpp does (query, key)."""
+    """One projection (or the token embedding); ``heads``: permute its rows as llama.cpp
+    does (query, key)."""
     smooth = m._buffers.get("smooth")
-    if isinstance(m, Int4Linear) and smooth is None and m.in_features % _BLOCK == 0:
+    if isinstance(m, _INT4) and smooth is None and _width(m) % _BLOCK == 0:
         blocks = _q4_1(m)
         if heads is not None:
             blocks = _permute(blocks, heads)
         w.add_tensor(name, blocks, raw_dtype=gguf.GGMLQuantizationType.Q4_1)
         return
-    if (
-        isinstance(m, (Int8Linear, Int8DynamicLinear))
-        and smooth is None
-        and m.in_features % _BLOCK == 0
-    ):
+    if isinstance(m, _INT8) and smooth is None and _width(m) % _BLOCK == 0:
         blocks = _q8_0(m)
         if heads is not None:
             blocks = _permute(blocks, heads)
         w.add_tensor(name, blocks, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
         return
-    if isinstance(m, (Int4Linear, Int8Linear, Int8DynamicLinear)):
+    if isinstance(m, (*_INT4, *_INT8)):
         notes.append(
             f"{name}: {type(m).__name__} written as {float_type} (a smoothing scale or a width that "
             f"is not a multiple of {_BLOCK} has no GGUF block type)"
@@ -375,10 +396,10 @@ def _add_linear(
     _add_float(w, gguf, name, weight, float_type)
 
 
-def _q4_1(m: Int4Linear) -> np.ndarray:
+def _q4_1(m: Int4Linear | Int4Embedding) -> np.ndarray:
     """``block_q4_1 {fp16 d; fp16 m; uint8 qs[16]}`` per 32 weights: ``qs[j]`` holds weight
     ``j`` in its low nibble and weight ``j + 16`` in its high nibble."""
-    q = unpack_int4(m.qweight)[:, : m.in_features].to(torch.uint8)  # (out, in) codes
+    q = unpack_int4(m.qweight)[:, : _width(m)].to(torch.uint8)  # (out, in) codes
     out, inp = q.shape
     per_group = m.group_size // _BLOCK if m.group_size >= _BLOCK else None
     if per_group is None or m.group_size % _BLOCK:
@@ -398,7 +419,7 @@ def _q4_1(m: Int4Linear) -> np.ndarray:
     return raw.reshape(out, nb * 20).numpy()
 
 
-def _q8_0(m: Int8Linear | Int8DynamicLinear) -> np.ndarray:
+def _q8_0(m: Int8Linear | Int8DynamicLinear | Int8Embedding) -> np.ndarray:
     """``block_q8_0 {fp16 d; int8 qs[32]}`` per 32 weights, ``d`` the channel's scale."""
     q = m.qweight
     out, inp = q.shape

@@ -46,9 +46,11 @@ from .kernels import (
 __all__ = [
     "GROUP_SIZES",
     "ZERO_POINTS",
+    "Int4Embedding",
     "Int4Linear",
     "Int8Conv2d",
     "Int8DynamicLinear",
+    "Int8Embedding",
     "Int8Linear",
     "int4_grid",
     "int4_group_size",
@@ -580,3 +582,164 @@ class Int8Conv2d(_DtypeTracking):
             x = F.pad(x, pad, mode=self.padding_mode)
             return F.conv2d(x, w, b, self.stride, 0, self.dilation, self.groups)
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+
+
+class _QuantEmbeddingBase(_DtypeTracking):
+    """An ``nn.Embedding`` whose table is stored quantized, one row per token.
+
+    The table's layout is the one of the Linear layer of the same shape (``num_embeddings``
+    outputs, ``embedding_dim`` inputs), so an embedding tied to an LM head shares the head's
+    integer codes and scales: :meth:`sharing` builds the lookup over a quantized head's own
+    tensors (one copy of the codes, as the float model had one weight). A lookup de-quantizes
+    only the rows it reads.
+    """
+
+    num_embeddings: int
+    embedding_dim: int
+    padding_idx: int | None = None
+    #: buffers a tied head holds under the same names
+    _shared_buffers: tuple[str, ...] = ()
+
+    def _init_shape(self, emb: nn.Module) -> None:
+        self.num_embeddings, self.embedding_dim = emb.num_embeddings, emb.embedding_dim
+        self.padding_idx = getattr(emb, "padding_idx", None)
+
+    def _rows(self, ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _share(self, head: nn.Module) -> None:
+        for name in self._shared_buffers:
+            t = head._buffers.get(name)
+            if t is not None:
+                self.register_buffer(name, t)
+        self.float_dtype = head.float_dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self._rows(ids.reshape(-1))
+        s = self._buffers.get("smooth")
+        if s is not None:  # a tied head's activation-aware scaling
+            rows = rows / s.float()[None, :]
+        return rows.to(self._weight_dtype()).reshape(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        pad = f", padding_idx={self.padding_idx}" if self.padding_idx is not None else ""
+        return f"{self.num_embeddings}, {self.embedding_dim}{pad}"
+
+
+class Int8Embedding(_QuantEmbeddingBase):
+    """``nn.Embedding`` with int8 rows (symmetric, one scale per token: an int8 LM head's
+    layout, see :class:`Int8Linear`)."""
+
+    _shared_buffers = ("qweight", "scale", "smooth")
+
+    def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.register_buffer(
+            "qweight", torch.zeros(num_embeddings, embedding_dim, dtype=torch.int8)
+        )
+        self.register_buffer("scale", torch.ones(num_embeddings))
+
+    @classmethod
+    def from_float(cls, emb: nn.Module) -> Int8Embedding:
+        """Round ``emb``'s table to nearest, per row."""
+        w = emb.weight.detach()
+        _check_finite(w, "Int8Embedding.from_float: the embedding")
+        m = cls(*w.shape)
+        m._init_shape(emb)
+        q, s = quantize_per_channel(w.float())
+        m.qweight, m.scale = q.to(w.device), s.to(w.device)
+        m._take_float(w)
+        return m
+
+    @classmethod
+    def sharing(cls, emb: nn.Module, head: Int8Linear | Int8DynamicLinear) -> Int8Embedding:
+        """The lookup of ``emb`` (tied to ``head``) over the quantized head's own tensors."""
+        m = cls.__new__(cls)
+        _DtypeTracking.__init__(m)
+        m._init_shape(emb)
+        m._share(head)
+        return m
+
+    def nnslim_weight_buffers(self) -> dict[str, int]:
+        return {"qweight": self.qweight.numel(), "scale": 0}
+
+    def nnslim_describe(self) -> str:
+        return f"Int8Embedding {self.num_embeddings}x{self.embedding_dim}"
+
+    def dequantize(self) -> torch.Tensor:
+        w = self.qweight.float() * self.scale.float()[:, None]
+        s = self._buffers.get("smooth")
+        return w if s is None else w / s.float()[None, :]
+
+    def _rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.qweight).float() * self.scale.float()[ids][:, None]
+
+
+class Int4Embedding(_QuantEmbeddingBase):
+    """``nn.Embedding`` with 4-bit rows, asymmetric per group of ``group_size`` columns (an
+    int4 LM head's layout, see :class:`Int4Linear`)."""
+
+    _shared_buffers = ("qweight", "scales", "mins", "smooth")
+    zero_point: str = "float"
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        group_size: int = 128,
+        zero_point: ZeroPoint = "float",
+    ) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.group_size, self.zero_point = group_size, zero_point
+        groups = padded_width(embedding_dim, group_size) // group_size
+        self.register_buffer(
+            "qweight", torch.zeros(num_embeddings, groups * group_size // 2, dtype=torch.uint8)
+        )
+        self.register_buffer("scales", torch.ones(num_embeddings, groups, dtype=torch.bfloat16))
+        mins_dtype = torch.float32 if zero_point == "integer" else torch.bfloat16
+        self.register_buffer("mins", torch.zeros(num_embeddings, groups, dtype=mins_dtype))
+
+    @classmethod
+    def from_float(
+        cls, emb: nn.Module, group_size: int = 128, zero_point: ZeroPoint = "float"
+    ) -> Int4Embedding:
+        """Round ``emb``'s table to nearest, per group of ``group_size`` columns of a row."""
+        w = emb.weight.detach()
+        _check_finite(w, "Int4Embedding.from_float: the embedding")
+        m = cls(*w.shape, group_size=group_size, zero_point=zero_point)
+        m._init_shape(emb)
+        padded = _pad_columns(w.float(), padded_width(w.shape[1], group_size))
+        q, s, mn = quantize_groupwise(padded, group_size, zero_point=zero_point)
+        m.qweight = pack_int4(q).to(w.device)
+        m.scales = s.to(torch.bfloat16).to(w.device)
+        m.mins = mn.to(m.mins.dtype).to(w.device)
+        m._take_float(w)
+        return m
+
+    @classmethod
+    def sharing(cls, emb: nn.Module, head: Int4Linear) -> Int4Embedding:
+        """The lookup of ``emb`` (tied to ``head``) over the quantized head's own tensors."""
+        m = cls.__new__(cls)
+        _DtypeTracking.__init__(m)
+        m._init_shape(emb)
+        m.group_size, m.zero_point = head.group_size, head.zero_point
+        m._share(head)
+        return m
+
+    def nnslim_weight_buffers(self) -> dict[str, int]:
+        return {"qweight": self.num_embeddings * self.embedding_dim, "scales": 0, "mins": 0}
+
+    def nnslim_describe(self) -> str:
+        return f"Int4Embedding {self.num_embeddings}x{self.embedding_dim} g{self.group_size}"
+
+    def dequantize(self) -> torch.Tensor:
+        w = dequantize_int4(self.qweight, self.scales, self.mins, self.group_size)
+        w = w[:, : self.embedding_dim]
+        s = self._buffers.get("smooth")
+        return w if s is None else w / s.float()[None, :]
+
+    def _rows(self, ids: torch.Tensor) -> torch.Tensor:
+        w = dequantize_int4(self.qweight[ids], self.scales[ids], self.mins[ids], self.group_size)
+        return w[:, : self.embedding_dim]

@@ -29,9 +29,11 @@ from ..modules.masks import MASK_NAME
 from ..modules.quantized import (
     GROUP_SIZES,
     ZERO_POINTS,
+    Int4Embedding,
     Int4Linear,
     Int8Conv2d,
     Int8DynamicLinear,
+    Int8Embedding,
     Int8Linear,
     ZeroPoint,
     int4_group_size,
@@ -95,7 +97,12 @@ class Quantize(Transform):
         exclude: layers to keep in float.
 
     Embeddings and the LM head (an output layer tied to, or as wide as, an embedding) stay in
-    float unless selected by name; the report lists them.
+    float unless selected by name; the report lists them. A selected ``nn.Embedding`` is
+    stored in the scheme's layout, one row per token (int8 per row, or int4 in groups along
+    the row; round to nearest, since a lookup has no inputs to calibrate on), and a lookup
+    de-quantizes the rows it reads. An embedding tied to an output layer (one weight) is
+    quantized with it: selecting either takes both, the head by the method given, and the
+    embedding reads the head's codes (one copy, as the float model held one weight).
 
     Example:
         >>> import torch, nnslim
@@ -172,15 +179,23 @@ class Quantize(Transform):
         explicit = (
             {k for k, _ in sel if isinstance(k, str) and not k.startswith("re:")} if sel else set()
         )
-        chosen = dict(self.resolve(model, self.select, self.exclude, eligible=eligible))
+        embeddings = {p: m for p, m in named.items() if p and isinstance(m, nn.Embedding)}
+        chosen = dict(
+            self.resolve(
+                model,
+                self.select,
+                self.exclude,
+                eligible=eligible
+                + [(p, embeddings[p]) for p in sorted(explicit & set(embeddings))],
+            )
+        )
         heads = _lm_heads(model, ctx)
-        for p, m in named.items():
-            if isinstance(m, nn.Embedding) and p:
-                report.skipped(p, "embeddings stay in float")
         for p in list(chosen):
             if p in heads and p not in explicit:
                 del chosen[p]
                 report.skipped(p, "LM head stays in float (select it by name to quantize it)")
+        emb_plan = self._embedding_plan(model, report, chosen, embeddings)
+        eligible = [(p, m) for p, m in eligible if p not in embeddings]
         for p, _ in eligible:
             if p not in chosen and p not in heads:
                 report.skipped(p, "not selected" if self.select is not None else "excluded")
@@ -204,7 +219,7 @@ class Quantize(Transform):
                     f"it (exclude=[{p!r}])."
                 )
             plan[p] = scheme
-        if not plan:
+        if not plan and not emb_plan:
             if eligible and self.select is None and self.exclude is None:
                 # every candidate is left in float with its reason (convolutions without a
                 # kernel for the scheme, LM heads): a no-op the report explains, as for a layer
@@ -238,6 +253,7 @@ class Quantize(Transform):
         if not needs_data:
             for p, scheme in plan.items():
                 self._replace(model, report, p, named[p], scheme, None)
+            self._replace_embeddings(model, report, emb_plan)
             return
         batches = ctx.require_calibration(
             f"Quantize(method={self.method!r}, smooth={self.smooth!r})", "to measure activations"
@@ -264,6 +280,90 @@ class Quantize(Transform):
             else 0,
             true_sequential=self.true_sequential and self.method == "gptq",
         )
+        self._replace_embeddings(model, report, emb_plan)
+
+    def _embedding_plan(
+        self,
+        model: nn.Module,
+        report: Report,
+        chosen: dict[str, Any],
+        embeddings: dict[str, nn.Module],
+    ) -> dict[str, tuple[str, str | None]]:
+        """``{embedding path: (scheme, tied head path or None)}`` for the embeddings to
+        quantize (taken out of ``chosen``). An embedding tied to an output layer is one weight
+        with it: selecting either quantizes both (the head is added to ``chosen``), with one
+        scheme; the other embeddings stay float and are reported."""
+        linears = {
+            p: m for p, m in model.named_modules() if p and is_linear(m) and not is_hf_conv1d(m)
+        }
+        ties = {
+            e: h
+            for e, em in embeddings.items()
+            for h, lm in linears.items()
+            if lm._parameters.get("weight") is em.weight
+        }
+        plan: dict[str, tuple[str, str | None]] = {}
+        for e, em in embeddings.items():
+            h = ties.get(e)
+            picked = e in chosen or (h is not None and h in chosen)
+            if not picked:
+                report.skipped(e, "embeddings stay in float (select it by name to quantize it)")
+                continue
+            value = chosen.pop(e, None)
+            if h is not None and h in chosen and value is not None and chosen[h] is not None:
+                if value != chosen[h]:
+                    raise ValueError(
+                        f"Quantize: embedding {e} and output layer {h} are tied (one weight) but "
+                        f"were given two schemes ({value!r}, {chosen[h]!r}); give them one."
+                    )
+            scheme = value or (chosen.get(h) if h is not None else None) or self.scheme
+            if self.qat:
+                raise ValueError(
+                    f"Quantize(qat=True): embedding {e} ({shape_of(em)}) has no fake-quantized "
+                    f"form; quantize it after training (qat=False) or leave it out of select."
+                )
+            if getattr(em, "max_norm", None) is not None:
+                raise ValueError(
+                    f"Quantize: embedding {e} has max_norm={em.max_norm}, which rescales rows "
+                    f"in place on lookup; a quantized table cannot. Leave it out of select."
+                )
+            if not all_finite(em.weight):
+                raise ValueError(
+                    f"Quantize: embedding {e} ({shape_of(em)}) has NaN or Inf weights; fix or "
+                    f"leave it out of select."
+                )
+            if h is not None:
+                if h not in chosen:
+                    report.note(f"{h} is tied to embedding {e} (one weight): quantized with it")
+                elif e not in chosen:
+                    report.note(f"embedding {e} is tied to {h} (one weight): quantized with it")
+                chosen[h] = scheme
+            plan[e] = (scheme, h)
+        return plan
+
+    def _replace_embeddings(
+        self, model: nn.Module, report: Report, plan: dict[str, tuple[str, str | None]]
+    ) -> None:
+        """Replace the planned embeddings (after their tied heads, whose codes they share)."""
+        for e, (scheme, h) in plan.items():
+            old = model.get_submodule(e)
+            details: dict[str, Any] = {"scheme": scheme, "bits": 4 if scheme == "int4" else 8}
+            if h is not None:
+                head = model.get_submodule(h)
+                cls = Int4Embedding if isinstance(head, Int4Linear) else Int8Embedding
+                new: nn.Module = cls.sharing(old, head)  # type: ignore[arg-type]
+                details.update(method=self.method, tied_to=h)
+                if isinstance(head, Int4Linear):
+                    details["group_size"] = head.group_size
+            elif scheme == "int4":
+                gs = int4_group_size(old.embedding_dim, self.group_size)
+                new = Int4Embedding.from_float(old, gs, zero_point=self.zero_point)
+                details.update(method="rtn", group_size=gs)
+            else:  # int8 and int8-dynamic: a lookup has no activations to round
+                new = Int8Embedding.from_float(old)
+                details["method"] = "rtn"
+            report.changed(e, "quantized", shape_of(old), shape_of(new), **details)
+            replace_module(model, e, new)
 
     def _replace(
         self,

@@ -607,3 +607,54 @@ def test_gguf_carries_a_llama_sentencepiece_style_tokenizer(tmp_path):
         back(text, add_special_tokens=False)["input_ids"]
         == fast(text, add_special_tokens=False)["input_ids"]
     )
+
+
+@pytest.mark.parametrize("scheme, block", [("int8", "Q8_0"), ("int4", "Q4_1")])
+def test_a_quantized_embedding_tied_to_its_head_is_one_table_in_every_format(
+    tmp_path, scheme, block
+):
+    """ONNX: a ``Gather`` on the integer table the head's operator reads (one initializer);
+    GGUF: ``token_embd`` in the block type and no ``output.weight`` (llama.cpp reads it as
+    tied); compressed-tensors: the embedding float, the quantized head stored untied."""
+    gguf = pytest.importorskip("gguf")
+    pytest.importorskip("compressed_tensors")
+    pytest.importorskip("accelerate")
+    import json
+
+    import transformers
+
+    from nnslim.io.export import _dequantized
+    from tests.zoo import llama_config
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(llama_config(tie_word_embeddings=True)).eval()
+    nnslim.Quantize(
+        scheme=scheme, group_size=32, zero_point="integer", select=["model.embed_tokens"]
+    ).apply(model, IDS)
+    assert model.model.embed_tokens.qweight is model.lm_head.qweight
+    with torch.no_grad():
+        ref = _dequantized(model)(**IDS).logits
+
+    path = nnslim.export(model, IDS, tmp_path / "m.onnx")
+    proto = onnx.load(str(path))
+    table = (64, 300) if scheme == "int8" else (300, 2, 16)  # (dim, vocab); MatMulNBits' blocks
+    assert [tuple(i.dims) for i in proto.graph.initializer].count(table) == 1
+    got = _run(path, IDS["input_ids"])
+    assert _rel(got, ref) < 5e-2  # the head's operators round activations to int8
+    # the lookup alone is exact
+    alone = nn.Sequential(copy.deepcopy(model.model.embed_tokens))
+    path = nnslim.export(alone, IDS["input_ids"], tmp_path / "e.onnx")
+    with torch.no_grad():
+        assert _rel(_run(path, IDS["input_ids"]), alone(IDS["input_ids"])) < 1e-6
+
+    path = nnslim.export(model, IDS, tmp_path / "m.gguf", format="gguf", float_type="f32")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    assert types["token_embd.weight"] == block and "output.weight" not in types
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path), gguf_file="m.gguf", dtype=torch.float32
+    ).eval()
+    with torch.no_grad():
+        assert _rel(loaded(**IDS).logits, ref) < 5e-3
+
+    out = nnslim.export(model, IDS, tmp_path / "ct", format="compressed-tensors")
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False

@@ -37,7 +37,7 @@ def test_gpt2_conv1d_quantized_and_lm_head_kept(tmp_path):
     assert type(m.lm_head).__name__ == "Linear"
     skipped = dict((s.path, s.reason) for s in report.skips)
     assert "LM head stays in float" in skipped["lm_head"]
-    assert skipped["transformer.wte"] == "embeddings stay in float"
+    assert skipped["transformer.wte"].startswith("embeddings stay in float")
     with torch.no_grad():
         out = m(**x).logits
     assert float((out - ref).norm() / ref.norm()) < 0.02
