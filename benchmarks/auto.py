@@ -1,7 +1,10 @@
 """Issue 20: nnslim.Auto against uniform int4 at the same bytes, SmolLM2-135M perplexity.
 
 Budgets: the bytes of uniform int4 g64 on the transformer blocks (the embeddings and the
-tied head stay float), and 0.5x / 0.35x the bytes of the int8 model. Rows: uniform RTN,
+tied head stay float), and 0.5x / 0.35x the bytes of the int8 model (every block layer and
+the embedding with its tied head in int8). Auto searches the blocks alone (as the uniform
+rows quantize them) and the whole model (the embedding too, the head tied to it taking its
+setting); a uniform row with the embedding in int8 and Auto at its bytes stand beside. Rows: uniform RTN,
 uniform GPTQ, Auto with RTN and with GPTQ (candidates int8, int4 g64, int4 g32, palettes of
 16 and 8 values; 576 and 1536 are not multiples of 128, so g128 is g64 here). The table
 (Auto's per-layer measurement) is made once and each Auto row applies its plan
@@ -29,6 +32,9 @@ import nnslim
 from nnslim.evaluate import perplexity
 
 BLOCKS = "re:model\\.layers\\..*"
+EMBED = "model.embed_tokens"
+#: the blocks and the embedding (the head is tied to it: chosen with it)
+WHOLE = [BLOCKS, EMBED]
 
 
 def latency_budget(args: argparse.Namespace, base, evals, calib) -> None:
@@ -169,19 +175,52 @@ def main() -> None:
     front = table.front()
     for point in front:
         print(f"  front: budget {point['budget']:.4f} estimated loss {point['loss']:.4g}")
-    int8 = nnslim.Quantize(scheme="int8", select=BLOCKS)
-    m = copy.deepcopy(base)
-    int8.apply(m, calibration=calib[:1])
-    blocks_int8 = nnslim.profile(m, example, memory=False).param_bytes / full
-    del m
-    for mult in (0.5, 0.35):
-        # the whole model at this fraction of the int8 model's bytes (Auto says so where
-        # even every block layer at its smallest does not reach it: the float embeddings)
-        target = mult * blocks_int8
+    # the whole model: the embedding (and the head tied to it) searched too
+    t0 = time.perf_counter()
+    whole = nnslim.Auto(target={"bytes": int4}, candidates=cands, select=WHOLE).table(
+        base, labelled
+    )
+    whole_s = time.perf_counter() - t0
+    print(f"  Auto's table with the embedding: {whole_s:.0f} s; {whole.options[EMBED]}")
+    whole_plans: dict[str, dict[str, str]] = {}
+
+    def whole_row(name: str, budget: str, fraction: float) -> None:
         try:
-            table.allocate(target)
-        except ValueError as e:
-            print(f"  {mult}x int8: {e}")
+            plan = whole_plans[budget] = whole.allocate(fraction)
+        except ValueError as e:  # below the smallest reachable: say so
+            print(f"  {budget}: {e}")
+            rows.append({"budget": budget, "variant": name, "failed": str(e)})
+            return
+        run(name, nnslim.Auto(plan=plan, candidates=cands, method="gptq", select=WHOLE), budget)
+
+    for method in ("rtn", "gptq"):
+        plan = whole_plans["int4 g64"] = whole.allocate(int4)
+        run(
+            f"Auto with the embedding ({method})",
+            nnslim.Auto(plan=plan, candidates=cands, method=method, select=WHOLE),
+            "int4 g64",
+        )
+    # uniform int4 GPTQ on the blocks with the embedding (and tied head) in int8, and Auto at
+    # those bytes
+    mixed = run(
+        "uniform int4 g64 GPTQ, embedding int8",
+        nnslim.Compose(
+            [
+                nnslim.Quantize(scheme="int4", group_size=64, method="gptq", select=BLOCKS),
+                nnslim.Quantize(scheme="int8", select=[EMBED]),
+            ]
+        ),
+        "int4 + int8 embedding",
+    )
+    whole_row("Auto with the embedding (gptq)", "int4 + int8 embedding", mixed)
+    # the whole model in int8 (blocks, embedding and its tied head), and 0.5x / 0.35x of it
+    m = copy.deepcopy(base)
+    nnslim.Quantize(scheme="int8", select=WHOLE).apply(m, calibration=calib[:1])
+    int8 = nnslim.profile(m, example, memory=False).param_bytes / full
+    del m
+    print(f"  the int8 model: {int8:.4f} of fp32; smallest reachable {whole.smallest():.4f}")
+    for mult in (0.5, 0.35):
+        whole_row("Auto with the embedding (gptq)", f"{mult}x int8", mult * int8)
     fp = rows[0]["perplexity"]
     print_table(
         ["budget", "variant", "perplexity", "vs fp32", "bytes", "search+apply s"],
@@ -195,6 +234,7 @@ def main() -> None:
                 f"{r['seconds']:.0f}",
             ]
             for r in rows
+            if "failed" not in r
         ],
         title=f"SmolLM2-135M-Instruct, {evals.describe()} (Wikipedia), Auto vs uniform",
     )
@@ -209,8 +249,12 @@ def main() -> None:
                     "windows": len(evals),
                     "length": evals.length,
                     "table_seconds": search,
+                    "whole_table_seconds": whole_s,
                     "gptq_seconds": gptq_s,
-                    "plan": plan,
+                    "plan": table.allocate(int4),
+                    "whole_plans": whole_plans,
+                    "int8_fraction": int8,
+                    "whole_smallest": whole.smallest(),
                     "front": [{k: v for k, v in p.items() if k != "plan"} for p in front],
                 },
             )

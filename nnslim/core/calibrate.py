@@ -57,7 +57,7 @@ def _reduce(stats: dict[str, LayerStats]) -> None:
         st.rows = int(rows.item())
         if "amax" in st.extra:
             dist.all_reduce(st.extra["amax"], op=dist.ReduceOp.MAX)
-        for name in ("cross", "ref_gram", "out_grad_sq", "out_rows"):
+        for name in ("cross", "ref_gram", "out_grad_sq", "out_rows", "counts"):
             if isinstance(st.extra.get(name), torch.Tensor):
                 dist.all_reduce(st.extra[name])
         if "abs_sum" in st.extra and isinstance(st.extra["abs_sum"], torch.Tensor):
@@ -169,7 +169,8 @@ def collect(
         layers: the layers to watch.
         norms: per-input-channel sums of squares (Wanda).
         gram: ``X^T X`` (GPTQ, activation-aware factorization); for a convolution over its
-            input channels, summed over every position.
+            input channels, summed over every position; for an ``nn.Embedding`` (one-hot
+            inputs, a diagonal Gram) each token's count, in ``stats.extra["counts"]``.
         grads: weight gradients of :func:`calibration_loss` (Taylor).
         out_grads: per output channel, the sum over rows of the squared gradient of
             :func:`calibration_loss` with respect to the layer's output, in
@@ -535,6 +536,12 @@ def _stat_hook(m: nn.Module, st: LayerStats, norms: bool, gram: bool, keep_rows:
     def hook(_mod: nn.Module, args: tuple[Any, ...], _out: Any) -> None:
         x = args[0] if args else None
         if not isinstance(x, torch.Tensor):
+            return
+        if isinstance(m, nn.Embedding):  # one-hot inputs: the Gram is diagonal, the counts
+            ids = x.detach().reshape(-1)
+            st.rows += ids.numel()
+            n = torch.bincount(ids, minlength=m.num_embeddings).to(torch.float64)
+            st.extra["counts"] = n + st.extra.get("counts", 0.0)
             return
         r = _rows(m, x.detach()).float()
         st.rows += r.shape[0]

@@ -1,8 +1,9 @@
 """``Auto``: choose each layer's setting to meet a size, MACs or latency budget with the least
 estimated loss.
 
-The loop the library starts from, automatic: every eligible Linear layer (and dense Conv2d:
-grouped and depthwise convolutions are reported as left) gets a list of
+The loop the library starts from, automatic: every eligible Linear layer (dense Conv2d too:
+grouped and depthwise convolutions are reported as left; and ``nn.Embedding`` tables, with an
+output layer tied to one chosen with it, except under a latency budget) gets a list of
 candidates (kept as it is; int8; int4 with groups of 128, 64 or 32 inputs; palettized to 256,
 16 or 8 shared values; low rank keeping half or a quarter of its parameters; or any
 :class:`~nnslim.Transform` of the user's that replaces a layer chosen by ``select``), each with
@@ -29,7 +30,9 @@ losses, ``dL ~= 1/2 sum_o (S_o / B^2) * dW_o (X^T X) dW_o^T``, where ``S_o`` is 
 gradient of the batch loss with respect to output ``o`` of the layer summed over rows and
 batches, and ``X^T X`` the Gram matrix of its inputs summed the same way (for a convolution:
 rows are positions, ``X^T X`` the input channels' Gram, and each kernel offset's slice of
-``dW`` is weighed by it alone, the offsets' cross terms left out). One forward and
+``dW`` is weighed by it alone, the offsets' cross terms left out; for an embedding, a Linear on
+one-hot inputs: ``X^T X`` is the diagonal of token counts, and an output layer tied to it adds
+its own term for the same change of rows). One forward and
 backward pass over the calibration batches gives every layer's statistics (the batch loss is
 :func:`~nnslim.core.calibrate.calibration_loss`'s: the model's own loss, or a cross-entropy
 against its own predictions; for an encoder whose output is a hidden state, a squared error to a
@@ -99,8 +102,8 @@ Option = tuple[str, float, float]  # (candidate name, cost, estimated loss)
 @final
 @dataclass(frozen=True)
 class Auto(Transform):
-    """Per-layer settings under a budget: each Linear and dense Conv2d layer kept as it is or
-    given one of the
+    """Per-layer settings under a budget: each Linear, dense Conv2d and embedding kept as it
+    is or given one of the
     ``candidates``, chosen to meet ``target`` with the least estimated loss (see the module
     docstring for the estimate, the allocation and how a transform of your own joins).
     Needs calibration batches.
@@ -119,8 +122,9 @@ class Auto(Transform):
         plan: ``{layer path: candidate name}``: apply this plan instead of searching (what
             :meth:`table` and :meth:`AutoTable.allocate` return; the names as
             :meth:`AutoTable.names` gives them).
-        select: layers the search may change (default: every Linear and dense Conv2d but the
-            LM head).
+        select: layers the search may change (default: every Linear, dense Conv2d and
+            embedding but the LM head; a head tied to an embedding takes the embedding's
+            setting).
         exclude: layers it leaves alone.
 
     The report notes the plan (layers per setting, predicted cost and loss); each layer's
@@ -263,14 +267,20 @@ class Auto(Transform):
         )
         cached = _TABLES.get(model)
         if cached is not None and cached[0] == key:
-            return cached[1]
-        layers = self._layers(model, ctx, report)
-        if not layers:
-            raise ValueError(
-                "Auto: no Linear or Conv2d layer to choose a setting for after select/exclude."
-            )
-        table = _measure(self, model, ctx, batches, layers, metric)
-        _TABLES[model] = (key, table)
+            table = cached[1]
+        else:
+            left = Report(transform="Auto")
+            layers = self._layers(model, ctx, left)
+            if not layers:
+                raise ValueError(
+                    "Auto: no Linear, Conv2d or Embedding layer to choose a setting for after "
+                    "select/exclude."
+                )
+            table = _measure(self, model, ctx, batches, layers, metric)
+            table.left = {s.path: s.reason for s in left.skips}
+            _TABLES[model] = (key, table)
+        for path, why in table.left.items():
+            report.skipped(path, why)
         return table
 
     def _layers(self, model: nn.Module, ctx: Context, report: Report) -> dict[str, nn.Module]:
@@ -279,16 +289,28 @@ class Auto(Transform):
         eligible = [
             (p, m)
             for p, m in named.items()
-            if p and p not in left and (is_linear(m) or is_conv2d(m))
+            if p and p not in left and (is_linear(m) or is_conv2d(m) or type(m) is nn.Embedding)
         ]
         chosen = dict(self.resolve(model, self.select, self.exclude, eligible=eligible))
         for p in list(chosen):
             if is_conv2d(named[p]) and not _conv(named[p]):
                 del chosen[p]
                 report.skipped(p, "grouped convolution: Auto chooses for dense ones only")
+            elif isinstance(named[p], nn.Embedding) and self._target.metric == "latency_ms":
+                del chosen[p]
+                report.skipped(
+                    p, "embedding: a lookup's time is not searched under a latency budget"
+                )
         heads = _lm_heads(model, ctx)
+        ties = _tied_heads(
+            model, {p: named[p] for p in chosen if isinstance(named[p], nn.Embedding)}
+        )
         for p in list(chosen):
-            if p in heads and not (isinstance(self.select, (list, tuple)) and p in self.select):
+            if p in ties.values():
+                del chosen[p]
+                emb = next(e for e, h in ties.items() if h == p)
+                report.skipped(p, f"tied to embedding {emb} (one weight): chosen with it")
+            elif p in heads and not (isinstance(self.select, (list, tuple)) and p in self.select):
                 del chosen[p]
                 report.skipped(p, "LM head stays in float (select it by name to include it)")
         return {p: named[p] for p in chosen}
@@ -308,12 +330,15 @@ class AutoTable:
         options: ``{layer path: [(candidate name, cost, loss), ...]}``.
         unavailable: ``{layer path: {candidate name: why}}`` for candidates a layer cannot
             take (a layer too small for the clusters, a rank that saves nothing...).
+        left: ``{layer path: why}`` for the layers the search leaves as they are (an LM
+            head, a grouped convolution, an output layer tied to a searched embedding...).
     """
 
     metric_name: str
     total: float
     options: dict[str, list[Option]]
     unavailable: dict[str, dict[str, str]]
+    left: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def fixed(self) -> float:
@@ -413,7 +438,10 @@ def _measure(
     layer."""
     from ..profiling.profiler import profile
 
-    stats = collect(model, batches, layers, gram=True, out_grads=True)
+    named = dict(model.named_modules())
+    ties = _tied_heads(model, {p: m for p, m in layers.items() if isinstance(m, nn.Embedding)})
+    watched = {**layers, **{h: named[h] for h in ties.values()}}
+    stats = collect(model, batches, watched, gram=True, out_grads=True)
     inputs = ctx.inputs if ctx.inputs is not None else batches[0]
     timed = metric == "latency_ms"
     whole = profile(model, inputs, memory=False)
@@ -425,7 +453,8 @@ def _measure(
     for p, m in layers.items():
         st = stats[p]
         fisher = st.extra.get("out_grad_sq")
-        if st.gram is None or fisher is None or st.rows == 0:
+        embedding = isinstance(m, nn.Embedding)
+        if (st.gram is None and not embedding) or fisher is None or st.rows == 0:
             raise ValueError(
                 f"Auto: module {p} saw no calibration input (or no gradient reached it); "
                 f"it is not on the path of the calibration batches: exclude it."
@@ -433,10 +462,12 @@ def _measure(
         # the loss is a mean over each batch's rows: summed squared output gradients over B
         # batches, / B^2, weight the summed input Gram
         f = fisher.float() / len(batches) ** 2
-        gram = st.gram.float()
+        # an embedding's inputs are one-hot: its Gram is the diagonal of token counts
+        gram = st.extra["counts"].float() if embedding else st.gram.float()
         if _conv(m):  # the Gram summed over input positions, counted per output position
             gram = gram * (float(st.extra["out_rows"]) / max(1, st.rows))
-        w = (m.weight if _conv(m) else linear_weight(m)).detach().float()
+        head = stats[ties[p]] if p in ties else None
+        w = (m.weight if _conv(m) or embedding else linear_weight(m)).detach().float()
         base = _LayerProbe(m)
         scale = 1.0
         if metric != "param_bytes":
@@ -461,12 +492,31 @@ def _measure(
             if d.dim() == 4:  # a convolution: each kernel offset against the channels' Gram
                 d = d.flatten(2)
                 loss = 0.5 * float(torch.einsum("oik,ij,ojk->o", d, gram, d) @ f)
+            elif embedding:  # rows (vocab, dim): the weight is the transpose of a Linear's
+                loss = 0.5 * float((gram @ d.pow(2)) @ f)
+                if head is not None:  # the tied head changes by the same rows
+                    fh = head.extra["out_grad_sq"].float() / len(batches) ** 2
+                    loss += 0.5 * float(((d @ head.gram.float()) * d).sum(1) @ fh)
             else:
                 loss = 0.5 * float(((d @ gram) * d).sum(1) @ f)
             opts.append((name, cost[metric] * scale, loss))
         options[p] = opts
         st.gram = None
+    for h in ties.values():
+        stats[h].gram = None
     return AutoTable(_METRIC_NAMES[metric], total, options, unavailable)
+
+
+def _tied_heads(model: nn.Module, embeddings: dict[str, nn.Module]) -> dict[str, str]:
+    """``{embedding path: output layer path}`` for the embeddings an output layer is tied to
+    (the same weight): a setting for the embedding is one for both."""
+    out = {}
+    for h, m in model.named_modules():
+        w = m._parameters.get("weight") if is_linear(m) else None
+        for e, em in embeddings.items():
+            if w is not None and w is em.weight:
+                out[e] = h
+    return out
 
 
 def _time_ms(module: nn.Module, inputs: Any) -> float:
@@ -519,7 +569,10 @@ class _LayerProbe:
     def __init__(self, layer: nn.Module) -> None:
         self.layer = layer
         self.timing: torch.Tensor | None = None  # a latency budget: time candidates on it
-        if _conv(layer):
+        if isinstance(layer, nn.Embedding):  # probed on one token; read back on all
+            self.width = layer.num_embeddings
+            self.x = torch.zeros(1, 1, dtype=torch.long, device=layer.weight.device)
+        elif _conv(layer):
             w = layer.weight
             self.width = w.shape[1]
             pad = _pair(layer)
@@ -561,6 +614,9 @@ class _LayerProbe:
             cost["latency_ms"] = _time_ms(holder[0], self.timing)
         if self.x.dim() == 4:
             return cost, self._conv_weight(holder[0])
+        if not self.x.is_floating_point():  # an embedding: every row
+            with torch.no_grad():
+                return cost, holder[0](torch.arange(self.width, device=self.x.device)).float()
         return cost, _effective_weight(holder[0], self.width, self.x)
 
     def _conv_weight(self, layer: nn.Module) -> torch.Tensor:

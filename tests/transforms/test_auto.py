@@ -560,3 +560,66 @@ def test_a_cnn_gets_settings_for_its_convolutions_and_grouped_ones_are_named():
     after = nnslim.profile(m, data[0][0], memory=False).macs
     before = nnslim.profile(model, data[0][0], memory=False).macs
     assert after <= 0.6 * before * (1 + 1e-6)
+
+
+class _TiedLM(nn.Module):
+    """A token model whose output layer is (or copies) the embedding."""
+
+    def __init__(self, tie: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        # width 24: int8 Linear layers take the float path (the bf16 kernel wants multiples
+        # of 16), so the untied head's read-back weight is exactly the rounded rows
+        self.emb = nn.Embedding(50, 24)
+        self.mid = nn.Linear(24, 24)
+        self.head = nn.Linear(24, 50, bias=False)
+        with torch.no_grad():
+            self.head.weight.copy_(self.emb.weight)
+        if tie:
+            self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        return self.head(h + torch.tanh(self.mid(h)))
+
+
+def _tokens(n=3):
+    g = torch.Generator().manual_seed(5)
+    return [torch.randint(0, 50, (4, 16), generator=g) for _ in range(n)]
+
+
+def test_an_embedding_is_searched_and_a_tied_head_counts_in_its_estimate():
+    """The embedding's estimate is the K-FAC one of a Linear on one-hot inputs (the Gram: the
+    token counts); tied to the head, its rows change the head's by the same amounts, so its
+    estimate is exactly its own plus the untied head's for the same setting (int8 rounds the
+    same rows either way)."""
+    calib = _tokens()
+    names = ["int8", "int4-g32"]
+    tied = nnslim.Auto(target={"bytes": 0.5}, candidates=names).table(_TiedLM(True), calib)
+    apart = nnslim.Auto(target={"bytes": 0.5}, candidates=names, select=["emb", "mid", "head"])
+    apart = apart.table(_TiedLM(False), calib)
+    assert set(tied.options) == {"emb", "mid"}
+    est = {n: loss for n, _, loss in tied.options["emb"]}
+    own = {n: loss for n, _, loss in apart.options["emb"]}
+    head = {n: loss for n, _, loss in apart.options["head"]}
+    assert est["int8"] == pytest.approx(own["int8"] + head["int8"], rel=1e-5)
+    assert est["int8"] > own["int8"] > 0
+    # a tied pair costs one table
+    assert dict((n, c) for n, c, _ in tied.options["emb"])["keep"] == 50 * 24 * 4
+
+
+def test_a_plan_with_the_embedding_quantizes_the_tied_pair_at_the_predicted_bytes():
+    from nnslim.modules.quantized import Int8Embedding, Int8Linear
+
+    model = _TiedLM(True)
+    calib = _tokens()
+    auto = nnslim.Auto(target={"bytes": 0.35}, candidates=["int8"])
+    table = auto.table(model, calib)
+    report = auto.apply(model, calibration=calib)
+    assert isinstance(model.emb, Int8Embedding) and isinstance(model.head, Int8Linear)
+    assert model.emb.qweight is model.head.qweight
+    measured = report.after.param_bytes / report.before.param_bytes
+    assert measured == pytest.approx(table.cost_of(table.allocate(0.35)) / table.total, rel=1e-9)
+    assert measured <= 0.35
+    skipped = {s.path: s.reason for s in report.skips}
+    assert skipped["head"] == "tied to embedding emb (one weight): chosen with it"
