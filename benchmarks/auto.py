@@ -4,7 +4,10 @@ Budgets: the bytes of uniform int4 g64 on the transformer blocks (the embeddings
 tied head stay float), and 0.5x / 0.35x the bytes of the int8 model (every block layer and
 the embedding with its tied head in int8). Auto searches the blocks alone (as the uniform
 rows quantize them) and the whole model (the embedding too, the head tied to it taking its
-setting); a uniform row with the embedding in int8 and Auto at its bytes stand beside. Rows: uniform RTN,
+setting); a uniform row with the embedding in int8 and Auto at its bytes stand beside. The
+model's weights come from a Q4_1 GGUF (4-bit, groups of 32), so int4 g32 is lossless on it:
+uniform int4 g32 GPTQ is a reference row, and the whole-model searches are repeated without the
+int4 g32 candidate (the same table, that option removed). Rows: uniform RTN,
 uniform GPTQ, Auto with RTN and with GPTQ (candidates int8, int4 g64, int4 g32, palettes of
 16 and 8 values; 576 and 1536 are not multiples of 128, so g128 is g64 here). The table
 (Auto's per-layer measurement) is made once and each Auto row applies its plan
@@ -30,6 +33,7 @@ from real_llm import smollm2_windows
 
 import nnslim
 from nnslim.evaluate import perplexity
+from nnslim.transforms.auto import AutoTable
 
 BLOCKS = "re:model\\.layers\\..*"
 EMBED = "model.embed_tokens"
@@ -213,6 +217,26 @@ def main() -> None:
         "int4 + int8 embedding",
     )
     whole_row("Auto with the embedding (gptq)", "int4 + int8 embedding", mixed)
+    # this model's weights come from a Q4_1 file (4-bit, groups of 32): int4 g32 rounds them
+    # back exactly, so the same searches without that candidate say what the rest is worth
+    run(
+        "uniform int4 g32 GPTQ",
+        nnslim.Quantize(scheme="int4", group_size=32, method="gptq", select=BLOCKS),
+        "int4 g32 (reference)",
+    )
+    no_g32 = AutoTable(
+        whole.metric_name,
+        whole.total,
+        {p: [o for o in opts if o[0] != "int4-g32"] for p, opts in whole.options.items()},
+        {},
+    )
+    for budget, fraction in (("int4 g64", int4), ("int4 + int8 embedding", mixed)):
+        plan = whole_plans[f"{budget}, no int4-g32"] = no_g32.allocate(fraction)
+        run(
+            "Auto with the embedding, without int4-g32 (gptq)",
+            nnslim.Auto(plan=plan, candidates=cands, method="gptq", select=WHOLE),
+            budget,
+        )
     # the whole model in int8 (blocks, embedding and its tied head), and 0.5x / 0.35x of it
     m = copy.deepcopy(base)
     nnslim.Quantize(scheme="int8", select=WHOLE).apply(m, calibration=calib[:1])
