@@ -309,6 +309,7 @@ class Quantize(Transform):
             if not picked:
                 report.skipped(e, "embeddings stay in float (select it by name to quantize it)")
                 continue
+            selected = e in chosen
             value = chosen.pop(e, None)
             if h is not None and h in chosen and value is not None and chosen[h] is not None:
                 if value != chosen[h]:
@@ -321,6 +322,12 @@ class Quantize(Transform):
                 raise ValueError(
                     f"Quantize(qat=True): embedding {e} ({shape_of(em)}) has no fake-quantized "
                     f"form; quantize it after training (qat=False) or leave it out of select."
+                )
+            if type(em).forward is not nn.Embedding.forward:
+                raise ValueError(
+                    f"Quantize: embedding {e} is a {type(em).__name__} with a forward of its own "
+                    f"(a scale, a padding rule...), which a quantized table would drop; leave it "
+                    f"(and an output layer tied to it) out of select."
                 )
             if getattr(em, "max_norm", None) is not None:
                 raise ValueError(
@@ -335,7 +342,7 @@ class Quantize(Transform):
             if h is not None:
                 if h not in chosen:
                     report.note(f"{h} is tied to embedding {e} (one weight): quantized with it")
-                elif e not in chosen:
+                elif not selected:
                     report.note(f"embedding {e} is tied to {h} (one weight): quantized with it")
                 chosen[h] = scheme
             plan[e] = (scheme, h)

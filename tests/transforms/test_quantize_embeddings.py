@@ -66,6 +66,10 @@ def test_a_tied_head_and_embedding_keep_one_copy(tmp_path, scheme, cls, select):
     fp32 = nnslim.profile(m, IDS).param_bytes
     report = nnslim.Quantize(scheme=scheme, group_size=32, select=select).apply(m, IDS)
     assert isinstance(m.head, cls)
+    follows = {("emb",): "head is tied to embedding emb", ("head",): "embedding emb is tied"}
+    want = follows.get(tuple(select))
+    notes = [n for n in report.notes if "tied" in n]
+    assert len(notes) == (want is not None) and all(n.startswith(want) for n in notes)
     assert m.emb.qweight is m.head.qweight
     assert {c.path for c in report.changes} == {"emb", "head"}
     assert not any("tie is gone" in n for n in report.notes)
@@ -129,6 +133,12 @@ def test_refusals_leave_the_model_as_it_was():
         nnslim.Quantize(select={"emb": "int8", "head": "int4"}).apply(m, IDS)
     with pytest.raises(ValueError, match="embedding emb .* has no fake-quantized form"):
         nnslim.Quantize(qat=True, select=["emb"]).apply(m, IDS)
+    class Scaled(nn.Embedding):
+        def forward(self, ids):
+            return super().forward(ids) * 8.0
+
+    with pytest.raises(ValueError, match="Scaled with a forward of its own"):
+        nnslim.Quantize(select=["0"]).apply(nn.Sequential(Scaled(10, 8)))
     renorm = nn.Sequential(nn.Embedding(10, 8, max_norm=1.0))
     with pytest.raises(ValueError, match="max_norm=1.0"):
         nnslim.Quantize(select=["0"]).apply(renorm)
