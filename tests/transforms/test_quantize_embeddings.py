@@ -133,6 +133,7 @@ def test_refusals_leave_the_model_as_it_was():
         nnslim.Quantize(select={"emb": "int8", "head": "int4"}).apply(m, IDS)
     with pytest.raises(ValueError, match="embedding emb .* has no fake-quantized form"):
         nnslim.Quantize(qat=True, select=["emb"]).apply(m, IDS)
+
     class Scaled(nn.Embedding):
         def forward(self, ids):
             return super().forward(ids) * 8.0
