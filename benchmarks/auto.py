@@ -10,7 +10,8 @@ uniform int4 g32 GPTQ is a reference row, and the whole-model searches are repea
 int4 g32 candidate (the same table, that option removed). Rows: uniform RTN,
 uniform GPTQ, Auto with RTN and with GPTQ (candidates int8, int4 g64, int4 g32, palettes of
 16 and 8 values; 576 and 1536 are not multiples of 128, so g128 is g64 here). The table
-(Auto's per-layer measurement) is made once and each Auto row applies its plan
+(Auto's per-layer measurement) is made once per method (with GPTQ it measures the int
+candidates by GPTQ on each layer's input Gram) and each Auto row applies its plan
 (``Auto(plan=...)``); its time is printed beside one uniform GPTQ pass's. Perplexity with
 ``nnslim.evaluate`` on the same windows as ``real_llm.py``; each row names its measured bytes
 and the time it took to apply.
@@ -159,51 +160,61 @@ def main() -> None:
         "int4 g64",
     )
     cands = ("int8", "int4-g64", "int4-g32", "palette-16", "palette-8")
-    t0 = time.perf_counter()
-    table = nnslim.Auto(target={"bytes": int4}, candidates=cands, select=BLOCKS).table(
-        base, labelled
-    )
-    search = time.perf_counter() - t0
     gptq_s = next(r["seconds"] for r in rows if r["variant"] == "uniform int4 g64 GPTQ")
-    print(
-        f"  Auto's table: {len(table.options)} layers x {len(cands)} candidates in "
-        f"{search:.0f} s ({search / gptq_s:.2f}x one uniform GPTQ pass)"
-    )
-    plan = table.allocate(int4)
+    tables, searches, plans = {}, {}, {}
     for method in ("rtn", "gptq"):
+        # with GPTQ the table measures the int candidates by GPTQ on each layer's Gram
+        t0 = time.perf_counter()
+        auto = nnslim.Auto(target={"bytes": int4}, candidates=cands, method=method, select=BLOCKS)
+        tables[method] = table = auto.table(base, labelled)
+        searches[method] = search = time.perf_counter() - t0
+        print(
+            f"  Auto's table ({method}): {len(table.options)} layers x {len(cands)} candidates "
+            f"in {search:.0f} s ({search / gptq_s:.2f}x one uniform GPTQ pass)"
+        )
+        plans[method] = plan = table.allocate(int4)
         run(
             f"Auto ({method})",
             nnslim.Auto(plan=plan, candidates=cands, method=method, select=BLOCKS),
             "int4 g64",
         )
-    front = table.front()
+    front = tables["gptq"].front()
     for point in front:
         print(f"  front: budget {point['budget']:.4f} estimated loss {point['loss']:.4g}")
     # the whole model: the embedding (and the head tied to it) searched too
     t0 = time.perf_counter()
-    whole = nnslim.Auto(target={"bytes": int4}, candidates=cands, select=WHOLE).table(
-        base, labelled
-    )
+    whole = nnslim.Auto(
+        target={"bytes": int4}, candidates=cands, method="gptq", select=WHOLE
+    ).table(base, labelled)
     whole_s = time.perf_counter() - t0
     print(f"  Auto's table with the embedding: {whole_s:.0f} s; {whole.options[EMBED]}")
+    # this model's weights come from a Q4_1 file (4-bit, groups of 32): int4 g32 rounds them
+    # back exactly, so the same searches without that candidate say what the rest is worth
+    no_g32 = AutoTable(
+        whole.metric_name,
+        whole.total,
+        {p: [o for o in opts if o[0] != "int4-g32"] for p, opts in whole.options.items()},
+        {},
+    )
     whole_plans: dict[str, dict[str, str]] = {}
 
-    def whole_row(name: str, budget: str, fraction: float) -> None:
+    def whole_row(budget: str, fraction: float, without_g32: bool = False) -> None:
+        name = "Auto with the embedding" + (", without int4-g32" if without_g32 else "")
         try:
-            plan = whole_plans[budget] = whole.allocate(fraction)
+            plan = (no_g32 if without_g32 else whole).allocate(fraction)
         except ValueError as e:  # below the smallest reachable: say so
             print(f"  {budget}: {e}")
             rows.append({"budget": budget, "variant": name, "failed": str(e)})
             return
-        run(name, nnslim.Auto(plan=plan, candidates=cands, method="gptq", select=WHOLE), budget)
-
-    for method in ("rtn", "gptq"):
-        plan = whole_plans["int4 g64"] = whole.allocate(int4)
+        whole_plans[f"{budget}{', no int4-g32' if without_g32 else ''}"] = plan
         run(
-            f"Auto with the embedding ({method})",
-            nnslim.Auto(plan=plan, candidates=cands, method=method, select=WHOLE),
-            "int4 g64",
+            name + " (gptq)",
+            nnslim.Auto(plan=plan, candidates=cands, method="gptq", select=WHOLE),
+            budget,
         )
+
+    whole_row("int4 g64", int4)
+    whole_row("int4 g64", int4, without_g32=True)
     # uniform int4 GPTQ on the blocks with the embedding (and tied head) in int8, and Auto at
     # those bytes
     mixed = run(
@@ -216,27 +227,13 @@ def main() -> None:
         ),
         "int4 + int8 embedding",
     )
-    whole_row("Auto with the embedding (gptq)", "int4 + int8 embedding", mixed)
-    # this model's weights come from a Q4_1 file (4-bit, groups of 32): int4 g32 rounds them
-    # back exactly, so the same searches without that candidate say what the rest is worth
+    whole_row("int4 + int8 embedding", mixed)
+    whole_row("int4 + int8 embedding", mixed, without_g32=True)
     run(
         "uniform int4 g32 GPTQ",
         nnslim.Quantize(scheme="int4", group_size=32, method="gptq", select=BLOCKS),
         "int4 g32 (reference)",
     )
-    no_g32 = AutoTable(
-        whole.metric_name,
-        whole.total,
-        {p: [o for o in opts if o[0] != "int4-g32"] for p, opts in whole.options.items()},
-        {},
-    )
-    for budget, fraction in (("int4 g64", int4), ("int4 + int8 embedding", mixed)):
-        plan = whole_plans[f"{budget}, no int4-g32"] = no_g32.allocate(fraction)
-        run(
-            "Auto with the embedding, without int4-g32 (gptq)",
-            nnslim.Auto(plan=plan, candidates=cands, method="gptq", select=WHOLE),
-            budget,
-        )
     # the whole model in int8 (blocks, embedding and its tied head), and 0.5x / 0.35x of it
     m = copy.deepcopy(base)
     nnslim.Quantize(scheme="int8", select=WHOLE).apply(m, calibration=calib[:1])
@@ -244,7 +241,8 @@ def main() -> None:
     del m
     print(f"  the int8 model: {int8:.4f} of fp32; smallest reachable {whole.smallest():.4f}")
     for mult in (0.5, 0.35):
-        whole_row("Auto with the embedding (gptq)", f"{mult}x int8", mult * int8)
+        whole_row(f"{mult}x int8", mult * int8)
+        whole_row(f"{mult}x int8", mult * int8, without_g32=True)
     fp = rows[0]["perplexity"]
     print_table(
         ["budget", "variant", "perplexity", "vs fp32", "bytes", "search+apply s"],
@@ -272,10 +270,10 @@ def main() -> None:
                     "rows": rows,
                     "windows": len(evals),
                     "length": evals.length,
-                    "table_seconds": search,
+                    "table_seconds": searches,
                     "whole_table_seconds": whole_s,
                     "gptq_seconds": gptq_s,
-                    "plan": table.allocate(int4),
+                    "plans": plans,
                     "whole_plans": whole_plans,
                     "int8_fraction": int8,
                     "whole_smallest": whole.smallest(),

@@ -41,10 +41,12 @@ costs one application to a copy of the layer and one product. Why this estimate:
 layer's output error by how much the loss reacts to that output (a plain output error treats
 a layer feeding the LM head like one feeding a residual that normalises it away), it needs no
 forward pass of the model per candidate (one per layer and candidate would be hundreds of
-passes on an LLM), and the errors of different layers add up (the knapsack needs that). It
-measures candidates without calibration (round to nearest, plain SVD): GPTQ
-(``method="gptq"``) and activation-aware factorization then apply the chosen settings with
-less error than estimated.
+passes on an LLM), and the errors of different layers add up (the knapsack needs that). With
+``method="gptq"`` a Linear's quantization candidates are measured by GPTQ on the layer's input
+Gram (the float model's inputs; the applied plan calibrates block after block), so the
+estimate sees what GPTQ gains over rounding, which it does not for palettes and low rank;
+the other candidates are measured without calibration (round to nearest, plain SVD), and
+activation-aware factorization then applies them with less error than estimated.
 
 :meth:`Auto.table` gives the per-layer table (cached on the model's weights, so a second
 budget reuses it); :meth:`AutoTable.front` the predicted loss over a range of budgets.
@@ -65,7 +67,7 @@ from torch import nn
 from ..base.inputs import as_inputs, calibration_batches, first_tensor
 from ..base.modules import is_conv2d, is_linear, linear_weight, unreplaceable
 from ..base.validate import check_choice
-from ..core.calibrate import collect
+from ..core.calibrate import LayerStats, collect
 from ..core.report import Report
 from ..core.target import Target
 from ..core.transform import Compose, Context, Transform
@@ -233,7 +235,8 @@ class Auto(Transform):
             f"Auto: {', '.join(f'{n} {k}' for k, n in counts.items())} of "
             f"{len(table.options)} layers; predicted {predicted / table.total:.4f} of the "
             f"{table.metric_name} (budget {fraction:g}), estimated loss increase {loss:.4g} "
-            f"(K-FAC second order, candidates measured without calibration)"
+            f"(K-FAC second order; quantization candidates measured "
+            f"{'by GPTQ' if self.method == 'gptq' else 'by rounding to nearest'})"
         )
         return choice
 
@@ -449,7 +452,12 @@ def _measure(
     shapes = _conv_input_shapes(model, inputs, layers) if timed else {}
     options: dict[str, list[Option]] = {}
     unavailable: dict[str, dict[str, str]] = {}
-    probes = [(_name(c), _probe_transform(auto._transform(c))) for c in auto.candidates]
+    # with method="gptq", a Linear's quantization candidates are measured by GPTQ on the
+    # layer's input Gram (what GPTQ gains is part of the estimate); other layers round
+    probes = [
+        (_name(c), auto._transform(c), _probe_transform(auto._transform(c)))
+        for c in auto.candidates
+    ]
     for p, m in layers.items():
         st = stats[p]
         fisher = st.extra.get("out_grad_sq")
@@ -478,9 +486,10 @@ def _measure(
             scale = 1.0 if calls else 0.0
         keep = base.cost[metric] * scale
         opts: list[Option] = [("keep", keep, 0.0)]
-        for name, t in probes:
+        for name, applied, rounded in probes:
+            gptq = isinstance(applied, Quantize) and applied.method == "gptq" and is_linear(m)
             try:
-                new = base.apply(t)
+                new = base.apply(applied, gram=gram) if gptq else base.apply(rounded)
             except ValueError as e:
                 unavailable.setdefault(p, {})[name] = str(e).split("\n")[0][:200]
                 continue
@@ -587,6 +596,9 @@ class _LayerProbe:
             self.width = w.shape[1]
             self.x = torch.zeros(1, self.width, device=w.device)
         self.cost = self._cost(nn.Sequential(layer))
+        # the layout of the weight the read-back gives: (out, in[, kh, kw]) or (vocab, dim)
+        plain = _conv(layer) or isinstance(layer, nn.Embedding)
+        self.shape = tuple((layer.weight if plain else linear_weight(layer)).shape)
 
     def time_on(self, shape: tuple[int, ...]) -> None:
         """Time the layer, and from now on each candidate, on a random input of ``shape``."""
@@ -602,16 +614,27 @@ class _LayerProbe:
         m = prof.modules.get("0")
         return {"param_bytes": float(m.param_bytes), "macs": float(m.macs)} if m else {}
 
-    def apply(self, t: Transform) -> tuple[dict[str, float], torch.Tensor] | None:
+    def apply(
+        self, t: Transform, gram: torch.Tensor | None = None
+    ) -> tuple[dict[str, float], torch.Tensor] | None:
         """``(cost, the weight it computes with)`` after ``t``, or None if it changed
-        nothing. Raises ``ValueError`` where ``t`` refuses the layer."""
+        nothing. Raises ``ValueError`` where ``t`` refuses the layer. ``gram``: the Linear's
+        input Gram, for a GPTQ ``Quantize`` (which needs the layer's inputs)."""
         holder = nn.Sequential(copy.deepcopy(self.layer))
-        report = dataclasses.replace(t, select=["0"]).apply(holder, self.x)
+        if gram is not None and isinstance(t, Quantize):
+            report = Report(transform="Quantize")
+            stats = LayerStats(gram=gram.clone(), rows=1)
+            t._replace(holder, report, "0", holder[0], t.scheme, stats)
+        else:
+            report = dataclasses.replace(t, select=["0"]).apply(holder, self.x)
         if not report.changes:
             return None
         cost = self._cost(holder)
         if self.timing is not None:
             cost["latency_ms"] = _time_ms(holder[0], self.timing)
+        exact = _own_weight(holder[0], self.shape)
+        if exact is not None:
+            return cost, exact
         if self.x.dim() == 4:
             return cost, self._conv_weight(holder[0])
         if not self.x.is_floating_point():  # an embedding: every row
@@ -640,6 +663,20 @@ class _LayerProbe:
                 out.append(layer(x).float()[:, :, ah, aw] - bias)  # (channels * k, out)
             w = torch.cat(out)  # rows: channel, then kernel offset
             return w.reshape(self.width, kh, kw, -1).permute(3, 0, 1, 2)
+
+
+def _own_weight(layer: nn.Module, shape: tuple[int, ...]) -> torch.Tensor | None:
+    """The float weight an nnslim layer stands for (its ``weight``: the codes de-quantized,
+    the factors multiplied...), exactly, where it has the original's shape; ``None`` for other
+    modules, whose weight is read back by running them (nnslim's int kernels would round the
+    read-back to bf16: noise the size of a GPTQ layer's error in its own metric)."""
+    if not type(layer).__module__.startswith("nnslim.modules"):
+        return None
+    with torch.no_grad():
+        w = getattr(layer, "weight", None)
+    if not isinstance(w, torch.Tensor) or tuple(w.shape) != shape:
+        return None
+    return w.detach().float()
 
 
 def _pair(conv: nn.Module) -> tuple[int, ...]:

@@ -623,3 +623,41 @@ def test_a_plan_with_the_embedding_quantizes_the_tied_pair_at_the_predicted_byte
     assert measured <= 0.35
     skipped = {s.path: s.reason for s in report.skips}
     assert skipped["head"] == "tied to embedding emb (one weight): chosen with it"
+
+
+def test_with_gptq_the_quantization_candidates_are_measured_by_gptq():
+    """``method="gptq"``: a Linear's int4 candidate is measured by GPTQ on the layer's input
+    Gram, so its estimate is the K-FAC loss of the weight ``Quantize(method="gptq")`` gives,
+    well under round to nearest's on correlated inputs."""
+    from nnslim.base.inputs import as_inputs
+    from nnslim.core.calibrate import collect
+
+    g = torch.Generator().manual_seed(0)
+    mix = torch.randn(6, 64, generator=g)
+    batches = [
+        torch.randn(32, 6, generator=g) @ mix + 0.01 * torch.randn(32, 64, generator=g)
+        for _ in range(4)
+    ]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32))
+    stats = collect(
+        model, [as_inputs(b) for b in batches], {"0": model[0]}, gram=True, out_grads=True
+    )
+    stats = stats["0"]
+    f = stats.extra["out_grad_sq"] / len(batches) ** 2
+
+    def kfac(method):
+        m = copy.deepcopy(model)
+        nnslim.Quantize(scheme="int4", group_size=32, method=method).apply(m, calibration=batches)
+        d = m[0].weight - model[0].weight.detach()
+        return 0.5 * float(((d @ stats.gram) * d).sum(1) @ f)
+
+    est = {
+        method: nnslim.Auto(target={"bytes": 0.5}, candidates=["int4-g32"], method=method)
+        .table(model, batches)
+        .options["0"][1][2]
+        for method in ("rtn", "gptq")
+    }
+    assert est["gptq"] == pytest.approx(kfac("gptq"), rel=1e-4)
+    assert est["rtn"] == pytest.approx(kfac("rtn"), rel=1e-4)
+    assert est["gptq"] < 0.5 * est["rtn"]
