@@ -19,6 +19,7 @@ and the time it took to apply.
     python benchmarks/auto.py            # 32 eval windows, 16 calibration windows
     python benchmarks/auto.py --quick    # 2 and 2
     python benchmarks/auto.py --latency 0.6   # a latency budget instead (see latency_budget)
+    python benchmarks/auto.py --blocks-only   # the searches of the blocks alone
 """
 
 from __future__ import annotations
@@ -110,6 +111,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--latency", type=float, default=None, metavar="F")
+    parser.add_argument(
+        "--blocks-only", action="store_true", help="the rows that search the blocks alone"
+    )
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
@@ -178,9 +182,19 @@ def main() -> None:
             nnslim.Auto(plan=plan, candidates=cands, method=method, select=BLOCKS),
             "int4 g64",
         )
+    # int4 g32 rounds this model's Q4_1-sourced weights back exactly: the same search without it
+    plans["gptq, no int4-g32"] = plan = without(tables["gptq"], "int4-g32").allocate(int4)
+    run(
+        "Auto, without int4-g32 (gptq)",
+        nnslim.Auto(plan=plan, candidates=cands, method="gptq", select=BLOCKS),
+        "int4 g64",
+    )
     front = tables["gptq"].front()
     for point in front:
         print(f"  front: budget {point['budget']:.4f} estimated loss {point['loss']:.4g}")
+    if args.blocks_only:
+        finish(args, rows, evals, {"table_seconds": searches, "plans": plans, "front": front})
+        return
     # the whole model: the embedding (and the head tied to it) searched too
     t0 = time.perf_counter()
     whole = nnslim.Auto(
@@ -190,12 +204,7 @@ def main() -> None:
     print(f"  Auto's table with the embedding: {whole_s:.0f} s; {whole.options[EMBED]}")
     # this model's weights come from a Q4_1 file (4-bit, groups of 32): int4 g32 rounds them
     # back exactly, so the same searches without that candidate say what the rest is worth
-    no_g32 = AutoTable(
-        whole.metric_name,
-        whole.total,
-        {p: [o for o in opts if o[0] != "int4-g32"] for p, opts in whole.options.items()},
-        {},
-    )
+    no_g32 = without(whole, "int4-g32")
     whole_plans: dict[str, dict[str, str]] = {}
 
     def whole_row(budget: str, fraction: float, without_g32: bool = False) -> None:
@@ -243,6 +252,36 @@ def main() -> None:
     for mult in (0.5, 0.35):
         whole_row(f"{mult}x int8", mult * int8)
         whole_row(f"{mult}x int8", mult * int8, without_g32=True)
+    finish(
+        args,
+        rows,
+        evals,
+        {
+            "table_seconds": searches,
+            "whole_table_seconds": whole_s,
+            "gptq_seconds": gptq_s,
+            "plans": plans,
+            "whole_plans": whole_plans,
+            "int8_fraction": int8,
+            "whole_smallest": whole.smallest(),
+            "front": front,
+        },
+    )
+
+
+def without(table: AutoTable, name: str) -> AutoTable:
+    """``table`` with the candidate ``name`` removed from every layer's options."""
+    return AutoTable(
+        table.metric_name,
+        table.total,
+        {p: [o for o in opts if o[0] != name] for p, opts in table.options.items()},
+        table.unavailable,
+        table.left,
+    )
+
+
+def finish(args: argparse.Namespace, rows: list[dict], evals, extra: dict) -> None:
+    """The table, and the JSON (the rows, the windows and ``extra``)."""
     fp = rows[0]["perplexity"]
     print_table(
         ["budget", "variant", "perplexity", "vs fp32", "bytes", "search+apply s"],
@@ -260,28 +299,13 @@ def main() -> None:
         ],
         title=f"SmolLM2-135M-Instruct, {evals.describe()} (Wikipedia), Auto vs uniform",
     )
-    name = "auto" + ("-quick" if args.quick else "")
-    print(
-        "wrote "
-        + str(
-            write_json(
-                name,
-                {
-                    "rows": rows,
-                    "windows": len(evals),
-                    "length": evals.length,
-                    "table_seconds": searches,
-                    "whole_table_seconds": whole_s,
-                    "gptq_seconds": gptq_s,
-                    "plans": plans,
-                    "whole_plans": whole_plans,
-                    "int8_fraction": int8,
-                    "whole_smallest": whole.smallest(),
-                    "front": [{k: v for k, v in p.items() if k != "plan"} for p in front],
-                },
-            )
-        )
-    )
+    extra = {
+        **extra,
+        "front": [{k: v for k, v in p.items() if k != "plan"} for p in extra["front"]],
+    }
+    name = "auto" + ("-blocks-only" if args.blocks_only else "") + ("-quick" if args.quick else "")
+    out = {"rows": rows, "windows": len(evals), "length": evals.length, **extra}
+    print(f"wrote {write_json(name, out)}")
 
 
 if __name__ == "__main__":

@@ -176,6 +176,12 @@ def main() -> None:
     )
     run("Factorize 80% params, activation-aware", nnslim.Factorize(ratio=0.8, select=encoder), True)
     run("Prune 25% (heads and MLP width)", nnslim.Prune(ratio=0.25), False)
+    # activation-aware channel importance (|w| times the input's norm, summed per group)
+    run(
+        "Prune 25% (heads and MLP width), Wanda importance",
+        nnslim.Prune(ratio=0.25, importance="wanda"),
+        True,
+    )
     full = rows[0]["param_bytes"]
     linears = sum(
         sum(t.numel() * t.element_size() for t in m.parameters())
