@@ -292,8 +292,11 @@ class Auto(Transform):
         eligible = [
             (p, m)
             for p, m in named.items()
-            if p and p not in left and (is_linear(m) or is_conv2d(m) or type(m) is nn.Embedding)
+            if p and p not in left and (is_linear(m) or is_conv2d(m) or _plain_embedding(m))
         ]
+        for p, m in named.items():
+            if isinstance(m, nn.Embedding) and not _plain_embedding(m):
+                report.skipped(p, f"{type(m).__name__} has a forward of its own (a scale...)")
         chosen = dict(self.resolve(model, self.select, self.exclude, eligible=eligible))
         for p in list(chosen):
             if is_conv2d(named[p]) and not _conv(named[p]):
@@ -514,6 +517,11 @@ def _measure(
     for h in ties.values():
         stats[h].gram = None
     return AutoTable(_METRIC_NAMES[metric], total, options, unavailable)
+
+
+def _plain_embedding(m: nn.Module) -> bool:
+    """An ``nn.Embedding`` whose lookup is the plain one (not a subclass that scales it...)."""
+    return isinstance(m, nn.Embedding) and type(m).forward is nn.Embedding.forward
 
 
 def _tied_heads(model: nn.Module, embeddings: dict[str, nn.Module]) -> dict[str, str]:

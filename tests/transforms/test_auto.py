@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import nnslim
+from nnslim.core.report import Report
 from nnslim.testing import assert_same_state, model_state
 from nnslim.transforms.auto import CANDIDATES
 
@@ -661,3 +662,18 @@ def test_with_gptq_the_quantization_candidates_are_measured_by_gptq():
     assert est["gptq"] == pytest.approx(kfac("gptq"), rel=1e-4)
     assert est["rtn"] == pytest.approx(kfac("rtn"), rel=1e-4)
     assert est["gptq"] < 0.5 * est["rtn"]
+
+
+def test_an_embedding_with_a_forward_of_its_own_is_left_and_said():
+    class Scaled(nn.Embedding):
+        def forward(self, ids):
+            return super().forward(ids) * 4.0
+
+    model = _TiedLM(False)
+    model.emb = Scaled(50, 24)
+    report = Report(transform="Auto")
+    table = nnslim.Auto(target={"bytes": 0.5}, candidates=["int8"]).table(
+        model, _tokens(), report=report
+    )
+    assert "emb" not in table.options
+    assert {s.path: s.reason for s in report.skips}["emb"].startswith("Scaled has a forward")
