@@ -384,6 +384,20 @@ class _Int8DynamicOnnx(_Int8Onnx):
         return acc.float() * self.scale * sx
 
 
+def _nbits_buffers(twin: nn.Module, m: Int4Linear | Int4Embedding) -> int:
+    """Register ``m``'s codes on ``twin`` in ``MatMulNBits``' layout (``b``: the bytes with
+    their nibbles swapped, per block; ``scales`` flat; ``offsets_t``: each group's
+    ``minimum + 8 * scale``, transposed); returns the blocks per row."""
+    q = m.qweight
+    blocks = m.scales.shape[1]
+    swapped = ((q >> 4) | (q << 4)).to(torch.uint8)
+    twin.register_buffer("b", swapped.reshape(q.shape[0], blocks, m.group_size // 2))
+    s = m.scales.float()
+    twin.register_buffer("scales", s.reshape(-1).contiguous())
+    twin.register_buffer("offsets_t", (m.mins.float() + 8 * s).t().contiguous())
+    return blocks
+
+
 class _Int4Onnx(_OnnxLinear):
     """ONNX Runtime's ``MatMulNBits`` on nnslim's codes (two per byte, low nibble first there,
     high nibble first here), exactly: ``q * scale + minimum = (q - 8) * scale + c`` with
@@ -393,13 +407,7 @@ class _Int4Onnx(_OnnxLinear):
 
     def __init__(self, m: Int4Linear) -> None:
         super().__init__(m)
-        q = m.qweight
-        blocks = m.scales.shape[1]
-        swapped = ((q >> 4) | (q << 4)).to(torch.uint8)
-        self.register_buffer("b", swapped.reshape(q.shape[0], blocks, m.group_size // 2))
-        s = m.scales.float()
-        self.register_buffer("scales", s.reshape(-1).contiguous())
-        self.register_buffer("offsets_t", (m.mins.float() + 8 * s).t().contiguous())
+        blocks = _nbits_buffers(self, m)
         self.in_features, self.group_size, self.blocks = m.in_features, m.group_size, blocks
         self.accuracy_level = 4
 
@@ -514,13 +522,7 @@ class _Int4EmbeddingOnnx(nn.Module):
 
     def __init__(self, m: Int4Embedding) -> None:
         super().__init__()
-        q = m.qweight
-        blocks = m.scales.shape[1]
-        swapped = ((q >> 4) | (q << 4)).to(torch.uint8)
-        self.register_buffer("b", swapped.reshape(q.shape[0], blocks, m.group_size // 2))
-        s = m.scales.float()
-        self.register_buffer("scales", s.reshape(-1).contiguous())
-        self.register_buffer("offsets_t", (m.mins.float() + 8 * s).t().contiguous())
+        blocks = _nbits_buffers(self, m)
         sm = m._buffers.get("smooth")
         self.register_buffer("inv_smooth", None if sm is None else 1.0 / sm.float())
         self.dim, self.blocks, self.group_size = m.embedding_dim, blocks, m.group_size

@@ -155,6 +155,25 @@ def _pad_columns(w: torch.Tensor, width: int) -> torch.Tensor:
     return w if w.shape[1] == width else F.pad(w, (0, width - w.shape[1]))
 
 
+def _int4_storage(m: nn.Module, rows: int, width: int, group_size: int, zero_point: str) -> None:
+    """Register the int4 layout's empty buffers on ``m``: packed codes ``(rows, padded / 2)``,
+    a bf16 scale and a minimum per group (float32 for integer zero points: exact)."""
+    groups = padded_width(width, group_size) // group_size
+    m.register_buffer("qweight", torch.zeros(rows, groups * group_size // 2, dtype=torch.uint8))
+    m.register_buffer("scales", torch.ones(rows, groups, dtype=torch.bfloat16))
+    mins_dtype = torch.float32 if zero_point == "integer" else torch.bfloat16
+    m.register_buffer("mins", torch.zeros(rows, groups, dtype=mins_dtype))
+
+
+def _set_int4_codes(
+    m: nn.Module, q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, device: Any
+) -> None:
+    """Fill the int4 layout's buffers from unpacked codes and group parameters."""
+    m.qweight = pack_int4(q).to(device)
+    m.scales = scale.to(torch.bfloat16).to(device)
+    m.mins = minimum.to(m.mins.dtype).to(device)
+
+
 class _DtypeTracking(nn.Module):
     """Remembers the float dtype the layer computes in (the original weight's), and follows
     ``.to(dtype)``/``.half()``/``.float()`` like an ``nn.Linear``'s weight would."""
@@ -378,13 +397,7 @@ class Int4Linear(_QuantLinearBase):
         self.in_features = in_features
         self.out_features = out_features
         self.group_size = group_size
-        groups = padded_width(in_features, group_size) // group_size
-        self.register_buffer(
-            "qweight", torch.zeros(out_features, groups * group_size // 2, dtype=torch.uint8)
-        )
-        self.register_buffer("scales", torch.ones(out_features, groups, dtype=torch.bfloat16))
-        mins_dtype = torch.float32 if zero_point == "integer" else torch.bfloat16
-        self.register_buffer("mins", torch.zeros(out_features, groups, dtype=mins_dtype))
+        _int4_storage(self, out_features, in_features, group_size, zero_point)
         if smooth:
             self.register_buffer("smooth", torch.ones(in_features))
         self._init_bias(bias)
@@ -423,9 +436,7 @@ class Int4Linear(_QuantLinearBase):
                 f"{m.padded_in_features} ({inp} inputs padded to a multiple of {group_size})."
             )
         dev = q.device
-        m.qweight = pack_int4(q).to(dev)
-        m.scales = scale.to(torch.bfloat16).to(dev)
-        m.mins = minimum.to(m.mins.dtype).to(dev)
+        _set_int4_codes(m, q, scale, minimum, dev)
         if zero_point == "integer":
             zp = m.zero_points()
             if zp is None:
@@ -693,13 +704,7 @@ class Int4Embedding(_QuantEmbeddingBase):
         super().__init__()
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.group_size, self.zero_point = group_size, zero_point
-        groups = padded_width(embedding_dim, group_size) // group_size
-        self.register_buffer(
-            "qweight", torch.zeros(num_embeddings, groups * group_size // 2, dtype=torch.uint8)
-        )
-        self.register_buffer("scales", torch.ones(num_embeddings, groups, dtype=torch.bfloat16))
-        mins_dtype = torch.float32 if zero_point == "integer" else torch.bfloat16
-        self.register_buffer("mins", torch.zeros(num_embeddings, groups, dtype=mins_dtype))
+        _int4_storage(self, num_embeddings, embedding_dim, group_size, zero_point)
 
     @classmethod
     def from_float(
@@ -712,9 +717,7 @@ class Int4Embedding(_QuantEmbeddingBase):
         m._init_shape(emb)
         padded = _pad_columns(w.float(), padded_width(w.shape[1], group_size))
         q, s, mn = quantize_groupwise(padded, group_size, zero_point=zero_point)
-        m.qweight = pack_int4(q).to(w.device)
-        m.scales = s.to(torch.bfloat16).to(w.device)
-        m.mins = mn.to(m.mins.dtype).to(w.device)
+        _set_int4_codes(m, q, s, mn, w.device)
         m._take_float(w)
         return m
 

@@ -72,7 +72,7 @@ from ..core.report import Report
 from ..core.target import Target
 from ..core.transform import Compose, Context, Transform
 from .factorize import Factorize
-from .quantize import METHODS, Quantize, _lm_heads
+from .quantize import METHODS, Quantize, _lm_heads, plain_embedding, tied_heads
 from .share import ShareWeights
 
 __all__ = ["CANDIDATES", "Auto", "AutoTable"]
@@ -292,10 +292,10 @@ class Auto(Transform):
         eligible = [
             (p, m)
             for p, m in named.items()
-            if p and p not in left and (is_linear(m) or is_conv2d(m) or _plain_embedding(m))
+            if p and p not in left and (is_linear(m) or is_conv2d(m) or plain_embedding(m))
         ]
         for p, m in named.items():
-            if isinstance(m, nn.Embedding) and not _plain_embedding(m):
+            if isinstance(m, nn.Embedding) and not plain_embedding(m):
                 report.skipped(p, f"{type(m).__name__} has a forward of its own (a scale...)")
         chosen = dict(self.resolve(model, self.select, self.exclude, eligible=eligible))
         for p in list(chosen):
@@ -308,7 +308,7 @@ class Auto(Transform):
                     p, "embedding: a lookup's time is not searched under a latency budget"
                 )
         heads = _lm_heads(model, ctx)
-        ties = _tied_heads(
+        ties = tied_heads(
             model, {p: named[p] for p in chosen if isinstance(named[p], nn.Embedding)}
         )
         for p in list(chosen):
@@ -445,7 +445,7 @@ def _measure(
     from ..profiling.profiler import profile
 
     named = dict(model.named_modules())
-    ties = _tied_heads(model, {p: m for p, m in layers.items() if isinstance(m, nn.Embedding)})
+    ties = tied_heads(model, {p: m for p, m in layers.items() if isinstance(m, nn.Embedding)})
     watched = {**layers, **{h: named[h] for h in ties.values()}}
     stats = collect(model, batches, watched, gram=True, out_grads=True)
     inputs = ctx.inputs if ctx.inputs is not None else batches[0]
@@ -517,23 +517,6 @@ def _measure(
     for h in ties.values():
         stats[h].gram = None
     return AutoTable(_METRIC_NAMES[metric], total, options, unavailable)
-
-
-def _plain_embedding(m: nn.Module) -> bool:
-    """An ``nn.Embedding`` whose lookup is the plain one (not a subclass that scales it...)."""
-    return isinstance(m, nn.Embedding) and type(m).forward is nn.Embedding.forward
-
-
-def _tied_heads(model: nn.Module, embeddings: dict[str, nn.Module]) -> dict[str, str]:
-    """``{embedding path: output layer path}`` for the embeddings an output layer is tied to
-    (the same weight): a setting for the embedding is one for both."""
-    out = {}
-    for h, m in model.named_modules():
-        w = m._parameters.get("weight") if is_linear(m) else None
-        for e, em in embeddings.items():
-            if w is not None and w is em.weight:
-                out[e] = h
-    return out
 
 
 def _time_ms(module: nn.Module, inputs: Any) -> float:

@@ -293,15 +293,7 @@ class Quantize(Transform):
         quantize (taken out of ``chosen``). An embedding tied to an output layer is one weight
         with it: selecting either quantizes both (the head is added to ``chosen``), with one
         scheme; the other embeddings stay float and are reported."""
-        linears = {
-            p: m for p, m in model.named_modules() if p and is_linear(m) and not is_hf_conv1d(m)
-        }
-        ties = {
-            e: h
-            for e, em in embeddings.items()
-            for h, lm in linears.items()
-            if lm._parameters.get("weight") is em.weight
-        }
+        ties = tied_heads(model, embeddings)
         plan: dict[str, tuple[str, str | None]] = {}
         for e, em in embeddings.items():
             h = ties.get(e)
@@ -323,7 +315,7 @@ class Quantize(Transform):
                     f"Quantize(qat=True): embedding {e} ({shape_of(em)}) has no fake-quantized "
                     f"form; quantize it after training (qat=False) or leave it out of select."
                 )
-            if type(em).forward is not nn.Embedding.forward:
+            if not plain_embedding(em):
                 raise ValueError(
                     f"Quantize: embedding {e} is a {type(em).__name__} with a forward of its own "
                     f"(a scale, a padding rule...), which a quantized table would drop; leave it "
@@ -524,6 +516,23 @@ def _nothing_left(t: Quantize, eligible: list[tuple[str, nn.Module]], heads: set
             "was left alone)."
         )
     return "Quantize: no layer left to quantize after select/exclude."
+
+
+def plain_embedding(m: nn.Module) -> bool:
+    """An ``nn.Embedding`` whose lookup is the plain one (not a subclass that scales it...)."""
+    return isinstance(m, nn.Embedding) and type(m).forward is nn.Embedding.forward
+
+
+def tied_heads(model: nn.Module, embeddings: dict[str, nn.Module]) -> dict[str, str]:
+    """``{embedding path: output layer path}`` for the embeddings a Linear is tied to (the
+    same weight parameter): one weight, quantized or searched as one."""
+    out = {}
+    for h, m in model.named_modules():
+        w = m._parameters.get("weight") if is_linear(m) and not is_hf_conv1d(m) else None
+        for e, em in embeddings.items():
+            if w is not None and w is em.weight:
+                out[e] = h
+    return out
 
 
 def _lm_heads(model: nn.Module, ctx: Context) -> set[str]:
