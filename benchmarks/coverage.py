@@ -787,6 +787,15 @@ def _in_order(rows: dict[str, dict[str, Any]], specs: list[str]) -> list[dict[st
 def _redo(rows: dict[str, dict[str, Any]], redo: str, columns: list[str]) -> list[str]:
     if not redo:
         return []
+    if redo == "uncompiled":  # rows with an applied cell that did not run torch.compile
+        return [
+            spec
+            for spec, r in rows.items()
+            if any(
+                c.get("status") == "applied" and "compile" not in c
+                for c in r.get("cells", {}).values()
+            )
+        ]
     if redo != "failed":
         return [s for s in redo.split(",") if s]
     return [
@@ -1127,7 +1136,12 @@ def main() -> None:
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per model")
     ap.add_argument("--fresh", action="store_true", help="ignore models already in the JSON")
     ap.add_argument("--jobs", type=int, default=1, help="models run at once (one thread each)")
-    ap.add_argument("--redo", default="", help="models to run again (comma-separated), or 'failed'")
+    ap.add_argument(
+        "--redo",
+        default="",
+        help="models to run again (comma-separated), 'failed', or 'uncompiled' (with --compile: "
+        "rows with an applied cell torch.compile has not run; a sweep in slices)",
+    )
     ap.add_argument("--one", default="", help=argparse.SUPPRESS)
     ap.add_argument("--rst", action="store_true", help="only write docs/coverage.rst")
     ap.add_argument(
