@@ -20,14 +20,22 @@ and the time it took to apply.
     python benchmarks/auto.py --quick    # 2 and 2
     python benchmarks/auto.py --latency 0.6   # a latency budget instead (see latency_budget)
     python benchmarks/auto.py --blocks-only   # the searches of the blocks alone
+    python benchmarks/auto.py --streamed      # the blocks' search from a checkpoint, streamed
+
+``--streamed`` saves the float model with ``save_pretrained`` and searches its blocks with
+``nnslim.compress_checkpoint(..., Auto(...))`` (one block in memory at a time; each layer's
+estimate from its block's output error, not the model's loss): the same budget and
+candidates as the in-memory blocks-only rows, which it prints beside.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import tempfile
 import time
 import warnings
+from pathlib import Path
 
 import torch
 from _common import print_table, write_json
@@ -114,6 +122,9 @@ def main() -> None:
     parser.add_argument(
         "--blocks-only", action="store_true", help="the rows that search the blocks alone"
     )
+    parser.add_argument(
+        "--streamed", action="store_true", help="the blocks' search from a checkpoint, streamed"
+    )
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
@@ -165,6 +176,9 @@ def main() -> None:
     )
     cands = ("int8", "int4-g64", "int4-g32", "palette-16", "palette-8")
     gptq_s = next(r["seconds"] for r in rows if r["variant"] == "uniform int4 g64 GPTQ")
+    if args.streamed:
+        streamed(args, base, rows, evals, calib, cands, int4, gptq_s, full)
+        return
     tables, searches, plans = {}, {}, {}
     for method in ("rtn", "gptq"):
         # with GPTQ the table measures the int candidates by GPTQ on each layer's Gram
@@ -269,6 +283,68 @@ def main() -> None:
     )
 
 
+def streamed(args, base, rows, evals, calib, cands, int4, gptq_s, full) -> None:
+    """The blocks searched from a checkpoint, one block in memory at a time."""
+    from transformers import AutoModelForCausalLM
+
+    with tempfile.TemporaryDirectory() as d:
+        src = Path(d) / "src"
+        # the GGUF-loaded model carries transformers' GGUF quantizer, which refuses to save:
+        # the same weights in a plain model of its class
+        config = copy.deepcopy(base.config)
+        config.__dict__.pop("quantization_config", None)
+        plain = type(base)(config)
+        plain.load_state_dict(base.state_dict())
+        plain.save_pretrained(src)
+        del plain
+        t0 = time.perf_counter()
+        auto = nnslim.Auto(target={"bytes": int4}, candidates=cands, method="gptq")
+        table = nnslim.checkpoint_table(src, auto, calib, progress=False)
+        search = time.perf_counter() - t0
+        print(
+            f"  streamed table: {len(table.options)} layers in {search:.0f} s "
+            f"({search / gptq_s:.2f}x one uniform GPTQ pass in memory)"
+        )
+        plans = {"gptq": table.allocate(int4), "gptq, no int4-g32": without(table, "int4-g32")}
+        plans["gptq, no int4-g32"] = plans["gptq, no int4-g32"].allocate(int4)
+        for key, plan in plans.items():
+            out = Path(d) / key.replace(",", "").replace(" ", "-")
+            t0 = time.perf_counter()
+            nnslim.compress_checkpoint(
+                src,
+                out,
+                nnslim.Auto(plan=plan, candidates=cands, method="gptq"),
+                calib,
+                progress=False,
+            )
+            seconds = time.perf_counter() - t0
+            with torch.device("meta"):
+                skeleton = AutoModelForCausalLM.from_config(base.config)
+            m = nnslim.load(out, skeleton).eval()
+            result = perplexity(m, evals)
+            size = nnslim.profile(m, calib[0], memory=False).param_bytes
+            name = "Auto streamed" + (", without int4-g32" if "no" in key else "") + " (gptq)"
+            rows.append(
+                {
+                    "budget": "int4 g64",
+                    "variant": name,
+                    "perplexity": result.value,
+                    "bytes_fraction": size / full,
+                    "predicted_fraction": table.cost_of(plan) / table.total,
+                    "seconds": seconds,
+                    "plan": f"{len(plan)} of {len(table.options)} layers changed",
+                }
+            )
+            print(f"  int4 g64 {name}: {result} bytes {size / full:.4f} ({seconds:.0f} s)")
+            del m
+    finish(
+        args,
+        rows,
+        evals,
+        {"streamed_table_seconds": search, "gptq_seconds": gptq_s, "plans": plans},
+    )
+
+
 def without(table: AutoTable, name: str) -> AutoTable:
     """``table`` with the candidate ``name`` removed from every layer's options."""
     return AutoTable(
@@ -303,7 +379,12 @@ def finish(args: argparse.Namespace, rows: list[dict], evals, extra: dict) -> No
         **extra,
         "front": [{k: v for k, v in p.items() if k != "plan"} for p in extra["front"]],
     }
-    name = "auto" + ("-blocks-only" if args.blocks_only else "") + ("-quick" if args.quick else "")
+    name = (
+        "auto"
+        + ("-blocks-only" if args.blocks_only else "")
+        + ("-streamed" if args.streamed else "")
+    )
+    name += "-quick" if args.quick else ""
     out = {"rows": rows, "windows": len(evals), "length": evals.length, **extra}
     print(f"wrote {write_json(name, out)}")
 

@@ -20,7 +20,7 @@ from .graph.trace import Graph, trace
 from .io import hf
 from .io.export import export
 from .io.save import load, save
-from .large import compress_checkpoint
+from .large import checkpoint_table, compress_checkpoint
 from .modules.masks import apply_masks
 from .profiling import Profile, profile, register_formula
 from .train import (
@@ -66,6 +66,7 @@ __all__ = [
     "Transform",
     "__version__",
     "apply_masks",
+    "checkpoint_table",
     "compress",
     "compress_checkpoint",
     "convert",

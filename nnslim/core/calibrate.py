@@ -68,6 +68,18 @@ def _reduce(stats: dict[str, LayerStats]) -> None:
             st.extra["rows"] = obj[0]
 
 
+def batch_count(n: int) -> int:
+    """The number of calibration batches over every process (``n`` on this one) while
+    statistics are summed across processes (:func:`reduce_across_processes`), else ``n``."""
+    if not _REDUCE[0]:
+        return n
+    import torch.distributed as dist
+
+    t = torch.tensor([n], dtype=torch.float64)
+    dist.all_reduce(t)
+    return int(t.item())
+
+
 @dataclass
 class LayerStats:
     """Statistics of one layer over the calibration data.

@@ -1,5 +1,5 @@
 """Large models: compress a checkpoint block by block, never holding the whole model."""
 
-from .stream import ShardedCheckpoint, compress_checkpoint
+from .stream import ShardedCheckpoint, checkpoint_table, compress_checkpoint
 
-__all__ = ["ShardedCheckpoint", "compress_checkpoint"]
+__all__ = ["ShardedCheckpoint", "checkpoint_table", "compress_checkpoint"]

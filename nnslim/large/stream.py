@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import gc
 import json
 import os
@@ -43,11 +44,12 @@ from ..base.modules import shared_parameters
 from ..base.snapshot import no_rollback
 from ..core.calibrate import inputs_of, reduce_across_processes
 from ..core.report import Report
-from ..core.transform import Transform
+from ..core.transform import Context, Transform
 from ..io.save import recompute_buffers
 from ..record.edits import RECORD_ATTR, describe, fingerprint
+from ..transforms.auto import Auto, AutoTable, plan_note
 
-__all__ = ["ShardedCheckpoint", "compress_checkpoint"]
+__all__ = ["ShardedCheckpoint", "checkpoint_table", "compress_checkpoint"]
 
 RECORD_FILE = "nnslim.json"
 INDEX = "model.safetensors.index.json"
@@ -235,39 +237,36 @@ def compress_checkpoint(
                 f"checkpoint compressed block by block sees one at a time. Give per-layer "
                 f"ratios (select={{name: ratio}}) or allocation='uniform'."
             )
+    auto = _auto_of(transform)
     if out.exists():
         raise ValueError(
             f"compress_checkpoint: {os.fspath(out)!r} exists; choose a new output directory."
         )
-    ckpt = ShardedCheckpoint.open(src)
-    config, model = _skeleton(src, model_class)
+    opened = _Opened.of(src, model_class, calibration)
+    ckpt, config, model = opened.ckpt, opened.config, opened.model
+    blocks_path, blocks, world, rank = opened.blocks_path, opened.blocks, opened.world, opened.rank
     base = fingerprint(describe(model))  # not the states: they would keep every module alive
-    blocks_path, blocks = _blocks(model)
-    rank, world = rank_world(backend="gloo")
-    mine = _batches_of_this_process(calibration, rank, world)
     report = Report(f"compress_checkpoint[{type(transform).__name__}]", transform.to_dict())
+    t_start = time.perf_counter()
+    plans: list[Transform] = [transform] * len(blocks)
+    if auto is not None:
+        plan = auto.plan
+        if plan is None:  # the search: every block measured first, then one global choice
+            table = _measure_blocks(auto, opened, progress)
+            plan = table.allocate(auto._target.fraction)
+            report.note(plan_note(auto, table, plan))
+        plans = _plans_per_block(auto, plan, blocks_path, len(blocks))
     tmp = temp_dir_beside(out)  # after removing what runs killed mid-write left (kill -9)
     writer = _Writer(tmp, shard_size_mb * 2**20)
     entries: list[dict[str, Any]] = []
-    t_start = time.perf_counter()
     try:
-        # everything outside the blocks: materialize (ties kept), run calibration up to block 0
-        ties = shared_parameters(model)
-        for p, m in model.named_modules():
-            if p == blocks_path or p.startswith(blocks_path + "."):
-                continue
-            _materialize_shallow(m, f"{p}." if p else "", ckpt)
-        _retie(ties, ckpt)
-        cached = inputs_of(model, blocks[0], mine)
-        # the embeddings (and the head) go back to meta while the blocks stream; they are read
-        # again at the end to be written, so only one of them is held at a time
-        model.to("meta")
+        cached = opened.block_inputs()
         bar = _progress_bar(progress, rank, len(blocks))
         per_block = []
         for i, block in enumerate(blocks):
             t0 = time.perf_counter()
             path = f"{blocks_path}.{i}"
-            step, done, cached = _compress_block(transform, block, path, cached, ckpt, world)
+            step, done, cached = _compress_block(plans[i], block, path, cached, ckpt, world)
             report.steps.append(step)
             entries += done
             if rank == 0:
@@ -280,7 +279,7 @@ def compress_checkpoint(
             bar.update(1)
         bar.close()
         if rank == 0:
-            aliases = _write_rest(model, blocks_path, ties, ckpt, writer)
+            aliases = _write_rest(model, blocks_path, opened.ties, ckpt, writer)
             record = {
                 "format": 1,
                 "base": base,
@@ -301,6 +300,201 @@ def compress_checkpoint(
         f"{sum(per_block) / len(per_block):.2f} s per block"
     )
     return report
+
+
+def checkpoint_table(
+    source: str | os.PathLike[str],
+    auto: Auto,
+    calibration: Iterable[Any],
+    *,
+    model_class: Any = None,
+    progress: bool | None = None,
+) -> AutoTable:
+    """:class:`~nnslim.Auto`'s table for a checkpoint larger than memory, measured block by
+    block: every block's layers with their candidates, costs and estimated losses, one block
+    in memory at a time. ``table.allocate(f)`` (or ``table.front()``) then gives plans for as
+    many budgets as you like without reading the checkpoint again; pass one as
+    ``Auto(plan=..., candidates=...)`` to :func:`compress_checkpoint`, which is what
+    ``compress_checkpoint(source, output, Auto(target=...), calibration)`` does in one call.
+
+    The estimate is Auto's K-FAC second-order change, with the loss a block sees: its output
+    matched to a Gaussian target drawn around itself (the Gauss-Newton diagonal, as for an
+    encoder's hidden state), so a layer's estimate is the squared change it makes to its
+    block's output, per element. Every block's output is the residual stream at the same
+    scale of error (an error added there reaches the final norm about unchanged), so the
+    estimates of different blocks add up and compare; what the LM head makes of a direction
+    of the stream is not seen (the in-memory :class:`~nnslim.Auto` sees it). Each block is
+    measured on the float model's inputs to it. Budgets in bytes only (MACs and latency need
+    the whole model's forward); the layers outside the blocks (embeddings, LM head) stay as
+    they are and count in the total.
+
+    Raises:
+        ValueError: a MACs or latency target; a checkpoint without a list of blocks; the
+        errors of :func:`compress_checkpoint`.
+    """
+    check = _auto_of(auto)
+    if check is None:
+        raise ValueError(
+            f"checkpoint_table: give an nnslim.Auto (its candidates, method and select), not "
+            f"{type(auto).__name__}."
+        )
+    opened = _Opened.of(Path(source), model_class, calibration)
+    return _measure_blocks(check, opened, progress)
+
+
+def _auto_of(transform: Transform) -> Auto | None:
+    """The Auto to stream, if ``transform`` is one (Auto inside a Compose is refused)."""
+    if isinstance(transform, Auto):
+        if transform.target is not None and transform._target.metric != "param_bytes":
+            raise ValueError(
+                "compress_checkpoint: a streamed Auto searches a bytes budget "
+                "(target={'bytes': f}); MACs and latency need the whole model's forward, "
+                "which a checkpoint larger than memory never runs."
+            )
+        return transform
+    if any(isinstance(t, Auto) for t in _leaves(transform)):
+        raise ValueError(
+            "compress_checkpoint: give Auto alone, not inside a Compose (its plan spans every "
+            "block; put the other transforms in a pass of their own)."
+        )
+    return None
+
+
+@dataclass
+class _Opened:
+    """A checkpoint opened for streaming: the meta skeleton, the layers outside the blocks
+    materialized, and this process's calibration batches."""
+
+    ckpt: ShardedCheckpoint
+    config: Any
+    model: nn.Module
+    blocks_path: str
+    blocks: nn.ModuleList
+    ties: list[list[tuple[nn.Module, str, str]]]
+    batches: list[Inputs]
+    rank: int
+    world: int
+
+    @classmethod
+    def of(cls, src: Path, model_class: Any, calibration: Iterable[Any]) -> _Opened:
+        ckpt = ShardedCheckpoint.open(src)
+        config, model = _skeleton(src, model_class)
+        blocks_path, blocks = _blocks(model)
+        rank, world = rank_world(backend="gloo")
+        mine = _batches_of_this_process(calibration, rank, world)
+        ties = shared_parameters(model)  # on the fresh skeleton, before any materialization
+        return cls(ckpt, config, model, blocks_path, blocks, ties, mine, rank, world)
+
+    def block_inputs(self) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
+        """Materialize everything outside the blocks (ties kept), run the calibration up to
+        block 0 and keep its inputs; the outside goes back to meta while the blocks stream
+        (it is read again to be written, one module at a time)."""
+        for p, m in self.model.named_modules():
+            if p == self.blocks_path or p.startswith(self.blocks_path + "."):
+                continue
+            _materialize_shallow(m, f"{p}." if p else "", self.ckpt)
+        _retie(self.ties, self.ckpt)
+        cached = inputs_of(self.model, self.blocks[0], self.batches)
+        self.model.to("meta")
+        return cached
+
+    def outside_bytes(self) -> float:
+        """The weight bytes outside the blocks, a tied tensor once (from the meta skeleton:
+        shapes and dtypes as the checkpoint will be materialized)."""
+        seen: set[int] = set()
+        total = 0
+        for p, m in self.model.named_modules():
+            if p == self.blocks_path or p.startswith(self.blocks_path + "."):
+                continue
+            for t in m._parameters.values():
+                if t is not None and id(t) not in seen:
+                    seen.add(id(t))
+                    total += t.numel() * t.element_size()
+        return float(total)
+
+
+class _BlockAtItsPath(nn.Module):
+    """One block under the module path it has in the model (so ``select``/``exclude`` and
+    the table's paths are the model's), returning its output as a hidden state (Auto's
+    calibration loss then takes the Gauss-Newton estimate of the block's output)."""
+
+    def __init__(self, path: str, block: nn.Module) -> None:
+        super().__init__()
+        head, _, last = path.rpartition(".")
+        holder: nn.Module = self
+        for part in head.split(".") if head else []:
+            child = nn.Module()
+            holder.add_module(part, child)
+            holder = child
+        holder.add_module(last, block)
+        self._block = [block]  # not a submodule twice
+
+    def forward(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        out = self._block[0](*args, **kwargs)
+        return {"last_hidden_state": out[0] if isinstance(out, (tuple, list)) else out}
+
+
+def _measure_blocks(auto: Auto, opened: _Opened, progress: bool | None) -> AutoTable:
+    """Pass one: every block read, its layers measured on the float model's inputs to it."""
+    table = AutoTable("bytes", opened.outside_bytes(), {}, {})
+    cached = opened.block_inputs()
+    bar = _progress_bar(progress, opened.rank, len(opened.blocks))
+    bar.set_description("measure blocks")
+    for i, block in enumerate(opened.blocks):
+        path = f"{opened.blocks_path}.{i}"
+        prefix = f"{path}."
+        for sub_path, sub in block.named_modules():
+            _materialize_shallow(sub, f"{prefix}{sub_path}." if sub_path else prefix, opened.ckpt)
+        batches = [Inputs(a, k) for a, k in cached]
+        held = _BlockAtItsPath(path, block)
+        with contextlib.ExitStack() as stack:
+            if opened.world > 1:
+                stack.enter_context(reduce_across_processes())
+            part = dataclasses.replace(auto, target={"bytes": 1.0}, plan=None).table(
+                held, ctx=Context(batches[0], batches)
+            )
+        table.total += part.total
+        table.options.update(part.options)
+        table.unavailable.update(part.unavailable)
+        table.left.update(part.left)
+        with torch.no_grad():
+            nxt = []
+            for a, k in cached:
+                o = block(*a, **k)
+                nxt.append(((o[0] if isinstance(o, (tuple, list)) else o, *a[1:]), k))
+        cached = nxt
+        del held, part
+        block.to("meta")
+        _release_memory()
+        bar.update(1)
+    bar.close()
+    for p, m in opened.model.named_modules():
+        if p and not (p == opened.blocks_path or p.startswith(opened.blocks_path + ".")):
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                table.left[p] = "outside the blocks: a streamed search changes the blocks' layers"
+    if not table.options:
+        raise ValueError(
+            "checkpoint_table: no layer of the blocks to choose a setting for after select/exclude."
+        )
+    return table
+
+
+def _plans_per_block(auto: Auto, plan: dict[str, str], blocks_path: str, n: int) -> list[Any]:
+    """Auto with each block's part of ``plan`` (paths relative to the block)."""
+    parts: list[dict[str, str]] = [{} for _ in range(n)]
+    outside = []
+    for p, name in plan.items():
+        head = p[len(blocks_path) + 1 :].split(".", 1) if p.startswith(blocks_path + ".") else []
+        if len(head) == 2 and head[0].isdigit() and int(head[0]) < n:
+            parts[int(head[0])][head[1]] = name
+        else:
+            outside.append(p)
+    if outside:
+        raise ValueError(
+            f"compress_checkpoint: Auto(plan=...) names {sorted(outside)[:3]}, outside the "
+            f"blocks ({blocks_path}.N); a streamed plan changes the blocks' layers only."
+        )
+    return [dataclasses.replace(auto, target=None, plan=part) for part in parts]
 
 
 def _leaves(transform: Transform) -> list[Transform]:

@@ -26,6 +26,7 @@ layout (transposed, strided, 3-D/4-D) are made what the kernels need.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Literal, get_args
 
 import torch
@@ -174,6 +175,30 @@ def _set_int4_codes(
     m.mins = minimum.to(m.mins.dtype).to(device)
 
 
+#: ``id(old tensor) -> (old, fn, new)``, weak references, for the buffers converted by a
+#: running ``_apply``: see :meth:`_DtypeTracking._apply`
+_CONVERTED: dict[int, tuple[Any, Any, Any]] = {}
+
+
+def _keep_shared(m: nn.Module, before: dict[str, torch.Tensor], fn: Any) -> None:
+    for k in [k for k, refs in _CONVERTED.items() if any(r() is None for r in refs)]:
+        del _CONVERTED[k]  # the conversion is over, or a tensor gone
+    for name, old in before.items():
+        new = m._buffers.get(name)
+        if new is None or new is old:
+            continue
+        seen = _CONVERTED.get(id(old))
+        first = seen[2]() if seen is not None else None
+        if first is not None and seen[0]() is old and seen[1]() is fn:
+            if (first.device, first.dtype, first.shape) == (new.device, new.dtype, new.shape):
+                m._buffers[name] = first
+            continue
+        try:
+            _CONVERTED[id(old)] = (weakref.ref(old), weakref.ref(fn), weakref.ref(new))
+        except TypeError:  # a conversion that cannot be weakly referenced: nothing shared
+            pass
+
+
 class _DtypeTracking(nn.Module):
     """Remembers the float dtype the layer computes in (the original weight's), and follows
     ``.to(dtype)``/``.half()``/``.float()`` like an ``nn.Linear``'s weight would."""
@@ -196,6 +221,20 @@ class _DtypeTracking(nn.Module):
     _format_buffers: tuple[str, ...] = ("scale", "scales", "mins", "smooth")
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        """Cast or move the layer (see ``_format_buffers``); buffers it shares with another
+        layer (a tied embedding and LM head) stay shared.
+
+        ``model.to(device)`` converts each module's buffers on its own (torch keeps shared
+        *parameters* shared across a move, not buffers), so two layers holding one tensor
+        would end up with two copies. The first layer converted notes its new tensor against
+        the old one for this conversion (``fn``); the second, finding its old tensor noted,
+        takes that new tensor instead of its own copy."""
+        before = {n: b for n, b in self._buffers.items() if b is not None}
+        out = self._convert(fn, recurse)
+        _keep_shared(self, before, fn)
+        return out
+
+    def _convert(self, fn: Any, recurse: bool) -> Any:
         probe = fn(torch.empty(0, dtype=self._weight_dtype()))
         if isinstance(probe, torch.Tensor) and probe.is_floating_point():
             self.float_dtype = str(probe.dtype).removeprefix("torch.")

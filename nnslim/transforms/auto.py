@@ -67,7 +67,7 @@ from torch import nn
 from ..base.inputs import as_inputs, calibration_batches, first_tensor
 from ..base.modules import is_conv2d, is_linear, linear_weight, unreplaceable
 from ..base.validate import check_choice
-from ..core.calibrate import LayerStats, collect
+from ..core.calibrate import LayerStats, batch_count, collect
 from ..core.report import Report
 from ..core.target import Target
 from ..core.transform import Compose, Context, Transform
@@ -222,22 +222,8 @@ class Auto(Transform):
 
     def _search(self, model: nn.Module, ctx: Context, report: Report) -> dict[str, str]:
         table = self.table(model, ctx=ctx, report=report)
-        fraction = self._target.fraction
-        choice = table.allocate(fraction)
-        predicted, loss = table.cost_of(choice), table.loss_of(choice)
-        counts: dict[str, int] = {}
-        for name in choice.values():
-            counts[name] = counts.get(name, 0) + 1
-        kept = len(table.options) - len(choice)
-        if kept:
-            counts = {"keep": kept, **counts}
-        report.note(
-            f"Auto: {', '.join(f'{n} {k}' for k, n in counts.items())} of "
-            f"{len(table.options)} layers; predicted {predicted / table.total:.4f} of the "
-            f"{table.metric_name} (budget {fraction:g}), estimated loss increase {loss:.4g} "
-            f"(K-FAC second order; quantization candidates measured "
-            f"{'by GPTQ' if self.method == 'gptq' else 'by rounding to nearest'})"
-        )
+        choice = table.allocate(self._target.fraction)
+        report.note(plan_note(self, table, choice))
         return choice
 
     def table(
@@ -320,6 +306,24 @@ class Auto(Transform):
                 del chosen[p]
                 report.skipped(p, "LM head stays in float (select it by name to include it)")
         return {p: named[p] for p in chosen}
+
+
+def plan_note(auto: Auto, table: AutoTable, choice: dict[str, str]) -> str:
+    """The report's line for a plan: layers per setting, predicted cost and loss."""
+    fraction = auto._target.fraction
+    counts: dict[str, int] = {}
+    for name in choice.values():
+        counts[name] = counts.get(name, 0) + 1
+    kept = len(table.options) - len(choice)
+    if kept:
+        counts = {"keep": kept, **counts}
+    return (
+        f"Auto: {', '.join(f'{n} {k}' for k, n in counts.items())} of "
+        f"{len(table.options)} layers; predicted {table.cost_of(choice) / table.total:.4f} of "
+        f"the {table.metric_name} (budget {fraction:g}), estimated loss increase "
+        f"{table.loss_of(choice):.4g} (K-FAC second order; quantization candidates measured "
+        f"{'by GPTQ' if auto.method == 'gptq' else 'by rounding to nearest'})"
+    )
 
 
 _TABLES: weakref.WeakKeyDictionary[nn.Module, tuple[Any, AutoTable]] = weakref.WeakKeyDictionary()
@@ -448,6 +452,7 @@ def _measure(
     ties = tied_heads(model, {p: m for p, m in layers.items() if isinstance(m, nn.Embedding)})
     watched = {**layers, **{h: named[h] for h in ties.values()}}
     stats = collect(model, batches, watched, gram=True, out_grads=True)
+    n_batches = batch_count(len(batches))  # every process's, where statistics are summed
     inputs = ctx.inputs if ctx.inputs is not None else batches[0]
     timed = metric == "latency_ms"
     whole = profile(model, inputs, memory=False)
@@ -472,7 +477,7 @@ def _measure(
             )
         # the loss is a mean over each batch's rows: summed squared output gradients over B
         # batches, / B^2, weight the summed input Gram
-        f = fisher.float() / len(batches) ** 2
+        f = fisher.float() / n_batches**2
         # an embedding's inputs are one-hot: its Gram is the diagonal of token counts
         gram = st.extra["counts"].float() if embedding else st.gram.float()
         if _conv(m):  # the Gram summed over input positions, counted per output position
@@ -507,7 +512,7 @@ def _measure(
             elif embedding:  # rows (vocab, dim): the weight is the transpose of a Linear's
                 loss = 0.5 * float((gram @ d.pow(2)) @ f)
                 if head is not None:  # the tied head changes by the same rows
-                    fh = head.extra["out_grad_sq"].float() / len(batches) ** 2
+                    fh = head.extra["out_grad_sq"].float() / n_batches**2
                     loss += 0.5 * float(((d @ head.gram.float()) * d).sum(1) @ fh)
             else:
                 loss = 0.5 * float(((d @ gram) * d).sum(1) @ f)

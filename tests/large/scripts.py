@@ -7,20 +7,19 @@ import torch
 import nnslim
 
 
-def main(src: str, out: str) -> None:
+def main(src: str, out: str, what: str = "gptq") -> None:
     torch.set_num_threads(1)
     calib = [
         {"input_ids": torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(s))}
         for s in range(4)
     ]
-    nnslim.compress_checkpoint(
-        src,
-        out,
-        nnslim.Quantize(scheme="int4", group_size=32, method="gptq"),
-        calib,
-        progress=False,
+    transform = (
+        nnslim.Quantize(scheme="int4", group_size=32, method="gptq")
+        if what == "gptq"
+        else nnslim.Auto(target={"bytes": 0.45}, candidates=("int8", "int4-g64", "int4-g32"))
     )
+    nnslim.compress_checkpoint(src, out, transform, calib, progress=False)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])

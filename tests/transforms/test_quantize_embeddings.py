@@ -88,6 +88,30 @@ def test_a_tied_head_and_embedding_keep_one_copy(tmp_path, scheme, cls, select):
     assert back.emb(IDS).dtype == torch.float16
 
 
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("order", ["emb first", "head first"])
+def test_a_move_keeps_the_tied_pair_one_copy(scheme, order):
+    """``.to(device)`` converts each module's buffers on its own; whichever of the pair is
+    converted first, they end as one tensor per buffer (meta stands in for a GPU here; a
+    module holding the head before the embedding converts the head first)."""
+    m = TinyLM()
+    nnslim.Quantize(scheme=scheme, group_size=32, select=["emb"]).apply(m, IDS)
+    if order == "head first":  # the head's place in the module tree before the embedding's
+        m = nn.Sequential(m.head, m.emb)
+        emb, head = m[1], m[0]
+    else:
+        emb, head = m.emb, m.head
+    m.to("meta")
+    names = [n for n in emb._shared_buffers if emb._buffers.get(n) is not None]
+    assert names
+    for n in names:
+        assert emb._buffers[n].device.type == "meta"
+        assert emb._buffers[n] is head._buffers[n], n
+    m.to_empty(device="cpu")  # and back (the values are gone; the tie is what is checked)
+    for n in names:
+        assert emb._buffers[n] is head._buffers[n], n
+
+
 def test_gptq_on_a_tied_head_is_what_the_embedding_reads():
     m = TinyLM()
     calib = [torch.randint(0, 100, (4, 16)) for _ in range(4)]
