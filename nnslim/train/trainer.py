@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import copy
 import gc
 import itertools
@@ -171,6 +172,13 @@ class TrainOptions:
         patience: stop after this many evaluations without improvement (``None``: never).
         checkpoint_every: checkpoint every this many optimizer steps (with ``checkpoint_dir``).
         verbose: progress bar; ``None`` shows it only on a terminal.
+        diverge: stop a run whose loss diverges: checked every 10 optimizer steps from step
+            20, when the mean loss of the last 10 steps is above ``diverge`` times the mean of
+            the first 10, ``fit`` puts back the weights the model had before it and raises a
+            ``ValueError`` (a loss that is not finite stops it at once, as before). It keeps a
+            CPU copy of the model's state for that; ``None`` turns the check and the copy off
+            (a loss meant to rise, or a model whose copy does not fit). A run whose first
+            losses are not positive is not checked.
         strategy: ``"ddp"`` or ``"fsdp"`` under ``torchrun``. Each process trains on one of
             each group of ``WORLD_SIZE`` consecutive batches (a last, smaller group is
             skipped), so one step sees the global batch; from a ``DataLoader`` over a
@@ -195,6 +203,7 @@ class TrainOptions:
     checkpoint_every: int = 100
     verbose: bool | None = None
     strategy: Literal["ddp", "fsdp"] = "ddp"
+    diverge: float | None = 10.0
 
     def __post_init__(self) -> None:
         check_choice("TrainOptions", "precision", self.precision, ("fp32", "bf16"))
@@ -216,6 +225,17 @@ class TrainOptions:
             check_int("TrainOptions", "patience", self.patience, low=0)
         if self.verbose is not None:
             check_type("TrainOptions", "verbose", self.verbose, bool)
+        if self.diverge is not None:
+            check_fraction(
+                "TrainOptions",
+                "diverge",
+                self.diverge,
+                low=1.0,
+                high=float("inf"),
+                low_inclusive=False,
+                hint="It is how many times its first losses the loss may grow to; None turns "
+                "the check off.",
+            )
 
 
 @dataclass
@@ -581,8 +601,15 @@ class Trainer:
                 f"cannot be: {record['unsaveable']}. Register the module classes with "
                 f"nnslim.register_class, or train without checkpoint_dir."
             )
+        # the weights to put back if the loss diverges (on the CPU: not the device's memory)
+        before = (
+            {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            if o.diverge is not None
+            else None
+        )
         net = dist.wrap(model)
         trained = net if dist.sharded else model  # FSDP trains a sharded copy
+        diverged = False
         try:
             return self._fit(
                 trained,
@@ -594,8 +621,13 @@ class Trainer:
                 _Checkpoints(checkpoint_dir, record),
                 resume,
             )
+        except _Diverged:
+            diverged = True
+            raise
         finally:
             dist.unwrap(model, net)
+            if diverged and before is not None:
+                model.load_state_dict(before)
             if dist.sharded:
                 # FSDP's copy lives in reference cycles (module <-> hooks <-> state) holding
                 # its shards and the group's work handles: free them now, not at the next
@@ -645,6 +677,7 @@ class Trainer:
         evaluation = _Evaluation(self, model, state) if self.evaluate is not None else None
         saving = _Saving(ckpts, dist, model, opt, sched) if ckpts.directory is not None else None
         batches = _Batches(data, dist)
+        divergence = _Divergence(self.options.diverge, state.history)
         # where a checkpoint written at the end resumes: after the last epoch, or (stopped by
         # max_steps) at the batch after the last step, with the RNG state of that moment
         end: tuple[int, int, Any, Any] | None = None
@@ -678,6 +711,7 @@ class Trainer:
                     if micro % self.options.accumulate:
                         continue
                     self._step(model, params, opt, sched, dist, loss, state, ckpts.directory)
+                    divergence.check(state.history[-1]["loss"], dist, ckpts.directory)
                     post = {"loss": f"{float(loss.detach()):.4g}"}
                     if evaluation is not None and evaluation.due(state.step):
                         done = evaluation.run(result)
@@ -1289,3 +1323,52 @@ def _nonfinite_grads(model: nn.Module) -> str:
     if not bad:
         return "on another process"
     return "in " + ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+
+
+class _Diverged(ValueError):
+    """The loss diverged (see ``TrainOptions.diverge``)."""
+
+
+class _Divergence:
+    """The loss of the first ``WINDOW`` steps against the last ``WINDOW``'s."""
+
+    WINDOW = 10
+
+    def __init__(self, factor: float | None, history: list[dict[str, float]]) -> None:
+        self.factor = factor
+        self.first: list[float] = []
+        self.last: collections.deque[float] = collections.deque(maxlen=self.WINDOW)
+        self.steps = 0
+        for h in history:  # a resumed run: the losses before it
+            if "loss" in h:
+                self._add(h["loss"])
+
+    def _add(self, loss: float) -> None:
+        if len(self.first) < self.WINDOW:
+            self.first.append(loss)
+        self.last.append(loss)
+        self.steps += 1
+
+    def check(self, loss: float, dist: Any, directory: Any) -> None:
+        self._add(loss)
+        w = self.WINDOW
+        if self.factor is None or self.steps < 2 * w or self.steps % w:
+            return
+        a, b = sum(self.first) / w, sum(self.last) / w
+        ok = not (a > 0 and b > self.factor * a)
+        if dist.all_true(ok):
+            return
+        raise _Diverged(
+            f"Trainer: the loss diverged: its mean over steps {self.steps - w + 1}-{self.steps} "
+            f"is {b:.4g}, {b / a:.3g}x its mean over the first {w} steps ({a:.4g}) (on "
+            f"this process or another); stopped, and the model's weights from before fit() "
+            f"were put back"
+            + (
+                f" (checkpoints this run wrote, the last ones after the rise, are in {directory})"
+                if directory
+                else ""
+            )
+            + ". Lower the learning rate or clip the "
+            "gradients (TrainOptions(clip_grad_norm=...)); TrainOptions(diverge=None) turns "
+            "this check off."
+        )

@@ -295,6 +295,45 @@ def test_nan_loss_stops_with_clear_error_and_keeps_weights():
     assert torch.equal(model.weight, good)
 
 
+def _oscillating():
+    """``w * 1`` fitted to 0 by SGD at lr 1.25: ``w <- w (1 - 2 lr) = -1.5 w``, so the loss
+    ``w^2`` grows 2.25x a step and stays finite for dozens of steps."""
+    model = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    data = [(torch.ones(1, 1), torch.zeros(1, 1))] * 30
+    return model, data
+
+
+def test_a_diverging_loss_stops_and_puts_the_weights_back(tmp_path):
+    model, data = _oscillating()
+    sgd = nnslim.Trainer(optimizer=torch.optim.SGD, lr=1.25, options=QUIET)
+    with pytest.raises(ValueError, match=r"the loss diverged: its mean over steps 11-20 is") as e:
+        sgd.fit(model, data, checkpoint_dir=tmp_path / "ck")
+    assert "weights from before fit() were put back" in str(e.value)
+    assert "TrainOptions(diverge=None)" in str(e.value) and str(tmp_path / "ck") in str(e.value)
+    assert float(model.weight.detach()) == 1.0  # exactly as before
+    # the check off: the same run goes on to the end (the loss is finite throughout)
+    off = nnslim.Trainer(
+        optimizer=torch.optim.SGD,
+        lr=1.25,
+        options=nnslim.TrainOptions(verbose=False, diverge=None),
+    )
+    model, data = _oscillating()
+    result = off.fit(model, data)
+    assert result.steps == 30 and result.losses[-1] > 1e9
+    # a loss that falls (factor -0.1 a step) runs to the end
+    model, data = _oscillating()
+    calm = nnslim.Trainer(optimizer=torch.optim.SGD, lr=0.45, options=QUIET)
+    assert calm.fit(model, data).steps == 30
+
+
+@pytest.mark.parametrize("bad", [1.0, 0.5, -2, float("nan")])
+def test_diverge_option_is_checked(bad):
+    with pytest.raises(ValueError, match=r"TrainOptions\(diverge=...\)|diverge"):
+        nnslim.TrainOptions(diverge=bad)
+
+
 class NaNGradient(nn.Module):
     """A finite loss whose gradient is NaN from step ``after`` on: sqrt at 0 has an infinite
     derivative, times the zero in front of it."""
