@@ -108,7 +108,15 @@ class FactorizedConv2d(nn.Module):
     def _spatial(self, attr: str) -> tuple[int, int]:
         if self.kind == "tucker":
             return tuple(getattr(self.layers[1], attr))  # type: ignore[return-value]
-        return (getattr(self.layers[0], attr)[0], getattr(self.layers[1], attr)[1])
+        a, b = getattr(self.layers[0], attr), getattr(self.layers[1], attr)
+        if self.kernel_size == (1, 1) and attr != "dilation":
+            # two 1x1 convolutions (a pointwise layer's SVD): on each axis one of the two
+            # strides and pads (the first on both, or, as the spatial split of any kernel
+            # does, the first vertically and the second horizontally)
+            if attr == "stride":
+                return (a[0] * b[0], a[1] * b[1])
+            return (a[0] + b[0], a[1] + b[1])
+        return (a[0], b[1])
 
     @property
     def stride(self) -> tuple[int, int]:

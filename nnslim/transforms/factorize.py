@@ -228,7 +228,7 @@ class Factorize(Transform):
         now: dict[str, tuple[int, ...]] = {}
         for p in list(chosen):
             m = named[p]
-            if isinstance(m, FactorizedConv2d) and m.kind != self.conv:
+            if isinstance(m, FactorizedConv2d) and m.kind != self._kind(m):
                 del chosen[p]
                 report.skipped(
                     p, f"factorized as {m.kind!r}; Factorize(conv={self.conv!r}) leaves it so"
@@ -246,12 +246,6 @@ class Factorize(Transform):
             if is_conv2d(m) and m.groups != 1:
                 del chosen[p]
                 report.skipped(p, f"grouped convolution (groups={m.groups}) is already factorized")
-            elif is_conv2d(m) and self.conv == "tucker" and m.kernel_size == (1, 1):
-                del chosen[p]
-                report.skipped(
-                    p,
-                    "1x1 convolution: a Tucker-2 chain would not be smaller (use a rank on it as a Linear)",
-                )
             elif not all_finite(m.weight):
                 raise ValueError(f"Factorize: module {p} ({shape_of(m)}) has NaN or Inf weights.")
         if not chosen:
@@ -411,7 +405,7 @@ class Factorize(Transform):
         for p, m in convs.items():
             gram = stats[p].gram if p in stats else None
             entries.append(
-                _conv_entry(p, m, gram, spatial.get(p, (1, 1, 1, 1)), metric, self.conv, now)
+                _conv_entry(p, m, gram, spatial.get(p, (1, 1, 1, 1)), metric, self._kind(m), now)
             )
         selected_full = sum(e[3] for e in entries)
         budget = target.goal(total) - (total - selected_full)
@@ -520,13 +514,14 @@ class Factorize(Transform):
             return
         w = m.weight.detach().float()
         o, i = w.shape[:2]
-        split = (self._spatial if self.conv == "spatial" else self._tucker)(
+        kind = self._kind(m)
+        split = (self._spatial if kind == "spatial" else self._tucker)(
             report, p, m, w, fixed, sizes, now
         )
         if split is None:
             return
         layers, ranks, approx = split
-        new = FactorizedConv2d(layers, self.conv, i, o, ranks).to(
+        new = FactorizedConv2d(layers, kind, i, o, ranks).to(
             device=m.weight.device, dtype=m.weight.dtype
         )
         err = float((approx - w).norm() / w.norm().clamp_min(1e-30))
@@ -543,6 +538,13 @@ class Factorize(Transform):
             weight_error=round(err, 4),
         )
         replace_module(model, p, new)
+
+    def _kind(self, m: nn.Module) -> str:
+        """How ``m`` (a convolution, or a factorized one) is split: ``self.conv``, except that
+        a 1x1 convolution is a matrix over channels, whose best split at any rank is its SVD:
+        two 1x1 convolutions, what the spatial split is for a 1x1 kernel (a Tucker-2 chain
+        around it would add a third layer and save nothing)."""
+        return "spatial" if tuple(m.kernel_size) == (1, 1) else self.conv
 
     def _spatial(
         self,
@@ -564,8 +566,10 @@ class Factorize(Transform):
         if now is not None and r >= now[0]:
             report.skipped(p, f"already factorized at rank {now[0]} (asked {r})")
             return None
-        # k x 1 conv at (hout, win) then 1 x k at (hout, wout)
-        cost = r * i * kh * hout * win + o * r * kw * hout * wout
+        # k x 1 conv at (hout, win) then 1 x k at (hout, wout); a 1x1 kernel's first factor
+        # takes the whole stride and padding (the second then runs at the output's size)
+        point = (kh, kw) == (1, 1)
+        cost = r * i * kh * hout * (wout if point else win) + o * r * kw * hout * wout
         if (cost >= dense_macs and sizes is not None) or r * (i * kh + o * kw) >= o * i * kh * kw:
             report.skipped(p, f"rank {r}: the spatial split would cost as much as the convolution")
             return None
@@ -574,8 +578,8 @@ class Factorize(Transform):
             i,
             r,
             (kh, 1),
-            stride=(m.stride[0], 1),
-            padding=(m.padding[0], 0),
+            stride=m.stride if point else (m.stride[0], 1),
+            padding=m.padding if point else (m.padding[0], 0),
             dilation=(m.dilation[0], 1),
             bias=False,
         )
@@ -583,8 +587,8 @@ class Factorize(Transform):
             r,
             o,
             (1, kw),
-            stride=(1, m.stride[1]),
-            padding=(0, m.padding[1]),
+            stride=1 if point else (1, m.stride[1]),
+            padding=0 if point else (0, m.padding[1]),
             dilation=(1, m.dilation[1]),
             bias=m.bias is not None,
         )
@@ -847,6 +851,8 @@ def _conv_entry(
     hin, win, hout, wout = spatial
     o, i, kh, kw = m.weight.shape
     a_in, a_out, a_mid = (hin * win, hout * wout, hout * win) if metric == "macs" else (1, 1, 1)
+    if (kh, kw) == (1, 1):  # a pointwise layer's first factor strides to the output's size
+        a_mid = a_out
     w = m.weight.detach().float()
     if gram is not None:  # whitened over input channels, like a Linear's input
         w = torch.einsum("oihw,ij->ojhw", w, _whitening(gram)[0].float())

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from hypothesis import given
@@ -147,16 +149,49 @@ def test_tucker_and_spatial_conv():
         assert report.after.params < report.before.params and report.after.macs < report.before.macs
 
 
-def test_grouped_and_pointwise_convs_are_skipped():
+def test_grouped_convs_are_skipped():
     m = nn.Sequential(
         nn.Conv2d(8, 8, 3, groups=4, padding=1),
         nn.Conv2d(8, 16, 1),
         nn.Flatten(),
         nn.Linear(16 * 36, 4),
     )
-    report = nnslim.Factorize(ratio=0.5, select=["0", "1", "3"]).apply(m, torch.randn(1, 8, 6, 6))
+    report = nnslim.Factorize(ratio=0.5, select=["0", "3"]).apply(m, torch.randn(1, 8, 6, 6))
     skips = dict((s.path, s.reason) for s in report.skips)
-    assert "grouped convolution" in skips["0"] and "1x1 convolution" in skips["1"]
+    assert "grouped convolution" in skips["0"]
+
+
+@pytest.mark.parametrize("conv", ["tucker", "spatial"])
+def test_a_pointwise_conv_is_its_channel_svd(conv):
+    """A 1x1 convolution (stride 2 and padding kept, bias on the last factor) becomes two 1x1
+    convolutions, the truncated SVD of its (out, in) matrix: the weight error is exactly the
+    dropped singular values' share (Eckart-Young), and a weight of rank 8 at rank 8 gives the
+    layer's output. A second, lower ratio truncates the chain further (compress's steps)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(24, 32, 1, stride=2, padding=1), nn.ReLU())
+    x = torch.randn(2, 24, 9, 9)
+    w = m[0].weight.detach()[:, :, 0, 0].clone()
+    ref = m(x)
+    low = copy.deepcopy(m)
+    with torch.no_grad():
+        low[0].weight.copy_((torch.randn(32, 8) @ torch.randn(8, 24))[:, :, None, None] / 8)
+    want_low = low(x)
+    nnslim.Factorize(rank=8, select=["0"]).apply(low, x)
+    assert isinstance(low[0], FactorizedConv2d) and low[0].kind == "spatial"
+    torch.testing.assert_close(low(x), want_low, rtol=1e-4, atol=1e-5)
+    report = nnslim.Factorize(ratio=0.5, conv=conv).apply(m, x)
+    r = int(0.5 * 24 * 32 / (24 + 32))
+    f = m[0]
+    assert isinstance(f, FactorizedConv2d) and f.ranks == (r,)
+    assert [tuple(c.weight.shape) for c in f.layers] == [(r, 24, 1, 1), (32, r, 1, 1)]
+    assert f.layers[0].stride == (2, 2) and f.layers[0].padding == (1, 1)
+    sv = torch.linalg.svdvals(w.double())
+    want = float(sv[r:].pow(2).sum().sqrt() / sv.pow(2).sum().sqrt())
+    assert report.changes[0].details["weight_error"] == pytest.approx(want, abs=1e-4)
+    assert float((f.weight[:, :, 0, 0] - w).norm() / w.norm()) == pytest.approx(want, rel=1e-4)
+    nnslim.Factorize(ratio=0.5, conv=conv).apply(m, x)
+    assert m[0].ranks == (r // 2,)
+    assert m(x).shape == ref.shape
 
 
 @pytest.mark.parametrize(
