@@ -22,10 +22,10 @@ and the time it took to apply.
     python benchmarks/auto.py --blocks-only   # the searches of the blocks alone
     python benchmarks/auto.py --streamed      # the blocks' search from a checkpoint, streamed
 
-``--streamed`` saves the float model with ``save_pretrained`` and searches its blocks with
-``nnslim.compress_checkpoint(..., Auto(...))`` (one block in memory at a time; each layer's
-estimate from its block's output error, not the model's loss): the same budget and
-candidates as the in-memory blocks-only rows, which it prints beside.
+``--streamed`` saves the float model with ``save_pretrained`` and searches its blocks from that
+checkpoint with ``nnslim.checkpoint_table`` and ``nnslim.compress_checkpoint(...,
+Auto(plan=...))`` (one block in memory at a time): the same budget and candidates as the
+in-memory blocks-only rows (labelled calibration batches: the model's own loss).
 """
 
 from __future__ import annotations
@@ -299,7 +299,8 @@ def streamed(args, base, rows, evals, calib, cands, int4, gptq_s, full) -> None:
         del plain
         t0 = time.perf_counter()
         auto = nnslim.Auto(target={"bytes": int4}, candidates=cands, method="gptq")
-        table = nnslim.checkpoint_table(src, auto, calib, progress=False)
+        labelled = [{"input_ids": b["input_ids"], "labels": b["input_ids"]} for b in calib]
+        table = nnslim.checkpoint_table(src, auto, labelled, progress=False)
         search = time.perf_counter() - t0
         print(
             f"  streamed table: {len(table.options)} layers in {search:.0f} s "

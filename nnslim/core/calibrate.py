@@ -238,6 +238,38 @@ def collect(
     return stats
 
 
+def collect_backward(
+    block: nn.Module,
+    inputs: list[tuple[tuple[Any, ...], dict[str, Any]]],
+    layers: dict[str, nn.Module],
+    out_grads: list[torch.Tensor],
+) -> tuple[dict[str, LayerStats], list[torch.Tensor]]:
+    """:func:`collect` (``gram=True, out_grads=True``) for the layers of one block of a model,
+    given the loss's gradient at the block's output: the block runs on each batch's inputs
+    (``args[0]`` its hidden state), the given gradient flows back through it, and the layers'
+    input Grams and squared output gradients are what :func:`collect` would gather in the
+    whole model for the same loss. Returns them, and the gradient at the block's input (the
+    previous block's output gradient): a model streamed block by block, backwards.
+    """
+    stats = {p: LayerStats() for p in layers}
+    handles = [_stat_hook(m, stats[p], False, True, 0) for p, m in layers.items()]
+    handles += [_out_grad_hook(m, stats[p]) for p, m in layers.items()]
+    back: list[torch.Tensor] = []
+    try:
+        with preserved_state(block), torch.enable_grad():
+            for (args, kwargs), g in zip(inputs, out_grads, strict=True):
+                x = args[0].detach().requires_grad_(True)
+                out = block(x, *args[1:], **kwargs)
+                y = out[0] if isinstance(out, (tuple, list)) else out
+                (gx,) = torch.autograd.grad(y, [x], grad_outputs=g.to(y.dtype))
+                back.append(gx.detach())
+    finally:
+        for h in handles:
+            h.remove()
+    _reduce(stats)
+    return stats, back
+
+
 def _out_grad_hook(m: nn.Module, st: LayerStats) -> Any:
     """Accumulate ``sum over rows of (dL/dy)^2`` per output channel of ``m`` in
     ``st.extra["out_grad_sq"]`` (rows: tokens, or positions of a convolution), and the rows

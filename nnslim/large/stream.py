@@ -27,6 +27,7 @@ import gc
 import json
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -41,13 +42,19 @@ from ..base.blocks import layer_stack
 from ..base.distributed import rank_world
 from ..base.inputs import Inputs, as_inputs
 from ..base.modules import shared_parameters
-from ..base.snapshot import no_rollback
-from ..core.calibrate import inputs_of, reduce_across_processes
+from ..base.snapshot import no_rollback, preserved_state
+from ..core.calibrate import (
+    calibration_loss,
+    call_batch,
+    collect_backward,
+    inputs_of,
+    reduce_across_processes,
+)
 from ..core.report import Report
 from ..core.transform import Context, Transform
 from ..io.save import recompute_buffers
 from ..record.edits import RECORD_ATTR, describe, fingerprint
-from ..transforms.auto import Auto, AutoTable, plan_note
+from ..transforms.auto import Auto, AutoTable, _measure, plan_note
 
 __all__ = ["ShardedCheckpoint", "checkpoint_table", "compress_checkpoint"]
 
@@ -317,16 +324,15 @@ def checkpoint_table(
     ``Auto(plan=..., candidates=...)`` to :func:`compress_checkpoint`, which is what
     ``compress_checkpoint(source, output, Auto(target=...), calibration)`` does in one call.
 
-    The estimate is Auto's K-FAC second-order change, with the loss a block sees: its output
-    matched to a Gaussian target drawn around itself (the Gauss-Newton diagonal, as for an
-    encoder's hidden state), so a layer's estimate is the squared change it makes to its
-    block's output, per element. Every block's output is the residual stream at the same
-    scale of error (an error added there reaches the final norm about unchanged), so the
-    estimates of different blocks add up and compare; what the LM head makes of a direction
-    of the stream is not seen (the in-memory :class:`~nnslim.Auto` sees it). Each block is
-    measured on the float model's inputs to it. Budgets in bytes only (MACs and latency need
-    the whole model's forward); the layers outside the blocks (embeddings, LM head) stay as
-    they are and count in the total.
+    The estimates are the in-memory search's (K-FAC, the model's own calibration loss; tested
+    equal): a forward pass over the blocks keeps each block's inputs (in a temporary directory,
+    ``TMPDIR``: one block's calibration activations per block), the model's tail (final norm,
+    head, loss) gives the loss's gradient at the last block's output, and a backward pass over
+    the blocks in reverse runs each block again on its inputs, the gradient flowing back
+    through it, gathering its layers' statistics. Each block is read twice (three times with
+    :func:`compress_checkpoint`, which then applies the plan). Budgets in bytes only (MACs and
+    latency need the whole model's forward); the layers outside the blocks (embeddings, LM
+    head) stay as they are and count in the total.
 
     Raises:
         ValueError: a MACs or latency target; a checkpoint without a list of blocks; the
@@ -385,18 +391,29 @@ class _Opened:
         ties = shared_parameters(model)  # on the fresh skeleton, before any materialization
         return cls(ckpt, config, model, blocks_path, blocks, ties, mine, rank, world)
 
-    def block_inputs(self) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
-        """Materialize everything outside the blocks (ties kept), run the calibration up to
-        block 0 and keep its inputs; the outside goes back to meta while the blocks stream
-        (it is read again to be written, one module at a time)."""
+    def materialize_outside(self) -> None:
+        """Read everything outside the blocks from the checkpoint (ties kept)."""
         for p, m in self.model.named_modules():
             if p == self.blocks_path or p.startswith(self.blocks_path + "."):
                 continue
             _materialize_shallow(m, f"{p}." if p else "", self.ckpt)
         _retie(self.ties, self.ckpt)
+
+    def block_inputs(self) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
+        """Materialize everything outside the blocks, run the calibration up to block 0 and
+        keep its inputs; the outside goes back to meta while the blocks stream (it is read
+        again to be written, one module at a time)."""
+        self.materialize_outside()
         cached = inputs_of(self.model, self.blocks[0], self.batches)
         self.model.to("meta")
         return cached
+
+    def materialize_block(self, i: int) -> nn.Module:
+        block = self.blocks[i]
+        prefix = f"{self.blocks_path}.{i}."
+        for sub_path, sub in block.named_modules():
+            _materialize_shallow(sub, f"{prefix}{sub_path}." if sub_path else prefix, self.ckpt)
+        return block
 
     def outside_bytes(self) -> float:
         """The weight bytes outside the blocks, a tied tensor once (from the meta skeleton:
@@ -415,8 +432,7 @@ class _Opened:
 
 class _BlockAtItsPath(nn.Module):
     """One block under the module path it has in the model (so ``select``/``exclude`` and
-    the table's paths are the model's), returning its output as a hidden state (Auto's
-    calibration loss then takes the Gauss-Newton estimate of the block's output)."""
+    the table's paths are the model's)."""
 
     def __init__(self, path: str, block: nn.Module) -> None:
         super().__init__()
@@ -429,45 +445,68 @@ class _BlockAtItsPath(nn.Module):
         holder.add_module(last, block)
         self._block = [block]  # not a submodule twice
 
-    def forward(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
-        out = self._block[0](*args, **kwargs)
-        return {"last_hidden_state": out[0] if isinstance(out, (tuple, list)) else out}
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self._block[0](*args, **kwargs)
 
 
 def _measure_blocks(auto: Auto, opened: _Opened, progress: bool | None) -> AutoTable:
-    """Pass one: every block read, its layers measured on the float model's inputs to it."""
+    """Auto's table, block by block: the statistics the in-memory search gathers in one
+    forward and backward pass of the whole model, gathered in a forward pass over the blocks
+    (each block's inputs kept on disk), the loss's gradient at the last block's output from
+    the model's tail, and a backward pass over the blocks in reverse (each block run again on
+    its inputs, the gradient flowing back through it); each block's candidates are measured
+    on its statistics."""
     table = AutoTable("bytes", opened.outside_bytes(), {}, {})
-    cached = opened.block_inputs()
-    bar = _progress_bar(progress, opened.rank, len(opened.blocks))
+    n = len(opened.blocks)
+    bar = _progress_bar(progress, opened.rank, 2 * n)
     bar.set_description("measure blocks")
-    for i, block in enumerate(opened.blocks):
-        path = f"{opened.blocks_path}.{i}"
-        prefix = f"{path}."
-        for sub_path, sub in block.named_modules():
-            _materialize_shallow(sub, f"{prefix}{sub_path}." if sub_path else prefix, opened.ckpt)
-        batches = [Inputs(a, k) for a, k in cached]
-        held = _BlockAtItsPath(path, block)
-        with contextlib.ExitStack() as stack:
-            if opened.world > 1:
-                stack.enter_context(reduce_across_processes())
-            part = dataclasses.replace(auto, target={"bytes": 1.0}, plan=None).table(
-                held, ctx=Context(batches[0], batches)
-            )
-        table.total += part.total
-        table.options.update(part.options)
-        table.unavailable.update(part.unavailable)
-        table.left.update(part.left)
-        with torch.no_grad():
-            nxt = []
-            for a, k in cached:
-                o = block(*a, **k)
-                nxt.append(((o[0] if isinstance(o, (tuple, list)) else o, *a[1:]), k))
-        cached = nxt
-        del held, part
-        block.to("meta")
-        _release_memory()
-        bar.update(1)
+    probe = dataclasses.replace(auto, target={"bytes": 1.0}, plan=None)
+    with tempfile.TemporaryDirectory(prefix="nnslim-auto-") as tmp:
+        cached = opened.block_inputs()
+        tuple_out = False
+        for i in range(n):  # forward: each block's inputs kept
+            block = opened.materialize_block(i)
+            torch.save(cached, Path(tmp) / f"{i}.pt")
+            with torch.no_grad():
+                outs = [block(*a, **k) for a, k in cached]
+            tuple_out = isinstance(outs[0], (tuple, list))
+            cached = [((o[0] if tuple_out else o, *a[1:]), k) for o, (a, k) in zip(outs, cached)]
+            del outs
+            block.to("meta")
+            _release_memory()
+            bar.update(1)
+        grads = _final_grads(opened, [a[0] for a, _ in cached], tuple_out)
+        del cached
+        for i in reversed(range(n)):  # backward: each block's statistics
+            path = f"{opened.blocks_path}.{i}"
+            block = opened.materialize_block(i)
+            ins = torch.load(Path(tmp) / f"{i}.pt", weights_only=False)
+            batches = [Inputs(a, k) for a, k in ins]
+            held = _BlockAtItsPath(path, block)
+            ctx = Context(batches[0], batches)
+            left = Report(transform="Auto")
+            layers = probe._layers(held, ctx, left)
+            with contextlib.ExitStack() as stack:
+                if opened.world > 1:
+                    stack.enter_context(reduce_across_processes())
+                stats, grads = collect_backward(block, ins, layers, grads)
+                if layers:
+                    part = _measure(probe, held, ctx, batches, layers, "param_bytes", stats)
+                    table.total += part.total
+                    table.options.update(part.options)
+                    table.unavailable.update(part.unavailable)
+                else:
+                    from ..profiling.profiler import profile
+
+                    table.total += profile(held, batches[0], memory=False).param_bytes
+            table.left.update({s.path: s.reason for s in left.skips})
+            del held, ins, batches, stats
+            block.to("meta")
+            _release_memory()
+            bar.update(1)
     bar.close()
+    # the options in the blocks' order (the backward pass met them last to first)
+    table.options = dict(sorted(table.options.items(), key=lambda kv: _block_order(kv[0])))
     for p, m in opened.model.named_modules():
         if p and not (p == opened.blocks_path or p.startswith(opened.blocks_path + ".")):
             if isinstance(m, (nn.Linear, nn.Embedding)):
@@ -477,6 +516,56 @@ def _measure_blocks(auto: Auto, opened: _Opened, progress: bool | None) -> AutoT
             "checkpoint_table: no layer of the blocks to choose a setting for after select/exclude."
         )
     return table
+
+
+def _block_order(path: str) -> int:
+    """A layer's block index (a stable sort keeps the module order inside each block)."""
+    parts = [int(x) for x in path.split(".") if x.isdigit()]
+    return parts[0] if parts else -1
+
+
+def _final_grads(
+    opened: _Opened, finals: list[torch.Tensor], tuple_out: bool
+) -> list[torch.Tensor]:
+    """Per calibration batch, the gradient of the calibration loss (what :func:`collect`
+    differentiates) at the last block's output: the model runs with every block passing its
+    input through and the last returning the stored final hidden state, so only its tail
+    (final norm, head, loss) computes."""
+    opened.materialize_outside()
+    blocks = opened.blocks
+    saved = list(blocks)
+    current: list[torch.Tensor] = []
+    try:
+        for i, b in enumerate(saved):
+            blocks[i] = _PassThrough(b, current if i == len(saved) - 1 else None, tuple_out)
+        grads = []
+        with preserved_state(opened.model), torch.enable_grad():
+            for i, batch in enumerate(opened.batches):
+                h = finals[i].detach().requires_grad_(True)
+                current[:] = [h]
+                loss = calibration_loss(call_batch(opened.model, batch, i), batch.targets, sample=i)
+                (g,) = torch.autograd.grad(loss, [h])
+                grads.append(g.detach())
+    finally:
+        for i, b in enumerate(saved):
+            blocks[i] = b
+        opened.model.to("meta")
+    return grads
+
+
+class _PassThrough(nn.Module):
+    """A block that returns its input, or (the last) the hidden state it is given."""
+
+    def __init__(self, block: nn.Module, given: list[torch.Tensor] | None, tuple_out: bool):
+        super().__init__()
+        for k, v in vars(block).items():  # plain attributes a model's forward reads
+            if not k.startswith("_") and k != "training" and isinstance(v, (str, int, bool)):
+                setattr(self, k, v)
+        self._given, self._tuple = given, tuple_out
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        y = self._given[0] if self._given else x
+        return (y,) if self._tuple else y
 
 
 def _plans_per_block(auto: Auto, plan: dict[str, str], blocks_path: str, n: int) -> list[Any]:

@@ -443,15 +443,17 @@ def _measure(
     batches: list[Any],
     layers: dict[str, nn.Module],
     metric: str,
+    stats: dict[str, LayerStats] | None = None,
 ) -> AutoTable:
-    """The table: K-FAC statistics from one pass, then each candidate on a copy of each
-    layer."""
+    """The table: K-FAC statistics from one pass (or ``stats``, gathered elsewhere: a model
+    streamed block by block), then each candidate on a copy of each layer."""
     from ..profiling.profiler import profile
 
     named = dict(model.named_modules())
     ties = tied_heads(model, {p: m for p, m in layers.items() if isinstance(m, nn.Embedding)})
     watched = {**layers, **{h: named[h] for h in ties.values()}}
-    stats = collect(model, batches, watched, gram=True, out_grads=True)
+    if stats is None:
+        stats = collect(model, batches, watched, gram=True, out_grads=True)
     n_batches = batch_count(len(batches))  # every process's, where statistics are summed
     inputs = ctx.inputs if ctx.inputs is not None else batches[0]
     timed = metric == "latency_ms"

@@ -316,31 +316,28 @@ def test_torchrun_two_processes_match_one(llama_ckpt, tmp_path, what):
 Q = ("int8", "int4-g64", "int4-g32")  # candidates that need no calibration to apply (RTN)
 
 
-def test_auto_table_streamed_is_each_blocks_table_on_the_float_inputs(llama_ckpt):
-    """Pass one measures block i on the float model's inputs to it, under its model path,
-    with the block's output as the loss's hidden state: the same table as measuring the
-    in-memory block so (the plumbing of the stream adds nothing)."""
-    from nnslim.core.calibrate import inputs_of
-    from nnslim.core.transform import Context
-    from nnslim.large.stream import _BlockAtItsPath
-
+@pytest.mark.parametrize("labels", [False, True])
+def test_auto_table_streamed_equals_the_in_memory_one(llama_ckpt, labels):
+    """Block by block (a forward pass keeping each block's inputs, the loss's gradient from
+    the model's tail, a backward pass over the blocks in reverse), the table is the one the
+    in-memory search measures over the same blocks with the model's own loss: the same
+    candidates and costs, the same estimates to float rounding. With labels the loss is the
+    model's next-token loss; without, the self-labelled cross-entropy."""
     model, src = llama_ckpt
+    batches = [{**b, "labels": b["input_ids"]} if labels else b for b in calib()]
     auto = nnslim.Auto(target={"bytes": 0.4}, candidates=Q)
-    table = nnslim.checkpoint_table(src, auto, calib(), progress=False)
-    whole = nnslim.profile(model, X, memory=False).param_bytes
-    assert table.total == whole  # the outside (embeddings, head) counted, once each
-    assert set(table.left) == {"model.embed_tokens", "lm_head"}
-    assert len(table.options) == 3 * 7
-    batches = [nnslim.base.inputs.as_inputs(b) for b in calib()]
-    for i, block in enumerate(model.model.layers):
-        cached = inputs_of(model, block, batches)
-        ins = [nnslim.base.inputs.Inputs(a, k) for a, k in cached]
-        held = _BlockAtItsPath(f"model.layers.{i}", copy.deepcopy(block))
-        part = auto.table(held, ctx=Context(ins[0], ins))
-        for p, opts in part.options.items():
-            got = table.options[p]
-            assert [o[:2] for o in got] == [o[:2] for o in opts]
-            assert [o[2] for o in got] == pytest.approx([o[2] for o in opts], rel=1e-5)
+    table = nnslim.checkpoint_table(src, auto, batches, progress=False)
+    mem = nnslim.Auto(target={"bytes": 0.4}, candidates=Q, select="re:model\\.layers\\..*").table(
+        model, batches
+    )
+    assert table.total == mem.total == nnslim.profile(model, X, memory=False).param_bytes
+    assert set(table.left) >= {"model.embed_tokens", "lm_head"}
+    assert list(table.options) == list(mem.options) and len(table.options) == 3 * 7
+    for p, opts in mem.options.items():
+        got = table.options[p]
+        assert [o[:2] for o in got] == [o[:2] for o in opts]
+        assert [o[2] for o in got] == pytest.approx([o[2] for o in opts], rel=1e-4, abs=1e-12)
+    assert table.allocate(0.4) == mem.allocate(0.4)
 
 
 def test_auto_streams_one_global_plan_within_the_budget(llama_ckpt, tmp_path):
