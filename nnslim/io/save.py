@@ -369,7 +369,7 @@ def load(
         raise ValueError(f"load: the record in {os.fspath(path)!r} is corrupt ({e}).") from e
 
     try:
-        state = load_file(os.fspath(path), device="cpu")
+        state = _aligned(load_file(os.fspath(path), device="cpu"))
     except Exception as e:
         raise ValueError(f"load: cannot read the weights in {os.fspath(path)!r}: {e}") from e
     _verify(path, meta, state)  # before anything is replayed
@@ -546,6 +546,19 @@ def rebuild_meta_buffers(model: nn.Module) -> None:
         )
 
 
+def _aligned(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with every CPU tensor at a 64-byte aligned address.
+
+    safetensors hands back tensors at their offset in the file's buffer (8-byte aligned);
+    torch's packed integer kernels (``_weight_int8pack_mm`` with AVX-512) read their weight
+    with aligned loads and crash (SIGSEGV) on such a tensor. A misaligned one is copied once,
+    here (torch's CPU allocator aligns to 64 bytes)."""
+    return {
+        k: v.clone() if v.device.type == "cpu" and v.numel() and v.data_ptr() % 64 else v
+        for k, v in state.items()
+    }
+
+
 def _load_directory(path: str | os.PathLike[str], base: nn.Module, device: Any) -> nn.Module:
     """A directory written by :func:`nnslim.compress_checkpoint`: ``nnslim.json`` plus shards."""
     from safetensors.torch import load_file
@@ -570,7 +583,7 @@ def _load_directory(path: str | os.PathLike[str], base: nn.Module, device: Any) 
     def read(dev: torch.device) -> dict[str, torch.Tensor]:
         state: dict[str, torch.Tensor] = {}
         for f in sorted(set(index.values())):
-            state.update(load_file(os.path.join(root, f), device=str(dev)))
+            state.update(_aligned(load_file(os.path.join(root, f), device=str(dev))))
         return state
 
     _rebuild(base, record, device, read, record.get("aliases", {}))

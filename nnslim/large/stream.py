@@ -506,7 +506,8 @@ def _measure_blocks(auto: Auto, opened: _Opened, progress: bool | None) -> AutoT
             bar.update(1)
     bar.close()
     # the options in the blocks' order (the backward pass met them last to first)
-    table.options = dict(sorted(table.options.items(), key=lambda kv: _block_order(kv[0])))
+    start = len(opened.blocks_path) + 1
+    table.options = dict(sorted(table.options.items(), key=lambda kv: _block_order(kv[0], start)))
     for p, m in opened.model.named_modules():
         if p and not (p == opened.blocks_path or p.startswith(opened.blocks_path + ".")):
             if isinstance(m, (nn.Linear, nn.Embedding)):
@@ -518,10 +519,10 @@ def _measure_blocks(auto: Auto, opened: _Opened, progress: bool | None) -> AutoT
     return table
 
 
-def _block_order(path: str) -> int:
-    """A layer's block index (a stable sort keeps the module order inside each block)."""
-    parts = [int(x) for x in path.split(".") if x.isdigit()]
-    return parts[0] if parts else -1
+def _block_order(path: str, start: int) -> int:
+    """A layer's block index (``path[start:]`` begins with it; a stable sort keeps the module
+    order inside each block)."""
+    return int(path[start:].split(".", 1)[0])
 
 
 def _final_grads(
