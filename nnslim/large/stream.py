@@ -336,7 +336,7 @@ def checkpoint_table(
 
     Raises:
         ValueError: a MACs or latency target; a checkpoint without a list of blocks; the
-        errors of :func:`compress_checkpoint`.
+            errors of :func:`compress_checkpoint`.
     """
     check = _auto_of(auto)
     if check is None:
