@@ -100,6 +100,10 @@ def dequantize_int4(
 def _int8_weight_mm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``x @ (qweight * scale[:, None]).T`` in float32."""
     if x.device.type == "cpu" and qweight.shape[1] % 16 == 0:
+        if qweight.data_ptr() % 64 or not qweight.is_contiguous():
+            # the packed kernel reads the weight with aligned (AVX-512) loads and crashes
+            # (SIGSEGV) on a tensor at an 8-byte offset (safetensors' tensors, a view): copy
+            qweight = qweight.clone(memory_format=torch.contiguous_format)
         y = torch.ops.aten._weight_int8pack_mm(
             x.to(torch.bfloat16).contiguous(), qweight, scale.to(torch.bfloat16)
         )

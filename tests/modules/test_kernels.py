@@ -134,3 +134,20 @@ def test_an_exported_int4_program_keeps_its_packed_weight():
     assert "nnslim.int4_packed_mm.default" in targets  # the GEMM alone (casts traced around)
     assert not any("int4pack" in t for t in targets)
     assert torch.allclose(ep.module()(x), m(x), atol=1e-6)
+
+
+def test_int8_kernel_takes_a_weight_at_an_unaligned_address():
+    """torch's packed int8 GEMM reads its weight with aligned loads; a weight at an 8-byte
+    offset (a safetensors tensor, a view into a larger buffer) crashed the process. It is
+    copied first and the product is the aligned weight's, exactly."""
+    from nnslim.modules.kernels import int8_weight_mm
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randint(-127, 128, (32, 64), dtype=torch.int8, generator=g)
+    buf = torch.zeros(w.numel() + 8, dtype=torch.int8)
+    view = buf[8:].view(32, 64)
+    view.copy_(w)
+    assert view.data_ptr() % 64 != 0
+    scale = torch.rand(32, generator=g) / 100
+    x = torch.randn(5, 64, generator=g)
+    assert torch.equal(int8_weight_mm(x, view, scale), int8_weight_mm(x, w, scale))
