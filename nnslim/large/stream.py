@@ -380,6 +380,7 @@ class _Opened:
     batches: list[Inputs]
     rank: int
     world: int
+    _first: list[tuple[tuple[Any, ...], dict[str, Any]]] | None = None
 
     @classmethod
     def of(cls, src: Path, model_class: Any, calibration: Iterable[Any]) -> _Opened:
@@ -393,26 +394,24 @@ class _Opened:
 
     def materialize_outside(self) -> None:
         """Read everything outside the blocks from the checkpoint (ties kept)."""
-        for p, m in self.model.named_modules():
-            if p == self.blocks_path or p.startswith(self.blocks_path + "."):
-                continue
+        for p, m in _outside_blocks(self.model, self.blocks_path):
             _materialize_shallow(m, f"{p}." if p else "", self.ckpt)
         _retie(self.ties, self.ckpt)
 
     def block_inputs(self) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
-        """Materialize everything outside the blocks, run the calibration up to block 0 and
-        keep its inputs; the outside goes back to meta while the blocks stream (it is read
-        again to be written, one module at a time)."""
-        self.materialize_outside()
-        cached = inputs_of(self.model, self.blocks[0], self.batches)
-        self.model.to("meta")
-        return cached
+        """The calibration batches' inputs to block 0 (the float model's: computed once, then
+        kept). Computing them materializes everything outside the blocks and runs the
+        calibration up to block 0; the outside goes back to meta while the blocks stream (it
+        is read again to be written, one module at a time)."""
+        if self._first is None:
+            self.materialize_outside()
+            self._first = inputs_of(self.model, self.blocks[0], self.batches)
+            self.model.to("meta")
+        return self._first
 
     def materialize_block(self, i: int) -> nn.Module:
         block = self.blocks[i]
-        prefix = f"{self.blocks_path}.{i}."
-        for sub_path, sub in block.named_modules():
-            _materialize_shallow(sub, f"{prefix}{sub_path}." if sub_path else prefix, self.ckpt)
+        _materialize_block(block, f"{self.blocks_path}.{i}", self.ckpt)
         return block
 
     def outside_bytes(self) -> float:
@@ -420,9 +419,7 @@ class _Opened:
         shapes and dtypes as the checkpoint will be materialized)."""
         seen: set[int] = set()
         total = 0
-        for p, m in self.model.named_modules():
-            if p == self.blocks_path or p.startswith(self.blocks_path + "."):
-                continue
+        for _, m in _outside_blocks(self.model, self.blocks_path):
             for t in m._parameters.values():
                 if t is not None and id(t) not in seen:
                     seen.add(id(t))
@@ -506,12 +503,12 @@ def _measure_blocks(auto: Auto, opened: _Opened, progress: bool | None) -> AutoT
             bar.update(1)
     bar.close()
     # the options in the blocks' order (the backward pass met them last to first)
-    start = len(opened.blocks_path) + 1
-    table.options = dict(sorted(table.options.items(), key=lambda kv: _block_order(kv[0], start)))
-    for p, m in opened.model.named_modules():
-        if p and not (p == opened.blocks_path or p.startswith(opened.blocks_path + ".")):
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                table.left[p] = "outside the blocks: a streamed search changes the blocks' layers"
+    table.options = dict(
+        sorted(table.options.items(), key=lambda kv: _in_block(kv[0], opened.blocks_path)[0])
+    )
+    for p, m in _outside_blocks(opened.model, opened.blocks_path):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            table.left[p] = "outside the blocks: a streamed search changes the blocks' layers"
     if not table.options:
         raise ValueError(
             "checkpoint_table: no layer of the blocks to choose a setting for after select/exclude."
@@ -519,10 +516,27 @@ def _measure_blocks(auto: Auto, opened: _Opened, progress: bool | None) -> AutoT
     return table
 
 
-def _block_order(path: str, start: int) -> int:
-    """A layer's block index (``path[start:]`` begins with it; a stable sort keeps the module
-    order inside each block)."""
-    return int(path[start:].split(".", 1)[0])
+def _in_block(path: str, blocks_path: str) -> tuple[int, str]:
+    """``(block index, path inside the block)`` of a layer under ``blocks_path``, or
+    ``(-1, path)`` outside the blocks."""
+    head = path[len(blocks_path) + 1 :].split(".", 1) if path.startswith(blocks_path + ".") else []
+    if len(head) == 2 and head[0].isdigit():
+        return int(head[0]), head[1]
+    return -1, path
+
+
+def _outside_blocks(model: nn.Module, blocks_path: str) -> Iterable[tuple[str, nn.Module]]:
+    """``(path, module)`` of every module outside the list of blocks (the root included)."""
+    for p, m in model.named_modules():
+        if p != blocks_path and not p.startswith(blocks_path + "."):
+            yield p, m
+
+
+def _materialize_block(block: nn.Module, path: str, ckpt: ShardedCheckpoint) -> None:
+    """Read block ``path``'s tensors from the checkpoint (those still on meta)."""
+    prefix = f"{path}."
+    for sub_path, sub in block.named_modules():
+        _materialize_shallow(sub, f"{prefix}{sub_path}." if sub_path else prefix, ckpt)
 
 
 def _final_grads(
@@ -574,9 +588,9 @@ def _plans_per_block(auto: Auto, plan: dict[str, str], blocks_path: str, n: int)
     parts: list[dict[str, str]] = [{} for _ in range(n)]
     outside = []
     for p, name in plan.items():
-        head = p[len(blocks_path) + 1 :].split(".", 1) if p.startswith(blocks_path + ".") else []
-        if len(head) == 2 and head[0].isdigit() and int(head[0]) < n:
-            parts[int(head[0])][head[1]] = name
+        i, inner = _in_block(p, blocks_path)
+        if 0 <= i < n:
+            parts[i][inner] = name
         else:
             outside.append(p)
     if outside:
@@ -646,9 +660,7 @@ def _compress_block(
 ) -> tuple[Report, list[dict[str, Any]], list[tuple[tuple[Any, ...], dict[str, Any]]]]:
     """Load one block, transform it on its cached inputs: ``(its report, its edit record's
     entries with model-level paths, the inputs of the next block)``."""
-    prefix = f"{path}."
-    for sub_path, sub in block.named_modules():
-        _materialize_shallow(sub, f"{prefix}{sub_path}." if sub_path else prefix, ckpt)
+    _materialize_block(block, path, ckpt)
     step = _apply_block(transform, block, [Inputs(a, k) for a, k in cached], world)
     step.transform = f"{path}: {step.transform}"
     rec = block.__dict__.pop(RECORD_ATTR, None) or {"entries": []}
@@ -690,9 +702,7 @@ def _write_rest(
     for owners in ties:
         keep = next((o for o in owners if o[2] in ckpt.weight_map), owners[0])
         aliases.update({o[2]: keep[2] for o in owners if o[2] != keep[2]})
-    for p, m in model.named_modules():
-        if p == blocks_path or p.startswith(blocks_path + "."):
-            continue
+    for p, m in _outside_blocks(model, blocks_path):
         prefix = f"{p}." if p else ""
         own = [
             (n, t)
