@@ -260,7 +260,7 @@ def recovery(args, base, train, example, row) -> None:
     )
 
 
-def auto_rows(base, train, example, row, epochs: int) -> None:
+def auto_rows(base, train, example, row, epochs: int, only: str = "") -> None:
     """Issue 20's rows: ``nnslim.Auto`` at 0.15x the weight bytes and at 0.4x the MACs against
     uniform settings at the same budget, each given the same distilled fine-tune (``epochs``).
     Auto's calibration: 8 training batches of 128 with their labels (its loss estimate
@@ -269,6 +269,8 @@ def auto_rows(base, train, example, row, epochs: int) -> None:
     full = nnslim.profile(base, example, memory=False)
 
     def tuned(name, transform) -> None:
+        if only and not any(w in name for w in only.split(",")):
+            return
         m = copy.deepcopy(base)
         t0 = time.perf_counter()
         try:
@@ -296,6 +298,11 @@ def auto_rows(base, train, example, row, epochs: int) -> None:
     tuned("Auto at 0.15x bytes", nnslim.Auto(target={"bytes": 0.15}, candidates=cands))
     tuned("uniform Prune to 0.4x MACs", nnslim.Prune(macs=0.4))
     tuned("Auto at 0.4x MACs", nnslim.Auto(target={"macs": 0.4}, candidates=cands))
+    channels = (*cands, "channels-0.25", "channels-0.5")
+    tuned(
+        "Auto at 0.4x MACs with channel candidates",
+        nnslim.Auto(target={"macs": 0.4}, candidates=channels),
+    )
 
 
 def standard(row, tuned, base, example, train, tune_epochs, rows) -> None:
@@ -333,6 +340,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--recover", type=int, default=0, metavar="EPOCHS")
     parser.add_argument("--auto", action="store_true", help="issue 20's rows (nnslim.Auto)")
+    parser.add_argument("--only", default="", help="with --auto: rows whose name has one of these")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     data = rd.fashion_mnist()
@@ -382,7 +390,7 @@ def main() -> None:
         return m
 
     if args.auto:
-        auto_rows(base, train, example, row, tune_epochs)
+        auto_rows(base, train, example, row, tune_epochs, args.only)
     elif args.recover:
         recovery(args, base, train, example, row)
     else:
@@ -405,6 +413,7 @@ def main() -> None:
     name = "real_fashion" + ("-quick" if args.quick else "")
     name += f"-recover{args.recover}" if args.recover else ""
     name += "-auto" if args.auto else ""
+    name += "-only-" + args.only.replace(",", "_").replace(" ", "_") if args.only else ""
     print(f"wrote {write_json(name, {'rows': rows, 'recovery_epochs': args.recover})}")
 
 

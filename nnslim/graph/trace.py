@@ -74,11 +74,14 @@ class GroupInfo:
         root: the layer whose output channels define the group.
         channels: how many channels the root has.
         members: ``(path, "out" | "in" | op)`` for every coupled layer.
+        group: torch-pruning's group (an escape hatch like :attr:`Graph.dg`: each item's
+            ``idxs`` and ``root_idxs`` map the root's channels to the member's indices).
     """
 
     root: str
     channels: int
     members: list[tuple[str, str]] = field(default_factory=list)
+    group: Any = field(default=None, repr=False)
 
 
 @dataclass
@@ -239,7 +242,7 @@ class Graph:
         with self.dg.limit(self.time_limit, "building pruning groups"):
             for g in _iter_groups(self.dg, ign, paths):
                 root = g[0].dep.target.module
-                info = GroupInfo(paths.get(id(root), "?"), len(g[0].idxs))
+                info = GroupInfo(paths.get(id(root), "?"), len(g[0].idxs), group=g)
                 for item in g:
                     dep = item.dep
                     mod = dep.target.module

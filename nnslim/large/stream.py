@@ -54,7 +54,7 @@ from ..core.report import Report
 from ..core.transform import Context, Transform
 from ..io.save import recompute_buffers
 from ..record.edits import RECORD_ATTR, describe, fingerprint
-from ..transforms.auto import Auto, AutoTable, _measure, plan_note
+from ..transforms.auto import Auto, AutoTable, _is_structured, _measure, plan_note
 
 __all__ = ["ShardedCheckpoint", "checkpoint_table", "compress_checkpoint"]
 
@@ -356,6 +356,12 @@ def _auto_of(transform: Transform) -> Auto | None:
                 "compress_checkpoint: a streamed Auto searches a bytes budget "
                 "(target={'bytes': f}); MACs and latency need the whole model's forward, "
                 "which a checkpoint larger than memory never runs."
+            )
+        if any(_is_structured(c) for c in transform.candidates):
+            raise ValueError(
+                "compress_checkpoint: a streamed Auto searches each layer's own settings; "
+                "channel candidates (channels-*, Prune) need the whole model's dependency "
+                "graph: drop them, or prune in memory first."
             )
         return transform
     if any(isinstance(t, Auto) for t in _leaves(transform)):

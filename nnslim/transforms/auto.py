@@ -48,6 +48,18 @@ estimate sees what GPTQ gains over rounding, which it does not for palettes and 
 the other candidates are measured without calibration (round to nearest, plain SVD), and
 activation-aware factorization then applies them with less error than estimated.
 
+Channel candidates (``"channels-0.25"``, ``"channels-0.5"``, or a ``Prune(ratio=r)`` of the
+user's) remove a share of a coupled channel group's channels, under a bytes or MACs budget.
+A group (found by the dependency graph, as ``Prune`` finds it) whose layers are all searched
+Linears or dense convolutions, or BatchNorms, is one knapsack item: its options combine a
+channel setting with its layers' own candidates, measured on the pruned copies, the
+combinations beaten on both cost and loss dropped. The channels removed are the ones
+``Prune`` removes (its importance's lowest scores, as torch-pruning ranks them), and the
+removal's estimate is the K-FAC loss of the layers reading the channels with those input
+columns zeroed: removing a channel is exactly that. A group through a LayerNorm/RMSNorm or an
+embedding (a transformer's hidden width) is left with its reason, as is a group sharing a
+layer with one taken before (the smaller groups first).
+
 :meth:`Auto.table` gives the per-layer table (cached on the model's weights, so a second
 budget reuses it); :meth:`AutoTable.front` the predicted loss over a range of budgets.
 """
@@ -72,10 +84,11 @@ from ..core.report import Report
 from ..core.target import Target
 from ..core.transform import Compose, Context, Transform
 from .factorize import Factorize
+from .prune import Prune
 from .quantize import METHODS, Quantize, _lm_heads, plain_embedding, tied_heads
 from .share import ShareWeights
 
-__all__ = ["CANDIDATES", "Auto", "AutoTable"]
+__all__ = ["CANDIDATES", "Auto", "AutoTable", "ChannelGroup"]
 
 #: the built-in candidates, by name
 CANDIDATES: dict[str, Transform] = {
@@ -91,6 +104,10 @@ CANDIDATES: dict[str, Transform] = {
     "palette-8": ShareWeights(clusters=8),
     "rank-0.5": Factorize(ratio=0.5),
     "rank-0.25": Factorize(ratio=0.25),
+    # a coupled channel group (an MLP's hidden units, a convolution's output channels with
+    # the BatchNorm after it and the layers reading them) loses this share of its channels
+    "channels-0.25": Prune(ratio=0.25, importance="wanda"),
+    "channels-0.5": Prune(ratio=0.5, importance="wanda"),
 }
 #: what Auto searches unless told otherwise
 DEFAULT_CANDIDATES = ("int8", "int4-g128", "int4-g64", "int4-g32", "palette-16", "rank-0.5")
@@ -117,13 +134,17 @@ class Auto(Transform):
             add up to the model's within the timing noise, so check the result with
             :func:`nnslim.profile` or let :func:`nnslim.compress` measure it).
         candidates: the settings layers may take besides staying as they are: names in
-            :data:`CANDIDATES` and/or transforms with a ``select`` field.
+            :data:`CANDIDATES` and/or transforms with a ``select`` field. Channel candidates
+            (``"channels-0.25"``, ``"channels-0.5"``, ``Prune(ratio=r, importance=...)``)
+            choose per coupled channel group (bytes and MACs budgets; see the module
+            docstring).
         method: how the built-in quantization candidates are applied: ``"rtn"`` or
             ``"gptq"``.
         zero_point: the built-in int4 candidates' offsets (see :class:`~nnslim.Quantize`).
         plan: ``{layer path: candidate name}``: apply this plan instead of searching (what
             :meth:`table` and :meth:`AutoTable.allocate` return; the names as
-            :meth:`AutoTable.names` gives them).
+            :meth:`AutoTable.names` gives them). A channel group's root carries its channel
+            setting, alone or before its own option: ``"channels-0.5+int8"``.
         select: layers the search may change (default: every Linear, dense Conv2d and
             embedding but the LM head; a head tied to an embedding takes the embedding's
             setting).
@@ -171,6 +192,21 @@ class Auto(Transform):
         for c in self.candidates:
             if isinstance(c, str):
                 check_choice("Auto", "candidates", c, tuple(CANDIDATES))
+            elif isinstance(c, Prune):
+                if (
+                    c.structure != "channels"
+                    or c.ratio is None
+                    or c.select is not None
+                    or c.exclude is not None
+                    or c.scope != "local"
+                    or c.steps != 1
+                ):
+                    raise ValueError(
+                        f"Auto(candidates=...): {c!r}: a channel candidate is "
+                        f"Prune(ratio=r) with its importance and round_to (each coupled group "
+                        f"searched loses that share of its channels); structure, select, "
+                        f"exclude, scope and steps stay at their defaults."
+                    )
             elif not isinstance(c, Transform) or "select" not in {
                 f.name for f in dataclasses.fields(c)
             }:
@@ -182,7 +218,9 @@ class Auto(Transform):
         if len(set(names)) != len(names):
             raise ValueError(f"Auto(candidates=...): a setting is given twice: {names}.")
         if self.plan is not None:
-            unknown = sorted({v for v in self.plan.values()} - set(names))
+            structured = [_name(c) for c in self.candidates if _is_structured(c)]
+            used = {n for v in self.plan.values() for n in split_setting(v, structured)}
+            unknown = sorted(used - set(names) - {"keep"})
             if unknown:
                 raise ValueError(f"Auto(plan=...): {unknown} are not among the candidates {names}.")
         check_choice("Auto", "method", self.method, METHODS)
@@ -197,9 +235,17 @@ class Auto(Transform):
         self, model: nn.Module, ctx: Context, report: Report, state: dict[str, Any]
     ) -> list[Any]:
         plan = self.plan if self.plan is not None else self._search(model, ctx, report)
+        structured = [_name(c) for c in self.candidates if _is_structured(c)]
+        split = {p: split_setting(n, structured) for p, n in plan.items()}
         parts = []
+        for c in self.candidates:  # channels first: the layers' own settings then apply to them
+            t = self._transform(c)
+            if isinstance(t, Prune):
+                roots = {p: t.ratio for p, (s, _) in split.items() if s == _name(c)}
+                if roots:
+                    parts.append(dataclasses.replace(t, ratio=None, select=roots))
         for c in self.candidates:
-            paths = [p for p, n in plan.items() if n == _name(c)]
+            paths = [p for p, (_, n) in split.items() if n == _name(c)]
             if paths:
                 parts.append(dataclasses.replace(self._transform(c), select=paths))
         if not parts:
@@ -244,6 +290,12 @@ class Auto(Transform):
         report = report if report is not None else Report(transform="Auto")
         batches = ctx.require_calibration("Auto", "to measure each layer's sensitivity")
         metric = self._target.metric if self.target is not None else "param_bytes"
+        if metric == "latency_ms" and any(_is_structured(c) for c in self.candidates):
+            raise ValueError(
+                "Auto: channel candidates are searched under a bytes or MACs budget (a "
+                "latency budget would time each group's layers together: not built); use "
+                "target={'macs': f}, or drop the channels-* candidates."
+            )
         key = (
             metric,
             tuple(_name(c) for c in self.candidates),
@@ -314,12 +366,12 @@ def plan_note(auto: Auto, table: AutoTable, choice: dict[str, str]) -> str:
     counts: dict[str, int] = {}
     for name in choice.values():
         counts[name] = counts.get(name, 0) + 1
-    kept = len(table.options) - len(choice)
+    kept = len(table.layers) - len(choice)
     if kept:
         counts = {"keep": kept, **counts}
     return (
         f"Auto: {', '.join(f'{n} {k}' for k, n in counts.items())} of "
-        f"{len(table.options)} layers; predicted {table.cost_of(choice) / table.total:.4f} of "
+        f"{len(table.layers)} layers; predicted {table.cost_of(choice) / table.total:.4f} of "
         f"the {table.metric_name} (budget {fraction:g}), estimated loss increase "
         f"{table.loss_of(choice):.4g} (K-FAC second order; quantization candidates measured "
         f"{'by GPTQ' if auto.method == 'gptq' else 'by rounding to nearest'})"
@@ -330,6 +382,66 @@ _TABLES: weakref.WeakKeyDictionary[nn.Module, tuple[Any, AutoTable]] = weakref.W
 
 
 @dataclass
+class ChannelGroup:
+    """A coupled channel group in an :class:`AutoTable`: the searched layers whose channels go
+    together (the root, whose output channels they are, first) and, per setting (``"keep"``
+    or a channel candidate's name), ``(cost of its members without options, such as
+    BatchNorms; estimated loss of removing the channels; {member: its options, measured on
+    its pruned copy}})``. The knapsack takes the group as one item whose options are every
+    combination of a setting and its members' options (the ones no other beats on both cost
+    and loss). ``removed``: per channel setting, the root's output channels it removes (the
+    ones ``Prune`` with that candidate's importance removes)."""
+
+    root: str
+    members: list[str]
+    settings: dict[str, tuple[float, float, dict[str, list[Option]]]]
+    removed: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+
+    def choices(
+        self, scale: dict[str, float] | None = None
+    ) -> list[tuple[tuple[str, ...], float, float]]:
+        """``((setting, member options...), cost, loss)`` on the cost/loss front (losses
+        multiplied by ``scale[path]`` where given: the removal's by the root's)."""
+        scale = scale or {}
+        out: list[tuple[tuple[str, ...], float, float]] = []
+        for setting, (rest, loss, opts) in self.settings.items():
+            combos: list[tuple[tuple[str, ...], float, float]] = [
+                ((setting,), rest, loss * scale.get(self.root, 1.0))
+            ]
+            for q in self.members:
+                k = scale.get(q, 1.0)
+                combos = _front(
+                    [((*n, o[0]), c + o[1], v + o[2] * k) for n, c, v in combos for o in opts[q]]
+                )
+            out.extend(combos)
+        return _front(out)
+
+    def option(self, setting: str, member: str, name: str) -> Option:
+        """A member's option at a setting."""
+        found = [o for o in self.settings[setting][2][member] if o[0] == name]
+        if not found:
+            raise ValueError(
+                f"Auto(plan=...): {member} has no option {name!r} with its group at {setting!r}."
+            )
+        return found[0]
+
+    def cost_loss(self, setting: str, names: dict[str, str]) -> tuple[float, float]:
+        """The group's cost and estimated loss at ``setting`` with its members' options."""
+        rest, loss, _ = self.settings[setting]
+        picked = [self.option(setting, q, names.get(q, "keep")) for q in self.members]
+        return rest + sum(o[1] for o in picked), loss + sum(o[2] for o in picked)
+
+
+def _front(items: list[Any]) -> list[Any]:
+    """The ``(name, cost, loss)`` items no other beats on both cost and loss, cheapest first."""
+    out: list[Any] = []
+    for it in sorted(items, key=lambda x: (x[1], x[2])):
+        if not out or it[2] < out[-1][2]:
+            out.append(it)
+    return out
+
+
+@dataclass
 class AutoTable:
     """What :meth:`Auto.table` measured: per layer, ``(candidate, cost, estimated loss)``
     options (the first is keeping the layer), and the whole model's cost.
@@ -337,11 +449,15 @@ class AutoTable:
     Attributes:
         metric_name: ``"bytes"``, ``"MACs"`` or ``"latency"`` (milliseconds).
         total: the model's cost today.
-        options: ``{layer path: [(candidate name, cost, loss), ...]}``.
+        options: ``{layer path: [(candidate name, cost, loss), ...]}`` for the layers chosen
+            one by one.
         unavailable: ``{layer path: {candidate name: why}}`` for candidates a layer cannot
-            take (a layer too small for the clusters, a rank that saves nothing...).
+            take (a layer too small for the clusters, a rank that saves nothing, a channel
+            group the search does not price...).
         left: ``{layer path: why}`` for the layers the search leaves as they are (an LM
             head, a grouped convolution, an output layer tied to a searched embedding...).
+        groups: ``{root path: ChannelGroup}`` for the channel groups chosen as one item (with
+            channel candidates); their layers are not in ``options``.
     """
 
     metric_name: str
@@ -349,23 +465,42 @@ class AutoTable:
     options: dict[str, list[Option]]
     unavailable: dict[str, dict[str, str]]
     left: dict[str, str] = dataclasses.field(default_factory=dict)
+    groups: dict[str, ChannelGroup] = dataclasses.field(default_factory=dict)
+
+    @property
+    def layers(self) -> list[str]:
+        """Every layer the search chooses for (one by one or in a group)."""
+        return [*self.options, *(q for g in self.groups.values() for q in g.members)]
+
+    def _items(self) -> dict[str, list[Option]]:
+        """The knapsack's items: each layer chosen alone, and each group (its options named by
+        their index in :meth:`ChannelGroup.choices`)."""
+        items = dict(self.options)
+        for root, g in self.groups.items():
+            items["\0" + root] = [(str(i), c, v) for i, (_, c, v) in enumerate(g.choices())]
+        return items
 
     @property
     def fixed(self) -> float:
         """The cost of everything the search does not change."""
-        return self.total - sum(o[0][1] for o in self.options.values())
+        return (
+            self.total
+            - sum(o[0][1] for o in self.options.values())
+            - sum(g.cost_loss("keep", {})[0] for g in self.groups.values())
+        )
 
     def smallest(self) -> float:
         """The least reachable cost, as a fraction of today's."""
         return (
-            self.fixed + sum(min(b for _, b, _ in o) for o in self.options.values())
+            self.fixed + sum(min(b for _, b, _ in o) for o in self._items().values())
         ) / self.total
 
     def allocate(self, fraction: float, scale: dict[str, float] | None = None) -> dict[str, str]:
         """``{layer path: candidate name}`` for the layers that change under a budget of
         ``fraction`` of today's cost, with the least total estimated loss (each layer's
         estimates multiplied by ``scale[path]`` where given: how :func:`nnslim.compress`
-        corrects them after measuring)."""
+        corrects them after measuring). A pruned channel group's root carries the channel
+        setting (``"channels-0.25"``, or ``"channels-0.25+int8"`` with its own option)."""
         budget = fraction * self.total
         if self.smallest() * self.total > budget * (1 + 1e-9):
             raise ValueError(
@@ -373,33 +508,57 @@ class AutoTable:
                 f"model's {self.metric_name} (every chosen layer at its smallest setting, the "
                 f"rest as it is); ask for at least that, or add smaller candidates."
             )
-        options = self.options
-        if scale:
-            options = {
-                p: [(n, c, loss * scale.get(p, 1.0)) for n, c, loss in o]
-                for p, o in options.items()
-            }
-        # a budget at the smallest reachable (within the check's slack) gets exactly that room
-        floor = sum(min(c for _, c, _ in o) for o in options.values())
-        choice = _allocate(options, max(budget - self.fixed, floor))
-        return {
-            p: self.options[p][i][0] for p, i in choice.items() if self.options[p][i][0] != "keep"
+        scale = scale or {}
+        items = {
+            p: [(n, c, loss * scale.get(p, 1.0)) for n, c, loss in o]
+            for p, o in self.options.items()
         }
+        choices = {root: g.choices(scale) for root, g in self.groups.items()}
+        for root, front in choices.items():
+            items["\0" + root] = [(str(i), c, v) for i, (_, c, v) in enumerate(front)]
+        # a budget at the smallest reachable (within the check's slack) gets exactly that room
+        floor = sum(min(c for _, c, _ in o) for o in items.values())
+        choice = _allocate(items, max(budget - self.fixed, floor))
+        plan: dict[str, str] = {}
+        for p, i in choice.items():
+            if p.startswith("\0"):
+                plan.update(self._group_plan(self.groups[p[1:]], choices[p[1:]][i][0]))
+            elif self.options[p][i][0] != "keep":
+                plan[p] = self.options[p][i][0]
+        return plan
 
-    def _lookup(self, plan: dict[str, str]) -> list[Option]:
+    @staticmethod
+    def _group_plan(g: ChannelGroup, names: tuple[str, ...]) -> dict[str, str]:
+        setting, *per = names
+        plan = {q: n for q, n in zip(g.members, per, strict=True) if n != "keep"}
+        if setting != "keep":
+            own = plan.get(g.root)
+            plan[g.root] = setting if own is None else f"{setting}+{own}"
+        return plan
+
+    def _parts(self, plan: dict[str, str]) -> list[tuple[float, float]]:
+        """(cost, loss) of each layer and group under ``plan``."""
         out = []
         for p, opts in self.options.items():
             name = plan.get(p, "keep")
-            out.append(next(o for o in opts if o[0] == name))
+            found = [o for o in opts if o[0] == name]
+            if not found:
+                raise ValueError(f"Auto(plan=...): {p} has no option {name!r}.")
+            out.append(found[0][1:])
+        for root, g in self.groups.items():
+            setting, own = split_setting(plan.get(root, "keep"), g.settings)
+            names = {q: plan.get(q, "keep") for q in g.members}
+            names[root] = own
+            out.append(g.cost_loss(setting, names))
         return out
 
     def cost_of(self, plan: dict[str, str]) -> float:
         """The predicted cost of a plan (the whole model's)."""
-        return self.fixed + sum(o[1] for o in self._lookup(plan))
+        return self.fixed + sum(c for c, _ in self._parts(plan))
 
     def loss_of(self, plan: dict[str, str]) -> float:
         """The estimated loss increase of a plan."""
-        return sum(o[2] for o in self._lookup(plan))
+        return sum(v for _, v in self._parts(plan))
 
     def front(self, fractions: Any = None) -> list[dict[str, Any]]:
         """The predicted loss at each budget (default: 10 steps from the smallest reachable
@@ -423,11 +582,19 @@ class AutoTable:
         return points
 
     def names(self) -> list[str]:
-        """The candidate names the table holds (``keep`` first)."""
+        """The candidate names the table holds (``keep`` first; channel settings after)."""
         seen: dict[str, None] = {}
         for opts in self.options.values():
             for name, _, _ in opts:
                 seen.setdefault(name, None)
+        for g in self.groups.values():
+            for _, _, opts in g.settings.values():
+                for o in opts.values():
+                    for name, _, _ in o:
+                        seen.setdefault(name, None)
+        for g in self.groups.values():
+            for setting in g.settings:
+                seen.setdefault(setting, None)
         return list(seen)
 
 
@@ -468,7 +635,10 @@ def _measure(
         (_name(c), auto._transform(c), _probe_transform(auto._transform(c)))
         for c in auto.candidates
     ]
-    for p, m in layers.items():
+    structured = [(_name(c), c) for c in auto.candidates if _is_structured(c)]
+    probes = [x for x in probes if not _is_structured(x[1])]
+
+    def prepare(p: str, m: nn.Module) -> tuple[Any, ...]:
         st = stats[p]
         fisher = st.extra.get("out_grad_sq")
         embedding = isinstance(m, nn.Embedding)
@@ -494,36 +664,327 @@ def _measure(
         if timed:  # timed on what it sees in a forward: its time per forward
             base.time_on(shapes.get(p) or (max(1, round(scale)), w.shape[1]))
             scale = 1.0 if calls else 0.0
-        keep = base.cost[metric] * scale
-        opts: list[Option] = [("keep", keep, 0.0)]
-        for name, applied, rounded in probes:
-            gptq = isinstance(applied, Quantize) and applied.method == "gptq" and is_linear(m)
-            try:
-                new = base.apply(applied, gram=gram) if gptq else base.apply(rounded)
-            except ValueError as e:
-                unavailable.setdefault(p, {})[name] = str(e).split("\n")[0][:200]
-                continue
-            if new is None:
-                unavailable.setdefault(p, {})[name] = "leaves the layer as it is"
-                continue
-            cost, after = new
-            d = after - w
-            if d.dim() == 4:  # a convolution: each kernel offset against the channels' Gram
-                d = d.flatten(2)
-                loss = 0.5 * float(torch.einsum("oik,ij,ojk->o", d, gram, d) @ f)
-            elif embedding:  # rows (vocab, dim): the weight is the transpose of a Linear's
-                loss = 0.5 * float((gram @ d.pow(2)) @ f)
-                if head is not None:  # the tied head changes by the same rows
-                    fh = head.extra["out_grad_sq"].float() / n_batches**2
-                    loss += 0.5 * float(((d @ head.gram.float()) * d).sum(1) @ fh)
-            else:
-                loss = 0.5 * float(((d @ gram) * d).sum(1) @ f)
-            opts.append((name, cost[metric] * scale, loss))
+        return w, f, gram, head, base, scale
+
+    groups: dict[str, ChannelGroup] = {}
+    if structured:
+        found, why_not = _channel_groups(model, ctx, batches, layers, structured)
+        for root, why in why_not.items():
+            unavailable.setdefault(root, {}).update(why)
+        for g in found:
+            prepared = {q: prepare(q, layers[q]) for q in g.members if q in layers}
+            groups[g.root] = _group_options(
+                g, prepared, probes, structured, metric, whole, n_batches, unavailable
+            )
+            for q in prepared:
+                stats[q].gram = None
+    in_groups = {q for g in groups.values() for q in g.members}
+    for p, m in layers.items():
+        if p in in_groups:
+            continue
+        w, f, gram, head, base, scale = prepare(p, m)
+        opts, why = _layer_options(m, base, w, f, gram, probes, metric, scale, head, n_batches)
+        if why:
+            unavailable.setdefault(p, {}).update(why)
         options[p] = opts
-        st.gram = None
+        stats[p].gram = None
     for h in ties.values():
         stats[h].gram = None
-    return AutoTable(_METRIC_NAMES[metric], total, options, unavailable)
+    return AutoTable(_METRIC_NAMES[metric], total, options, unavailable, groups=groups)
+
+
+def _layer_options(
+    m: nn.Module,
+    base: _LayerProbe,
+    w: torch.Tensor,
+    f: torch.Tensor,
+    gram: torch.Tensor,
+    probes: list[tuple[str, Transform, Transform]],
+    metric: str,
+    scale: float,
+    head: LayerStats | None,
+    n_batches: int,
+) -> tuple[list[Option], dict[str, str]]:
+    """One layer's options (keeping it first) and the candidates it cannot take, why: each
+    candidate applied to a copy of ``base``'s layer, its cost, and its K-FAC loss from the
+    output factor ``f`` and the input Gram ``gram`` (``head``: the statistics of an output
+    layer tied to an embedding, which changes with it)."""
+    embedding = isinstance(m, nn.Embedding)
+    opts: list[Option] = [("keep", base.cost[metric] * scale, 0.0)]
+    unavailable: dict[str, str] = {}
+    for name, applied, rounded in probes:
+        gptq = isinstance(applied, Quantize) and applied.method == "gptq" and is_linear(m)
+        try:
+            new = base.apply(applied, gram=gram) if gptq else base.apply(rounded)
+        except ValueError as e:
+            unavailable[name] = str(e).split("\n")[0][:200]
+            continue
+        if new is None:
+            unavailable[name] = "leaves the layer as it is"
+            continue
+        cost, after = new
+        d = after - w
+        if d.dim() == 4 or not embedding:
+            loss = _kfac(d, gram, f)
+        else:  # rows (vocab, dim): the weight is the transpose of a Linear's
+            loss = 0.5 * float((gram @ d.pow(2)) @ f)
+            if head is not None:  # the tied head changes by the same rows
+                fh = head.extra["out_grad_sq"].float() / n_batches**2
+                loss += _kfac(d, head.gram.float(), fh)
+        opts.append((name, cost[metric] * scale, loss))
+    return opts, unavailable
+
+
+def _kfac(d: torch.Tensor, gram: torch.Tensor, f: torch.Tensor) -> float:
+    """``1/2 sum_o f_o d_o G d_o^T``: the K-FAC loss of a weight change ``d`` (out, in) or, for
+    a convolution (out, in, kh, kw), of each kernel offset's slice against the channels'
+    Gram (the offsets' cross terms left out)."""
+    if d.dim() == 4:
+        d = d.flatten(2)
+        return 0.5 * float(torch.einsum("oik,ij,ojk->o", d, gram, d) @ f)
+    return 0.5 * float(((d @ gram) * d).sum(1) @ f)
+
+
+def _is_structured(c: Any) -> bool:
+    """A candidate that removes channels: one setting for a coupled group, not a layer."""
+    c = CANDIDATES.get(c, c) if isinstance(c, str) else c
+    return isinstance(c, Prune)
+
+
+def split_setting(entry: str, structured: Any) -> tuple[str, str]:
+    """A plan entry as ``(channel setting or "keep", layer candidate or "keep")``: a group's
+    root carries ``"channels-0.25"`` or ``"channels-0.25+int8"``."""
+    for name in structured:
+        if entry == name:
+            return name, "keep"
+        if entry.startswith(name + "+"):
+            return name, entry[len(name) + 1 :]
+    return "keep", entry
+
+
+@dataclass
+class _Found:
+    """A coupled channel group Auto searches: its members with parameters (path -> the sides
+    pruned, ``"out"`` / ``"in"``), and per channel setting the indices each member loses."""
+
+    root: str
+    channels: int
+    members: dict[str, set[str]]
+    modules: dict[str, nn.Module]
+    pruners: dict[str, Any]
+    removed: dict[str, dict[tuple[str, str], list[int]]] = dataclasses.field(default_factory=dict)
+    gone: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+
+
+def _channel_groups(
+    model: nn.Module,
+    ctx: Context,
+    batches: list[Any],
+    layers: dict[str, nn.Module],
+    structured: list[tuple[str, Any]],
+) -> tuple[list[_Found], dict[str, dict[str, str]]]:
+    """The coupled channel groups the structured candidates may prune, and why the others are
+    left (by root). A group is searched when every layer it touches is a searched Linear or
+    dense convolution or a BatchNorm (a channel's removal is then exactly its readers' inputs
+    zeroed, which the K-FAC statistics price), and it shares no layer with a group taken
+    before (smaller groups first). Each setting removes the channels ``Prune`` would: the
+    lowest scores of its importance, as torch-pruning ranks them."""
+    from ..graph.trace import trace
+    from .importance import as_importance
+    from .prune import _NothingToPrune
+    from .scoring import GroupScorer
+
+    cfg = CANDIDATES.get(structured[0][1], structured[0][1])
+    inputs = as_inputs(ctx.inputs if ctx.inputs is not None else batches[0])
+    graph = trace(model, inputs, time_limit=cfg.time_limit)
+    dg = graph.dg
+    named = dict(model.named_modules())
+    paths = {id(m): p for p, m in named.items()}
+    try:
+        plan = dataclasses.replace(cfg, ratio=0.5)._plan(model, graph, Report(transform="Prune"))
+    except (_NothingToPrune, ValueError):
+        return [], {}
+    names = [n for n, _ in structured]
+    why_not: dict[str, dict[str, str]] = {}
+
+    def refuse(root: str, why: str) -> None:
+        why_not[root] = {n: why for n in names}
+
+    taken: list[tuple[Any, dict[str, set[str]]]] = []
+    for info in graph.groups(ignored=plan.frozen):
+        if info.root not in plan.channels or info.root not in layers:
+            continue
+        members: dict[str, set[str]] = {}
+        bad = ""
+        for item in info.group:
+            dep = item.dep
+            mod = dep.target.module
+            path = paths.get(id(mod))
+            if path is None or not any(True for _ in mod.parameters(recurse=False)):
+                continue
+            kind = (
+                "out"
+                if dg.is_out_channel_pruning_fn(dep.handler)
+                else "in"
+                if dg.is_in_channel_pruning_fn(dep.handler)
+                else "other"
+            )
+            if (is_linear(mod) or _conv(mod)) and kind != "other":
+                if path not in layers:
+                    bad = f"its channels reach {path}, which the search leaves as it is"
+                    break
+            elif not (isinstance(mod, nn.modules.batchnorm._BatchNorm) and kind == "out"):
+                bad = (
+                    f"its channels reach {path} ({type(mod).__name__}), whose output a "
+                    f"channel's removal changes beyond that channel (Auto prices a removal at "
+                    f"the layers reading the channels)"
+                )
+                break
+            members.setdefault(path, set()).add(kind)
+        if not bad and not any("in" in k for q, k in members.items() if q in layers):
+            bad = "no searched layer reads its channels"
+        if bad:
+            refuse(info.root, bad)
+        else:
+            taken.append((info, members))
+    order = {p: i for i, p in enumerate(named)}
+    taken.sort(key=lambda c: (sum(q in layers for q in c[1]), order[c[0].root]))
+    owner: dict[str, str] = {}
+    chosen = []
+    for info, members in taken:
+        shared = next((q for q in members if q in owner), None)
+        if shared is not None:
+            refuse(
+                info.root,
+                f"shares {shared} with the channel group of {owner[shared]}, searched instead "
+                f"(a layer joins one group)",
+            )
+            continue
+        owner.update({q: info.root for q in members})
+        chosen.append((info, members))
+    chosen.sort(key=lambda c: order[c[0].root])
+
+    scorers: dict[str, Any] = {}
+    found = []
+    for info, members in chosen:
+        g = _Found(
+            info.root,
+            info.channels,
+            members,
+            {q: named[q] for q in members},
+            {q: dg.get_pruner_of_module(named[q]) for q in members},
+        )
+        for name, c in structured:
+            c = CANDIDATES.get(c, c) if isinstance(c, str) else c
+            key = repr(c.importance)
+            if key not in scorers:
+                imp = as_importance(c.importance)
+                st = c._stats(model, ctx, imp, plan.all_layers)
+                by_id = {id(named[p]): v for p, v in st.items() if p in named}
+                scorers[key] = GroupScorer(imp, by_id, dg)
+            with torch.no_grad():
+                scores = scorers[key](info.group)
+            n = info.channels
+            if scores is None or len(scores) != n:
+                why_not.setdefault(info.root, {})[name] = "its importance gives no channel scores"
+                continue
+            # torch-pruning's local ranking: the lowest scores, rounded as it rounds
+            k = n - int(n * (1 - c.ratio))
+            if k > 0:
+                idx = torch.topk(scores.cpu(), k, largest=False).indices
+                if c.round_to:
+                    kept = n - k
+                    k = n - (kept - kept % c.round_to)
+                    idx = torch.argsort(scores.cpu())[:k]
+            if k <= 0 or k >= n:
+                why_not.setdefault(info.root, {})[name] = (
+                    f"removes {'no' if k <= 0 else 'every'} channel of its {n}"
+                )
+                continue
+            gone = set(idx.tolist())
+            removed: dict[tuple[str, str], set[int]] = {}
+            for item in info.group:
+                path = paths.get(id(item.dep.target.module))
+                if path not in members:
+                    continue
+                dep = item.dep
+                kind = "out" if dg.is_out_channel_pruning_fn(dep.handler) else "in"
+                hit = [i for i, r in zip(item.idxs, item.root_idxs) if r is not None and r in gone]
+                removed.setdefault((path, kind), set()).update(hit)
+            g.removed[name] = {q: sorted(v) for q, v in removed.items()}
+            g.gone[name] = sorted(gone)
+        if g.removed:
+            found.append(g)
+    return found, why_not
+
+
+def _group_options(
+    g: _Found,
+    prepared: dict[str, tuple[Any, ...]],
+    probes: list[tuple[str, Transform, Transform]],
+    structured: list[tuple[str, Any]],
+    metric: str,
+    whole: Any,
+    n_batches: int,
+    unavailable: dict[str, dict[str, str]],
+) -> ChannelGroup:
+    """A group's settings: per channel setting (and keeping every channel) the cost of its
+    members without options (BatchNorms, falling with their channels), the K-FAC loss of the
+    removal (at each layer reading the channels: those input columns zeroed), and each
+    searched member's options on its pruned copy."""
+    settings: dict[str, tuple[float, float, dict[str, list[Option]]]] = {}
+    for setting in ["keep", *(n for n, _ in structured if n in g.removed)]:
+        removed = g.removed.get(setting, {})
+        rest = 0.0
+        loss = 0.0
+        opts: dict[str, list[Option]] = {}
+        for q in g.members:
+            mod = g.modules[q]
+            out = removed.get((q, "out"), [])
+            inn = removed.get((q, "in"), [])
+            if q not in prepared:  # a BatchNorm: its cost falls with its channels
+                figure = getattr(whole.modules[q], _COSTS[metric]) if q in whole.modules else 0
+                rest += float(figure) * (mod.num_features - len(out)) / mod.num_features
+                continue
+            w, f, gram, head, base, scale = prepared[q]
+            if inn:  # the channels it reads: their removal is those input columns zeroed
+                loss += _kfac(w[:, inn], gram[inn][:, inn], f)
+            if setting == "keep":
+                o, why = _layer_options(
+                    mod, base, w, f, gram, probes, metric, scale, head, n_batches
+                )
+                if why:
+                    unavailable.setdefault(q, {}).update(why)
+            else:
+                small = copy.deepcopy(mod)
+                with torch.no_grad():
+                    if out:
+                        g.pruners[q].prune_out_channels(small, out)
+                    if inn:
+                        g.pruners[q].prune_in_channels(small, inn)
+                ko = _complement(w.shape[0], out)
+                ki = _complement(w.shape[1], inn)
+                o, _ = _layer_options(
+                    small,
+                    _LayerProbe(small),
+                    w[ko][:, ki],
+                    f[ko],
+                    gram[ki][:, ki],
+                    probes,
+                    metric,
+                    scale,
+                    None,
+                    n_batches,
+                )
+            opts[q] = o
+        settings[setting] = (rest, loss, opts)
+    return ChannelGroup(g.root, [q for q in g.members if q in prepared], settings, g.gone)
+
+
+def _complement(n: int, gone: list[int]) -> torch.Tensor:
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[gone] = False
+    return keep.nonzero().flatten()
 
 
 def _time_ms(module: nn.Module, inputs: Any) -> float:

@@ -561,7 +561,10 @@ class Prune(Transform):
                             "its heads index one position bias with "
                             f"{len(tied) - 1} other attention layers, not all of them selected",
                         )
+        followers = self._co_producers(model, graph, chosen, channel_roots, head_keys, unit_keys)
         for p in channel_roots:
+            if p in followers:
+                continue
             if p in outputs and p not in chosen:
                 report.skipped(p, "produces the model output (its channels are the output's)")
             elif p not in chosen:
@@ -594,7 +597,7 @@ class Prune(Transform):
                 f"per-expert statistics)"
             )
         channels = {p: v for p, v in chosen.items() if p not in head_keys and p not in unit_keys}
-        frozen = [p for p in layer_paths if p not in channels] + [
+        frozen = [p for p in layer_paths if p not in channels and p not in followers] + [
             p for p, m in named.items() if isinstance(m, nn.MultiheadAttention)
         ]
         coupled: dict[str, int] = {}
@@ -603,6 +606,38 @@ class Prune(Transform):
             if not coupled:
                 raise _NotCoupled
         return _Plan(attention, heads, channels, frozen, layer_paths, units, coupled, writers)
+
+    def _co_producers(
+        self,
+        model: nn.Module,
+        graph: Graph,
+        chosen: dict[str, Any],
+        channel_roots: list[str],
+        head_keys: dict[str, Any],
+        unit_keys: dict[str, Any],
+    ) -> set[str]:
+        """The layers that produce a selected layer's channels with it (an MLP's up
+        projection beside its gate, the convolutions adding into one residual stream): they
+        lose the same channels, so they follow the selection instead of freezing the group
+        (which left it unpruned, a silent no-op). Layers excluded by name stay frozen."""
+        roots = [p for p in chosen if p not in head_keys and p not in unit_keys]
+        if self.select is None or not roots:
+            return set()
+        named = dict(model.named_modules())
+        eligible = set(channel_roots)
+        if self.exclude is not None:
+            eligible = {
+                p
+                for p, _ in self.resolve(
+                    model, None, self.exclude, eligible=[(p, named[p]) for p in channel_roots]
+                )
+            }
+        out: set[str] = set()
+        for info in graph.groups():
+            outs = {p for p, kind in info.members if kind == "out"}
+            if outs & set(roots):
+                out |= {p for p in outs if p in eligible and p not in chosen}
+        return out
 
     def _stats(
         self, model: nn.Module, ctx: Context, imp: Importance, layers: list[str]

@@ -867,3 +867,24 @@ def test_an_encoder_decoder_whose_decoder_alone_is_narrowed_keeps_cross_attentio
     assert model.decoder.config.cross_attention_hidden_size == 64
     with torch.no_grad():
         assert model(**x).logits.shape == shape
+
+
+def test_selecting_one_of_a_groups_producers_prunes_the_group_with_its_partners():
+    """A Llama MLP's hidden units are produced by gate_proj and up_proj together: selecting
+    the gate alone prunes both and down_proj's inputs (it left the group whole before: the
+    partner was frozen, a silent no-op); excluding the partner by name keeps the group, said."""
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(llama_config(num_hidden_layers=2)).eval()
+    x = torch.randint(0, model.config.vocab_size, (2, 8))
+    mlp = "model.layers.0.mlp"
+    m = copy.deepcopy(model)
+    report = nnslim.Prune(select={f"{mlp}.gate_proj": 0.5}).apply(m, x)
+    assert m.model.layers[0].mlp.gate_proj.out_features == 64
+    assert m.model.layers[0].mlp.up_proj.out_features == 64
+    assert m.model.layers[0].mlp.down_proj.in_features == 64
+    assert m.model.layers[1].mlp.gate_proj.out_features == 128  # not selected
+    assert f"{mlp}.up_proj" not in {s.path for s in report.skips}
+    m = copy.deepcopy(model)
+    report = nnslim.Prune(select={f"{mlp}.gate_proj": 0.5}, exclude=[f"{mlp}.up_proj"]).apply(m, x)
+    assert m.model.layers[0].mlp.gate_proj.out_features == 128
+    assert any(s.path == f"{mlp}.up_proj" for s in report.skips)

@@ -1,0 +1,204 @@
+"""nnslim.Auto with channel candidates: a coupled channel group is one item of the search."""
+
+import copy
+import dataclasses
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import nnslim
+from nnslim.testing import assert_same_state, model_state
+
+CHANNELS = ("channels-0.25", "channels-0.5")
+
+
+class _CNN(nn.Module):
+    """conv-BN-ReLU twice, pooled, then a small MLP: the groups c1 -> c2 (through b1),
+    c2 -> fc1 (through b2) and fc1 -> fc2."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.c2, self.b2 = nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32)
+        self.fc1, self.fc2 = nn.Linear(32, 48), nn.Linear(48, 10)
+
+    def forward(self, x):
+        x = F.relu(self.b1(self.c1(x)))
+        x = F.relu(self.b2(self.c2(x))).mean((2, 3))
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+def _cnn():
+    torch.manual_seed(0)
+    model = _CNN().eval()
+    with torch.no_grad():
+        for b in (model.b1, model.b2):  # statistics a trained network would have
+            b.running_mean.normal_()
+            b.running_var.uniform_(0.5, 2.0)
+            b.weight.normal_()
+            b.bias.normal_()
+    g = torch.Generator().manual_seed(1)
+    data = [
+        (torch.randn(8, 3, 12, 12, generator=g), torch.randint(0, 10, (8,), generator=g))
+        for _ in range(3)
+    ]
+    return model, data
+
+
+def _apply(model, plan, candidates, data):
+    m = copy.deepcopy(model)
+    nnslim.Auto(plan=plan, candidates=candidates).apply(m, data[0][0], calibration=data)
+    return m
+
+
+def test_a_group_removes_the_channels_prune_removes_at_the_predicted_cost():
+    """Each channel setting removes exactly the channels ``Prune`` removes with that
+    importance (the root's surviving rows and the reader's surviving columns are the
+    originals at the table's kept indices); the BatchNorm shrinks with them; the predicted
+    MACs and bytes are the profiler's after the plan is applied, exactly."""
+    model, data = _cnn()
+    x = data[0][0]
+    cands = (*CHANNELS, "int8", "rank-0.5")
+    for metric in ("macs", "bytes"):
+        table = nnslim.Auto(target={metric: 0.5}, candidates=cands).table(model, data)
+        # c1 -> c2 is taken; c2's own group shares c2 and is said to be left
+        assert set(table.groups) == {"c1", "fc1"}
+        assert "shares c2" in table.unavailable["c2"]["channels-0.25"]
+        assert table.groups["c1"].members == ["c1", "c2"]
+        for setting in CHANNELS:
+            gone = table.groups["c1"].removed[setting]
+            assert len(gone) == {"channels-0.25": 4, "channels-0.5": 8}[setting]
+            m = _apply(model, {"c1": setting}, cands, data)
+            kept = [i for i in range(16) if i not in gone]
+            assert torch.equal(m.c1.weight, model.c1.weight[kept])
+            assert torch.equal(m.c2.weight, model.c2.weight[:, kept])
+            assert torch.equal(m.b1.running_mean, model.b1.running_mean[kept])
+        before = nnslim.profile(model, x, memory=False)
+        for fraction in (0.9, 0.6, 0.4):
+            plan = table.allocate(fraction)
+            m = _apply(model, plan, cands, data)
+            after = nnslim.profile(m, x, memory=False)
+            field = "macs" if metric == "macs" else "param_bytes"
+            measured = getattr(after, field) / getattr(before, field)
+            assert measured == pytest.approx(table.cost_of(plan) / table.total, rel=1e-9)
+            assert measured <= fraction * (1 + 1e-9)
+            with torch.no_grad():
+                assert m(x).shape == (8, 10)
+
+
+@dataclasses.dataclass(frozen=True)
+class ZeroColumns(nnslim.Transform):
+    """A user's transform: the selected layers' input columns ``cols`` set to zero."""
+
+    cols: tuple[int, ...] = ()
+    select: Any = None
+
+    def _apply(self, model, ctx, report):
+        eligible = [(p, m) for p, m in model.named_modules() if isinstance(m, nn.Linear)]
+        for path, _ in self.resolve(model, self.select, eligible=eligible):
+            with torch.no_grad():
+                model.get_submodule(path).weight[:, list(self.cols)] = 0
+            report.changed(path, "columns zeroed")
+
+
+def test_the_removal_estimate_is_the_readers_k_fac_loss_with_those_columns_zeroed():
+    """Removing a group's channels is its readers' input columns zeroed: the estimate is
+    exactly the K-FAC loss Auto gives the same change made to the reader alone (the
+    per-layer path, weight read back through the identity)."""
+    model, data = _cnn()
+    table = nnslim.Auto(target={"bytes": 0.5}, candidates=CHANNELS).table(model, data)
+    group = table.groups["fc1"]
+    for setting in CHANNELS:
+        zero = ZeroColumns(cols=tuple(group.removed[setting]))
+        alone = nnslim.Auto(target={"bytes": 0.99}, candidates=(zero,), select=["fc2"])
+        est = {n: loss for n, _, loss in alone.table(model, data).options["fc2"]}
+        assert group.settings[setting][1] == pytest.approx(est[repr(zero)], rel=1e-5)
+        assert group.settings[setting][1] > 0
+
+
+def test_an_mlp_in_a_transformer_is_a_group_and_the_hidden_width_is_left_with_its_reason():
+    """In a Llama, each MLP's hidden units (gate, up, down) are one group with the layers'
+    own settings in it; the attention projections are chosen one by one; the hidden width
+    (through the RMSNorms and the embedding) is left and said. A plan pruning some MLPs and
+    quantizing the rest (a budget int4 alone cannot reach) meets its bytes exactly and the model still runs."""
+    transformers = pytest.importorskip("transformers")
+    from tests.zoo import llama_config
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(llama_config(num_hidden_layers=2)).eval()
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randint(0, model.config.vocab_size, (2, 16), generator=g) for _ in range(2)]
+    cands = ("channels-0.5", "int8", "int4-g32")
+    auto = nnslim.Auto(target={"bytes": 0.35}, candidates=cands)
+    table = auto.table(model, data)
+    mlp = "model.layers.0.mlp"
+    assert table.groups[f"{mlp}.gate_proj"].members == [
+        f"{mlp}.gate_proj",
+        f"{mlp}.up_proj",
+        f"{mlp}.down_proj",
+    ]
+    assert "model.layers.0.self_attn.q_proj" in table.options
+    why = table.unavailable["model.layers.0.self_attn.o_proj"]["channels-0.5"]
+    assert "Norm" in why or "Embedding" in why
+    low = table.smallest() + 0.01  # below what int4 alone reaches: some MLPs lose units
+    plan = table.allocate(low)
+    m = copy.deepcopy(model)
+    report = nnslim.Auto(plan=plan, candidates=cands).apply(m, data[0], calibration=data)
+    assert report.after.param_bytes / report.before.param_bytes == pytest.approx(
+        table.cost_of(plan) / table.total, rel=1e-9
+    )
+    assert report.after.param_bytes / report.before.param_bytes <= low * (1 + 1e-9)
+    pruned = [p for p, n in plan.items() if n.startswith("channels")]
+    assert pruned
+    for p in pruned:
+        assert m.get_submodule(p).out_features == model.get_submodule(p).out_features // 2
+    with torch.no_grad():
+        assert torch.isfinite(m(data[0]).logits).all()
+
+
+def test_a_plan_with_settings_round_trips_and_scales_steer_the_search():
+    """A plan naming a channel setting with the root's own option applies both; the Auto
+    round-trips JSON with it; a large scale on a group's root (how ``compress`` corrects an
+    estimate after measuring) moves the search to low rank instead."""
+    model, data = _cnn()
+    cands = (*CHANNELS, "int8")
+    plan = {"fc1": "channels-0.5+int8", "fc2": "int8"}
+    auto = nnslim.Auto(plan=plan, candidates=cands)
+    assert nnslim.Transform.from_json(auto.to_json()) == auto
+    m = _apply(model, plan, cands, data)
+    assert m.fc1.out_features == 24 and m.fc2.in_features == 24
+    assert {type(m.fc1).__name__, type(m.fc2).__name__} == {"Int8Linear"}
+    cands = (*CHANNELS, "rank-0.5")  # low rank reaches the budget too
+    table = nnslim.Auto(target={"macs": 0.5}, candidates=cands).table(model, data)
+    plain = table.allocate(0.7)
+    assert any(n.startswith("channels") for n in plain.values())
+    root = next(p for p, n in plain.items() if n.startswith("channels"))
+    steered = table.allocate(0.7, scale={root: 1e6})
+    assert not steered.get(root, "keep").startswith("channels")
+
+
+def test_bad_channel_candidates_and_budgets_are_refused_before_any_change():
+    model, data = _cnn()
+    before = model_state(model)
+    with pytest.raises(ValueError, match="latency"):
+        nnslim.Auto(target={"latency": 0.5}, candidates=CHANNELS).apply(
+            model, data[0][0], calibration=data
+        )
+    for bad in (
+        nnslim.Prune(macs=0.5),
+        nnslim.Prune(structure="2:4"),
+        nnslim.Prune(ratio=0.3, select=["c1"]),
+        nnslim.Prune(ratio=0.3, steps=2),
+    ):
+        with pytest.raises(ValueError, match="channel candidate"):
+            nnslim.Auto(target={"bytes": 0.5}, candidates=(bad,))
+    with pytest.raises(ValueError, match="not among the candidates"):
+        nnslim.Auto(plan={"c1": "channels-0.5+int3"}, candidates=CHANNELS)
+    assert_same_state(before, model_state(model), "after refusals")
+    # a Prune of the user's own (its importance and ratio) is a channel candidate too
+    own = nnslim.Prune(ratio=0.4, importance="l2")
+    table = nnslim.Auto(target={"macs": 0.8}, candidates=(own,)).table(model, data)
+    assert repr(own) in table.groups["c1"].settings
