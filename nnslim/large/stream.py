@@ -54,7 +54,7 @@ from ..core.report import Report
 from ..core.transform import Context, Transform
 from ..io.save import recompute_buffers
 from ..record.edits import RECORD_ATTR, describe, fingerprint
-from ..transforms.auto import Auto, AutoTable, _is_structured, _measure, plan_note
+from ..transforms.auto import Auto, AutoTable, is_channel_candidate, measure_table, plan_note
 
 __all__ = ["ShardedCheckpoint", "checkpoint_table", "compress_checkpoint"]
 
@@ -357,7 +357,7 @@ def _auto_of(transform: Transform) -> Auto | None:
                 "(target={'bytes': f}); MACs and latency need the whole model's forward, "
                 "which a checkpoint larger than memory never runs."
             )
-        if any(_is_structured(c) for c in transform.candidates):
+        if any(is_channel_candidate(c) for c in transform.candidates):
             raise ValueError(
                 "compress_checkpoint: a streamed Auto searches each layer's own settings; "
                 "channel candidates (channels-*, Prune) need the whole model's dependency "
@@ -494,7 +494,7 @@ def _measure_blocks(auto: Auto, opened: _Opened, progress: bool | None) -> AutoT
                     stack.enter_context(reduce_across_processes())
                 stats, grads = collect_backward(block, ins, layers, grads)
                 if layers:
-                    part = _measure(probe, held, ctx, batches, layers, "param_bytes", stats)
+                    part = measure_table(probe, held, ctx, batches, layers, "param_bytes", stats)
                     table.total += part.total
                     table.options.update(part.options)
                     table.unavailable.update(part.unavailable)

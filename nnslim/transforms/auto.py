@@ -83,6 +83,7 @@ from ..core.calibrate import LayerStats, batch_count, collect
 from ..core.report import Report
 from ..core.target import Target
 from ..core.transform import Compose, Context, Transform
+from ..graph.attention import AttentionSpec
 from .factorize import Factorize
 from .prune import Prune
 from .quantize import METHODS, Quantize, _lm_heads, plain_embedding, tied_heads
@@ -218,7 +219,7 @@ class Auto(Transform):
         if len(set(names)) != len(names):
             raise ValueError(f"Auto(candidates=...): a setting is given twice: {names}.")
         if self.plan is not None:
-            structured = [_name(c) for c in self.candidates if _is_structured(c)]
+            structured = [_name(c) for c in self.candidates if is_channel_candidate(c)]
             used = {n for v in self.plan.values() for n in split_setting(v, structured)}
             unknown = sorted(used - set(names) - {"keep"})
             if unknown:
@@ -235,7 +236,7 @@ class Auto(Transform):
         self, model: nn.Module, ctx: Context, report: Report, state: dict[str, Any]
     ) -> list[Any]:
         plan = self.plan if self.plan is not None else self._search(model, ctx, report)
-        structured = [_name(c) for c in self.candidates if _is_structured(c)]
+        structured = [_name(c) for c in self.candidates if is_channel_candidate(c)]
         split = {p: split_setting(n, structured) for p, n in plan.items()}
         parts = []
         for c in self.candidates:  # channels first: the layers' own settings then apply to them
@@ -290,7 +291,7 @@ class Auto(Transform):
         report = report if report is not None else Report(transform="Auto")
         batches = ctx.require_calibration("Auto", "to measure each layer's sensitivity")
         metric = self._target.metric if self.target is not None else "param_bytes"
-        if metric == "latency_ms" and any(_is_structured(c) for c in self.candidates):
+        if metric == "latency_ms" and any(is_channel_candidate(c) for c in self.candidates):
             raise ValueError(
                 "Auto: channel candidates are searched under a bytes or MACs budget (a "
                 "latency budget would time each group's layers together: not built); use "
@@ -317,7 +318,7 @@ class Auto(Transform):
                     "Auto: no Linear, Conv2d or Embedding layer to choose a setting for after "
                     "select/exclude."
                 )
-            table = _measure(self, model, ctx, batches, layers, metric)
+            table = measure_table(self, model, ctx, batches, layers, metric)
             table.left = {s.path: s.reason for s in left.skips}
             _TABLES[model] = (key, table)
         for path, why in table.left.items():
@@ -389,8 +390,9 @@ class ChannelGroup:
     BatchNorms; estimated loss of removing the channels; {member: its options, measured on
     its pruned copy}})``. The knapsack takes the group as one item whose options are every
     combination of a setting and its members' options (the ones no other beats on both cost
-    and loss). ``removed``: per channel setting, the root's output channels it removes (the
-    ones ``Prune`` with that candidate's importance removes)."""
+    and loss). ``removed``: per channel setting, the root's output channels it removes (for
+    attention, rooted at its query projection: the query heads), the ones ``Prune`` with that
+    candidate's importance removes."""
 
     root: str
     members: list[str]
@@ -603,7 +605,7 @@ def _name(c: Any) -> str:
     return c if isinstance(c, str) else repr(c)
 
 
-def _measure(
+def measure_table(
     auto: Auto,
     model: nn.Module,
     ctx: Context,
@@ -612,8 +614,11 @@ def _measure(
     metric: str,
     stats: dict[str, LayerStats] | None = None,
 ) -> AutoTable:
-    """The table: K-FAC statistics from one pass (or ``stats``, gathered elsewhere: a model
-    streamed block by block), then each candidate on a copy of each layer."""
+    """``auto``'s table for ``layers`` of ``model`` under ``metric`` (``"param_bytes"``,
+    ``"macs"`` or ``"latency_ms"``): K-FAC statistics from one pass over ``batches`` (or
+    ``stats``, gathered elsewhere: :func:`nnslim.compress_checkpoint` gathers them block by
+    block), then each candidate on a copy of each layer (channel candidates per group).
+    :meth:`Auto.table` calls it with the layers it chose and caches the result."""
     from ..profiling.profiler import profile
 
     named = dict(model.named_modules())
@@ -635,8 +640,8 @@ def _measure(
         (_name(c), auto._transform(c), _probe_transform(auto._transform(c)))
         for c in auto.candidates
     ]
-    structured = [(_name(c), c) for c in auto.candidates if _is_structured(c)]
-    probes = [x for x in probes if not _is_structured(x[1])]
+    structured = [(_name(c), c) for c in auto.candidates if is_channel_candidate(c)]
+    probes = [x for x in probes if not is_channel_candidate(x[1])]
 
     def prepare(p: str, m: nn.Module) -> tuple[Any, ...]:
         st = stats[p]
@@ -745,7 +750,7 @@ def _kfac(d: torch.Tensor, gram: torch.Tensor, f: torch.Tensor) -> float:
     return 0.5 * float(((d @ gram) * d).sum(1) @ f)
 
 
-def _is_structured(c: Any) -> bool:
+def is_channel_candidate(c: Any) -> bool:
     """A candidate that removes channels: one setting for a coupled group, not a layer."""
     c = CANDIDATES.get(c, c) if isinstance(c, str) else c
     return isinstance(c, Prune)
@@ -847,29 +852,45 @@ def _channel_groups(
             refuse(info.root, bad)
         else:
             taken.append((info, members))
+    for spec in plan.attention:  # heads: the query rows (and key/value rows without GQA)
+        if spec.path not in plan.heads:  # and the output projection's columns, per head
+            continue
+        root = spec.q or spec.qkv or spec.path
+        bad = _heads_left(spec, layers)
+        if bad:
+            refuse(root, bad)
+            continue
+        mha = spec.kv_heads == spec.heads
+        members = {spec.q: {"out"}, **({spec.k: {"out"}, spec.v: {"out"}} if mha else {})}
+        taken.append((spec, {**members, spec.o: {"in"}}))
     order = {p: i for i, p in enumerate(named)}
-    taken.sort(key=lambda c: (sum(q in layers for q in c[1]), order[c[0].root]))
+
+    def root_of(c: Any) -> str:
+        return c.q if isinstance(c, AttentionSpec) else c.root
+
+    taken.sort(key=lambda c: (sum(q in layers for q in c[1]), order[root_of(c[0])]))
     owner: dict[str, str] = {}
     chosen = []
     for info, members in taken:
         shared = next((q for q in members if q in owner), None)
         if shared is not None:
             refuse(
-                info.root,
+                root_of(info),
                 f"shares {shared} with the channel group of {owner[shared]}, searched instead "
                 f"(a layer joins one group)",
             )
             continue
-        owner.update({q: info.root for q in members})
+        owner.update({q: root_of(info) for q in members})
         chosen.append((info, members))
-    chosen.sort(key=lambda c: order[c[0].root])
+    chosen.sort(key=lambda c: order[root_of(c[0])])
 
     scorers: dict[str, Any] = {}
     found = []
     for info, members in chosen:
+        heads = isinstance(info, AttentionSpec)
         g = _Found(
-            info.root,
-            info.channels,
+            root_of(info),
+            info.heads if heads else info.channels,
             members,
             {q: named[q] for q in members},
             {q: dg.get_pruner_of_module(named[q]) for q in members},
@@ -882,6 +903,18 @@ def _channel_groups(
                 st = c._stats(model, ctx, imp, plan.all_layers)
                 by_id = {id(named[p]): v for p, v in st.items() if p in named}
                 scorers[key] = GroupScorer(imp, by_id, dg)
+            if heads:  # as Prune removes heads: its head scores, the same number per KV group
+                with torch.no_grad():
+                    scores = info.head_scores(model, scorers[key].element_scores)
+                n_heads = info.removable(c.ratio)
+                if n_heads <= 0:
+                    why_not.setdefault(g.root, {})[name] = f"removes no head of its {info.heads}"
+                    continue
+                remove = info.choose(scores, n_heads)
+                chans = [h * info.head_dim + d for h in remove for d in range(info.head_dim)]
+                g.removed[name] = {(q, next(iter(k))): chans for q, k in members.items()}
+                g.gone[name] = remove
+                continue
             with torch.no_grad():
                 scores = scorers[key](info.group)
             n = info.channels
@@ -916,6 +949,22 @@ def _channel_groups(
         if g.removed:
             found.append(g)
     return found, why_not
+
+
+def _heads_left(spec: Any, layers: dict[str, nn.Module]) -> str:
+    """Why Auto leaves an attention module's heads to ``Prune`` alone ("" where it searches
+    them): its heads must live in separate Linear projections it searches, with nothing else
+    sized by the heads."""
+    if spec.qkv is not None:
+        return "a fused query/key/value projection: its heads are not searched yet"
+    extra = [k for k in ("per_channel", "swin", "bias_table", "tie") if spec.extra.get(k)]
+    if extra or any(True for _ in spec.module.parameters(recurse=False)):
+        return "tensors sized by its heads besides the projections: its heads are not searched"
+    mha = spec.kv_heads == spec.heads
+    missing = [p for p in (spec.q, spec.o, *((spec.k, spec.v) if mha else ())) if p not in layers]
+    if missing:
+        return f"its heads reach {missing[0]}, which the search leaves as it is"
+    return ""
 
 
 def _group_options(

@@ -50,7 +50,8 @@ def _cnn():
 
 def _apply(model, plan, candidates, data):
     m = copy.deepcopy(model)
-    nnslim.Auto(plan=plan, candidates=candidates).apply(m, data[0][0], calibration=data)
+    x = data[0][0] if isinstance(data[0], tuple) else data[0]
+    nnslim.Auto(plan=plan, candidates=candidates).apply(m, x, calibration=data)
     return m
 
 
@@ -119,31 +120,49 @@ def test_the_removal_estimate_is_the_readers_k_fac_loss_with_those_columns_zeroe
         assert group.settings[setting][1] > 0
 
 
-def test_an_mlp_in_a_transformer_is_a_group_and_the_hidden_width_is_left_with_its_reason():
-    """In a Llama, each MLP's hidden units (gate, up, down) are one group with the layers'
-    own settings in it; the attention projections are chosen one by one; the hidden width
-    (through the RMSNorms and the embedding) is left and said. A plan pruning some MLPs and
-    quantizing the rest (a budget int4 alone cannot reach) meets its bytes exactly and the model still runs."""
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_mlps_and_heads_in_a_transformer_are_groups_and_the_hidden_width_is_left(kv_heads):
+    """In a Llama, each MLP's hidden units (gate, up, down) and each attention's heads (the
+    query rows, the key/value rows without GQA, the output projection's columns) are groups
+    with the layers' own settings in them; the hidden width (through the RMSNorms and the
+    embedding) is left and said. The heads removed are the ones Prune removes; a plan below
+    what int4 alone reaches prunes some groups and meets its bytes exactly."""
     transformers = pytest.importorskip("transformers")
     from tests.zoo import llama_config
 
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(llama_config(num_hidden_layers=2)).eval()
+    cfg = llama_config(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=kv_heads)
+    model = transformers.LlamaForCausalLM(cfg).eval()
     g = torch.Generator().manual_seed(0)
     data = [torch.randint(0, model.config.vocab_size, (2, 16), generator=g) for _ in range(2)]
-    cands = ("channels-0.5", "int8", "int4-g32")
-    auto = nnslim.Auto(target={"bytes": 0.35}, candidates=cands)
-    table = auto.table(model, data)
-    mlp = "model.layers.0.mlp"
+    cands = ("channels-0.25", "channels-0.5", "int8", "int4-g32")
+    table = nnslim.Auto(target={"bytes": 0.35}, candidates=cands).table(model, data)
+    mlp, att = "model.layers.0.mlp", "model.layers.0.self_attn"
     assert table.groups[f"{mlp}.gate_proj"].members == [
         f"{mlp}.gate_proj",
         f"{mlp}.up_proj",
         f"{mlp}.down_proj",
     ]
-    assert "model.layers.0.self_attn.q_proj" in table.options
-    why = table.unavailable["model.layers.0.self_attn.o_proj"]["channels-0.5"]
+    kv = [f"{att}.k_proj", f"{att}.v_proj"] if kv_heads == 4 else []
+    assert table.groups[f"{att}.q_proj"].members == [f"{att}.q_proj", *kv, f"{att}.o_proj"]
+    if kv_heads == 2:  # GQA: keys and values stay, chosen one by one
+        assert f"{att}.k_proj" in table.options
+    why = table.unavailable[f"{att}.o_proj"]["channels-0.5"]
     assert "Norm" in why or "Embedding" in why
-    low = table.smallest() + 0.01  # below what int4 alone reaches: some MLPs lose units
+    hd = model.config.head_dim
+    for setting in ("channels-0.25", "channels-0.5"):
+        m = _apply(model, {f"{att}.q_proj": setting}, cands, data)
+        gone = table.groups[f"{att}.q_proj"].removed[setting]
+        kept = [h * hd + d for h in range(4) if h not in gone for d in range(hd)]
+        assert torch.equal(
+            m.get_submodule(f"{att}.q_proj").weight,
+            model.get_submodule(f"{att}.q_proj").weight[kept],
+        )
+        assert torch.equal(
+            m.get_submodule(f"{att}.o_proj").weight,
+            model.get_submodule(f"{att}.o_proj").weight[:, kept],
+        )
+    low = table.smallest() + 0.01  # below what int4 alone reaches: some groups lose channels
     plan = table.allocate(low)
     m = copy.deepcopy(model)
     report = nnslim.Auto(plan=plan, candidates=cands).apply(m, data[0], calibration=data)
@@ -151,10 +170,7 @@ def test_an_mlp_in_a_transformer_is_a_group_and_the_hidden_width_is_left_with_it
         table.cost_of(plan) / table.total, rel=1e-9
     )
     assert report.after.param_bytes / report.before.param_bytes <= low * (1 + 1e-9)
-    pruned = [p for p, n in plan.items() if n.startswith("channels")]
-    assert pruned
-    for p in pruned:
-        assert m.get_submodule(p).out_features == model.get_submodule(p).out_features // 2
+    assert any(n.startswith("channels") for n in plan.values())
     with torch.no_grad():
         assert torch.isfinite(m(data[0]).logits).all()
 
