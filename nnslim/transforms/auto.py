@@ -56,9 +56,11 @@ channel setting with its layers' own candidates, measured on the pruned copies, 
 combinations beaten on both cost and loss dropped. The channels removed are the ones
 ``Prune`` removes (its importance's lowest scores, as torch-pruning ranks them), and the
 removal's estimate is the K-FAC loss of the layers reading the channels with those input
-columns zeroed: removing a channel is exactly that. A group through a LayerNorm/RMSNorm or an
-embedding (a transformer's hidden width) is left with its reason, as is a group sharing a
-layer with one taken before (the smaller groups first).
+columns zeroed: removing a channel is exactly that. An attention module's heads are a group
+too (rooted at the query projection: its rows, the key/value rows without GQA, the output
+projection's columns; the heads ``Prune`` removes). A group through a LayerNorm/RMSNorm or
+an embedding (a transformer's hidden width), attention with a fused projection, and a group
+sharing a layer with one taken before (the smaller groups first) are left with their reason.
 
 :meth:`Auto.table` gives the per-layer table (cached on the model's weights, so a second
 budget reuses it); :meth:`AutoTable.front` the predicted loss over a range of budgets.
