@@ -57,7 +57,15 @@ def _reduce(stats: dict[str, LayerStats]) -> None:
         st.rows = int(rows.item())
         if "amax" in st.extra:
             dist.all_reduce(st.extra["amax"], op=dist.ReduceOp.MAX)
-        for name in ("cross", "ref_gram", "out_grad_sq", "out_rows", "counts"):
+        for name in (
+            "cross",
+            "ref_gram",
+            "out_grad_sq",
+            "out_rows",
+            "counts",
+            "in_fisher",
+            "samples",
+        ):
             if isinstance(st.extra.get(name), torch.Tensor):
                 dist.all_reduce(st.extra[name])
         if "abs_sum" in st.extra and isinstance(st.extra["abs_sum"], torch.Tensor):
@@ -172,6 +180,7 @@ def collect(
     gram: bool = False,
     grads: bool = False,
     out_grads: bool = False,
+    in_fisher: bool = False,
 ) -> dict[str, LayerStats]:
     """Run the calibration batches and gather statistics for ``layers`` (path -> module).
 
@@ -187,8 +196,16 @@ def collect(
         out_grads: per output channel, the sum over rows of the squared gradient of
             :func:`calibration_loss` with respect to the layer's output, in
             ``stats.extra["out_grad_sq"]`` (the output factor of a K-FAC Fisher).
+        in_fisher: per sample (a row of a Linear's input, an image of a convolution's),
+            ``z_c = sum over positions of x_c * dL/dx_c``, the gradient taken through this
+            layer alone, and ``sum over samples of z z^T`` (``in x in``) in
+            ``stats.extra["in_fisher"]``, the samples in ``stats.extra["samples"]``: the
+            empirical Fisher of removing input channels (Fisher pruning, Theis et al. 2018),
+            where zeroing channels ``S`` changes the loss by about
+            ``1/2 * samples / B^2 * 1_S^T F 1_S`` over ``B`` batches.
     """
     stats = {p: LayerStats() for p in layers}
+    aliases: list[tuple[str, torch.Tensor]] = []  # this batch's inputs, as each layer reads them
     handles = (
         [_stat_hook(m, stats[path], norms, gram, 0) for path, m in layers.items()]
         if norms or gram
@@ -196,11 +213,14 @@ def collect(
     )
     if out_grads:
         handles += [_out_grad_hook(m, stats[path]) for path, m in layers.items()]
+    if in_fisher:
+        handles += [_alias_hook(m, path, aliases) for path, m in layers.items()]
     saved_grads = {id(p): p.grad for p in model.parameters()}
     try:
         with preserved_state(model):
             for i, batch in enumerate(batches):
-                if grads or out_grads:
+                if grads or out_grads or in_fisher:
+                    aliases.clear()
                     with torch.enable_grad():
                         for p in model.parameters():
                             p.grad = None
@@ -219,7 +239,15 @@ def collect(
                                 "watched layer's weight has requires_grad=False); unfreeze "
                                 "them for the measurement."
                             )
-                        gs = torch.autograd.grad(loss, [w for _, w in watched], allow_unused=True)
+                        gs = torch.autograd.grad(
+                            loss,
+                            [w for _, w in watched] + [a for _, a in aliases],
+                            allow_unused=True,
+                        )
+                    for (path, a), g in zip(aliases, gs[len(watched) :], strict=True):
+                        if g is not None:
+                            _add_in_fisher(stats[path], layers[path], a.detach(), g.detach())
+                    gs = gs[: len(watched)]
                     if not grads:
                         continue
                     for (path, _), g in zip(watched, gs):
@@ -268,6 +296,33 @@ def collect_backward(
             h.remove()
     _reduce(stats)
     return stats, back
+
+
+def _alias_hook(m: nn.Module, path: str, into: list[tuple[str, torch.Tensor]]) -> Any:
+    """Hand ``m`` a view of its input whose gradient is the one through ``m`` alone."""
+
+    def hook(_mod: nn.Module, args: Any) -> Any:
+        if not args or not isinstance(args[0], torch.Tensor) or not args[0].requires_grad:
+            return None
+        x = args[0].view_as(args[0])
+        into.append((path, x))
+        return (x, *args[1:])
+
+    return m.register_forward_pre_hook(hook)
+
+
+def _add_in_fisher(st: LayerStats, m: nn.Module, x: torch.Tensor, g: torch.Tensor) -> None:
+    """Add one batch's ``sum over samples of z z^T`` (see :func:`collect`'s ``in_fisher``)."""
+    z = x.float() * g.float()
+    if isinstance(m, nn.modules.conv._ConvNd):  # per image: summed over its positions
+        z = z.flatten(2).sum(2)
+    else:  # per row: a Linear's channels are the last dim
+        z = z.reshape(-1, z.shape[-1])
+    f = z.t() @ z
+    prev = st.extra.get("in_fisher")
+    st.extra["in_fisher"] = f if prev is None else prev + f
+    n = torch.tensor(float(z.shape[0]), dtype=torch.float64, device=f.device)
+    st.extra["samples"] = n + st.extra.get("samples", 0.0)
 
 
 def _out_grad_hook(m: nn.Module, st: LayerStats) -> Any:

@@ -55,8 +55,13 @@ Linears or dense convolutions, or BatchNorms, is one knapsack item: its options 
 channel setting with its layers' own candidates, measured on the pruned copies, the
 combinations beaten on both cost and loss dropped. The channels removed are the ones
 ``Prune`` removes (its importance's lowest scores, as torch-pruning ranks them), and the
-removal's estimate is the K-FAC loss of the layers reading the channels with those input
-columns zeroed: removing a channel is exactly that. An attention module's heads are a group
+removal is priced where it acts: removing a channel is exactly zeroing it at the layers reading
+it, and its estimate is the empirical Fisher of that change (Fisher pruning, Theis et al.
+2018: per sample, ``x * dL/dx`` summed over the removed channels at the reader, squared,
+``1/2 * N / B^2`` times its sum over the ``N`` samples of ``B`` batches), not K-FAC's
+factored form, whose diagonal output factor prices a removal's output changes as if they were
+independent (they move together: on a trained classifier the factored form came out 3x below
+the measured loss where this is within 1.5x, tested). An attention module's heads are a group
 too (rooted at the query projection: its rows, the key/value rows without GQA, the output
 projection's columns; the heads ``Prune`` removes). A group through a LayerNorm/RMSNorm or
 an embedding (a transformer's hidden width), attention with a fused projection, and a group
@@ -376,7 +381,9 @@ def plan_note(auto: Auto, table: AutoTable, choice: dict[str, str]) -> str:
         f"Auto: {', '.join(f'{n} {k}' for k, n in counts.items())} of "
         f"{len(table.layers)} layers; predicted {table.cost_of(choice) / table.total:.4f} of "
         f"the {table.metric_name} (budget {fraction:g}), estimated loss increase "
-        f"{table.loss_of(choice):.4g} (K-FAC second order; quantization candidates measured "
+        f"{table.loss_of(choice):.4g} (K-FAC second order"
+        f"{'; channel removals by their empirical Fisher' if table.groups else ''}; "
+        f"quantization candidates measured "
         f"{'by GPTQ' if auto.method == 'gptq' else 'by rounding to nearest'})"
     )
 
@@ -781,6 +788,7 @@ class _Found:
     pruners: dict[str, Any]
     removed: dict[str, dict[tuple[str, str], list[int]]] = dataclasses.field(default_factory=dict)
     gone: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+    fisher: dict[str, float] = dataclasses.field(default_factory=dict)  # setting -> estimate
 
 
 def _channel_groups(
@@ -950,7 +958,38 @@ def _channel_groups(
             g.gone[name] = sorted(gone)
         if g.removed:
             found.append(g)
+    _removal_estimates(model, batches, found)
     return found, why_not
+
+
+def _removal_estimates(model: nn.Module, batches: list[Any], found: list[_Found]) -> None:
+    """Each group's estimated loss for each setting: the empirical Fisher of zeroing the
+    removed channels at the layers reading them (Fisher pruning: per sample, the channels'
+    ``x * dL/dx`` summed, squared; the readers' terms added), from one pass over the
+    calibration batches. Not K-FAC's factored form: a removal moves every output of its
+    reader together, which the factored form's diagonal output factor prices as if the
+    outputs' changes were independent."""
+    readers = {
+        q: g.modules[q]
+        for g in found
+        for (q, kind) in next(iter(g.removed.values()))
+        if kind == "in"
+    }
+    if not readers:
+        return
+    stats = collect(model, batches, readers, in_fisher=True)
+    n_batches = batch_count(len(batches))
+    for g in found:
+        for setting, removed in g.removed.items():
+            total = 0.0
+            for (q, kind), idx in removed.items():
+                st = stats.get(q) if kind == "in" else None
+                if st is None or "in_fisher" not in st.extra:
+                    continue
+                f = st.extra["in_fisher"]
+                samples = float(st.extra["samples"])
+                total += 0.5 * samples / n_batches**2 * float(f[idx][:, idx].sum())
+            g.fisher[setting] = total
 
 
 def _heads_left(spec: Any, layers: dict[str, nn.Module]) -> str:
@@ -980,14 +1019,13 @@ def _group_options(
     unavailable: dict[str, dict[str, str]],
 ) -> ChannelGroup:
     """A group's settings: per channel setting (and keeping every channel) the cost of its
-    members without options (BatchNorms, falling with their channels), the K-FAC loss of the
-    removal (at each layer reading the channels: those input columns zeroed), and each
+    members without options (BatchNorms, falling with their channels), the removal's
+    estimate (its empirical Fisher at the layers reading the channels), and each
     searched member's options on its pruned copy."""
     settings: dict[str, tuple[float, float, dict[str, list[Option]]]] = {}
     for setting in ["keep", *(n for n, _ in structured if n in g.removed)]:
         removed = g.removed.get(setting, {})
         rest = 0.0
-        loss = 0.0
         opts: dict[str, list[Option]] = {}
         for q in g.members:
             mod = g.modules[q]
@@ -998,8 +1036,6 @@ def _group_options(
                 rest += float(figure) * (mod.num_features - len(out)) / mod.num_features
                 continue
             w, f, gram, head, base, scale = prepared[q]
-            if inn:  # the channels it reads: their removal is those input columns zeroed
-                loss += _kfac(w[:, inn], gram[inn][:, inn], f)
             if setting == "keep":
                 o, why = _layer_options(
                     mod, base, w, f, gram, probes, metric, scale, head, n_batches
@@ -1028,7 +1064,7 @@ def _group_options(
                     n_batches,
                 )
             opts[q] = o
-        settings[setting] = (rest, loss, opts)
+        settings[setting] = (rest, g.fisher.get(setting, 0.0), opts)
     return ChannelGroup(g.root, [q for q in g.members if q in prepared], settings, g.gone)
 
 
