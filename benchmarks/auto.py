@@ -21,6 +21,7 @@ and the time it took to apply.
     python benchmarks/auto.py --latency 0.6   # a latency budget instead (see latency_budget)
     python benchmarks/auto.py --blocks-only   # the searches of the blocks alone
     python benchmarks/auto.py --streamed      # the blocks' search from a checkpoint, streamed
+    python benchmarks/auto.py --channels      # channel candidates at structured 20%'s MACs
 
 ``--streamed`` saves the float model with ``save_pretrained`` and searches its blocks from that
 checkpoint with ``nnslim.checkpoint_table`` and ``nnslim.compress_checkpoint(...,
@@ -115,6 +116,81 @@ def latency_budget(args: argparse.Namespace, base, evals, calib) -> None:
     print(f"wrote {write_json(name, payload)}")
 
 
+def channel_budget(args: argparse.Namespace, base, evals, calib) -> None:
+    """``--channels``: the MACs of uniform structured pruning (20% of every attention's heads
+    and every MLP's units, Wanda, the residual width kept: ``real_llm.py``'s structured row),
+    and Auto at those MACs with channel candidates (a quarter or half of a group's heads or
+    units) and low rank (a half or a quarter of a layer's parameters), no fine-tuning."""
+    example = calib[0]
+    labelled = [{"input_ids": b["input_ids"], "labels": b["input_ids"]} for b in calib]
+    full = nnslim.profile(base, example, memory=False)
+    rows = []
+
+    def measure(name: str, m, seconds: float, plan: str = "") -> float:
+        prof = nnslim.profile(m, example, memory=False)
+        ppl = perplexity(m, evals).value
+        macs = prof.macs / full.macs
+        rows.append(
+            {
+                "variant": name,
+                "perplexity": ppl,
+                "macs_fraction": macs,
+                "bytes_fraction": prof.param_bytes / full.param_bytes,
+                "seconds": seconds,
+                "plan": plan,
+            }
+        )
+        print(f"  {name}: ppl {ppl:.3f}, MACs {macs:.4f} ({seconds:.0f} s)", flush=True)
+        return macs
+
+    measure("fp32", base, 0.0)
+    m = copy.deepcopy(base)
+    t0 = time.perf_counter()
+    units = "re:model\\.layers\\.\\d+\\.(self_attn\\.q_proj|mlp\\.up_proj)"
+    nnslim.Prune(ratio=0.2, importance="wanda", select=units).apply(m, calibration=calib)
+    budget = measure(
+        "uniform structured 20% (heads and MLP units, Wanda)", m, time.perf_counter() - t0
+    )
+    del m
+    cands = ("channels-0.25", "channels-0.5", "rank-0.5", "rank-0.25")
+    t0 = time.perf_counter()
+    auto = nnslim.Auto(target={"macs": budget}, candidates=cands, select=BLOCKS)
+    table = auto.table(base, labelled, example)
+    search = time.perf_counter() - t0
+    plan = table.allocate(budget)
+    counts: dict[str, int] = {}
+    for n in plan.values():
+        counts[n] = counts.get(n, 0) + 1
+    print(
+        f"  Auto's plan: {counts}; {len(table.groups)} groups, {len(table.options)} layers "
+        f"alone; table {search:.0f} s",
+        flush=True,
+    )
+    m = copy.deepcopy(base)
+    t0 = time.perf_counter()
+    nnslim.Auto(plan=plan, candidates=cands, select=BLOCKS).apply(m, calibration=labelled)
+    measure(f"Auto at {budget:.4f} of the MACs", m, search + time.perf_counter() - t0, str(counts))
+    fp = rows[0]["perplexity"]
+    print_table(
+        ["variant", "perplexity", "vs fp32", "MACs", "bytes", "s"],
+        [
+            [
+                r["variant"],
+                f"{r['perplexity']:.3f}",
+                f"{r['perplexity'] / fp:.2f}x",
+                f"{r['macs_fraction']:.4f}",
+                f"{r['bytes_fraction']:.4f}",
+                f"{r['seconds']:.0f}",
+            ]
+            for r in rows
+        ],
+        title=f"SmolLM2-135M-Instruct, MACs budget, {evals.describe()}, no fine-tuning",
+    )
+    name = "auto-channels" + ("-quick" if args.quick else "")
+    payload = {"rows": rows, "plan": plan, "counts": counts, "table_seconds": search}
+    print(f"wrote {write_json(name, payload)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -125,12 +201,20 @@ def main() -> None:
     parser.add_argument(
         "--streamed", action="store_true", help="the blocks' search from a checkpoint, streamed"
     )
+    parser.add_argument(
+        "--channels",
+        action="store_true",
+        help="Auto with channel candidates at uniform structured 20%%'s MACs",
+    )
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
     base, evals, calib = smollm2_windows(*((2, 2) if args.quick else (32, 16)))
     if args.latency is not None:
         latency_budget(args, base, evals, calib)
+        return
+    if args.channels:
+        channel_budget(args, base, evals, calib)
         return
     example = calib[0]
     full = nnslim.profile(base, example, memory=False).param_bytes

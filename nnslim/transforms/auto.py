@@ -800,8 +800,8 @@ def _channel_groups(
 ) -> tuple[list[_Found], dict[str, dict[str, str]]]:
     """The coupled channel groups the structured candidates may prune, and why the others are
     left (by root). A group is searched when every layer it touches is a searched Linear or
-    dense convolution or a BatchNorm (a channel's removal is then exactly its readers' inputs
-    zeroed, which the K-FAC statistics price), and it shares no layer with a group taken
+    dense convolution, or maps each channel to itself (a BatchNorm, a depthwise convolution):
+    a channel's removal is then exactly its readers' inputs zeroed; and it shares no layer with a group taken
     before (smaller groups first). Each setting removes the channels ``Prune`` would: the
     lowest scores of its importance, as torch-pruning ranks them."""
     from ..graph.trace import trace
@@ -848,7 +848,7 @@ def _channel_groups(
                 if path not in layers:
                     bad = f"its channels reach {path}, which the search leaves as it is"
                     break
-            elif not (isinstance(mod, nn.modules.batchnorm._BatchNorm) and kind == "out"):
+            elif not _per_channel(mod):
                 bad = (
                     f"its channels reach {path} ({type(mod).__name__}), whose output a "
                     f"channel's removal changes beyond that channel (Auto prices a removal at "
@@ -958,11 +958,13 @@ def _channel_groups(
             g.gone[name] = sorted(gone)
         if g.removed:
             found.append(g)
-    _removal_estimates(model, batches, found)
+    _removal_estimates(model, batches, found, layers)
     return found, why_not
 
 
-def _removal_estimates(model: nn.Module, batches: list[Any], found: list[_Found]) -> None:
+def _removal_estimates(
+    model: nn.Module, batches: list[Any], found: list[_Found], layers: dict[str, nn.Module]
+) -> None:
     """Each group's estimated loss for each setting: the empirical Fisher of zeroing the
     removed channels at the layers reading them (Fisher pruning: per sample, the channels'
     ``x * dL/dx`` summed, squared; the readers' terms added), from one pass over the
@@ -973,7 +975,7 @@ def _removal_estimates(model: nn.Module, batches: list[Any], found: list[_Found]
         q: g.modules[q]
         for g in found
         for (q, kind) in next(iter(g.removed.values()))
-        if kind == "in"
+        if kind == "in" and q in layers
     }
     if not readers:
         return
@@ -983,13 +985,22 @@ def _removal_estimates(model: nn.Module, batches: list[Any], found: list[_Found]
         for setting, removed in g.removed.items():
             total = 0.0
             for (q, kind), idx in removed.items():
-                st = stats.get(q) if kind == "in" else None
+                st = stats.get(q) if kind == "in" and q in readers else None
                 if st is None or "in_fisher" not in st.extra:
                     continue
                 f = st.extra["in_fisher"]
                 samples = float(st.extra["samples"])
                 total += 0.5 * samples / n_batches**2 * float(f[idx][:, idx].sum())
             g.fisher[setting] = total
+
+
+def _per_channel(m: nn.Module) -> bool:
+    """A layer that maps each channel to itself (a BatchNorm, a depthwise convolution): in a
+    group it loses the channels and its cost falls with them; the loss is priced at the
+    layers reading the channels after it."""
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        return True
+    return is_conv2d(m) and m.groups == m.in_channels == m.out_channels
 
 
 def _heads_left(spec: Any, layers: dict[str, nn.Module]) -> str:
@@ -1031,9 +1042,10 @@ def _group_options(
             mod = g.modules[q]
             out = removed.get((q, "out"), [])
             inn = removed.get((q, "in"), [])
-            if q not in prepared:  # a BatchNorm: its cost falls with its channels
+            if q not in prepared:  # per channel (a BatchNorm): its cost falls with them
                 figure = getattr(whole.modules[q], _COSTS[metric]) if q in whole.modules else 0
-                rest += float(figure) * (mod.num_features - len(out)) / mod.num_features
+                size = mod.num_features if hasattr(mod, "num_features") else mod.out_channels
+                rest += float(figure) * (size - len(set(out) | set(inn))) / size
                 continue
             w, f, gram, head, base, scale = prepared[q]
             if setting == "keep":

@@ -257,3 +257,38 @@ def test_bad_channel_candidates_and_budgets_are_refused_before_any_change():
     own = nnslim.Prune(ratio=0.4, importance="l2")
     table = nnslim.Auto(target={"macs": 0.8}, candidates=(own,)).table(model, data)
     assert repr(own) in table.groups["c1"].settings
+
+
+def test_a_depthwise_convolution_inside_a_group_shrinks_with_it():
+    """An inverted-residual shape (expand, depthwise, project): the expanded channels pass
+    through the depthwise convolution and its BatchNorm, which map each channel to itself,
+    so the group expand -> project is searched and they shrink with it; the predicted MACs
+    and bytes are the profiler's after applying."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 32, 1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1, groups=32),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.Conv2d(32, 8, 1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    ).eval()
+    g = torch.Generator().manual_seed(0)
+    data = [
+        (torch.randn(4, 3, 10, 10, generator=g), torch.randint(0, 4, (4,), generator=g))
+        for _ in range(2)
+    ]
+    x = data[0][0]
+    for metric, field in (("macs", "macs"), ("bytes", "param_bytes")):
+        table = nnslim.Auto(target={metric: 0.5}, candidates=CHANNELS).table(model, data)
+        assert table.groups["0"].members == ["0", "6"]
+        plan = {"0": "channels-0.5"}
+        m = _apply(model, plan, CHANNELS, data)
+        assert m[3].groups == m[3].in_channels == m[3].out_channels == 16
+        before = getattr(nnslim.profile(model, x, memory=False), field)
+        after = getattr(nnslim.profile(m, x, memory=False), field)
+        assert after / before == pytest.approx(table.cost_of(plan) / table.total, rel=1e-9)
