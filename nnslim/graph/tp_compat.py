@@ -551,7 +551,11 @@ class Pruner(tp.pruner.BasePruner):
         self._layer_to_scope: dict[nn.Module, Any] = {}
         self._scope_initial_channels: dict[Any, int] = {}
         self.pruning_ratio_dict: dict[nn.Module, list[float]] = {}
-        prunable_types = tuple(tp.ops.type2class(t) for t in self.DG.REGISTERED_PRUNERS)
+        # upstream lists the built-in types only: a per-layer ratio on a layer of a customized
+        # pruner (Hugging Face's Conv1D) was dropped, and the layer pruned at the default ratio
+        prunable_types = tuple(tp.ops.type2class(t) for t in self.DG.REGISTERED_PRUNERS) + tuple(
+            t for t in getattr(self.DG, "CUSTOMIZED_PRUNERS", {}) if isinstance(t, type)
+        )
         for scope_id, (module, ratio) in enumerate((pruning_ratio_dict or {}).items()):
             scope_name = f"_User_Defined_Scope_{scope_id}"
             for postfix, submodule in enumerate(

@@ -789,6 +789,7 @@ class _Found:
     removed: dict[str, dict[tuple[str, str], list[int]]] = dataclasses.field(default_factory=dict)
     gone: dict[str, list[int]] = dataclasses.field(default_factory=dict)
     fisher: dict[str, float] = dataclasses.field(default_factory=dict)  # setting -> estimate
+    attention: AttentionSpec | None = None  # a group of heads: the attention module
 
 
 def _channel_groups(
@@ -924,6 +925,7 @@ def _channel_groups(
                 chans = [h * info.head_dim + d for h in remove for d in range(info.head_dim)]
                 g.removed[name] = {(q, next(iter(k))): chans for q, k in members.items()}
                 g.gone[name] = remove
+                g.attention = info
                 continue
             with torch.no_grad():
                 scores = scorers[key](info.group)
@@ -1076,8 +1078,24 @@ def _group_options(
                     n_batches,
                 )
             opts[q] = o
+        if g.attention is not None:  # its own products (scores, weighted values), per head
+            spec = g.attention
+            own = _own_cost(whole, spec.path, spec.module, metric)
+            rest += own * (spec.heads - len(g.gone.get(setting, []))) / spec.heads
         settings[setting] = (rest, g.fisher.get(setting, 0.0), opts)
     return ChannelGroup(g.root, [q for q in g.members if q in prepared], settings, g.gone)
+
+
+def _own_cost(whole: Any, path: str, module: nn.Module, metric: str) -> float:
+    """A module's figure in the profile less its children's (an attention's own matmuls)."""
+    if path not in whole.modules:
+        return 0.0
+    figure = float(getattr(whole.modules[path], _COSTS[metric]))
+    for name, _ in module.named_children():
+        child = whole.modules.get(f"{path}.{name}")
+        if child is not None:
+            figure -= float(getattr(child, _COSTS[metric]))
+    return figure
 
 
 def _complement(n: int, gone: list[int]) -> torch.Tensor:

@@ -292,3 +292,31 @@ def test_a_depthwise_convolution_inside_a_group_shrinks_with_it():
         before = getattr(nnslim.profile(model, x, memory=False), field)
         after = getattr(nnslim.profile(m, x, memory=False), field)
         assert after / before == pytest.approx(table.cost_of(plan) / table.total, rel=1e-9)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert", "llama"])
+def test_transformers_under_a_macs_budget_get_the_macs_predicted(family):
+    """The predicted MACs are the profiler's after applying on GPT-2 (Conv1D MLPs: a per-layer
+    ratio on them was dropped before, the plan silently not pruned), BERT and Llama (a
+    head's own products, scores and weighted values, fall with it)."""
+    transformers = pytest.importorskip("transformers")
+    from tests import zoo
+
+    torch.manual_seed(0)
+    cls, cfg = {
+        "gpt2": (transformers.GPT2LMHeadModel, zoo.gpt2_config()),
+        "bert": (transformers.BertForMaskedLM, zoo.bert_config()),
+        "llama": (transformers.LlamaForCausalLM, zoo.llama_config()),
+    }[family]
+    model = cls(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randint(0, cfg.vocab_size, (2, 12), generator=g) for _ in range(2)]
+    cands = (*CHANNELS, "rank-0.5")
+    table = nnslim.Auto(target={"macs": 0.6}, candidates=cands).table(model, data)
+    plan = table.allocate(0.6)
+    assert any(n.startswith("channels") for n in plan.values())
+    m = copy.deepcopy(model)
+    report = nnslim.Auto(plan=plan, candidates=cands).apply(m, data[0], calibration=data)
+    assert report.after.macs / report.before.macs == pytest.approx(
+        table.cost_of(plan) / table.total, rel=1e-9
+    )

@@ -888,3 +888,15 @@ def test_selecting_one_of_a_groups_producers_prunes_the_group_with_its_partners(
     report = nnslim.Prune(select={f"{mlp}.gate_proj": 0.5}, exclude=[f"{mlp}.up_proj"]).apply(m, x)
     assert m.model.layers[0].mlp.gate_proj.out_features == 128
     assert any(s.path == f"{mlp}.up_proj" for s in report.skips)
+
+
+def test_a_per_layer_ratio_on_a_conv1d_layer_is_applied():
+    """GPT-2's MLP layers are Hugging Face Conv1D (a customized torch-pruning pruner): a ratio
+    given per layer in select prunes them (it was dropped, a silent no-op)."""
+    torch.manual_seed(0)
+    model = tf.GPT2LMHeadModel(gpt2_config()).eval()
+    x = torch.randint(0, model.config.vocab_size, (2, 8))
+    width = model.transformer.h[0].mlp.c_fc.nf
+    nnslim.Prune(select={"transformer.h.0.mlp.c_fc": 0.25}).apply(model, x)
+    assert model.transformer.h[0].mlp.c_fc.nf == width - width // 4
+    assert model.transformer.h[1].mlp.c_fc.nf == width
