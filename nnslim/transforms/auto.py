@@ -51,7 +51,8 @@ activation-aware factorization then applies them with less error than estimated.
 Channel candidates (``"channels-0.25"``, ``"channels-0.5"``, or a ``Prune(ratio=r)`` of the
 user's) remove a share of a coupled channel group's channels, under a bytes or MACs budget.
 A group (found by the dependency graph, as ``Prune`` finds it) whose layers are all searched
-Linears or dense convolutions, or BatchNorms, is one knapsack item: its options combine a
+Linears or dense convolutions, or map each channel to itself (BatchNorms, depthwise
+convolutions), is one knapsack item: its options combine a
 channel setting with its layers' own candidates, measured on the pruned copies, the
 combinations beaten on both cost and loss dropped. The channels removed are the ones
 ``Prune`` removes (its importance's lowest scores, as torch-pruning ranks them), and the
