@@ -802,10 +802,12 @@ def _channel_groups(
 ) -> tuple[list[_Found], dict[str, dict[str, str]]]:
     """The coupled channel groups the structured candidates may prune, and why the others are
     left (by root). A group is searched when every layer it touches is a searched Linear or
-    dense convolution, or maps each channel to itself (a BatchNorm, a depthwise convolution):
-    a channel's removal is then exactly its readers' inputs zeroed; and it shares no layer with a group taken
-    before (smaller groups first). Each setting removes the channels ``Prune`` would: the
-    lowest scores of its importance, as torch-pruning ranks them."""
+    dense convolution, or maps each channel to itself (a BatchNorm, a depthwise
+    convolution): a channel's removal is then exactly its readers' inputs zeroed; and when it
+    shares no layer with a group taken before (smaller groups first). An attention's heads
+    are a group rooted at its query projection. Each setting removes the channels ``Prune``
+    would: the lowest scores of its importance, as torch-pruning ranks them (the heads as
+    ``Prune`` chooses them)."""
     from ..graph.trace import trace
     from .importance import as_importance
     from .prune import _NothingToPrune
