@@ -144,6 +144,7 @@ def main() -> None:
     # the roots of the head groups (q_proj) and the MLP unit groups (up_proj): the residual
     # stream (rooted at o_proj/down_proj, shared with the embedding) keeps its width
     heads_and_units = "re:model\\.layers\\.\\d+\\.(self_attn\\.q_proj|mlp\\.up_proj)"
+    labelled = [{"input_ids": b["input_ids"], "labels": b["input_ids"]} for b in calib]
     rows = []
 
     specs: list[tuple[tuple, dict]] = []
@@ -167,7 +168,9 @@ def main() -> None:
         m = copy.deepcopy(base)
         t0 = time.perf_counter()
         if transform is not None:
-            transform.apply(m, calibration=calib if data else None)
+            # Auto's loss estimate differentiates the model's own next-token loss: the labels
+            cal = labelled if isinstance(transform, nnslim.Auto) else calib
+            transform.apply(m, calibration=cal if data else None)
         if peer is not None:
             peer(m)
         seconds = time.perf_counter() - t0
@@ -179,7 +182,7 @@ def main() -> None:
         except Exception as e:  # a peer's tensor subclasses the profiler does not know
             row["profile_failed"] = f"{type(e).__name__}: {e}"[:120]
         print(f"  {name}: ppl {ppl:.3f} ({seconds:.0f} s)", flush=True)
-        if training and isinstance(transform, (nnslim.Prune, nnslim.Factorize)):
+        if training and isinstance(transform, (nnslim.Prune, nnslim.Factorize, nnslim.Auto)):
             torch.manual_seed(0)
             t0 = time.perf_counter()
             fit = recover(m, base, training, args.recover_lr)
@@ -326,6 +329,18 @@ def main() -> None:
         "structured 20% heads and MLP units (Wanda)",
         nnslim.Prune(ratio=0.2, importance="wanda", select=heads_and_units),
         True,
+    )
+    # the row above keeps 0.8127 of the MACs (benchmarks/auto.py --channels measured it): Auto
+    # at those MACs choosing a quarter or half of each group's heads or units, or low rank
+    run(
+        "Auto at structured 20%'s MACs (channels 1/4 or 1/2, rank 1/2 or 1/4)",
+        nnslim.Auto(
+            target={"macs": 0.8127},
+            candidates=("channels-0.25", "channels-0.5", "rank-0.5", "rank-0.25"),
+            select=blocks,
+        ),
+        True,
+        extended=True,
     )
     names = {a[0] for a, _ in specs}
     for a, k in specs:
