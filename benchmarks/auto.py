@@ -460,10 +460,11 @@ def finish(args: argparse.Namespace, rows: list[dict], evals, extra: dict) -> No
         ],
         title=f"SmolLM2-135M-Instruct, {evals.describe()} (Wikipedia), Auto vs uniform",
     )
-    extra = {
-        **extra,
-        "front": [{k: v for k, v in p.items() if k != "plan"} for p in extra["front"]],
-    }
+    if "front" in extra:  # the streamed rows have none
+        extra = {
+            **extra,
+            "front": [{k: v for k, v in p.items() if k != "plan"} for p in extra["front"]],
+        }
     name = (
         "auto"
         + ("-blocks-only" if args.blocks_only else "")
