@@ -860,8 +860,11 @@ def _channel_groups(
                 )
                 break
             members.setdefault(path, set()).add(kind)
+        writers = {q.rpartition(".")[0] for q, k in members.items() if "out" in k and q in layers}
         if not bad and not any("in" in k for q, k in members.items() if q in layers):
             bad = "no searched layer reads its channels"
+        elif not bad and len(writers) > 1:  # Prune takes such a stream whole, not by one root
+            bad = "its channels are written by layers in different modules (a residual stream)"
         if bad:
             refuse(info.root, bad)
         else:

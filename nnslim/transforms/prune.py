@@ -561,8 +561,27 @@ class Prune(Transform):
                             "its heads index one position bias with "
                             f"{len(tied) - 1} other attention layers, not all of them selected",
                         )
-        followers = self._co_producers(model, graph, chosen, channel_roots, head_keys, unit_keys)
+        followers, blocked = self._co_producers(
+            model, graph, chosen, channel_roots, head_keys, unit_keys
+        )
+        if blocked and len(blocked) == len(chosen):
+            p, partners = next(iter(blocked.items()))
+            raise ValueError(
+                f"Prune: {p} writes its channels together with {', '.join(partners[:3])} (not "
+                f"selected, excluded, or in other modules: a residual stream); pruning it alone "
+                f"would change nothing. Select every writer of those channels."
+            )
+        for p, partners in blocked.items():  # it would be a no-op: say so instead
+            del chosen[p]
+            more = f" and {len(partners) - 3} more" if len(partners) > 3 else ""
+            report.skipped(
+                p,
+                f"its channels are written with {', '.join(partners[:3])}{more} (not selected, "
+                f"or in other modules: a residual stream): select every writer to prune them",
+            )
         for p in channel_roots:
+            if p in blocked:
+                continue
             if p in followers:
                 continue
             if p in outputs and p not in chosen:
@@ -615,14 +634,16 @@ class Prune(Transform):
         channel_roots: list[str],
         head_keys: dict[str, Any],
         unit_keys: dict[str, Any],
-    ) -> set[str]:
-        """The layers that produce a selected layer's channels with it (an MLP's up
-        projection beside its gate, the convolutions adding into one residual stream): they
-        lose the same channels, so they follow the selection instead of freezing the group
-        (which left it unpruned, a silent no-op). Layers excluded by name stay frozen."""
+    ) -> tuple[set[str], dict[str, list[str]]]:
+        """The layers that write a selected layer's channels with it, in the same module (an
+        MLP's up projection beside its gate): they lose the same channels, so they follow
+        the selection instead of freezing the group (which left it unpruned, a silent no-op).
+        Writers elsewhere (a residual stream: every block's output projections) or excluded
+        by name do not follow: the selected layer is returned with them, to be left and
+        said (selecting a block's down projection does not prune the residual stream)."""
         roots = [p for p in chosen if p not in head_keys and p not in unit_keys]
         if self.select is None or not roots:
-            return set()
+            return set(), {}
         named = dict(model.named_modules())
         eligible = set(channel_roots)
         if self.exclude is not None:
@@ -633,11 +654,21 @@ class Prune(Transform):
                 )
             }
         out: set[str] = set()
+        blocked: dict[str, list[str]] = {}
+        writers = set(channel_roots) | set(roots)
         for info in graph.groups():
-            outs = {p for p, kind in info.members if kind == "out"}
-            if outs & set(roots):
-                out |= {p for p in outs if p in eligible and p not in chosen}
-        return out
+            outs = [p for p, kind in info.members if kind == "out" and p in writers]
+            mine = [p for p in outs if p in roots]
+            partners = [p for p in outs if p not in chosen]
+            if not mine or not partners:
+                continue
+            home = {p.rpartition(".")[0] for p in outs}
+            if len(home) == 1 and all(p in eligible for p in partners):
+                out.update(partners)
+            else:
+                for p in mine:
+                    blocked[p] = partners
+        return out, blocked
 
     def _stats(
         self, model: nn.Module, ctx: Context, imp: Importance, layers: list[str]

@@ -872,7 +872,8 @@ def test_an_encoder_decoder_whose_decoder_alone_is_narrowed_keeps_cross_attentio
 def test_selecting_one_of_a_groups_producers_prunes_the_group_with_its_partners():
     """A Llama MLP's hidden units are produced by gate_proj and up_proj together: selecting
     the gate alone prunes both and down_proj's inputs (it left the group whole before: the
-    partner was frozen, a silent no-op); excluding the partner by name keeps the group, said."""
+    partner was frozen, a silent no-op); excluding the partner by name is refused with the
+    reason (it would change nothing)."""
     torch.manual_seed(0)
     model = tf.LlamaForCausalLM(llama_config(num_hidden_layers=2)).eval()
     x = torch.randint(0, model.config.vocab_size, (2, 8))
@@ -885,9 +886,18 @@ def test_selecting_one_of_a_groups_producers_prunes_the_group_with_its_partners(
     assert m.model.layers[1].mlp.gate_proj.out_features == 128  # not selected
     assert f"{mlp}.up_proj" not in {s.path for s in report.skips}
     m = copy.deepcopy(model)
-    report = nnslim.Prune(select={f"{mlp}.gate_proj": 0.5}, exclude=[f"{mlp}.up_proj"]).apply(m, x)
+    with pytest.raises(ValueError, match="writes its channels together with.*up_proj"):
+        nnslim.Prune(select={f"{mlp}.gate_proj": 0.5}, exclude=[f"{mlp}.up_proj"]).apply(m, x)
     assert m.model.layers[0].mlp.gate_proj.out_features == 128
-    assert any(s.path == f"{mlp}.up_proj" for s in report.skips)
+    # a block's down projection writes the residual stream with every other block: selecting
+    # the MLPs prunes their units, not the stream, and says so
+    m = copy.deepcopy(model)
+    report = nnslim.Prune(ratio=0.5, select="re:.*mlp.*").apply(m, x)
+    assert m.model.layers[0].mlp.gate_proj.out_features == 64
+    assert m.model.layers[0].mlp.down_proj.out_features == 64  # the hidden width, kept
+    assert m.model.embed_tokens.embedding_dim == 64
+    why = next(s.reason for s in report.skips if s.path == f"{mlp}.down_proj")
+    assert "residual stream" in why
 
 
 def test_a_per_layer_ratio_on_a_conv1d_layer_is_applied():
