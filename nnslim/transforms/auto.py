@@ -650,7 +650,9 @@ def measure_table(
         (_name(c), auto._transform(c), _probe_transform(auto._transform(c)))
         for c in auto.candidates
     ]
-    structured = [(_name(c), c) for c in auto.candidates if is_channel_candidate(c)]
+    structured = [
+        (_name(c), auto._transform(c)) for c in auto.candidates if is_channel_candidate(c)
+    ]
     probes = [x for x in probes if not is_channel_candidate(x[1])]
 
     def prepare(p: str, m: nn.Module) -> tuple[Any, ...]:
@@ -783,7 +785,6 @@ class _Found:
     pruned, ``"out"`` / ``"in"``), and per channel setting the indices each member loses."""
 
     root: str
-    channels: int
     members: dict[str, set[str]]
     modules: dict[str, nn.Module]
     pruners: dict[str, Any]
@@ -813,7 +814,7 @@ def _channel_groups(
     from .prune import _NothingToPrune
     from .scoring import GroupScorer
 
-    cfg = CANDIDATES.get(structured[0][1], structured[0][1])
+    cfg = structured[0][1]
     inputs = as_inputs(ctx.inputs if ctx.inputs is not None else batches[0])
     graph = trace(model, inputs, time_limit=cfg.time_limit)
     dg = graph.dg
@@ -907,13 +908,11 @@ def _channel_groups(
         heads = isinstance(info, AttentionSpec)
         g = _Found(
             root_of(info),
-            info.heads if heads else info.channels,
             members,
             {q: named[q] for q in members},
             {q: dg.get_pruner_of_module(named[q]) for q in members},
         )
         for name, c in structured:
-            c = CANDIDATES.get(c, c) if isinstance(c, str) else c
             key = repr(c.importance)
             if key not in scorers:
                 imp = as_importance(c.importance)
