@@ -99,6 +99,11 @@ def is_conv2d(m: nn.Module) -> bool:
 def layer_skip_reason(m: nn.Module, parent: nn.Module | None = None) -> str | None:
     """Why a Linear/Conv2d-like module cannot be replaced by a transform's own layer, or
     ``None`` (also for modules that are not Linear/Conv2d at all)."""
+    if getattr(type(m), "nnslim_packed_sparse", False):
+        return (
+            "a packed sparse layer (Prune(pack=True)) is left as it is: sparsify without "
+            "pack=True to combine the sparsity with quantization, factorization or palettes"
+        )
     if not isinstance(m, (nn.Linear, nn.Conv2d)):
         return None
     base = "nn.Linear" if isinstance(m, nn.Linear) else "nn.Conv2d"

@@ -16,7 +16,9 @@
 * ``Int8Embedding``/``Int4Embedding``: ``Gather`` on the integer table, de-quantized per row
   read; an embedding tied to its LM head reads the head's initializer (one copy in the file);
 * pruned, factorized, palettized (a codebook lookup: ``Gather`` on the indices), cross-layer
-  shared and sparse models, and ``Int8Conv2d``, as the torch operators their forwards run.
+  shared and sparse models, and ``Int8Conv2d``, as the torch operators their forwards run
+  (packed sparse layers: the kept weights and the bitmask as initializers, unpacked in the
+  graph, so the file keeps their size).
 
 ``format="openvino"`` converts that ONNX file with ``openvino.convert_model`` into OpenVINO IR
 (``.xml`` + ``.bin``): OpenVINO reads the int8 ``DequantizeLinear`` and int4 ``MatMulNBits``
@@ -24,7 +26,8 @@ layers as compressed weights (int8 and uint4 constants, decompressed in the grap
 plugin quantizes their activations at run time), which is why the ONNX route is taken rather
 than its direct torch conversion, which sees nnslim's custom operators. int8-dynamic layers
 go as int8 weights (OpenVINO widens a ``MatMulInteger`` weight to int32), palettized layers
-as their dense weights (it widens codebook indices to int64).
+as their dense weights (it widens codebook indices to int64), packed sparse layers as theirs
+(its CPU plugin does not compile the unpacking).
 
 ``format="compressed-tensors"`` writes a Hugging Face model's int8 layers in llm-compressor's
 layout for vLLM (:mod:`nnslim.io.compressed_tensors`).
@@ -58,6 +61,7 @@ from ..base.inputs import Inputs, as_inputs, first_tensor, run_model
 from ..base.modules import copy_model
 from ..modules.fake_quant import FakeQuantLinear
 from ..modules.kernels import quantize_rows
+from ..modules.masks import MASK_NAME
 from ..modules.quantized import (
     Int4Embedding,
     Int4Linear,
@@ -67,6 +71,7 @@ from ..modules.quantized import (
     Int8Linear,
 )
 from ..modules.shared import PalettizedConv2d, PalettizedLinear
+from ..modules.sparse import SparseConv2d, SparseLinear
 from .gguf import check_float_type
 
 __all__ = ["FORMATS", "export"]
@@ -564,7 +569,17 @@ _OPENVINO_RULES: dict[type, Any] = {
     Int4Embedding: _Int4EmbeddingOnnx,
     PalettizedLinear: lambda m: _PalettizedOnnx(m, dense=True),
     PalettizedConv2d: lambda m: _PalettizedOnnx(m, dense=True),
+    SparseLinear: lambda m: _dense_sparse(m),
+    SparseConv2d: lambda m: _dense_sparse(m),
 }
+
+
+def _dense_sparse(m: SparseLinear | SparseConv2d) -> nn.Module:
+    """A packed sparse layer as the dense layer it stands for: OpenVINO's CPU plugin does not
+    compile the graph that unpacks it ("the memory desc is undefined", openvino 2026.4)."""
+    layer = m.to_dense()
+    del layer._buffers[MASK_NAME]
+    return layer
 
 
 # -- writing and checking ---------------------------------------------------------------------

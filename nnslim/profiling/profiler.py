@@ -310,7 +310,10 @@ def _weights(
             )
         weight_buffers, zero_weights = found
         mp = mb = 0
-        for p in m._parameters.values():
+        # weights a layer stores in another form (codes, packed values): counted as the
+        # weights they stand for
+        weight_bufs = m.nnslim_weight_buffers() if callable(weight_buffers) else {}
+        for pname, p in m._parameters.items():
             if p is None:
                 continue
             st = p.untyped_storage()
@@ -320,16 +323,19 @@ def _weights(
                 continue
             views.add(view)
             numel = p.numel()
-            mp += numel
             if key not in storages:
                 storages.add(key)
                 mb += st.nbytes()
+            if pname in weight_bufs:
+                mp += int(weight_bufs[pname])
+                wcount += int(weight_bufs[pname])
+                continue
+            mp += numel
             if p.dim() >= 2:
                 wcount += numel
                 if not p.is_meta:
                     zeros += numel - int(torch.count_nonzero(p))
         if m._buffers:
-            weight_bufs = m.nnslim_weight_buffers() if callable(weight_buffers) else {}
             for name, b in m._buffers.items():
                 if b is None or name in m._non_persistent_buffers_set:
                     continue

@@ -68,6 +68,13 @@ projection's columns; the heads ``Prune`` removes). A group through a LayerNorm/
 an embedding (a transformer's hidden width), attention with a fused projection, and a group
 sharing a layer with one taken before (the smaller groups first) are left with their reason.
 
+Sparsity candidates (``"sparse-0.5"``, ``"sparse-2:4"``, or a ``Prune(structure=...,
+pack=True)`` of the user's) zero single weights of a layer and store it packed (the kept
+weights and a bitmask: :class:`~nnslim.modules.sparse.SparseLinear`), under a bytes budget
+only (a packed layer runs its dense kernel). Each is measured as it is applied: SparseGPT's
+update from the layer's input Gram (Wanda's norms from its diagonal), priced by K-FAC like the
+others.
+
 :meth:`Auto.table` gives the per-layer table (cached on the model's weights, so a second
 budget reuses it); :meth:`AutoTable.front` the predicted loss over a range of budgets.
 """
@@ -93,7 +100,7 @@ from ..core.target import Target
 from ..core.transform import Compose, Context, Transform
 from ..graph.attention import AttentionSpec
 from .factorize import Factorize
-from .prune import Prune
+from .prune import Prune, _complement, sparsify_layer
 from .quantize import METHODS, Quantize, _lm_heads, plain_embedding, tied_heads
 from .share import ShareWeights
 
@@ -117,6 +124,10 @@ CANDIDATES: dict[str, Transform] = {
     # the BatchNorm after it and the layers reading them) loses this share of its channels
     "channels-0.25": Prune(ratio=0.25, importance="wanda"),
     "channels-0.5": Prune(ratio=0.5, importance="wanda"),
+    # sparsity, stored packed (the kept weights and a bitmask: 0.53 of an fp32 layer's bytes
+    # at 50%), SparseGPT on Linear layers; bytes budgets only (the layers run dense)
+    "sparse-0.5": Prune(ratio=0.5, structure="unstructured", importance="sparsegpt", pack=True),
+    "sparse-2:4": Prune(structure="2:4", importance="sparsegpt", pack=True),
 }
 #: what Auto searches unless told otherwise
 DEFAULT_CANDIDATES = ("int8", "int4-g128", "int4-g64", "int4-g32", "palette-16", "rank-0.5")
@@ -145,8 +156,9 @@ class Auto(Transform):
         candidates: the settings layers may take besides staying as they are: names in
             :data:`CANDIDATES` and/or transforms with a ``select`` field. Channel candidates
             (``"channels-0.25"``, ``"channels-0.5"``, ``Prune(ratio=r, importance=...)``)
-            choose per coupled channel group (bytes and MACs budgets; see the module
-            docstring).
+            choose per coupled channel group (bytes and MACs budgets); sparsity candidates
+            (``"sparse-0.5"``, ``"sparse-2:4"``, ``Prune(structure=..., pack=True)``) per layer
+            (bytes budgets); see the module docstring.
         method: how the built-in quantization candidates are applied: ``"rtn"`` or
             ``"gptq"``.
         zero_point: the built-in int4 candidates' offsets (see :class:`~nnslim.Quantize`).
@@ -193,6 +205,13 @@ class Auto(Transform):
                 )
         if isinstance(self.candidates, list):
             object.__setattr__(self, "candidates", tuple(self.candidates))
+        sparse = [_name(c) for c in self.candidates if is_sparsity_candidate(c)]
+        if sparse and self.target is not None and self._target.metric != "param_bytes":
+            raise ValueError(
+                f"Auto(candidates=...): {sparse} save bytes only (a packed sparse layer runs "
+                f"its dense kernel: the same MACs, a little more time); use them under a "
+                f"bytes budget, or leave them out of a MACs or latency search."
+            )
         if isinstance(self.plan, dict):
             object.__setattr__(self, "plan", dict(self.plan))
         if not self.candidates:
@@ -201,10 +220,24 @@ class Auto(Transform):
         for c in self.candidates:
             if isinstance(c, str):
                 check_choice("Auto", "candidates", c, tuple(CANDIDATES))
+            elif isinstance(c, Prune) and c.structure != "channels":
+                if (
+                    not c.pack
+                    or c.select is not None
+                    or c.exclude is not None
+                    or c.scope != "local"
+                    or c.steps != 1
+                    or c.allocation != "uniform"
+                ):
+                    raise ValueError(
+                        f"Auto(candidates=...): {c!r}: a sparsity candidate is "
+                        f"Prune(structure='unstructured' (with ratio=) or 'N:M', pack=True) "
+                        f"with its importance: packed, so that its zeros save bytes; select, "
+                        f"exclude, scope, steps and allocation stay at their defaults."
+                    )
             elif isinstance(c, Prune):
                 if (
-                    c.structure != "channels"
-                    or c.ratio is None
+                    c.ratio is None
                     or c.select is not None
                     or c.exclude is not None
                     or c.scope != "local"
@@ -376,6 +409,7 @@ def plan_note(auto: Auto, table: AutoTable, choice: dict[str, str]) -> str:
     for name in choice.values():
         counts[name] = counts.get(name, 0) + 1
     kept = len(table.layers) - len(choice)
+    sparse = any(is_sparsity_candidate(c) for c in auto.candidates)
     if kept:
         counts = {"keep": kept, **counts}
     return (
@@ -383,7 +417,8 @@ def plan_note(auto: Auto, table: AutoTable, choice: dict[str, str]) -> str:
         f"{len(table.layers)} layers; predicted {table.cost_of(choice) / table.total:.4f} of "
         f"the {table.metric_name} (budget {fraction:g}), estimated loss increase "
         f"{table.loss_of(choice):.4g} (K-FAC second order"
-        f"{'; channel removals by their empirical Fisher' if table.groups else ''}; "
+        f"{'; channel removals by their empirical Fisher' if table.groups else ''}"
+        f"{'; sparsity candidates pruned on each layer input Gram' if sparse else ''}; "
         f"quantization candidates measured "
         f"{'by GPTQ' if auto.method == 'gptq' else 'by rounding to nearest'})"
     )
@@ -731,8 +766,10 @@ def _layer_options(
     unavailable: dict[str, str] = {}
     for name, applied, rounded in probes:
         gptq = isinstance(applied, Quantize) and applied.method == "gptq" and is_linear(m)
+        # a sparsity candidate's importance (Wanda's norms, SparseGPT's Hessian) from the Gram
+        sparse = is_sparsity_candidate(applied)
         try:
-            new = base.apply(applied, gram=gram) if gptq else base.apply(rounded)
+            new = base.apply(applied, gram=gram) if gptq or sparse else base.apply(rounded)
         except ValueError as e:
             unavailable[name] = str(e).split("\n")[0][:200]
             continue
@@ -765,7 +802,13 @@ def _kfac(d: torch.Tensor, gram: torch.Tensor, f: torch.Tensor) -> float:
 def is_channel_candidate(c: Any) -> bool:
     """A candidate that removes channels: one setting for a coupled group, not a layer."""
     c = CANDIDATES.get(c, c) if isinstance(c, str) else c
-    return isinstance(c, Prune)
+    return isinstance(c, Prune) and c.structure == "channels"
+
+
+def is_sparsity_candidate(c: Any) -> bool:
+    """A candidate that zeroes single weights of a layer and stores it packed."""
+    c = CANDIDATES.get(c, c) if isinstance(c, str) else c
+    return isinstance(c, Prune) and c.structure != "channels"
 
 
 def split_setting(entry: str, structured: Any) -> tuple[str, str]:
@@ -1103,12 +1146,6 @@ def _own_cost(whole: Any, path: str, module: nn.Module, metric: str) -> float:
     return figure
 
 
-def _complement(n: int, gone: list[int]) -> torch.Tensor:
-    keep = torch.ones(n, dtype=torch.bool)
-    keep[gone] = False
-    return keep.nonzero().flatten()
-
-
 def _time_ms(module: nn.Module, inputs: Any) -> float:
     """Median eager time of ``module`` on ``inputs`` (a tensor or example inputs), in ms."""
     from ..profiling.latency import measure_latency
@@ -1202,14 +1239,19 @@ class _LayerProbe:
         nothing. Raises ``ValueError`` where ``t`` refuses the layer. ``gram``: the Linear's
         input Gram, for a GPTQ ``Quantize`` (which needs the layer's inputs)."""
         holder = nn.Sequential(copy.deepcopy(self.layer))
-        if gram is not None and isinstance(t, Quantize):
-            report = Report(transform="Quantize")
-            stats = LayerStats(gram=gram.clone(), rows=1)
-            t._replace(holder, report, "0", holder[0], t.scheme, stats)
+        if gram is not None and isinstance(t, Prune):
+            if isinstance(holder[0], nn.Embedding):
+                return None
+            holder[0] = sparsify_layer(holder[0], t, gram)
         else:
-            report = dataclasses.replace(t, select=["0"]).apply(holder, self.x)
-        if not report.changes:
-            return None
+            if gram is not None and isinstance(t, Quantize):
+                report = Report(transform="Quantize")
+                stats = LayerStats(gram=gram.clone(), rows=1)
+                t._replace(holder, report, "0", holder[0], t.scheme, stats)
+            else:
+                report = dataclasses.replace(t, select=["0"]).apply(holder, self.x)
+            if not report.changes:
+                return None
         cost = self._cost(holder)
         if self.timing is not None:
             cost["latency_ms"] = _time_ms(holder[0], self.timing)

@@ -34,6 +34,7 @@ TRANSFORMS = {
     "factorize": (lambda: nnslim.Factorize(ratio=0.5), "Gemm|MatMul"),
     "share": (lambda: nnslim.ShareWeights(clusters=16), "GatherND|Gather"),
     "2:4": (lambda: nnslim.Prune(structure="2:4"), "Gemm|MatMul"),
+    "2:4 packed": (lambda: nnslim.Prune(structure="2:4", pack=True), "Gemm|MatMul"),
 }
 
 
@@ -115,6 +116,7 @@ def test_integer_and_palettized_weights_stay_small_in_the_file(tmp_path):
         ("int8", nnslim.Quantize(scheme="int8")),
         ("int4", nnslim.Quantize(scheme="int4", group_size=64, select=["0"])),
         ("share", nnslim.ShareWeights(clusters=16, select=["0"])),
+        ("packed", nnslim.Prune(ratio=0.5, structure="unstructured", pack=True, select=["0", "2"])),
     ]:
         m = copy.deepcopy(big)
         if t is not None:
@@ -124,6 +126,8 @@ def test_integer_and_palettized_weights_stay_small_in_the_file(tmp_path):
     # one of two layers: int4 codes (an eighth) or one-byte codes (a quarter), the other float
     assert sizes["int4"] < 0.6 * sizes["float"]
     assert sizes["share"] < 0.7 * sizes["float"]
+    # half the weights and a bit per weight: the graph unpacks them
+    assert sizes["packed"] < 0.56 * sizes["float"]
 
 
 def test_hugging_face_model_with_dict_inputs_exports_its_logits(tmp_path):
@@ -168,7 +172,9 @@ def test_a_file_that_fails_its_check_is_not_written(tmp_path, monkeypatch):
     assert nnslim.export(_mlp(), X, tmp_path / "m.onnx", check=False).exists()
 
 
-@pytest.mark.parametrize("name", ["float", "prune", "int8", "int8-dynamic", "int4", "share"])
+@pytest.mark.parametrize(
+    "name", ["float", "prune", "int8", "int8-dynamic", "int4", "share", "2:4 packed"]
+)
 def test_openvino_runs_them_with_integer_weights_kept_compressed(tmp_path, name):
     ov = pytest.importorskip("openvino")
     from nnslim.io.export import _dequantized
@@ -221,6 +227,7 @@ IDS = {"input_ids": torch.randint(0, 100, (2, 12))}
         ("int4-g64", lambda: nnslim.Quantize(scheme="int4", group_size=64), "Q4_1", 1e-4),
         ("int8", lambda: nnslim.Quantize(scheme="int8"), "Q8_0", 5e-3),
         ("pruned", lambda: nnslim.Prune(ratio=0.25), None, 1e-5),
+        ("2:4 packed", lambda: nnslim.Prune(structure="2:4", pack=True), None, 1e-5),
     ],
 )
 def test_gguf_holds_the_codes_and_transformers_loads_it(tmp_path, name, make, block, tol):
@@ -392,14 +399,18 @@ def test_upstream_transformers_still_refuses_packed_asymmetric_zero_points(tmp_p
         type(model).from_pretrained(str(out), dtype=torch.float32)
 
 
-def test_compressed_tensors_keeps_sparse_zeros_dense(tmp_path):
+@pytest.mark.parametrize("pack", [False, True])
+def test_compressed_tensors_keeps_sparse_zeros_dense(tmp_path, pack):
     """2:4 layers are written dense with their zeros (compressed-tensors dropped its 2:4
-    formats after 0.14); nnslim's masks are not written."""
+    formats after 0.14); nnslim's masks (or packed values) are not written."""
     pytest.importorskip("compressed_tensors")
     from safetensors import safe_open
 
     model = _llama()
-    nnslim.Prune(structure="2:4").apply(model, IDS)
+    nnslim.Prune(structure="2:4", pack=pack).apply(model, IDS)
+    assert type(model.model.layers[0].mlp.up_proj).__name__ == (
+        "SparseLinear" if pack else "Linear"
+    )
     out = nnslim.export(model, IDS, tmp_path / "ct", format="compressed-tensors")
     with safe_open(out / "model.safetensors", "pt") as f:
         assert not [k for k in f.keys() if k.endswith("weight_mask")]
