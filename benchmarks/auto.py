@@ -22,6 +22,7 @@ and the time it took to apply.
     python benchmarks/auto.py --blocks-only   # the searches of the blocks alone
     python benchmarks/auto.py --streamed      # the blocks' search from a checkpoint, streamed
     python benchmarks/auto.py --channels      # channel candidates at structured 20%'s MACs
+    python benchmarks/auto.py --sparsity      # packed sparsity at uniform 50% SparseGPT's bytes
 
 ``--streamed`` saves the float model with ``save_pretrained`` and searches its blocks from that
 checkpoint with ``nnslim.checkpoint_table`` and ``nnslim.compress_checkpoint(...,
@@ -191,6 +192,73 @@ def channel_budget(args: argparse.Namespace, base, evals, calib) -> None:
     print(f"wrote {write_json(name, payload)}")
 
 
+def sparsity_budget(args: argparse.Namespace, base, evals, calib) -> None:
+    """``--sparsity``: the bytes of uniform 50% unstructured SparseGPT stored packed on the
+    blocks (``Prune(pack=True)``: the kept weights and a bitmask), and Auto at those bytes with
+    the sparsity candidates (50% unstructured and 2:4, SparseGPT, packed) and low rank 1/2: a
+    per-layer allocation of sparsity against the uniform one, no fine-tuning."""
+    example = calib[0]
+    labelled = [{"input_ids": b["input_ids"], "labels": b["input_ids"]} for b in calib]
+    full = nnslim.profile(base, example, memory=False).param_bytes
+    rows = []
+
+    def measure(name: str, m, seconds: float, plan: str = "") -> float:
+        size = nnslim.profile(m, example, memory=False).param_bytes / full
+        ppl = perplexity(m, evals).value
+        rows.append(
+            {
+                "variant": name,
+                "perplexity": ppl,
+                "bytes_fraction": size,
+                "seconds": seconds,
+                "plan": plan,
+            }
+        )
+        print(f"  {name}: ppl {ppl:.3f}, bytes {size:.4f} ({seconds:.0f} s)", flush=True)
+        return size
+
+    measure("fp32", base, 0.0)
+    m = copy.deepcopy(base)
+    t0 = time.perf_counter()
+    nnslim.Prune(
+        ratio=0.5, structure="unstructured", importance="sparsegpt", select=BLOCKS, pack=True
+    ).apply(m, calibration=calib)
+    budget = measure("uniform 50% unstructured SparseGPT, packed", m, time.perf_counter() - t0)
+    del m
+    cands = ("sparse-0.5", "sparse-2:4", "rank-0.5")
+    t0 = time.perf_counter()
+    auto = nnslim.Auto(target={"bytes": budget}, candidates=cands, select=BLOCKS)
+    table = auto.table(base, labelled, example)
+    search = time.perf_counter() - t0
+    plan = table.allocate(budget)
+    counts: dict[str, int] = {}
+    for n in plan.values():
+        counts[n] = counts.get(n, 0) + 1
+    print(f"  Auto's plan: {counts} of {len(table.options)} layers; table {search:.0f} s")
+    m = copy.deepcopy(base)
+    t0 = time.perf_counter()
+    nnslim.Auto(plan=plan, candidates=cands, select=BLOCKS).apply(m, calibration=labelled)
+    measure(f"Auto at {budget:.4f} of the bytes", m, search + time.perf_counter() - t0, str(counts))
+    fp = rows[0]["perplexity"]
+    print_table(
+        ["variant", "perplexity", "vs fp32", "bytes", "s"],
+        [
+            [
+                r["variant"],
+                f"{r['perplexity']:.3f}",
+                f"{r['perplexity'] / fp:.2f}x",
+                f"{r['bytes_fraction']:.4f}",
+                f"{r['seconds']:.0f}",
+            ]
+            for r in rows
+        ],
+        title=f"SmolLM2-135M-Instruct, bytes budget, sparsity packed, {evals.describe()}",
+    )
+    name = "auto-sparsity" + ("-quick" if args.quick else "")
+    payload = {"rows": rows, "plan": plan, "counts": counts, "table_seconds": search}
+    print(f"wrote {write_json(name, payload)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -206,6 +274,11 @@ def main() -> None:
         action="store_true",
         help="Auto with channel candidates at uniform structured 20%%'s MACs",
     )
+    parser.add_argument(
+        "--sparsity",
+        action="store_true",
+        help="Auto with packed sparsity candidates at uniform 50%% SparseGPT's bytes",
+    )
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
@@ -215,6 +288,9 @@ def main() -> None:
         return
     if args.channels:
         channel_budget(args, base, evals, calib)
+        return
+    if args.sparsity:
+        sparsity_budget(args, base, evals, calib)
         return
     example = calib[0]
     full = nnslim.profile(base, example, memory=False).param_bytes

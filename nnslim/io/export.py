@@ -17,8 +17,9 @@
   read; an embedding tied to its LM head reads the head's initializer (one copy in the file);
 * pruned, factorized, palettized (a codebook lookup: ``Gather`` on the indices), cross-layer
   shared and sparse models, and ``Int8Conv2d``, as the torch operators their forwards run
-  (packed sparse layers: the kept weights and the bitmask as initializers, unpacked in the
-  graph, so the file keeps their size).
+  (packed sparse layers: the kept weights and the bitmask as initializers, unpacked by a
+  graph ONNX Runtime folds into the dense weight when it loads the file: the file keeps their
+  size, the session runs at dense speed).
 
 ``format="openvino"`` converts that ONNX file with ``openvino.convert_model`` into OpenVINO IR
 (``.xml`` + ``.bin``): OpenVINO reads the int8 ``DequantizeLinear`` and int4 ``MatMulNBits``
@@ -26,8 +27,7 @@ layers as compressed weights (int8 and uint4 constants, decompressed in the grap
 plugin quantizes their activations at run time), which is why the ONNX route is taken rather
 than its direct torch conversion, which sees nnslim's custom operators. int8-dynamic layers
 go as int8 weights (OpenVINO widens a ``MatMulInteger`` weight to int32), palettized layers
-as their dense weights (it widens codebook indices to int64), packed sparse layers as theirs
-(its CPU plugin does not compile the unpacking).
+as their dense weights (it widens codebook indices to int64).
 
 ``format="compressed-tensors"`` writes a Hugging Face model's int8 layers in llm-compressor's
 layout for vLLM (:mod:`nnslim.io.compressed_tensors`).
@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import math
 import os
 import warnings
 from pathlib import Path
@@ -61,7 +62,6 @@ from ..base.inputs import Inputs, as_inputs, first_tensor, run_model
 from ..base.modules import copy_model
 from ..modules.fake_quant import FakeQuantLinear
 from ..modules.kernels import quantize_rows
-from ..modules.masks import MASK_NAME
 from ..modules.quantized import (
     Int4Embedding,
     Int4Linear,
@@ -71,7 +71,7 @@ from ..modules.quantized import (
     Int8Linear,
 )
 from ..modules.shared import PalettizedConv2d, PalettizedLinear
-from ..modules.sparse import SparseConv2d, SparseLinear
+from ..modules.sparse import SparseConv2d, SparseLinear, bit_table
 from .gguf import check_float_type
 
 __all__ = ["FORMATS", "export"]
@@ -500,6 +500,42 @@ class _PalettizedOnnx(nn.Module):
         return nn.functional.conv2d(x, w, self.bias, **conv)
 
 
+class _SparseOnnx(nn.Module):
+    """A packed sparse layer as a graph the engine folds into the dense weight when it loads
+    the file (the file keeps the kept weights and the bitmask): the bits by a ``Gather`` on a
+    256-entry table, each weight's place among the kept ones by a ``CumSum``, then ``Where``.
+    The layer's own unpacking (``masked_scatter``) exports through ``NonZero``, which ONNX
+    Runtime does not fold: it would unpack on every call (55x slower at batch 1)."""
+
+    def __init__(self, m: SparseLinear | SparseConv2d) -> None:
+        super().__init__()
+        self.register_buffer("values", m.values.detach().clone())
+        self.register_buffer("bitmask", m.bitmask)
+        self.register_buffer("table", bit_table(m.bitmask.device))
+        self.shape = tuple(m.weight_shape)
+        self.bias = m.bias
+        self.conv = (
+            {k: getattr(m, k) for k in ("stride", "padding", "dilation", "groups")}
+            if isinstance(m, SparseConv2d)
+            else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        numel = math.prod(self.shape)
+        if self.values.numel():
+            keep = self.table[self.bitmask.long()].reshape(-1)[:numel]
+            # -1 before the first kept weight: a valid index (the last), masked out by Where
+            place = keep.long().cumsum(0) - 1
+            w = torch.where(keep, self.values[place], 0.0)
+        else:
+            w = torch.zeros(numel, dtype=self.values.dtype, device=self.values.device)
+        w = w.reshape(self.shape).to(x.dtype)
+        b = None if self.bias is None else self.bias.to(x.dtype)
+        if self.conv is None:
+            return nn.functional.linear(x, w, b)
+        return nn.functional.conv2d(x, w, b, **self.conv)
+
+
 class _Int8EmbeddingOnnx(nn.Module):
     """A lookup of int8 rows (``Gather`` on the int8 table, stored ``(dim, vocab)`` as the int8
     LM head's twin stores it, so a tied pair is one initializer) times each row's scale."""
@@ -555,6 +591,8 @@ _RULES: dict[type, Any] = {
     Int4Embedding: _Int4EmbeddingOnnx,
     PalettizedLinear: _PalettizedOnnx,
     PalettizedConv2d: _PalettizedOnnx,
+    SparseLinear: _SparseOnnx,
+    SparseConv2d: _SparseOnnx,
 }
 #: OpenVINO keeps int8 weights compressed from ``DequantizeLinear`` (not from
 #: ``MatMulInteger``, whose weight it widens to int32) and quantizes the activations of such
@@ -569,17 +607,9 @@ _OPENVINO_RULES: dict[type, Any] = {
     Int4Embedding: _Int4EmbeddingOnnx,
     PalettizedLinear: lambda m: _PalettizedOnnx(m, dense=True),
     PalettizedConv2d: lambda m: _PalettizedOnnx(m, dense=True),
-    SparseLinear: lambda m: _dense_sparse(m),
-    SparseConv2d: lambda m: _dense_sparse(m),
+    SparseLinear: _SparseOnnx,
+    SparseConv2d: _SparseOnnx,
 }
-
-
-def _dense_sparse(m: SparseLinear | SparseConv2d) -> nn.Module:
-    """A packed sparse layer as the dense layer it stands for: OpenVINO's CPU plugin does not
-    compile the graph that unpacks it ("the memory desc is undefined", openvino 2026.4)."""
-    layer = m.to_dense()
-    del layer._buffers[MASK_NAME]
-    return layer
 
 
 # -- writing and checking ---------------------------------------------------------------------

@@ -100,7 +100,7 @@ from ..core.target import Target
 from ..core.transform import Compose, Context, Transform
 from ..graph.attention import AttentionSpec
 from .factorize import Factorize
-from .prune import Prune, _complement, sparsify_layer
+from .prune import Prune, _complement, in_one_module, sparsify_layer
 from .quantize import METHODS, Quantize, _lm_heads, plain_embedding, tied_heads
 from .share import ShareWeights
 
@@ -904,10 +904,10 @@ def _channel_groups(
                 )
                 break
             members.setdefault(path, set()).add(kind)
-        writers = {q.rpartition(".")[0] for q, k in members.items() if "out" in k and q in layers}
+        writers = [q for q, k in members.items() if "out" in k and q in layers]
         if not bad and not any("in" in k for q, k in members.items() if q in layers):
             bad = "no searched layer reads its channels"
-        elif not bad and len(writers) > 1:  # Prune takes such a stream whole, not by one root
+        elif not bad and not in_one_module(writers):
             bad = "its channels are written by layers in different modules (a residual stream)"
         if bad:
             refuse(info.root, bad)

@@ -687,8 +687,7 @@ class Prune(Transform):
             partners = [p for p in outs if p not in chosen]
             if not mine or not partners:
                 continue
-            home = {p.rpartition(".")[0] for p in outs}
-            if len(home) == 1 and all(p in eligible for p in partners):
+            if in_one_module(outs) and all(p in eligible for p in partners):
                 out.update(partners)
             else:
                 for p in mine:
@@ -1256,6 +1255,14 @@ def _step(pruner: Any, scorer: GroupScorer, paths: dict[int, str], guarded: Any)
             raise
         except Exception as e:
             raise failed(group, e) from e
+
+
+def in_one_module(writers: Any) -> bool:
+    """Whether the layers writing a channel group's channels sit in one module (an MLP's gate
+    and up projections): then they are pruned together, whichever is selected. Writers in
+    several modules (every block writing a residual stream) are a stream Prune takes whole or
+    not at all; Auto leaves such groups for the same reason."""
+    return len({p.rpartition(".")[0] for p in writers}) <= 1
 
 
 def _complement(n: int, gone: list[int]) -> torch.Tensor:

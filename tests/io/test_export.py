@@ -399,6 +399,23 @@ def test_upstream_transformers_still_refuses_packed_asymmetric_zero_points(tmp_p
         type(model).from_pretrained(str(out), dtype=torch.float32)
 
 
+def test_packed_sparse_layers_fold_to_their_dense_weights_in_onnx_runtime(tmp_path):
+    """The file holds the kept weights and the bitmask; ONNX Runtime folds the unpacking into
+    constants when it loads the file, so the session multiplies by a dense weight (no
+    unpacking per call)."""
+    model = _mlp()
+    nnslim.Prune(structure="2:4", pack=True, select=["0", "2", "4"]).apply(model, X)
+    path = nnslim.export(model, X, tmp_path / "m.onnx")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(tmp_path / "folded.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    before = {n.op_type for n in onnx.load(path).graph.node}
+    after = {n.op_type for n in onnx.load(tmp_path / "folded.onnx").graph.node}
+    assert {"CumSum", "Where"} <= before
+    assert after <= {"Gemm", "MatMul", "Add", "Relu", "Transpose"}, after
+
+
 @pytest.mark.parametrize("pack", [False, True])
 def test_compressed_tensors_keeps_sparse_zeros_dense(tmp_path, pack):
     """2:4 layers are written dense with their zeros (compressed-tensors dropped its 2:4
