@@ -76,6 +76,9 @@ CASES = [
         nnslim.Prune(ratio=0.5, structure="unstructured"), make_mlp, MLP_X, id="prune-unstructured"
     ),
     TransformCase(
+        nnslim.Prune(structure="2:4", pack=True), make_mlp, MLP_X, id="prune-2of4-packed"
+    ),
+    TransformCase(
         nnslim.Factorize(rank=4, select=["fc1", "fc2"]), make_mlp, MLP_X, id="factorize-rank"
     ),
     TransformCase(

@@ -82,6 +82,20 @@ class _PackedSparse(nn.Module):
         )
         self.register_buffer("bitmask", pack_bits(keep))
 
+    def _fill(self, shell: nn.Module) -> Any:
+        """``shell`` (a Linear/Conv2d built on the meta device) with the dense weight, this
+        layer's bias and the mask."""
+        shell.weight = nn.Parameter(self.dense().detach(), requires_grad=self.values.requires_grad)
+        shell.bias = self.bias
+        shell.register_buffer(MASK_NAME, self.mask)
+        return shell
+
+    def _take_bias(self, layer: nn.Module) -> None:
+        bias = layer.bias
+        self.bias = (
+            None if bias is None else nn.Parameter(bias.detach().clone(), bias.requires_grad)
+        )
+
     @property
     def mask(self) -> torch.Tensor:
         """The boolean keep-mask, in the dense weight's shape (a copy)."""
@@ -153,26 +167,15 @@ class SparseLinear(_PackedSparse):
         nn.Module.__init__(m)
         m.in_features, m.out_features = int(w.shape[1]), int(w.shape[0])
         m._pack(w, keep, linear.weight.requires_grad)
-        bias = linear.bias
-        m.bias = None if bias is None else nn.Parameter(bias.detach().clone(), bias.requires_grad)
+        m._take_bias(linear)
         return m
 
     def to_dense(self) -> nn.Linear:
         """An ``nn.Linear`` with the dense weight and its ``weight_mask`` (what
         ``Prune(pack=False)`` leaves): the form that Prune re-sparsifies and the Trainer's masks
         keep."""
-        w = self.dense().detach()
-        lin = nn.Linear(
-            self.in_features,
-            self.out_features,
-            bias=self.bias is not None,
-            device=w.device,
-            dtype=w.dtype,
-        )
-        lin.weight = nn.Parameter(w, requires_grad=self.values.requires_grad)
-        lin.bias = self.bias
-        lin.register_buffer(MASK_NAME, self.mask)
-        return lin
+        shell = nn.Linear(self.in_features, self.out_features, self.bias is not None, "meta")
+        return self._fill(shell)
 
     def nnslim_describe(self) -> str:
         return f"SparseLinear {self.in_features}->{self.out_features} ({self.sparsity:.0%} zeros)"
@@ -245,14 +248,12 @@ class SparseConv2d(_PackedSparse):
             conv.groups,
         )
         m._pack(w, w != 0 if keep is None else keep, conv.weight.requires_grad)
-        bias = conv.bias
-        m.bias = None if bias is None else nn.Parameter(bias.detach().clone(), bias.requires_grad)
+        m._take_bias(conv)
         return m
 
     def to_dense(self) -> nn.Conv2d:
         """An ``nn.Conv2d`` with the dense weight and its ``weight_mask``."""
-        w = self.dense().detach()
-        conv = nn.Conv2d(
+        shell = nn.Conv2d(
             self.in_channels,
             self.out_channels,
             self.kernel_size,
@@ -261,13 +262,9 @@ class SparseConv2d(_PackedSparse):
             self.dilation,
             self.groups,
             bias=self.bias is not None,
-            device=w.device,
-            dtype=w.dtype,
+            device="meta",
         )
-        conv.weight = nn.Parameter(w, requires_grad=self.values.requires_grad)
-        conv.bias = self.bias
-        conv.register_buffer(MASK_NAME, self.mask)
-        return conv
+        return self._fill(shell)
 
     def nnslim_describe(self) -> str:
         k = "x".join(str(s) for s in self.kernel_size)

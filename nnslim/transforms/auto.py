@@ -332,12 +332,6 @@ class Auto(Transform):
         report = report if report is not None else Report(transform="Auto")
         batches = ctx.require_calibration("Auto", "to measure each layer's sensitivity")
         metric = self._target.metric if self.target is not None else "param_bytes"
-        if metric == "latency_ms" and any(is_channel_candidate(c) for c in self.candidates):
-            raise ValueError(
-                "Auto: channel candidates are searched under a bytes or MACs budget (a "
-                "latency budget would time each group's layers together: not built); use "
-                "target={'macs': f}, or drop the channels-* candidates."
-            )
         key = (
             metric,
             tuple(_name(c) for c in self.candidates),
@@ -714,19 +708,22 @@ def measure_table(
             calls = float(whole.modules[p].macs) if p in whole.modules else 0.0
             scale = calls / base.cost["macs"] if base.cost["macs"] else 0.0
         if timed:  # timed on what it sees in a forward: its time per forward
-            base.time_on(shapes.get(p) or (max(1, round(scale)), w.shape[1]))
+            timing[p] = shapes.get(p) or (max(1, round(scale)), w.shape[1])
+            base.time_on(timing[p])
             scale = 1.0 if calls else 0.0
         return w, f, gram, head, base, scale
 
     groups: dict[str, ChannelGroup] = {}
+    timing: dict[str, tuple[int, ...]] = {}  # a latency budget: the shape each layer is timed on
     if structured:
         found, why_not = _channel_groups(model, ctx, batches, layers, structured)
         for root, why in why_not.items():
             unavailable.setdefault(root, {}).update(why)
+        figures = _figures(model, inputs, found, layers, whole, metric)
         for g in found:
             prepared = {q: prepare(q, layers[q]) for q in g.members if q in layers}
             groups[g.root] = _group_options(
-                g, prepared, probes, structured, metric, whole, n_batches, unavailable
+                g, prepared, probes, structured, metric, figures, timing, n_batches, unavailable
             )
             for q in prepared:
                 stats[q].gram = None
@@ -1075,14 +1072,16 @@ def _group_options(
     probes: list[tuple[str, Transform, Transform]],
     structured: list[tuple[str, Any]],
     metric: str,
-    whole: Any,
+    figures: dict[str, float],
+    timing: dict[str, tuple[int, ...]],
     n_batches: int,
     unavailable: dict[str, dict[str, str]],
 ) -> ChannelGroup:
     """A group's settings: per channel setting (and keeping every channel) the cost of its
-    members without options (BatchNorms, falling with their channels), the removal's
-    estimate (its empirical Fisher at the layers reading the channels), and each
-    searched member's options on its pruned copy."""
+    members without options (BatchNorms, falling with their channels: ``figures``, see
+    :func:`_figures`), the removal's estimate (its empirical Fisher at the layers reading the
+    channels), and each searched member's options on its pruned copy (under a latency budget
+    timed on its inputs narrowed to the channels left: ``timing``)."""
     settings: dict[str, tuple[float, float, dict[str, list[Option]]]] = {}
     for setting in ["keep", *(n for n, _ in structured if n in g.removed)]:
         removed = g.removed.get(setting, {})
@@ -1093,9 +1092,8 @@ def _group_options(
             out = removed.get((q, "out"), [])
             inn = removed.get((q, "in"), [])
             if q not in prepared:  # per channel (a BatchNorm): its cost falls with them
-                figure = getattr(whole.modules[q], _COSTS[metric]) if q in whole.modules else 0
                 size = mod.num_features if hasattr(mod, "num_features") else mod.out_channels
-                rest += float(figure) * (size - len(set(out) | set(inn))) / size
+                rest += figures.get(q, 0.0) * (size - len(set(out) | set(inn))) / size
                 continue
             w, f, gram, head, base, scale = prepared[q]
             if setting == "keep":
@@ -1113,9 +1111,14 @@ def _group_options(
                         g.pruners[q].prune_in_channels(small, inn)
                 ko = _complement(w.shape[0], out)
                 ki = _complement(w.shape[1], inn)
+                probe = _LayerProbe(small)
+                if q in timing:  # its inputs narrowed to the channels left
+                    shape = list(timing[q])
+                    shape[1 if _conv(mod) else -1] = len(ki)
+                    probe.time_on(tuple(shape))
                 o, _ = _layer_options(
                     small,
-                    _LayerProbe(small),
+                    probe,
                     w[ko][:, ki],
                     f[ko],
                     gram[ki][:, ki],
@@ -1128,22 +1131,69 @@ def _group_options(
             opts[q] = o
         if g.attention is not None:  # its own products (scores, weighted values), per head
             spec = g.attention
-            own = _own_cost(whole, spec.path, spec.module, metric)
+            own = figures.get(spec.path, 0.0)
             rest += own * (spec.heads - len(g.gone.get(setting, []))) / spec.heads
         settings[setting] = (rest, g.fisher.get(setting, 0.0), opts)
     return ChannelGroup(g.root, [q for q in g.members if q in prepared], settings, g.gone)
 
 
-def _own_cost(whole: Any, path: str, module: nn.Module, metric: str) -> float:
-    """A module's figure in the profile less its children's (an attention's own matmuls)."""
-    if path not in whole.modules:
-        return 0.0
-    figure = float(getattr(whole.modules[path], _COSTS[metric]))
-    for name, _ in module.named_children():
-        child = whole.modules.get(f"{path}.{name}")
-        if child is not None:
-            figure -= float(getattr(child, _COSTS[metric]))
-    return figure
+def _figures(
+    model: nn.Module,
+    inputs: Any,
+    found: list[_Found],
+    layers: dict[str, nn.Module],
+    whole: Any,
+    metric: str,
+) -> dict[str, float]:
+    """The cost, per forward, of what a channel setting shrinks beyond the searched layers: a
+    group's per-channel members (BatchNorms, depthwise convolutions) and an attention's own
+    products (scores, weighted values: the module's figure less its children's). From the
+    profile for bytes and MACs; under a latency budget each module timed alone on the
+    arguments it receives in one forward (``_time_ms``), an attention less its children."""
+    named = dict(model.named_modules())
+    own: dict[str, list[str]] = {}  # path -> the children whose figures it does not count
+    for g in found:
+        for q in g.members:
+            if q not in layers:
+                own[q] = []
+        if g.attention is not None:
+            path = g.attention.path
+            own[path] = [f"{path}.{n}" for n, _ in named[path].named_children()]
+    if metric == "latency_ms":
+        paths = {p for p, kids in own.items() for p in (p, *kids)}
+        cost = _module_times(model, inputs, sorted(paths))
+    else:
+        cost = {
+            p: float(getattr(whole.modules[p], _COSTS[metric]))
+            for p, kids in own.items()
+            for p in (p, *kids)
+            if p in whole.modules
+        }
+    return {p: cost.get(p, 0.0) - sum(cost.get(k, 0.0) for k in kids) for p, kids in own.items()}
+
+
+def _module_times(model: nn.Module, inputs: Any, paths: list[str]) -> dict[str, float]:
+    """Each module's eager time (ms) on the arguments it receives in one forward of
+    ``inputs`` (those of its first call), timed alone."""
+    from ..base.inputs import Inputs
+
+    named = dict(model.named_modules())
+    seen: dict[str, Any] = {}
+
+    def keep(p: str) -> Any:
+        def hook(_m: nn.Module, args: Any, kwargs: Any) -> None:
+            seen.setdefault(p, Inputs(tuple(args), dict(kwargs)))
+
+        return hook
+
+    hooks = [named[p].register_forward_pre_hook(keep(p), with_kwargs=True) for p in paths]
+    try:
+        with torch.no_grad():
+            as_inputs(inputs).call_stateless(model)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {p: _time_ms(named[p], seen[p]) for p in paths if p in seen}
 
 
 def _time_ms(module: nn.Module, inputs: Any) -> float:
@@ -1170,13 +1220,14 @@ def _conv_input_shapes(
 ) -> dict[str, tuple[int, ...]]:
     """The input shape each convolution among ``layers`` sees in one forward of ``inputs``."""
     shapes: dict[str, tuple[int, ...]] = {}
-    hooks = [
-        m.register_forward_pre_hook(
-            lambda _m, args, p=p: shapes.setdefault(p, tuple(args[0].shape))
-        )
-        for p, m in layers.items()
-        if _conv(m)
-    ]
+
+    def note(p: str) -> Any:
+        def hook(_m: nn.Module, args: Any) -> None:  # None: the arguments go on unchanged
+            shapes.setdefault(p, tuple(args[0].shape))
+
+        return hook
+
+    hooks = [m.register_forward_pre_hook(note(p)) for p, m in layers.items() if _conv(m)]
     try:
         with torch.no_grad():
             as_inputs(inputs).call_stateless(model)

@@ -238,10 +238,6 @@ def test_a_plan_with_settings_round_trips_and_scales_steer_the_search():
 def test_bad_channel_candidates_and_budgets_are_refused_before_any_change():
     model, data = _cnn()
     before = model_state(model)
-    with pytest.raises(ValueError, match="latency"):
-        nnslim.Auto(target={"latency": 0.5}, candidates=CHANNELS).apply(
-            model, data[0][0], calibration=data
-        )
     for bad in (
         nnslim.Prune(macs=0.5),
         nnslim.Prune(structure="2:4"),
@@ -320,3 +316,27 @@ def test_transformers_under_a_macs_budget_get_the_macs_predicted(family):
     assert report.after.macs / report.before.macs == pytest.approx(
         table.cost_of(plan) / table.total, rel=1e-9
     )
+
+
+def test_a_latency_budget_times_each_groups_layers_pruned(monkeypatch):
+    """Under {"latency": f} a group's layers are timed on copies pruned to each setting, on
+    their inputs narrowed to the channels left, and its BatchNorms alone on what they
+    receive in a forward; with a deterministic clock (each leaf's MACs, int8-dynamic at half)
+    the predicted time of the plan is the clock's after applying it."""
+    import nnslim.transforms.auto as auto_mod
+    from tests.transforms.test_auto import _fake_clock
+
+    monkeypatch.setattr(auto_mod, "_time_ms", _fake_clock)
+    model, data = _cnn()
+    x = data[0][0]
+    cands = (*CHANNELS, "int8-dynamic")
+    table = nnslim.Auto(target={"latency": 0.5}, candidates=cands).table(model, data, x)
+    assert table.metric_name == "latency" and set(table.groups) == {"c1", "fc1"}
+    assert table.total == pytest.approx(_fake_clock(model, x))
+    for budget in (0.5, 0.7):
+        plan = table.allocate(budget)
+        assert any(v.startswith("channels") for v in plan.values()), plan
+        m = _apply(model, plan, cands, data)
+        measured = _fake_clock(m, x) / table.total
+        assert measured == pytest.approx(table.cost_of(plan) / table.total, abs=1e-6)
+        assert measured <= budget + 1e-6

@@ -256,3 +256,15 @@ def test_auto_refuses_sparsity_where_it_saves_nothing():
         nnslim.Auto(target={"macs": 0.5}, candidates=("int8", "sparse-2:4"))
     with pytest.raises(ValueError, match="sparsity candidate.*pack=True"):
         nnslim.Auto(target={"bytes": 0.5}, candidates=(nnslim.Prune(structure="2:4"),))
+
+
+def test_a_failed_prune_leaves_a_packed_model_as_it_was():
+    model = _mlp()
+    nnslim.Prune(ratio=0.5, structure="unstructured", pack=True).apply(model, X)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    layer = model[2]
+    with pytest.raises(ValueError, match="calibration"):
+        nnslim.Prune(structure="2:4", importance="wanda").apply(model, X)  # unpacked, then fails
+    assert model[2] is layer
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
