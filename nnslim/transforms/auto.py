@@ -49,7 +49,8 @@ the other candidates are measured without calibration (round to nearest, plain S
 activation-aware factorization then applies them with less error than estimated.
 
 Channel candidates (``"channels-0.25"``, ``"channels-0.5"``, or a ``Prune(ratio=r)`` of the
-user's) remove a share of a coupled channel group's channels, under a bytes or MACs budget.
+user's) remove a share of a coupled channel group's channels, under any budget (under a
+latency budget each group's layers are timed pruned, on inputs narrowed to the channels left).
 A group (found by the dependency graph, as ``Prune`` finds it) whose layers are all searched
 Linears or dense convolutions, or map each channel to itself (BatchNorms, depthwise
 convolutions), is one knapsack item: its options combine a
@@ -156,7 +157,7 @@ class Auto(Transform):
         candidates: the settings layers may take besides staying as they are: names in
             :data:`CANDIDATES` and/or transforms with a ``select`` field. Channel candidates
             (``"channels-0.25"``, ``"channels-0.5"``, ``Prune(ratio=r, importance=...)``)
-            choose per coupled channel group (bytes and MACs budgets); sparsity candidates
+            choose per coupled channel group (any budget); sparsity candidates
             (``"sparse-0.5"``, ``"sparse-2:4"``, ``Prune(structure=..., pack=True)``) per layer
             (bytes budgets); see the module docstring.
         method: how the built-in quantization candidates are applied: ``"rtn"`` or
