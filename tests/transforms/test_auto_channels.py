@@ -340,3 +340,39 @@ def test_a_latency_budget_times_each_groups_layers_pruned(monkeypatch):
         measured = _fake_clock(m, x) / table.total
         assert measured == pytest.approx(table.cost_of(plan) / table.total, abs=1e-6)
         assert measured <= budget + 1e-6
+
+
+def test_a_latency_budget_prices_mlp_units_and_heads_in_a_transformer(monkeypatch):
+    """The same on a Llama: the attention timed alone on the keyword arguments it receives
+    (position embeddings, mask), its projections pruned to each setting; with the
+    deterministic clock the plan's predicted time is the clock's after applying it."""
+    transformers = pytest.importorskip("transformers")
+    import nnslim.transforms.auto as auto_mod
+    from tests.transforms.test_auto import _fake_clock
+    from tests.zoo import llama_config
+
+    monkeypatch.setattr(auto_mod, "_time_ms", _fake_clock)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(llama_config(num_hidden_layers=2)).eval()
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randint(0, model.config.vocab_size, (2, 12), generator=g) for _ in range(2)]
+    cands = (*CHANNELS, "int8-dynamic")
+    table = nnslim.Auto(target={"latency": 0.6}, candidates=cands).table(model, data, data[0])
+    assert "model.layers.0.self_attn.q_proj" in table.groups
+    plan = table.allocate(0.6)
+    assert any(n.startswith("channels") for n in plan.values())
+    m = _apply(model, plan, cands, data)
+    assert _fake_clock(m, data[0]) / table.total == pytest.approx(
+        table.cost_of(plan) / table.total, abs=1e-6
+    )
+
+
+def test_a_latency_budget_with_channels_runs_on_the_real_clock():
+    """On this machine's clock (no threshold on times: the machine is shared): every setting
+    timed, and the plan within the budget it predicts."""
+    model, data = _cnn()
+    table = nnslim.Auto(target={"latency": 0.8}, candidates=CHANNELS).table(model, data, data[0][0])
+    assert table.groups and all(c > 0 for g in table.groups.values() for _, c, _ in g.choices())
+    budget = max(0.8, table.smallest())
+    plan = table.allocate(budget)
+    assert table.cost_of(plan) <= budget * table.total * (1 + 1e-9)
