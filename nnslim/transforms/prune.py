@@ -901,6 +901,13 @@ class Prune(Transform):
         from ..modules.sparse import SparseConv2d, SparseLinear
 
         changes = {c.path: c for c in report.changes}
+        if self.pack:
+            for c in report.changes:
+                if "quantized" in c.action:
+                    report.note(
+                        f"{c.path}: int4 from SparseGPT's joint pass, its zeros stored as int4 "
+                        f"codes, not packed (packing holds float weights)"
+                    )
         shared = {
             full.rpartition(".")[0]
             for group in shared_parameters(model)

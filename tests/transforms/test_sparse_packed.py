@@ -268,3 +268,15 @@ def test_a_failed_prune_leaves_a_packed_model_as_it_was():
     assert model[2] is layer
     after = model.state_dict()
     assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_sparsegpt_with_int4_is_not_packed_and_says_so():
+    from nnslim.transforms.importance import SparseGPT
+
+    model = _mlp()
+    batches = [torch.randn(32, 64, generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    report = nnslim.Prune(
+        structure="2:4", importance=SparseGPT(int4_group_size=32), pack=True
+    ).apply(model, X, calibration=batches)
+    assert type(model[2]).__name__ == "Int4Linear"
+    assert any("2: int4" in n and "not packed" in n for n in report.notes)
