@@ -31,6 +31,7 @@ import torch_pruning as tp
 from torch import nn
 
 from ..base.modules import out_width, set_module
+from ..modules.masks import cut_mask
 from ..modules.mha import convertible, is_head_prunable_mha
 from .tp_compat import CONV1D_PRUNER, conv1d_type
 
@@ -210,16 +211,21 @@ class AttentionSpec:
 
         if self.qkv is not None:
             m = model.get_submodule(self.qkv)
-            out_fn(m)(m, self.fused_rows(remove))
+            rows = self.fused_rows(remove)
+            out_fn(m)(m, rows)
+            cut_mask(m, "out", rows)
         else:
             q = model.get_submodule(self.q)  # type: ignore[arg-type]
             out_fn(q)(q, chans)
+            cut_mask(q, "out", chans)
             if mha:
                 for p in (self.k, self.v):
                     m = model.get_submodule(p)  # type: ignore[arg-type]
                     out_fn(m)(m, chans)
+                    cut_mask(m, "out", chans)
         o = model.get_submodule(self.o)
         in_fn(o)(o, chans)
+        cut_mask(o, "in", chans)
         keep = None
         for path in self.extra.get("per_channel", []):  # BitNet's attn_sub_norm, OLMo2's q_norm
             m = model.get_submodule(path)

@@ -24,6 +24,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from ..modules.masks import cut_mask
+
 __all__ = ["ExpertBankSpec", "FusedMLPSpec", "find_expert_banks", "find_fused_mlps"]
 
 #: child names of (fused gate/up layer, down layer)
@@ -67,8 +69,11 @@ class FusedMLPSpec:
         if not remove:
             return
         fused, down = model.get_submodule(self.fused), model.get_submodule(self.down)
-        tp.prune_linear_out_channels(fused, sorted(remove + [self.units + i for i in remove]))
+        rows = sorted(remove + [self.units + i for i in remove])
+        tp.prune_linear_out_channels(fused, rows)
+        cut_mask(fused, "out", rows)
         tp.prune_linear_in_channels(down, sorted(remove))
+        cut_mask(down, "in", sorted(remove))
         self.units -= len(remove)
 
 

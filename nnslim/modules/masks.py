@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["MASK_NAME", "apply_masks", "masked_modules"]
+__all__ = ["MASK_NAME", "apply_masks", "cut_mask", "masked_modules"]
 
 MASK_NAME = "weight_mask"
 
@@ -33,3 +33,21 @@ def apply_masks(model: nn.Module) -> int:
     for _, m in mods:
         m.weight.mul_(m._buffers[MASK_NAME].to(m.weight.dtype))
     return len(mods)
+
+
+def cut_mask(module: nn.Module, side: str, gone: list[int]) -> None:
+    """After ``module``'s weight lost output (``side="out"``) or input (``"in"``) channels
+    ``gone`` (torch-pruning shrinks parameters only), cut its ``weight_mask`` the same way.
+    A mask whose size already matches (a grouped convolution's inputs) is left."""
+    mask = module._buffers.get(MASK_NAME)
+    w = getattr(module, "weight", None)
+    if not isinstance(mask, torch.Tensor) or not isinstance(w, torch.Tensor):
+        return
+    dim = 0 if side == "out" else 1
+    if type(module).__name__ == "Conv1D" or isinstance(module, nn.modules.conv._ConvTransposeNd):
+        dim = 1 - dim  # Hugging Face Conv1D stores (in, out); transposed convs (in, out, ...)
+    if mask.shape[dim] == w.shape[dim]:
+        return
+    keep = torch.ones(mask.shape[dim], dtype=torch.bool)
+    keep[sorted(set(gone))] = False
+    module._buffers[MASK_NAME] = mask.index_select(dim, keep.nonzero().flatten().to(mask.device))

@@ -15,8 +15,8 @@ bitmask) without its per-row offsets, which the row-major order makes unnecessar
 Each call rebuilds the dense weight (zeros where the bit is off) and runs the dense kernel: the
 layer saves memory and file bytes, not time (no CPU kernel here multiplies by the kept weights
 alone). Gradients reach ``values`` only, so fine-tuning keeps the pattern without a mask.
-``weight`` is that dense weight (a copy: writing into it does not change the layer), which is
-how the export formats read it (zeros stored dense where the format has no sparse layout).
+``weight`` is that dense weight (a copy: writing into it does not change the layer; gradients
+through it reach ``values``), which is how the export formats read it (zeros stored dense where the format has no sparse layout).
 """
 
 from __future__ import annotations
@@ -114,9 +114,9 @@ class _PackedSparse(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The dense weight this layer stands for (a copy: writing into it does not change
-        the layer)."""
-        with torch.no_grad():
-            return self.dense()
+        the layer; a gradient through it reaches ``values``, for code that reads a layer's
+        ``weight``, as ``nn.MultiheadAttention`` does its output projection's)."""
+        return self.dense()
 
     def nnslim_weight_buffers(self) -> dict[str, int]:
         # the profiler counts the dense weights this layer stands for (the zeros among them

@@ -16,7 +16,7 @@ from ..base.modules import copy_model
 from ..base.table import format_table, human
 from ..base.validate import check_fraction, check_int
 from ..core.target import Target
-from ..core.transform import Transform, check_transform_items
+from ..core.transform import Compose, Transform, check_transform_items
 from ..profiling.profiler import profile
 from ..transforms.auto import Auto
 
@@ -402,35 +402,51 @@ def _pieces(transforms: Any, steps: int) -> list[tuple[Transform, bool, _Aim | N
     check_transform_items("compress", transforms)
     pieces: list[tuple[Transform, bool, _Aim | None]] = []
     for t in transforms:
-        split = schedule(t, steps)
-        whole = getattr(t, "_target", None)
-        aimed = isinstance(whole, Target) and len(split) > 1
-        for i, s in enumerate(split):
-            aim = _Aim(whole, i + 1, len(split)) if aimed else None
-            pieces.append((s, i < len(split) - 1, aim))
+        # a Compose is split part by part (schedule): each part aimed on its own
+        flat = isinstance(t, Compose) and type(t).split is Compose.split
+        parts = list(t.transforms) if flat else [t]
+        splits = [(p, schedule(p, steps)) for p in parts]
+        left = sum(len(split) for _, split in splits)  # pieces of ``t`` still to add
+        for p, split in splits:
+            whole = _target_of(p) if len(split) > 1 else None
+            for i, s in enumerate(split):
+                left -= 1
+                aim = _Aim(whole, i + 1, len(split)) if whole is not None else None
+                pieces.append((s, left > 0, aim))
     return pieces
+
+
+def _target_of(t: Transform) -> Target | None:
+    """A transform's MACs/params target (``Prune(macs=...)``, ``Factorize(params=...)``)."""
+    try:
+        whole = getattr(t, "_target", None)
+    except ValueError:  # a transform whose target is not set (Auto with a plan)
+        return None
+    return whole if isinstance(whole, Target) else None
 
 
 @dataclasses.dataclass(frozen=True)
 class _Aim:
-    """Where piece ``k`` of ``n`` of a transform with a MACs/params target should leave the
-    model: ``target.fraction ** (k / n)`` of what it was before the transform's first piece.
-    Each piece's own target (``fraction ** (1 / n)`` of the model it is given) would compound
-    the channel rounding of every step (three steps to 0.5 of the MACs reached 0.45); the loop
-    re-aims each piece at this absolute point instead."""
+    """Piece ``k`` of ``n`` of a transform with a MACs/params target: each piece's own target
+    (``fraction ** (1 / n)`` of the model it is given) would compound the channel rounding of
+    every step (three steps to 0.5 of the MACs reached 0.45); the loop re-aims each piece from
+    where the model is at ``target.fraction`` of where it was before the first piece, in the
+    ``n - k + 1`` steps left."""
 
     target: Target
     k: int
     n: int
 
     def piece(self, t: Transform, start: dict[str, Any], now: dict[str, Any]) -> Transform | None:
-        """``t`` aimed from ``now`` (a row of measurements) at the point for step k, or
-        ``None`` when the model is there already."""
-        want = self.target.fraction ** (self.k / self.n) * self.target.measure(start)
+        """``t`` aimed from ``now`` (a row of measurements): the geometric path from there to
+        the target in the steps left (after a gentler step the rest share what it left), or
+        ``None`` when the model is at the target already."""
+        want = self.target.fraction * self.target.measure(start)
         have = self.target.measure(now)
         if have <= want:
             return None
-        return dataclasses.replace(t, **Target(self.target.metric, want / have).as_field())
+        step = (want / have) ** (1 / (self.n - self.k + 1))
+        return dataclasses.replace(t, **Target(self.target.metric, step).as_field())
 
 
 def _name(t: Transform) -> str:

@@ -94,6 +94,7 @@ from torch import nn
 
 from ..base.inputs import as_inputs, calibration_batches, first_tensor
 from ..base.modules import is_conv2d, is_linear, linear_weight, unreplaceable
+from ..base.snapshot import preserved_state
 from ..base.validate import check_choice
 from ..core.calibrate import LayerStats, batch_count, collect
 from ..core.report import Report
@@ -354,7 +355,10 @@ class Auto(Transform):
                     "Auto: no Linear, Conv2d or Embedding layer to choose a setting for after "
                     "select/exclude."
                 )
-            table = measure_table(self, model, ctx, batches, layers, metric)
+            # the forwards that time the layers run in eval mode and leave no trace (BatchNorm
+            # statistics of a model in train mode)
+            with preserved_state(model):
+                table = measure_table(self, model, ctx, batches, layers, metric)
             table.left = {s.path: s.reason for s in left.skips}
             _TABLES[model] = (key, table)
         for path, why in table.left.items():

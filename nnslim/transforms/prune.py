@@ -19,6 +19,7 @@ from ..base.modules import (
     is_conv2d,
     is_hf_conv1d,
     is_linear,
+    layer_skip_reason,
     linear_weight,
     out_width,
     replace_module,
@@ -37,7 +38,7 @@ from ..graph.fused_mlp import ExpertBankSpec, find_expert_banks, find_fused_mlps
 from ..graph.tp_compat import GroupTooLarge, Pruner, TraceError
 from ..graph.trace import MAX_GROUP as MAX_GROUP_DEFAULT
 from ..graph.trace import TIME_LIMIT_S, Graph, root_types, trace
-from ..modules.masks import MASK_NAME, masked_modules
+from ..modules.masks import MASK_NAME, cut_mask, masked_modules
 from ..modules.mha import back_to_torch, to_head_prunable
 from ..modules.quantized import Int4Linear, int4_group_size
 from .allocation import OWL, blocks_of, owl_ratios
@@ -252,6 +253,7 @@ class Prune(Transform):
             self._sparsify(model, ctx, report, imp, ctx.inputs)
         else:
             self._channels(model, ctx, report, imp)
+            _check_masks(model)
         if self.pack or packed:
             self._pack(model, report, packed)
 
@@ -485,6 +487,7 @@ class Prune(Transform):
             raise TypeError("Prune.plan: example_inputs is required.")
         snap = Snapshot(model, copy_tensors=False)  # the attention twins are put back after
         try:
+            _unpack(model)  # packed sparse layers planned as the dense layers they stand for
             to_head_prunable(model, inputs)
             return self._plan_dry(model, inputs)
         finally:
@@ -914,12 +917,21 @@ class Prune(Transform):
             for _, n, full in group
             if n == "weight"
         }
+        named = dict(model.named_modules())
         for p, m in masked_modules(model):
             if p not in before and not (self.pack and p in changes):
                 continue
             why = ""
+            mask = m._buffers[MASK_NAME]
+            w = m.weight
+            kept = int(mask.sum())
+            parent = named.get(p.rpartition(".")[0]) if "." in p else model
             if p in shared:
                 why = "its weight is shared with another layer's"
+            elif layer_skip_reason(m, parent) is not None:
+                why = str(layer_skip_reason(m, parent))
+            elif kept * w.element_size() + (mask.numel() + 7) // 8 >= w.numel() * w.element_size():
+                why = "too few zeros: the kept weights and a bit per weight take no fewer bytes"
             elif is_linear(m):
                 new: nn.Module = SparseLinear.from_dense(m, m._buffers[MASK_NAME])
             elif is_conv2d(m) and m.padding_mode == "zeros":
@@ -1279,10 +1291,10 @@ def _complement(n: int, gone: list[int]) -> torch.Tensor:
     return keep.nonzero().flatten()
 
 
-def _masks_in(group: Any) -> list[tuple[nn.Module, int, list[int]]]:
-    """``(module, weight dim, removed indices)`` for each layer of a torch-pruning group that
+def _masks_in(group: Any) -> list[tuple[nn.Module, str, list[int]]]:
+    """``(module, "out" | "in", removed indices)`` for each layer of a torch-pruning group that
     holds a sparsity mask (unstructured or N:M pruning before): its mask must lose the same
-    rows or columns as its weight (torch-pruning shrinks parameters only)."""
+    rows or columns as its weight (:func:`~nnslim.modules.masks.cut_mask`)."""
     from torch_pruning import _helpers
 
     out = []
@@ -1290,37 +1302,35 @@ def _masks_in(group: Any) -> list[tuple[nn.Module, int, list[int]]]:
         m = dep.target.module
         if not isinstance(m, nn.Module) or not isinstance(m._buffers.get(MASK_NAME), torch.Tensor):
             continue
-        w = getattr(m, "weight", None)
-        if not isinstance(w, torch.Tensor):
-            continue
         if len(idxs) and isinstance(idxs[0], _helpers._HybridIndex):
             idxs = _helpers.to_plain_idxs(idxs)
         name = getattr(dep.handler, "__name__", "")
-        if "out_channels" not in name and "in_channels" not in name:
-            continue
-        dim = 0 if "out_channels" in name else 1
-        if is_hf_conv1d(m):  # (in, out)
-            dim = 1 - dim
-        if isinstance(m, nn.modules.conv._ConvTransposeNd):  # (in, out / groups, ...)
-            dim = 1 - dim
-        out.append((m, dim, sorted({int(i) for i in idxs})))
+        if "out_channels" in name or "in_channels" in name:
+            side = "out" if "out_channels" in name else "in"
+            out.append((m, side, sorted({int(i) for i in idxs})))
     return out
 
 
-def _follow_masks(masked: list[tuple[nn.Module, int, list[int]]]) -> None:
+def _follow_masks(masked: list[tuple[nn.Module, str, list[int]]]) -> None:
     """Cut each mask like its weight (after the group was pruned)."""
-    for m, dim, gone in masked:
-        mask = m._buffers[MASK_NAME]
-        if mask.shape[dim] == m.weight.shape[dim]:
-            continue  # a grouped convolution's inputs: the weight kept its width
-        keep = _complement(mask.shape[dim], gone)
-        m._buffers[MASK_NAME] = mask.index_select(dim, keep.to(mask.device))
-    for m, _, _ in masked:
+    for m, side, gone in masked:
+        cut_mask(m, side, gone)
+
+
+def _check_masks(model: nn.Module) -> None:
+    """Every sparsity mask still has its weight's shape after channel pruning."""
+    for p, m in masked_modules(model):
         if tuple(m._buffers[MASK_NAME].shape) != tuple(m.weight.shape):
             raise ValueError(
-                f"{type(m).__name__}: its sparsity mask {tuple(m._buffers[MASK_NAME].shape)} "
-                f"no longer matches its pruned weight {tuple(m.weight.shape)}"
+                f"Prune: module {p} ({type(m).__name__}): its sparsity mask "
+                f"{tuple(m._buffers[MASK_NAME].shape)} no longer matches its pruned weight "
+                f"{tuple(m.weight.shape)}; prune its channels before sparsifying it."
             )
+
+
+def __init__(self, where: str, error: str) -> None:
+    super().__init__(f"{where}: {error}")
+    self.where, self.error = where, error
 
 
 class _ForwardFailed(Exception):

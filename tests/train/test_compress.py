@@ -395,3 +395,29 @@ def test_steps_to_a_macs_target_end_at_it_not_below():
     for k, f in enumerate(fractions, 1):
         assert 0.5 ** (k / 3) - 0.04 <= f <= 0.5 ** (k / 3) + 1e-9, fractions
     assert fractions[-1] >= 0.49
+
+
+def test_a_compose_part_with_a_target_is_aimed_and_auto_plans_step_through():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(64, 4),
+    )  # fmt: skip
+    x = torch.randn(1, 3, 16, 16)
+    kw = dict(evaluate=lambda m: 0.0, tolerance=1.0, example_inputs=x, steps=3)
+    result = nnslim.compress(
+        model,
+        nnslim.Compose([nnslim.Prune(macs=0.5), nnslim.Quantize()]),
+        target={"macs": 0.5},
+        **kw,
+    )
+    assert result.history[-1]["macs"] / result.baseline["macs"] >= 0.49
+    # an Auto with a plan and no target of its own is one step (its _target raises)
+    mlp = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    auto = nnslim.Auto(plan={"0": "int8"}, candidates=("int8",))
+    out = nnslim.compress(
+        mlp, [auto], target={"param_bytes": 0.9}, evaluate=lambda m: 0.0, tolerance=1.0,
+        example_inputs=torch.randn(2, 8), calibration=[torch.randn(4, 8)],
+    )  # fmt: skip
+    assert out.reached

@@ -376,3 +376,12 @@ def test_a_latency_budget_with_channels_runs_on_the_real_clock():
     budget = max(0.8, table.smallest())
     plan = table.allocate(budget)
     assert table.cost_of(plan) <= budget * table.total * (1 + 1e-9)
+
+
+def test_a_latency_table_leaves_a_training_model_as_it_was():
+    model, data = _cnn()
+    model.train()
+    before = model_state(model)
+    nnslim.Auto(target={"latency": 0.8}, candidates=CHANNELS).table(model, data, data[0][0])
+    assert model.training
+    assert_same_state(before, model_state(model), "after the latency table")

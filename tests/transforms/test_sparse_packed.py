@@ -280,3 +280,67 @@ def test_sparsegpt_with_int4_is_not_packed_and_says_so():
     ).apply(model, X, calibration=batches)
     assert type(model[2]).__name__ == "Int4Linear"
     assert any("2: int4" in n and "not packed" in n for n in report.notes)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_pruning_heads_and_mlp_units_cuts_masks_and_keeps_packed_layers_packed(family):
+    """Heads and fused MLP units are pruned outside torch-pruning's groups: their layers'
+    masks are cut there too (they kept their old shape, and the next apply_masks failed)."""
+    tf = pytest.importorskip("transformers")
+    from tests import zoo
+
+    cls, cfg = {
+        "llama": (tf.LlamaForCausalLM, zoo.llama_config(num_hidden_layers=1)),
+        "gpt2": (tf.GPT2LMHeadModel, zoo.gpt2_config()),
+    }[family]
+    torch.manual_seed(0)
+    base = cls(cfg).eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 8))
+    masked, packed = copy.deepcopy(base), copy.deepcopy(base)
+    nnslim.Prune(ratio=0.5, structure="unstructured").apply(masked, ids)
+    nnslim.Prune(ratio=0.5, structure="unstructured", pack=True).apply(packed, ids)
+    nnslim.Prune(ratio=0.25).apply(masked, ids)
+    nnslim.Prune(ratio=0.25).apply(packed, ids)
+    layers = nnslim.modules.masks.masked_modules(masked)
+    assert layers
+    for p, m in layers:
+        assert m.weight_mask.shape == m.weight.shape, p
+        w = m.weight.detach().clone()
+        assert (w[~m.weight_mask] == 0).all(), p
+    nnslim.apply_masks(masked)  # the Trainer's step: no shape error
+    for p, m in layers:
+        other = packed.get_submodule(p)
+        assert isinstance(other, SparseLinear), p
+        assert torch.equal(other.mask, m.weight_mask.t() if family == "gpt2" else m.weight_mask)
+    with torch.no_grad():
+        assert torch.allclose(packed(ids).logits, masked(ids).logits, atol=1e-5)
+
+
+def test_layers_read_by_weight_stay_dense_and_packing_that_saves_nothing_is_skipped():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True).eval()
+    x = torch.randn(2, 5, 32)
+    report = nnslim.Prune(ratio=0.5, structure="unstructured", pack=True).apply(layer, x)
+    assert isinstance(layer.self_attn.out_proj, nn.Linear)  # MultiheadAttention reads .weight
+    assert any("self_attn.out_proj: kept dense" in n for n in report.notes)
+    assert isinstance(layer.linear1, SparseLinear)
+    model = _mlp()
+    report = nnslim.Prune(ratio=0.01, structure="unstructured", pack=True).apply(model, X)
+    assert isinstance(model[2], nn.Linear)
+    assert any("too few zeros" in n for n in report.notes)
+
+
+def test_a_packed_layers_weight_carries_gradients_to_its_values():
+    model = _mlp()
+    nnslim.Prune(structure="2:4", pack=True).apply(model, X)
+    (model[2].weight.sum() * 2).backward()
+    g = model[2].values.grad
+    assert g is not None and torch.equal(g, torch.full_like(g, 2.0))
+
+
+def test_planning_a_packed_model_plans_its_dense_layers():
+    model = _mlp()
+    nnslim.Prune(ratio=0.5, structure="unstructured", pack=True).apply(model, X)
+    plan = nnslim.Prune(ratio=0.25).plan(model, X)
+    assert isinstance(model[2], SparseLinear)  # planning changes nothing
+    assert plan is not None
