@@ -893,8 +893,14 @@ class Trainer:
         r = self.regularization
         total = torch.zeros(())
         if r.l1 or r.l2:
+            # weight matrices, and a packed sparse layer's kept weights (1-D ``values``)
+            packed = {
+                id(m.values)
+                for m in model.modules()
+                if getattr(type(m), "nnslim_packed_sparse", False)
+            }
             for p in model.parameters():
-                if p.requires_grad and p.dim() >= 2:
+                if p.requires_grad and (p.dim() >= 2 or id(p) in packed):
                     if r.l1:
                         total = total + r.l1 * p.abs().sum()
                     if r.l2:
@@ -1098,6 +1104,8 @@ class _GroupLasso:
             parts = []
             for path, kind in info.members:
                 m = named.get(path)
+                if getattr(type(m), "nnslim_packed_sparse", False):
+                    continue  # its weight is rebuilt per call: no tensor to hold on to
                 w = getattr(m, "weight", None)
                 if not isinstance(w, torch.Tensor) or w.dim() < 1 or kind not in ("out", "in"):
                     continue

@@ -344,3 +344,13 @@ def test_planning_a_packed_model_plans_its_dense_layers():
     plan = nnslim.Prune(ratio=0.25).plan(model, X)
     assert isinstance(model[2], SparseLinear)  # planning changes nothing
     assert plan is not None
+
+
+def test_weight_decay_regularization_reaches_packed_layers():
+    masked, packed = _mlp(), _mlp()
+    nnslim.Prune(structure="2:4").apply(masked, X)
+    nnslim.Prune(structure="2:4", pack=True).apply(packed, X)
+    reg = nnslim.Regularization(l1=1e-3, l2=1e-2)
+    a = nnslim.Trainer(regularization=reg)._penalty(masked)
+    b = nnslim.Trainer(regularization=reg)._penalty(packed)
+    assert float(b) == pytest.approx(float(a), rel=1e-6)  # the zeros add nothing to either
