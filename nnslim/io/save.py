@@ -488,6 +488,7 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], aliases: dict[
         if wrong:
             parts.append(f"shape differs: {wrong[:4]}")
         raise ValueError("load: the weights do not fit the rebuilt model; " + "; ".join(parts))
+    _take_file_dtypes(model, state)
     meta_params = any(t.device.type == "meta" for t in expected.values())
     full = collections.OrderedDict(state)
     for k, v in aliases.items():
@@ -498,6 +499,31 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor], aliases: dict[
     model.load_state_dict(full, strict=True, assign=meta_params)
     if meta_params:
         rebuild_meta_buffers(model)
+
+
+def _take_file_dtypes(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Give each floating tensor the file's dtype where it differs: a replayed module is
+    rebuilt in the dtype its transform ran in, and the model may have been cast after (a
+    factorized model saved in bf16 came back with fp32 factors, and its forward failed on the
+    mixed dtypes). Tensors shared between modules stay shared."""
+    done: dict[int, torch.Tensor] = {}
+    for path, m in model.named_modules(remove_duplicate=False):
+        for kind in ("_parameters", "_buffers"):
+            tensors = getattr(m, kind)
+            for name, t in list(tensors.items()):
+                if t is None or not t.is_floating_point():
+                    continue
+                f = state.get(f"{path}.{name}" if path else name)
+                if f is None or not f.is_floating_point() or f.dtype == t.dtype:
+                    continue
+                new = done.get(id(t))
+                if new is None:
+                    if isinstance(t, nn.Parameter):
+                        new = nn.Parameter(t.detach().to(f.dtype), requires_grad=t.requires_grad)
+                    else:
+                        new = t.to(f.dtype)
+                    done[id(t)] = new
+                tensors[name] = new
 
 
 def recompute_buffers(m: nn.Module, names: list[str]) -> bool:

@@ -425,3 +425,34 @@ def test_a_base_in_another_float_dtype_is_refused_and_left_as_it_was(tmp_path):
     # built as saved, then cast: the documented way
     back = nnslim.load(tmp_path / "m.safetensors", TinyMLP()).half()
     assert back(x.half()).dtype == torch.float16
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: nnslim.Factorize(ratio=0.5),
+        lambda: nnslim.Prune(ratio=0.5, structure="unstructured", pack=True),
+        lambda: nnslim.ShareWeights(clusters=4),
+    ],
+    ids=["factorize", "packed", "share"],
+)
+def test_a_model_cast_after_its_transform_loads_in_the_dtype_it_was_saved(tmp_path, make):
+    """The record rebuilds a module in the dtype its transform ran in; the file holds the
+    tensors as saved (after a cast to bf16): loading gives them the file's dtype (factorized
+    layers came back fp32 inside a bf16 model, and the forward failed)."""
+
+    def mlp():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                             nn.Linear(32, 4))  # fmt: skip
+
+    x = torch.randn(3, 16)
+    model = mlp()
+    make().apply(model, x)
+    model = model.to(torch.bfloat16)
+    nnslim.save(model, tmp_path / "m.safetensors")
+    back = nnslim.load(tmp_path / "m.safetensors", mlp().to(torch.bfloat16))
+    dtypes = {v.dtype for v in back.state_dict().values() if v.is_floating_point()}
+    assert dtypes == {v.dtype for v in model.state_dict().values() if v.is_floating_point()}
+    with torch.no_grad():
+        assert torch.equal(back(x.bfloat16()), model(x.bfloat16()))
