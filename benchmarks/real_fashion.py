@@ -262,7 +262,7 @@ def recovery(args, base, train, example, row) -> None:
 
 def auto_rows(base, train, example, row, epochs: int, only: str = "") -> None:
     """Issue 20's rows: ``nnslim.Auto`` at 0.15x the weight bytes, at 0.4x the MACs and at
-    0.6x the latency (channels and low rank) against uniform settings at the same budget, each given the same distilled fine-tune (``epochs``).
+    0.85x the latency (channels and low rank) against uniform settings at the same budget, each given the same distilled fine-tune (``epochs``).
     Auto's calibration: 8 training batches of 128 with their labels (its loss estimate
     differentiates the cross-entropy on them)."""
     calib = [b for _, b in zip(range(8), train)]
@@ -304,12 +304,13 @@ def auto_rows(base, train, example, row, epochs: int, only: str = "") -> None:
         nnslim.Auto(target={"macs": 0.4}, candidates=channels),
     )
     # a latency budget (the eager forward on the 64 example images, one thread with
-    # OMP_NUM_THREADS=1): channels and low rank are what make this CNN faster
+    # OMP_NUM_THREADS=1): channels and low rank are what make this CNN faster; the smallest
+    # latency this search reaches is 0.80 (the residual stream's channels stay whole)
     tuned("uniform Prune to 0.6x MACs (latency comparison)", nnslim.Prune(macs=0.6))
     timed = ("rank-0.5", "rank-0.25", "channels-0.25", "channels-0.5")
     tuned(
-        "Auto at 0.6x latency with channel candidates",
-        nnslim.Auto(target={"latency": 0.6}, candidates=timed),
+        "Auto at 0.85x latency with channel candidates",
+        nnslim.Auto(target={"latency": 0.85}, candidates=timed),
     )
 
 
