@@ -262,7 +262,8 @@ def recovery(args, base, train, example, row) -> None:
 
 def auto_rows(base, train, example, row, epochs: int, only: str = "") -> None:
     """Issue 20's rows: ``nnslim.Auto`` at 0.15x the weight bytes, at 0.4x the MACs and at
-    0.85x the latency (channels and low rank) against uniform settings at the same budget, each given the same distilled fine-tune (``epochs``).
+    0.85x the latency (channels and low rank) against uniform settings at the same budget,
+    each given the same distilled fine-tune (``epochs``).
     Auto's calibration: 8 training batches of 128 with their labels (its loss estimate
     differentiates the cross-entropy on them)."""
     calib = [b for _, b in zip(range(8), train)]
