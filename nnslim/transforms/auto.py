@@ -1264,11 +1264,11 @@ class _LayerProbe:
             size = [
                 st + (k - 1) * d + 1 for st, k, d in zip(self.start, w.shape[2:], layer.dilation)
             ]
-            self.x = torch.zeros(1, self.width, *size, device=w.device)
+            self.x = torch.zeros(1, self.width, *size, device=w.device, dtype=_probe_dtype(w))
         else:
             w = linear_weight(layer)
             self.width = w.shape[1]
-            self.x = torch.zeros(1, self.width, device=w.device)
+            self.x = torch.zeros(1, self.width, device=w.device, dtype=_probe_dtype(w))
         self.cost = self._cost(nn.Sequential(layer))
         # the layout of the weight the read-back gives: (out, in[, kh, kw]) or (vocab, dim)
         plain = _conv(layer) or isinstance(layer, nn.Embedding)
@@ -1358,6 +1358,12 @@ def _own_weight(layer: nn.Module, shape: tuple[int, ...]) -> torch.Tensor | None
     return w.detach().float()
 
 
+def _probe_dtype(w: torch.Tensor) -> torch.dtype:
+    """The dtype a layer's probe input takes: the layer's own (a bf16 layer refuses fp32
+    inputs)."""
+    return w.dtype if w.is_floating_point() else torch.float32
+
+
 def _pair(conv: nn.Module) -> tuple[int, ...]:
     """A Conv2d's padding before each spatial dim, as ints (``"same"``: torch pads
     ``dilation * (kernel - 1) // 2`` before; ``"valid"``: none)."""
@@ -1376,7 +1382,7 @@ def _effective_weight(layer: nn.Module, width: int, zero: torch.Tensor) -> torch
         cols = []
         step = max(1, min(width, 2**22 // max(1, int(bias.shape[-1]))))
         for i in range(0, width, step):
-            eye = torch.zeros(min(step, width - i), width, device=zero.device)
+            eye = torch.zeros(min(step, width - i), width, device=zero.device, dtype=zero.dtype)
             eye[:, i : i + eye.shape[0]] = torch.eye(eye.shape[0], device=zero.device)
             cols.append(layer(eye).float() - bias)
         return torch.cat(cols).t()

@@ -678,3 +678,27 @@ def test_an_embedding_with_a_forward_of_its_own_is_left_and_said():
     )
     assert "emb" not in table.options
     assert {s.path: s.reason for s in report.skips}["emb"].startswith("Scaled has a forward")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_a_bf16_model_is_searched_in_its_dtype(family):
+    """The probe inputs take the layer's dtype (a bf16 layer refused the fp32 probe and the
+    search failed on every bf16 model); the plan's bytes are the profiler's after applying."""
+    transformers = pytest.importorskip("transformers")
+    from tests import zoo
+
+    cls, cfg = {
+        "gpt2": (transformers.GPT2LMHeadModel, zoo.gpt2_config()),
+        "llama": (transformers.LlamaForCausalLM, zoo.llama_config()),
+    }[family]
+    torch.manual_seed(0)
+    model = cls(cfg).eval().to(torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randint(0, cfg.vocab_size, (2, 12), generator=g) for _ in range(2)]
+    report = nnslim.Auto(target={"bytes": 0.5}).apply(model, data[0], calibration=data)
+    note = next(n for n in report.notes if n.startswith("Auto:"))
+    predicted = float(note.split("predicted ")[1].split(" ")[0])
+    measured = report.after.param_bytes / report.before.param_bytes
+    assert measured == pytest.approx(predicted, abs=1e-4) and measured <= 0.5 + 1e-6
+    with torch.no_grad():
+        assert torch.isfinite(model(data[0]).logits.float()).all()
