@@ -1180,25 +1180,32 @@ def _figures(
 def _module_times(model: nn.Module, inputs: Any, paths: list[str]) -> dict[str, float]:
     """Each module's eager time (ms) on the arguments it receives in one forward of
     ``inputs`` (those of its first call), timed alone."""
+    named = dict(model.named_modules())
+    seen = _first_inputs(model, inputs, {p: named[p] for p in paths})
+    return {p: _time_ms(named[p], seen[p]) for p in paths if p in seen}
+
+
+def _first_inputs(model: nn.Module, inputs: Any, modules: dict[str, nn.Module]) -> dict[str, Any]:
+    """The arguments (:class:`~nnslim.base.inputs.Inputs`) each of ``modules`` receives on its
+    first call in one forward of ``inputs``."""
     from ..base.inputs import Inputs
 
-    named = dict(model.named_modules())
     seen: dict[str, Any] = {}
 
     def keep(p: str) -> Any:
-        def hook(_m: nn.Module, args: Any, kwargs: Any) -> None:
+        def hook(_m: nn.Module, args: Any, kwargs: Any) -> None:  # None: arguments unchanged
             seen.setdefault(p, Inputs(tuple(args), dict(kwargs)))
 
         return hook
 
-    hooks = [named[p].register_forward_pre_hook(keep(p), with_kwargs=True) for p in paths]
+    hooks = [m.register_forward_pre_hook(keep(p), with_kwargs=True) for p, m in modules.items()]
     try:
         with torch.no_grad():
             as_inputs(inputs).call_stateless(model)
     finally:
         for h in hooks:
             h.remove()
-    return {p: _time_ms(named[p], seen[p]) for p in paths if p in seen}
+    return seen
 
 
 def _time_ms(module: nn.Module, inputs: Any) -> float:
@@ -1224,22 +1231,8 @@ def _conv_input_shapes(
     model: nn.Module, inputs: Any, layers: dict[str, nn.Module]
 ) -> dict[str, tuple[int, ...]]:
     """The input shape each convolution among ``layers`` sees in one forward of ``inputs``."""
-    shapes: dict[str, tuple[int, ...]] = {}
-
-    def note(p: str) -> Any:
-        def hook(_m: nn.Module, args: Any) -> None:  # None: the arguments go on unchanged
-            shapes.setdefault(p, tuple(args[0].shape))
-
-        return hook
-
-    hooks = [m.register_forward_pre_hook(note(p)) for p, m in layers.items() if _conv(m)]
-    try:
-        with torch.no_grad():
-            as_inputs(inputs).call_stateless(model)
-    finally:
-        for h in hooks:
-            h.remove()
-    return shapes
+    convs = {p: m for p, m in layers.items() if _conv(m)}
+    return {p: tuple(a.args[0].shape) for p, a in _first_inputs(model, inputs, convs).items()}
 
 
 class _LayerProbe:

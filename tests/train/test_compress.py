@@ -368,17 +368,22 @@ def test_a_share_step_that_does_not_apply_is_skipped_with_a_note():
     assert "note: ShareWeights(clusters=256" in str(result)
 
 
-def test_steps_to_a_macs_target_end_at_it_not_below():
-    """Each step is aimed at ``target ** (k / steps)`` of the model before the first step, not
-    at ``target ** (1 / steps)`` of the model it is given: the channel rounding of one step is
-    not carried into the next, so three steps to half the MACs end at half (0.499 here),
-    where compounding them ended at 0.456 (and five at 0.436)."""
+def cnn64():
     torch.manual_seed(0)
-    model = nn.Sequential(
+    return nn.Sequential(
         nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
         nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
         nn.Linear(64, 4),
     )  # fmt: skip
+
+
+def test_steps_to_a_macs_target_end_at_it_not_below():
+    """Each step is aimed from where the model is along the geometric path to ``target`` of
+    the model before the first step, in the steps left, not at ``target ** (1 / steps)`` of
+    the model it is given: the channel rounding of one step is not carried into the next, so
+    three steps to half the MACs end at half (0.499 here), where compounding them ended at
+    0.456 (and five at 0.436)."""
+    model = cnn64()
     x = torch.randn(1, 3, 16, 16)
     result = nnslim.compress(
         model,
@@ -398,12 +403,7 @@ def test_steps_to_a_macs_target_end_at_it_not_below():
 
 
 def test_a_compose_part_with_a_target_is_aimed_and_auto_plans_step_through():
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        nn.Linear(64, 4),
-    )  # fmt: skip
+    model = cnn64()
     x = torch.randn(1, 3, 16, 16)
     kw = dict(evaluate=lambda m: 0.0, tolerance=1.0, example_inputs=x, steps=3)
     result = nnslim.compress(
