@@ -65,9 +65,15 @@ factored form, whose diagonal output factor prices a removal's output changes as
 independent (they move together: on a trained classifier the factored form came out 3x below
 the measured loss where this is within 1.5x, tested). An attention module's heads are a group
 too (rooted at the query projection: its rows, the key/value rows without GQA, the output
-projection's columns; the heads ``Prune`` removes). A group through a LayerNorm/RMSNorm or
-an embedding (a transformer's hidden width), attention with a fused projection, and a group
-sharing a layer with one taken before (the smaller groups first) are left with their reason.
+projection's columns; the heads ``Prune`` removes). Groups linked by a layer that reads one
+group's channels and writes the next's (a plain CNN's convolutions, an inverted residual's
+expansion and projection) form a chain, one knapsack item: the shared layer is measured at
+every pair of its two groups' settings, and the chain's options come from dynamic programming
+along it (per setting of the group reached, the cost/loss front of everything before it), so
+every group of a chain is searched. A group through a LayerNorm/RMSNorm or an embedding (a
+transformer's hidden width), attention with a fused projection, and a group that would share
+a layer otherwise (a branch: one group's channels read by two groups' roots; a layer read by
+two groups) are left with their reason (the smaller groups are taken first).
 
 Sparsity candidates (``"sparse-0.5"``, ``"sparse-2:4"``, or a ``Prune(structure=...,
 pack=True)`` of the user's) zero single weights of a layer and store it packed (the kept
@@ -436,46 +442,88 @@ class ChannelGroup:
     combination of a setting and its members' options (the ones no other beats on both cost
     and loss). ``removed``: per channel setting, the root's output channels it removes (for
     attention, rooted at its query projection: the query heads), the ones ``Prune`` with that
-    candidate's importance removes."""
+    candidate's importance removes.
+
+    ``before``: the root of the group upstream in a chain (its channels are the inputs of
+    ``shared``, members here whose outputs are this group's channels: a convolution between
+    two pruned groups), or None. A shared member's options then depend on both settings:
+    ``joint[upstream setting][setting][member]`` for an upstream channel setting, the
+    ``settings`` entry when the upstream group keeps its channels."""
 
     root: str
     members: list[str]
     settings: dict[str, tuple[float, float, dict[str, list[Option]]]]
     removed: dict[str, list[int]] = dataclasses.field(default_factory=dict)
+    before: str | None = None
+    shared: list[str] = dataclasses.field(default_factory=list)
+    joint: dict[str, dict[str, dict[str, list[Option]]]] = dataclasses.field(default_factory=dict)
+
+    def _options(self, setting: str, up: str) -> dict[str, list[Option]]:
+        """The members' options at ``setting`` with the upstream group at ``up``."""
+        opts = self.settings[setting][2]
+        if up == "keep" or not self.shared:
+            return opts
+        if up not in self.joint:
+            raise ValueError(
+                f"Auto(plan=...): the channel group of {self.before} has no setting {up!r}."
+            )
+        return {**opts, **self.joint[up][setting]}
+
+    def front_at(
+        self, setting: str, up: str = "keep", scale: dict[str, float] | None = None
+    ) -> list[tuple[tuple[str, ...], float, float]]:
+        """``((setting, member options...), cost, loss)`` on the cost/loss front at one
+        setting, the upstream group at ``up`` (losses multiplied by ``scale[path]`` where
+        given: the removal's by the root's)."""
+        scale = scale or {}
+        rest, loss, _ = self.settings[setting]
+        opts = self._options(setting, up)
+        combos: list[tuple[tuple[str, ...], float, float]] = [
+            ((setting,), rest, loss * scale.get(self.root, 1.0))
+        ]
+        for q in self.members:
+            k = scale.get(q, 1.0)
+            combos = _front(
+                [((*n, o[0]), c + o[1], v + o[2] * k) for n, c, v in combos for o in opts[q]]
+            )
+        return combos
 
     def choices(
         self, scale: dict[str, float] | None = None
     ) -> list[tuple[tuple[str, ...], float, float]]:
-        """``((setting, member options...), cost, loss)`` on the cost/loss front (losses
-        multiplied by ``scale[path]`` where given: the removal's by the root's)."""
-        scale = scale or {}
-        out: list[tuple[tuple[str, ...], float, float]] = []
-        for setting, (rest, loss, opts) in self.settings.items():
-            combos: list[tuple[tuple[str, ...], float, float]] = [
-                ((setting,), rest, loss * scale.get(self.root, 1.0))
-            ]
-            for q in self.members:
-                k = scale.get(q, 1.0)
-                combos = _front(
-                    [((*n, o[0]), c + o[1], v + o[2] * k) for n, c, v in combos for o in opts[q]]
-                )
-            out.extend(combos)
-        return _front(out)
+        """``((setting, member options...), cost, loss)`` on the cost/loss front, the upstream
+        group (if any) keeping its channels."""
+        return _front([c for s in self.settings for c in self.front_at(s, "keep", scale)])
 
-    def option(self, setting: str, member: str, name: str) -> Option:
-        """A member's option at a setting."""
-        found = [o for o in self.settings[setting][2][member] if o[0] == name]
+    def option(self, setting: str, member: str, name: str, up: str = "keep") -> Option:
+        """A member's option at a setting (the upstream group at ``up``)."""
+        found = [o for o in self._options(setting, up)[member] if o[0] == name]
         if not found:
             raise ValueError(
                 f"Auto(plan=...): {member} has no option {name!r} with its group at {setting!r}."
             )
         return found[0]
 
-    def cost_loss(self, setting: str, names: dict[str, str]) -> tuple[float, float]:
-        """The group's cost and estimated loss at ``setting`` with its members' options."""
+    def cost_loss(
+        self, setting: str, names: dict[str, str], up: str = "keep"
+    ) -> tuple[float, float]:
+        """The group's cost and estimated loss at ``setting`` with its members' options (the
+        upstream group at ``up``)."""
         rest, loss, _ = self.settings[setting]
-        picked = [self.option(setting, q, names.get(q, "keep")) for q in self.members]
+        picked = [self.option(setting, q, names.get(q, "keep"), up) for q in self.members]
         return rest + sum(o[1] for o in picked), loss + sum(o[2] for o in picked)
+
+
+#: the most points a chain of groups keeps on its front while it is combined (evenly spaced)
+_CHAIN_POINTS = 256
+
+
+def _thin(front: list[Any], cap: int = _CHAIN_POINTS) -> list[Any]:
+    """At most ``cap`` points of a front, evenly spaced along it, both ends kept."""
+    if len(front) <= cap:
+        return front
+    n = len(front)
+    return [front[i] for i in sorted({round(j * (n - 1) / (cap - 1)) for j in range(cap)})]
 
 
 def _front(items: list[Any]) -> list[Any]:
@@ -502,8 +550,10 @@ class AutoTable:
             group the search does not price...).
         left: ``{layer path: why}`` for the layers the search leaves as they are (an LM
             head, a grouped convolution, an output layer tied to a searched embedding...).
-        groups: ``{root path: ChannelGroup}`` for the channel groups chosen as one item (with
-            channel candidates); their layers are not in ``options``.
+        groups: ``{root path: ChannelGroup}`` for the channel groups (with channel
+            candidates); their layers are not in ``options``. Groups linked by ``before``
+            (a layer reading one group's channels and writing the next's) form a chain, one
+            knapsack item: :meth:`chains`.
     """
 
     metric_name: str
@@ -512,18 +562,73 @@ class AutoTable:
     unavailable: dict[str, dict[str, str]]
     left: dict[str, str] = dataclasses.field(default_factory=dict)
     groups: dict[str, ChannelGroup] = dataclasses.field(default_factory=dict)
+    _fronts: dict[Any, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     @property
     def layers(self) -> list[str]:
         """Every layer the search chooses for (one by one or in a group)."""
         return [*self.options, *(q for g in self.groups.values() for q in g.members)]
 
-    def _items(self) -> dict[str, list[Option]]:
-        """The knapsack's items: each layer chosen alone, and each group (its options named by
-        their index in :meth:`ChannelGroup.choices`)."""
-        items = dict(self.options)
-        for root, g in self.groups.items():
-            items["\0" + root] = [(str(i), c, v) for i, (_, c, v) in enumerate(g.choices())]
+    def chains(self) -> list[list[str]]:
+        """The groups' roots in chains, upstream first: each chain is one knapsack item (a
+        group alone is a chain of one)."""
+        after = {g.before: r for r, g in self.groups.items() if g.before is not None}
+        out = []
+        for r, g in self.groups.items():
+            if g.before is None:
+                chain = [r]
+                while chain[-1] in after:
+                    chain.append(after[chain[-1]])
+                out.append(chain)
+        return out
+
+    def chain_front(
+        self, chain: list[str], scale: dict[str, float] | None = None
+    ) -> list[tuple[tuple[tuple[str, ...], ...], float, float]]:
+        """A chain's options on its cost/loss front: ``(per group (setting, member
+        options...), cost, loss)``, by dynamic programming along the chain (per setting of
+        the group reached, the front of everything upstream of it; a shared layer's options
+        are the ones measured at both its groups' settings). Fronts longer than
+        ``_CHAIN_POINTS`` are thinned evenly while combining."""
+        key = (tuple(chain), tuple(sorted((scale or {}).items())))
+        if key not in self._fronts:
+            self._fronts[key] = self._chain_front(chain, scale)
+        return self._fronts[key]
+
+    def _chain_front(
+        self, chain: list[str], scale: dict[str, float] | None
+    ) -> list[tuple[tuple[tuple[str, ...], ...], float, float]]:
+        first = self.groups[chain[0]]
+        fronts = {
+            s: [((n,), c, v) for n, c, v in first.front_at(s, "keep", scale)]
+            for s in first.settings
+        }
+        for root in chain[1:]:
+            g = self.groups[root]
+            new = {}
+            for s in g.settings:
+                combos = [
+                    ((*names, n), c + c2, v + v2)
+                    for up, prev in fronts.items()
+                    for n, c2, v2 in g.front_at(s, up, scale)
+                    for names, c, v in prev
+                ]
+                new[s] = _thin(_front(combos))
+            fronts = new
+        return _thin(_front([x for f in fronts.values() for x in f]))
+
+    def _items(self, scale: dict[str, float] | None = None) -> dict[str, list[Any]]:
+        """The knapsack's items: each layer chosen alone (losses times ``scale[path]``), and
+        each chain of groups (its options named by their index in :meth:`chain_front`, the
+        front kept as the option's fourth entry)."""
+        scale = scale or {}
+        items: dict[str, list[Any]] = {
+            p: [(n, c, loss * scale.get(p, 1.0)) for n, c, loss in o]
+            for p, o in self.options.items()
+        }
+        for chain in self.chains():
+            front = self.chain_front(chain, scale)
+            items["\0" + chain[0]] = [(str(i), c, v, x) for i, (x, c, v) in enumerate(front)]
         return items
 
     @property
@@ -538,7 +643,7 @@ class AutoTable:
     def smallest(self) -> float:
         """The least reachable cost, as a fraction of today's."""
         return (
-            self.fixed + sum(min(b for _, b, _ in o) for o in self._items().values())
+            self.fixed + sum(min(o[1] for o in opts) for opts in self._items().values())
         ) / self.total
 
     def allocate(self, fraction: float, scale: dict[str, float] | None = None) -> dict[str, str]:
@@ -554,21 +659,17 @@ class AutoTable:
                 f"model's {self.metric_name} (every chosen layer at its smallest setting, the "
                 f"rest as it is); ask for at least that, or add smaller candidates."
             )
-        scale = scale or {}
-        items = {
-            p: [(n, c, loss * scale.get(p, 1.0)) for n, c, loss in o]
-            for p, o in self.options.items()
-        }
-        choices = {root: g.choices(scale) for root, g in self.groups.items()}
-        for root, front in choices.items():
-            items["\0" + root] = [(str(i), c, v) for i, (_, c, v) in enumerate(front)]
+        full = self._items(scale)
+        items = {p: [o[:3] for o in opts] for p, opts in full.items()}
         # a budget at the smallest reachable (within the check's slack) gets exactly that room
         floor = sum(min(c for _, c, _ in o) for o in items.values())
         choice = _allocate(items, max(budget - self.fixed, floor))
+        chains = {c[0]: c for c in self.chains()}
         plan: dict[str, str] = {}
         for p, i in choice.items():
             if p.startswith("\0"):
-                plan.update(self._group_plan(self.groups[p[1:]], choices[p[1:]][i][0]))
+                for root, names in zip(chains[p[1:]], full[p][i][3], strict=True):
+                    plan.update(self._group_plan(self.groups[root], names))
             elif self.options[p][i][0] != "keep":
                 plan[p] = self.options[p][i][0]
         return plan
@@ -595,7 +696,11 @@ class AutoTable:
             setting, own = split_setting(plan.get(root, "keep"), g.settings)
             names = {q: plan.get(q, "keep") for q in g.members}
             names[root] = own
-            out.append(g.cost_loss(setting, names))
+            up = "keep"
+            if g.before is not None:
+                before = self.groups[g.before]
+                up = split_setting(plan.get(g.before, "keep"), before.settings)[0]
+            out.append(g.cost_loss(setting, names, up))
         return out
 
     def cost_of(self, plan: dict[str, str]) -> float:
@@ -725,10 +830,22 @@ def measure_table(
         for root, why in why_not.items():
             unavailable.setdefault(root, {}).update(why)
         figures = _figures(model, inputs, found, layers, whole, metric)
+        by_root = {g.root: g for g in found}
         for g in found:
-            prepared = {q: prepare(q, layers[q]) for q in g.members if q in layers}
+            prepared = {
+                q: prepare(q, layers[q]) for q in g.members if q in layers and q not in g.lent
+            }
             groups[g.root] = _group_options(
-                g, prepared, probes, structured, metric, figures, timing, n_batches, unavailable
+                g,
+                prepared,
+                probes,
+                structured,
+                metric,
+                figures,
+                timing,
+                n_batches,
+                unavailable,
+                by_root.get(g.before) if g.before is not None else None,
             )
             for q in prepared:
                 stats[q].gram = None
@@ -837,6 +954,9 @@ class _Found:
     gone: dict[str, list[int]] = dataclasses.field(default_factory=dict)
     fisher: dict[str, float] = dataclasses.field(default_factory=dict)  # setting -> estimate
     attention: AttentionSpec | None = None  # a group of heads: the attention module
+    before: str | None = None  # the group upstream in a chain: see ChannelGroup
+    shared: list[str] = dataclasses.field(default_factory=list)  # its layers this one prices
+    lent: set[str] = dataclasses.field(default_factory=set)  # layers the next group prices
 
 
 def _channel_groups(
@@ -850,7 +970,8 @@ def _channel_groups(
     left (by root). A group is searched when every layer it touches is a searched Linear or
     dense convolution, or maps each channel to itself (a BatchNorm, a depthwise
     convolution): a channel's removal is then exactly its readers' inputs zeroed; and when it
-    shares no layer with a group taken before (smaller groups first). An attention's heads
+    shares no layer with a group taken before (smaller groups first) or joins its chain
+    (:func:`_chain_links`). An attention's heads
     are a group rooted at its query projection. Each setting removes the channels ``Prune``
     would: the lowest scores of its importance, as torch-pruning ranks them (the heads as
     ``Prune`` chooses them)."""
@@ -932,18 +1053,31 @@ def _channel_groups(
         return c.q if isinstance(c, AttentionSpec) else c.root
 
     taken.sort(key=lambda c: (sum(q in layers for q in c[1]), order[root_of(c[0])]))
-    owner: dict[str, str] = {}
+    owner: dict[str, list[str]] = {}  # layer -> the groups it is a member of (two: a link)
+    kinds: dict[str, dict[str, set[str]]] = {}  # root -> its members' sides
+    up: dict[str, str] = {}  # root -> the root of the group upstream of it in a chain
+    down: dict[str, str] = {}
+    chain_of: dict[str, str] = {}  # root -> the first root of its chain
     chosen = []
     for info, members in taken:
-        shared = next((q for q in members if q in owner), None)
-        if shared is not None:
-            refuse(
-                root_of(info),
-                f"shares {shared} with the channel group of {owner[shared]}, searched instead "
-                f"(a layer joins one group)",
-            )
+        root = root_of(info)
+        why, links = _chain_links(
+            root, members, owner, kinds, up, down, chain_of, isinstance(info, AttentionSpec)
+        )
+        if why:
+            refuse(root, why)
             continue
-        owner.update({q: root_of(info) for q in members})
+        kinds[root] = members
+        chain_of[root] = root
+        for a, b in links:  # a upstream of b
+            up[b], down[a] = a, b
+        for r in list(chain_of):  # the chains' first roots, again
+            first = r
+            while first in up:
+                first = up[first]
+            chain_of[r] = first
+        for q in members:
+            owner.setdefault(q, []).append(root)
         chosen.append((info, members))
     chosen.sort(key=lambda c: order[root_of(c[0])])
 
@@ -1011,7 +1145,61 @@ def _channel_groups(
         if g.removed:
             found.append(g)
     _removal_estimates(model, batches, found, layers)
+    kept = {g.root: g for g in found}
+    for b, a in up.items():  # links between groups both kept: the shared layers go downstream
+        if a in kept and b in kept:
+            shared = [q for q in kept[b].members if a in owner[q] and q in layers]
+            kept[b].before, kept[b].shared = a, shared
+            kept[a].lent.update(shared)
     return found, why_not
+
+
+def _chain_links(
+    root: str,
+    members: dict[str, set[str]],
+    owner: dict[str, list[str]],
+    kinds: dict[str, dict[str, set[str]]],
+    up: dict[str, str],
+    down: dict[str, str],
+    chain_of: dict[str, str],
+    heads: bool,
+) -> tuple[str, list[tuple[str, str]]]:
+    """Whether a group may join the ones taken (why not, or ""), and its links ``(upstream
+    root, downstream root)``: a group sharing layers with taken ones joins a chain when every
+    layer it shares with a group writes one group's channels and reads the other's (a
+    convolution between two pruned groups), it has at most one group on each side, each of
+    those has no other group on that side, and the chain closes no loop. Heads (attention)
+    share no layer."""
+    shared: dict[str, list[str]] = {}
+    for q in members:
+        for r in owner.get(q, []):
+            shared.setdefault(r, []).append(q)
+    if not shared:
+        return "", []
+    other, layer = next((r, qs[0]) for r, qs in shared.items())
+    refusal = f"shares {layer} with the channel group of {other}, searched instead"
+    if heads or len(shared) > 2 or any(len(owner[q]) > 1 for qs in shared.values() for q in qs):
+        return refusal + " (a layer joins at most two groups, in a chain)", []
+    links: list[tuple[str, str]] = []
+    for r, qs in shared.items():
+        if all(members[q] == {"out"} and kinds[r][q] == {"in"} for q in qs):
+            if r in down:
+                return refusal + f" (which already chains to {down[r]}: no branches)", []
+            links.append((r, root))
+        elif all(members[q] == {"in"} and kinds[r][q] == {"out"} for q in qs):
+            if r in up:
+                return refusal + f" (which already follows {up[r]}: no branches)", []
+            links.append((root, r))
+        else:
+            return refusal + " (the layer must write one group's channels and read the other's)", []
+    if len(links) == 2:
+        ups = [a for a, b in links if b == root]
+        downs = [b for a, b in links if a == root]
+        if len(ups) != 1 or len(downs) != 1:
+            return refusal + " (one group on each side at most: no branches)", []
+        if chain_of[ups[0]] == chain_of[downs[0]]:
+            return refusal + " (the chain would close a loop)", []
+    return "", links
 
 
 def _removal_estimates(
@@ -1081,18 +1269,61 @@ def _group_options(
     timing: dict[str, tuple[int, ...]],
     n_batches: int,
     unavailable: dict[str, dict[str, str]],
+    upstream: _Found | None = None,
 ) -> ChannelGroup:
     """A group's settings: per channel setting (and keeping every channel) the cost of its
     members without options (BatchNorms, falling with their channels: ``figures``, see
     :func:`_figures`), the removal's estimate (its empirical Fisher at the layers reading the
     channels), and each searched member's options on its pruned copy (under a latency budget
-    timed on its inputs narrowed to the channels left: ``timing``)."""
+    timed on its inputs narrowed to the channels left: ``timing``). The layers it shares with
+    the group upstream in a chain (``upstream``) are measured at every pair of the two
+    groups' settings; the ones it lends to the group downstream are that group's."""
+
+    def measure(q: str, out: list[int], inn: list[int]) -> list[Option]:
+        mod = g.modules[q]
+        w, f, gram, head, base, scale = prepared[q]
+        if not out and not inn:
+            o, why = _layer_options(mod, base, w, f, gram, probes, metric, scale, head, n_batches)
+            if why:
+                unavailable.setdefault(q, {}).update(why)
+            return o
+        small = copy.deepcopy(mod)
+        with torch.no_grad():
+            if out:
+                g.pruners[q].prune_out_channels(small, out)
+            if inn:
+                g.pruners[q].prune_in_channels(small, inn)
+        ko = _complement(w.shape[0], out)
+        ki = _complement(w.shape[1], inn)
+        probe = _LayerProbe(small)
+        if q in timing:  # its inputs narrowed to the channels left
+            shape = list(timing[q])
+            shape[1 if _conv(mod) else -1] = len(ki)
+            probe.time_on(tuple(shape))
+        o, _ = _layer_options(
+            small,
+            probe,
+            w[ko][:, ki],
+            f[ko],
+            gram[ki][:, ki],
+            probes,
+            metric,
+            scale,
+            None,
+            n_batches,
+        )
+        return o
+
     settings: dict[str, tuple[float, float, dict[str, list[Option]]]] = {}
+    joint: dict[str, dict[str, dict[str, list[Option]]]] = {}
+    ups = [] if upstream is None else [n for n, _ in structured if n in upstream.removed]
     for setting in ["keep", *(n for n, _ in structured if n in g.removed)]:
         removed = g.removed.get(setting, {})
         rest = 0.0
         opts: dict[str, list[Option]] = {}
         for q in g.members:
+            if q in g.lent:  # priced by the group downstream, at both settings
+                continue
             mod = g.modules[q]
             out = removed.get((q, "out"), [])
             inn = removed.get((q, "in"), [])
@@ -1100,46 +1331,27 @@ def _group_options(
                 size = mod.num_features if hasattr(mod, "num_features") else mod.out_channels
                 rest += figures.get(q, 0.0) * (size - len(set(out) | set(inn))) / size
                 continue
-            w, f, gram, head, base, scale = prepared[q]
-            if setting == "keep":
-                o, why = _layer_options(
-                    mod, base, w, f, gram, probes, metric, scale, head, n_batches
-                )
-                if why:
-                    unavailable.setdefault(q, {}).update(why)
-            else:
-                small = copy.deepcopy(mod)
-                with torch.no_grad():
-                    if out:
-                        g.pruners[q].prune_out_channels(small, out)
-                    if inn:
-                        g.pruners[q].prune_in_channels(small, inn)
-                ko = _complement(w.shape[0], out)
-                ki = _complement(w.shape[1], inn)
-                probe = _LayerProbe(small)
-                if q in timing:  # its inputs narrowed to the channels left
-                    shape = list(timing[q])
-                    shape[1 if _conv(mod) else -1] = len(ki)
-                    probe.time_on(tuple(shape))
-                o, _ = _layer_options(
-                    small,
-                    probe,
-                    w[ko][:, ki],
-                    f[ko],
-                    gram[ki][:, ki],
-                    probes,
-                    metric,
-                    scale,
-                    None,
-                    n_batches,
-                )
-            opts[q] = o
+            opts[q] = measure(q, out, inn)
+            if q in g.shared and upstream is not None:
+                for u in ups:
+                    cut = upstream.removed[u].get((q, "in"), [])
+                    joint.setdefault(u, {}).setdefault(setting, {})[q] = measure(
+                        q, out, sorted(set(inn) | set(cut))
+                    )
         if g.attention is not None:  # its own products (scores, weighted values), per head
             spec = g.attention
             own = figures.get(spec.path, 0.0)
             rest += own * (spec.heads - len(g.gone.get(setting, []))) / spec.heads
         settings[setting] = (rest, g.fisher.get(setting, 0.0), opts)
-    return ChannelGroup(g.root, [q for q in g.members if q in prepared], settings, g.gone)
+    return ChannelGroup(
+        g.root,
+        [q for q in g.members if q in prepared],
+        settings,
+        g.gone,
+        before=g.before,
+        shared=list(g.shared),
+        joint=joint,
+    )
 
 
 def _figures(

@@ -65,10 +65,11 @@ def test_a_group_removes_the_channels_prune_removes_at_the_predicted_cost():
     cands = (*CHANNELS, "int8", "rank-0.5")
     for metric in ("macs", "bytes"):
         table = nnslim.Auto(target={metric: 0.5}, candidates=cands).table(model, data)
-        # c1 -> c2 is taken; c2's own group shares c2 and is said to be left
-        assert set(table.groups) == {"c1", "fc1"}
-        assert "shares c2" in table.unavailable["c2"]["channels-0.25"]
-        assert table.groups["c1"].members == ["c1", "c2"]
+        # one chain c1 -> c2 -> fc1: c2 reads c1's channels and writes its own, fc1 the same
+        assert table.chains() == [["c1", "c2", "fc1"]]
+        assert table.groups["c1"].members == ["c1"]
+        assert table.groups["c2"].members == ["c2"] and table.groups["c2"].shared == ["c2"]
+        assert table.groups["fc1"].members == ["fc1", "fc2"]
         for setting in CHANNELS:
             gone = table.groups["c1"].removed[setting]
             assert len(gone) == {"channels-0.25": 4, "channels-0.5": 8}[setting]
@@ -281,13 +282,15 @@ def test_a_depthwise_convolution_inside_a_group_shrinks_with_it():
     x = data[0][0]
     for metric, field in (("macs", "macs"), ("bytes", "param_bytes")):
         table = nnslim.Auto(target={metric: 0.5}, candidates=CHANNELS).table(model, data)
-        assert table.groups["0"].members == ["0", "6"]
-        plan = {"0": "channels-0.5"}
-        m = _apply(model, plan, CHANNELS, data)
-        assert m[3].groups == m[3].in_channels == m[3].out_channels == 16
-        before = getattr(nnslim.profile(model, x, memory=False), field)
-        after = getattr(nnslim.profile(m, x, memory=False), field)
-        assert after / before == pytest.approx(table.cost_of(plan) / table.total, rel=1e-9)
+        assert table.chains() == [["0", "6"]]  # 6 reads the expansion, writes the projection
+        assert table.groups["0"].members == ["0"]
+        assert table.groups["6"].members == ["6", "9"]
+        for plan in ({"0": "channels-0.5"}, {"0": "channels-0.5", "6": "channels-0.25"}):
+            m = _apply(model, plan, CHANNELS, data)
+            assert m[3].groups == m[3].in_channels == m[3].out_channels == 16
+            before = getattr(nnslim.profile(model, x, memory=False), field)
+            after = getattr(nnslim.profile(m, x, memory=False), field)
+            assert after / before == pytest.approx(table.cost_of(plan) / table.total, rel=1e-9)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "bert", "llama"])
@@ -331,11 +334,13 @@ def test_a_latency_budget_times_each_groups_layers_pruned(monkeypatch):
     x = data[0][0]
     cands = (*CHANNELS, "int8-dynamic")
     table = nnslim.Auto(target={"latency": 0.5}, candidates=cands).table(model, data, x)
-    assert table.metric_name == "latency" and set(table.groups) == {"c1", "fc1"}
+    assert table.metric_name == "latency" and set(table.groups) == {"c1", "c2", "fc1"}
     assert table.total == pytest.approx(_fake_clock(model, x))
-    for budget in (0.5, 0.7):
-        plan = table.allocate(budget)
+    chained = {"c1": "channels-0.5", "c2": "channels-0.25", "fc1": "channels-0.25+int8-dynamic"}
+    for budget in (0.5, 0.7, chained):
+        plan = table.allocate(budget) if isinstance(budget, float) else budget
         assert any(v.startswith("channels") for v in plan.values()), plan
+        budget = table.cost_of(plan) / table.total if isinstance(budget, dict) else budget
         m = _apply(model, plan, cands, data)
         measured = _fake_clock(m, x) / table.total
         assert measured == pytest.approx(table.cost_of(plan) / table.total, abs=1e-6)
@@ -385,3 +390,77 @@ def test_a_latency_table_leaves_a_training_model_as_it_was():
     nnslim.Auto(target={"latency": 0.8}, candidates=CHANNELS).table(model, data, data[0][0])
     assert model.training
     assert_same_state(before, model_state(model), "after the latency table")
+
+
+def test_a_chain_of_groups_is_allocated_as_well_as_every_plan_tried():
+    """c1 -> c2 -> fc1 is one chain: c2's options are measured at both its groups' settings
+    (its rows and columns pruned), and the allocation at each budget has the least estimated
+    loss among every plan of the chain (27 channel settings x each layer kept or int8) whose
+    predicted cost fits; each applied plan costs what was predicted (bytes, exactly)."""
+    import itertools
+
+    model, data = _cnn()
+    x = data[0][0]
+    cands = (*CHANNELS, "int8")
+    table = nnslim.Auto(target={"bytes": 0.5}, candidates=cands).table(model, data)
+    assert not table.options and table.chains() == [["c1", "c2", "fc1"]]
+    c2 = table.groups["c2"]
+    # c2 at its own 0.25 with c1 at 0.5: 24 of 32 rows, 8 of 16 columns, 3x3 fp32 weights + bias
+    keep = [o for o in c2.joint["channels-0.5"]["channels-0.25"]["c2"] if o[0] == "keep"]
+    assert keep[0][1] == (24 * 8 * 9 + 24) * 4
+    plans = []
+    settings = ["keep", *CHANNELS]
+    for s1, s2, s3, *own in itertools.product(
+        settings, settings, settings, *[["keep", "int8"]] * 4
+    ):
+        plan = {}
+        for (path, s), o in zip((("c1", s1), ("c2", s2), ("fc1", s3), ("fc2", "keep")), own):
+            name = "+".join(n for n in (s, o) if n != "keep")
+            if name:
+                plan[path] = name
+        plans.append((table.cost_of(plan), table.loss_of(plan), plan))
+    assert len(plans) == 27 * 16
+    before = nnslim.profile(model, x, memory=False).param_bytes
+    for fraction in (0.3, 0.45, 0.6, 0.8):
+        best = min(v for c, v, _ in plans if c <= fraction * table.total)
+        plan = table.allocate(fraction)
+        assert table.loss_of(plan) == pytest.approx(best, rel=1e-9, abs=1e-12)
+        m = _apply(model, plan, cands, data)
+        after = nnslim.profile(m, x, memory=False).param_bytes
+        assert after / before == pytest.approx(table.cost_of(plan) / table.total, rel=1e-9)
+    # the front is the chain's: at the smallest reachable every group is at half its channels
+    smallest = table.allocate(table.smallest())
+    assert {smallest[p].split("+")[0] for p in ("c1", "c2", "fc1")} == {"channels-0.5"}
+
+
+class _Branches(nn.Module):
+    """c0's channels are read by c1 and c2, each the root of a group of its own: a branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.c0 = nn.Conv2d(3, 16, 3, padding=1)
+        self.c1, self.c2 = nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 8, 3, padding=1)
+        self.fc1, self.fc2 = nn.Linear(16, 10), nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = F.relu(self.c0(x))
+        a, b = F.relu(self.c1(x)).mean((2, 3)), F.relu(self.c2(x)).mean((2, 3))
+        return self.fc1(a) + self.fc2(b)
+
+
+def test_a_branch_is_left_with_its_reason_and_the_rest_still_searched():
+    """c0's group would chain to two groups downstream: it is left, said; c1's and c2's
+    groups are searched and the plan costs what was predicted."""
+    torch.manual_seed(0)
+    model = _Branches().eval()
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 10, (4,))) for _ in range(2)]
+    table = nnslim.Auto(target={"macs": 0.6}, candidates=CHANNELS).table(model, data)
+    assert set(table.groups) == {"c1", "c2"}
+    assert "no branches" in table.unavailable["c0"]["channels-0.25"]
+    plan = table.allocate(0.8)
+    assert plan
+    m = _apply(model, plan, CHANNELS, data)
+    x = data[0][0]
+    after = nnslim.profile(m, x, memory=False).macs / nnslim.profile(model, x, memory=False).macs
+    assert after == pytest.approx(table.cost_of(plan) / table.total, rel=1e-9)
