@@ -271,25 +271,35 @@ def collect_backward(
     inputs: list[tuple[tuple[Any, ...], dict[str, Any]]],
     layers: dict[str, nn.Module],
     out_grads: list[torch.Tensor],
+    in_fisher: bool = False,
 ) -> tuple[dict[str, LayerStats], list[torch.Tensor]]:
-    """:func:`collect` (``gram=True, out_grads=True``) for the layers of one block of a model,
-    given the loss's gradient at the block's output: the block runs on each batch's inputs
-    (``args[0]`` its hidden state), the given gradient flows back through it, and the layers'
-    input Grams and squared output gradients are what :func:`collect` would gather in the
-    whole model for the same loss. Returns them, and the gradient at the block's input (the
-    previous block's output gradient): a model streamed block by block, backwards.
+    """:func:`collect` (``gram=True, out_grads=True``, and ``in_fisher`` if asked) for the
+    layers of one block of a model, given the loss's gradient at the block's output: the
+    block runs on each batch's inputs (``args[0]`` its hidden state), the given gradient
+    flows back through it, and the layers' statistics are what :func:`collect` would gather
+    in the whole model for the same loss. Returns them, and the gradient at the block's input
+    (the previous block's output gradient): a model streamed block by block, backwards.
     """
     stats = {p: LayerStats() for p in layers}
     handles = [_stat_hook(m, stats[p], False, True, 0) for p, m in layers.items()]
     handles += [_out_grad_hook(m, stats[p]) for p, m in layers.items()]
+    aliases: list[tuple[str, torch.Tensor]] = []
+    if in_fisher:
+        handles += [_alias_hook(m, p, aliases) for p, m in layers.items()]
     back: list[torch.Tensor] = []
     try:
         with preserved_state(block), torch.enable_grad():
             for (args, kwargs), g in zip(inputs, out_grads, strict=True):
+                aliases.clear()
                 x = args[0].detach().requires_grad_(True)
                 out = block(x, *args[1:], **kwargs)
                 y = out[0] if isinstance(out, (tuple, list)) else out
-                (gx,) = torch.autograd.grad(y, [x], grad_outputs=g.to(y.dtype))
+                gx, *ga = torch.autograd.grad(
+                    y, [x, *(a for _, a in aliases)], grad_outputs=g.to(y.dtype), allow_unused=True
+                )
+                for (path, a), ag in zip(aliases, ga, strict=True):
+                    if ag is not None:
+                        _add_in_fisher(stats[path], layers[path], a.detach(), ag.detach())
                 back.append(gx.detach())
     finally:
         for h in handles:

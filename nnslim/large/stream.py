@@ -55,6 +55,7 @@ from ..core.transform import Context, Transform
 from ..io.save import recompute_buffers
 from ..record.edits import RECORD_ATTR, describe, fingerprint
 from ..transforms.auto import Auto, AutoTable, is_channel_candidate, measure_table, plan_note
+from ..transforms.importance import as_importance
 
 __all__ = ["ShardedCheckpoint", "checkpoint_table", "compress_checkpoint"]
 
@@ -357,12 +358,15 @@ def _auto_of(transform: Transform) -> Auto | None:
                 "(target={'bytes': f}); MACs and latency need the whole model's forward, "
                 "which a checkpoint larger than memory never runs."
             )
-        if any(is_channel_candidate(c) for c in transform.candidates):
-            raise ValueError(
-                "compress_checkpoint: a streamed Auto searches each layer's own settings; "
-                "channel candidates (channels-*, Prune) need the whole model's dependency "
-                "graph: drop them, or prune in memory first."
-            )
+        for c in transform.candidates:
+            t = transform._transform(c)
+            if is_channel_candidate(t) and as_importance(t.importance).needs_grad:
+                raise ValueError(
+                    f"compress_checkpoint: the channel candidate {c!r} ranks channels by "
+                    f"gradients of the model's loss, which a block alone does not have; give "
+                    f"it an importance from the weights or activations (importance='wanda', "
+                    f"'magnitude'), or prune in memory."
+                )
         return transform
     if any(isinstance(t, Auto) for t in _leaves(transform)):
         raise ValueError(
@@ -464,6 +468,7 @@ def _measure_blocks(auto: Auto, opened: _Opened, progress: bool | None) -> AutoT
     bar = _progress_bar(progress, opened.rank, 2 * n)
     bar.set_description("measure blocks")
     probe = dataclasses.replace(auto, target={"bytes": 1.0}, plan=None)
+    channels = any(is_channel_candidate(c) for c in auto.candidates)
     with tempfile.TemporaryDirectory(prefix="nnslim-auto-") as tmp:
         cached = opened.block_inputs()
         tuple_out = False
@@ -492,12 +497,13 @@ def _measure_blocks(auto: Auto, opened: _Opened, progress: bool | None) -> AutoT
             with contextlib.ExitStack() as stack:
                 if opened.world > 1:
                     stack.enter_context(reduce_across_processes())
-                stats, grads = collect_backward(block, ins, layers, grads)
+                stats, grads = collect_backward(block, ins, layers, grads, in_fisher=channels)
                 if layers:
                     part = measure_table(probe, held, ctx, batches, layers, "param_bytes", stats)
                     table.total += part.total
                     table.options.update(part.options)
                     table.unavailable.update(part.unavailable)
+                    table.groups.update(part.groups)
                 else:
                     from ..profiling.profiler import profile
 
@@ -512,10 +518,13 @@ def _measure_blocks(auto: Auto, opened: _Opened, progress: bool | None) -> AutoT
     table.options = dict(
         sorted(table.options.items(), key=lambda kv: _in_block(kv[0], opened.blocks_path)[0])
     )
+    table.groups = dict(
+        sorted(table.groups.items(), key=lambda kv: _in_block(kv[0], opened.blocks_path)[0])
+    )
     for p, m in _outside_blocks(opened.model, opened.blocks_path):
         if isinstance(m, (nn.Linear, nn.Embedding)):
             table.left[p] = "outside the blocks: a streamed search changes the blocks' layers"
-    if not table.options:
+    if not table.options and not table.groups:
         raise ValueError(
             "checkpoint_table: no layer of the blocks to choose a setting for after select/exclude."
         )

@@ -766,7 +766,8 @@ def measure_table(
     """``auto``'s table for ``layers`` of ``model`` under ``metric`` (``"param_bytes"``,
     ``"macs"`` or ``"latency_ms"``): K-FAC statistics from one pass over ``batches`` (or
     ``stats``, gathered elsewhere: :func:`nnslim.compress_checkpoint` gathers them block by
-    block), then each candidate on a copy of each layer (channel candidates per group).
+    block, with the channels' empirical Fisher where there are channel candidates), then each
+    candidate on a copy of each layer (channel candidates per group).
     :meth:`Auto.table` calls it with the layers it chose and caches the result."""
     from ..profiling.profiler import profile
 
@@ -826,7 +827,8 @@ def measure_table(
     groups: dict[str, ChannelGroup] = {}
     timing: dict[str, tuple[int, ...]] = {}  # a latency budget: the shape each layer is timed on
     if structured:
-        found, why_not = _channel_groups(model, ctx, batches, layers, structured)
+        given = stats if stats is not None and _has_in_fisher(stats) else None
+        found, why_not = _channel_groups(model, ctx, batches, layers, structured, given)
         for root, why in why_not.items():
             unavailable.setdefault(root, {}).update(why)
         figures = _figures(model, inputs, found, layers, whole, metric)
@@ -965,6 +967,7 @@ def _channel_groups(
     batches: list[Any],
     layers: dict[str, nn.Module],
     structured: list[tuple[str, Any]],
+    fisher: dict[str, LayerStats] | None = None,
 ) -> tuple[list[_Found], dict[str, dict[str, str]]]:
     """The coupled channel groups the structured candidates may prune, and why the others are
     left (by root). A group is searched when every layer it touches is a searched Linear or
@@ -1144,7 +1147,7 @@ def _channel_groups(
             g.gone[name] = sorted(gone)
         if g.removed:
             found.append(g)
-    _removal_estimates(model, batches, found, layers)
+    _removal_estimates(model, batches, found, layers, fisher)
     kept = {g.root: g for g in found}
     for b, a in up.items():  # links between groups both kept: the shared layers go downstream
         if a in kept and b in kept:
@@ -1202,13 +1205,22 @@ def _chain_links(
     return "", links
 
 
+def _has_in_fisher(stats: dict[str, LayerStats]) -> bool:
+    return any("in_fisher" in st.extra for st in stats.values())
+
+
 def _removal_estimates(
-    model: nn.Module, batches: list[Any], found: list[_Found], layers: dict[str, nn.Module]
+    model: nn.Module,
+    batches: list[Any],
+    found: list[_Found],
+    layers: dict[str, nn.Module],
+    given: dict[str, LayerStats] | None = None,
 ) -> None:
     """Each group's estimated loss for each setting: the empirical Fisher of zeroing the
     removed channels at the layers reading them (Fisher pruning: per sample, the channels'
     ``x * dL/dx`` summed, squared; the readers' terms added), from one pass over the
-    calibration batches. Not K-FAC's factored form: a removal moves every output of its
+    calibration batches (``given``: statistics with ``in_fisher`` gathered elsewhere, block by
+    block when streaming). Not K-FAC's factored form: a removal moves every output of its
     reader together, which the factored form's diagonal output factor prices as if the
     outputs' changes were independent."""
     readers = {
@@ -1219,7 +1231,7 @@ def _removal_estimates(
     }
     if not readers:
         return
-    stats = collect(model, batches, readers, in_fisher=True)
+    stats = given if given is not None else collect(model, batches, readers, in_fisher=True)
     n_batches = batch_count(len(batches))
     for g in found:
         for setting, removed in g.removed.items():

@@ -390,8 +390,15 @@ def test_auto_streamed_gptq_beats_rtn_at_the_same_bytes(llama_ckpt, tmp_path):
         (nnslim.Compose([nnslim.Auto(target={"bytes": 0.5})]), "Auto alone"),
         (nnslim.Auto(plan={"lm_head": "int8"}, candidates=Q), "outside the blocks"),
         (nnslim.Auto(target={"bytes": 0.01}, candidates=Q), "smallest reachable"),
+        (
+            nnslim.Auto(
+                target={"bytes": 0.5},
+                candidates=("int8", nnslim.Prune(ratio=0.25, importance="taylor")),
+            ),
+            "gradients of the model's loss",
+        ),
     ],
-    ids=["macs", "compose", "plan-outside", "unreachable"],
+    ids=["macs", "compose", "plan-outside", "unreachable", "taylor-channels"],
 )
 def test_auto_streamed_bad_input_writes_nothing(llama_ckpt, tmp_path, transform, match):
     _, src = llama_ckpt
@@ -399,6 +406,38 @@ def test_auto_streamed_bad_input_writes_nothing(llama_ckpt, tmp_path, transform,
         nnslim.compress_checkpoint(src, tmp_path / "out", transform, calib(), progress=False)
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir()]
+
+
+def test_auto_streams_channel_candidates(llama_ckpt, tmp_path):
+    """Channel candidates stream: each block's heads and MLP units are groups found on the
+    block alone, their removals priced by the empirical Fisher of the gradient flowing back
+    through it; the table is the in-memory one (the same groups, channels, costs and
+    estimates) and the plan, applied block by block, costs exactly what was predicted."""
+    model, src = llama_ckpt
+    cands = ("int8", "channels-0.25", "channels-0.5")
+    auto = nnslim.Auto(target={"bytes": 0.4}, candidates=cands)
+    table = nnslim.checkpoint_table(src, auto, calib(), progress=False)
+    mem = nnslim.Auto(
+        target={"bytes": 0.4}, candidates=cands, select="re:model\\.layers\\..*"
+    ).table(model, calib())
+    assert list(table.groups) == list(mem.groups) and len(mem.groups) == 6  # heads, MLP x 3
+    for root, g in mem.groups.items():
+        got = table.groups[root]
+        assert got.members == g.members and got.removed == g.removed
+        for setting, (rest, loss, opts) in g.settings.items():
+            rest2, loss2, opts2 = got.settings[setting]
+            assert rest2 == rest and loss2 == pytest.approx(loss, rel=1e-4, abs=1e-12)
+            for q, o in opts.items():
+                assert [x[:2] for x in opts2[q]] == [x[:2] for x in o]
+    plan = table.allocate(0.4)
+    assert plan == mem.allocate(0.4)
+    assert any(v.startswith("channels") for v in plan.values()), plan
+    nnslim.compress_checkpoint(src, tmp_path / "out", auto, calib(), progress=False)
+    back = nnslim.load(tmp_path / "out", tf.LlamaForCausalLM(llama_cfg())).eval()
+    after = nnslim.profile(back, X, memory=False).param_bytes
+    assert after == pytest.approx(table.cost_of(plan), rel=1e-9)
+    assert after <= 0.4 * table.total * 1.001
+    assert torch.isfinite(logits(back)).all()
 
 
 def test_int8_streamed_loads_aligned_and_runs(llama_ckpt, tmp_path):
