@@ -96,6 +96,15 @@ def is_conv2d(m: nn.Module) -> bool:
     return isinstance(m, nn.Conv2d) and _computes_like_base(m, nn.Conv2d)
 
 
+def maps_each_channel(m: nn.Module) -> bool:
+    """A layer that maps each channel to itself (a BatchNorm, a depthwise convolution): in a
+    channel group it follows the channels it reads; it does not write them as a producer
+    does."""
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        return True
+    return is_conv2d(m) and m.groups == m.in_channels == m.out_channels
+
+
 def layer_skip_reason(m: nn.Module, parent: nn.Module | None = None) -> str | None:
     """Why a Linear/Conv2d-like module cannot be replaced by a transform's own layer, or
     ``None`` (also for modules that are not Linear/Conv2d at all)."""

@@ -99,7 +99,13 @@ import torch
 from torch import nn
 
 from ..base.inputs import as_inputs, calibration_batches, first_tensor
-from ..base.modules import is_conv2d, is_linear, linear_weight, unreplaceable
+from ..base.modules import (
+    is_conv2d,
+    is_linear,
+    linear_weight,
+    maps_each_channel,
+    unreplaceable,
+)
 from ..base.snapshot import preserved_state
 from ..base.validate import check_choice
 from ..core.calibrate import LayerStats, batch_count, collect
@@ -1022,7 +1028,7 @@ def _channel_groups(
                 if path not in layers:
                     bad = f"its channels reach {path}, which the search leaves as it is"
                     break
-            elif not _per_channel(mod):
+            elif not maps_each_channel(mod):
                 bad = (
                     f"its channels reach {path} ({type(mod).__name__}), whose output a "
                     f"channel's removal changes beyond that channel (Auto prices a removal at "
@@ -1244,15 +1250,6 @@ def _removal_estimates(
                 samples = float(st.extra["samples"])
                 total += 0.5 * samples / n_batches**2 * float(f[idx][:, idx].sum())
             g.fisher[setting] = total
-
-
-def _per_channel(m: nn.Module) -> bool:
-    """A layer that maps each channel to itself (a BatchNorm, a depthwise convolution): in a
-    group it loses the channels and its cost falls with them; the loss is priced at the
-    layers reading the channels after it."""
-    if isinstance(m, nn.modules.batchnorm._BatchNorm):
-        return True
-    return is_conv2d(m) and m.groups == m.in_channels == m.out_channels
 
 
 def _heads_left(spec: Any, layers: dict[str, nn.Module]) -> str:

@@ -21,6 +21,7 @@ from ..base.modules import (
     is_linear,
     layer_skip_reason,
     linear_weight,
+    maps_each_channel,
     out_width,
     replace_module,
     shared_parameters,
@@ -430,6 +431,8 @@ class Prune(Transform):
             widened.extend(p for p in plan.writers if p in plan.channels)
         stats = self._stats(model, ctx, imp, plan.all_layers)
         before = {p: (shape_of(m), _shapes(m), _heads(plan, p)) for p, m in model.named_modules()}
+        named = dict(model.named_modules())
+        widths = {p: out_width(named[p]) for p in plan.channels}
         target = self._target
         if target is None:
             _prune_model(model, inputs, graph, plan, self, imp, stats, self.ratio or 0.0)
@@ -447,6 +450,8 @@ class Prune(Transform):
                     else {}
                 )
                 report.changed(p, "pruned", old_desc, shape_of(m), **details)
+        if target is None and self.select is not None:
+            self._say_whole(model, plan, widths, report)
         for spec in plan.attention:
             if spec.path in plan.heads and before.get(spec.path, (0, 0, None))[2] == spec.heads:
                 per = (
@@ -462,6 +467,25 @@ class Prune(Transform):
         for note in update_hf_config(model, plan.attention):
             report.note(note)
         back_to_torch(model, converted)
+
+    def _say_whole(
+        self, model: nn.Module, plan: _Plan, widths: dict[str, int | None], report: Report
+    ) -> None:
+        """A selected layer whose channels all stayed is said, with why (never a silent
+        no-op): its ratio removes none, or its group reaches a layer left as it is."""
+        named = dict(model.named_modules())
+        said = {s.path for s in report.skips}
+        for p, ratio in plan.channels.items():
+            n = widths.get(p)
+            if p in said or n is None or out_width(named[p]) != n:
+                continue
+            if not (self.ratio if ratio is None else ratio):
+                continue
+            why = (
+                "its channels all stayed (its ratio and round_to remove none, or they reach a "
+                "layer left as it is, which holds them whole)"
+            )
+            report.skipped(p, f"selected, but {why}")
 
     # -- planning -------------------------------------------------------------------------------
     def plan(self, model: nn.Module, example_inputs: Any) -> PrunePlan:
@@ -687,8 +711,16 @@ class Prune(Transform):
         for info in graph.groups():
             outs = [p for p, kind in info.members if kind == "out" and p in writers]
             mine = [p for p in outs if p in roots]
-            partners = [p for p in outs if p not in chosen]
-            if not mine or not partners:
+            if not mine:
+                continue
+            # a depthwise convolution in the group maps each channel to itself: it follows
+            # the channels it reads wherever it sits (it does not co-write them)
+            each = [
+                p for p in outs if p not in chosen and p in eligible and maps_each_channel(named[p])
+            ]
+            out.update(each)
+            partners = [p for p in outs if p not in chosen and p not in each]
+            if not partners:
                 continue
             if in_one_module(outs) and all(p in eligible for p in partners):
                 out.update(partners)
