@@ -13,6 +13,8 @@ ratio measured in this process (as ``real_fashion.py`` reports it), and the per-
 ratios' median, min and max. No fine-tuning: the weights do not change the time.
 
     OMP_NUM_THREADS=1 python benchmarks/auto_latency.py   # writes results/auto_latency.json
+    OMP_NUM_THREADS=1 python benchmarks/auto_latency.py --runtime onnxruntime
+        # Auto(runtime="onnxruntime"), every model timed as its exported file in ONNX Runtime
 """
 
 from __future__ import annotations
@@ -42,21 +44,26 @@ from nnslim.profiling import measure_latency
 TIMED = ("rank-0.5", "rank-0.25", "channels-0.25", "channels-0.5")
 
 
-def variants() -> dict[str, nnslim.Transform]:
+def variants(runtime: str) -> dict[str, nnslim.Transform]:
+    def auto(f: float) -> nnslim.Auto:
+        return nnslim.Auto(target={"latency": f}, candidates=TIMED, runtime=runtime)
+
     return {
         "uniform Prune to 0.6x MACs": nnslim.Prune(macs=0.6),
-        "Auto at 0.85x latency": nnslim.Auto(target={"latency": 0.85}, candidates=TIMED),
-        "Auto at 0.9x latency": nnslim.Auto(target={"latency": 0.9}, candidates=TIMED),
+        "Auto at 0.85x latency": auto(0.85),
+        "Auto at 0.9x latency": auto(0.9),
     }
 
 
-def child(directory: str, rounds: int, repeat: int) -> None:
+def child(directory: str, rounds: int, repeat: int, runtime: str) -> None:
     """Load every model in ``directory`` and print ``{name: median ms}`` as JSON."""
     torch.set_num_threads(1)
     meta = json.loads((Path(directory) / "models.json").read_text())
     x = torch.load(Path(directory) / "x.pt")
     models = {n: nnslim.load(Path(directory) / f, FashionNet()).eval() for n, f in meta.items()}
     inputs = Inputs((x,))
+    if runtime == "onnxruntime":  # each model's session built once, then timed in rounds
+        models = {n: _Session(m, inputs) for n, m in models.items()}
     for m in models.values():  # warm up: allocator, kernels
         measure_latency(m, inputs, warmup=5, repeat=5, threads=1)
     times: dict[str, list[float]] = {n: [] for n in models}
@@ -70,15 +77,42 @@ def child(directory: str, rounds: int, repeat: int) -> None:
     print(json.dumps({n: statistics.median(t) for n, t in times.items()}))
 
 
+class _Session(torch.nn.Module):
+    """A model exported to ONNX and run in an ONNX Runtime session (one thread), timed as a
+    module."""
+
+    def __init__(self, model: torch.nn.Module, inputs: Inputs) -> None:
+        super().__init__()
+        import onnxruntime as ort
+
+        from nnslim.io.export import onnxruntime_feed
+
+        with tempfile.TemporaryDirectory() as d:
+            path = nnslim.export(model, inputs, os.path.join(d, "m.onnx"), dynamic=False)
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = 1
+            options.inter_op_num_threads = 1
+            self.session = ort.InferenceSession(
+                str(path), options, providers=["CPUExecutionProvider"]
+            )
+        self.feed = onnxruntime_feed(self.session, inputs)
+
+    def forward(self, *_: object) -> object:
+        return self.session.run(None, self.feed)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--processes", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--repeat", type=int, default=15)
+    ap.add_argument(
+        "--runtime", default="eager", choices=["eager", "onnxruntime"], help="where to time"
+    )
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        child(args.child, args.rounds, args.repeat)
+        child(args.child, args.rounds, args.repeat, args.runtime)
         return
     warnings.simplefilter("ignore")
     data = rd.fashion_mnist()
@@ -95,7 +129,7 @@ def main() -> None:
     models = {"baseline": base}
     rows: dict[str, dict] = {"baseline": {"predicted": 1.0}}
     unreached: dict[str, str] = {}
-    for name, t in variants().items():
+    for name, t in variants(args.runtime).items():
         m = copy.deepcopy(base)
         try:
             report = t.apply(m, x, calibration=calib)
@@ -108,9 +142,15 @@ def main() -> None:
         models[name] = m.eval()
         rows[name] = {"predicted": pred, "plan": note}
         print(f"  {name}: {note or 'uniform'}", flush=True)
-    base_here = measure_latency(base, inputs, warmup=3, repeat=30, threads=1).median_ms
+
+    def timed(m: torch.nn.Module) -> float:
+        return measure_latency(
+            m, inputs, warmup=3, repeat=30, threads=1, runtime=args.runtime
+        ).median_ms
+
+    base_here = timed(base)
     for name, m in models.items():
-        here = measure_latency(m, inputs, warmup=3, repeat=30, threads=1).median_ms
+        here = timed(m)
         rows[name]["this_process"] = here / base_here
         rows[name]["macs"] = (
             nnslim.profile(m, x, memory=False).macs / nnslim.profile(base, x, memory=False).macs
@@ -135,6 +175,8 @@ def main() -> None:
                         str(args.rounds),
                         "--repeat",
                         str(args.repeat),
+                        "--runtime",
+                        args.runtime,
                     ],
                     capture_output=True,
                     text=True,
@@ -166,11 +208,13 @@ def main() -> None:
     print_table(
         ["variant", "MACs", "predicted", "this process", "fresh median", "fresh min - max"],
         table,
-        title=f"Latency ratio to the baseline (bs64, 1 thread; {args.processes} fresh processes)",
+        title=f"Latency ratio to the baseline in {args.runtime} (bs64, 1 thread; "
+        f"{args.processes} fresh processes)",
     )
     for name, why in unreached.items():
         print(f"{name}: {why}")
-    write_json("auto_latency", {"args": vars(args), "rows": rows, "unreached": unreached})
+    name = "auto_latency" if args.runtime == "eager" else f"auto_latency-{args.runtime}"
+    write_json(name, {"args": vars(args), "rows": rows, "unreached": unreached})
 
 
 if __name__ == "__main__":

@@ -205,7 +205,7 @@ def _graph_export(
 ) -> Path:
     """ONNX, and OpenVINO IR converted from it: the model as the engine's operators."""
     engine = "onnxruntime" if format == "onnx" else "openvino"
-    _require("onnx", "onnxscript", *((engine,) if check or format == "openvino" else ()))
+    require_packages("onnx", "onnxscript", *((engine,) if check or format == "openvino" else ()))
     inputs = as_inputs(example_inputs)
     if inputs is None:
         raise TypeError("nnslim.export: example_inputs is required.")
@@ -238,7 +238,7 @@ def _graph_export(
     return target
 
 
-def _require(*packages: str) -> None:
+def require_packages(*packages: str) -> None:
     missing = [p for p in packages if importlib.util.find_spec(p) is None]
     if missing:
         raise ImportError(
@@ -675,12 +675,17 @@ def _run_onnxruntime(path: Path, inputs: Inputs) -> torch.Tensor:
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(None, onnxruntime_feed(session, inputs))[0])
+
+
+def onnxruntime_feed(session: Any, inputs: Inputs) -> dict[str, Any]:
+    """The inputs as an ONNX Runtime session of an exported model takes them: by name
+    (keyword tensors), or the graph's inputs in order (positional ones)."""
     names = [i.name for i in session.get_inputs()]
     tensors = {k: v for k, v in inputs.kwargs.items() if isinstance(v, torch.Tensor)}
     if not set(names) <= set(tensors):  # positional inputs: the graph's inputs in order
         tensors = dict(zip(names, _tensors(inputs), strict=False))
-    feed = {n: tensors[n].detach().cpu().numpy() for n in names}
-    return torch.from_numpy(session.run(None, feed)[0])
+    return {n: tensors[n].detach().cpu().numpy() for n in names}
 
 
 def _tensors(inputs: Inputs) -> list[torch.Tensor]:
@@ -749,7 +754,7 @@ def _gguf(
     """GGUF via :func:`nnslim.io.gguf.write_gguf`; checked by loading it back with
     transformers' GGUF loader (which dequantizes it) and comparing the logits with the model's
     math."""
-    _require("gguf", *(("transformers",) if check else ()))
+    require_packages("gguf", *(("transformers",) if check else ()))
     from .gguf import write_gguf
 
     inputs = as_inputs(example_inputs)
@@ -858,7 +863,7 @@ def _compressed_tensors(model: nn.Module, example_inputs: Any, target: Path, che
     from ..base.atomic import commit_dir
     from .compressed_tensors import dense_copy, write_compressed_tensors
 
-    _require("compressed_tensors", "transformers")
+    require_packages("compressed_tensors", "transformers")
     inputs = as_inputs(example_inputs)
     if inputs is None:
         raise TypeError("nnslim.export: example_inputs is required.")

@@ -217,9 +217,11 @@ def compress(
     pieces = _pieces(transforms, steps)
     inputs = as_inputs(example_inputs)
     latency = any(t.metric == "latency_ms" for t in targets)
+    # an Auto timing its budget in an engine is measured there too
+    runtime = auto.runtime if auto is not None else "eager"
 
     def measure(m: nn.Module, metric: float, name: str) -> dict[str, Any]:
-        p = profile(m, inputs, latency=latency, memory=False)
+        p = profile(m, inputs, latency=latency, memory=False, runtime=runtime)
         s = p.summary()
         return {
             "transform": name,

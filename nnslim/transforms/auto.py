@@ -113,6 +113,7 @@ from ..core.report import Report
 from ..core.target import Target
 from ..core.transform import Compose, Context, Transform
 from ..graph.attention import AttentionSpec
+from ..profiling.latency import RUNTIMES
 from .factorize import Factorize
 from .prune import Prune, _complement, in_one_module, sparsify_layer
 from .quantize import METHODS, Quantize, _lm_heads, plain_embedding, tied_heads
@@ -184,6 +185,10 @@ class Auto(Transform):
             embedding but the LM head; a head tied to an embedding takes the embedding's
             setting).
         exclude: layers it leaves alone.
+        runtime: where a latency budget is timed: ``"eager"`` (torch) or ``"onnxruntime"``
+            (the model, each layer's candidates, and a group's BatchNorms and attention
+            modules each exported with :func:`nnslim.export` and timed in ONNX Runtime: the
+            budget is the exported model's time; ``nnslim.compress`` measures it there too).
 
     The report notes the plan (layers per setting, predicted cost and loss); each layer's
     change records its setting.
@@ -205,6 +210,7 @@ class Auto(Transform):
     plan: Any = None
     select: Any = None
     exclude: Any = None
+    runtime: str = "eager"
 
     _copy_on_snapshot = False
 
@@ -280,6 +286,16 @@ class Auto(Transform):
             if unknown:
                 raise ValueError(f"Auto(plan=...): {unknown} are not among the candidates {names}.")
         check_choice("Auto", "method", self.method, METHODS)
+        check_choice("Auto", "runtime", self.runtime, RUNTIMES)
+        if (
+            self.runtime != "eager"
+            and self.target is not None
+            and self._target.metric != "latency_ms"
+        ):
+            raise ValueError(
+                f"Auto(runtime={self.runtime!r}): the runtime is where a latency budget is "
+                f"timed; give target={{'latency': f}}, or leave runtime at 'eager'."
+            )
         Quantize(zero_point=self.zero_point)  # validates it
 
     @property
@@ -351,6 +367,7 @@ class Auto(Transform):
             tuple(_name(c) for c in self.candidates),
             self.method,
             self.zero_point,
+            self.runtime,
             repr(self.select),
             repr(self.exclude),
             tuple(id(first_tensor((b.args, dict(b.kwargs)))) for b in batches),
@@ -786,7 +803,8 @@ def measure_table(
     inputs = ctx.inputs if ctx.inputs is not None else batches[0]
     timed = metric == "latency_ms"
     whole = profile(model, inputs, memory=False)
-    total = _time_ms(model, inputs) if timed else float(getattr(whole, _COSTS[metric]))
+    runtime = auto.runtime
+    total = _time_ms(model, inputs, runtime) if timed else float(getattr(whole, _COSTS[metric]))
     shapes = _conv_input_shapes(model, inputs, layers) if timed else {}
     options: dict[str, list[Option]] = {}
     unavailable: dict[str, dict[str, str]] = {}
@@ -826,7 +844,7 @@ def measure_table(
             scale = calls / base.cost["macs"] if base.cost["macs"] else 0.0
         if timed:  # timed on what it sees in a forward: its time per forward
             timing[p] = shapes.get(p) or (max(1, round(scale)), w.shape[1])
-            base.time_on(timing[p])
+            base.time_on(timing[p], runtime)
             scale = 1.0 if calls else 0.0
         return w, f, gram, head, base, scale
 
@@ -837,7 +855,7 @@ def measure_table(
         found, why_not = _channel_groups(model, ctx, batches, layers, structured, given)
         for root, why in why_not.items():
             unavailable.setdefault(root, {}).update(why)
-        figures = _figures(model, inputs, found, layers, whole, metric)
+        figures = _figures(model, inputs, found, layers, whole, metric, runtime)
         by_root = {g.root: g for g in found}
         for g in found:
             prepared = {
@@ -854,6 +872,7 @@ def measure_table(
                 n_batches,
                 unavailable,
                 by_root.get(g.before) if g.before is not None else None,
+                runtime,
             )
             for q in prepared:
                 stats[q].gram = None
@@ -1279,6 +1298,7 @@ def _group_options(
     n_batches: int,
     unavailable: dict[str, dict[str, str]],
     upstream: _Found | None = None,
+    runtime: str = "eager",
 ) -> ChannelGroup:
     """A group's settings: per channel setting (and keeping every channel) the cost of its
     members without options (BatchNorms, falling with their channels: ``figures``, see
@@ -1308,7 +1328,7 @@ def _group_options(
         if q in timing:  # its inputs narrowed to the channels left
             shape = list(timing[q])
             shape[1 if _conv(mod) else -1] = len(ki)
-            probe.time_on(tuple(shape))
+            probe.time_on(tuple(shape), runtime)
         o, _ = _layer_options(
             small,
             probe,
@@ -1370,6 +1390,7 @@ def _figures(
     layers: dict[str, nn.Module],
     whole: Any,
     metric: str,
+    runtime: str = "eager",
 ) -> dict[str, float]:
     """The cost, per forward, of what a channel setting shrinks beyond the searched layers: a
     group's per-channel members (BatchNorms, depthwise convolutions) and an attention's own
@@ -1387,7 +1408,7 @@ def _figures(
             own[path] = [f"{path}.{n}" for n, _ in named[path].named_children()]
     if metric == "latency_ms":
         paths = {p for p, kids in own.items() for p in (p, *kids)}
-        cost = _module_times(model, inputs, sorted(paths))
+        cost = _module_times(model, inputs, sorted(paths), runtime)
     else:
         cost = {
             p: float(getattr(whole.modules[p], _COSTS[metric]))
@@ -1398,12 +1419,14 @@ def _figures(
     return {p: cost.get(p, 0.0) - sum(cost.get(k, 0.0) for k in kids) for p, kids in own.items()}
 
 
-def _module_times(model: nn.Module, inputs: Any, paths: list[str]) -> dict[str, float]:
+def _module_times(
+    model: nn.Module, inputs: Any, paths: list[str], runtime: str = "eager"
+) -> dict[str, float]:
     """Each module's eager time (ms) on the arguments it receives in one forward of
     ``inputs`` (those of its first call), timed alone."""
     named = dict(model.named_modules())
     seen = _first_inputs(model, inputs, {p: named[p] for p in paths})
-    return {p: _time_ms(named[p], seen[p]) for p in paths if p in seen}
+    return {p: _time_ms(named[p], seen[p], runtime, p) for p in paths if p in seen}
 
 
 def _first_inputs(model: nn.Module, inputs: Any, modules: dict[str, nn.Module]) -> dict[str, Any]:
@@ -1429,11 +1452,25 @@ def _first_inputs(model: nn.Module, inputs: Any, modules: dict[str, nn.Module]) 
     return seen
 
 
-def _time_ms(module: nn.Module, inputs: Any) -> float:
-    """Median eager time of ``module`` on ``inputs`` (a tensor or example inputs), in ms."""
+def _time_ms(module: nn.Module, inputs: Any, runtime: str = "eager", path: str = "") -> float:
+    """Median time of ``module`` on ``inputs`` (a tensor or example inputs), in ms, in torch
+    eager or exported to ONNX Runtime."""
     from ..profiling.latency import measure_latency
 
-    return measure_latency(module, as_inputs(inputs), warmup=2, repeat=7, min_time_s=0.01).median_ms
+    try:
+        return measure_latency(
+            module, as_inputs(inputs), warmup=2, repeat=7, min_time_s=0.01, runtime=runtime
+        ).median_ms
+    except (RuntimeError, ValueError) as e:
+        if runtime == "eager":
+            raise
+        what = path or type(module).__name__
+        raise ValueError(
+            f"Auto(runtime={runtime!r}): {what} cannot be timed alone there ("
+            f"{str(e).splitlines()[0][:200]}); use runtime='eager', or leave out the "
+            f"candidates that time it (channel candidates time a group's BatchNorms and "
+            f"attention modules alone)."
+        ) from e
 
 
 def _probe_transform(t: Transform) -> Transform:
@@ -1466,6 +1503,7 @@ class _LayerProbe:
     def __init__(self, layer: nn.Module) -> None:
         self.layer = layer
         self.timing: torch.Tensor | None = None  # a latency budget: time candidates on it
+        self.runtime = "eager"
         if isinstance(layer, nn.Embedding):  # probed on one token; read back on all
             self.width = layer.num_embeddings
             self.x = torch.zeros(1, 1, dtype=torch.long, device=layer.weight.device)
@@ -1488,11 +1526,13 @@ class _LayerProbe:
         plain = _conv(layer) or isinstance(layer, nn.Embedding)
         self.shape = tuple((layer.weight if plain else linear_weight(layer)).shape)
 
-    def time_on(self, shape: tuple[int, ...]) -> None:
-        """Time the layer, and from now on each candidate, on a random input of ``shape``."""
+    def time_on(self, shape: tuple[int, ...], runtime: str = "eager") -> None:
+        """Time the layer, and from now on each candidate, on a random input of ``shape``
+        (in ``runtime``)."""
         w = self.layer.weight
         self.timing = torch.randn(shape).to(w.device, w.dtype)
-        self.cost["latency_ms"] = _time_ms(self.layer, self.timing)
+        self.runtime = runtime
+        self.cost["latency_ms"] = _time_ms(self.layer, self.timing, runtime)
 
     def _cost(self, holder: nn.Module) -> dict[str, float]:
         from ..profiling.profiler import profile
@@ -1524,7 +1564,7 @@ class _LayerProbe:
                 return None
         cost = self._cost(holder)
         if self.timing is not None:
-            cost["latency_ms"] = _time_ms(holder[0], self.timing)
+            cost["latency_ms"] = _time_ms(holder[0], self.timing, self.runtime)
         exact = _own_weight(holder[0], self.shape)
         if exact is not None:
             return cost, exact

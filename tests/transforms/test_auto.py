@@ -282,7 +282,7 @@ def test_palettes_and_low_rank_join_and_a_macs_budget_is_met():
     assert not any(type(x).__name__.startswith("Int8") for x in m.modules())  # saves no MACs
 
 
-def _fake_clock(module, inputs):
+def _fake_clock(module, inputs, runtime="eager", path=""):
     """A deterministic clock for the plumbing: each leaf's MACs on ``inputs``, int8-dynamic
     layers at half their MACs' time and int8 weight-only ones at 1.2x (as on CPUs without
     fast integer GEMMs for float activations), everything else at one unit a MAC."""
@@ -702,3 +702,41 @@ def test_a_bf16_model_is_searched_in_its_dtype(family):
     assert measured == pytest.approx(predicted, abs=1e-4) and measured <= 0.5 + 1e-6
     with torch.no_grad():
         assert torch.isfinite(model(data[0]).logits.float()).all()
+
+
+def test_a_latency_budget_timed_in_onnxruntime(monkeypatch):
+    """``Auto(runtime="onnxruntime")``: the model and each layer's candidates are exported and
+    timed in ONNX Runtime (every timing goes there: recorded), the plan's prediction uses
+    those times, and ``compress`` measures the result in ONNX Runtime too. Without a latency
+    budget the runtime is refused."""
+    pytest.importorskip("onnxruntime")
+    import nnslim.profiling.latency as lat_mod
+
+    seen: list[str] = []
+    real = lat_mod._onnxruntime_latency
+
+    def recorded(model, *args):
+        seen.append(type(model).__name__)
+        return real(model, *args)
+
+    monkeypatch.setattr(lat_mod, "_onnxruntime_latency", recorded)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 64), nn.Linear(64, 4))
+    data = [(torch.randn(32, 64), torch.randint(0, 4, (32,))) for _ in range(2)]
+    x = data[0][0]
+    auto = nnslim.Auto(
+        target={"latency": 0.9}, candidates=("int8-dynamic", "rank-0.25"), runtime="onnxruntime"
+    )
+    table = auto.table(model, data, x)
+    assert seen[0] == "Sequential"  # the whole model first, then layers and candidates
+    assert {"Linear", "Int8DynamicLinear"} <= set(seen)
+    assert table.metric_name == "latency" and table.total > 0
+    result = nnslim.compress(
+        model, auto, example_inputs=x, evaluate=lambda m: 0.0, calibration=data, tolerance=1.0
+    )
+    assert seen.count("Sequential") >= 3  # the table's total, then compress's two profiles
+    assert result.history[-1]["latency_ms"] > 0
+    with pytest.raises(ValueError, match="latency budget"):
+        nnslim.Auto(target={"bytes": 0.5}, runtime="onnxruntime")
+    with pytest.raises(ValueError, match="runtime"):
+        nnslim.Auto(target={"latency": 0.5}, runtime="tensorrt")
