@@ -5,7 +5,7 @@ The loop the library starts from, automatic: every eligible Linear layer (dense 
 grouped and depthwise convolutions are reported as left; and ``nn.Embedding`` tables, with an
 output layer tied to one chosen with it, except under a latency budget) gets a list of
 candidates (kept as it is; int8; int4 with groups of 128, 64 or 32 inputs; palettized to 256,
-16 or 8 shared values; low rank keeping half or a quarter of its parameters; or any
+64, 16 or 8 shared values; low rank keeping half or a quarter of its parameters; or any
 :class:`~nnslim.Transform` of the user's that replaces a layer chosen by ``select``), each with
 its exact cost and an estimate of what it costs the model's loss; a multiple-choice knapsack
 (dynamic programming over the budget in 4096 steps, then the rounding's leftover filled
@@ -131,6 +131,7 @@ CANDIDATES: dict[str, Transform] = {
     "int4-g64": Quantize(scheme="int4", group_size=64),
     "int4-g32": Quantize(scheme="int4", group_size=32),
     "palette-256": ShareWeights(clusters=256),
+    "palette-64": ShareWeights(clusters=64),
     "palette-16": ShareWeights(clusters=16),
     "palette-8": ShareWeights(clusters=8),
     "rank-0.5": Factorize(ratio=0.5),

@@ -262,10 +262,11 @@ def test_palettes_and_low_rank_join_and_a_macs_budget_is_met():
     per_layer = tuple(c for c in CANDIDATES if not c.startswith("channels"))  # one by one
     table = nnslim.Auto(target={"bytes": 0.5}, candidates=per_layer).table(model, data)
     names = {n for opts in table.options.values() for n, _, _ in opts}
-    assert {"palette-8", "palette-16", "palette-256", "rank-0.5", "rank-0.25"} <= names
+    assert {"palette-8", "palette-16", "palette-64", "palette-256", "rank-0.5"} <= names
     for opts in table.options.values():
         by = {n: c for n, c, _ in opts}
         assert by["palette-8"] < by["palette-16"] < by["int4-g64"] < by["int8"] < by["keep"]
+        assert by["palette-16"] < by["palette-64"] < by["palette-256"]
     m = copy.deepcopy(model)
     report = nnslim.Auto(
         target={"bytes": 0.15}, candidates=("int4-g64", "palette-8", "palette-16")
