@@ -350,7 +350,11 @@ def _weights(
                     mb += nbytes
                 else:
                     bbytes += nbytes
-        if callable(zero_weights):
+        # zeros are read from the values: none on the meta device (as for float weights)
+        on_meta = any(
+            t.is_meta for t in (*m._parameters.values(), *m._buffers.values()) if t is not None
+        )
+        if callable(zero_weights) and not on_meta:
             zeros += int(m.nnslim_zero_weights())
         if mp or mb:
             params += mp

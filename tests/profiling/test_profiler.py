@@ -449,3 +449,29 @@ def test_a_module_called_inside_one_that_does_not_hold_it_is_charged_itself():
     assert p.modules["rope"].calls == 2
     assert own["rope"] == 2 * 2 * 64
     assert own["layers.0.fc"] == 2 * 64
+
+
+@pytest.mark.parametrize(
+    "transform",
+    [
+        nnslim.Quantize(scheme="int8"),
+        nnslim.Quantize(scheme="int4", group_size=32),
+        nnslim.ShareWeights(clusters=16),
+        nnslim.Prune(structure="2:4", pack=True),
+    ],
+    ids=["int8", "int4", "palette", "packed-2:4"],
+)
+def test_compressed_layers_profile_on_meta_as_on_cpu(transform):
+    """A compressed model moved to the meta device (planning without weights) profiles to the
+    same parameters and weight bytes as on the CPU (its layers' zero counts, which read the
+    values, were an error there). MACs are compared where the kernels agree: the CPU's int4
+    kernel counts an 8-row layer's MACs padded to 16 rows, which the meta path does not."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.Linear(64, 8))
+    x = torch.randn(2, 64)
+    transform.apply(model, x)
+    cpu = nnslim.profile(model, x, memory=False)
+    meta = nnslim.profile(model.to("meta"), x.to("meta"), memory=False)
+    assert (meta.params, meta.param_bytes) == (cpu.params, cpu.param_bytes)
+    if transform.__class__.__name__ != "Quantize" or transform.scheme != "int4":
+        assert meta.macs == cpu.macs
