@@ -136,7 +136,10 @@ def main() -> None:
         if transform is not None:
             transform.apply(m, example, calibration=calib if data else None)
         add(name, m)
-        if training and isinstance(transform, (nnslim.Prune, nnslim.Factorize)):
+        channels = isinstance(transform, nnslim.Auto) and any(
+            str(c).startswith("channels") for c in transform.candidates
+        )
+        if training and (isinstance(transform, (nnslim.Prune, nnslim.Factorize)) or channels):
             torch.manual_seed(0)
             fit = recover(m, base, training, args.recover_lr)
             add(f"{name} + {fit.steps} steps distilled", m)
@@ -180,6 +183,22 @@ def main() -> None:
     run(
         "Prune 25% (heads and MLP width), Wanda importance",
         nnslim.Prune(ratio=0.25, importance="wanda"),
+        True,
+    )
+    # issue 19's pruned encoder, non-uniform: Auto chooses each block's heads and MLP units
+    # (a quarter or half of them, or none) at the uniform 25% prune's bytes
+    uniform = copy.deepcopy(base)
+    nnslim.Prune(ratio=0.25, importance="wanda").apply(uniform, example, calibration=calib)
+    share = (
+        nnslim.profile(uniform, example, memory=False).param_bytes
+        / nnslim.profile(base, example, memory=False).param_bytes
+    )
+    del uniform
+    run(
+        "Auto channels at uniform Prune 25%'s bytes (Wanda)",
+        nnslim.Auto(
+            target={"bytes": share}, candidates=("channels-0.25", "channels-0.5"), select=encoder
+        ),
         True,
     )
     full = rows[0]["param_bytes"]

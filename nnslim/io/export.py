@@ -212,6 +212,9 @@ def _graph_export(
     rules = _OPENVINO_RULES if format == "openvino" else dict(_RULES)
     if palettized == "dense":
         rules.update({k: v for k, v in _OPENVINO_RULES.items() if k in _PALETTIZED})
+    if type(model) in rules or type(model) in _RULES:
+        # one compressed layer exported alone: its twin replaces it inside a container
+        model = nn.Sequential(model).train(model.training)
     was_training = model.training
     model.eval()
     try:

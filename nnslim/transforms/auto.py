@@ -805,7 +805,9 @@ def measure_table(
     timed = metric == "latency_ms"
     whole = profile(model, inputs, memory=False)
     runtime = auto.runtime
-    total = _time_ms(model, inputs, runtime) if timed else float(getattr(whole, _COSTS[metric]))
+    total = (
+        _time_ms(model, inputs, runtime, ".") if timed else float(getattr(whole, _COSTS[metric]))
+    )
     shapes = _conv_input_shapes(model, inputs, layers) if timed else {}
     options: dict[str, list[Option]] = {}
     unavailable: dict[str, dict[str, str]] = {}
@@ -1462,15 +1464,20 @@ def _time_ms(module: nn.Module, inputs: Any, runtime: str = "eager", path: str =
         return measure_latency(
             module, as_inputs(inputs), warmup=2, repeat=7, min_time_s=0.01, runtime=runtime
         ).median_ms
-    except (RuntimeError, ValueError) as e:
+    except Exception as e:  # the engine's own errors derive from Exception
         if runtime == "eager":
             raise
+        why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        if path == ".":
+            raise ValueError(
+                f"Auto(runtime={runtime!r}): the model cannot be exported and timed there "
+                f"({why}); use runtime='eager'."
+            ) from e
         what = path or type(module).__name__
         raise ValueError(
-            f"Auto(runtime={runtime!r}): {what} cannot be timed alone there ("
-            f"{str(e).splitlines()[0][:200]}); use runtime='eager', or leave out the "
-            f"candidates that time it (channel candidates time a group's BatchNorms and "
-            f"attention modules alone)."
+            f"Auto(runtime={runtime!r}): {what} cannot be timed alone there ({why}); use "
+            f"runtime='eager', or leave out the candidates that time it (channel candidates "
+            f"time a group's BatchNorms and attention modules alone)."
         ) from e
 
 

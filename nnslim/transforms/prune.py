@@ -614,7 +614,7 @@ class Prune(Transform):
                             f"{len(tied) - 1} other attention layers, not all of them selected",
                         )
         followers, blocked = self._co_producers(
-            model, graph, chosen, channel_roots, head_keys, unit_keys
+            model, graph, chosen, channel_roots, head_keys, unit_keys, outputs - explicit
         )
         if blocked and len(blocked) == len(chosen):
             p, partners = next(iter(blocked.items()))
@@ -686,6 +686,7 @@ class Prune(Transform):
         channel_roots: list[str],
         head_keys: dict[str, Any],
         unit_keys: dict[str, Any],
+        outputs: set[str] | frozenset[str] = frozenset(),
     ) -> tuple[set[str], dict[str, list[str]]]:
         """The layers that write a selected layer's channels with it, in the same module (an
         MLP's up projection beside its gate): they lose the same channels, so they follow
@@ -716,13 +717,18 @@ class Prune(Transform):
             # a depthwise convolution in the group maps each channel to itself: it follows
             # the channels it reads wherever it sits (it does not co-write them)
             each = [
-                p for p in outs if p not in chosen and p in eligible and maps_each_channel(named[p])
+                p
+                for p in outs
+                if p not in chosen
+                and p in eligible
+                and p not in outputs  # the model's output keeps its width unless selected
+                and maps_each_channel(named[p])
             ]
             out.update(each)
             partners = [p for p in outs if p not in chosen and p not in each]
             if not partners:
                 continue
-            if in_one_module(outs) and all(p in eligible for p in partners):
+            if in_one_module(outs) and all(p in eligible and p not in outputs for p in partners):
                 out.update(partners)
             else:
                 for p in mine:

@@ -686,3 +686,20 @@ def test_a_quantized_embedding_tied_to_its_head_is_one_table_in_every_format(
 
     out = nnslim.export(model, IDS, tmp_path / "ct", format="compressed-tensors")
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+
+
+@pytest.mark.parametrize("name", ["int8", "int8-dynamic", "int4", "share", "2:4 packed"])
+def test_one_compressed_layer_exports_alone_with_the_engines_operators(tmp_path, name):
+    """A compressed layer given alone (as Auto's ONNX Runtime timing gives each candidate) is
+    written with the engine's operators, as inside a model (it was written as its torch math,
+    or not at all), and runs as the layer does; it stays in eval mode."""
+    model = _mlp()
+    TRANSFORMS[name][0]().apply(model, X)
+    layer = model[2].eval()
+    path = nnslim.export(layer, torch.randn(4, 128), tmp_path / "m.onnx")
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert ops & set(TRANSFORMS[name][1].split("|")), ops
+    x = torch.randn(3, 128)
+    tol = 5e-2 if name.startswith("int8") or name == "int4" else 1e-4
+    assert _rel(_run(path, x), layer(x).float()) < tol
+    assert not layer.training

@@ -731,6 +731,8 @@ def test_a_latency_budget_timed_in_onnxruntime(monkeypatch):
     table = auto.table(model, data, x)
     assert seen[0] == "Sequential"  # the whole model first, then layers and candidates
     assert {"Linear", "Int8DynamicLinear"} <= set(seen)
+    for path, opts in table.options.items():  # each candidate exported and timed
+        assert {n for n, _, _ in opts} == {"keep", "int8-dynamic", "rank-0.25"}, path
     assert table.metric_name == "latency" and table.total > 0
     result = nnslim.compress(
         model, auto, example_inputs=x, evaluate=lambda m: 0.0, calibration=data, tolerance=1.0

@@ -536,3 +536,18 @@ def test_a_selected_layer_prune_cannot_shrink_is_said(monkeypatch):
     with pytest.raises(ValueError, match=r"together with blocks\.1\.dw\.0"):
         nnslim.Prune(select={"blocks.1.expand.0": 0.5}, exclude=["blocks.1.dw.0"]).apply(model, x)
     assert model.blocks[1].expand[0].out_channels == 32
+
+
+def test_a_depthwise_convolution_writing_the_model_output_does_not_follow():
+    """A depthwise convolution that produces the model's output keeps its width unless it is
+    selected: the root whose channels it carries is refused, said (it followed the root and
+    halved the output, in silence)."""
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.a = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU())
+    model.b = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8))
+    model.forward = lambda x: model.b(model.a(x))
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"together with b\.0"):
+        nnslim.Prune(select={"a.0": 0.5}).apply(model, x)
+    assert model(x).shape == (2, 8, 8, 8)
