@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import nnslim
 from nnslim.base.inputs import Inputs
+from nnslim.io.export import onnxruntime_latency
 from nnslim.profiling import measure_latency
 
 TIMED = ("rank-0.5", "rank-0.25", "channels-0.25", "channels-0.5")
@@ -144,9 +145,8 @@ def main() -> None:
         print(f"  {name}: {note or 'uniform'}", flush=True)
 
     def timed(m: torch.nn.Module) -> float:
-        return measure_latency(
-            m, inputs, warmup=3, repeat=30, threads=1, runtime=args.runtime
-        ).median_ms
+        timer = onnxruntime_latency if args.runtime == "onnxruntime" else measure_latency
+        return timer(m, inputs, warmup=3, repeat=30, threads=1).median_ms
 
     base_here = timed(base)
     for name, m in models.items():

@@ -50,6 +50,7 @@ import contextlib
 import importlib.util
 import math
 import os
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -72,9 +73,10 @@ from ..modules.quantized import (
 )
 from ..modules.shared import PalettizedConv2d, PalettizedLinear
 from ..modules.sparse import SparseConv2d, SparseLinear, bit_table
+from ..profiling.latency import Latency, time_runs
 from .gguf import check_float_type
 
-__all__ = ["FORMATS", "export"]
+__all__ = ["FORMATS", "RUNTIMES", "export", "onnxruntime_latency"]
 
 #: the formats :func:`export` writes
 FORMATS = ("onnx", "openvino", "gguf", "compressed-tensors")
@@ -679,6 +681,40 @@ def _run_onnxruntime(path: Path, inputs: Inputs) -> torch.Tensor:
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return torch.from_numpy(session.run(None, onnxruntime_feed(session, inputs))[0])
+
+
+#: where a forward can be timed: torch eager, or the ONNX file :func:`export` writes, run in
+#: ONNX Runtime (its CPU provider)
+RUNTIMES = ("eager", "onnxruntime")
+
+
+def onnxruntime_latency(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    warmup: int = 3,
+    repeat: int = 20,
+    threads: int | None = None,
+    min_time_s: float = 0.0,
+) -> Latency:
+    """Time ``model`` as the file :func:`export` writes for it (fixed shapes, its compressed
+    layers as ONNX Runtime's operators), run in an ONNX Runtime CPU session with ``threads``
+    intra-op threads (``None``: torch's current setting); the session's creation, where the
+    engine folds constants, is not timed. The model is left unchanged; nothing is kept on
+    disk. Arguments as :func:`nnslim.profiling.measure_latency`'s."""
+    require_packages("onnx", "onnxscript", "onnxruntime")
+    import onnxruntime as ort
+
+    inputs = as_inputs(example_inputs)
+    n = threads if threads is not None else torch.get_num_threads()
+    with tempfile.TemporaryDirectory(prefix="nnslim-ort-") as d:
+        path = export(model, inputs, os.path.join(d, "m.onnx"), dynamic=False, check=False)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = n
+        options.inter_op_num_threads = 1
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feed = onnxruntime_feed(session, inputs)
+    return time_runs(lambda: session.run(None, feed), warmup, repeat, min_time_s, n)
 
 
 def onnxruntime_feed(session: Any, inputs: Inputs) -> dict[str, Any]:

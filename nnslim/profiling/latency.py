@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import statistics
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -16,11 +14,7 @@ from torch.utils.benchmark.utils.timer import timer as clock
 
 from ..base.inputs import Inputs
 
-__all__ = ["RUNTIMES", "Latency", "measure_latency", "num_threads"]
-
-#: where a forward can be timed: torch eager, or the ONNX file ``nnslim.export`` writes run in
-#: ONNX Runtime (its CPU provider)
-RUNTIMES = ("eager", "onnxruntime")
+__all__ = ["Latency", "measure_latency", "num_threads", "time_runs"]
 
 
 @dataclass(frozen=True)
@@ -60,34 +54,25 @@ def measure_latency(
     repeat: int = 20,
     threads: int | None = None,
     min_time_s: float = 0.0,
-    runtime: str = "eager",
 ) -> Latency:
-    """Time ``model(*inputs)`` under ``torch.no_grad()``, or the model exported and run in
-    ONNX Runtime.
+    """Time ``model(*inputs)`` under ``torch.no_grad()`` (the exported file in ONNX Runtime:
+    :func:`nnslim.io.export.onnxruntime_latency`).
 
     Args:
         model: the model (its train/eval mode is left as it is).
         inputs: the inputs.
         warmup: untimed runs first.
         repeat: timed runs (at least this many).
-        threads: intra-op threads for the measurement (``None``: torch's current setting).
+        threads: torch intra-op threads for the measurement (``None``: current setting).
         min_time_s: keep timing until this much time has passed (more runs for fast models).
-        runtime: ``"eager"`` (torch) or ``"onnxruntime"``: the model written by
-            :func:`nnslim.export` (fixed shapes, its integer layers as ONNX Runtime's integer
-            operators) and timed in an ONNX Runtime CPU session with ``threads`` intra-op
-            threads (the session's creation, where it folds constants, is not timed).
     """
-    if runtime not in RUNTIMES:
-        raise ValueError(
-            f"measure_latency(runtime=...): expected one of {', '.join(RUNTIMES)}, got {runtime!r}."
-        )
-    if runtime == "onnxruntime":
-        return _onnxruntime_latency(model, inputs, warmup, repeat, threads, min_time_s)
     with num_threads(threads) as nt, torch.no_grad():
-        return _timed(lambda: inputs.call(model), warmup, repeat, min_time_s, nt)
+        return time_runs(lambda: inputs.call(model), warmup, repeat, min_time_s, nt)
 
 
-def _timed(run: Any, warmup: int, repeat: int, min_time_s: float, threads: int) -> Latency:
+def time_runs(run: Any, warmup: int, repeat: int, min_time_s: float, threads: int) -> Latency:
+    """``run()`` timed: the median (and deciles) of at least ``repeat`` calls after ``warmup``,
+    until ``min_time_s`` has passed."""
     # torch.utils.benchmark's clock: it waits for the accelerator (CUDA kernels run
     # asynchronously: without it a GPU run would time the launch, not the work)
     times: list[float] = []
@@ -103,27 +88,3 @@ def _timed(run: Any, warmup: int, repeat: int, min_time_s: float, threads: int) 
     times.sort()
     q = statistics.quantiles(times, n=10) if len(times) >= 2 else [times[0]] * 9
     return Latency(statistics.median(times), q[0], q[-1], len(times), threads)
-
-
-def _onnxruntime_latency(
-    model: nn.Module,
-    inputs: Inputs,
-    warmup: int,
-    repeat: int,
-    threads: int | None,
-    min_time_s: float,
-) -> Latency:
-    from ..io.export import export, onnxruntime_feed, require_packages
-
-    require_packages("onnx", "onnxruntime")
-    import onnxruntime as ort
-
-    n = threads if threads is not None else torch.get_num_threads()
-    with tempfile.TemporaryDirectory(prefix="nnslim-ort-") as d:
-        path = export(model, inputs, os.path.join(d, "m.onnx"), dynamic=False, check=False)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = n
-        options.inter_op_num_threads = 1
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    feed = onnxruntime_feed(session, inputs)
-    return _timed(lambda: session.run(None, feed), warmup, repeat, min_time_s, n)

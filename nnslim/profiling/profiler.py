@@ -374,7 +374,6 @@ def profile(
     warmup: int = 3,
     repeat: int = 20,
     fast: bool = False,
-    runtime: str = "eager",
 ) -> Profile:
     """Profile one forward pass of ``model`` on ``example_inputs``.
 
@@ -399,9 +398,6 @@ def profile(
             same figures: mobilenet_v3_small 2.2x a forward instead of 2.7x, transformers
             unchanged (``benchmarks/profiler.py --quick --threads 1``); it steps around the
             dispatcher with private torch functions, so it is off unless asked for.
-        runtime: where ``latency`` is timed: ``"eager"`` (torch) or ``"onnxruntime"`` (the
-            model exported with :func:`nnslim.export` and run in ONNX Runtime; see
-            :func:`~nnslim.profiling.measure_latency`).
 
     Returns:
         A :class:`Profile`.
@@ -447,9 +443,7 @@ def profile(
         if backward:
             back_macs, back_peak, back_unsupported = _backward(model, inputs, memory)
         lat = (
-            measure_latency(
-                model, inputs, warmup=warmup, repeat=repeat, threads=threads, runtime=runtime
-            )
+            measure_latency(model, inputs, warmup=warmup, repeat=repeat, threads=threads)
             if latency
             else None
         )

@@ -221,8 +221,12 @@ def compress(
     runtime = auto.runtime if auto is not None else "eager"
 
     def measure(m: nn.Module, metric: float, name: str) -> dict[str, Any]:
-        p = profile(m, inputs, latency=latency, memory=False, runtime=runtime)
+        p = profile(m, inputs, latency=latency and runtime == "eager", memory=False)
         s = p.summary()
+        if latency and runtime == "onnxruntime":
+            from ..io.export import onnxruntime_latency
+
+            s["latency_ms"] = onnxruntime_latency(m, inputs).median_ms
         return {
             "transform": name,
             "metric": metric,

@@ -113,7 +113,6 @@ from ..core.report import Report
 from ..core.target import Target
 from ..core.transform import Compose, Context, Transform
 from ..graph.attention import AttentionSpec
-from ..profiling.latency import RUNTIMES
 from .factorize import Factorize
 from .prune import Prune, _complement, in_one_module, sparsify_layer
 from .quantize import METHODS, Quantize, _lm_heads, plain_embedding, tied_heads
@@ -287,7 +286,7 @@ class Auto(Transform):
             if unknown:
                 raise ValueError(f"Auto(plan=...): {unknown} are not among the candidates {names}.")
         check_choice("Auto", "method", self.method, METHODS)
-        check_choice("Auto", "runtime", self.runtime, RUNTIMES)
+        check_choice("Auto", "runtime", self.runtime, ("eager", "onnxruntime"))
         if (
             self.runtime != "eager"
             and self.target is not None
@@ -1458,11 +1457,16 @@ def _first_inputs(model: nn.Module, inputs: Any, modules: dict[str, nn.Module]) 
 def _time_ms(module: nn.Module, inputs: Any, runtime: str = "eager", path: str = "") -> float:
     """Median time of ``module`` on ``inputs`` (a tensor or example inputs), in ms, in torch
     eager or exported to ONNX Runtime."""
+    from ..io import export as engines
     from ..profiling.latency import measure_latency
 
     try:
-        return measure_latency(
-            module, as_inputs(inputs), warmup=2, repeat=7, min_time_s=0.01, runtime=runtime
+        if runtime == "eager":
+            return measure_latency(
+                module, as_inputs(inputs), warmup=2, repeat=7, min_time_s=0.01
+            ).median_ms
+        return engines.onnxruntime_latency(
+            module, inputs, warmup=2, repeat=7, min_time_s=0.01
         ).median_ms
     except Exception as e:  # the engine's own errors derive from Exception
         if runtime == "eager":

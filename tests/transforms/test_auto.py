@@ -711,16 +711,16 @@ def test_a_latency_budget_timed_in_onnxruntime(monkeypatch):
     those times, and ``compress`` measures the result in ONNX Runtime too. Without a latency
     budget the runtime is refused."""
     pytest.importorskip("onnxruntime")
-    import nnslim.profiling.latency as lat_mod
+    import nnslim.io.export as engines
 
     seen: list[str] = []
-    real = lat_mod._onnxruntime_latency
+    real = engines.onnxruntime_latency
 
-    def recorded(model, *args):
+    def recorded(model, *args, **kwargs):
         seen.append(type(model).__name__)
-        return real(model, *args)
+        return real(model, *args, **kwargs)
 
-    monkeypatch.setattr(lat_mod, "_onnxruntime_latency", recorded)
+    monkeypatch.setattr(engines, "onnxruntime_latency", recorded)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 64), nn.Linear(64, 4))
     data = [(torch.randn(32, 64), torch.randint(0, 4, (32,))) for _ in range(2)]
