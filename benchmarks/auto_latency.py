@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import nnslim
 from nnslim.base.inputs import Inputs
-from nnslim.io.export import onnxruntime_latency
+from nnslim.io.export import onnxruntime_latency, onnxruntime_session
 from nnslim.profiling import measure_latency
 
 TIMED = ("rank-0.5", "rank-0.25", "channels-0.25", "channels-0.5")
@@ -84,19 +84,7 @@ class _Session(torch.nn.Module):
 
     def __init__(self, model: torch.nn.Module, inputs: Inputs) -> None:
         super().__init__()
-        import onnxruntime as ort
-
-        from nnslim.io.export import onnxruntime_feed
-
-        with tempfile.TemporaryDirectory() as d:
-            path = nnslim.export(model, inputs, os.path.join(d, "m.onnx"), dynamic=False)
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = 1
-            options.inter_op_num_threads = 1
-            self.session = ort.InferenceSession(
-                str(path), options, providers=["CPUExecutionProvider"]
-            )
-        self.feed = onnxruntime_feed(self.session, inputs)
+        self.session, self.feed = onnxruntime_session(model, inputs, threads=1, check=True)
 
     def forward(self, *_: object) -> object:
         return self.session.run(None, self.feed)

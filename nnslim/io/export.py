@@ -702,19 +702,29 @@ def onnxruntime_latency(
     intra-op threads (``None``: torch's current setting); the session's creation, where the
     engine folds constants, is not timed. The model is left unchanged; nothing is kept on
     disk. Arguments as :func:`nnslim.profiling.measure_latency`'s."""
+    n = threads if threads is not None else torch.get_num_threads()
+    session, feed = onnxruntime_session(model, example_inputs, threads=n)
+    return time_runs(lambda: session.run(None, feed), warmup, repeat, min_time_s, n)
+
+
+def onnxruntime_session(
+    model: nn.Module, example_inputs: Any, *, threads: int | None = None, check: bool = False
+) -> tuple[Any, dict[str, Any]]:
+    """``(session, feed)``: ``model`` exported with fixed shapes (``check``: as
+    :func:`export`'s), loaded in an ONNX Runtime CPU session with ``threads`` intra-op threads
+    (``None``: torch's current setting) and one inter-op thread, and ``example_inputs`` as
+    the session takes them; the file is not kept."""
     require_packages("onnx", "onnxscript", "onnxruntime")
     import onnxruntime as ort
 
     inputs = as_inputs(example_inputs)
-    n = threads if threads is not None else torch.get_num_threads()
     with tempfile.TemporaryDirectory(prefix="nnslim-ort-") as d:
-        path = export(model, inputs, os.path.join(d, "m.onnx"), dynamic=False, check=False)
+        path = export(model, inputs, os.path.join(d, "m.onnx"), dynamic=False, check=check)
         options = ort.SessionOptions()
-        options.intra_op_num_threads = n
+        options.intra_op_num_threads = threads if threads is not None else torch.get_num_threads()
         options.inter_op_num_threads = 1
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    feed = onnxruntime_feed(session, inputs)
-    return time_runs(lambda: session.run(None, feed), warmup, repeat, min_time_s, n)
+    return session, onnxruntime_feed(session, inputs)
 
 
 def onnxruntime_feed(session: Any, inputs: Inputs) -> dict[str, Any]:
