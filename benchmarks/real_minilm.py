@@ -185,6 +185,14 @@ def main() -> None:
         nnslim.Prune(ratio=0.25, importance="wanda"),
         True,
     )
+    # the same channels, the layers reading them then refit by least squares to the fp32
+    # encoder's outputs on the calibration sentences (left out of --quick, which the tests run)
+    if not args.quick or args.only:
+        run(
+            "Prune 25% (heads and MLP width), Wanda + refit",
+            nnslim.Prune(ratio=0.25, importance="wanda", refit=True),
+            True,
+        )
     # issue 19's pruned encoder, non-uniform: Auto chooses each block's heads and MLP units
     # (a quarter or half of them, or none) at the uniform 25% prune's bytes (a recovery
     # experiment: left out of --quick, which the test suite runs)

@@ -396,7 +396,8 @@ def run_sequential(
     gram: bool = False,
     rows: int = 0,
     true_sequential: bool = False,
-    reference: bool = False,
+    reference: bool | nn.Module = False,
+    rows_of: Any = None,
 ) -> None:
     """Calibrate ``layers`` block by block, calling ``process(paths, stats)`` after each block.
 
@@ -425,8 +426,16 @@ def run_sequential(
             original model, for the same tokens (a refit toward the original outputs), and
             ``stats.extra["ref_gram"] = X_ref^T X_ref``. Where
             the unprocessed inputs are not at hand (a block the previous one does not feed),
-            ``X_ref`` is the processed stream's own.
+            ``X_ref`` is the processed stream's own. A module instead of ``True``: the
+            unprocessed model itself (a copy taken before the layers changed shape, with the
+            same module paths), run beside ``model``: its blocks are the reference, also for
+            layers outside blocks, and the two streams may differ in width.
+        rows_of: ``rows_of(layer, x)``: the layer's input as rows for the statistics
+            (default: :func:`_rows`, input channels; a refit of a convolution's weight needs
+            its unfolded patches).
     """
+    rows_of = rows_of or _rows
+    ref_model = reference if isinstance(reference, nn.Module) else None
     named = dict(model.named_modules())
     order = {p: i for i, p in enumerate(named)}
     groups: dict[str | None, list[str]] = {}
@@ -440,38 +449,65 @@ def run_sequential(
         for gi, key in enumerate(keys):
             paths = groups[key]
             block = named.get(key) if key is not None and key not in layers else None
-            if true_sequential and block is not None and len(paths) > 1:
+            # a layer outside any block is its own "block" when the reference is a model
+            here = block if block is not None else named[key] if ref_model is not None else None
+            with_ref = reference is not False and here is not None
+            in_order = true_sequential and block is not None and len(paths) > 1
+            if (in_order or with_ref) and here is not None:
                 if cached is None:
-                    cached = inputs_of(model, batches=batches, module=block)
-                for part in _by_shared_input(block, paths, named, cached[0]):
+                    cached = inputs_of(model, batches=batches, module=here)
+                    # the streams part from here on
+                    ref_cached = (
+                        cached
+                        if ref_model is None
+                        else inputs_of(
+                            ref_model, batches=batches, module=ref_model.get_submodule(key)
+                        )
+                    )
+                dense = None
+                if with_ref:
+                    dense = (
+                        copy.deepcopy(here) if ref_model is None else ref_model.get_submodule(key)
+                    )
+                parts = _by_shared_input(here, paths, named, cached[0]) if in_order else [paths]
+                for part in parts:
                     stats = {p: LayerStats() for p in part}
-                    handles = [_stat_hook(named[p], stats[p], norms, gram, rows) for p in part]
-                    try:
-                        with torch.no_grad():
-                            for a, k in cached:
-                                block(*a, **k)
-                    finally:
-                        for h in handles:
-                            h.remove()
+                    if dense is not None:
+                        _cross_stats(
+                            here,
+                            dense,
+                            part,
+                            named,
+                            stats,
+                            cached,
+                            ref_cached,
+                            norms,
+                            gram,
+                            rows,
+                            rows_of,
+                        )
+                    else:
+                        handles = [
+                            _stat_hook(named[p], stats[p], norms, gram, rows, rows_of) for p in part
+                        ]
+                        try:
+                            with torch.no_grad():
+                                for a, k in cached:
+                                    here(*a, **k)
+                        finally:
+                            for h in handles:
+                                h.remove()
                     _reduce(stats)
                     process(part, stats)
-            elif reference and block is not None:
-                if cached is None:
-                    cached = inputs_of(model, batches=batches, module=block)
-                    ref_cached = cached  # the streams part from here on
-                stats = {p: LayerStats() for p in paths}
-                dense = copy.deepcopy(block)
-                _cross_stats(
-                    block, dense, paths, named, stats, cached, ref_cached, norms, gram, rows
-                )
-                _reduce(stats)
-                process(paths, stats)
-                with torch.no_grad():
-                    ref_cached = [_advanced(dense, a, k) for a, k in ref_cached]
+                if dense is not None and block is not None:
+                    with torch.no_grad():
+                        ref_cached = [_advanced(dense, a, k) for a, k in ref_cached]
                 del dense
             else:
                 stats = {p: LayerStats() for p in paths}
-                handles = [_stat_hook(named[p], stats[p], norms, gram, rows) for p in paths]
+                handles = [
+                    _stat_hook(named[p], stats[p], norms, gram, rows, rows_of) for p in paths
+                ]
                 try:
                     if block is not None and cached is not None:
                         with torch.no_grad():
@@ -527,23 +563,30 @@ def _cross_stats(
     norms: bool,
     gram: bool,
     rows: int,
+    rows_of: Any = None,
 ) -> None:
     """The block's statistics on the processed stream, plus ``extra["cross"]`` per layer:
-    its processed-stream inputs against its unprocessed copy's inputs, batch by batch."""
-    prefix = next(p for p, m in named.items() if m is block) + "."
+    its processed-stream inputs against its unprocessed copy's inputs, batch by batch.
+    ``block`` may be a layer of ``paths`` itself (``dense`` its unprocessed twin)."""
+    rows_of = rows_of or _rows
+    where = next(p for p, m in named.items() if m is block)
+
+    def twin(p: str) -> nn.Module:
+        return dense if p == where else dense.get_submodule(p[len(where) + 1 :])
+
     seen: dict[str, list[torch.Tensor]] = {p: [] for p in paths}
     ref: dict[str, list[torch.Tensor]] = {p: [] for p in paths}
 
     def tap(store: list[torch.Tensor], m: nn.Module) -> Any:
         def hook(_m: nn.Module, args: tuple[Any, ...], _out: Any) -> None:
             if args and isinstance(args[0], torch.Tensor):
-                store.append(_rows(m, args[0].detach()).float())
+                store.append(rows_of(m, args[0].detach()).float())
 
         return m.register_forward_hook(hook)
 
-    handles = [_stat_hook(named[p], stats[p], norms, gram, rows) for p in paths]
+    handles = [_stat_hook(named[p], stats[p], norms, gram, rows, rows_of) for p in paths]
     handles += [tap(seen[p], named[p]) for p in paths]
-    handles += [tap(ref[p], dense.get_submodule(p[len(prefix) :])) for p in paths]
+    handles += [tap(ref[p], twin(p)) for p in paths]
     try:
         with torch.no_grad():
             for (a, k), (ra, rk) in zip(cached, ref_cached, strict=True):
@@ -641,7 +684,11 @@ def inputs_of(
     return captured
 
 
-def _stat_hook(m: nn.Module, st: LayerStats, norms: bool, gram: bool, keep_rows: int) -> Any:
+def _stat_hook(
+    m: nn.Module, st: LayerStats, norms: bool, gram: bool, keep_rows: int, rows_of: Any = None
+) -> Any:
+    rows_of = rows_of or _rows
+
     def hook(_mod: nn.Module, args: tuple[Any, ...], _out: Any) -> None:
         x = args[0] if args else None
         if not isinstance(x, torch.Tensor):
@@ -652,7 +699,7 @@ def _stat_hook(m: nn.Module, st: LayerStats, norms: bool, gram: bool, keep_rows:
             n = torch.bincount(ids, minlength=m.num_embeddings).to(torch.float64)
             st.extra["counts"] = n + st.extra.get("counts", 0.0)
             return
-        r = _rows(m, x.detach()).float()
+        r = rows_of(m, x.detach()).float()
         st.rows += r.shape[0]
         if norms:
             sq = r.pow(2).sum(0)

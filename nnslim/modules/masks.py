@@ -8,12 +8,51 @@ optimizer step so pruned weights stay pruned).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
-__all__ = ["MASK_NAME", "apply_masks", "cut_mask", "masked_modules"]
+__all__ = ["MASK_NAME", "apply_masks", "cut_mask", "masked_modules", "recording_cuts"]
 
 MASK_NAME = "weight_mask"
+
+#: the open :func:`recording_cuts` records (innermost last)
+_RECORDS: list[dict[int, tuple[nn.Module, torch.Tensor]]] = []
+
+
+@contextlib.contextmanager
+def recording_cuts() -> Iterator[dict[int, tuple[nn.Module, torch.Tensor]]]:
+    """Record, while open, which of its original output rows each layer keeps as channel
+    pruning cuts it (every cut goes through :func:`cut_mask`): ``id(layer) -> (layer, kept
+    original row indices)``. A refit of a pruned layer against the unpruned one needs them."""
+    record: dict[int, tuple[nn.Module, torch.Tensor]] = {}
+    _RECORDS.append(record)
+    try:
+        yield record
+    finally:
+        _RECORDS.remove(record)
+
+
+def _record_rows(module: nn.Module, gone: list[int]) -> None:
+    w = getattr(module, "weight", None)
+    if not isinstance(w, torch.Tensor):
+        return
+    dim = 1 if type(module).__name__ == "Conv1D" else 0
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        dim = 1
+    removed = sorted(set(gone))
+    for record in _RECORDS:
+        had = record.get(id(module))
+        rows = (
+            had[1]
+            if had is not None and had[0] is module
+            else torch.arange(w.shape[dim] + len(removed))
+        )
+        keep = torch.ones(rows.numel(), dtype=torch.bool)
+        keep[removed] = False
+        record[id(module)] = (module, rows[keep])
 
 
 def masked_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -38,7 +77,10 @@ def apply_masks(model: nn.Module) -> int:
 def cut_mask(module: nn.Module, side: str, gone: list[int]) -> None:
     """After ``module``'s weight lost output (``side="out"``) or input (``"in"``) channels
     ``gone`` (torch-pruning shrinks parameters only), cut its ``weight_mask`` the same way.
-    A mask whose size already matches (a grouped convolution's inputs) is left."""
+    A mask whose size already matches (a grouped convolution's inputs) is left. Output cuts
+    are also recorded while :func:`recording_cuts` is open."""
+    if side == "out" and _RECORDS:
+        _record_rows(module, gone)
     mask = module._buffers.get(MASK_NAME)
     w = getattr(module, "weight", None)
     if not isinstance(mask, torch.Tensor) or not isinstance(w, torch.Tensor):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import re
@@ -39,11 +40,12 @@ from ..graph.fused_mlp import ExpertBankSpec, find_expert_banks, find_fused_mlps
 from ..graph.tp_compat import GroupTooLarge, Pruner, TraceError
 from ..graph.trace import MAX_GROUP as MAX_GROUP_DEFAULT
 from ..graph.trace import TIME_LIMIT_S, Graph, root_types, trace
-from ..modules.masks import MASK_NAME, cut_mask, masked_modules
+from ..modules.masks import MASK_NAME, cut_mask, masked_modules, recording_cuts
 from ..modules.mha import back_to_torch, to_head_prunable
 from ..modules.quantized import Int4Linear, int4_group_size
 from .allocation import OWL, blocks_of, owl_ratios
 from .importance import IMPORTANCE_NAMES, Importance, as_importance
+from .refit import refit_readers, refittable
 from .scoring import GroupScorer
 from .sparsity import nm_mask, parse_pattern, unstructured_masks
 
@@ -103,6 +105,13 @@ class Prune(Transform):
             cannot be (a weight tied to another layer's, a convolution that pads with
             reflections, a layer type other than Linear/Conv2d) keep their mask, each said in
             the report.
+        refit: channels only, needs calibration: after pruning, refit every Linear and
+            Conv2d whose inputs lost channels (an MLP's down projection, an attention's output
+            projection, the convolution after a pruned one) by least squares, so that on the
+            calibration data it reproduces the unpruned model's output from the inputs it has
+            left (the structured OBS update; a bias is refit with it). Blocks are refit in
+            order, each on the refit blocks' output. Each refit layer's change carries its
+            relative output error before and after (``refit_error``).
 
     Example:
         >>> import torch, nnslim
@@ -126,6 +135,7 @@ class Prune(Transform):
     time_limit: float | None = TIME_LIMIT_S
     allocation: Any = "uniform"
     pack: bool = False
+    refit: bool = False
 
     _copy_on_snapshot = False
     _forward_failure_hint = (
@@ -164,6 +174,13 @@ class Prune(Transform):
                 f"Prune(macs=0.5)."
             )
         check_type("Prune", "pack", self.pack, bool)
+        check_type("Prune", "refit", self.refit, bool)
+        if self.refit and self.structure != "channels":
+            raise ValueError(
+                "Prune(refit=True) refits the layers reading removed channels; with "
+                f"structure={self.structure!r} no channel is removed. For sparsity with a weight "
+                "update use importance='sparsegpt'."
+            )
         if self.pack and self.structure == "channels":
             raise ValueError(
                 "Prune(pack=True) stores sparse weights packed; channel pruning removes the "
@@ -260,6 +277,13 @@ class Prune(Transform):
 
     def _channels(self, model: nn.Module, ctx: Context, report: Report, imp: Importance) -> None:
         inputs = ctx.require_inputs("Prune", "to trace the model")
+        batches: list[Inputs] = []
+        original: nn.Module | None = None
+        if self.refit:
+            batches = ctx.require_calibration(
+                "Prune(refit=True)", "to refit the layers that read pruned channels"
+            )
+            original = copy.deepcopy(model)
         kept: dict[str, str] = {}
         snap = Snapshot(model)
         # the hidden width of attention models: pruned on its own, then in step with the heads
@@ -276,9 +300,10 @@ class Prune(Transform):
             tie: _TieSplit | None = None
             group_failed: _GroupFailed | None = None
             try:
-                self._prune_channels(
-                    model, ctx, trial, inputs, kept, residual, widened, fixed_splits
-                )
+                with recording_cuts() as cuts:
+                    self._prune_channels(
+                        model, ctx, trial, inputs, kept, residual, widened, fixed_splits
+                    )
                 failed = failing_module(model, inputs)
             except _NotCoupled:  # no heads to prune in step with: keep the hidden width
                 snap.restore()
@@ -395,6 +420,8 @@ class Prune(Transform):
                 )
             for p in layers:
                 kept[p] = why
+        if original is not None:
+            _refit(model, original, batches, trial, cuts)
         if residual == "heads":
             notes.append(
                 f"the hidden width (the residual stream the attention output projections write) "
@@ -1135,6 +1162,63 @@ class Prune(Transform):
             )
 
 
+def _refit(
+    model: nn.Module,
+    original: nn.Module,
+    batches: list[Inputs],
+    report: Report,
+    cuts: dict[int, tuple[nn.Module, torch.Tensor]],
+) -> None:
+    """Refit (:func:`~nnslim.transforms.refit.refit_readers`) every layer of the pruned
+    ``model`` whose inputs lost channels against the same layer of ``original`` (its kept
+    output rows, from ``cuts``); those that cannot be refit are named in a note with the
+    reason."""
+    named = dict(model.named_modules())
+    before = dict(original.named_modules())
+    shared: dict[int, int] = {}
+    for m in model.modules():
+        for t in m._parameters.values():
+            if t is not None:
+                shared[id(t)] = shared.get(id(t), 0) + 1
+    paths: list[str] = []
+    left: dict[str, str] = {}
+    rows: dict[str, torch.Tensor] = {}
+    for p, m in named.items():
+        o = before.get(p)
+        w, w0 = getattr(m, "weight", None), getattr(o, "weight", None)
+        if not isinstance(w, torch.Tensor) or not isinstance(w0, torch.Tensor):
+            continue
+        if w.dim() < 2 or w.shape[1:] == w0.shape[1:]:
+            continue  # its inputs kept their channels
+        why = refittable(m) or (
+            "its weight is shared with another layer" if shared.get(id(w), 0) > 1 else None
+        )
+        if why is None and type(o) is not type(m):
+            why = f"it was a {type(o).__name__} before"
+        if why is None and w.shape[0] != w0.shape[0]:
+            cut = cuts.get(id(m))
+            if cut is None or cut[0] is not m or cut[1].numel() != w.shape[0]:
+                why = "which of its outputs it keeps was not recorded"
+            else:
+                rows[p] = cut[1]
+        if why is not None:
+            left[p] = why
+        else:
+            paths.append(p)
+    if left:
+        report.note(
+            f"not refit after pruning ({len(left)}): "
+            + "; ".join(f"{p}: {why}" for p, why in list(left.items())[:8])
+            + (" ..." if len(left) > 8 else "")
+        )
+    if not paths:
+        return
+    errors = refit_readers(model, original, paths, batches, report, rows=rows)
+    for change in report.changes:
+        if change.path in errors:
+            change.details["refit_error"] = tuple(round(e, 4) for e in errors[change.path])
+
+
 def _check_finite_weights(model: nn.Module, paths: list[str]) -> None:
     """NaN or Inf weights would rank channels and weights at random: refuse them, by module."""
     for p in paths:
@@ -1277,7 +1361,9 @@ def _too_large_is_a_group_failure(paths: dict[int, str]) -> Any:
     return wrap
 
 
-def _step(pruner: Any, scorer: GroupScorer, paths: dict[int, str], guarded: Any) -> None:
+def _step(
+    pruner: Any, scorer: GroupScorer, paths: dict[int, str], guarded: Any, recording: bool = False
+) -> None:
     """One pruning step, group by group; an error from inside torch-pruning (a layer its
     pruning function cannot shrink, a grouped layer whose importance does not divide)
     becomes :class:`_GroupFailed` naming the group's root, so Prune keeps that group and
@@ -1305,7 +1391,7 @@ def _step(pruner: Any, scorer: GroupScorer, paths: dict[int, str], guarded: Any)
         except Exception as e:
             raise failed(scorer.last_group, e) from e
         try:
-            masked = _masks_in(group)
+            masked = _masks_in(group, recording=recording)
             group.prune()
             _follow_masks(masked)
         except TraceError:
@@ -1329,16 +1415,19 @@ def _complement(n: int, gone: list[int]) -> torch.Tensor:
     return keep.nonzero().flatten()
 
 
-def _masks_in(group: Any) -> list[tuple[nn.Module, str, list[int]]]:
+def _masks_in(group: Any, recording: bool = False) -> list[tuple[nn.Module, str, list[int]]]:
     """``(module, "out" | "in", removed indices)`` for each layer of a torch-pruning group that
     holds a sparsity mask (unstructured or N:M pruning before): its mask must lose the same
-    rows or columns as its weight (:func:`~nnslim.modules.masks.cut_mask`)."""
+    rows or columns as its weight (:func:`~nnslim.modules.masks.cut_mask`). With
+    ``recording``, every layer of the group (whose cuts are being recorded)."""
     from torch_pruning import _helpers
 
     out = []
     for dep, idxs in group._group:
         m = dep.target.module
-        if not isinstance(m, nn.Module) or not isinstance(m._buffers.get(MASK_NAME), torch.Tensor):
+        if not isinstance(m, nn.Module) or not (
+            isinstance(m._buffers.get(MASK_NAME), torch.Tensor) or recording
+        ):
             continue
         if len(idxs) and isinstance(idxs[0], _helpers._HybridIndex):
             idxs = _helpers.to_plain_idxs(idxs)
@@ -1596,7 +1685,7 @@ def _prune_model(
             )
             for _ in range(cfg.steps):
                 scorer.reset()
-                _step(pruner, scorer, paths, guarded)
+                _step(pruner, scorer, paths, guarded, cfg.refit)
     ran = {id(m) for m in graph.dg.module2node} if plan.channels and graph is not None else None
     _retie(model, ties, ran)
     _sync_shape_attrs(model, sizes)

@@ -1,0 +1,185 @@
+"""Refit the layers that read pruned channels, by least squares on calibration data.
+
+After channel pruning a layer reading the pruned channels (an MLP's down projection, an
+attention's output projection, the convolution after a pruned one) sees fewer inputs. Its
+weight, cut to the kept columns, is no longer the best it can do: the weight that reproduces
+its original output from the inputs it has left is a least-squares problem with a closed form,
+``W' = W C^T (G + damp I)^-1`` with ``G = X^T X`` its inputs in the pruned model and
+``C = X^T X_ref`` against its inputs in the original one, on the same calibration data. With
+the original inputs restricted to the kept ones (nothing else changed) this is the structured
+OBS update of SlimGPT (Ling et al. 2024) and ZipLM (Kurtic et al. 2023): the removed channels'
+contribution is spread over the kept ones they correlate with; a bias, where the layer has one,
+is refit with it (FLAP's bias compensation, An et al. 2024, as its special case).
+
+Blocks are refit in order, each on the inputs the refit blocks before it produce, against the
+original model's own stream (the errors of earlier blocks are compensated too); inside a block,
+layer after layer in the order it runs them (a Llama block's output projection before its
+down projection, whose inputs depend on it).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..base.snapshot import preserved_state
+from ..core.calibrate import LayerStats, run_sequential
+from ..core.report import Report
+
+#: damping of the Gram matrix, as a fraction of its mean diagonal (GPTQ's default)
+DAMP = 0.01
+
+
+def refittable(m: nn.Module) -> str | None:
+    """Why ``m`` cannot be refit, or ``None`` when it can: a float ``nn.Linear`` or a 2-D
+    convolution without groups that pads with zeros, without a sparsity mask."""
+    if type(m) is nn.Linear:
+        pass
+    elif type(m) is nn.Conv2d:
+        if m.groups != 1:
+            return "a grouped convolution (each output reads its own channels)"
+        if m.padding_mode != "zeros" or isinstance(m.padding, str):
+            return "a convolution with padding other than explicit zeros"
+    else:
+        return f"a {type(m).__name__} (only Linear and Conv2d layers are refit)"
+    if not m.weight.dtype.is_floating_point:
+        return "its weight is not floating point"
+    if "weight_mask" in m._buffers:
+        return "it holds a sparsity mask (a refit would fill the zeros)"
+    return None
+
+
+def patch_rows(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A layer's input as the rows its weight multiplies: a convolution's unfolded patches
+    (``in * kh * kw`` columns, the weight's own order), a Linear's last dimension; a column of
+    ones appended for a layer with a bias (refit with it)."""
+    if isinstance(m, nn.Conv2d):
+        cols = F.unfold(x, m.kernel_size, m.dilation, m.padding, m.stride)  # (N, C*k*k, L)
+        r = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    else:
+        r = x.reshape(-1, x.shape[-1])
+    if getattr(m, "bias", None) is not None:
+        r = torch.cat([r, r.new_ones(r.shape[0], 1)], dim=1)
+    return r
+
+
+def _flat(m: nn.Module) -> torch.Tensor:
+    """The weight (with the bias as a last column) as ``(out, columns)``, in float64."""
+    w = m.weight.detach().reshape(m.weight.shape[0], -1).double()
+    if getattr(m, "bias", None) is not None:
+        w = torch.cat([w, m.bias.detach().double()[:, None]], dim=1)
+    return w
+
+
+def solve(
+    w_now: torch.Tensor,
+    w_ref: torch.Tensor,
+    gram: torch.Tensor,
+    cross: torch.Tensor,
+    ref_gram: torch.Tensor,
+    damp: float = DAMP,
+) -> tuple[torch.Tensor, float, float]:
+    """The weight ``W'`` minimising ``||X W'^T - X_ref W_ref^T||`` (damped), from
+    ``gram = X^T X``, ``cross = X^T X_ref``, ``ref_gram = X_ref^T X_ref``.
+
+    Returns ``(W', before, after)``: the relative output error on the calibration data of
+    ``w_now`` (the pruned weight as it is) and of ``W'``. Where the refit is not better
+    (rounding, or damping on very few rows), ``w_now`` is returned.
+    """
+    g, c, r = gram.double(), cross.double(), ref_gram.double()
+    rhs = w_ref @ c.t()  # (out, in'): W_ref X_ref^T X
+    damped = g.clone()
+    damped.diagonal().add_(damp * g.diagonal().mean().clamp_min(1e-30))
+    w = torch.linalg.solve(damped, rhs.t()).t()
+    energy = (w_ref @ r * w_ref).sum().clamp_min(1e-30)
+
+    def rel(a: torch.Tensor) -> float:
+        e = (a @ g * a).sum() - 2 * (a * rhs).sum() + energy
+        return float((e.clamp_min(0) / energy).sqrt())
+
+    before, after = rel(w_now), rel(w)
+    if not after < before:
+        return w_now, before, before
+    return w, before, after
+
+
+def refit_readers(
+    model: nn.Module,
+    original: nn.Module,
+    paths: list[str],
+    batches: list[Any],
+    report: Report | None = None,
+    damp: float = DAMP,
+    rows: dict[str, torch.Tensor] | None = None,
+) -> dict[str, tuple[float, float]]:
+    """Refit the layers at ``paths`` in ``model`` (pruned) so that each reproduces, on
+    ``batches``, what the layer at the same path in ``original`` computed there; block by
+    block (see the module's docstring). Each path must be :func:`refittable` in both models.
+    ``rows``: for a layer that also lost outputs, the original output rows it keeps (in its
+    order), which its refit reproduces.
+
+    Returns path -> ``(before, after)``, the relative output error on the calibration data
+    with the pruned weight and with the refit one; with ``report``, each refit layer's
+    figures are noted there.
+    """
+    named = dict(model.named_modules())
+    ref_named = dict(original.named_modules())
+    out: dict[str, tuple[float, float]] = {}
+    few: dict[str, str] = {}
+
+    def process(part: list[str], stats: dict[str, LayerStats]) -> None:
+        for p in part:
+            st = stats[p]
+            cross, ref_gram = st.extra.get("cross"), st.extra.get("ref_gram")
+            if st.gram is None or cross is None or ref_gram is None:
+                few[p] = "the calibration data did not reach it"
+                continue
+            m = named[p]
+            if st.rows < st.gram.shape[0]:  # the fit would memorise the calibration data
+                few[p] = f"{st.rows} calibration rows for {st.gram.shape[0]} weight columns"
+                continue
+            w_now, w_ref = _flat(m), _flat(ref_named[p])
+            if rows is not None and p in rows:
+                w_ref = w_ref[rows[p].to(w_ref.device)]
+            w, before, after = solve(w_now, w_ref, st.gram, cross, ref_gram, damp)
+            out[p] = (before, after)
+            if w is w_now:
+                continue
+            with torch.no_grad():
+                has_bias = getattr(m, "bias", None) is not None
+                weight = w[:, :-1] if has_bias else w
+                m.weight.copy_(weight.reshape(m.weight.shape).to(m.weight.dtype))
+                if has_bias:
+                    m.bias.copy_(w[:, -1].to(m.bias.dtype))
+
+    with preserved_state(original):
+        run_sequential(
+            model,
+            batches,
+            {p: named[p] for p in paths},
+            process,
+            gram=True,
+            true_sequential=True,
+            reference=original,
+            rows_of=patch_rows,
+        )
+    if report is not None and few:
+        report.note(
+            f"not refit ({len(few)}): "
+            + "; ".join(f"{p}: {why}" for p, why in list(few.items())[:8])
+            + (" ..." if len(few) > 8 else "")
+            + " (more calibration data: at least as many input rows, tokens or pixels, as the "
+            "layer has weight columns)"
+        )
+    if report is not None and out:
+        before = sum(b for b, _ in out.values()) / len(out)
+        after = sum(a for _, a in out.values()) / len(out)
+        report.note(
+            f"refit {len(out)} layers reading pruned channels by least squares on the "
+            f"calibration data: their output error against the unpruned model "
+            f"{before:.4f} -> {after:.4f} (mean relative error)"
+        )
+    return out
