@@ -200,6 +200,13 @@ def recovery(args, base, train, example, row) -> None:
     # nothing (no step is undone), so the test images stay unseen
     xtr, ytr = train.dataset.tensors
 
+    # for Prune(refit=True): 4 x 64 training images (200,704 pixels, the rows of a 3x3
+    # convolution's least squares)
+    calibration = [xtr[i * 64 : (i + 1) * 64] for i in range(4)]
+
+    def want(name: str) -> bool:
+        return not args.only or any(t in name for t in args.only.split(","))
+
     def looped(transform, target, start, steps):
         t0 = time.perf_counter()
         torch.manual_seed(0)
@@ -213,6 +220,7 @@ def recovery(args, base, train, example, row) -> None:
             trainer=trainer(train, 1, lr, base),
             train_data=train,
             steps=steps,
+            calibration=calibration,
         )
         if not result.reached:
             print(f"  note: the loop stopped short of {target}", flush=True)
@@ -234,30 +242,34 @@ def recovery(args, base, train, example, row) -> None:
     sparse.eval()
     lasso_s = time.perf_counter() - t0
     row(f"after 1 epoch of group-lasso sparsity training ({LASSO:g})", copy.deepcopy(sparse))
-    pruned, s = looped(nnslim.Prune(macs=0.5), {"macs": 0.5}, sparse, epochs - 1)
-    row(
-        f"Prune 50% MACs, recipe ({epochs} epochs: lasso + {epochs - 1} steps)", pruned, s + lasso_s
-    )
-    t0 = time.perf_counter()
-    macs = nnslim.profile(pruned, example, memory=False).macs
-    target = macs / nnslim.profile(base, example, memory=False).macs
-    peer = peer_iterative(copy.deepcopy(sparse), example, target, epochs - 1, tune)
-    row(
-        f"peer: torch-pruning MetaPruner, same recipe and MACs ({epochs} epochs)",
-        peer,
-        time.perf_counter() - t0 + lasso_s,
-    )
-    fact, s = looped(nnslim.Factorize(params=0.6), {"params": 0.6}, copy.deepcopy(base), epochs)
-    row(f"Factorize 60% params, {epochs} steps with a distilled epoch each", fact, s)
-    ref = copy.deepcopy(base)
-    t0 = time.perf_counter()
-    torch.manual_seed(0)
-    fit(ref, train, epochs, lr=lr, teacher=base)
-    row(
-        f"reference: baseline + {epochs} distilled epochs, uncompressed",
-        ref,
-        time.perf_counter() - t0,
-    )
+    name = f"Prune 50% MACs, recipe ({epochs} epochs: lasso + {epochs - 1} steps)"
+    pruned = None
+    if want(name) or want("peer"):
+        pruned, s = looped(nnslim.Prune(macs=0.5), {"macs": 0.5}, sparse, epochs - 1)
+        row(name, pruned, s + lasso_s)
+    # the same, each step's layers reading the pruned channels refit by least squares
+    name = f"Prune 50% MACs + refit, recipe ({epochs} epochs: lasso + {epochs - 1} steps)"
+    if want(name):
+        refit, s = looped(nnslim.Prune(macs=0.5, refit=True), {"macs": 0.5}, sparse, epochs - 1)
+        row(name, refit, s + lasso_s)
+    name = f"peer: torch-pruning MetaPruner, same recipe and MACs ({epochs} epochs)"
+    if pruned is not None and want(name):
+        t0 = time.perf_counter()
+        macs = nnslim.profile(pruned, example, memory=False).macs
+        target = macs / nnslim.profile(base, example, memory=False).macs
+        peer = peer_iterative(copy.deepcopy(sparse), example, target, epochs - 1, tune)
+        row(name, peer, time.perf_counter() - t0 + lasso_s)
+    name = f"Factorize 60% params, {epochs} steps with a distilled epoch each"
+    if want(name):
+        f, s = looped(nnslim.Factorize(params=0.6), {"params": 0.6}, copy.deepcopy(base), epochs)
+        row(name, f, s)
+    name = f"reference: baseline + {epochs} distilled epochs, uncompressed"
+    if want(name):
+        ref = copy.deepcopy(base)
+        t0 = time.perf_counter()
+        torch.manual_seed(0)
+        fit(ref, train, epochs, lr=lr, teacher=base)
+        row(name, ref, time.perf_counter() - t0)
 
 
 def auto_rows(base, train, example, row, epochs: int, only: str = "") -> None:
@@ -350,7 +362,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--recover", type=int, default=0, metavar="EPOCHS")
     parser.add_argument("--auto", action="store_true", help="issue 20's rows (nnslim.Auto)")
-    parser.add_argument("--only", default="", help="with --auto: rows whose name has one of these")
+    parser.add_argument(
+        "--only", default="", help="with --auto or --recover: rows whose name has one of these"
+    )
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     data = rd.fashion_mnist()

@@ -45,7 +45,7 @@ from ..modules.mha import back_to_torch, to_head_prunable
 from ..modules.quantized import Int4Linear, int4_group_size
 from .allocation import OWL, blocks_of, owl_ratios
 from .importance import IMPORTANCE_NAMES, Importance, as_importance
-from .refit import refit_readers, refittable
+from .refit import refit_readers, refittable, widths
 from .scoring import GroupScorer
 from .sparsity import nm_mask, parse_pattern, unstructured_masks
 
@@ -1186,18 +1186,19 @@ def _refit(
     for p, m in named.items():
         o = before.get(p)
         w, w0 = getattr(m, "weight", None), getattr(o, "weight", None)
-        if not isinstance(w, torch.Tensor) or not isinstance(w0, torch.Tensor):
+        if not isinstance(w, torch.Tensor) or not isinstance(w0, torch.Tensor) or w.dim() < 2:
             continue
-        if w.dim() < 2 or w.shape[1:] == w0.shape[1:]:
+        (n_out, n_in), (n_out0, n_in0) = widths(m), widths(o)
+        if n_in == n_in0:
             continue  # its inputs kept their channels
         why = refittable(m) or (
             "its weight is shared with another layer" if shared.get(id(w), 0) > 1 else None
         )
         if why is None and type(o) is not type(m):
             why = f"it was a {type(o).__name__} before"
-        if why is None and w.shape[0] != w0.shape[0]:
+        if why is None and n_out != n_out0:
             cut = cuts.get(id(m))
-            if cut is None or cut[0] is not m or cut[1].numel() != w.shape[0]:
+            if cut is None or cut[0] is not m or cut[1].numel() != n_out:
                 why = "which of its outputs it keeps was not recorded"
             else:
                 rows[p] = cut[1]

@@ -25,18 +25,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..base.modules import is_hf_conv1d
 from ..base.snapshot import preserved_state
 from ..core.calibrate import LayerStats, run_sequential
 from ..core.report import Report
 
-#: damping of the Gram matrix, as a fraction of its mean diagonal (GPTQ's default)
+#: the ridge toward the cut weight, as a fraction of each input column's energy (``diag(X^T X)``)
 DAMP = 0.01
 
 
 def refittable(m: nn.Module) -> str | None:
-    """Why ``m`` cannot be refit, or ``None`` when it can: a float ``nn.Linear`` or a 2-D
-    convolution without groups that pads with zeros, without a sparsity mask."""
-    if type(m) is nn.Linear:
+    """Why ``m`` cannot be refit, or ``None`` when it can: a float ``nn.Linear`` (or Hugging
+    Face ``Conv1D``) or a 2-D convolution without groups that pads with zeros, without a
+    sparsity mask."""
+    if isinstance(m, nn.Linear) or is_hf_conv1d(m):
         pass
     elif type(m) is nn.Conv2d:
         if m.groups != 1:
@@ -66,9 +68,17 @@ def patch_rows(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return r
 
 
+def widths(m: nn.Module) -> tuple[int, int]:
+    """``(outputs, inputs)`` of a layer's weight (a Hugging Face ``Conv1D`` stores
+    ``(in, out)``; a convolution's inputs are its input channels)."""
+    w = m.weight
+    return (w.shape[1], w.shape[0]) if is_hf_conv1d(m) else (w.shape[0], w.shape[1])
+
+
 def _flat(m: nn.Module) -> torch.Tensor:
     """The weight (with the bias as a last column) as ``(out, columns)``, in float64."""
-    w = m.weight.detach().reshape(m.weight.shape[0], -1).double()
+    w = m.weight.detach()
+    w = (w.t() if is_hf_conv1d(m) else w.reshape(w.shape[0], -1)).double()
     if getattr(m, "bias", None) is not None:
         w = torch.cat([w, m.bias.detach().double()[:, None]], dim=1)
     return w
@@ -82,18 +92,22 @@ def solve(
     ref_gram: torch.Tensor,
     damp: float = DAMP,
 ) -> tuple[torch.Tensor, float, float]:
-    """The weight ``W'`` minimising ``||X W'^T - X_ref W_ref^T||`` (damped), from
-    ``gram = X^T X``, ``cross = X^T X_ref``, ``ref_gram = X_ref^T X_ref``.
+    """The weight ``W'`` minimising ``||X W'^T - X_ref W_ref^T||^2 + ||(W' - W_now) D||^2``
+    from ``gram = X^T X``, ``cross = X^T X_ref``, ``ref_gram = X_ref^T X_ref``, with
+    ``D^2 = damp * diag(gram)``: a ridge toward the cut weight ``w_now``, each input column
+    damped by its own energy (so the fit is the same whatever the columns' scales; a few
+    massive activation channels do not damp the rest away).
 
     Returns ``(W', before, after)``: the relative output error on the calibration data of
     ``w_now`` (the pruned weight as it is) and of ``W'``. Where the refit is not better
-    (rounding, or damping on very few rows), ``w_now`` is returned.
+    (rounding), ``w_now`` is returned.
     """
     g, c, r = gram.double(), cross.double(), ref_gram.double()
     rhs = w_ref @ c.t()  # (out, in'): W_ref X_ref^T X
+    lam = damp * g.diagonal().clamp_min(1e-12 * g.diagonal().mean().clamp_min(1e-30))
     damped = g.clone()
-    damped.diagonal().add_(damp * g.diagonal().mean().clamp_min(1e-30))
-    w = torch.linalg.solve(damped, rhs.t()).t()
+    damped.diagonal().add_(lam)
+    w = torch.linalg.solve(damped, (rhs + w_now * lam).t()).t()
     energy = (w_ref @ r * w_ref).sum().clamp_min(1e-30)
 
     def rel(a: torch.Tensor) -> float:
@@ -151,7 +165,8 @@ def refit_readers(
             with torch.no_grad():
                 has_bias = getattr(m, "bias", None) is not None
                 weight = w[:, :-1] if has_bias else w
-                m.weight.copy_(weight.reshape(m.weight.shape).to(m.weight.dtype))
+                weight = weight.t() if is_hf_conv1d(m) else weight.reshape(m.weight.shape)
+                m.weight.copy_(weight.to(m.weight.dtype))
                 if has_bias:
                     m.bias.copy_(w[:, -1].to(m.bias.dtype))
 

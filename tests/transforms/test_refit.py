@@ -188,3 +188,30 @@ def test_refit_bad_input():
     after = model.state_dict()
     assert model.down1.in_features == 64
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_refit_on_gpt2_conv1d_readers():
+    """GPT-2's projections are Hugging Face ``Conv1D`` (weights stored ``(in, out)``): the
+    attention's and the MLP's output projections are refit."""
+    transformers = pytest.importorskip("transformers")
+    from tests.zoo import gpt2_config
+
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(gpt2_config()).eval()
+    cal = [{"input_ids": torch.randint(0, 300, (2, 48))} for _ in range(4)]
+    test = torch.randint(0, 300, (2, 48))
+    ref = model(test).logits.detach()
+    sel = r"re:transformer\.h\.\d+\.(attn\.c_attn|mlp\.c_fc)"
+    errs = {}
+    for refit in (False, True):
+        m = copy.deepcopy(model)
+        report = nnslim.Prune(ratio=0.25, importance="wanda", select=sel, refit=refit).apply(
+            m, cal[0], calibration=cal
+        )
+        if refit:
+            refit_paths = {c.path for c in report.changes if "refit_error" in c.details}
+            assert refit_paths == {
+                f"transformer.h.{i}.{p}" for i in (0, 1) for p in ("attn.c_proj", "mlp.c_proj")
+            }
+        errs[refit] = _rel(m(test).logits.detach(), ref)
+    assert errs[True] < 0.8 * errs[False]
