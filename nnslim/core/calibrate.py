@@ -398,6 +398,7 @@ def run_sequential(
     true_sequential: bool = False,
     reference: bool | nn.Module = False,
     rows_of: Any = None,
+    folds: int = 0,
 ) -> None:
     """Calibrate ``layers`` block by block, calling ``process(paths, stats)`` after each block.
 
@@ -433,6 +434,7 @@ def run_sequential(
         rows_of: ``rows_of(layer, x)``: the layer's input as rows for the statistics
             (default: :func:`_rows`, input channels; a refit of a convolution's weight needs
             its unfolded patches).
+        folds: with a reference, also each fold's sums (see :func:`_cross_stats`).
     """
     rows_of = rows_of or _rows
     ref_model = reference if isinstance(reference, nn.Module) else None
@@ -485,6 +487,7 @@ def run_sequential(
                             gram,
                             rows,
                             rows_of,
+                            folds,
                         )
                     else:
                         handles = [
@@ -564,10 +567,13 @@ def _cross_stats(
     gram: bool,
     rows: int,
     rows_of: Any = None,
+    folds: int = 0,
 ) -> None:
     """The block's statistics on the processed stream, plus ``extra["cross"]`` per layer:
     its processed-stream inputs against its unprocessed copy's inputs, batch by batch.
-    ``block`` may be a layer of ``paths`` itself (``dense`` its unprocessed twin)."""
+    ``block`` may be a layer of ``paths`` itself (``dense`` its unprocessed twin). With
+    ``folds``, ``extra["folds"]``: the ``gram``/``cross``/``ref_gram`` of each fold of batches
+    (batch ``i`` in fold ``i % folds``), for a fit checked on data it did not see."""
     rows_of = rows_of or _rows
     where = next(p for p, m in named.items() if m is block)
 
@@ -589,16 +595,22 @@ def _cross_stats(
     handles += [tap(ref[p], twin(p)) for p in paths]
     try:
         with torch.no_grad():
-            for (a, k), (ra, rk) in zip(cached, ref_cached, strict=True):
+            for i, ((a, k), (ra, rk)) in enumerate(zip(cached, ref_cached, strict=True)):
                 block(*a, **k)
                 dense(*ra, **rk)
                 for p in paths:
                     x, xr = seen[p], ref[p]
                     if x and len(x) == len(xr):
                         xs, xrs = torch.cat(x), torch.cat(xr)
-                        for name, t in (("cross", xs.t() @ xrs), ("ref_gram", xrs.t() @ xrs)):
+                        sums = [("cross", xs.t() @ xrs), ("ref_gram", xrs.t() @ xrs)]
+                        for name, t in sums:
                             prev = stats[p].extra.get(name)
                             stats[p].extra[name] = t if prev is None else prev + t
+                        if folds:  # the same sums per fold of batches (and the Gram's)
+                            part = stats[p].extra.setdefault("folds", [{} for _ in range(folds)])
+                            for name, t in [*sums, ("gram", xs.t() @ xs)]:
+                                prev = part[i % folds].get(name)
+                                part[i % folds][name] = t if prev is None else prev + t
                     x.clear()
                     xr.clear()
     finally:

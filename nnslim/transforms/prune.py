@@ -1217,7 +1217,9 @@ def _refit(
     errors = refit_readers(model, original, paths, batches, report, rows=rows)
     for change in report.changes:
         if change.path in errors:
-            change.details["refit_error"] = tuple(round(e, 4) for e in errors[change.path])
+            before, after, damp = errors[change.path]
+            change.details["refit_error"] = (round(before, 4), round(after, 4))
+            change.details["refit_damp"] = damp
 
 
 def _check_finite_weights(model: nn.Module, paths: list[str]) -> None:

@@ -32,6 +32,10 @@ from ..core.report import Report
 
 #: the ridge toward the cut weight, as a fraction of each input column's energy (``diag(X^T X)``)
 DAMP = 0.01
+#: the ridge strengths :func:`choose_damp` tries
+DAMPS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+#: folds of the calibration batches for that choice
+FOLDS = 2
 
 
 def refittable(m: nn.Module) -> str | None:
@@ -84,6 +88,46 @@ def _flat(m: nn.Module) -> torch.Tensor:
     return w
 
 
+def _ridge(
+    w_now: torch.Tensor, w_ref: torch.Tensor, g: torch.Tensor, c: torch.Tensor, damp: float
+) -> torch.Tensor:
+    """``argmin ||X W'^T - X_ref W_ref^T||^2 + ||(W' - W_now) D||^2``, ``D^2 = damp diag(G)``."""
+    lam = damp * g.diagonal().clamp_min(1e-12 * g.diagonal().mean().clamp_min(1e-30))
+    damped = g.clone()
+    damped.diagonal().add_(lam)
+    return torch.linalg.solve(damped, (w_ref @ c.t() + w_now * lam).t()).t()
+
+
+def _sq_error(
+    a: torch.Tensor, w_ref: torch.Tensor, g: torch.Tensor, c: torch.Tensor, r: torch.Tensor
+) -> float:
+    """``||X a^T - X_ref W_ref^T||^2`` from the sums."""
+    e = (a @ g * a).sum() - 2 * (a * (w_ref @ c.t())).sum() + (w_ref @ r * w_ref).sum()
+    return float(e.clamp_min(0))
+
+
+def choose_damp(
+    w_now: torch.Tensor, w_ref: torch.Tensor, folds: list[dict[str, torch.Tensor]]
+) -> tuple[float | None, float, float]:
+    """The ridge strength of :data:`DAMPS` whose fits, each on all folds but one, best
+    reproduce the fold left out (cross-validation over the calibration batches), or ``None``
+    when the cut weight itself does better there (a refit would only fit the calibration
+    data). Returns it with the held-out relative errors of the cut weight and of that fit."""
+    parts = [{k: t.double() for k, t in f.items()} for f in folds]
+    total = {k: sum(f[k] for f in parts) for k in ("gram", "cross", "ref_gram")}
+    energy = max(sum(float((w_ref @ f["ref_gram"] * w_ref).sum()) for f in parts), 1e-30)
+    now = sum(_sq_error(w_now, w_ref, f["gram"], f["cross"], f["ref_gram"]) for f in parts)
+    best, best_err = None, now
+    for damp in DAMPS:
+        err = 0.0
+        for f in parts:
+            fit = _ridge(w_now, w_ref, total["gram"] - f["gram"], total["cross"] - f["cross"], damp)
+            err += _sq_error(fit, w_ref, f["gram"], f["cross"], f["ref_gram"])
+        if err < best_err - 1e-9 * energy:  # better by more than rounding
+            best, best_err = damp, err
+    return best, (now / energy) ** 0.5, (best_err / energy) ** 0.5
+
+
 def solve(
     w_now: torch.Tensor,
     w_ref: torch.Tensor,
@@ -103,16 +147,11 @@ def solve(
     (rounding), ``w_now`` is returned.
     """
     g, c, r = gram.double(), cross.double(), ref_gram.double()
-    rhs = w_ref @ c.t()  # (out, in'): W_ref X_ref^T X
-    lam = damp * g.diagonal().clamp_min(1e-12 * g.diagonal().mean().clamp_min(1e-30))
-    damped = g.clone()
-    damped.diagonal().add_(lam)
-    w = torch.linalg.solve(damped, (rhs + w_now * lam).t()).t()
-    energy = (w_ref @ r * w_ref).sum().clamp_min(1e-30)
+    w = _ridge(w_now, w_ref, g, c, damp)
+    energy = float((w_ref @ r * w_ref).sum().clamp_min(1e-30))
 
     def rel(a: torch.Tensor) -> float:
-        e = (a @ g * a).sum() - 2 * (a * rhs).sum() + energy
-        return float((e.clamp_min(0) / energy).sqrt())
+        return (_sq_error(a, w_ref, g, c, r) / energy) ** 0.5
 
     before, after = rel(w_now), rel(w)
     if not after < before:
@@ -126,23 +165,30 @@ def refit_readers(
     paths: list[str],
     batches: list[Any],
     report: Report | None = None,
-    damp: float = DAMP,
+    damp: float | None = None,
     rows: dict[str, torch.Tensor] | None = None,
-) -> dict[str, tuple[float, float]]:
+) -> dict[str, tuple[float, float, float | None]]:
     """Refit the layers at ``paths`` in ``model`` (pruned) so that each reproduces, on
     ``batches``, what the layer at the same path in ``original`` computed there; block by
     block (see the module's docstring). Each path must be :func:`refittable` in both models.
     ``rows``: for a layer that also lost outputs, the original output rows it keeps (in its
     order), which its refit reproduces.
 
-    Returns path -> ``(before, after)``, the relative output error on the calibration data
-    with the pruned weight and with the refit one; with ``report``, each refit layer's
-    figures are noted there.
+    ``damp``: the ridge strength toward the cut weight; ``None`` (the default) chooses it per
+    layer by cross-validation over the batches (:func:`choose_damp`, two folds), keeping the
+    cut weight where no refit reproduces the held-out batches better. With a single batch,
+    :data:`DAMP`.
+
+    Returns path -> ``(before, after, damp)``: the relative output error with the cut weight
+    and with the refit one (on the held-out folds when chosen by cross-validation, else on the
+    calibration data) and the ridge strength used (``None``: the cut weight kept); with
+    ``report``, a summary is noted there.
     """
     named = dict(model.named_modules())
     ref_named = dict(original.named_modules())
-    out: dict[str, tuple[float, float]] = {}
+    out: dict[str, tuple[float, float, float | None]] = {}
     few: dict[str, str] = {}
+    folds = FOLDS if damp is None and len(batches) >= FOLDS else 0
 
     def process(part: list[str], stats: dict[str, LayerStats]) -> None:
         for p in part:
@@ -158,8 +204,17 @@ def refit_readers(
             w_now, w_ref = _flat(m), _flat(ref_named[p])
             if rows is not None and p in rows:
                 w_ref = w_ref[rows[p].to(w_ref.device)]
-            w, before, after = solve(w_now, w_ref, st.gram, cross, ref_gram, damp)
-            out[p] = (before, after)
+            parts = st.extra.get("folds") or []
+            if folds and len(parts) == folds and all(parts):
+                chosen, before, after = choose_damp(w_now, w_ref, parts)
+                out[p] = (before, after, chosen)
+                if chosen is None:
+                    continue
+                w, _, _ = solve(w_now, w_ref, st.gram, cross, ref_gram, chosen)
+            else:
+                d = DAMP if damp is None else damp
+                w, before, after = solve(w_now, w_ref, st.gram, cross, ref_gram, d)
+                out[p] = (before, after, d if w is not w_now else None)
             if w is w_now:
                 continue
             with torch.no_grad():
@@ -180,6 +235,7 @@ def refit_readers(
             true_sequential=True,
             reference=original,
             rows_of=patch_rows,
+            folds=folds,
         )
     if report is not None and few:
         report.note(
@@ -190,11 +246,20 @@ def refit_readers(
             "layer has weight columns)"
         )
     if report is not None and out:
-        before = sum(b for b, _ in out.values()) / len(out)
-        after = sum(a for _, a in out.values()) / len(out)
-        report.note(
-            f"refit {len(out)} layers reading pruned channels by least squares on the "
-            f"calibration data: their output error against the unpruned model "
-            f"{before:.4f} -> {after:.4f} (mean relative error)"
-        )
+        done = [v for v in out.values() if v[2] is not None]
+        kept = len(out) - len(done)
+        where = "held-out calibration batches" if folds else "calibration data"
+        text = f"refit {len(done)} layers reading pruned channels by least squares"
+        if done:
+            before = sum(v[0] for v in done) / len(done)
+            after = sum(v[1] for v in done) / len(done)
+            text += (
+                f": their output error against the unpruned model on the {where} "
+                f"{before:.4f} -> {after:.4f} (mean relative error)"
+            )
+        if kept:
+            text += (
+                f"; {kept} kept their cut weights (no refit reproduced the held-out batches better)"
+            )
+        report.note(text)
     return out

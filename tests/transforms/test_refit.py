@@ -215,3 +215,53 @@ def test_refit_on_gpt2_conv1d_readers():
             }
         errs[refit] = _rel(m(test).logits.detach(), ref)
     assert errs[True] < 0.8 * errs[False]
+
+
+def test_choose_damp_is_two_fold_cross_validation():
+    """The ridge strength is chosen by fitting on one fold of batches and measuring on the
+    other; the errors it reports are those held-out errors, computed here from the rows."""
+    from nnslim.transforms.refit import DAMPS, choose_damp
+
+    g = torch.Generator().manual_seed(3)
+    w_ref = torch.randn(3, 6, generator=g, dtype=torch.float64)
+    w_now = w_ref[:, :4].clone()
+    folds, data = [], []
+    for _ in range(2):
+        kept = torch.randn(30, 4, generator=g, dtype=torch.float64)
+        gone = kept[:, :2] + 0.2 * torch.randn(30, 2, generator=g, dtype=torch.float64)
+        x_ref = torch.cat([kept, gone], dim=1)  # the removed inputs follow two kept ones
+        x = kept + 0.1 * torch.randn(30, 4, generator=g, dtype=torch.float64)
+        data.append((x, x_ref))
+        folds.append({"gram": x.t() @ x, "cross": x.t() @ x_ref, "ref_gram": x_ref.t() @ x_ref})
+
+    def ridge(x, x_ref, damp):
+        lam = damp * (x * x).sum(0)
+        return (x_ref @ w_ref.t()).t() @ x + w_now * lam, x.t() @ x + torch.diag(lam)
+
+    def held_out(damp):
+        err = 0.0
+        for fit, test in ((0, 1), (1, 0)):
+            rhs, a = ridge(*data[fit], damp)
+            w = torch.linalg.solve(a, rhs.t()).t()
+            x, x_ref = data[test]
+            err += float(((x @ w.t() - x_ref @ w_ref.t()) ** 2).sum())
+        return err
+
+    energy = sum(float(((x_ref @ w_ref.t()) ** 2).sum()) for _, x_ref in data)
+    now = sum(float(((x @ w_now.t() - x_ref @ w_ref.t()) ** 2).sum()) for x, x_ref in data)
+    chosen, before, after = choose_damp(w_now, w_ref, folds)
+    assert before == pytest.approx((now / energy) ** 0.5, rel=1e-9)
+    best = min(DAMPS, key=held_out)
+    assert held_out(best) < now  # here a refit helps on data it did not see
+    assert chosen == best
+    assert after == pytest.approx((held_out(chosen) / energy) ** 0.5, rel=1e-9)
+    assert after < before
+    # where no fit beats the cut weight on the held-out fold, the cut weight is kept
+    assert (
+        choose_damp(
+            w_ref[:, :4].clone(),
+            w_ref[:, :4].clone(),
+            [{"gram": f["gram"], "cross": f["gram"], "ref_gram": f["gram"]} for f in folds],
+        )[0]
+        is None
+    )
