@@ -109,9 +109,12 @@ class Prune(Transform):
             Conv2d whose inputs lost channels (an MLP's down projection, an attention's output
             projection, the convolution after a pruned one) by least squares, so that on the
             calibration data it reproduces the unpruned model's output from the inputs it has
-            left (the structured OBS update; a bias is refit with it). Blocks are refit in
-            order, each on the refit blocks' output. Each refit layer's change carries its
-            relative output error before and after (``refit_error``).
+            left (the structured OBS update; a bias is refit with it), a ridge toward the cut
+            weight whose strength two-fold cross-validation over the batches chooses per
+            layer. Blocks are refit in order, each on the refit blocks' output. Each refit
+            layer's change carries its held-out relative output error before and after
+            (``refit_error``) and the strength (``refit_damp``). Holds a copy of the unpruned
+            model meanwhile.
 
     Example:
         >>> import torch, nnslim
