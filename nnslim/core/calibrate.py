@@ -68,6 +68,9 @@ def _reduce(stats: dict[str, LayerStats]) -> None:
         ):
             if isinstance(st.extra.get(name), torch.Tensor):
                 dist.all_reduce(st.extra[name])
+        for fold in st.extra.get("folds") or []:
+            for t in fold.values():
+                dist.all_reduce(t)
         if "abs_sum" in st.extra and isinstance(st.extra["abs_sum"], torch.Tensor):
             dist.all_reduce(st.extra["abs_sum"])
         if "rows" in st.extra:  # a row sample: everyone uses rank 0's
@@ -573,7 +576,9 @@ def _cross_stats(
     its processed-stream inputs against its unprocessed copy's inputs, batch by batch.
     ``block`` may be a layer of ``paths`` itself (``dense`` its unprocessed twin). With
     ``folds``, ``extra["folds"]``: the ``gram``/``cross``/``ref_gram`` of each fold of batches
-    (batch ``i`` in fold ``i % folds``), for a fit checked on data it did not see."""
+    (batch ``i`` in fold ``i % folds``), for a fit checked on data it did not see. A layer
+    that ran a different number of times or on a different number of rows in the two streams
+    gets ``extra["unpaired"] = True`` (its cross sums would pair different tokens)."""
     rows_of = rows_of or _rows
     where = next(p for p, m in named.items() if m is block)
 
@@ -600,7 +605,13 @@ def _cross_stats(
                 dense(*ra, **rk)
                 for p in paths:
                     x, xr = seen[p], ref[p]
-                    if x and len(x) == len(xr):
+                    if len(x) != len(xr) or any(
+                        a.shape[0] != b.shape[0] for a, b in zip(x, xr, strict=False)
+                    ):
+                        # not the same tokens in both streams (routing that differs): no
+                        # pairs to sum; say so (a refit needs every batch's pairs)
+                        stats[p].extra["unpaired"] = True
+                    elif x:
                         xs, xrs = torch.cat(x), torch.cat(xr)
                         sums = [("cross", xs.t() @ xrs), ("ref_gram", xrs.t() @ xrs)]
                         for name, t in sums:

@@ -14,7 +14,14 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-__all__ = ["MASK_NAME", "apply_masks", "cut_mask", "masked_modules", "recording_cuts"]
+__all__ = [
+    "MASK_NAME",
+    "apply_masks",
+    "cut_mask",
+    "masked_modules",
+    "not_recording_cuts",
+    "recording_cuts",
+]
 
 MASK_NAME = "weight_mask"
 
@@ -33,6 +40,17 @@ def recording_cuts() -> Iterator[dict[int, tuple[nn.Module, torch.Tensor]]]:
         yield record
     finally:
         _RECORDS.remove(record)
+
+
+@contextlib.contextmanager
+def not_recording_cuts() -> Iterator[None]:
+    """Suspend :func:`recording_cuts` (cuts made meanwhile are on trial copies of a model)."""
+    saved = _RECORDS[:]
+    _RECORDS.clear()
+    try:
+        yield
+    finally:
+        _RECORDS[:] = saved
 
 
 def _record_rows(module: nn.Module, gone: list[int]) -> None:

@@ -40,7 +40,13 @@ from ..graph.fused_mlp import ExpertBankSpec, find_expert_banks, find_fused_mlps
 from ..graph.tp_compat import GroupTooLarge, Pruner, TraceError
 from ..graph.trace import MAX_GROUP as MAX_GROUP_DEFAULT
 from ..graph.trace import TIME_LIMIT_S, Graph, root_types, trace
-from ..modules.masks import MASK_NAME, cut_mask, masked_modules, recording_cuts
+from ..modules.masks import (
+    MASK_NAME,
+    cut_mask,
+    masked_modules,
+    not_recording_cuts,
+    recording_cuts,
+)
 from ..modules.mha import back_to_torch, to_head_prunable
 from ..modules.quantized import Int4Linear, int4_group_size
 from .allocation import OWL, blocks_of, owl_ratios
@@ -796,7 +802,8 @@ class Prune(Transform):
 
         def at(ratio: float) -> float:
             trial = copy_model(model)
-            _prune_model(trial, inputs, None, plan, self, imp, stats, ratio)
+            with not_recording_cuts():  # a trial copy's cuts are not the model's
+                _prune_model(trial, inputs, None, plan, self, imp, stats, ratio)
             try:
                 return float(target.measure(profile(trial, inputs, memory=False)))
             except ValueError:
@@ -1189,7 +1196,16 @@ def _refit(
     for p, m in named.items():
         o = before.get(p)
         w, w0 = getattr(m, "weight", None), getattr(o, "weight", None)
+        if isinstance(m, nn.Embedding):
+            continue  # a table: its width is its output, it reads no channels
         if not isinstance(w, torch.Tensor) or not isinstance(w0, torch.Tensor) or w.dim() < 2:
+            # a module of its own parameters (an expert bank's 3-D weights) that changed shape
+            own = {k: t for k, t in m._parameters.items() if t is not None and t.dim() >= 2}
+            was = {
+                k: t for k, t in (o._parameters if o is not None else {}).items() if t is not None
+            }
+            if any(k not in was or was[k].shape != t.shape for k, t in own.items()):
+                left[p] = f"a {type(m).__name__} (only Linear, Conv1D and Conv2d layers are refit)"
             continue
         (n_out, n_in), (n_out0, n_in0) = widths(m), widths(o)
         if n_in == n_in0:

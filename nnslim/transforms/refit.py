@@ -27,7 +27,7 @@ from torch import nn
 
 from ..base.modules import is_hf_conv1d
 from ..base.snapshot import preserved_state
-from ..core.calibrate import LayerStats, run_sequential
+from ..core.calibrate import LayerStats, batch_count, run_sequential
 from ..core.report import Report
 
 #: the ridge toward the cut weight, as a fraction of each input column's energy (``diag(X^T X)``)
@@ -77,6 +77,12 @@ def widths(m: nn.Module) -> tuple[int, int]:
     ``(in, out)``; a convolution's inputs are its input channels)."""
     w = m.weight
     return (w.shape[1], w.shape[0]) if is_hf_conv1d(m) else (w.shape[0], w.shape[1])
+
+
+def _like(old: torch.Tensor, value: torch.Tensor) -> nn.Parameter:
+    """A new parameter holding ``value`` in ``old``'s dtype, device and ``requires_grad``."""
+    t = value.detach().to(device=old.device, dtype=old.dtype).contiguous()
+    return nn.Parameter(t, requires_grad=old.requires_grad)
 
 
 def _flat(m: nn.Module) -> torch.Tensor:
@@ -188,7 +194,8 @@ def refit_readers(
     ref_named = dict(original.named_modules())
     out: dict[str, tuple[float, float, float | None]] = {}
     few: dict[str, str] = {}
-    folds = FOLDS if damp is None and len(batches) >= FOLDS else 0
+    # every process the same: the batch count over all of them (statistics are summed)
+    folds = FOLDS if damp is None and batch_count(len(batches)) >= FOLDS else 0
 
     def process(part: list[str], stats: dict[str, LayerStats]) -> None:
         for p in part:
@@ -198,6 +205,9 @@ def refit_readers(
                 few[p] = "the calibration data did not reach it"
                 continue
             m = named[p]
+            if st.extra.get("unpaired"):
+                few[p] = "it ran on different tokens in the pruned and the unpruned model"
+                continue
             if st.rows < st.gram.shape[0]:  # the fit would memorise the calibration data
                 few[p] = f"{st.rows} calibration rows for {st.gram.shape[0]} weight columns"
                 continue
@@ -211,19 +221,22 @@ def refit_readers(
                 if chosen is None:
                     continue
                 w, _, _ = solve(w_now, w_ref, st.gram, cross, ref_gram, chosen)
+                if w is w_now:  # not better on all the data after all: nothing changed
+                    out[p] = (before, before, None)
             else:
                 d = DAMP if damp is None else damp
                 w, before, after = solve(w_now, w_ref, st.gram, cross, ref_gram, d)
                 out[p] = (before, after, d if w is not w_now else None)
             if w is w_now:
                 continue
-            with torch.no_grad():
-                has_bias = getattr(m, "bias", None) is not None
-                weight = w[:, :-1] if has_bias else w
-                weight = weight.t() if is_hf_conv1d(m) else weight.reshape(m.weight.shape)
-                m.weight.copy_(weight.to(m.weight.dtype))
-                if has_bias:
-                    m.bias.copy_(w[:, -1].to(m.bias.dtype))
+            # new tensors, never written in place: the tensors Prune left may be the
+            # original model's own (a bias whose outputs were kept), which a rollback restores
+            has_bias = getattr(m, "bias", None) is not None
+            weight = w[:, :-1] if has_bias else w
+            weight = weight.t() if is_hf_conv1d(m) else weight.reshape(m.weight.shape)
+            m.weight = _like(m.weight, weight)
+            if has_bias:
+                m.bias = _like(m.bias, w[:, -1])
 
     with preserved_state(original):
         run_sequential(

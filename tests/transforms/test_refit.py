@@ -265,3 +265,51 @@ def test_choose_damp_is_two_fold_cross_validation():
         )[0]
         is None
     )
+
+
+def test_a_failing_refit_restores_the_model(monkeypatch):
+    """A layer that kept its outputs keeps its bias tensor through the cut; the refit gives it
+    a new one (never writes in place), so a failure after the refit of some layers still
+    restores the model exactly."""
+    import nnslim.transforms.refit as refit_mod
+
+    torch.manual_seed(0)
+    model = MLPs()
+    tensors = {k: v for k, v in model.state_dict(keep_vars=True).items()}
+    values = {k: v.detach().clone() for k, v in tensors.items()}
+    cal = [torch.randn(64, 16) for _ in range(4)]
+    real = refit_mod.choose_damp
+    calls = []
+
+    def second_fails(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("boom in the second layer's refit")
+        return real(*a, **k)
+
+    monkeypatch.setattr(refit_mod, "choose_damp", second_fails)
+    with pytest.raises(RuntimeError, match="boom"):
+        nnslim.Prune(ratio=0.5, select=["up1", "up2"], refit=True).apply(
+            model, cal[0], calibration=cal
+        )
+    assert len(calls) == 2  # the first layer was refit before the failure
+    after = model.state_dict(keep_vars=True)
+    assert all(after[k] is tensors[k] for k in tensors)
+    assert all(torch.equal(after[k], values[k]) for k in values)
+
+
+def test_cuts_on_trial_copies_are_not_recorded():
+    from nnslim.modules.masks import cut_mask, not_recording_cuts, recording_cuts
+
+    a, b = nn.Linear(4, 6), nn.Linear(4, 6)
+    with recording_cuts() as cuts:
+        with torch.no_grad():
+            a.weight = nn.Parameter(a.weight[[0, 2, 3, 5]])
+        cut_mask(a, "out", [1, 4])
+        with not_recording_cuts():
+            cut_mask(b, "out", [0])
+        with torch.no_grad():
+            a.weight = nn.Parameter(a.weight[[1, 2, 3]])
+        cut_mask(a, "out", [0])  # a second cut composes with the first
+    assert set(cuts) == {id(a)}
+    assert cuts[id(a)][1].tolist() == [2, 3, 5]
