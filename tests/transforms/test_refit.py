@@ -11,7 +11,6 @@ from torch import nn
 
 import nnslim
 from nnslim.transforms.refit import patch_rows, solve
-from tests.zoo import llama_config
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -125,27 +124,55 @@ def test_refit_lowers_the_error_on_held_out_data():
     assert errs[True] < 0.6 * errs[False]
 
 
-def test_refit_on_a_llama_with_heads_and_units_pruned():
-    transformers = pytest.importorskip("transformers")
+def _llama():
+    from tests.zoo import llama_config
+
+    return pytest.importorskip("transformers").LlamaForCausalLM(llama_config()).eval()
+
+
+def _gpt2():
+    from tests.zoo import gpt2_config
+
+    return pytest.importorskip("transformers").GPT2LMHeadModel(gpt2_config()).eval()
+
+
+@pytest.mark.parametrize(
+    "build, tokens, select, readers",
+    [
+        # Llama: the attention's and the MLP's output Linears
+        (
+            _llama,
+            64,
+            r"re:model\.layers\.\d+\.(self_attn\.q_proj|mlp\.up_proj)",
+            ("model.layers.{}.self_attn.o_proj", "model.layers.{}.mlp.down_proj"),
+        ),
+        # GPT-2's projections are Hugging Face Conv1D (weights stored (in, out))
+        (
+            _gpt2,
+            48,
+            r"re:transformer\.h\.\d+\.(attn\.c_attn|mlp\.c_fc)",
+            ("transformer.h.{}.attn.c_proj", "transformer.h.{}.mlp.c_proj"),
+        ),
+    ],
+    ids=["llama", "gpt2"],
+)
+def test_refit_on_language_models_readers(build, tokens, select, readers):
+    """Heads and MLP units pruned: exactly the layers reading them are refit, and the logits
+    move less from the unpruned model's than without the refit."""
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(llama_config()).eval()
-    cal = [{"input_ids": torch.randint(0, 300, (2, 64))} for _ in range(4)]
-    test = torch.randint(0, 300, (2, 64))
+    model = build()
+    cal = [{"input_ids": torch.randint(0, 300, (2, tokens))} for _ in range(4)]
+    test = torch.randint(0, 300, (2, tokens))
     ref = model(test).logits.detach()
-    sel = r"re:model\.layers\.\d+\.(self_attn\.q_proj|mlp\.up_proj)"
     errs = {}
     for refit in (False, True):
         m = copy.deepcopy(model)
-        report = nnslim.Prune(ratio=0.25, importance="wanda", select=sel, refit=refit).apply(
+        report = nnslim.Prune(ratio=0.25, importance="wanda", select=select, refit=refit).apply(
             m, cal[0], calibration=cal
         )
         if refit:
             refit_paths = {c.path for c in report.changes if "refit_error" in c.details}
-            assert refit_paths == {
-                f"model.layers.{i}.{p}"
-                for i in (0, 1)
-                for p in ("self_attn.o_proj", "mlp.down_proj")
-            }
+            assert refit_paths == {r.format(i) for i in (0, 1) for r in readers}
         errs[refit] = _rel(m(test).logits.detach(), ref)
     assert errs[True] < 0.8 * errs[False]
 
@@ -188,33 +215,6 @@ def test_refit_bad_input():
     after = model.state_dict()
     assert model.down1.in_features == 64
     assert all(torch.equal(before[k], after[k]) for k in before)
-
-
-def test_refit_on_gpt2_conv1d_readers():
-    """GPT-2's projections are Hugging Face ``Conv1D`` (weights stored ``(in, out)``): the
-    attention's and the MLP's output projections are refit."""
-    transformers = pytest.importorskip("transformers")
-    from tests.zoo import gpt2_config
-
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(gpt2_config()).eval()
-    cal = [{"input_ids": torch.randint(0, 300, (2, 48))} for _ in range(4)]
-    test = torch.randint(0, 300, (2, 48))
-    ref = model(test).logits.detach()
-    sel = r"re:transformer\.h\.\d+\.(attn\.c_attn|mlp\.c_fc)"
-    errs = {}
-    for refit in (False, True):
-        m = copy.deepcopy(model)
-        report = nnslim.Prune(ratio=0.25, importance="wanda", select=sel, refit=refit).apply(
-            m, cal[0], calibration=cal
-        )
-        if refit:
-            refit_paths = {c.path for c in report.changes if "refit_error" in c.details}
-            assert refit_paths == {
-                f"transformer.h.{i}.{p}" for i in (0, 1) for p in ("attn.c_proj", "mlp.c_proj")
-            }
-        errs[refit] = _rel(m(test).logits.detach(), ref)
-    assert errs[True] < 0.8 * errs[False]
 
 
 def test_choose_damp_is_two_fold_cross_validation():
