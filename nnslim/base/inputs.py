@@ -23,6 +23,7 @@ __all__ = [
     "calibration_batches",
     "check_finite",
     "first_tensor",
+    "real_tokens",
     "run_model",
 ]
 
@@ -48,6 +49,17 @@ class Inputs:
         if config is not None and getattr(config, "use_cache", False) and "use_cache" not in kwargs:
             kwargs["use_cache"] = False
         return model(*self.args, **kwargs)
+
+    def token_mask(self) -> torch.Tensor | None:
+        """Which tokens are real: the ``attention_mask`` keyword of a Hugging Face batch
+        (2-D, batch x sequence) as booleans, when it marks some positions as padding; ``None``
+        without one, or when every token is real. Calibration statistics and distillation
+        losses leave the padded positions out (see :func:`real_tokens`)."""
+        m = self.kwargs.get("attention_mask")
+        if not isinstance(m, torch.Tensor) or m.dim() != 2:
+            return None
+        real = m != 0
+        return None if bool(real.all()) else real
 
     def tensors(self) -> list[torch.Tensor]:
         """All tensors in the inputs, in order."""
@@ -228,6 +240,16 @@ def run_model(model: nn.Module, inputs: Inputs, *, what: str = "example_inputs")
             return inputs.call(model)
     except Exception as e:
         raise forward_error(model, inputs, e, what) from e
+
+
+def real_tokens(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``x`` at the real tokens only, ``(tokens, *rest)``, when ``x`` is a per-token tensor
+    of the batch ``mask`` describes (at least 3-D, its leading two dims the mask's batch x
+    sequence: a layer's input, a block's output, logits); ``x`` unchanged otherwise (no mask,
+    an image, a pooled output)."""
+    if mask is None or x.dim() < 3 or tuple(x.shape[:2]) != tuple(mask.shape):
+        return x
+    return x[mask.to(x.device)]
 
 
 def first_tensor(output: Any) -> torch.Tensor | None:

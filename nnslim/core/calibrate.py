@@ -19,13 +19,33 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..base.blocks import block_of
-from ..base.inputs import Inputs, first_tensor, forward_error, is_hidden_state
+from ..base.inputs import Inputs, first_tensor, forward_error, is_hidden_state, real_tokens
 from ..base.modules import is_hf_conv1d
 from ..base.snapshot import preserved_state
 
 __all__ = ["LayerStats", "collect", "layer_input_dim", "reduce_across_processes"]
 
 _REDUCE = [False]
+#: the real tokens of the calibration batch running now (``Inputs.token_mask``): statistics
+#: of per-token inputs leave the padded positions out
+_TOKENS: list[torch.Tensor | None] = [None]
+
+
+@contextlib.contextmanager
+def _tokens(mask: torch.Tensor | None) -> Iterator[None]:
+    """Statistics gathered inside see only the tokens ``mask`` marks real."""
+    prev = _TOKENS[0]
+    _TOKENS[0] = mask
+    try:
+        yield
+    finally:
+        _TOKENS[0] = prev
+
+
+def token_rows(x: torch.Tensor) -> torch.Tensor:
+    """A per-token input as rows ``(tokens, channels)``: its last dim the channels, the
+    padded positions of the calibration batch running now left out."""
+    return real_tokens(x, _TOKENS[0]).reshape(-1, x.shape[-1])
 
 
 @contextlib.contextmanager
@@ -130,7 +150,7 @@ def _rows(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if isinstance(m, nn.modules.conv._ConvNd):
         # (N, C, *spatial) -> (N * spatial, C); channels seen by the conv
         return x.transpose(0, 1).reshape(x.shape[1], -1).t()
-    return x.reshape(-1, x.shape[-1])
+    return token_rows(x)
 
 
 def calibration_loss(
@@ -164,6 +184,12 @@ def calibration_loss(
         return (out.float() * noise.to(out.device)).sum() / out.numel()
     out = out.float()
     y = targets[0] if targets and isinstance(targets[0], torch.Tensor) else None
+    mask = _TOKENS[0]
+    if mask is not None and tuple(out.shape[:2]) == tuple(mask.shape) and out.dim() >= 3:
+        # padded positions are no one's prediction: out of the loss (and their labels)
+        if y is not None and tuple(y.shape[:2]) == tuple(mask.shape):
+            y = real_tokens(y.unsqueeze(-1) if y.dim() == 2 else y, mask)
+        out = real_tokens(out, mask)
     if out.dim() >= 2 and out.shape[-1] > 1:
         logits = out.reshape(-1, out.shape[-1])
         if y is not None and not y.is_floating_point() and y.numel() == logits.shape[0]:
@@ -222,44 +248,45 @@ def collect(
     try:
         with preserved_state(model):
             for i, batch in enumerate(batches):
-                if grads or out_grads or in_fisher:
-                    aliases.clear()
-                    with torch.enable_grad():
-                        for p in model.parameters():
-                            p.grad = None
-                        loss = calibration_loss(
-                            call_batch(model, batch, i),
-                            batch.targets,
-                            sample=i if out_grads and not grads else None,
-                        )
-                        # the weights' gradients (the outputs' hooks fire on the way to them)
-                        watched = [
-                            (p, m.weight) for p, m in layers.items() if m.weight.requires_grad
-                        ]
-                        if not watched:
-                            raise ValueError(
-                                "calibration: the gradients it needs flow to no layer (every "
-                                "watched layer's weight has requires_grad=False); unfreeze "
-                                "them for the measurement."
+                with _tokens(batch.token_mask()):  # its real tokens, also in the backward
+                    if grads or out_grads or in_fisher:
+                        aliases.clear()
+                        with torch.enable_grad():
+                            for p in model.parameters():
+                                p.grad = None
+                            loss = calibration_loss(
+                                call_batch(model, batch, i),
+                                batch.targets,
+                                sample=i if out_grads and not grads else None,
                             )
-                        gs = torch.autograd.grad(
-                            loss,
-                            [w for _, w in watched] + [a for _, a in aliases],
-                            allow_unused=True,
-                        )
-                    for (path, a), g in zip(aliases, gs[len(watched) :], strict=True):
-                        if g is not None:
-                            _add_in_fisher(stats[path], layers[path], a.detach(), g.detach())
-                    gs = gs[: len(watched)]
-                    if not grads:
-                        continue
-                    for (path, _), g in zip(watched, gs):
-                        if g is not None:
-                            st = stats[path]
-                            st.grad = g.detach() if st.grad is None else st.grad + g.detach()
-                else:
-                    with torch.no_grad():
-                        call_batch(model, batch, i)
+                            # the weights' gradients (the outputs' hooks fire on the way to them)
+                            watched = [
+                                (p, m.weight) for p, m in layers.items() if m.weight.requires_grad
+                            ]
+                            if not watched:
+                                raise ValueError(
+                                    "calibration: the gradients it needs flow to no layer (every "
+                                    "watched layer's weight has requires_grad=False); unfreeze "
+                                    "them for the measurement."
+                                )
+                            gs = torch.autograd.grad(
+                                loss,
+                                [w for _, w in watched] + [a for _, a in aliases],
+                                allow_unused=True,
+                            )
+                        for (path, a), g in zip(aliases, gs[len(watched) :], strict=True):
+                            if g is not None:
+                                _add_in_fisher(stats[path], layers[path], a.detach(), g.detach())
+                        gs = gs[: len(watched)]
+                        if not grads:
+                            continue
+                        for (path, _), g in zip(watched, gs):
+                            if g is not None:
+                                st = stats[path]
+                                st.grad = g.detach() if st.grad is None else st.grad + g.detach()
+                    else:
+                        with torch.no_grad():
+                            call_batch(model, batch, i)
     finally:
         for h in handles:
             h.remove()
@@ -329,8 +356,8 @@ def _add_in_fisher(st: LayerStats, m: nn.Module, x: torch.Tensor, g: torch.Tenso
     z = x.float() * g.float()
     if isinstance(m, nn.modules.conv._ConvNd):  # per image: summed over its positions
         z = z.flatten(2).sum(2)
-    else:  # per row: a Linear's channels are the last dim
-        z = z.reshape(-1, z.shape[-1])
+    else:  # per row (real tokens): a Linear's channels are the last dim
+        z = token_rows(z)
     f = z.t() @ z
     prev = st.extra.get("in_fisher")
     st.extra["in_fisher"] = f if prev is None else prev + f
@@ -349,6 +376,8 @@ def _out_grad_hook(m: nn.Module, st: LayerStats) -> Any:
         if not isinstance(y, torch.Tensor) or not y.requires_grad:
             return
 
+        mask = _TOKENS[0]  # the batch's, at forward time (the backward runs later)
+
         def grad_hook(g: torch.Tensor) -> None:
             g = g.detach().float()
             # a convolution's channels are dim 1; a Linear's the last, whatever the rank (a
@@ -356,7 +385,7 @@ def _out_grad_hook(m: nn.Module, st: LayerStats) -> Any:
             rows = (
                 g.transpose(0, 1).reshape(g.shape[1], -1).t()
                 if conv
-                else g.reshape(-1, g.shape[-1])
+                else real_tokens(g, mask).reshape(-1, g.shape[-1])
             )
             sq = rows.pow(2).sum(0)
             prev = st.extra.get("out_grad_sq")
@@ -378,7 +407,8 @@ def call_batch(model: nn.Module, batch: Inputs, index: int) -> Any:
     """``model`` on calibration batch ``index``; a forward that fails (a batch of the wrong
     shape) raises a ``ValueError`` naming the batch. nnslim's own errors pass unchanged."""
     try:
-        return batch.call_stateless(model)
+        with _tokens(batch.token_mask()):
+            return batch.call_stateless(model)
     except (_Stop, ValueError, TypeError):
         raise
     except Exception as e:
@@ -441,6 +471,7 @@ def run_sequential(
     """
     rows_of = rows_of or _rows
     ref_model = reference if isinstance(reference, nn.Module) else None
+    masks = [b.token_mask() for b in batches]  # each batch's real tokens (cached in order)
     named = dict(model.named_modules())
     order = {p: i for i, p in enumerate(named)}
     groups: dict[str | None, list[str]] = {}
@@ -491,6 +522,7 @@ def run_sequential(
                             rows,
                             rows_of,
                             folds,
+                            masks,
                         )
                     else:
                         handles = [
@@ -498,8 +530,9 @@ def run_sequential(
                         ]
                         try:
                             with torch.no_grad():
-                                for a, k in cached:
-                                    here(*a, **k)
+                                for i, (a, k) in enumerate(cached):
+                                    with _tokens(masks[i]):
+                                        here(*a, **k)
                         finally:
                             for h in handles:
                                 h.remove()
@@ -517,8 +550,9 @@ def run_sequential(
                 try:
                     if block is not None and cached is not None:
                         with torch.no_grad():
-                            for a, k in cached:
-                                block(*a, **k)
+                            for i, (a, k) in enumerate(cached):
+                                with _tokens(masks[i]):
+                                    block(*a, **k)
                     else:
                         cached = inputs_of(
                             model,
@@ -571,6 +605,7 @@ def _cross_stats(
     rows: int,
     rows_of: Any = None,
     folds: int = 0,
+    masks: list[torch.Tensor | None] | None = None,
 ) -> None:
     """The block's statistics on the processed stream, plus ``extra["cross"]`` per layer:
     its processed-stream inputs against its unprocessed copy's inputs, batch by batch.
@@ -601,8 +636,9 @@ def _cross_stats(
     try:
         with torch.no_grad():
             for i, ((a, k), (ra, rk)) in enumerate(zip(cached, ref_cached, strict=True)):
-                block(*a, **k)
-                dense(*ra, **rk)
+                with _tokens(masks[i] if masks else None):  # the batch's real tokens
+                    block(*a, **k)
+                    dense(*ra, **rk)
                 for p in paths:
                     x, xr = seen[p], ref[p]
                     if len(x) != len(xr) or any(
@@ -717,7 +753,9 @@ def _stat_hook(
         if not isinstance(x, torch.Tensor):
             return
         if isinstance(m, nn.Embedding):  # one-hot inputs: the Gram is diagonal, the counts
-            ids = x.detach().reshape(-1)
+            ids = x.detach()
+            mask = _TOKENS[0]
+            ids = (ids[mask] if mask is not None and ids.shape == mask.shape else ids).reshape(-1)
             st.rows += ids.numel()
             n = torch.bincount(ids, minlength=m.num_embeddings).to(torch.float64)
             st.extra["counts"] = n + st.extra.get("counts", 0.0)

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, Sa
 
 from ..base.blocks import layer_stack
 from ..base.distributed import rank_world
-from ..base.inputs import as_inputs, first_tensor, is_hidden_state
+from ..base.inputs import Inputs, as_inputs, first_tensor, is_hidden_state, real_tokens
 from ..base.modules import copy_model, is_hf_conv1d
 from ..base.snapshot import preserve_modes
 from ..base.validate import check_choice, check_fraction, check_int, check_type
@@ -72,6 +72,12 @@ class Distillation:
             square, averaged over the pairs (scale-free: a transformer's residual stream reaches
             values in the thousands, where plain MSE drowns the logit term; the default of
             :meth:`for_blocks`).
+
+
+    A batch whose inputs carry an ``attention_mask`` that marks padding (a Hugging Face
+    tokenizer's padded batch) is matched at its real tokens only: per-token outputs and
+    features at padded positions enter no term (they feed nothing a user reads, and would
+    otherwise take a share of the loss that grows with the padding).
     """
 
     temperature: float = 4.0
@@ -476,6 +482,14 @@ def _split(batch: Any) -> tuple[Any, Any]:
     return batch, None
 
 
+def _token_mask(inputs: Any) -> torch.Tensor | None:
+    """The real tokens of a batch whose inputs carry an ``attention_mask`` with padding
+    (:meth:`~nnslim.base.inputs.Inputs.token_mask`), else ``None``."""
+    if not isinstance(inputs, dict):
+        return None
+    return Inputs(kwargs=inputs).token_mask()
+
+
 def _device_type(model: nn.Module) -> str:
     """Where the model computes (its first parameter's device type; ``"cpu"`` without any):
     what ``torch.autocast`` needs."""
@@ -840,7 +854,8 @@ class Trainer:
                 kind = d.output_loss
                 if kind == "auto":
                     kind = "relative" if is_hidden_state(outputs) else "kl"
-                kd = self._kd(main, t_out, kind) + d.feature_weight * features.loss()
+                real = _token_mask(inputs)  # padded positions are matched nowhere
+                kd = self._kd(main, t_out, kind, real) + d.feature_weight * features.loss(real)
                 total = kd if task is None else (1 - d.alpha) * task + d.alpha * kd
             elif task is None:
                 raise ValueError(
@@ -866,7 +881,11 @@ class Trainer:
         return F.mse_loss(main.float(), targets.float())
 
     def _kd(
-        self, student: torch.Tensor | None, teacher: torch.Tensor | None, kind: str
+        self,
+        student: torch.Tensor | None,
+        teacher: torch.Tensor | None,
+        kind: str,
+        real: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if student is None or teacher is None:
             return torch.zeros(())
@@ -876,6 +895,7 @@ class Trainer:
                 f"teacher's has {tuple(teacher.shape)}; distil into a model whose output keeps "
                 f"the teacher's shape (prune inside it, not its output width)."
             )
+        student, teacher = real_tokens(student, real), real_tokens(teacher, real)
         s = student.reshape(-1, student.shape[-1]).float()
         tt = teacher.reshape(-1, teacher.shape[-1]).float()
         if kind == "kl":
@@ -1055,7 +1075,9 @@ class _FeatureTaps:
 
                 self.handles.append(mod.register_forward_hook(hook))
 
-    def loss(self) -> torch.Tensor:
+    def loss(self, real: torch.Tensor | None = None) -> torch.Tensor:
+        """The matched pairs' loss; ``real``: the batch's real tokens (per-token features are
+        compared there only)."""
         total = torch.zeros(())
         for key in self.pairs:
             s, t = self.s.get(key), self.t.get(key)
@@ -1073,6 +1095,7 @@ class _FeatureTaps:
                     f"teacher's {self.pairs[key]!r} has {tuple(t.shape)}; match layers whose width "
                     f"pruning kept (block outputs in the residual stream)."
                 )
+            s, t = real_tokens(s, real), real_tokens(t, real)
             err = _squared_error(s.float(), t.detach().float(), relative=self.kind == "relative")
             total = total + (err / len(self.pairs) if self.kind == "relative" else err)
         # this step's features only: none is reused by a later step, and none is held

@@ -51,7 +51,7 @@ from ..modules.mha import back_to_torch, to_head_prunable
 from ..modules.quantized import Int4Linear, int4_group_size
 from .allocation import OWL, blocks_of, owl_ratios
 from .importance import IMPORTANCE_NAMES, Importance, as_importance
-from .refit import refit_readers, refittable, widths
+from .refit import refit_readers, refittable, say_left, widths
 from .scoring import GroupScorer
 from .sparsity import nm_mask, parse_pattern, unstructured_masks
 
@@ -1226,11 +1226,7 @@ def _refit(
         else:
             paths.append(p)
     if left:
-        report.note(
-            f"not refit after pruning ({len(left)}): "
-            + "; ".join(f"{p}: {why}" for p, why in list(left.items())[:8])
-            + (" ..." if len(left) > 8 else "")
-        )
+        say_left(report, "not refit after pruning", left)
     if not paths:
         return
     errors = refit_readers(model, original, paths, batches, report, rows=rows)

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..base.modules import is_hf_conv1d
 from ..base.snapshot import preserved_state
-from ..core.calibrate import LayerStats, batch_count, run_sequential
+from ..core.calibrate import LayerStats, batch_count, run_sequential, token_rows
 from ..core.report import Report
 
 #: the ridge toward the cut weight, as a fraction of each input column's energy (``diag(X^T X)``)
@@ -65,11 +65,21 @@ def patch_rows(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if isinstance(m, nn.Conv2d):
         cols = F.unfold(x, m.kernel_size, m.dilation, m.padding, m.stride)  # (N, C*k*k, L)
         r = cols.transpose(1, 2).reshape(-1, cols.shape[1])
-    else:
-        r = x.reshape(-1, x.shape[-1])
+    else:  # a Linear's tokens (the calibration batch's real ones)
+        r = token_rows(x)
     if getattr(m, "bias", None) is not None:
         r = torch.cat([r, r.new_ones(r.shape[0], 1)], dim=1)
     return r
+
+
+def say_left(report: Report, header: str, left: dict[str, str], hint: str = "") -> None:
+    """One note naming the layers ``left`` (path -> why), eight at most, and ``hint``."""
+    report.note(
+        f"{header} ({len(left)}): "
+        + "; ".join(f"{p}: {why}" for p, why in list(left.items())[:8])
+        + (" ..." if len(left) > 8 else "")
+        + hint
+    )
 
 
 def widths(m: nn.Module) -> tuple[int, int]:
@@ -251,12 +261,12 @@ def refit_readers(
             folds=folds,
         )
     if report is not None and few:
-        report.note(
-            f"not refit ({len(few)}): "
-            + "; ".join(f"{p}: {why}" for p, why in list(few.items())[:8])
-            + (" ..." if len(few) > 8 else "")
-            + " (more calibration data: at least as many input rows, tokens or pixels, as the "
-            "layer has weight columns)"
+        say_left(
+            report,
+            "not refit",
+            few,
+            " (more calibration data: at least as many input rows, tokens or pixels, as the "
+            "layer has weight columns)",
         )
     if report is not None and out:
         done = [v for v in out.values() if v[2] is not None]

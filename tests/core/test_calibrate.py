@@ -119,3 +119,99 @@ def test_the_calibration_loss_is_the_models_own_loss_when_it_has_one():
     own = plain.logits.reshape(-1, plain.logits.shape[-1])
     expected = torch.nn.functional.cross_entropy(own, own.argmax(-1))
     torch.testing.assert_close(calibration_loss(plain, ()), expected)
+
+
+# -- padded batches: statistics over the real tokens only ----------------------------------------
+
+
+def _tiny_bert():
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = tf.BertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        vocab_size=100,
+        max_position_embeddings=32,
+        attn_implementation="eager",
+    )
+    return tf.BertModel(cfg).eval()
+
+
+def _sentences():
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(1, 100, (n,), generator=g) for n in (9, 4, 6)]
+
+
+def _padded(sents):
+    t = max(len(s) for s in sents)
+    ids = torch.zeros(len(sents), t, dtype=torch.long)  # pad id 0
+    mask = torch.zeros(len(sents), t, dtype=torch.long)
+    for i, s in enumerate(sents):
+        ids[i, : len(s)] = s
+        mask[i, : len(s)] = 1
+    return as_inputs({"input_ids": ids, "attention_mask": mask})
+
+
+def _alone(sents):
+    return [as_inputs({"input_ids": s[None]}) for s in sents]
+
+
+def test_a_padded_batch_gives_the_statistics_of_its_sentences_alone():
+    from nnslim.core.calibrate import collect
+
+    model = _tiny_bert()
+    layers = {
+        "encoder.layer.1.intermediate.dense": model.encoder.layer[1].intermediate.dense,
+        "embeddings.word_embeddings": model.embeddings.word_embeddings,
+    }
+    sents = _sentences()
+    padded = collect(model, [_padded(sents)], layers, norms=True, gram=True)
+    alone = collect(model, _alone(sents), layers, norms=True, gram=True)
+    fc = "encoder.layer.1.intermediate.dense"
+    assert padded[fc].rows == alone[fc].rows == 19  # 9 + 4 + 6 tokens, no padding
+    torch.testing.assert_close(padded[fc].gram, alone[fc].gram, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(padded[fc].sq_sum, alone[fc].sq_sum, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(padded[fc].extra["amax"], alone[fc].extra["amax"])
+    counts = padded["embeddings.word_embeddings"].extra["counts"]
+    assert counts[0] == 0 and counts.sum() == 19  # the pad id is counted nowhere
+    torch.testing.assert_close(counts, alone["embeddings.word_embeddings"].extra["counts"])
+    # without the mask the padded positions were counted (the old behaviour, 27 rows)
+    bare = as_inputs({"input_ids": _padded(sents).kwargs["input_ids"]})
+    assert collect(model, [bare], layers, gram=True)[fc].rows == 27
+
+
+def test_gradient_statistics_leave_the_padding_out():
+    from nnslim.core.calibrate import collect
+
+    model = _tiny_bert()
+    fc = "encoder.layer.1.output.dense"
+    layers = {fc: model.encoder.layer[1].output.dense}
+    sents = _sentences()
+    padded = collect(model, [_padded(sents)], layers, out_grads=True, in_fisher=True)
+    assert float(padded[fc].extra["out_rows"]) == 19
+    assert float(padded[fc].extra["samples"]) == 19
+
+
+def test_the_block_runner_and_the_refit_sums_see_the_real_tokens_only():
+    import copy
+
+    from nnslim.core.calibrate import run_sequential
+
+    model = _tiny_bert()
+    paths = [f"encoder.layer.{i}.output.dense" for i in range(2)]
+    layers = {p: model.get_submodule(p) for p in paths}
+    sents = _sentences()
+    got: dict[str, dict] = {"padded": {}, "alone": {}}
+    for name, batches in (("padded", [_padded(sents)]), ("alone", _alone(sents))):
+
+        def keep(part, stats, into=got[name]):
+            into.update(stats)
+
+        run_sequential(model, batches, layers, keep, gram=True, reference=copy.deepcopy(model))
+    for p in paths:
+        a, b = got["padded"][p], got["alone"][p]
+        assert a.rows == b.rows == 19
+        torch.testing.assert_close(a.gram, b.gram, rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(a.extra["cross"], b.extra["cross"], rtol=1e-4, atol=1e-3)

@@ -171,6 +171,59 @@ def test_output_loss_of_a_hidden_state(output_loss, want):
     assert got == pytest.approx(float(want(s, t)), rel=1e-5)
 
 
+class _Tokens(nn.Module):
+    """A per-token encoder taking Hugging Face keywords, with one block to match."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.emb = nn.Embedding(20, 8)
+        self.layers = nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 6)])
+
+    def forward(self, input_ids, attention_mask=None):
+        from transformers.modeling_outputs import BaseModelOutput
+
+        h = self.emb(input_ids)
+        for layer in self.layers:
+            h = layer(h)
+        return BaseModelOutput(last_hidden_state=h)
+
+
+@pytest.mark.parametrize("output_loss", ["relative", "kl", "cosine"])
+def test_distillation_leaves_padded_positions_out(output_loss):
+    """A batch with an ``attention_mask`` that marks padding is matched at its real tokens
+    only (output and block features): the loss is the one of the real tokens gathered, and
+    what the models compute at the padded positions changes nothing."""
+    pytest.importorskip("transformers")
+    teacher, student = _Tokens(0).eval(), _Tokens(1)
+    ids = torch.tensor([[3, 4, 5, 6], [7, 8, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    d = nnslim.Distillation.for_blocks(teacher, alpha=1.0, temperature=2.0, output_loss=output_loss)
+    real = mask.bool()
+
+    def loss(batch):
+        trainer = nnslim.Trainer(lr=1e-12, teacher=teacher, distillation=d, options=QUIET)
+        return trainer.fit(copy.deepcopy(student), [batch]).losses[0]
+
+    got = loss({"input_ids": ids, "attention_mask": mask})
+    with torch.no_grad():
+        kd = nnslim.Trainer(teacher=teacher, distillation=d)._kd
+        hs = student.layers[0](student.emb(ids))[real]
+        ht = teacher.layers[0](teacher.emb(ids))[real]
+        s, t = student(ids).last_hidden_state[real], teacher(ids).last_hidden_state[real]
+        want = (
+            kd(s, t, output_loss)
+            + (((hs - ht) ** 2).mean() / (ht**2).mean() + ((s - t) ** 2).mean() / (t**2).mean()) / 2
+        )
+    assert got == pytest.approx(float(want), rel=1e-5)
+    # another pad token (other embeddings at the padded positions): the same loss
+    other = ids.clone()
+    other[1, 2:] = 19
+    assert loss({"input_ids": other, "attention_mask": mask}) == pytest.approx(got, rel=1e-6)
+    # without the mask every position counts
+    assert loss({"input_ids": other}) != pytest.approx(got, rel=1e-3)
+
+
 def test_auto_output_loss_keeps_kl_for_logits():
     """Logits (a plain tensor, or an output with ``logits`` beside a hidden state) keep the KL
     term under ``"auto"``."""
