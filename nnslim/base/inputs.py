@@ -36,6 +36,9 @@ class Inputs:
     kwargs: Mapping[str, Any] = field(default_factory=dict)
     #: what a calibration batch held beyond the model's arguments (labels of ``(x, y)``)
     targets: tuple[Any, ...] = ()
+    #: the real tokens of the batch these inputs come from, where the arguments no longer
+    #: carry them (a block's inputs, whose ``attention_mask`` is the model's 4-D one)
+    tokens: torch.Tensor | None = None
 
     def call(self, model: nn.Module) -> Any:
         """Run ``model(*args, **kwargs)``."""
@@ -50,11 +53,19 @@ class Inputs:
             kwargs["use_cache"] = False
         return model(*self.args, **kwargs)
 
-    def token_mask(self) -> torch.Tensor | None:
+    def token_mask(self, model: nn.Module | None = None) -> torch.Tensor | None:
         """Which tokens are real: the ``attention_mask`` keyword of a Hugging Face batch
-        (2-D, batch x sequence) as booleans, when it marks some positions as padding; ``None``
-        without one, or when every token is real. Calibration statistics and distillation
-        losses leave the padded positions out (see :func:`real_tokens`)."""
+        (2-D, batch x sequence) as booleans, when it marks some positions as padding (or
+        ``tokens``, where set); ``None`` without one, when every token is real, and for an
+        encoder-decoder batch (its decoder's tokens are not the mask's: a ``decoder_*``
+        keyword, or ``model``'s config says ``is_encoder_decoder``). Calibration statistics
+        and distillation losses leave the padded positions out (see :func:`real_tokens`)."""
+        if self.tokens is not None:
+            return self.tokens
+        if any(k.startswith("decoder_") for k in self.kwargs) or getattr(
+            getattr(model, "config", None), "is_encoder_decoder", False
+        ):
+            return None
         m = self.kwargs.get("attention_mask")
         if not isinstance(m, torch.Tensor) or m.dim() != 2:
             return None
@@ -71,6 +82,7 @@ class Inputs:
             tuple(_to(a, device) for a in self.args),
             {k: _to(v, device) for k, v in self.kwargs.items()},
             tuple(_to(a, device) for a in self.targets),
+            self.tokens,
         )
 
     def as_tuple(self) -> tuple[Any, ...] | dict[str, Any]:

@@ -42,6 +42,14 @@ def _tokens(mask: torch.Tensor | None) -> Iterator[None]:
         _TOKENS[0] = prev
 
 
+@contextlib.contextmanager
+def batch_tokens(batch: Inputs, model: nn.Module | None = None) -> Iterator[None]:
+    """Statistics and :func:`calibration_loss` computed inside see ``batch``'s real tokens
+    only (:meth:`~nnslim.base.inputs.Inputs.token_mask`)."""
+    with _tokens(batch.token_mask(model)):
+        yield
+
+
 def token_rows(x: torch.Tensor) -> torch.Tensor:
     """A per-token input as rows ``(tokens, channels)``: its last dim the channels, the
     padded positions of the calibration batch running now left out."""
@@ -179,9 +187,15 @@ def calibration_loss(
     if out is None:
         raise ValueError("the model output holds no tensor to compute a calibration loss from")
     if sample is not None and is_hidden_state(output):
-        # 1/2 mean (out - (out + eps))^2 has the gradient -eps / numel
+        # 1/2 mean (out - (out + eps))^2 has the gradient -eps / numel (over real tokens)
         noise = torch.randn(out.shape, generator=torch.Generator().manual_seed(sample))
-        return (out.float() * noise.to(out.device)).sum() / out.numel()
+        noise = noise.to(out.device)
+        mask = _TOKENS[0]
+        if mask is not None and out.dim() >= 3 and tuple(out.shape[:2]) == tuple(mask.shape):
+            keep = mask.to(out.device).reshape(*mask.shape, *([1] * (out.dim() - 2)))
+            noise = noise * keep
+            return (out.float() * noise).sum() / (int(mask.sum()) * out[0, 0].numel())
+        return (out.float() * noise).sum() / out.numel()
     out = out.float()
     y = targets[0] if targets and isinstance(targets[0], torch.Tensor) else None
     mask = _TOKENS[0]
@@ -248,7 +262,7 @@ def collect(
     try:
         with preserved_state(model):
             for i, batch in enumerate(batches):
-                with _tokens(batch.token_mask()):  # its real tokens, also in the backward
+                with _tokens(batch.token_mask(model)):  # its real tokens, in the backward too
                     if grads or out_grads or in_fisher:
                         aliases.clear()
                         with torch.enable_grad():
@@ -302,6 +316,7 @@ def collect_backward(
     layers: dict[str, nn.Module],
     out_grads: list[torch.Tensor],
     in_fisher: bool = False,
+    masks: list[torch.Tensor | None] | None = None,
 ) -> tuple[dict[str, LayerStats], list[torch.Tensor]]:
     """:func:`collect` (``gram=True, out_grads=True``, and ``in_fisher`` if asked) for the
     layers of one block of a model, given the loss's gradient at the block's output: the
@@ -309,6 +324,7 @@ def collect_backward(
     flows back through it, and the layers' statistics are what :func:`collect` would gather
     in the whole model for the same loss. Returns them, and the gradient at the block's input
     (the previous block's output gradient): a model streamed block by block, backwards.
+    ``masks``: each batch's real tokens (:meth:`~nnslim.base.inputs.Inputs.token_mask`).
     """
     stats = {p: LayerStats() for p in layers}
     handles = [_stat_hook(m, stats[p], False, True, 0) for p, m in layers.items()]
@@ -319,17 +335,21 @@ def collect_backward(
     back: list[torch.Tensor] = []
     try:
         with preserved_state(block), torch.enable_grad():
-            for (args, kwargs), g in zip(inputs, out_grads, strict=True):
+            for i, ((args, kwargs), g) in enumerate(zip(inputs, out_grads, strict=True)):
                 aliases.clear()
-                x = args[0].detach().requires_grad_(True)
-                out = block(x, *args[1:], **kwargs)
-                y = out[0] if isinstance(out, (tuple, list)) else out
-                gx, *ga = torch.autograd.grad(
-                    y, [x, *(a for _, a in aliases)], grad_outputs=g.to(y.dtype), allow_unused=True
-                )
-                for (path, a), ag in zip(aliases, ga, strict=True):
-                    if ag is not None:
-                        _add_in_fisher(stats[path], layers[path], a.detach(), ag.detach())
+                with _tokens(masks[i] if masks else None):
+                    x = args[0].detach().requires_grad_(True)
+                    out = block(x, *args[1:], **kwargs)
+                    y = out[0] if isinstance(out, (tuple, list)) else out
+                    gx, *ga = torch.autograd.grad(
+                        y,
+                        [x, *(a for _, a in aliases)],
+                        grad_outputs=g.to(y.dtype),
+                        allow_unused=True,
+                    )
+                    for (path, a), ag in zip(aliases, ga, strict=True):
+                        if ag is not None:
+                            _add_in_fisher(stats[path], layers[path], a.detach(), ag.detach())
                 back.append(gx.detach())
     finally:
         for h in handles:
@@ -407,7 +427,7 @@ def call_batch(model: nn.Module, batch: Inputs, index: int) -> Any:
     """``model`` on calibration batch ``index``; a forward that fails (a batch of the wrong
     shape) raises a ``ValueError`` naming the batch. nnslim's own errors pass unchanged."""
     try:
-        with _tokens(batch.token_mask()):
+        with _tokens(batch.token_mask(model)):
             return batch.call_stateless(model)
     except (_Stop, ValueError, TypeError):
         raise
@@ -471,7 +491,7 @@ def run_sequential(
     """
     rows_of = rows_of or _rows
     ref_model = reference if isinstance(reference, nn.Module) else None
-    masks = [b.token_mask() for b in batches]  # each batch's real tokens (cached in order)
+    masks = [b.token_mask(model) for b in batches]  # each batch's real tokens, in order
     named = dict(model.named_modules())
     order = {p: i for i, p in enumerate(named)}
     groups: dict[str | None, list[str]] = {}

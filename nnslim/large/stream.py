@@ -44,6 +44,7 @@ from ..base.inputs import Inputs, as_inputs
 from ..base.modules import shared_parameters
 from ..base.snapshot import no_rollback, preserved_state
 from ..core.calibrate import (
+    batch_tokens,
     calibration_loss,
     call_batch,
     collect_backward,
@@ -274,7 +275,9 @@ def compress_checkpoint(
         for i, block in enumerate(blocks):
             t0 = time.perf_counter()
             path = f"{blocks_path}.{i}"
-            step, done, cached = _compress_block(plans[i], block, path, cached, ckpt, world)
+            step, done, cached = _compress_block(
+                plans[i], block, path, cached, opened.token_masks(), ckpt, world
+            )
             report.steps.append(step)
             entries += done
             if rank == 0:
@@ -419,6 +422,11 @@ class _Opened:
             self.model.to("meta")
         return self._first
 
+    def token_masks(self) -> list[torch.Tensor | None]:
+        """Each calibration batch's real tokens (a padded batch's ``attention_mask``), which
+        the blocks' own inputs no longer carry as such."""
+        return [b.token_mask(self.model) for b in self.batches]
+
     def materialize_block(self, i: int) -> nn.Module:
         block = self.blocks[i]
         _materialize_block(block, f"{self.blocks_path}.{i}", self.ckpt)
@@ -489,7 +497,8 @@ def _measure_blocks(auto: Auto, opened: _Opened, progress: bool | None) -> AutoT
             path = f"{opened.blocks_path}.{i}"
             block = opened.materialize_block(i)
             ins = torch.load(Path(tmp) / f"{i}.pt", weights_only=False)
-            batches = [Inputs(a, k) for a, k in ins]
+            masks = opened.token_masks()
+            batches = [Inputs(a, k, tokens=t) for (a, k), t in zip(ins, masks, strict=True)]
             held = _BlockAtItsPath(path, block)
             ctx = Context(batches[0], batches)
             left = Report(transform="Auto")
@@ -497,7 +506,9 @@ def _measure_blocks(auto: Auto, opened: _Opened, progress: bool | None) -> AutoT
             with contextlib.ExitStack() as stack:
                 if opened.world > 1:
                     stack.enter_context(reduce_across_processes())
-                stats, grads = collect_backward(block, ins, layers, grads, in_fisher=channels)
+                stats, grads = collect_backward(
+                    block, ins, layers, grads, in_fisher=channels, masks=masks
+                )
                 if layers:
                     part = measure_table(probe, held, ctx, batches, layers, "param_bytes", stats)
                     table.total += part.total
@@ -573,7 +584,9 @@ def _final_grads(
             for i, batch in enumerate(opened.batches):
                 h = finals[i].detach().requires_grad_(True)
                 current[:] = [h]
-                loss = calibration_loss(call_batch(opened.model, batch, i), batch.targets, sample=i)
+                with batch_tokens(batch, opened.model):  # the loss over its real tokens
+                    out = call_batch(opened.model, batch, i)
+                    loss = calibration_loss(out, batch.targets, sample=i)
                 (g,) = torch.autograd.grad(loss, [h])
                 grads.append(g.detach())
     finally:
@@ -670,13 +683,16 @@ def _compress_block(
     block: nn.Module,
     path: str,
     cached: list[tuple[tuple[Any, ...], dict[str, Any]]],
+    masks: list[torch.Tensor | None],
     ckpt: ShardedCheckpoint,
     world: int,
 ) -> tuple[Report, list[dict[str, Any]], list[tuple[tuple[Any, ...], dict[str, Any]]]]:
-    """Load one block, transform it on its cached inputs: ``(its report, its edit record's
-    entries with model-level paths, the inputs of the next block)``."""
+    """Load one block, transform it on its cached inputs (``masks``: each batch's real
+    tokens): ``(its report, its edit record's entries with model-level paths, the inputs of
+    the next block)``."""
     _materialize_block(block, path, ckpt)
-    step = _apply_block(transform, block, [Inputs(a, k) for a, k in cached], world)
+    calib = [Inputs(a, k, tokens=t) for (a, k), t in zip(cached, masks, strict=True)]
+    step = _apply_block(transform, block, calib, world)
     step.transform = f"{path}: {step.transform}"
     rec = block.__dict__.pop(RECORD_ATTR, None) or {"entries": []}
     if rec.get("unsaveable"):

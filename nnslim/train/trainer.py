@@ -9,7 +9,7 @@ import itertools
 import os
 import sys
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -482,12 +482,12 @@ def _split(batch: Any) -> tuple[Any, Any]:
     return batch, None
 
 
-def _token_mask(inputs: Any) -> torch.Tensor | None:
+def _token_mask(inputs: Any, model: nn.Module) -> torch.Tensor | None:
     """The real tokens of a batch whose inputs carry an ``attention_mask`` with padding
     (:meth:`~nnslim.base.inputs.Inputs.token_mask`), else ``None``."""
-    if not isinstance(inputs, dict):
+    if not isinstance(inputs, Mapping):  # a dict, or a tokenizer's BatchEncoding
         return None
-    return Inputs(kwargs=inputs).token_mask()
+    return Inputs(kwargs=dict(inputs)).token_mask(model)
 
 
 def _device_type(model: nn.Module) -> str:
@@ -854,7 +854,7 @@ class Trainer:
                 kind = d.output_loss
                 if kind == "auto":
                     kind = "relative" if is_hidden_state(outputs) else "kl"
-                real = _token_mask(inputs)  # padded positions are matched nowhere
+                real = _token_mask(inputs, model)  # padded positions are matched nowhere
                 kd = self._kd(main, t_out, kind, real) + d.feature_weight * features.loss(real)
                 total = kd if task is None else (1 - d.alpha) * task + d.alpha * kd
             elif task is None:

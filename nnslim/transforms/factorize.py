@@ -14,12 +14,13 @@ from ..base.inputs import Inputs
 from ..base.modules import is_conv2d, is_linear, linear_weight, replace_module, unreplaceable
 from ..base.snapshot import preserved_state
 from ..base.validate import all_finite, check_choice, check_fraction, check_int, check_type
-from ..core.calibrate import LayerStats, run_sequential
+from ..core.calibrate import LayerStats, run_sequential, token_rows
 from ..core.report import Report
 from ..core.select import normalize_selector, per_layer_values
 from ..core.target import Target
 from ..core.transform import Context, Transform
 from ..modules.factorized import FactorizedConv2d, FactorizedLinear
+from .refit import conv_patches
 
 __all__ = ["Factorize", "spatial_svd", "svd_factors", "tucker2"]
 
@@ -265,16 +266,48 @@ class Factorize(Transform):
         target = self._target
         if target is not None:
             ranks = self._budget(model, ctx, target, linears, convs, spatial, aware, report, now)
-        for p, conv in convs.items():
-            self._factorize_conv(
-                model, report, p, conv, ranks.get(p), spatial.get(p), now.get(p), named[p]
+        # with refit, convolutions are factorized block by block on calibration data too
+        # (their last factor refit); otherwise from their weights alone, here
+        fitted = {
+            p: c
+            for p, c in convs.items()
+            if aware
+            and self.refit
+            and _refittable_conv(c)
+            and (self._kind(c) == "tucker" or tuple(c.kernel_size) == (1, 1))
+        }
+        if aware and self.refit and len(fitted) < len(convs):
+            left = [p for p in convs if p not in fitted]
+            report.note(
+                f"Factorize(refit=True): {len(left)} convolution(s) factorized from their weights "
+                f"alone, without the refit (a spatial split, groups or non-zero padding): "
+                + ", ".join(left[:8])
+                + (" ..." if len(left) > 8 else "")
             )
-        if not linears:
+        for p, conv in convs.items():
+            if p not in fitted:
+                self._factorize_conv(
+                    model, report, p, conv, ranks.get(p), spatial.get(p), now.get(p), named[p]
+                )
+        if not linears and not fitted:
             return
         if aware:
 
             def process(paths: list[str], stats: dict[str, LayerStats]) -> None:
                 for p in paths:
+                    if p in fitted:
+                        self._factorize_conv(
+                            model,
+                            report,
+                            p,
+                            fitted[p],
+                            ranks.get(p),
+                            spatial.get(p),
+                            now.get(p),
+                            named[p],
+                            stats[p],
+                        )
+                        continue
                     self._factorize_linear(
                         model,
                         report,
@@ -291,10 +324,11 @@ class Factorize(Transform):
             run_sequential(
                 model,
                 ctx.calibration,
-                {p: named[p] for p in linears},
+                {p: named[p] for p in [*linears, *fitted]},
                 process,
                 gram=True,
                 reference=self.refit,
+                rows_of=_stat_rows,
             )
         else:
             for p, m in linears.items():
@@ -505,9 +539,12 @@ class Factorize(Transform):
         sizes: tuple[int, int, int, int] | None,
         now: tuple[int, ...] | None = None,
         original: nn.Module | None = None,
+        stats: LayerStats | None = None,
     ) -> None:
         """Factorize ``m`` (at ``p``); ``now``: ``m`` stands in for a layer already factorized
-        with those ranks (``original``), which only lower ranks replace."""
+        with those ranks (``original``), which only lower ranks replace. ``stats``: its
+        patches' sums on the calibration data (``gram``, ``extra["cross"]``,
+        ``extra["ref_gram"]``) to refit the last factor toward the unfactorized output."""
         if isinstance(fixed, float) and fixed >= 1.0:
             why = "keeps its ranks" if now else "keeps it dense (factorized would cost more)"
             report.skipped(p, f"the budget {why}")
@@ -521,9 +558,12 @@ class Factorize(Transform):
         if split is None:
             return
         layers, ranks, approx = split
+        refit = self._refit_last(layers, kind, w, stats) if stats is not None else {}
         new = FactorizedConv2d(layers, kind, i, o, ranks).to(
             device=m.weight.device, dtype=m.weight.dtype
         )
+        if refit:
+            approx = _conv_product(layers, kind)
         err = float((approx - w).norm() / w.norm().clamp_min(1e-30))
         kept = sum(c.weight.numel() for c in layers) / w.numel()
         extra = {"from_ranks": tuple(now)} if now is not None else {}
@@ -536,8 +576,31 @@ class Factorize(Transform):
             ranks=ranks,
             params_kept=round(kept, 4),
             weight_error=round(err, 4),
+            **refit,
         )
         replace_module(model, p, new)
+
+    @staticmethod
+    def _refit_last(
+        layers: nn.Sequential, kind: str, w: torch.Tensor, st: LayerStats
+    ) -> dict[str, float]:
+        """Refit the chain's last (1 x 1) factor in place by least squares, so that on the
+        calibration patches it reproduces the unfactorized output (:func:`refit_second`,
+        the layers before it composed into one map of the patches). Returns the report's
+        ``output_error_truncated``/``output_error``, or nothing where the sums are missing."""
+        cross, ref_gram = st.extra.get("cross"), st.extra.get("ref_gram")
+        if st.gram is None or cross is None or ref_gram is None or st.extra.get("unpaired"):
+            return {}
+        o = w.shape[0]
+        a = _patch_map(layers, kind).to(st.gram.device)  # (rank, in * kh * kw)
+        if st.rows < a.shape[0]:  # fewer pixels than the factor has columns
+            return {}
+        last = layers[-1]
+        b_now = last.weight.detach().reshape(o, -1).float()
+        b, before, after = refit_second(w.reshape(o, -1), a, b_now, st.gram, cross, ref_gram)
+        with torch.no_grad():
+            last.weight.copy_(b.reshape(last.weight.shape))
+        return {"output_error_truncated": round(before, 4), "output_error": round(after, 4)}
 
     def _kind(self, m: nn.Module) -> str:
         """How ``m`` (a convolution, or a factorized one) is split: ``self.conv``, except that
@@ -686,6 +749,50 @@ class Factorize(Transform):
         ranks = (r_in, r_out)
         approx = torch.einsum("rshw,or,is->oihw", core, u_out, u_in)
         return layers, ranks, approx
+
+
+def _refittable_conv(m: nn.Module) -> bool:
+    """Whether a convolution's factorized chain can have its last factor refit: zero padding
+    (its patches are ``F.unfold``'s) and a Tucker chain or a 1 x 1 kernel (whose last factor
+    reads one pixel of a map of the input's patches)."""
+    return (
+        isinstance(m, nn.Conv2d)
+        and m.groups == 1
+        and m.padding_mode == "zeros"
+        and not isinstance(m.padding, str)
+    )
+
+
+def _stat_rows(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A layer's input as the rows of its statistics: a convolution's patches, read with the
+    geometry of the dense convolution it is or stands for (a Tucker chain's core, a 1 x 1
+    split's first factor, which carry its kernel, stride and padding); a Linear's tokens."""
+    if isinstance(m, FactorizedConv2d):
+        m = m.layers[1] if m.kind == "tucker" else m.layers[0]
+    return conv_patches(m, x) if isinstance(m, nn.Conv2d) else token_rows(x)
+
+
+def _patch_map(layers: nn.Sequential, kind: str) -> torch.Tensor:
+    """The factors before the last as one matrix ``(rank, in * kh * kw)`` acting on the
+    input's patches (a Tucker chain: the 1 x 1 input factor folded into the core; a 1 x 1
+    kernel's split: its first factor)."""
+    first = layers[0].weight.detach().float()
+    if kind == "tucker":
+        core = layers[1].weight.detach().float()  # (r_out, r_in, kh, kw)
+        fused = torch.einsum("rshw,si->rihw", core, first[:, :, 0, 0])
+        return fused.reshape(fused.shape[0], -1)
+    return first.reshape(first.shape[0], -1)
+
+
+def _conv_product(layers: nn.Sequential, kind: str) -> torch.Tensor:
+    """The dense weight ``(o, i, kh, kw)`` a factorized chain computes (Tucker or 1 x 1)."""
+    a = _patch_map(layers, kind)
+    last = layers[-1].weight.detach().float()
+    o = last.shape[0]
+    i = layers[0].weight.shape[1]
+    k = a.shape[1] // i
+    kh = layers[1].kernel_size[0] if kind == "tucker" else 1
+    return (last.reshape(o, -1) @ a).reshape(o, i, kh, k // kh)
 
 
 def svd_factors(

@@ -58,13 +58,19 @@ def refittable(m: nn.Module) -> str | None:
     return None
 
 
+def conv_patches(m: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """A 2-D convolution's input ``(N, C, H, W)`` as the rows its flattened weight multiplies:
+    ``(N * positions, C * kh * kw)``, the weight's own column order (zero padding)."""
+    cols = F.unfold(x, m.kernel_size, m.dilation, m.padding, m.stride)  # (N, C*k*k, L)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
 def patch_rows(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """A layer's input as the rows its weight multiplies: a convolution's unfolded patches
     (``in * kh * kw`` columns, the weight's own order), a Linear's last dimension; a column of
     ones appended for a layer with a bias (refit with it)."""
     if isinstance(m, nn.Conv2d):
-        cols = F.unfold(x, m.kernel_size, m.dilation, m.padding, m.stride)  # (N, C*k*k, L)
-        r = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+        r = conv_patches(m, x)
     else:  # a Linear's tokens (the calibration batch's real ones)
         r = token_rows(x)
     if getattr(m, "bias", None) is not None:

@@ -215,3 +215,47 @@ def test_the_block_runner_and_the_refit_sums_see_the_real_tokens_only():
         assert a.rows == b.rows == 19
         torch.testing.assert_close(a.gram, b.gram, rtol=1e-4, atol=1e-3)
         torch.testing.assert_close(a.extra["cross"], b.extra["cross"], rtol=1e-4, atol=1e-3)
+
+
+def test_gradient_statistics_of_a_padded_sentence_are_its_own():
+    """One sentence padded by three positions gives the weight gradient, output-gradient
+    squares and input Fisher of the sentence alone (the loss over its real tokens)."""
+    from nnslim.core.calibrate import collect
+
+    model = _tiny_bert()
+    fc = "encoder.layer.0.output.dense"
+    layers = {fc: model.encoder.layer[0].output.dense}
+    s = _sentences()[1]
+    padded = _padded([s, torch.cat([s, s[:3]])])  # batch of two: the first padded by 3
+    first = as_inputs({k: v[:1] for k, v in padded.kwargs.items()})
+    a = collect(model, [first], layers, grads=True, out_grads=True, in_fisher=True)[fc]
+    b = collect(model, _alone([s]), layers, grads=True, out_grads=True, in_fisher=True)[fc]
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(a.extra["out_grad_sq"], b.extra["out_grad_sq"], rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(a.extra["in_fisher"], b.extra["in_fisher"], rtol=1e-4, atol=1e-9)
+    # the Gaussian-target loss (Auto's output-gradient statistics of a hidden state): the
+    # padded positions carry no noise, the scale is the real tokens'
+    from nnslim.core.calibrate import batch_tokens, calibration_loss
+
+    out = model(**first.kwargs)
+    with batch_tokens(first):
+        loss = calibration_loss(out, (), sample=0)
+    (g,) = torch.autograd.grad(loss, [out.last_hidden_state])
+    assert g[0, len(s) :].abs().max() == 0 and g[0, : len(s)].abs().max() > 0
+
+
+def test_encoder_decoder_batches_are_not_masked():
+    """The decoder's tokens are not the encoder's ``attention_mask``: no mask there."""
+    from nnslim.base.inputs import Inputs
+
+    mask = torch.tensor([[1, 1, 0]])
+    assert Inputs(kwargs={"attention_mask": mask}).token_mask().tolist() == [[True, True, False]]
+    assert Inputs(kwargs={"attention_mask": torch.ones(1, 3)}).token_mask() is None
+    dec = {"attention_mask": mask, "decoder_input_ids": torch.zeros(1, 3, dtype=torch.long)}
+    assert Inputs(kwargs=dec).token_mask() is None
+
+    class Seq2Seq(nn.Module):
+        class config:
+            is_encoder_decoder = True
+
+    assert Inputs(kwargs={"attention_mask": mask}).token_mask(Seq2Seq()) is None

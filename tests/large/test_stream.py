@@ -461,3 +461,41 @@ def test_int8_streamed_loads_aligned_and_runs(llama_ckpt, tmp_path):
     bufs = [b for m in again.modules() if type(m).__name__ == "Int8Linear" for b in m.buffers()]
     assert all(b.data_ptr() % 64 == 0 for b in bufs)
     assert torch.equal(logits(again), logits(ref))
+
+
+def padded_calib(n=3):
+    """Right-padded batches (a tokenizer's): the second sentence of each is 10 tokens."""
+    out = []
+    for b in calib(n):
+        ids, mask = b["input_ids"].clone(), torch.ones(2, 16, dtype=torch.long)
+        ids[1, 10:], mask[1, 10:] = 0, 0
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+def test_padded_calibration_streams_as_in_memory(llama_ckpt, tmp_path):
+    """The blocks' inputs no longer carry the batch's 2-D ``attention_mask``; the streamed
+    statistics still leave the padding out, as in memory: the same GPTQ codes, and the same
+    Auto table (whose loss gradient comes from the model's tail, over the real tokens)."""
+    model, src = llama_ckpt
+    t = nnslim.Quantize(scheme="int4", group_size=32, method="gptq")
+    nnslim.compress_checkpoint(src, tmp_path / "out", t, padded_calib(), progress=False)
+    back = nnslim.load(tmp_path / "out", tf.LlamaForCausalLM(llama_cfg())).eval()
+    ref = copy.deepcopy(model)
+    t.apply(ref, calibration=padded_calib())
+    bare = copy.deepcopy(model)  # the padding counted as tokens: other codes
+    t.apply(bare, calibration=[{"input_ids": b["input_ids"]} for b in padded_calib()])
+    q = "model.layers.1.mlp.down_proj"
+    assert not torch.equal(bare.get_submodule(q).qweight, ref.get_submodule(q).qweight)
+    for name, m in ref.named_modules():
+        if type(m).__name__ == "Int4Linear":
+            assert torch.equal(back.get_submodule(name).qweight, m.qweight), name
+    auto = nnslim.Auto(target={"bytes": 0.4}, candidates=Q)
+    table = nnslim.checkpoint_table(src, auto, padded_calib(), progress=False)
+    mem = nnslim.Auto(target={"bytes": 0.4}, candidates=Q, select="re:model\\.layers\\..*").table(
+        model, padded_calib()
+    )
+    for p, opts in mem.options.items():
+        assert [o[2] for o in table.options[p]] == pytest.approx(
+            [o[2] for o in opts], rel=1e-4, abs=1e-12
+        )

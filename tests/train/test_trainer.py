@@ -222,6 +222,11 @@ def test_distillation_leaves_padded_positions_out(output_loss):
     assert loss({"input_ids": other, "attention_mask": mask}) == pytest.approx(got, rel=1e-6)
     # without the mask every position counts
     assert loss({"input_ids": other}) != pytest.approx(got, rel=1e-3)
+    # a tokenizer's BatchEncoding (not a dict) is masked the same
+    from transformers import BatchEncoding
+
+    enc = BatchEncoding({"input_ids": ids, "attention_mask": mask})
+    assert loss(enc) == pytest.approx(got, rel=1e-6)
 
 
 def test_auto_output_loss_keeps_kl_for_logits():

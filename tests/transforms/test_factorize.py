@@ -485,3 +485,70 @@ def test_reference_stream_statistics_and_refit_on_a_llama():
     assert nnslim.Transform.from_json(t.to_json()) == t
     with pytest.raises(ValueError, match="refit=True"):
         nnslim.Factorize(ratio=0.5, refit=True, activation_aware=False)
+
+
+class _ConvBlock(nn.Module):
+    def __init__(self, c: int, k: int, stride: int = 1):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, k, stride=stride, padding=k // 2)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.act(self.conv(x))
+
+
+class _ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            [_ConvBlock(12, 3), _ConvBlock(12, 3, stride=2), _ConvBlock(12, 1)]
+        )
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return x
+
+
+def test_conv_refit_is_the_least_squares_last_factor_in_each_stream():
+    """``Factorize(refit=True)`` on convolutions: block by block, the Tucker chain's last
+    factor (and a 1 x 1 convolution's second) is the least-squares fit, over the calibration
+    pixels, of the unfactorized convolution's output on the unfactorized model's stream from
+    what the factors before it compute on the factorized model's stream."""
+    torch.manual_seed(0)
+    model = _ConvNet().eval()
+    original = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(1)
+    calib = [torch.randn(4, 12, 10, 10, generator=g) for _ in range(3)]
+    report = nnslim.Factorize(ratio=0.5, refit=True).apply(model, calib[0], calibration=calib)
+    done = {c.path: c.details for c in report.changes}
+    assert set(done) == {f"blocks.{i}.conv" for i in range(3)}
+    assert all(d["output_error"] < d["output_error_truncated"] for d in done.values())
+    x, x_ref = torch.cat(calib), torch.cat(calib)
+    with torch.no_grad():
+        for i in range(3):
+            fact, conv = model.blocks[i].conv, original.blocks[i].conv
+            z = fact.layers[:-1](x)  # what the last factor reads, on the factorized stream
+            y = conv(x_ref) - conv.bias[None, :, None, None]  # the target, bias kept as it was
+            zr = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).double()
+            yr = y.permute(0, 2, 3, 1).reshape(-1, y.shape[1]).double()
+            want = torch.linalg.lstsq(zr, yr).solution.t()
+            got = fact.layers[-1].weight[:, :, 0, 0].double()
+            torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)
+            err = float((zr @ got.t() - yr).norm() / (yr + conv.bias.double()).norm())
+            x, x_ref = model.blocks[i](x), original.blocks[i](x_ref)
+            assert 0 < err < done[f"blocks.{i}.conv"]["output_error_truncated"]
+    # a second step truncates the chains again, refit toward what they computed before it
+    again = nnslim.Factorize(ratio=0.8, refit=True).apply(model, calib[0], calibration=calib)
+    rows = {c.path: c.details for c in again.changes}
+    assert all(
+        "from_ranks" in d and d["output_error"] < d["output_error_truncated"] for d in rows.values()
+    )
+    assert set(rows) == set(done)
+    # a spatial split is not refit, and says so
+    spatial = _ConvNet().eval()
+    r = nnslim.Factorize(ratio=0.5, refit=True, conv="spatial").apply(
+        spatial, calib[0], calibration=calib
+    )
+    assert any("without the refit" in n and "blocks.0.conv" in n for n in r.notes)
+    assert "output_error" in {c.path: c.details for c in r.changes}["blocks.2.conv"]
