@@ -263,6 +263,14 @@ def recovery(args, base, train, example, row) -> None:
     if want(name):
         f, s = looped(nnslim.Factorize(params=0.6), {"params": 0.6}, copy.deepcopy(base), epochs)
         row(name, f, s)
+    # the same, each step's convolutions (their Tucker chain's last factor) and the
+    # classifier refit by least squares to the unfactorized model's outputs
+    name = f"Factorize 60% params + refit, {epochs} steps with a distilled epoch each"
+    if want(name):
+        f, s = looped(
+            nnslim.Factorize(params=0.6, refit=True), {"params": 0.6}, copy.deepcopy(base), epochs
+        )
+        row(name, f, s)
     name = f"reference: baseline + {epochs} distilled epochs, uncompressed"
     if want(name):
         ref = copy.deepcopy(base)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import math
+import copy
 from dataclasses import dataclass, replace
 from typing import Any, Literal, final, get_args
 
 import torch
 from torch import nn
 
+from ..base.blocks import block_of
 from ..base.describe import shape_of
 from ..base.inputs import Inputs
 from ..base.modules import is_conv2d, is_linear, linear_weight, replace_module, unreplaceable
@@ -276,6 +277,12 @@ class Factorize(Transform):
             and _refittable_conv(c)
             and (self._kind(c) == "tucker" or tuple(c.kernel_size) == (1, 1))
         }
+        # the refit's reference: an unfactorized copy of each block as it runs, or, where a
+        # refit layer sits outside every repeated block (a CNN's stages, a classifier), a copy
+        # of the whole model taken now, before any layer changes
+        reference: bool | nn.Module = self.refit
+        if self.refit and aware and any(block_of(p, named) is None for p in [*linears, *fitted]):
+            reference = copy.deepcopy(model)
         if aware and self.refit and len(fitted) < len(convs):
             left = [p for p in convs if p not in fitted]
             report.note(
@@ -327,7 +334,7 @@ class Factorize(Transform):
                 {p: named[p] for p in [*linears, *fitted]},
                 process,
                 gram=True,
-                reference=self.refit,
+                reference=reference,
                 rows_of=_stat_rows,
             )
         else:
@@ -454,7 +461,7 @@ class Factorize(Transform):
         for (p, _, marginal, full, conv), r in zip(entries, ranks):
             cost = sum(marginal(k) for k in range(r))
             if p in now:  # already factorized: a lower rank, or as it is
-                out[p] = r if r < min(now[p]) else 1.0
+                out[p] = r if r < max(now[p]) else 1.0
             elif conv:
                 out[p] = r if cost < full else 1.0
             else:
@@ -684,12 +691,12 @@ class Factorize(Transform):
         s1 = torch.linalg.svdvals(w.transpose(0, 1).reshape(i, -1))
         if isinstance(fixed, float):
             r_out = r_in = _tucker_rank_for_params(o, i, kh * kw, fixed * o * i * kh * kw)
-        elif fixed is not None:
+        elif fixed is not None:  # a budget's rank, or select={path: rank}
             r_out = r_in = int(fixed)
-            if r_out > min(o, i * kh * kw) or r_in > min(i, o * kh * kw):
+            if r_out > min(o, i * kh * kw):
                 raise ValueError(
                     f"Factorize: rank {int(fixed)} is larger than possible for {p} ({shape_of(m)}); "
-                    f"at most {min(o, i)}."
+                    f"at most {min(o, i * kh * kw)}."
                 )
         elif self.rank is not None:
             r_out = r_in = self.rank
@@ -880,11 +887,22 @@ def spatial_svd(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]
     return v.float(), h.float()
 
 
+def _tucker_cost(o: int, i: int, k2: int, r: int) -> int:
+    """Parameters of a Tucker-2 chain at rank ``r``: ranks ``(min(r, i), min(r, o))``."""
+    r_in, r_out = min(r, i), min(r, o)
+    return r_in * i + r_in * r_out * k2 + o * r_out
+
+
 def _tucker_rank_for_params(o: int, i: int, k2: int, target: float) -> int:
-    """Largest r with r*i + r*r*k2 + o*r <= target."""
-    a, b = k2, i + o
-    r = int((-b + math.sqrt(b * b + 4 * a * target)) / (2 * a))
-    return max(1, min(r, o, i))
+    """Largest rank ``r`` (at least 1) whose chain (:func:`_tucker_cost`) fits in ``target``
+    parameters. The ranks are clamped per side, so a convolution with few input channels (a
+    network's stem) keeps its inputs whole and still spends the rest on its outputs."""
+    best = 1
+    for r in range(2, min(o, i * k2) + 1):
+        if _tucker_cost(o, i, k2, r) > target:
+            break
+        best = r
+    return best
 
 
 def _whitening(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -975,15 +993,20 @@ def _conv_entry(
             sv = sv[: now[p][0]]
             full = now[p][0] * step
         return p, sv, marginal, full, True
-    # Tucker-2 with rank_in = rank_out = r: r*i + r*r*k*k + o*r
-    sv = torch.linalg.svdvals(w.reshape(o, -1))[: min(o, i)]
+    # Tucker-2 at rank r: ranks (min(r, i), min(r, o)), r up to the output unfolding's rank
+    # (a stem convolution with one input channel still has up to k*k output directions)
+    sv = torch.linalg.svdvals(w.reshape(o, -1))[: min(o, i * kh * kw)]
 
-    def tucker(r: int, lin: float = i * a_in + o * a_out, k2: float = kh * kw * a_out) -> float:
-        return lin + (2 * r + 1) * k2
+    def cost(r: int, k2: float = kh * kw * a_out) -> float:
+        r_in, r_out = min(r, i), min(r, o)
+        return r_in * i * a_in + r_in * r_out * k2 + o * r_out * a_out
+
+    def tucker(r: int) -> float:  # from rank r to r + 1
+        return cost(r + 1) - cost(r)
 
     if p in now:
         r_in, r_out = now[p]
-        sv = sv[: min(r_in, r_out)]
+        sv = sv[: max(r_in, r_out)]
         full = r_in * i * a_in + r_in * r_out * kh * kw * a_out + o * r_out * a_out
     return p, sv, tucker, full, True
 

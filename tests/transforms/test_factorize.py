@@ -552,3 +552,56 @@ def test_conv_refit_is_the_least_squares_last_factor_in_each_stream():
     )
     assert any("without the refit" in n and "blocks.0.conv" in n for n in r.notes)
     assert "output_error" in {c.path: c.details for c in r.changes}["blocks.2.conv"]
+
+
+def test_a_stem_convolution_keeps_its_output_directions():
+    """A convolution with fewer input channels than outputs (a stem: 1 -> 16, 3 x 3) has up
+    to ``k * k`` output directions: its Tucker ranks are clamped per side, ``(1, r)``, where
+    equal ranks made it ``(1, 1)`` (one output direction, whatever the budget)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 12, 12)
+
+    def stem():
+        torch.manual_seed(0)
+        return nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1)
+        ).eval()
+
+    m = stem()
+    report = nnslim.Factorize(ratio=0.6, select=["0"]).apply(m, x)
+    # 1 + 9 r + 16 r parameters <= 0.6 * 144: r = 3
+    assert report.changes[0].details["ranks"] == (1, 3)
+    assert m[0].layers[0].weight.shape[:2] == (1, 1) and m[0].layers[2].weight.shape[:2] == (16, 3)
+    # under a global budget the stem is left dense or keeps several output directions
+    for budget in (0.9, 0.7):
+        m = stem()
+        report = nnslim.Factorize(params=budget).apply(m, x)
+        ranks = {c.path: c.details["ranks"] for c in report.changes}
+        assert ranks.get("0", (1, 2))[1] > 1, ranks
+
+
+def test_conv_refit_outside_repeated_blocks():
+    """Layers in no repeated block (a plain CNN's, a classifier) are refit against a copy of
+    the whole unfactorized model: the second convolution's last factor is the least-squares
+    fit on the first's factorized output."""
+    torch.manual_seed(0)
+    m = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1)
+    ).eval()
+    original = copy.deepcopy(m)
+    g = torch.Generator().manual_seed(1)
+    calib = [torch.randn(4, 3, 10, 10, generator=g) for _ in range(2)]
+    report = nnslim.Factorize(ratio=0.5, refit=True).apply(m, calib[0], calibration=calib)
+    rows = {c.path: c.details for c in report.changes}
+    assert set(rows) == {"0", "2"}
+    assert all(d["output_error"] < d["output_error_truncated"] for d in rows.values())
+    x = torch.cat(calib)
+    with torch.no_grad():
+        z = m[2].layers[:-1](m[1](m[0](x)))
+        y = original[2](original[1](original[0](x))) - original[2].bias[None, :, None, None]
+    zr = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).double()
+    yr = y.permute(0, 2, 3, 1).reshape(-1, 16).double()
+    want = torch.linalg.lstsq(zr, yr).solution.t()
+    torch.testing.assert_close(
+        m[2].layers[-1].weight[:, :, 0, 0].double(), want, rtol=1e-3, atol=1e-4
+    )
