@@ -88,6 +88,8 @@ def _reduce(stats: dict[str, LayerStats]) -> None:
         for name in (
             "cross",
             "ref_gram",
+            "cross_out",
+            "out_sq",
             "out_grad_sq",
             "out_rows",
             "counts",
@@ -452,6 +454,7 @@ def run_sequential(
     reference: bool | nn.Module = False,
     rows_of: Any = None,
     folds: int = 0,
+    targets: bool = False,
 ) -> None:
     """Calibrate ``layers`` block by block, calling ``process(paths, stats)`` after each block.
 
@@ -488,6 +491,12 @@ def run_sequential(
             (default: :func:`_rows`, input channels; a refit of a convolution's weight needs
             its unfolded patches).
         folds: with a reference, also each fold's sums (see :func:`_cross_stats`).
+        targets: with a reference, instead of ``cross`` and ``ref_gram``, the sums against
+            the unprocessed layer's *outputs* ``Y`` for the same tokens:
+            ``stats.extra["cross_out"] = X^T Y`` (``in x out``) and ``stats.extra["out_sq"]``,
+            ``||Y_j||^2`` per output (what a refit toward the original output needs, and no
+            more: smaller than ``X_ref``'s sums when a layer has fewer outputs than the
+            reference's inputs, and no unfolding of the reference's patches).
     """
     rows_of = rows_of or _rows
     ref_model = reference if isinstance(reference, nn.Module) else None
@@ -543,6 +552,7 @@ def run_sequential(
                             rows_of,
                             folds,
                             masks,
+                            targets,
                         )
                     else:
                         handles = [
@@ -626,6 +636,7 @@ def _cross_stats(
     rows_of: Any = None,
     folds: int = 0,
     masks: list[torch.Tensor | None] | None = None,
+    targets: bool = False,
 ) -> None:
     """The block's statistics on the processed stream, plus ``extra["cross"]`` per layer:
     its processed-stream inputs against its unprocessed copy's inputs, batch by batch.
@@ -633,7 +644,9 @@ def _cross_stats(
     ``folds``, ``extra["folds"]``: the ``gram``/``cross``/``ref_gram`` of each fold of batches
     (batch ``i`` in fold ``i % folds``), for a fit checked on data it did not see. A layer
     that ran a different number of times or on a different number of rows in the two streams
-    gets ``extra["unpaired"] = True`` (its cross sums would pair different tokens)."""
+    gets ``extra["unpaired"] = True`` (its cross sums would pair different tokens). With
+    ``targets``, the unprocessed copy's outputs are paired instead (``cross_out``,
+    ``out_sq``: see :func:`run_sequential`)."""
     rows_of = rows_of or _rows
     where = next(p for p, m in named.items() if m is block)
 
@@ -650,9 +663,22 @@ def _cross_stats(
 
         return m.register_forward_hook(hook)
 
+    def out_tap(store: list[torch.Tensor], m: nn.Module) -> Any:
+        def hook(_m: nn.Module, _args: tuple[Any, ...], out: Any) -> None:
+            y = first_tensor(out)
+            if y is None:
+                return
+            y = y.detach().float()
+            if isinstance(m, nn.modules.conv._ConvNd):  # (N, O, *spatial) -> (positions, O)
+                store.append(y.movedim(1, -1).reshape(-1, y.shape[1]))
+            else:
+                store.append(token_rows(y))
+
+        return m.register_forward_hook(hook)
+
     handles = [_stat_hook(named[p], stats[p], norms, gram, rows, rows_of) for p in paths]
     handles += [tap(seen[p], named[p]) for p in paths]
-    handles += [tap(ref[p], twin(p)) for p in paths]
+    handles += [(out_tap if targets else tap)(ref[p], twin(p)) for p in paths]
     try:
         with torch.no_grad():
             for i, ((a, k), (ra, rk)) in enumerate(zip(cached, ref_cached, strict=True)):
@@ -669,7 +695,11 @@ def _cross_stats(
                         stats[p].extra["unpaired"] = True
                     elif x:
                         xs, xrs = torch.cat(x), torch.cat(xr)
-                        sums = [("cross", xs.t() @ xrs), ("ref_gram", xrs.t() @ xrs)]
+                        sums = (
+                            [("cross_out", xs.t() @ xrs), ("out_sq", xrs.pow(2).sum(0))]
+                            if targets
+                            else [("cross", xs.t() @ xrs), ("ref_gram", xrs.t() @ xrs)]
+                        )
                         for name, t in sums:
                             prev = stats[p].extra.get(name)
                             stats[p].extra[name] = t if prev is None else prev + t

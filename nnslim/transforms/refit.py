@@ -110,41 +110,44 @@ def _flat(m: nn.Module) -> torch.Tensor:
     return w
 
 
-def _ridge(
-    w_now: torch.Tensor, w_ref: torch.Tensor, g: torch.Tensor, c: torch.Tensor, damp: float
-) -> torch.Tensor:
-    """``argmin ||X W'^T - X_ref W_ref^T||^2 + ||(W' - W_now) D||^2``, ``D^2 = damp diag(G)``."""
+def _ridge(w_now: torch.Tensor, g: torch.Tensor, yx: torch.Tensor, damp: float) -> torch.Tensor:
+    """``argmin ||X W'^T - Y||^2 + ||(W' - W_now) D||^2``, ``D^2 = damp diag(G)``, from
+    ``G = X^T X`` and ``yx = Y^T X``."""
     lam = damp * g.diagonal().clamp_min(1e-12 * g.diagonal().mean().clamp_min(1e-30))
     damped = g.clone()
     damped.diagonal().add_(lam)
-    return torch.linalg.solve(damped, (w_ref @ c.t() + w_now * lam).t()).t()
+    return torch.linalg.solve(damped, (yx + w_now * lam).t()).t()
 
 
-def _sq_error(
-    a: torch.Tensor, w_ref: torch.Tensor, g: torch.Tensor, c: torch.Tensor, r: torch.Tensor
-) -> float:
-    """``||X a^T - X_ref W_ref^T||^2`` from the sums."""
-    e = (a @ g * a).sum() - 2 * (a * (w_ref @ c.t())).sum() + (w_ref @ r * w_ref).sum()
+def _sq_error(a: torch.Tensor, g: torch.Tensor, yx: torch.Tensor, energy: float) -> float:
+    """``||X a^T - Y||^2`` from the sums (``energy = ||Y||^2``)."""
+    e = (a @ g * a).sum() - 2 * (a * yx).sum() + energy
     return float(e.clamp_min(0))
 
 
 def choose_damp(
-    w_now: torch.Tensor, w_ref: torch.Tensor, folds: list[dict[str, torch.Tensor]]
+    w_now: torch.Tensor, folds: list[dict[str, Any]]
 ) -> tuple[float | None, float, float]:
     """The ridge strength of :data:`DAMPS` whose fits, each on all folds but one, best
     reproduce the fold left out (cross-validation over the calibration batches), or ``None``
     when the cut weight itself does better there (a refit would only fit the calibration
-    data). Returns it with the held-out relative errors of the cut weight and of that fit."""
-    parts = [{k: t.double() for k, t in f.items()} for f in folds]
-    total = {k: sum(f[k] for f in parts) for k in ("gram", "cross", "ref_gram")}
-    energy = max(sum(float((w_ref @ f["ref_gram"] * w_ref).sum()) for f in parts), 1e-30)
-    now = sum(_sq_error(w_now, w_ref, f["gram"], f["cross"], f["ref_gram"]) for f in parts)
+    data). Each fold: ``gram`` (``X^T X``), ``yx`` (``Y^T X``, ``Y`` the unpruned layer's
+    output) and ``energy`` (``||Y||^2``). Returns the strength with the held-out relative
+    errors of the cut weight and of that fit."""
+    parts = [
+        {"gram": f["gram"].double(), "yx": f["yx"].double(), "energy": float(f["energy"])}
+        for f in folds
+    ]
+    total_g = sum(f["gram"] for f in parts)
+    total_yx = sum(f["yx"] for f in parts)
+    energy = max(sum(f["energy"] for f in parts), 1e-30)
+    now = sum(_sq_error(w_now, f["gram"], f["yx"], f["energy"]) for f in parts)
     best, best_err = None, now
     for damp in DAMPS:
         err = 0.0
         for f in parts:
-            fit = _ridge(w_now, w_ref, total["gram"] - f["gram"], total["cross"] - f["cross"], damp)
-            err += _sq_error(fit, w_ref, f["gram"], f["cross"], f["ref_gram"])
+            fit = _ridge(w_now, total_g - f["gram"], total_yx - f["yx"], damp)
+            err += _sq_error(fit, f["gram"], f["yx"], f["energy"])
         if err < best_err - 1e-9 * energy:  # better by more than rounding
             best, best_err = damp, err
     return best, (now / energy) ** 0.5, (best_err / energy) ** 0.5
@@ -152,33 +155,46 @@ def choose_damp(
 
 def solve(
     w_now: torch.Tensor,
-    w_ref: torch.Tensor,
     gram: torch.Tensor,
-    cross: torch.Tensor,
-    ref_gram: torch.Tensor,
+    yx: torch.Tensor,
+    energy: float,
     damp: float = DAMP,
 ) -> tuple[torch.Tensor, float, float]:
-    """The weight ``W'`` minimising ``||X W'^T - X_ref W_ref^T||^2 + ||(W' - W_now) D||^2``
-    from ``gram = X^T X``, ``cross = X^T X_ref``, ``ref_gram = X_ref^T X_ref``, with
-    ``D^2 = damp * diag(gram)``: a ridge toward the cut weight ``w_now``, each input column
-    damped by its own energy (so the fit is the same whatever the columns' scales; a few
-    massive activation channels do not damp the rest away).
+    """The weight ``W'`` minimising ``||X W'^T - Y||^2 + ||(W' - W_now) D||^2`` from
+    ``gram = X^T X``, ``yx = Y^T X`` and ``energy = ||Y||^2`` (``Y``: what the unpruned layer
+    computed, ``X``: the inputs the pruned one gets), with ``D^2 = damp * diag(gram)``: a
+    ridge toward the cut weight ``w_now``, each input column damped by its own energy (so the
+    fit is the same whatever the columns' scales; a few massive activation channels do not
+    damp the rest away).
 
     Returns ``(W', before, after)``: the relative output error on the calibration data of
     ``w_now`` (the pruned weight as it is) and of ``W'``. Where the refit is not better
     (rounding), ``w_now`` is returned.
     """
-    g, c, r = gram.double(), cross.double(), ref_gram.double()
-    w = _ridge(w_now, w_ref, g, c, damp)
-    energy = float((w_ref @ r * w_ref).sum().clamp_min(1e-30))
+    g, t = gram.double(), yx.double()
+    w = _ridge(w_now, g, t, damp)
+    energy = max(float(energy), 1e-30)
 
     def rel(a: torch.Tensor) -> float:
-        return (_sq_error(a, w_ref, g, c, r) / energy) ** 0.5
+        return (_sq_error(a, g, t, energy) / energy) ** 0.5
 
     before, after = rel(w_now), rel(w)
     if not after < before:
         return w_now, before, before
     return w, before, after
+
+
+def _target_sums(
+    sums: dict[str, torch.Tensor], keep: torch.Tensor | None
+) -> dict[str, Any]:
+    """``gram``, ``yx`` and ``energy`` from the block runner's output sums (``cross_out``:
+    ``X^T Y`` over every output of the unpruned layer, ``out_sq``: ``||Y_j||^2`` per output),
+    restricted to the outputs ``keep`` (the rows the pruned layer kept, in its order)."""
+    cross, sq = sums["cross_out"], sums["out_sq"]
+    if keep is not None:
+        keep = keep.to(cross.device)
+        cross, sq = cross[:, keep], sq[keep]
+    return {"gram": sums["gram"], "yx": cross.t(), "energy": float(sq.double().sum())}
 
 
 def refit_readers(
@@ -207,7 +223,6 @@ def refit_readers(
     ``report``, a summary is noted there.
     """
     named = dict(model.named_modules())
-    ref_named = dict(original.named_modules())
     out: dict[str, tuple[float, float, float | None]] = {}
     few: dict[str, str] = {}
     # every process the same: the batch count over all of them (statistics are summed)
@@ -216,8 +231,7 @@ def refit_readers(
     def process(part: list[str], stats: dict[str, LayerStats]) -> None:
         for p in part:
             st = stats[p]
-            cross, ref_gram = st.extra.get("cross"), st.extra.get("ref_gram")
-            if st.gram is None or cross is None or ref_gram is None:
+            if st.gram is None or "cross_out" not in st.extra or "out_sq" not in st.extra:
                 few[p] = "the calibration data did not reach it"
                 continue
             m = named[p]
@@ -227,21 +241,21 @@ def refit_readers(
             if st.rows < st.gram.shape[0]:  # the fit would memorise the calibration data
                 few[p] = f"{st.rows} calibration rows for {st.gram.shape[0]} weight columns"
                 continue
-            w_now, w_ref = _flat(m), _flat(ref_named[p])
-            if rows is not None and p in rows:
-                w_ref = w_ref[rows[p].to(w_ref.device)]
+            w_now = _flat(m)
+            keep = rows.get(p) if rows is not None else None
+            whole = _target_sums({"gram": st.gram, **st.extra}, keep)
             parts = st.extra.get("folds") or []
             if folds and len(parts) == folds and all(parts):
-                chosen, before, after = choose_damp(w_now, w_ref, parts)
+                chosen, before, after = choose_damp(w_now, [_target_sums(f, keep) for f in parts])
                 out[p] = (before, after, chosen)
                 if chosen is None:
                     continue
-                w, _, _ = solve(w_now, w_ref, st.gram, cross, ref_gram, chosen)
+                w, _, _ = solve(w_now, whole["gram"], whole["yx"], whole["energy"], chosen)
                 if w is w_now:  # not better on all the data after all: nothing changed
                     out[p] = (before, before, None)
             else:
                 d = DAMP if damp is None else damp
-                w, before, after = solve(w_now, w_ref, st.gram, cross, ref_gram, d)
+                w, before, after = solve(w_now, whole["gram"], whole["yx"], whole["energy"], d)
                 out[p] = (before, after, d if w is not w_now else None)
             if w is w_now:
                 continue
@@ -265,6 +279,7 @@ def refit_readers(
             reference=original,
             rows_of=patch_rows,
             folds=folds,
+            targets=True,
         )
     if report is not None and few:
         say_left(

@@ -34,8 +34,8 @@ def test_solve_is_the_least_squares_fit(n, d, kept, out, seed):
     x = x_ref[:, :kept] + 0.1 * torch.randn(n, kept, generator=g, dtype=torch.float64)
     w_ref = torch.randn(out, d, generator=g, dtype=torch.float64)
     w_now = w_ref[:, :kept].clone()
-    w, before, after = solve(w_now, w_ref, x.t() @ x, x.t() @ x_ref, x_ref.t() @ x_ref, damp=0)
-    y = x_ref @ w_ref.t()
+    y = x_ref @ w_ref.t()  # the unpruned layer's output
+    w, before, after = solve(w_now, x.t() @ x, y.t() @ x, float((y**2).sum()), damp=0)
     best = torch.linalg.lstsq(x, y).solution.t()
     assert torch.allclose(w, best, atol=1e-8, rtol=1e-6)
     assert before == pytest.approx(_rel(x @ w_now.t(), y), rel=1e-6, abs=1e-9)
@@ -232,7 +232,8 @@ def test_choose_damp_is_two_fold_cross_validation():
         x_ref = torch.cat([kept, gone], dim=1)  # the removed inputs follow two kept ones
         x = kept + 0.1 * torch.randn(30, 4, generator=g, dtype=torch.float64)
         data.append((x, x_ref))
-        folds.append({"gram": x.t() @ x, "cross": x.t() @ x_ref, "ref_gram": x_ref.t() @ x_ref})
+        y = x_ref @ w_ref.t()
+        folds.append({"gram": x.t() @ x, "yx": y.t() @ x, "energy": float((y**2).sum())})
 
     def ridge(x, x_ref, damp):
         lam = damp * (x * x).sum(0)
@@ -249,22 +250,24 @@ def test_choose_damp_is_two_fold_cross_validation():
 
     energy = sum(float(((x_ref @ w_ref.t()) ** 2).sum()) for _, x_ref in data)
     now = sum(float(((x @ w_now.t() - x_ref @ w_ref.t()) ** 2).sum()) for x, x_ref in data)
-    chosen, before, after = choose_damp(w_now, w_ref, folds)
+    chosen, before, after = choose_damp(w_now, folds)
     assert before == pytest.approx((now / energy) ** 0.5, rel=1e-9)
     best = min(DAMPS, key=held_out)
     assert held_out(best) < now  # here a refit helps on data it did not see
     assert chosen == best
     assert after == pytest.approx((held_out(chosen) / energy) ** 0.5, rel=1e-9)
     assert after < before
-    # where no fit beats the cut weight on the held-out fold, the cut weight is kept
-    assert (
-        choose_damp(
-            w_ref[:, :4].clone(),
-            w_ref[:, :4].clone(),
-            [{"gram": f["gram"], "cross": f["gram"], "ref_gram": f["gram"]} for f in folds],
-        )[0]
-        is None
-    )
+    # where no fit beats the cut weight on the held-out fold (it is exact), it is kept
+    exact = w_ref[:, :4].clone()
+    same = [
+        {
+            "gram": f["gram"],
+            "yx": exact @ f["gram"],
+            "energy": float((exact @ f["gram"] * exact).sum()),
+        }
+        for f in folds
+    ]
+    assert choose_damp(exact, same)[0] is None
 
 
 def test_a_failing_refit_restores_the_model(monkeypatch):
