@@ -659,7 +659,9 @@ def _cross_stats(
     def tap(store: list[torch.Tensor], m: nn.Module) -> Any:
         def hook(_m: nn.Module, args: tuple[Any, ...], _out: Any) -> None:
             if args and isinstance(args[0], torch.Tensor):
-                store.append(rows_of(m, args[0].detach()).float())
+                # a copy: the rows may be a view of a tensor the block changes in place
+                # later (an in-place activation or residual add) before the sums are taken
+                store.append(rows_of(m, args[0].detach()).float().clone())
 
         return m.register_forward_hook(hook)
 
@@ -670,9 +672,10 @@ def _cross_stats(
                 return
             y = y.detach().float()
             if isinstance(m, nn.modules.conv._ConvNd):  # (N, O, *spatial) -> (positions, O)
-                store.append(y.movedim(1, -1).reshape(-1, y.shape[1]))
+                rows = y.movedim(1, -1).reshape(-1, y.shape[1])
             else:
-                store.append(token_rows(y))
+                rows = token_rows(y)
+            store.append(rows.clone())  # a copy: the block may change its output in place
 
         return m.register_forward_hook(hook)
 

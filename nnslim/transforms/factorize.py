@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import copy
+import contextlib
 from dataclasses import dataclass, replace
 from typing import Any, Literal, final, get_args
 
@@ -12,7 +12,14 @@ from torch import nn
 from ..base.blocks import block_of
 from ..base.describe import shape_of
 from ..base.inputs import Inputs
-from ..base.modules import is_conv2d, is_linear, linear_weight, replace_module, unreplaceable
+from ..base.modules import (
+    copy_model,
+    is_conv2d,
+    is_linear,
+    linear_weight,
+    replace_module,
+    unreplaceable,
+)
 from ..base.snapshot import preserved_state
 from ..base.validate import all_finite, check_choice, check_fraction, check_int, check_type
 from ..core.calibrate import LayerStats, run_sequential, token_rows
@@ -281,8 +288,15 @@ class Factorize(Transform):
         # refit layer sits outside every repeated block (a CNN's stages, a classifier), a copy
         # of the whole model taken now, before any layer changes
         reference: bool | nn.Module = self.refit
-        if self.refit and aware and any(block_of(p, named) is None for p in [*linears, *fitted]):
-            reference = copy.deepcopy(model)
+        outside = [p for p in [*linears, *fitted] if block_of(p, named) is None]
+        if self.refit and aware and outside:
+            reference = copy_model(model)
+            report.note(
+                f"Factorize(refit=True): {len(outside)} layer(s) outside the repeated blocks "
+                f"({', '.join(outside[:4])}{' ...' if len(outside) > 4 else ''}) are refit against "
+                f"a copy of the whole unfactorized model, held while it runs; exclude them to "
+                f"hold one block's copy at a time"
+            )
         if aware and self.refit and len(fitted) < len(convs):
             left = [p for p in convs if p not in fitted]
             report.note(
@@ -328,15 +342,18 @@ class Factorize(Transform):
                         stats[p].extra.get("ref_gram"),
                     )
 
-            run_sequential(
-                model,
-                ctx.calibration,
-                {p: named[p] for p in [*linears, *fitted]},
-                process,
-                gram=True,
-                reference=reference,
-                rows_of=_stat_rows,
-            )
+            with contextlib.ExitStack() as stack:
+                if isinstance(reference, nn.Module):  # in eval mode, as the model runs
+                    stack.enter_context(preserved_state(reference))
+                run_sequential(
+                    model,
+                    ctx.calibration,
+                    {p: named[p] for p in [*linears, *fitted]},
+                    process,
+                    gram=True,
+                    reference=reference,
+                    rows_of=_stat_rows,
+                )
         else:
             for p, m in linears.items():
                 self._factorize_linear(
@@ -461,7 +478,7 @@ class Factorize(Transform):
         for (p, _, marginal, full, conv), r in zip(entries, ranks):
             cost = sum(marginal(k) for k in range(r))
             if p in now:  # already factorized: a lower rank, or as it is
-                out[p] = r if r < max(now[p]) else 1.0
+                out[p] = r if r < now[p][-1] else 1.0  # a Tucker chain: its output rank
             elif conv:
                 out[p] = r if cost < full else 1.0
             else:
@@ -699,16 +716,15 @@ class Factorize(Transform):
                     f"at most {min(o, i * kh * kw)}."
                 )
         elif self.rank is not None:
-            r_out = r_in = self.rank
-            if self.rank > min(o, i) and p in self._named():
+            r_out = r_in = self.rank  # each side clamped below, as for a budget's rank
+            most = min(o, i * kh * kw)
+            if self.rank > most and p in self._named():
                 raise ValueError(
                     f"Factorize: rank {self.rank} is larger than possible for {p} "
-                    f"({shape_of(m)}): at most {min(o, i)}."
+                    f"({shape_of(m)}): at most {most}."
                 )
-            if self.rank > min(o, i):  # one rank for every layer: this one is too small
-                report.skipped(
-                    p, f"rank {self.rank} is more than this layer has (at most {min(o, i)})"
-                )
+            if self.rank > most:  # one rank for every layer: this one is too small
+                report.skipped(p, f"rank {self.rank} is more than this layer has (at most {most})")
                 return None
         elif self.energy is not None:
             r_out = self._rank_for(p, s0, o, i * kh * kw, None)
@@ -997,8 +1013,11 @@ def _conv_entry(
     # (a stem convolution with one input channel still has up to k*k output directions)
     sv = torch.linalg.svdvals(w.reshape(o, -1))[: min(o, i * kh * kw)]
 
+    # an already factorized chain only goes down: each side capped at its rank now
+    cap_in, cap_out = now[p] if p in now else (i, o)
+
     def cost(r: int, k2: float = kh * kw * a_out) -> float:
-        r_in, r_out = min(r, i), min(r, o)
+        r_in, r_out = min(r, i, cap_in), min(r, o, cap_out)
         return r_in * i * a_in + r_in * r_out * k2 + o * r_out * a_out
 
     def tucker(r: int) -> float:  # from rank r to r + 1
@@ -1006,7 +1025,7 @@ def _conv_entry(
 
     if p in now:
         r_in, r_out = now[p]
-        sv = sv[: max(r_in, r_out)]
+        sv = sv[: r_out]  # the output side's directions (past them, nothing is bought)
         full = r_in * i * a_in + r_in * r_out * kh * kw * a_out + o * r_out * a_out
     return p, sv, tucker, full, True
 

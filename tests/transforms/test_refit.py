@@ -316,3 +316,47 @@ def test_cuts_on_trial_copies_are_not_recorded():
         cut_mask(a, "out", [0])  # a second cut composes with the first
     assert set(cuts) == {id(a)}
     assert cuts[id(a)][1].tolist() == [2, 3, 5]
+
+
+class _Relu(nn.Module):
+    """An MLP block whose down projection's output an in-place ReLU then overwrites."""
+
+    def __init__(self, inplace: bool):
+        super().__init__()
+        self.up = nn.Linear(16, 32)
+        self.down = nn.Linear(32, 16)
+        self.inplace = inplace
+
+    def forward(self, x):
+        y = self.down(torch.relu(self.up(x)))
+        return (y.relu_() if self.inplace else torch.relu(y)) + x
+
+
+def test_refit_targets_are_the_outputs_before_an_in_place_change():
+    """The unpruned layer's outputs (the refit's targets) are copied as it returns them: an
+    in-place ReLU after it changes nothing in the refit (the same weights as with the
+    out-of-place ReLU)."""
+    got = {}
+    g = torch.Generator().manual_seed(3)
+    cal = [torch.randn(64, 16, generator=g) for _ in range(4)]
+    for inplace in (False, True):
+        torch.manual_seed(0)
+
+        class Net(nn.Module):
+            def __init__(self, inplace: bool):
+                super().__init__()
+                self.blocks = nn.ModuleList([_Relu(inplace), _Relu(inplace)])
+
+            def forward(self, x):
+                for b in self.blocks:
+                    x = b(x)
+                return x
+
+        model = Net(inplace).eval()
+        report = nnslim.Prune(ratio=0.5, select=["blocks.0.up", "blocks.1.up"], refit=True).apply(
+            model, cal[0], calibration=cal
+        )
+        assert any("refit_error" in c.details for c in report.changes)
+        got[inplace] = [model.blocks[i].down.weight.detach().clone() for i in range(2)]
+    for a, b in zip(got[False], got[True]):
+        torch.testing.assert_close(a, b)
