@@ -1025,7 +1025,7 @@ def _conv_entry(
 
     if p in now:
         r_in, r_out = now[p]
-        sv = sv[: r_out]  # the output side's directions (past them, nothing is bought)
+        sv = sv[:r_out]  # the output side's directions (past them, nothing is bought)
         full = r_in * i * a_in + r_in * r_out * kh * kw * a_out + o * r_out * a_out
     return p, sv, tucker, full, True
 

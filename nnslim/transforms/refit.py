@@ -184,9 +184,7 @@ def solve(
     return w, before, after
 
 
-def _target_sums(
-    sums: dict[str, torch.Tensor], keep: torch.Tensor | None
-) -> dict[str, Any]:
+def _target_sums(sums: dict[str, torch.Tensor], keep: torch.Tensor | None) -> dict[str, Any]:
     """``gram``, ``yx`` and ``energy`` from the block runner's output sums (``cross_out``:
     ``X^T Y`` over every output of the unpruned layer, ``out_sq``: ``||Y_j||^2`` per output),
     restricted to the outputs ``keep`` (the rows the pruned layer kept, in its order)."""
