@@ -70,12 +70,42 @@ def reduce_across_processes() -> Iterator[None]:
         _REDUCE[0] = False
 
 
+_PAIRED = ("cross", "ref_gram", "cross_out", "out_sq")
+
+
+def _agree_on_pairs(st: LayerStats) -> None:
+    """Make a layer's paired sums (:func:`_cross_stats`) the same set on every process
+    before they are summed: unpaired on one process (its two streams ran on different
+    tokens there) is unpaired everywhere, its paired sums dropped; a fold one process saw
+    no batch of is zeros there (every process then reduces the same tensors, in order)."""
+    import torch.distributed as dist
+
+    flag = torch.tensor([1.0 if st.extra.get("unpaired") else 0.0], dtype=torch.float64)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item():
+        st.extra["unpaired"] = True
+        for name in (*_PAIRED, "folds"):
+            st.extra.pop(name, None)
+        return
+    totals = {n: st.extra[n] for n in _PAIRED if isinstance(st.extra.get(n), torch.Tensor)}
+    if st.gram is not None:
+        totals["gram"] = st.gram
+    for fold in st.extra.get("folds") or []:
+        for name, total in totals.items():
+            if name not in fold:
+                fold[name] = torch.zeros_like(total)
+
+
 def _reduce(stats: dict[str, LayerStats]) -> None:
     if not _REDUCE[0]:
+        for st in stats.values():
+            st.extra.pop("paired", None)
         return
     import torch.distributed as dist
 
     for st in stats.values():
+        if st.extra.pop("paired", False):
+            _agree_on_pairs(st)
         for name in ("sq_sum", "gram", "grad"):
             t = getattr(st, name)
             if t is not None:
@@ -99,8 +129,8 @@ def _reduce(stats: dict[str, LayerStats]) -> None:
             if isinstance(st.extra.get(name), torch.Tensor):
                 dist.all_reduce(st.extra[name])
         for fold in st.extra.get("folds") or []:
-            for t in fold.values():
-                dist.all_reduce(t)
+            for name in sorted(fold):  # the same order on every process
+                dist.all_reduce(fold[name])
         if "abs_sum" in st.extra and isinstance(st.extra["abs_sum"], torch.Tensor):
             dist.all_reduce(st.extra["abs_sum"])
         if "rows" in st.extra:  # a row sample: everyone uses rank 0's
@@ -655,6 +685,8 @@ def _cross_stats(
 
     seen: dict[str, list[torch.Tensor]] = {p: [] for p in paths}
     ref: dict[str, list[torch.Tensor]] = {p: [] for p in paths}
+    for p in paths:  # sums every process must agree on before they are reduced
+        stats[p].extra["paired"] = True
 
     def tap(store: list[torch.Tensor], m: nn.Module) -> Any:
         def hook(_m: nn.Module, args: tuple[Any, ...], _out: Any) -> None:

@@ -259,3 +259,35 @@ def test_encoder_decoder_batches_are_not_masked():
             is_encoder_decoder = True
 
     assert Inputs(kwargs={"attention_mask": mask}).token_mask(Seq2Seq()) is None
+
+
+def test_processes_agree_on_paired_sums_before_reducing(tmp_path):
+    """Under ``reduce_across_processes`` a layer's paired sums are made the same set on every
+    process first: a fold this process saw no batch of becomes zeros (so every process
+    reduces the same tensors), and a layer unpaired anywhere is unpaired, its sums dropped.
+    (One process here: the reductions are the identity; the agreement is what is tested.)"""
+    import torch.distributed as dist
+
+    from nnslim.core.calibrate import LayerStats, _reduce, reduce_across_processes
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        g = torch.eye(3)
+        full = LayerStats(gram=g.clone(), rows=4)
+        full.extra.update(
+            paired=True,
+            cross_out=torch.ones(3, 2),
+            out_sq=torch.ones(2),
+            folds=[{"gram": g.clone(), "cross_out": torch.ones(3, 2), "out_sq": torch.ones(2)}, {}],
+        )
+        bad = LayerStats(gram=g.clone(), rows=4)
+        bad.extra.update(paired=True, unpaired=True, cross_out=torch.ones(3, 2), folds=[{}, {}])
+        with reduce_across_processes():
+            _reduce({"a": full, "b": bad})
+        empty = full.extra["folds"][1]
+        assert sorted(empty) == ["cross_out", "gram", "out_sq"]
+        assert all(float(t.abs().sum()) == 0 for t in empty.values())
+        assert empty["cross_out"].shape == (3, 2) and "paired" not in full.extra
+        assert bad.extra["unpaired"] and "cross_out" not in bad.extra and "folds" not in bad.extra
+    finally:
+        dist.destroy_process_group()
