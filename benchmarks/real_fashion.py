@@ -249,13 +249,15 @@ def recovery(args, base, train, example, row) -> None:
         row(name, pruned, s + lasso_s)
     # the same, each step's layers reading the pruned channels refit by least squares
     name = f"Prune 50% MACs + refit, recipe ({epochs} epochs: lasso + {epochs - 1} steps)"
+    refit = None
     if want(name):
         refit, s = looped(nnslim.Prune(macs=0.5, refit=True), {"macs": 0.5}, sparse, epochs - 1)
         row(name, refit, s + lasso_s)
+    # the peer bisected to the MACs of nnslim's best prune row that ran (the refit one)
     name = f"peer: torch-pruning MetaPruner, same recipe and MACs ({epochs} epochs)"
     if pruned is not None and want(name):
         t0 = time.perf_counter()
-        macs = nnslim.profile(pruned, example, memory=False).macs
+        macs = nnslim.profile(refit if refit is not None else pruned, example, memory=False).macs
         target = macs / nnslim.profile(base, example, memory=False).macs
         peer = peer_iterative(copy.deepcopy(sparse), example, target, epochs - 1, tune)
         row(name, peer, time.perf_counter() - t0 + lasso_s)
