@@ -159,7 +159,11 @@ def main() -> None:
         extended: bool = False,
         peer: Any = None,
     ) -> None:
-        wanted = None if args.only is None else args.only.split(";" if ";" in args.only else ",")
+        wanted = (
+            None
+            if args.only is None
+            else [t for t in args.only.split(";" if ";" in args.only else ",") if t.strip()]
+        )
         changes = transform is not None or peer is not None
         if wanted is not None and changes and not _wanted(name, wanted, names):
             return
