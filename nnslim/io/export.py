@@ -73,7 +73,7 @@ from ..modules.quantized import (
 )
 from ..modules.shared import PalettizedConv2d, PalettizedLinear
 from ..modules.sparse import SparseConv2d, SparseLinear, bit_table
-from ..profiling.latency import Latency, time_runs
+from ..profiling.latency import RUNTIMES, Latency, time_runs
 from .gguf import check_float_type
 
 __all__ = ["FORMATS", "RUNTIMES", "export", "onnxruntime_latency"]
@@ -681,11 +681,6 @@ def _run_onnxruntime(path: Path, inputs: Inputs) -> torch.Tensor:
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return torch.from_numpy(session.run(None, onnxruntime_feed(session, inputs))[0])
-
-
-#: where a forward can be timed: torch eager, or the ONNX file :func:`export` writes, run in
-#: ONNX Runtime (its CPU provider)
-RUNTIMES = ("eager", "onnxruntime")
 
 
 def onnxruntime_latency(

@@ -14,7 +14,11 @@ from torch.utils.benchmark.utils.timer import timer as clock
 
 from ..base.inputs import Inputs
 
-__all__ = ["Latency", "measure_latency", "num_threads", "time_runs"]
+__all__ = ["RUNTIMES", "Latency", "measure_latency", "num_threads", "time_runs"]
+
+#: where a forward can be timed: torch eager, or the ONNX file :func:`nnslim.export` writes,
+#: run in ONNX Runtime (its CPU provider; ``nnslim.io.export.onnxruntime_latency``)
+RUNTIMES = ("eager", "onnxruntime")
 
 
 @dataclass(frozen=True)

@@ -113,6 +113,7 @@ from ..core.report import Report
 from ..core.target import Target
 from ..core.transform import Compose, Context, Transform
 from ..graph.attention import AttentionSpec
+from ..profiling.latency import RUNTIMES
 from .factorize import Factorize
 from .prune import Prune, _complement, in_one_module, sparsify_layer
 from .quantize import METHODS, Quantize, _lm_heads, plain_embedding, tied_heads
@@ -286,7 +287,7 @@ class Auto(Transform):
             if unknown:
                 raise ValueError(f"Auto(plan=...): {unknown} are not among the candidates {names}.")
         check_choice("Auto", "method", self.method, METHODS)
-        check_choice("Auto", "runtime", self.runtime, ("eager", "onnxruntime"))
+        check_choice("Auto", "runtime", self.runtime, RUNTIMES)
         if (
             self.runtime != "eager"
             and self.target is not None
