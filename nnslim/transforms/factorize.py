@@ -22,13 +22,13 @@ from ..base.modules import (
 )
 from ..base.snapshot import preserved_state
 from ..base.validate import all_finite, check_choice, check_fraction, check_int, check_type
-from ..core.calibrate import LayerStats, run_sequential, token_rows
+from ..core.calibrate import LayerStats, batch_count, run_sequential, token_rows
 from ..core.report import Report
 from ..core.select import normalize_selector, per_layer_values
 from ..core.target import Target
 from ..core.transform import Context, Transform
 from ..modules.factorized import FactorizedConv2d, FactorizedLinear
-from .refit import conv_patches
+from .refit import FOLDS, choose_damp, conv_patches, solve
 
 __all__ = ["Factorize", "spatial_svd", "svd_factors", "tucker2"]
 
@@ -340,6 +340,7 @@ class Factorize(Transform):
                         named[p],
                         stats[p].extra.get("cross"),
                         stats[p].extra.get("ref_gram"),
+                        stats[p].extra.get("folds"),
                     )
 
             with contextlib.ExitStack() as stack:
@@ -353,6 +354,8 @@ class Factorize(Transform):
                     gram=True,
                     reference=reference,
                     rows_of=_stat_rows,
+                    # the refit's strength chosen on held-out batches, as Prune's refit does
+                    folds=FOLDS if self.refit and batch_count(len(ctx.calibration)) >= FOLDS else 0,
                 )
         else:
             for p, m in linears.items():
@@ -502,10 +505,12 @@ class Factorize(Transform):
         original: nn.Module | None = None,
         cross: torch.Tensor | None = None,
         ref_gram: torch.Tensor | None = None,
+        folds: list[dict[str, torch.Tensor]] | None = None,
     ) -> None:
         """Factorize ``m`` (at ``p``); ``now``: ``m`` stands in for a layer already factorized
         at that rank (``original``), which only a lower rank replaces. ``cross``: ``X^T X_ref``
-        (with ``gram`` = ``X^T X``) to refit the second factor toward the original output."""
+        (with ``gram`` = ``X^T X``) to refit the second factor toward the original output;
+        ``folds``: the same sums per fold of batches (the refit's strength cross-validated)."""
         w = _weight(m)
         out, inp = w.shape
         if isinstance(fixed, float) and fixed >= 1.0:
@@ -526,8 +531,7 @@ class Factorize(Transform):
         first, second = svd_factors(w, r, gram)
         refit = {}
         if cross is not None and ref_gram is not None and gram is not None and self.refit:
-            second, before, after = refit_second(w, first, second, gram, cross, ref_gram)
-            refit = {"output_error_truncated": round(before, 4), "output_error": round(after, 4)}
+            second, refit = _refit_factor(w, first, second, gram, cross, ref_gram, folds)
         new = FactorizedLinear(inp, out, r, bias=m.bias is not None).to(m.weight.device)
         with torch.no_grad():
             new.first.weight.copy_(first)
@@ -621,10 +625,12 @@ class Factorize(Transform):
             return {}
         last = layers[-1]
         b_now = last.weight.detach().reshape(o, -1).float()
-        b, before, after = refit_second(w.reshape(o, -1), a, b_now, st.gram, cross, ref_gram)
+        b, details = _refit_factor(
+            w.reshape(o, -1), a, b_now, st.gram, cross, ref_gram, st.extra.get("folds")
+        )
         with torch.no_grad():
             last.weight.copy_(b.reshape(last.weight.shape))
-        return {"output_error_truncated": round(before, 4), "output_error": round(after, 4)}
+        return details
 
     def _kind(self, m: nn.Module) -> str:
         """How ``m`` (a convolution, or a factorized one) is split: ``self.conv``, except that
@@ -838,6 +844,46 @@ def svd_factors(
         first = first @ s_inv.double()
     second = u[:, :rank] * sq[None, :]
     return first.float(), second.float()
+
+
+def _refit_factor(
+    w: torch.Tensor,
+    first: torch.Tensor,
+    second: torch.Tensor,
+    gram: torch.Tensor,
+    cross: torch.Tensor,
+    ref_gram: torch.Tensor,
+    folds: list[dict[str, torch.Tensor]] | None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The refit second factor and the report's details. With two folds of calibration
+    batches, Prune's refit (:func:`~nnslim.transforms.refit.choose_damp`): a ridge toward the
+    truncated factor whose strength two-fold cross-validation chooses, the truncated factor
+    kept where no refit reproduces the held-out batches better (errors on the held-out folds).
+    With fewer batches, the plain least-squares :func:`refit_second` (errors on all of them).
+    The refit is ``second``'s least squares for the inputs ``Z = X first^T``: ``Z^T Z =
+    first G first^T``, ``Y^T Z = W C^T first^T``, ``||Y||^2 = tr(W R W^T)``."""
+    a, wd = first.double(), w.double()
+
+    def sums(g: torch.Tensor, c: torch.Tensor, r: torch.Tensor) -> dict[str, Any]:
+        return {
+            "gram": a @ g.double() @ a.t(),
+            "yx": wd @ c.double().t() @ a.t(),
+            "energy": float((wd @ r.double() * wd).sum()),
+        }
+
+    if folds and len(folds) == FOLDS and all(folds):
+        chosen, before, after = choose_damp(
+            second.double(), [sums(f["gram"], f["cross"], f["ref_gram"]) for f in folds]
+        )
+        out = second
+        if chosen is not None:
+            whole = sums(gram, cross, ref_gram)
+            b, _, _ = solve(second.double(), whole["gram"], whole["yx"], whole["energy"], chosen)
+            out = b.float() if b is not second else second
+        details = {"output_error_truncated": round(before, 4), "output_error": round(after, 4)}
+        return out, {**details, "refit_damp": chosen}
+    b, before, after = refit_second(w, first, second, gram, cross, ref_gram)
+    return b, {"output_error_truncated": round(before, 4), "output_error": round(after, 4)}
 
 
 def refit_second(

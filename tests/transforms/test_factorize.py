@@ -519,7 +519,8 @@ def test_conv_refit_is_the_least_squares_last_factor_in_each_stream():
     model = _ConvNet().eval()
     original = copy.deepcopy(model)
     g = torch.Generator().manual_seed(1)
-    calib = [torch.randn(4, 12, 10, 10, generator=g) for _ in range(3)]
+    # one batch: the plain least squares (two or more: a cross-validated ridge, tested below)
+    calib = [torch.randn(12, 12, 10, 10, generator=g)]
     report = nnslim.Factorize(ratio=0.5, refit=True).apply(model, calib[0], calibration=calib)
     done = {c.path: c.details for c in report.changes}
     assert set(done) == {f"blocks.{i}.conv" for i in range(3)}
@@ -593,7 +594,7 @@ def test_conv_refit_outside_repeated_blocks():
     ).eval()
     original = copy.deepcopy(m)
     g = torch.Generator().manual_seed(1)
-    calib = [torch.randn(4, 3, 10, 10, generator=g) for _ in range(2)]
+    calib = [torch.randn(8, 3, 10, 10, generator=g)]  # one batch: the plain least squares
     report = nnslim.Factorize(ratio=0.5, refit=True).apply(m, calib[0], calibration=calib)
     rows = {c.path: c.details for c in report.changes}
     assert set(rows) == {"0", "2"}
@@ -643,7 +644,7 @@ def test_refit_sums_are_of_copies_not_views_a_block_changes():
     model = Net().eval()
     original = copy.deepcopy(model)
     g = torch.Generator().manual_seed(2)
-    calib = [torch.randn(32, 16, generator=g) for _ in range(2)]
+    calib = [torch.randn(64, 16, generator=g)]  # one batch: the plain least squares
     nnslim.Factorize(rank=4, refit=True, select=["blocks.0.up"]).apply(
         model, calib[0], calibration=calib
     )
@@ -690,3 +691,48 @@ def test_refit_reference_runs_in_eval_mode_like_the_model():
         got[mode] = m[4].layers[-1].weight.detach().clone()
         assert any("copy of the whole unfactorized model" in n for n in report.notes)
     torch.testing.assert_close(got["train"], got["eval"])
+
+
+def test_refit_strength_is_cross_validated_over_batches():
+    """With two or more calibration batches the refit is Prune's: a ridge toward the
+    truncated factor, its strength chosen on held-out batches (``refit_damp``; ``None``: the
+    truncated factor kept), and the errors reported are the held-out ones, never worse than
+    the truncated factor's there. On few rows per weight a plain least squares fits the
+    calibration data better and the held-out data worse: the ridge does not."""
+    from nnslim.transforms.factorize import _refit_factor, refit_second
+    from nnslim.transforms.refit import DAMPS
+
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(24, 32, generator=g, dtype=torch.float64)
+    parts = []
+    for _ in range(2):  # 40 rows per fold for a 24 x 8 factor: least squares overfits
+        x_ref = torch.randn(40, 32, generator=g, dtype=torch.float64)
+        x = x_ref + 0.5 * torch.randn(40, 32, generator=g, dtype=torch.float64)
+        parts.append({"gram": x.t() @ x, "cross": x.t() @ x_ref, "ref_gram": x_ref.t() @ x_ref})
+        parts[-1]["x"], parts[-1]["x_ref"] = x, x_ref
+    total = {k: parts[0][k] + parts[1][k] for k in ("gram", "cross", "ref_gram")}
+    first, second = svd_factors(w.float(), 8, total["gram"].float())
+    folds = [{k: f[k] for k in ("gram", "cross", "ref_gram")} for f in parts]
+    b, details = _refit_factor(w, first, second, *total.values(), folds)
+    assert details["refit_damp"] in (None, *DAMPS)
+    assert details["output_error"] <= details["output_error_truncated"]
+
+    def held_out(fit_on, test, damp):  # fit on one fold's rows, measure on the other's
+        z = parts[fit_on]["x"] @ first.double().t()
+        y = parts[fit_on]["x_ref"] @ w.t()
+        lam = damp * (z * z).sum(0)
+        bb = torch.linalg.solve(
+            z.t() @ z + torch.diag(lam), (y.t() @ z + second.double() * lam).t()
+        ).t()
+        zt = parts[test]["x"] @ first.double().t()
+        return float(((zt @ bb.t() - parts[test]["x_ref"] @ w.t()) ** 2).sum())
+
+    energy = sum(float(((f["x_ref"] @ w.t()) ** 2).sum()) for f in parts)
+    if details["refit_damp"] is not None:
+        d = details["refit_damp"]
+        want = ((held_out(0, 1, d) + held_out(1, 0, d)) / energy) ** 0.5
+        assert details["output_error"] == pytest.approx(want, abs=1e-4)  # rounded to 4 places
+    # a plain least squares on all the rows: the calibration error is lower, which is not
+    # what is reported here
+    _, before, after = refit_second(w, first, second, *total.values())
+    assert after < before
