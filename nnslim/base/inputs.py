@@ -23,6 +23,7 @@ __all__ = [
     "calibration_batches",
     "check_finite",
     "first_tensor",
+    "per_token",
     "real_tokens",
     "run_model",
 ]
@@ -259,9 +260,13 @@ def real_tokens(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     of the batch ``mask`` describes (at least 3-D, its leading two dims the mask's batch x
     sequence: a layer's input, a block's output, logits); ``x`` unchanged otherwise (no mask,
     an image, a pooled output)."""
-    if mask is None or x.dim() < 3 or tuple(x.shape[:2]) != tuple(mask.shape):
-        return x
-    return x[mask.to(x.device)]
+    return x[mask.to(x.device)] if per_token(x, mask) else x
+
+
+def per_token(x: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """Whether ``x`` is a per-token tensor of the batch ``mask`` describes: at least 3-D,
+    its leading two dims the mask's batch x sequence (see :func:`real_tokens`)."""
+    return mask is not None and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(mask.shape)
 
 
 def first_tensor(output: Any) -> torch.Tensor | None:

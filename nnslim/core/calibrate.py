@@ -19,7 +19,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..base.blocks import block_of
-from ..base.inputs import Inputs, first_tensor, forward_error, is_hidden_state, real_tokens
+from ..base.inputs import (
+    Inputs,
+    first_tensor,
+    forward_error,
+    is_hidden_state,
+    per_token,
+    real_tokens,
+)
 from ..base.modules import is_hf_conv1d
 from ..base.snapshot import preserved_state
 
@@ -223,7 +230,7 @@ def calibration_loss(
         noise = torch.randn(out.shape, generator=torch.Generator().manual_seed(sample))
         noise = noise.to(out.device)
         mask = _TOKENS[0]
-        if mask is not None and out.dim() >= 3 and tuple(out.shape[:2]) == tuple(mask.shape):
+        if per_token(out, mask):
             keep = mask.to(out.device).reshape(*mask.shape, *([1] * (out.dim() - 2)))
             noise = noise * keep
             return (out.float() * noise).sum() / (int(mask.sum()) * out[0, 0].numel())
@@ -231,7 +238,7 @@ def calibration_loss(
     out = out.float()
     y = targets[0] if targets and isinstance(targets[0], torch.Tensor) else None
     mask = _TOKENS[0]
-    if mask is not None and tuple(out.shape[:2]) == tuple(mask.shape) and out.dim() >= 3:
+    if per_token(out, mask):
         # padded positions are no one's prediction: out of the loss (and their labels)
         if y is not None and tuple(y.shape[:2]) == tuple(mask.shape):
             y = real_tokens(y.unsqueeze(-1) if y.dim() == 2 else y, mask)
@@ -294,7 +301,7 @@ def collect(
     try:
         with preserved_state(model):
             for i, batch in enumerate(batches):
-                with _tokens(batch.token_mask(model)):  # its real tokens, in the backward too
+                with batch_tokens(batch, model):  # its real tokens, in the backward too
                     if grads or out_grads or in_fisher:
                         aliases.clear()
                         with torch.enable_grad():
@@ -459,7 +466,7 @@ def call_batch(model: nn.Module, batch: Inputs, index: int) -> Any:
     """``model`` on calibration batch ``index``; a forward that fails (a batch of the wrong
     shape) raises a ``ValueError`` naming the batch. nnslim's own errors pass unchanged."""
     try:
-        with _tokens(batch.token_mask(model)):
+        with batch_tokens(batch, model):
             return batch.call_stateless(model)
     except (_Stop, ValueError, TypeError):
         raise
@@ -702,12 +709,9 @@ def _cross_stats(
             y = first_tensor(out)
             if y is None:
                 return
-            y = y.detach().float()
-            if isinstance(m, nn.modules.conv._ConvNd):  # (N, O, *spatial) -> (positions, O)
-                rows = y.movedim(1, -1).reshape(-1, y.shape[1])
-            else:
-                rows = token_rows(y)
-            store.append(rows.clone())  # a copy: the block may change its output in place
+            # per position, its outputs as columns (as :func:`_rows` reads a convolution's
+            # input); a copy: the block may change its output in place
+            store.append(_rows(m, y.detach().float()).clone())
 
         return m.register_forward_hook(hook)
 

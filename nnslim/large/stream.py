@@ -270,14 +270,13 @@ def compress_checkpoint(
     entries: list[dict[str, Any]] = []
     try:
         cached = opened.block_inputs()
+        masks = opened.token_masks()
         bar = _progress_bar(progress, rank, len(blocks))
         per_block = []
         for i, block in enumerate(blocks):
             t0 = time.perf_counter()
             path = f"{blocks_path}.{i}"
-            step, done, cached = _compress_block(
-                plans[i], block, path, cached, opened.token_masks(), ckpt, world
-            )
+            step, done, cached = _compress_block(plans[i], block, path, cached, masks, ckpt, world)
             report.steps.append(step)
             entries += done
             if rank == 0:
@@ -479,6 +478,7 @@ def _measure_blocks(auto: Auto, opened: _Opened, progress: bool | None) -> AutoT
     channels = any(is_channel_candidate(c) for c in auto.candidates)
     with tempfile.TemporaryDirectory(prefix="nnslim-auto-") as tmp:
         cached = opened.block_inputs()
+        masks = opened.token_masks()  # each batch's real tokens (the blocks' inputs lost them)
         tuple_out = False
         for i in range(n):  # forward: each block's inputs kept
             block = opened.materialize_block(i)
@@ -497,7 +497,6 @@ def _measure_blocks(auto: Auto, opened: _Opened, progress: bool | None) -> AutoT
             path = f"{opened.blocks_path}.{i}"
             block = opened.materialize_block(i)
             ins = torch.load(Path(tmp) / f"{i}.pt", weights_only=False)
-            masks = opened.token_masks()
             batches = [Inputs(a, k, tokens=t) for (a, k), t in zip(ins, masks, strict=True)]
             held = _BlockAtItsPath(path, block)
             ctx = Context(batches[0], batches)

@@ -73,7 +73,6 @@ class Distillation:
             values in the thousands, where plain MSE drowns the logit term; the default of
             :meth:`for_blocks`).
 
-
     A batch whose inputs carry an ``attention_mask`` that marks padding (a Hugging Face
     tokenizer's padded batch) is matched at its real tokens only: per-token outputs and
     features at padded positions enter no term (they feed nothing a user reads, and would
