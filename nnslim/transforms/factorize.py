@@ -28,7 +28,7 @@ from ..core.select import normalize_selector, per_layer_values
 from ..core.target import Target
 from ..core.transform import Context, Transform
 from ..modules.factorized import FactorizedConv2d, FactorizedLinear
-from .refit import FOLDS, choose_damp, conv_patches, solve
+from .refit import FOLDS, conv_patches, cross_validated, say_left
 
 __all__ = ["Factorize", "spatial_svd", "svd_factors", "tucker2"]
 
@@ -276,14 +276,8 @@ class Factorize(Transform):
             ranks = self._budget(model, ctx, target, linears, convs, spatial, aware, report, now)
         # with refit, convolutions are factorized block by block on calibration data too
         # (their last factor refit); otherwise from their weights alone, here
-        fitted = {
-            p: c
-            for p, c in convs.items()
-            if aware
-            and self.refit
-            and _refittable_conv(c)
-            and (self._kind(c) == "tucker" or tuple(c.kernel_size) == (1, 1))
-        }
+        unfit = {p: _not_refittable(c, self._kind(c)) for p, c in convs.items()}
+        fitted = {p: c for p, c in convs.items() if aware and self.refit and unfit[p] is None}
         # the refit's reference: an unfactorized copy of each block as it runs, or, where a
         # refit layer sits outside every repeated block (a CNN's stages, a classifier), a copy
         # of the whole model taken now, before any layer changes
@@ -298,12 +292,11 @@ class Factorize(Transform):
                 f"hold one block's copy at a time"
             )
         if aware and self.refit and len(fitted) < len(convs):
-            left = [p for p in convs if p not in fitted]
-            report.note(
-                f"Factorize(refit=True): {len(left)} convolution(s) factorized from their weights "
-                f"alone, without the refit (a spatial split, groups or non-zero padding): "
-                + ", ".join(left[:8])
-                + (" ..." if len(left) > 8 else "")
+            say_left(
+                report,
+                "Factorize(refit=True): convolutions factorized from their weights alone, "
+                "without the refit",
+                {p: why for p, why in unfit.items() if why is not None},
             )
         for p, conv in convs.items():
             if p not in fitted:
@@ -780,16 +773,17 @@ class Factorize(Transform):
         return layers, ranks, approx
 
 
-def _refittable_conv(m: nn.Module) -> bool:
-    """Whether a convolution's factorized chain can have its last factor refit: zero padding
-    (its patches are ``F.unfold``'s) and a Tucker chain or a 1 x 1 kernel (whose last factor
-    reads one pixel of a map of the input's patches)."""
-    return (
-        isinstance(m, nn.Conv2d)
-        and m.groups == 1
-        and m.padding_mode == "zeros"
-        and not isinstance(m.padding, str)
-    )
+def _not_refittable(m: nn.Module, kind: str) -> str | None:
+    """Why a convolution's factorized chain (split as ``kind``) cannot have its last factor
+    refit, or ``None``: it needs zero padding (its patches are ``F.unfold``'s) and a Tucker
+    chain or a 1 x 1 kernel (whose last factor reads one pixel of a map of the patches)."""
+    if not isinstance(m, nn.Conv2d) or m.groups != 1:
+        return "a grouped convolution"
+    if m.padding_mode != "zeros" or isinstance(m.padding, str):
+        return "padding other than explicit zeros"
+    if kind != "tucker" and tuple(m.kernel_size) != (1, 1):
+        return "a spatial split (its second factor reads the first's own patches)"
+    return None
 
 
 def _stat_rows(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -872,16 +866,13 @@ def _refit_factor(
         }
 
     if folds and len(folds) == FOLDS and all(folds):
-        chosen, before, after = choose_damp(
-            second.double(), [sums(f["gram"], f["cross"], f["ref_gram"]) for f in folds]
+        b, before, after, chosen = cross_validated(
+            second.double(),
+            sums(gram, cross, ref_gram),
+            [sums(f["gram"], f["cross"], f["ref_gram"]) for f in folds],
         )
-        out = second
-        if chosen is not None:
-            whole = sums(gram, cross, ref_gram)
-            b, _, _ = solve(second.double(), whole["gram"], whole["yx"], whole["energy"], chosen)
-            out = b.float() if b is not second else second
         details = {"output_error_truncated": round(before, 4), "output_error": round(after, 4)}
-        return out, {**details, "refit_damp": chosen}
+        return b.float(), {**details, "refit_damp": chosen}
     b, before, after = refit_second(w, first, second, gram, cross, ref_gram)
     return b, {"output_error_truncated": round(before, 4), "output_error": round(after, 4)}
 

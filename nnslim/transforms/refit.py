@@ -184,6 +184,22 @@ def solve(
     return w, before, after
 
 
+def cross_validated(
+    w_now: torch.Tensor, whole: dict[str, Any], folds: list[dict[str, Any]]
+) -> tuple[torch.Tensor, float, float, float | None]:
+    """The refit of :func:`choose_damp`'s strength over ``folds``, solved on ``whole`` (each
+    a dict of ``gram``, ``yx``, ``energy``). Returns ``(W', before, after, damp)``: the
+    held-out relative errors of ``w_now`` and of the fit at that strength, and the strength;
+    ``(w_now, before, before, None)`` where no fit does better (held out, or on the whole)."""
+    chosen, before, after = choose_damp(w_now, folds)
+    if chosen is None:
+        return w_now, before, before, None
+    w, _, _ = solve(w_now, whole["gram"], whole["yx"], whole["energy"], chosen)
+    if w is w_now:  # not better on all the data after all: nothing changed
+        return w_now, before, before, None
+    return w, before, after, chosen
+
+
 def _target_sums(sums: dict[str, torch.Tensor], keep: torch.Tensor | None) -> dict[str, Any]:
     """``gram``, ``yx`` and ``energy`` from the block runner's output sums (``cross_out``:
     ``X^T Y`` over every output of the unpruned layer, ``out_sq``: ``||Y_j||^2`` per output),
@@ -244,13 +260,9 @@ def refit_readers(
             whole = _target_sums({"gram": st.gram, **st.extra}, keep)
             parts = st.extra.get("folds") or []
             if folds and len(parts) == folds and all(parts):
-                chosen, before, after = choose_damp(w_now, [_target_sums(f, keep) for f in parts])
+                fits = [_target_sums(f, keep) for f in parts]
+                w, before, after, chosen = cross_validated(w_now, whole, fits)
                 out[p] = (before, after, chosen)
-                if chosen is None:
-                    continue
-                w, _, _ = solve(w_now, whole["gram"], whole["yx"], whole["energy"], chosen)
-                if w is w_now:  # not better on all the data after all: nothing changed
-                    out[p] = (before, before, None)
             else:
                 d = DAMP if damp is None else damp
                 w, before, after = solve(w_now, whole["gram"], whole["yx"], whole["energy"], d)
