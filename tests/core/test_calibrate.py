@@ -126,11 +126,11 @@ def test_the_calibration_loss_is_the_models_own_loss_when_it_has_one():
 
 def _tiny_bert():
     tf = pytest.importorskip("transformers")
+    from tests.zoo import bert_config
+
     torch.manual_seed(0)
-    cfg = tf.BertConfig(
+    cfg = bert_config(
         hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
         intermediate_size=64,
         vocab_size=100,
         max_position_embeddings=32,
