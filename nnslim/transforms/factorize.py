@@ -347,6 +347,10 @@ class Factorize(Transform):
                     gram=True,
                     reference=reference,
                     rows_of=_stat_rows,
+                    # refit layer group by layer group in the order the block runs them (q/k/v,
+                    # then o, then gate/up, then down): each group fit on the inputs the groups
+                    # before it give once refit, not on those they gave before any changed
+                    true_sequential=bool(self.refit),
                     # the refit's strength chosen on held-out batches, as Prune's refit does
                     folds=FOLDS if self.refit and batch_count(len(ctx.calibration)) >= FOLDS else 0,
                 )
