@@ -611,6 +611,51 @@ def test_conv_refit_outside_repeated_blocks():
     )
 
 
+class _MlpBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(16, 24)
+        self.down = nn.Linear(24, 16)
+
+    def forward(self, x):
+        return x + self.down(torch.relu(self.up(x)))
+
+
+class _Mlps(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([_MlpBlock() for _ in range(2)])
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return x
+
+
+def test_refit_goes_layer_after_layer_inside_a_block():
+    """Inside a block the refit goes in the order the block runs its layers: the down
+    projection is fit on what the *refit* up projection gives (true-sequential), toward the
+    unfactorized model's output; fit on what the up projection gave before it changed, the
+    down projection's fit would be for inputs the model no longer computes."""
+    torch.manual_seed(0)
+    model = _Mlps().eval()
+    original = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(1)
+    calib = [torch.randn(64, 16, generator=g)]  # one batch: the plain least squares
+    report = nnslim.Factorize(ratio=0.4, refit=True).apply(model, calib[0], calibration=calib)
+    done = {c.path: c.details for c in report.changes}
+    assert set(done) == {f"blocks.{i}.{n}" for i in range(2) for n in ("up", "down")}
+    x = x_ref = calib[0]
+    with torch.no_grad():
+        for i in range(2):
+            new, old = model.blocks[i], original.blocks[i]
+            z = new.down.first(torch.relu(new.up(x))).double()  # after up's refit
+            y = (old.down(torch.relu(old.up(x_ref))) - old.down.bias).double()
+            want = torch.linalg.lstsq(z, y).solution.t()
+            torch.testing.assert_close(new.down.second.weight.double(), want, rtol=1e-3, atol=1e-4)
+            x, x_ref = new(x), old(x_ref)
+
+
 class _InPlace(nn.Module):
     """A block that changes a refit layer's input in place after the layer ran."""
 
