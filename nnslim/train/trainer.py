@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import gc
 import itertools
@@ -590,6 +591,8 @@ class Trainer:
         resume: bool = False,
     ) -> TrainResult:
         """Train ``model`` in place on ``data`` (an iterable of batches, re-iterated per epoch).
+        A model given in eval mode is trained in train mode; every module's train/eval flag
+        comes back as it was given afterwards.
 
         With ``checkpoint_dir``, model, optimizer, scheduler, RNG states and position are saved
         atomically every ``options.checkpoint_every`` steps and at the end; ``resume=True``
@@ -694,6 +697,10 @@ class Trainer:
         # where a checkpoint written at the end resumes: after the last epoch, or (stopped by
         # max_steps) at the batch after the last step, with the RNG state of that moment
         end: tuple[int, int, Any, Any] | None = None
+        # the model comes back in the modes it was given in (an evaluation or a transform
+        # after fit() sees the model as it handed it over)
+        modes = contextlib.ExitStack()
+        modes.enter_context(preserve_modes(model))
         if not model.training:  # a model in train mode keeps its modules' modes (a BatchNorm
             net.train()  # frozen with .eval() for fine-tuning stays frozen)
         # a resumed run that already made max_steps has nothing to train (and keeps its
@@ -759,6 +766,7 @@ class Trainer:
                 )
                 saving.save(state, e_rng, rng)
         finally:
+            modes.close()
             features.close()
             bar.close()
             dist.barrier()

@@ -757,10 +757,12 @@ def test_a_model_in_train_mode_keeps_the_batchnorm_it_froze():
     data = [(torch.randn(8, 4), torch.randint(0, 2, (8,))) for _ in range(3)]
     nnslim.Trainer(lr=0.1, options=QUIET).fit(model, data)
     assert not model[1].training and torch.equal(model[1].running_mean, stats)
-    # a model handed over in eval mode (as transforms leave it) is trained in train mode
+    # a model handed over in eval mode (as transforms leave it) is trained in train mode, and
+    # comes back in eval mode
     model.eval()
     nnslim.Trainer(lr=0.1, options=QUIET).fit(model, data)
-    assert model[1].training and not torch.equal(model[1].running_mean, stats)
+    assert not torch.equal(model[1].running_mean, stats)
+    assert not any(m.training for m in model.modules())
 
 
 def test_distillation_for_blocks_recovers_a_pruned_llama():
