@@ -20,6 +20,7 @@ distillation from the fp32 model: every layer's output by its relative error
     python benchmarks/real_minilm.py           # 512 sentences
     python benchmarks/real_minilm.py --quick   # 64 sentences, 100 word pairs
     python benchmarks/real_minilm.py --recover 300 --only "Prune,Factorize"
+    python benchmarks/real_minilm.py --recover 300 --recover-loss mean_cosine --only "Prune"
 """
 
 from __future__ import annotations
@@ -95,6 +96,13 @@ def main() -> None:
     parser.add_argument("--recover", type=int, default=0, metavar="STEPS")
     parser.add_argument("--recover-lr", type=float, default=1e-4)
     parser.add_argument(
+        "--recover-loss",
+        default="auto",
+        choices=["auto", "mean_cosine"],
+        help="the distillation's output term: each token's relative error (auto) or the "
+        "cosine of the mean-pooled sentence embeddings (mean_cosine)",
+    )
+    parser.add_argument(
         "--only", default=None, help="fp32 and the rows whose name holds one of these texts"
     )
     args = parser.parse_args()
@@ -141,7 +149,7 @@ def main() -> None:
         )
         if training and (isinstance(transform, (nnslim.Prune, nnslim.Factorize)) or channels):
             torch.manual_seed(0)
-            fit = recover(m, base, training, args.recover_lr)
+            fit = recover(m, base, training, args.recover_lr, args.recover_loss)
             add(f"{name} + {fit.steps} steps distilled", m)
 
     def add(name, m):
@@ -253,8 +261,11 @@ def main() -> None:
     )
     name = "real_minilm" + ("-quick" if args.quick else "")
     name += f"-recover{args.recover}" if args.recover else ""
+    name += f"-{args.recover_loss}" if args.recover and args.recover_loss != "auto" else ""
     name += "-only-" + "".join(c if c.isalnum() else "_" for c in args.only) if args.only else ""
-    print(f"wrote {write_json(name, {'rows': rows, 'recovery_steps': args.recover})}")
+    print(
+        f"wrote {write_json(name, {'rows': rows, 'recovery_steps': args.recover, 'recovery_loss': args.recover_loss})}"
+    )
 
 
 if __name__ == "__main__":

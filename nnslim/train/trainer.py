@@ -22,7 +22,14 @@ from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, Sa
 
 from ..base.blocks import layer_stack
 from ..base.distributed import rank_world
-from ..base.inputs import Inputs, as_inputs, first_tensor, is_hidden_state, real_tokens
+from ..base.inputs import (
+    Inputs,
+    as_inputs,
+    first_tensor,
+    is_hidden_state,
+    per_token,
+    real_tokens,
+)
 from ..base.modules import copy_model, is_hf_conv1d
 from ..base.snapshot import preserve_modes
 from ..base.validate import check_choice, check_fraction, check_int, check_type
@@ -57,7 +64,11 @@ class Distillation:
             divergence of the softened distributions (the output is logits); ``"mse"``: mean
             squared error; ``"relative"``: squared error divided by the teacher output's mean
             square (scale-free); ``"cosine"``: one minus the cosine similarity of each output
-            vector (last dimension), averaged; ``"auto"`` (default): ``"kl"`` when the output is
+            vector (last dimension), averaged; ``"mean_cosine"``: one minus the cosine similarity
+            of each sequence's mean-pooled output (a ``(batch, tokens, features)`` output
+            averaged over its real tokens: the sentence embedding a sentence-transformers model
+            serves, matched as it is used; a 2-D output is taken as pooled already); ``"auto"``
+            (default): ``"kl"`` when the output is
             logits (a tensor, a tuple, or a Hugging Face output with ``logits``), and
             ``"relative"`` when it is a hidden state or an embedding (an output with
             ``last_hidden_state``, ``sentence_embedding`` or ``embeddings`` and no ``logits``:
@@ -85,7 +96,7 @@ class Distillation:
     features: dict[str, str] = field(default_factory=dict)
     feature_weight: float = 1.0
     feature_loss: Literal["mse", "relative"] = "mse"
-    output_loss: Literal["auto", "kl", "mse", "relative", "cosine"] = "auto"
+    output_loss: Literal["auto", "kl", "mse", "relative", "cosine", "mean_cosine"] = "auto"
 
     def __post_init__(self) -> None:
         check_fraction(
@@ -98,7 +109,7 @@ class Distillation:
             "Distillation",
             "output_loss",
             self.output_loss,
-            ("auto", "kl", "mse", "relative", "cosine"),
+            ("auto", "kl", "mse", "relative", "cosine", "mean_cosine"),
         )
         if not isinstance(self.features, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in self.features.items()
@@ -902,6 +913,9 @@ class Trainer:
                 f"teacher's has {tuple(teacher.shape)}; distil into a model whose output keeps "
                 f"the teacher's shape (prune inside it, not its output width)."
             )
+        if kind == "mean_cosine":
+            s, tt = _mean_pooled(student, real), _mean_pooled(teacher, real)
+            return (1 - F.cosine_similarity(s, tt, dim=-1)).mean()
         student, teacher = real_tokens(student, real), real_tokens(teacher, real)
         s = student.reshape(-1, student.shape[-1]).float()
         tt = teacher.reshape(-1, teacher.shape[-1]).float()
@@ -937,6 +951,23 @@ class Trainer:
                 if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None:
                     total = total + r.bn_l1 * m.weight.abs().sum()
         return total
+
+
+def _mean_pooled(x: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
+    """Each sequence's mean over its real tokens, ``(batch, features)``: ``x`` a
+    ``(batch, tokens, features)`` output (a 2-D one is returned as it is, pooled already)."""
+    if x.dim() == 2:
+        return x.float()
+    if x.dim() != 3:
+        raise ValueError(
+            f"Distillation(output_loss='mean_cosine'): the output has shape {tuple(x.shape)}; "
+            f"it pools a (batch, tokens, features) output over its tokens. Use 'cosine' or "
+            f"'relative' for other outputs."
+        )
+    if not per_token(x, real):
+        return x.float().mean(1)
+    w = real.to(device=x.device, dtype=torch.float32)[..., None]
+    return (x.float() * w).sum(1) / w.sum(1).clamp_min(1.0)
 
 
 def _squared_error(s: torch.Tensor, t: torch.Tensor, *, relative: bool) -> torch.Tensor:

@@ -229,6 +229,50 @@ def test_distillation_leaves_padded_positions_out(output_loss):
     assert loss(enc) == pytest.approx(got, rel=1e-6)
 
 
+def test_mean_cosine_matches_the_pooled_sentence_embedding():
+    """``output_loss="mean_cosine"``: one minus the cosine of each sequence's output averaged
+    over its real tokens (the sentence embedding), whatever the padded positions hold; a 2-D
+    output is taken as pooled; an output of another rank is refused by name."""
+    pytest.importorskip("transformers")
+    teacher, student = _Tokens(0).eval(), _Tokens(1)
+    ids = torch.tensor([[3, 4, 5, 6], [7, 8, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    d = nnslim.Distillation(alpha=1.0, output_loss="mean_cosine")
+
+    def loss(batch):
+        trainer = nnslim.Trainer(lr=1e-12, teacher=teacher, distillation=d, options=QUIET)
+        return trainer.fit(copy.deepcopy(student), [batch]).losses[0]
+
+    got = loss({"input_ids": ids, "attention_mask": mask})
+    with torch.no_grad():
+        s, t = student(ids).last_hidden_state, teacher(ids).last_hidden_state
+        ps = torch.stack([s[0].mean(0), s[1, :2].mean(0)])
+        pt = torch.stack([t[0].mean(0), t[1, :2].mean(0)])
+        want = (1 - nn.functional.cosine_similarity(ps, pt, dim=-1)).mean()
+    assert got == pytest.approx(float(want), rel=1e-5)
+    other = ids.clone()
+    other[1, 2:] = 19
+    assert loss({"input_ids": other, "attention_mask": mask}) == pytest.approx(got, rel=1e-6)
+    # the same sentences unpadded, one by one: the same pooled embeddings
+    kd = nnslim.Trainer(teacher=teacher, distillation=d)._kd
+    with torch.no_grad():
+        one = [
+            kd(
+                student(i[None]).last_hidden_state,
+                teacher(i[None]).last_hidden_state,
+                "mean_cosine",
+            )
+            for i in (ids[0], ids[1, :2])
+        ]
+    assert float(sum(one) / 2) == pytest.approx(got, rel=1e-5)
+    flat_s, flat_t = torch.randn(3, 6), torch.randn(3, 6)
+    assert float(kd(flat_s, flat_t, "mean_cosine")) == pytest.approx(
+        float(kd(flat_s, flat_t, "cosine")), rel=1e-6
+    )
+    with pytest.raises(ValueError, match="mean_cosine.*shape"):
+        kd(torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5), "mean_cosine")
+
+
 def test_auto_output_loss_keeps_kl_for_logits():
     """Logits (a plain tensor, or an output with ``logits`` beside a hidden state) keep the KL
     term under ``"auto"``."""
