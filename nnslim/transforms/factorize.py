@@ -110,7 +110,8 @@ class Factorize(Transform):
             closed form (least squares) so that, on the inputs it now gets from the layers
             already factorized, it reproduces the original model's output for the same
             tokens (SVD-LLM's second stage, as an exact solve: an unfactorized copy of each
-            block runs beside it).
+            block runs beside it). Inside a block, layer group after layer group in the order
+            the block runs them (each fit on what the refit groups before it give).
         select: layers to factorize (default every Linear/Conv1D/Conv2d); a mapping gives
             per-layer ranks.
         exclude: layers to leave alone.
