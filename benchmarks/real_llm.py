@@ -334,6 +334,15 @@ def main() -> None:
         True,
         extended=True,
     )
+    # the same parameters (0.8417 of the model's: the ratio row's count), ranks allocated
+    # across the blocks' layers by their whitened singular values (each rank's share of its
+    # layer's output error per parameter) instead of 80% of every layer
+    run(
+        "Factorize at the 80% row's params, global ranks + refit",
+        nnslim.Factorize(params=0.8417, select=blocks, refit=True),
+        True,
+        extended=True,
+    )
     run(
         "structured 20% heads and MLP units (Wanda)",
         nnslim.Prune(ratio=0.2, importance="wanda", select=heads_and_units),
