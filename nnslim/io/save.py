@@ -158,7 +158,54 @@ def save(
                 + "."
             )
     record = _record_of(model)
-    write_weights(path, record, {**state_dict, **_changed_np_buffers(model, record)})
+    state = {**state_dict, **_changed_np_buffers(model, record)}
+    dtypes = _float_dtypes(model)
+    write_weights(path, {**record, FLOAT_DTYPES: dtypes} if dtypes else record, state)
+
+
+#: record key of the float dtype each quantized layer computes in when the model was saved (a
+#: plain attribute the layer's transform recorded; a cast after it changes it)
+FLOAT_DTYPES = "float_dtypes"
+
+_FLOATS = ("float32", "float16", "bfloat16", "float64")
+
+
+def _float_dtypes(model: nn.Module) -> dict[str, str]:
+    """``{module path: float_dtype}`` of the layers that record the float dtype they compute
+    in (quantized layers: their ``weight`` is rebuilt in it)."""
+    return {
+        p: m.float_dtype
+        for p, m in model.named_modules()
+        if isinstance(getattr(m, "float_dtype", None), str)
+    }
+
+
+def _check_float_dtypes(record: dict[str, Any]) -> None:
+    """Refuse a record whose float dtypes are not ``{module path: float dtype name}``."""
+    dtypes = record.get(FLOAT_DTYPES, {})
+    if not isinstance(dtypes, dict) or not all(
+        isinstance(k, str) and v in _FLOATS for k, v in dtypes.items()
+    ):
+        raise ValueError(
+            f"load: the record's {FLOAT_DTYPES!r} is malformed; it was not written by nnslim.save"
+        )
+
+
+def _take_float_dtypes(model: nn.Module, dtypes: dict[str, str]) -> None:
+    """Give each quantized layer the float dtype it had when it was saved: the replay rebuilds
+    it in the dtype its transform ran in, and the model may have been cast after (a model
+    quantized in fp32, cast to bf16 and saved came back with layers whose ``weight`` was fp32
+    while they computed in bf16)."""
+    for p, dt in dtypes.items():
+        try:
+            m = model.get_submodule(p)
+        except AttributeError as e:
+            raise ValueError(
+                f"load: the record names a float dtype for {p!r}, which the rebuilt model "
+                f"does not have; it was not written by nnslim.save"
+            ) from e
+        if isinstance(getattr(m, "float_dtype", None), str):
+            m.float_dtype = dt
 
 
 #: prefix of the file keys holding non-persistent buffers a transform created or reshaped
@@ -378,7 +425,7 @@ def load(
         return {k: v.to(dev) for k, v in state.items()}
 
     _rebuild(base, record, device, read, aliases)
-    base.__dict__[RECORD_ATTR] = record
+    base.__dict__[RECORD_ATTR] = {k: v for k, v in record.items() if k != FLOAT_DTYPES}
     return base
 
 
@@ -402,6 +449,7 @@ def _rebuild(
         p = next(iter(base.parameters()), None)
         device = p.device if p is not None and p.device.type != "meta" else torch.device("cpu")
     entries = _checked_entries(record, tensor_budget(base))  # all of them, before any replay
+    _check_float_dtypes(record)
     state = read(device)
     _check_float_dtype(base, state)
     snap = Snapshot(base, copy_tensors=False)
@@ -424,6 +472,8 @@ def _rebuild(
         aliases = {k: v for k, v in aliases.items() if not k.startswith(NP_PREFIX)}
         _load_state(base, state, aliases)
         _fill_np_buffers(base, record, stored)
+        if FLOAT_DTYPES in record:
+            _take_float_dtypes(base, record[FLOAT_DTYPES])
     except BaseException:
         snap.restore()
         raise

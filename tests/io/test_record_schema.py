@@ -128,6 +128,14 @@ def _too_many_in_all(r):
         )
 
 
+def _float_dtype_not_float(r):
+    r["float_dtypes"] = {"0": "int8"}
+
+
+def _float_dtype_of_no_module(r):
+    r["float_dtypes"] = {"9": "bfloat16"}
+
+
 CASES = {
     "4 TB shape": (_set_shape, r"tensors\[.*\]\.shape: \[1000000, 1000000\] is 1,000,000,000,000"),
     "attribute hiding forward": (
@@ -147,6 +155,8 @@ CASES = {
     "config dunder": (_config_dunder, r"config\['__class__'\]: config fields"),
     "negative size": (_negative, r"negative size in \[-1, 4\]"),
     "too much in all": (_too_many_in_all, "allocates more than"),
+    "float dtype": (_float_dtype_not_float, "'float_dtypes' is malformed"),
+    "float dtype of no module": (_float_dtype_of_no_module, "float dtype for '9'"),
 }
 
 

@@ -433,8 +433,11 @@ def test_a_base_in_another_float_dtype_is_refused_and_left_as_it_was(tmp_path):
         lambda: nnslim.Factorize(ratio=0.5),
         lambda: nnslim.Prune(ratio=0.5, structure="unstructured", pack=True),
         lambda: nnslim.ShareWeights(clusters=4),
+        lambda: nnslim.Quantize(scheme="int8"),
+        lambda: nnslim.Quantize(scheme="int8-dynamic"),
+        lambda: nnslim.Quantize(scheme="int4", group_size=32, select=["2"]),
     ],
-    ids=["factorize", "packed", "share"],
+    ids=["factorize", "packed", "share", "int8", "int8-dynamic", "int4"],
 )
 def test_a_model_cast_after_its_transform_loads_in_the_dtype_it_was_saved(tmp_path, make):
     """The record rebuilds a module in the dtype its transform ran in; the file holds the
@@ -454,5 +457,13 @@ def test_a_model_cast_after_its_transform_loads_in_the_dtype_it_was_saved(tmp_pa
     back = nnslim.load(tmp_path / "m.safetensors", mlp().to(torch.bfloat16))
     dtypes = {v.dtype for v in back.state_dict().values() if v.is_floating_point()}
     assert dtypes == {v.dtype for v in model.state_dict().values() if v.is_floating_point()}
+    # a quantized layer's weight is rebuilt in the dtype it computes in (its recorded
+    # float_dtype, which the cast changed after the transform recorded it)
+    for (p, m), n in zip(model.named_modules(), back.modules(), strict=True):
+        if hasattr(m, "float_dtype"):
+            assert m.float_dtype == n.float_dtype == "bfloat16", p
+            assert n.weight.dtype == torch.bfloat16, p
     with torch.no_grad():
         assert torch.equal(back(x.bfloat16()), model(x.bfloat16()))
+    # the record a loaded model carries has no float dtypes (a later save writes its own)
+    assert "float_dtypes" not in back._nnslim_record
