@@ -186,6 +186,14 @@ def main() -> None:
         False,
     )
     run("Factorize 80% params, activation-aware", nnslim.Factorize(ratio=0.8, select=encoder), True)
+    # each layer's second factor then refit toward the fp32 encoder's outputs, layer group
+    # after layer group (left out of --quick, which the tests run)
+    if not args.quick or args.only:
+        run(
+            "Factorize 80% params, activation-aware + refit",
+            nnslim.Factorize(ratio=0.8, select=encoder, refit=True),
+            True,
+        )
     run("Prune 25% (heads and MLP width)", nnslim.Prune(ratio=0.25), False)
     # activation-aware channel importance (|w| times the input's norm, summed per group)
     run(
