@@ -68,19 +68,28 @@ def train_windows(count: int, offset: int) -> list[dict]:
 
 
 def recover(
-    model, teacher, data: list[dict], lr: float, output_loss: str = "auto"
+    model,
+    teacher,
+    data: list[dict],
+    lr: float,
+    output_loss: str = "auto",
+    feature_weight: float = 1.0,
 ) -> nnslim.TrainResult:
     """Distil ``teacher`` into the compressed ``model`` (in place): the output at temperature 1
-    (``output_loss``: see :class:`nnslim.Distillation`) and every block's output, one batch per
-    AdamW step, cosine schedule, gradients clipped at 1 (the recipe of this benchmark and of
-    ``real_minilm.py``)."""
+    (``output_loss``: see :class:`nnslim.Distillation`) and every block's output (weighted by
+    ``feature_weight``), one batch per AdamW step, cosine schedule, gradients clipped at 1 (the
+    recipe of this benchmark and of ``real_minilm.py``)."""
     trainer = nnslim.Trainer(
         optimizer=torch.optim.AdamW,
         lr=lr,
         scheduler=lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, len(data)),
         teacher=teacher,
         distillation=nnslim.Distillation.for_blocks(
-            teacher, temperature=1.0, alpha=1.0, output_loss=output_loss
+            teacher,
+            temperature=1.0,
+            alpha=1.0,
+            output_loss=output_loss,
+            feature_weight=feature_weight,
         ),
         options=nnslim.TrainOptions(verbose=False, clip_grad_norm=1.0),
     )

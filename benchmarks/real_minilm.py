@@ -103,6 +103,13 @@ def main() -> None:
         "cosine of the mean-pooled sentence embeddings (mean_cosine)",
     )
     parser.add_argument(
+        "--recover-features",
+        type=float,
+        default=1.0,
+        metavar="WEIGHT",
+        help="the weight of the block outputs' terms beside the output term",
+    )
+    parser.add_argument(
         "--only", default=None, help="fp32 and the rows whose name holds one of these texts"
     )
     args = parser.parse_args()
@@ -149,7 +156,9 @@ def main() -> None:
         )
         if training and (isinstance(transform, (nnslim.Prune, nnslim.Factorize)) or channels):
             torch.manual_seed(0)
-            fit = recover(m, base, training, args.recover_lr, args.recover_loss)
+            fit = recover(
+                m, base, training, args.recover_lr, args.recover_loss, args.recover_features
+            )
             add(f"{name} + {fit.steps} steps distilled", m)
 
     def add(name, m):
@@ -270,10 +279,16 @@ def main() -> None:
     name = "real_minilm" + ("-quick" if args.quick else "")
     name += f"-recover{args.recover}" if args.recover else ""
     name += f"-{args.recover_loss}" if args.recover and args.recover_loss != "auto" else ""
-    name += "-only-" + "".join(c if c.isalnum() else "_" for c in args.only) if args.only else ""
-    print(
-        f"wrote {write_json(name, {'rows': rows, 'recovery_steps': args.recover, 'recovery_loss': args.recover_loss})}"
+    name += (
+        f"-features{args.recover_features:g}" if args.recover and args.recover_features != 1 else ""
     )
+    name += "-only-" + "".join(c if c.isalnum() else "_" for c in args.only) if args.only else ""
+    recipe = {
+        "recovery_steps": args.recover,
+        "recovery_loss": args.recover_loss,
+        "feature_weight": args.recover_features,
+    }
+    print(f"wrote {write_json(name, {'rows': rows, **recipe})}")
 
 
 if __name__ == "__main__":
