@@ -40,6 +40,10 @@ class Inputs:
     #: the real tokens of the batch these inputs come from, where the arguments no longer
     #: carry them (a block's inputs, whose ``attention_mask`` is the model's 4-D one)
     tokens: torch.Tensor | None = None
+    #: the same batch as the unprocessed model's stream gives it, where that differs from
+    #: these inputs (streamed compression: a block's inputs as the uncompressed blocks before
+    #: it computed them); a refit's reference runs on it
+    original: Inputs | None = None
 
     def call(self, model: nn.Module) -> Any:
         """Run ``model(*args, **kwargs)``."""
@@ -84,6 +88,7 @@ class Inputs:
             {k: _to(v, device) for k, v in self.kwargs.items()},
             tuple(_to(a, device) for a in self.targets),
             self.tokens,
+            self.original.to(device) if self.original is not None else None,
         )
 
     def as_tuple(self) -> tuple[Any, ...] | dict[str, Any]:

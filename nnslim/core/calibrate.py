@@ -515,7 +515,8 @@ def run_sequential(
         rows: keep up to this many input rows per layer in ``stats.extra["rows"]``.
         true_sequential: inside a block, layer group after layer group.
         reference: also run an unprocessed copy of each block on the unprocessed model's
-            inputs (a second stream beside the processed one) and give each layer
+            inputs (a second stream beside the processed one; a batch's ``original``, where
+            set, is that stream's input to ``model``) and give each layer
             ``stats.extra["cross"] = X^T X_ref``, its inputs against the inputs it had in the
             original model, for the same tokens (a refit toward the original outputs), and
             ``stats.extra["ref_gram"] = X_ref^T X_ref``. Where
@@ -538,6 +539,12 @@ def run_sequential(
     rows_of = rows_of or _rows
     ref_model = reference if isinstance(reference, nn.Module) else None
     masks = [b.token_mask(model) for b in batches]  # each batch's real tokens, in order
+    # the unprocessed stream's inputs, where the batches carry them (streamed compression)
+    originals = (
+        [b.original if b.original is not None else b for b in batches]
+        if any(b.original is not None for b in batches)
+        else batches
+    )
     named = dict(model.named_modules())
     order = {p: i for i, p in enumerate(named)}
     groups: dict[str | None, list[str]] = {}
@@ -558,14 +565,16 @@ def run_sequential(
             if (in_order or with_ref) and here is not None:
                 if cached is None:
                     cached = inputs_of(model, batches=batches, module=here)
-                    # the streams part from here on
-                    ref_cached = (
-                        cached
-                        if ref_model is None
-                        else inputs_of(
-                            ref_model, batches=batches, module=ref_model.get_submodule(key)
+                    # the streams part from here on (each from its own inputs, where the
+                    # batches carry the unprocessed stream's: a block compressed alone)
+                    if ref_model is not None:
+                        ref_cached = inputs_of(
+                            ref_model, batches=originals, module=ref_model.get_submodule(key)
                         )
-                    )
+                    elif originals is not batches:
+                        ref_cached = inputs_of(model, batches=originals, module=here)
+                    else:
+                        ref_cached = cached
                 dense = None
                 if with_ref:
                     dense = (

@@ -221,6 +221,10 @@ def compress_checkpoint(
         output: the new directory (must not exist).
         transform: applied to each block with the block's calibration inputs (Quantize with
             RTN or GPTQ, Factorize, Prune with unstructured/N:M sparsity, ShareWeights...).
+            With a refit (``Prune(refit=True)``, ``Factorize(refit=True)``) the blocks'
+            inputs in the uncompressed model are carried beside the compressed ones (twice
+            the calibration activations in memory), so that each layer is refit toward the
+            uncompressed model's outputs as in memory.
         calibration: batches of model inputs (``{"input_ids": ...}`` dicts or tensors).
         model_class: the transformers class (default: ``AutoModelForCausalLM``).
         shard_size_mb: each block is written to a shard of its own as soon as it is done; the
@@ -271,12 +275,17 @@ def compress_checkpoint(
     try:
         cached = opened.block_inputs()
         masks = opened.token_masks()
+        # a refit fits toward the uncompressed model's outputs: the blocks' inputs as the
+        # uncompressed blocks compute them are carried beside the compressed stream's
+        ref: list[Any] | None = list(cached) if _refits(transform) else None
         bar = _progress_bar(progress, rank, len(blocks))
         per_block = []
         for i, block in enumerate(blocks):
             t0 = time.perf_counter()
             path = f"{blocks_path}.{i}"
-            step, done, cached = _compress_block(plans[i], block, path, cached, masks, ckpt, world)
+            step, done, cached, ref = _compress_block(
+                plans[i], block, path, cached, masks, ckpt, world, ref
+            )
             report.steps.append(step)
             entries += done
             if rank == 0:
@@ -677,20 +686,37 @@ def _progress_bar(progress: bool | None, rank: int, total: int) -> Any:
     return tqdm(total=total, desc="compress blocks", unit="block", disable=not show or rank != 0)
 
 
+def _refits(transform: Transform) -> bool:
+    """Whether any step of ``transform`` refits toward the uncompressed model's outputs."""
+    return any(getattr(t, "refit", False) is True for t in _leaves(transform))
+
+
+Cached = list[tuple[tuple[Any, ...], dict[str, Any]]]
+
+
 def _compress_block(
     transform: Transform,
     block: nn.Module,
     path: str,
-    cached: list[tuple[tuple[Any, ...], dict[str, Any]]],
+    cached: Cached,
     masks: list[torch.Tensor | None],
     ckpt: ShardedCheckpoint,
     world: int,
-) -> tuple[Report, list[dict[str, Any]], list[tuple[tuple[Any, ...], dict[str, Any]]]]:
+    ref: Cached | None = None,
+) -> tuple[Report, list[dict[str, Any]], Cached, Cached | None]:
     """Load one block, transform it on its cached inputs (``masks``: each batch's real
     tokens): ``(its report, its edit record's entries with model-level paths, the inputs of
-    the next block)``."""
+    the next block, and with ``ref`` (this block's inputs in the uncompressed model) the next
+    block's there)``."""
     _materialize_block(block, path, ckpt)
     calib = [Inputs(a, k, tokens=t) for (a, k), t in zip(cached, masks, strict=True)]
+    ref_after = None
+    if ref is not None:  # before the transform changes the block
+        calib = [
+            dataclasses.replace(b, original=Inputs(a, k, tokens=b.tokens))
+            for b, (a, k) in zip(calib, ref, strict=True)
+        ]
+        ref_after = _outputs(block, ref)
     step = _apply_block(transform, block, calib, world)
     step.transform = f"{path}: {step.transform}"
     rec = block.__dict__.pop(RECORD_ATTR, None) or {"entries": []}
@@ -702,13 +728,18 @@ def _compress_block(
         {"transform": e["transform"], "ops": [_prefix_op(op, path) for op in e["ops"]]}
         for e in rec["entries"]
     ]
+    return step, entries, _outputs(block, cached), ref_after
+
+
+def _outputs(block: nn.Module, cached: Cached) -> Cached:
+    """The next block's inputs: ``block``'s output in place of each batch's first argument."""
     with torch.no_grad():
         after = []
         for a, k in cached:
             o = block(*a, **k)
             o = o[0] if isinstance(o, (tuple, list)) else o
             after.append(((o, *a[1:]), k))
-    return step, entries, after
+    return after
 
 
 def _finish(tmp: Path, out: Path, writer: _Writer, config: Any, record: dict[str, Any]) -> None:
