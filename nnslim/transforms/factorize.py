@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import heapq
+import math
 from dataclasses import dataclass, replace
 from typing import Any, Literal, final, get_args
 
@@ -1074,20 +1076,41 @@ def _conv_entry(
 
 def _allocate_ranks(entries: list[_Entry], budget: float) -> list[int]:
     """Ranks per entry: rank 1 everywhere, then rank by rank where the energy bought per unit
-    of cost is largest (sigma^2 / marginal cost), while the budget lasts."""
-    candidates = []
-    for idx, (_, sv, marginal, _, _) in enumerate(entries):
-        for r, e in enumerate(sv.pow(2).tolist()):
-            candidates.append((e / marginal(r), idx, r))
-    candidates.sort(reverse=True)
+    of cost is largest (sigma^2 / marginal cost), while the budget lasts; each layer's ranks
+    in order. A layer whose next rank would cost at least its dense form is offered whole
+    instead: the rest of its energy for the rest of its dense cost (the rank then is
+    ``len(sv)``: kept dense). Charging ranks past that point would count a layer at up to twice
+    what it costs, and the model would come out far below its budget."""
     ranks = [1] * len(entries)
-    spent = sum(e[2](0) for e in entries)  # rank 1 everywhere
-    for _, idx, r in candidates:
-        if r == 0 or r != ranks[idx]:
-            continue  # ranks are taken in order per layer
+    spent_on = [e[2](0) for e in entries]  # rank 1 everywhere
+    spent = sum(spent_on)
+    energies = [e[1].double().pow(2).tolist() for e in entries]
+
+    def offer(idx: int) -> tuple[float, float, int] | None:
+        """The next purchase of layer ``idx``: ``(energy per cost, cost, new rank)``."""
+        sv, r, full = energies[idx], ranks[idx], entries[idx][3]
+        if r >= len(sv):
+            return None
         unit = entries[idx][2](r)
-        if spent + unit > budget:
-            continue
-        ranks[idx] = r + 1
-        spent += unit
+        if spent_on[idx] + unit >= full:  # as dense or dearer: the layer whole
+            rest = max(full - spent_on[idx], 0.0)
+            energy = sum(sv[r:])
+            return (energy / rest if rest > 0 else math.inf), rest, len(sv)
+        return sv[r] / unit, unit, r + 1
+
+    heap: list[tuple[float, int, float, int]] = []
+    for idx in range(len(entries)):
+        o = offer(idx)
+        if o is not None:
+            heapq.heappush(heap, (-o[0], idx, o[1], o[2]))
+    while heap:
+        _, idx, cost, rank = heapq.heappop(heap)
+        if spent + cost > budget:
+            continue  # this layer stops here (its ranks are bought in order)
+        ranks[idx] = rank
+        spent_on[idx] += cost
+        spent += cost
+        o = offer(idx)
+        if o is not None:
+            heapq.heappush(heap, (-o[0], idx, o[1], o[2]))
     return ranks

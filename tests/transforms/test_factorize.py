@@ -117,6 +117,24 @@ def test_global_params_budget_is_met_and_spends_rank_where_it_matters():
     assert ranks["0"] <= 6 < ranks["2"]  # the low-rank layer needs little
 
 
+@pytest.mark.parametrize("fraction", [0.9, 0.7])
+def test_a_whitened_global_budget_is_met_where_one_layer_dominates(fraction):
+    """Whitened, one layer's output error dwarfs the others' (inputs 1000x larger): the budget
+    gives it every rank. Ranks past its dense cost were charged at up to twice what the layer
+    costs, and the model came out far below its budget (0.72 of the parameters asked 0.9);
+    the layer is now bought whole at its dense cost."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    with torch.no_grad():
+        m[0].weight.mul_(1000.0)  # what the next layers read is 1000x larger
+    calib = [torch.randn(256, 64) for _ in range(2)]
+    before = sum(p.numel() for p in m.parameters())
+    report = nnslim.Factorize(params=fraction).apply(m, calib[0], calibration=calib)
+    kept = sum(p.numel() for p in m.parameters()) / before
+    assert fraction - 0.02 <= kept <= fraction
+    assert any(c.details.get("whitened") for c in report.changes)
+
+
 def test_activation_aware_is_default_with_calibration():
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(48, 32), nn.ReLU(), nn.Linear(32, 4))
@@ -398,7 +416,7 @@ def test_a_calibrated_budget_applied_again_measures_factorized_layers_on_their_i
     )
     x = torch.randn(4, 8, 12, 12)  # width 12 != 8 channels: rows must be channels
     calib = [torch.randn(4, 8, 12, 12) for _ in range(2)]
-    nnslim.Factorize(params=0.8).apply(model, x, calibration=calib)
+    nnslim.Factorize(ratio=0.8).apply(model, x, calibration=calib)
     assert isinstance(model[0], FactorizedConv2d) and isinstance(model[5], FactorizedLinear)
     before = nnslim.profile(model, x).params
     report = nnslim.Factorize(params=0.8).apply(model, x, calibration=calib)
