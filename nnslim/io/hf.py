@@ -19,7 +19,13 @@ from torch import nn
 
 from ..base.atomic import atomic_path
 from ..record.edits import RECORD_ATTR, replay
-from .save import _load_state
+from .save import (
+    FLOAT_DTYPES,
+    _check_float_dtypes,
+    _float_dtypes,
+    _load_state,
+    _take_float_dtypes,
+)
 
 __all__ = ["from_pretrained", "guard_plain_save", "save_pretrained"]
 
@@ -107,8 +113,9 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike[str], **kwarg
     if "save_original_format" in inspect.signature(type(model).save_pretrained).parameters:
         kwargs.setdefault("save_original_format", False)
     type(model).save_pretrained(model, directory, **kwargs)
+    dtypes = _float_dtypes(model)  # what each quantized layer computes in now (after a cast)
     with atomic_path(Path(directory) / FILE) as tmp:
-        tmp.write_text(json.dumps(record))
+        tmp.write_text(json.dumps({**record, FLOAT_DTYPES: dtypes} if dtypes else record))
 
 
 def from_pretrained(cls: Any, directory: str | os.PathLike[str]) -> nn.Module:
@@ -124,6 +131,7 @@ def from_pretrained(cls: Any, directory: str | os.PathLike[str]) -> nn.Module:
     if not path.exists():
         raise FileNotFoundError(f"nnslim.hf.from_pretrained: no {FILE} in {os.fspath(directory)!r}")
     record = json.loads(path.read_text())
+    _check_float_dtypes(record)
     config = cls.config_class.from_dict(record["hf_base_config"])
     model = cls(config)
     for entry in record.get("entries", []):
@@ -141,7 +149,8 @@ def from_pretrained(cls: Any, directory: str | os.PathLike[str]) -> nn.Module:
             state[k] = state[src]
             del aliases[k]
     _load_state(model, state, {})
-    model.__dict__[RECORD_ATTR] = record
+    _take_float_dtypes(model, record.get(FLOAT_DTYPES, {}))
+    model.__dict__[RECORD_ATTR] = {k: v for k, v in record.items() if k != FLOAT_DTYPES}
     return model
 
 

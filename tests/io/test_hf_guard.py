@@ -74,3 +74,20 @@ def test_an_unchanged_model_keeps_its_own_save_pretrained():
     assert "save_pretrained" not in m.__dict__
     nnslim.Prune(ratio=0.5, select=["re:.*up_proj", "re:.*gate_proj"]).apply(m, X)
     assert "save_pretrained" not in m.__dict__
+
+
+def test_a_quantized_model_cast_after_its_transform_round_trips_in_its_dtype(tmp_path):
+    """Quantized in fp32, cast to bf16, saved with nnslim.hf: the quantized layers come back
+    computing in bf16 and saying so (their ``float_dtype``, and the ``weight`` rebuilt in it)."""
+    m = llama()
+    nnslim.Quantize(scheme="int8").apply(m, X)
+    m = m.to(torch.bfloat16)
+    nnslim.hf.save_pretrained(m, tmp_path / "n")
+    back = nnslim.hf.from_pretrained(type(m), tmp_path / "n").eval()
+    layer = back.model.layers[0].mlp.up_proj
+    assert type(layer).__name__ == "Int8Linear"
+    assert layer.float_dtype == "bfloat16" and layer.weight.dtype == torch.bfloat16
+    # (not bit-equal: the rotary embedding's non-persistent inv_freq is rebuilt in fp32, where
+    # the cast model holds it in bf16)
+    torch.testing.assert_close(logits(back), logits(m), rtol=2e-2, atol=2e-2)
+    assert "float_dtypes" not in back._nnslim_record
