@@ -567,11 +567,11 @@ def run_sequential(
                     cached = inputs_of(model, batches=batches, module=here)
                     # the streams part from here on (each from its own inputs, where the
                     # batches carry the unprocessed stream's: a block compressed alone)
-                    if ref_model is not None:
+                    if with_ref and ref_model is not None:
                         ref_cached = inputs_of(
                             ref_model, batches=originals, module=ref_model.get_submodule(key)
                         )
-                    elif originals is not batches:
+                    elif with_ref and originals is not batches:
                         ref_cached = inputs_of(model, batches=originals, module=here)
                     else:
                         ref_cached = cached

@@ -22,9 +22,9 @@ from ..record.edits import RECORD_ATTR, replay
 from .save import (
     FLOAT_DTYPES,
     _check_float_dtypes,
-    _float_dtypes,
     _load_state,
     _take_float_dtypes,
+    with_float_dtypes,
 )
 
 __all__ = ["from_pretrained", "guard_plain_save", "save_pretrained"]
@@ -113,9 +113,8 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike[str], **kwarg
     if "save_original_format" in inspect.signature(type(model).save_pretrained).parameters:
         kwargs.setdefault("save_original_format", False)
     type(model).save_pretrained(model, directory, **kwargs)
-    dtypes = _float_dtypes(model)  # what each quantized layer computes in now (after a cast)
-    with atomic_path(Path(directory) / FILE) as tmp:
-        tmp.write_text(json.dumps({**record, FLOAT_DTYPES: dtypes} if dtypes else record))
+    with atomic_path(Path(directory) / FILE) as tmp:  # with what each quantized layer computes in
+        tmp.write_text(json.dumps(with_float_dtypes(record, model)))
 
 
 def from_pretrained(cls: Any, directory: str | os.PathLike[str]) -> nn.Module:

@@ -159,8 +159,7 @@ def save(
             )
     record = _record_of(model)
     state = {**state_dict, **_changed_np_buffers(model, record)}
-    dtypes = _float_dtypes(model)
-    write_weights(path, {**record, FLOAT_DTYPES: dtypes} if dtypes else record, state)
+    write_weights(path, with_float_dtypes(record, model), state)
 
 
 #: record key of the float dtype each quantized layer computes in when the model was saved (a
@@ -172,12 +171,20 @@ _FLOATS = ("float32", "float16", "bfloat16", "float64")
 
 def _float_dtypes(model: nn.Module) -> dict[str, str]:
     """``{module path: float_dtype}`` of the layers that record the float dtype they compute
-    in (quantized layers: their ``weight`` is rebuilt in it)."""
+    in (quantized layers: their ``weight`` is rebuilt in it); an attribute of that name that
+    names no float dtype (a user's module's own) is not ours and is left out."""
     return {
         p: m.float_dtype
         for p, m in model.named_modules()
-        if isinstance(getattr(m, "float_dtype", None), str)
+        if isinstance(getattr(m, "float_dtype", None), str) and m.float_dtype in _FLOATS
     }
+
+
+def with_float_dtypes(record: dict[str, Any], model: nn.Module) -> dict[str, Any]:
+    """``record`` as a file stores it: with the float dtype each quantized layer of ``model``
+    computes in now (a cast after its transform changes it)."""
+    dtypes = _float_dtypes(model)
+    return {**record, FLOAT_DTYPES: dtypes} if dtypes else record
 
 
 def _check_float_dtypes(record: dict[str, Any]) -> None:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..base.atomic import atomic_dir, atomic_path
-from ..io.save import _record_of, write_weights
+from ..io.save import _record_of, with_float_dtypes, write_weights
 
 __all__ = [
     "CorruptCheckpoint",
@@ -92,7 +92,8 @@ def save_checkpoint(
     with atomic_dir(final) as tmp:
         write_weights(
             tmp / "model.safetensors",
-            _record_of(model) if record is None else record,
+            # (the float dtypes are read from the model itself; a sharded one's record is given)
+            with_float_dtypes(_record_of(model), model) if record is None else record,
             model.state_dict() if weights is None else weights,
         )
         torch.save(state, tmp / "state.pt")

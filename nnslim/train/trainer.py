@@ -33,7 +33,7 @@ from ..base.inputs import (
 from ..base.modules import copy_model, is_hf_conv1d
 from ..base.snapshot import preserve_modes
 from ..base.validate import check_choice, check_fraction, check_int, check_type
-from ..io.save import _record_of
+from ..io.save import _record_of, with_float_dtypes
 from ..modules.masks import apply_masks
 from .checkpoint import (
     CorruptCheckpoint,
@@ -620,8 +620,9 @@ class Trainer:
         check_int("Trainer.fit", "epochs", epochs, low=1)
         o = self.options
         dist = _Distributed.setup(model, o.strategy)
-        # the edit record is taken before FSDP swaps the module classes
-        record = _record_of(model) if checkpoint_dir is not None else None
+        # the edit record (with the float dtype each quantized layer computes in) is taken
+        # before FSDP swaps the module classes
+        record = with_float_dtypes(_record_of(model), model) if checkpoint_dir is not None else None
         if record is not None and record.get("unsaveable"):
             raise ValueError(
                 f"Trainer.fit: checkpoint_dir needs a model nnslim.save can write, and this one "
@@ -915,6 +916,8 @@ class Trainer:
             )
         if kind == "mean_cosine":
             s, tt = _mean_pooled(student, real), _mean_pooled(teacher, real)
+            if not len(s):  # every sequence padding alone
+                return torch.zeros((), device=student.device)
             return (1 - F.cosine_similarity(s, tt, dim=-1)).mean()
         student, teacher = real_tokens(student, real), real_tokens(teacher, real)
         s = student.reshape(-1, student.shape[-1]).float()
@@ -955,7 +958,9 @@ class Trainer:
 
 def _mean_pooled(x: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
     """Each sequence's mean over its real tokens, ``(batch, features)``: ``x`` a
-    ``(batch, tokens, features)`` output (a 2-D one is returned as it is, pooled already)."""
+    ``(batch, tokens, features)`` output (a 2-D one is returned as it is, pooled already; one
+    whose leading dims are not the mask's is averaged over all its positions). A sequence
+    with no real token is left out."""
     if x.dim() == 2:
         return x.float()
     if x.dim() != 3:
@@ -966,8 +971,9 @@ def _mean_pooled(x: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
         )
     if not per_token(x, real):
         return x.float().mean(1)
-    w = real.to(device=x.device, dtype=torch.float32)[..., None]
-    return (x.float() * w).sum(1) / w.sum(1).clamp_min(1.0)
+    keep = real.any(1).to(x.device)  # a sequence of padding alone has no embedding
+    w = real.to(device=x.device, dtype=torch.float32)[keep][..., None]
+    return (x.float()[keep] * w).sum(1) / w.sum(1)
 
 
 def _squared_error(s: torch.Tensor, t: torch.Tensor, *, relative: bool) -> torch.Tensor:

@@ -484,8 +484,8 @@ class Factorize(Transform):
                 out[p] = r if r < now[p][-1] else 1.0  # a Tucker chain: its output rank
             elif conv:
                 out[p] = r if cost < full else 1.0
-            else:
-                out[p] = cost / full
+            else:  # (a layer that costs nothing, such as one that never runs, stays)
+                out[p] = cost / full if full > 0 else 1.0
         report.note(
             f"global {metric} budget {fraction}: kept (fraction of a linear layer's cost, or a "
             f"convolution's rank) { ({p: round(v, 3) for p, v in out.items()}) }"

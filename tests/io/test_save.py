@@ -467,3 +467,42 @@ def test_a_model_cast_after_its_transform_loads_in_the_dtype_it_was_saved(tmp_pa
         assert torch.equal(back(x.bfloat16()), model(x.bfloat16()))
     # the record a loaded model carries has no float dtypes (a later save writes its own)
     assert "float_dtypes" not in back._nnslim_record
+
+
+def test_a_module_of_ours_float_dtype_name_is_not_taken_for_a_quantized_layer(tmp_path):
+    """A user's module with a ``float_dtype`` attribute of its own (not a torch dtype name) is
+    not recorded as a quantized layer's: the file saves and loads."""
+
+    class Tagged(nn.Linear):
+        float_dtype = "fp16"
+
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(Tagged(8, 8), nn.ReLU(), nn.Linear(8, 4))
+
+    model, x = build(), torch.randn(2, 8)
+    nnslim.Quantize(scheme="int8", select=["2"]).apply(model, x)
+    nnslim.save(model, tmp_path / "m.safetensors")
+    back = nnslim.load(tmp_path / "m.safetensors", build())
+    assert back[0].float_dtype == "fp16" and back[2].float_dtype == "float32"
+    assert torch.equal(back(x), model(x))
+
+
+def test_a_training_checkpoint_of_a_cast_quantized_model_loads_in_its_dtype(tmp_path):
+    """The Trainer's checkpoints are nnslim files too: a quantized layer of a model cast to
+    bf16 after its transform loads computing in bf16 and saying so."""
+
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+
+    model, x = build(), torch.randn(4, 64)
+    nnslim.Quantize(scheme="int8-dynamic", select=["0"]).apply(model, x)
+    model = model.to(torch.bfloat16)
+    data = [(x.bfloat16(), torch.randint(0, 4, (4,)))]
+    opts = nnslim.TrainOptions(verbose=False)
+    nnslim.Trainer(lr=1e-3, options=opts).fit(model, data, checkpoint_dir=tmp_path)
+    (saved,) = tmp_path.glob("step-*/model.safetensors")
+    back = nnslim.load(saved, build().to(torch.bfloat16))
+    assert back[0].float_dtype == "bfloat16" and back[0].weight.dtype == torch.bfloat16
+    assert torch.equal(back(x.bfloat16()), model(x.bfloat16()))

@@ -271,6 +271,13 @@ def test_mean_cosine_matches_the_pooled_sentence_embedding():
     )
     with pytest.raises(ValueError, match="mean_cosine.*shape"):
         kd(torch.randn(2, 3, 4, 5), torch.randn(2, 3, 4, 5), "mean_cosine")
+    # a sequence of padding alone has no embedding: it is left out, not counted as cosine 0
+    s3, t3 = torch.randn(2, 4, 6), torch.randn(2, 4, 6)
+    half = torch.tensor([[True, True, False, False], [False, False, False, False]])
+    assert float(kd(s3, t3, "mean_cosine", half)) == pytest.approx(
+        float(kd(s3[:1, :2], t3[:1, :2], "mean_cosine")), rel=1e-6
+    )
+    assert float(kd(s3, t3, "mean_cosine", torch.zeros(2, 4, dtype=torch.bool))) == 0.0
 
 
 def test_auto_output_loss_keeps_kl_for_logits():
