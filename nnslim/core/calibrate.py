@@ -615,8 +615,7 @@ def run_sequential(
                     _reduce(stats)
                     process(part, stats)
                 if dense is not None and block is not None:
-                    with torch.no_grad():
-                        ref_cached = [_advanced(dense, a, k) for a, k in ref_cached]
+                    ref_cached = block_outputs(dense, ref_cached)
                 del dense
             else:
                 stats = {p: LayerStats() for p in paths}
@@ -648,24 +647,23 @@ def run_sequential(
                 and nxt is not None
                 and _consecutive(key, nxt, named)
             ):
-                with torch.no_grad():
-                    outs = []
-                    for a, k in cached:
-                        out = block(*a, **k)
-                        out = out[0] if isinstance(out, (tuple, list)) else out
-                        outs.append((_replace_first(a, out), k))
-                cached = outs
+                cached = block_outputs(block, cached)
             else:
                 cached = None
 
 
-def _advanced(
-    block: nn.Module, a: tuple[Any, ...], k: dict[str, Any]
-) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """The next block's cached input: ``block``'s output in place of its first argument."""
-    out = block(*a, **k)
-    out = out[0] if isinstance(out, (tuple, list)) else out
-    return _replace_first(a, out), k
+def block_outputs(
+    block: nn.Module, cached: list[tuple[tuple[Any, ...], dict[str, Any]]]
+) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
+    """The next block's cached inputs: for each batch, ``block``'s output in place of its
+    first argument (the other arguments, a block's masks and positions, kept)."""
+    after = []
+    with torch.no_grad():
+        for a, k in cached:
+            out = block(*a, **k)
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            after.append((_replace_first(a, out), k))
+    return after
 
 
 def _cross_stats(

@@ -45,6 +45,7 @@ from ..base.modules import shared_parameters
 from ..base.snapshot import no_rollback, preserved_state
 from ..core.calibrate import (
     batch_tokens,
+    block_outputs,
     calibration_loss,
     call_batch,
     collect_backward,
@@ -716,7 +717,7 @@ def _compress_block(
             dataclasses.replace(b, original=Inputs(a, k, tokens=b.tokens))
             for b, (a, k) in zip(calib, ref, strict=True)
         ]
-        ref_after = _outputs(block, ref)
+        ref_after = block_outputs(block, ref)
     step = _apply_block(transform, block, calib, world)
     step.transform = f"{path}: {step.transform}"
     rec = block.__dict__.pop(RECORD_ATTR, None) or {"entries": []}
@@ -728,18 +729,7 @@ def _compress_block(
         {"transform": e["transform"], "ops": [_prefix_op(op, path) for op in e["ops"]]}
         for e in rec["entries"]
     ]
-    return step, entries, _outputs(block, cached), ref_after
-
-
-def _outputs(block: nn.Module, cached: Cached) -> Cached:
-    """The next block's inputs: ``block``'s output in place of each batch's first argument."""
-    with torch.no_grad():
-        after = []
-        for a, k in cached:
-            o = block(*a, **k)
-            o = o[0] if isinstance(o, (tuple, list)) else o
-            after.append(((o, *a[1:]), k))
-    return after
+    return step, entries, block_outputs(block, cached), ref_after
 
 
 def _finish(tmp: Path, out: Path, writer: _Writer, config: Any, record: dict[str, Any]) -> None:
