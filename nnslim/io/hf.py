@@ -20,10 +20,10 @@ from torch import nn
 from ..base.atomic import atomic_path
 from ..record.edits import RECORD_ATTR, replay
 from .save import (
-    FLOAT_DTYPES,
     _check_float_dtypes,
     _load_state,
     _take_float_dtypes,
+    in_memory,
     with_float_dtypes,
 )
 
@@ -148,8 +148,8 @@ def from_pretrained(cls: Any, directory: str | os.PathLike[str]) -> nn.Module:
             state[k] = state[src]
             del aliases[k]
     _load_state(model, state, {})
-    _take_float_dtypes(model, record.get(FLOAT_DTYPES, {}))
-    model.__dict__[RECORD_ATTR] = {k: v for k, v in record.items() if k != FLOAT_DTYPES}
+    _take_float_dtypes(model, record)
+    model.__dict__[RECORD_ATTR] = in_memory(record)
     return model
 
 

@@ -198,12 +198,13 @@ def _check_float_dtypes(record: dict[str, Any]) -> None:
         )
 
 
-def _take_float_dtypes(model: nn.Module, dtypes: dict[str, str]) -> None:
-    """Give each quantized layer the float dtype it had when it was saved: the replay rebuilds
-    it in the dtype its transform ran in, and the model may have been cast after (a model
-    quantized in fp32, cast to bf16 and saved came back with layers whose ``weight`` was fp32
-    while they computed in bf16)."""
-    for p, dt in dtypes.items():
+def _take_float_dtypes(model: nn.Module, record: dict[str, Any]) -> None:
+    """Give each quantized layer the float dtype it had when it was saved (the file's
+    ``record``, checked by :func:`_check_float_dtypes`): the replay rebuilds it in the dtype
+    its transform ran in, and the model may have been cast after (a model quantized in fp32,
+    cast to bf16 and saved came back with layers whose ``weight`` was fp32 while they
+    computed in bf16)."""
+    for p, dt in record.get(FLOAT_DTYPES, {}).items():
         try:
             m = model.get_submodule(p)
         except AttributeError as e:
@@ -213,6 +214,12 @@ def _take_float_dtypes(model: nn.Module, dtypes: dict[str, str]) -> None:
             ) from e
         if isinstance(getattr(m, "float_dtype", None), str):
             m.float_dtype = dt
+
+
+def in_memory(record: dict[str, Any]) -> dict[str, Any]:
+    """The record a loaded model carries: the file's, less what was read from the model at
+    save time (the float dtypes; a later save reads them again)."""
+    return {k: v for k, v in record.items() if k != FLOAT_DTYPES}
 
 
 #: prefix of the file keys holding non-persistent buffers a transform created or reshaped
@@ -432,7 +439,7 @@ def load(
         return {k: v.to(dev) for k, v in state.items()}
 
     _rebuild(base, record, device, read, aliases)
-    base.__dict__[RECORD_ATTR] = {k: v for k, v in record.items() if k != FLOAT_DTYPES}
+    base.__dict__[RECORD_ATTR] = in_memory(record)
     return base
 
 
@@ -479,8 +486,7 @@ def _rebuild(
         aliases = {k: v for k, v in aliases.items() if not k.startswith(NP_PREFIX)}
         _load_state(base, state, aliases)
         _fill_np_buffers(base, record, stored)
-        if FLOAT_DTYPES in record:
-            _take_float_dtypes(base, record[FLOAT_DTYPES])
+        _take_float_dtypes(base, record)
     except BaseException:
         snap.restore()
         raise
